@@ -1,0 +1,26 @@
+# Two commands a user needs: `make demo` and `make test`. Each creates .venv and installs the
+# project with every extra on first use; later runs reuse it (the stamp file tracks pyproject.toml).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stdeploy-installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml stdeploy/install_lava.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[lava,tvm,dev]'
+	$(PY) -m stdeploy.install_lava
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m stdeploy.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs

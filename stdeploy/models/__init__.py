@@ -1,0 +1,45 @@
+"""Spiking transformer families and named presets.
+
+``build_model("sdt-tiny")``, ``build_model(ModelConfig(...))`` or ``build_model("path/to.toml")``.
+The TOML files in the repository's ``models/`` folder hold the same presets as data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+from .config import ModelConfig, load_config_file
+from .transformer import SpikingTransformer, direct_encode
+
+_TINY = dict(embed_dim=64, depth=1, heads=4, mlp_ratio=4.0, timesteps=4, image_size=8, in_channels=1, num_classes=10, embed_stages=2, embed_pools=1)
+_CIFAR = dict(mlp_ratio=4.0, timesteps=4, image_size=32, in_channels=3, num_classes=10, embed_stages=4, embed_pools=2)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sdt-tiny": ModelConfig(family="sdt", name="sdt-tiny", **_TINY),
+    "spikformer-tiny": ModelConfig(family="spikformer", name="spikformer-tiny", **_TINY),
+    "spikformer-4-384": ModelConfig(family="spikformer", name="spikformer-4-384", embed_dim=384, depth=4, heads=12, **_CIFAR),
+    "sdt-8-512": ModelConfig(family="sdt", name="sdt-8-512", embed_dim=512, depth=8, heads=8, **_CIFAR),
+}
+DEFAULT_PRESET = "sdt-tiny"
+
+
+def resolve_config(spec: str | ModelConfig, **overrides) -> ModelConfig:
+    """A preset name, a config file path or a config, with keyword overrides (None values ignored)."""
+    if isinstance(spec, ModelConfig):
+        cfg = spec
+    elif spec in PRESETS:
+        cfg = PRESETS[spec]
+    elif Path(spec).suffix in (".toml", ".yaml", ".yml", ".json"):
+        cfg = load_config_file(spec)
+    else:
+        raise ConfigError(f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}) or a .toml/.yaml file")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def build_model(spec: str | ModelConfig, **overrides) -> SpikingTransformer:
+    return SpikingTransformer(resolve_config(spec, **overrides))
+
+
+__all__ = ["ModelConfig", "SpikingTransformer", "PRESETS", "DEFAULT_PRESET", "build_model", "resolve_config", "direct_encode", "load_config_file"]

@@ -1,0 +1,174 @@
+"""Building blocks shared by both families. Every tensor is multi-step: time leads.
+
+Shapes: images ``(T, B, C, H, W)``, tokens ``(T, B, N, D)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..neurons import LIF, SLIF
+from .config import ModelConfig
+
+
+def make_neuron(cfg: ModelConfig, features: int, channel_dim: int = -1, threshold: float | None = None) -> LIF:
+    """A LIF (or sLIF when ``cfg.neuron == "slif"``) of ``features`` channels."""
+    cls = SLIF if cfg.neuron == "slif" else LIF
+    return cls(features, tau=cfg.tau, threshold=cfg.threshold if threshold is None else threshold, channel_dim=channel_dim)
+
+
+class LinearBN(nn.Module):
+    """``Linear`` (no bias) then ``BatchNorm1d`` over features; statistics shared over T, B and N."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out, bias=False)
+        self.bn = nn.BatchNorm1d(d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, N, Din) -> (T, B, N, Dout)
+        y = self.linear(x)
+        return self.bn(y.flatten(0, -2)).view(y.shape)
+
+
+class ConvBN(nn.Module):
+    """3x3 ``Conv2d`` (no bias, padding 1) then ``BatchNorm2d``, with T and B merged."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, Cin, H, W) -> (T, B, Cout, H, W)
+        y = self.bn(self.conv(x.flatten(0, 1)))
+        return y.view(x.shape[0], x.shape[1], *y.shape[1:])
+
+
+class MaxPool(nn.Module):
+    """2x2 max-pool of spikes (a logical OR over each window), T and B merged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.max_pool2d(x.flatten(0, 1), 2)
+        return y.view(x.shape[0], x.shape[1], *y.shape[1:])
+
+
+class EmbedStage(nn.Module):
+    def __init__(self, cfg: ModelConfig, c_in: int, c_out: int, pool: bool):
+        super().__init__()
+        self.conv = ConvBN(c_in, c_out)
+        self.lif = make_neuron(cfg, c_out, channel_dim=1)
+        self.pool = MaxPool() if pool else nn.Identity()
+
+    def forward(self, x):
+        return self.pool(self.lif(self.conv(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Spikformer's spiking patch splitting: conv-BN-LIF stages (max-pool on the last ``embed_pools``),
+    then a conv-BN relative position embedding added to the spikes. Direct encoding: the first
+    convolution sees the analog input. Output: real-valued tokens ``(T, B, N, D)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        s = cfg.embed_stages
+        widths = [cfg.embed_dim // 2 ** (s - 1 - i) for i in range(s)]
+        ins = [cfg.in_channels] + widths[:-1]
+        self.stages = nn.ModuleList(EmbedStage(cfg, ci, co, pool=i >= s - cfg.embed_pools) for i, (ci, co) in enumerate(zip(ins, widths)))
+        self.rpe = ConvBN(cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, C, H, W) -> (T, B, N, D)
+        for stage in self.stages:
+            x = stage(x)
+        x = x + self.rpe(x)  # (T, B, D, h, w)
+        return x.flatten(3).transpose(2, 3)
+
+
+class SpikformerAttention(nn.Module):
+    """Spiking self-attention: ``LIF(Q·Kᵀ·V · scale)`` per head, no softmax, then a projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.heads = cfg.heads
+        self.scale = cfg.attn_scale
+        self.lif = make_neuron(cfg, d)
+        self.q, self.k, self.v = LinearBN(d, d), LinearBN(d, d), LinearBN(d, d)
+        self.q_lif, self.k_lif, self.v_lif = make_neuron(cfg, d), make_neuron(cfg, d), make_neuron(cfg, d)
+        self.attn_lif = make_neuron(cfg, d, threshold=cfg.attn_threshold)
+        self.proj = LinearBN(d, d)
+
+    def _split(self, x):  # (T, B, N, D) -> (T, B, h, N, D/h)
+        t, b, n, d = x.shape
+        return x.view(t, b, n, self.heads, d // self.heads).transpose(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, N, D) real -> (T, B, N, D) real
+        s = self.lif(x)
+        q = self._split(self.q_lif(self.q(s)))
+        k = self._split(self.k_lif(self.k(s)))
+        v = self._split(self.v_lif(self.v(s)))
+        y = (q @ k.transpose(-2, -1)) @ v * self.scale  # (T, B, h, N, D/h): integer counts times scale
+        y = y.transpose(2, 3).flatten(3)  # (T, B, N, D)
+        return self.proj(self.attn_lif(y))
+
+
+class SpikeDrivenAttention(nn.Module):
+    """Spike-driven self-attention: ``mask = LIF(sum_tokens(Q ⊙ K))``, output ``V ⊙ mask``, then a
+    projection. Only AND, sums and a LIF: no multiplication of real values."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.embed_dim
+        self.lif = make_neuron(cfg, d)
+        self.q, self.k, self.v = LinearBN(d, d), LinearBN(d, d), LinearBN(d, d)
+        self.q_lif, self.k_lif, self.v_lif = make_neuron(cfg, d), make_neuron(cfg, d), make_neuron(cfg, d)
+        self.attn_lif = make_neuron(cfg, d, threshold=cfg.attn_threshold)
+        self.proj = LinearBN(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, N, D) real -> (T, B, N, D) real
+        s = self.lif(x)
+        q = self.q_lif(self.q(s))
+        k = self.k_lif(self.k(s))
+        v = self.v_lif(self.v(s))
+        mask = self.attn_lif((q * k).sum(dim=2, keepdim=True))  # (T, B, 1, D) spikes
+        return self.proj(v * mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h = cfg.embed_dim, cfg.mlp_hidden
+        self.lif1 = make_neuron(cfg, d)
+        self.fc1 = LinearBN(d, h)
+        self.lif2 = make_neuron(cfg, h)
+        self.fc2 = LinearBN(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, N, D) real -> real
+        return self.fc2(self.lif2(self.fc1(self.lif1(x))))
+
+
+ATTENTION = {"spikformer": SpikformerAttention, "sdt": SpikeDrivenAttention}
+
+
+class Block(nn.Module):
+    """Pre-spike residual block: the stream stays real-valued, every linear sees spikes."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = ATTENTION[cfg.family](cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class Head(nn.Module):
+    """LIF, mean over tokens, linear classifier, mean over time: ``(T, B, N, D) -> (B, classes)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.lif = make_neuron(cfg, cfg.embed_dim)
+        self.fc = nn.Linear(cfg.embed_dim, cfg.num_classes)
+
+    def forward(self, x):
+        return self.fc(self.lif(x).mean(dim=2)).mean(dim=0)
