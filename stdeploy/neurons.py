@@ -52,8 +52,11 @@ class _SpikeFn(torch.autograd.Function):
 
 
 def spike_fn(x: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
-    """``H(x)`` (1 where ``x >= 0``) with a sigmoid-derivative surrogate gradient of slope ``alpha``."""
-    return _SpikeFn.apply(x, alpha)
+    """``H(x)`` (1 where ``x >= 0``) with a sigmoid-derivative surrogate gradient of slope ``alpha``.
+    Without autograd (inference, export) it is a plain comparison, which exporters trace as one op."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SpikeFn.apply(x, alpha)
+    return (x >= 0).to(x.dtype)
 
 
 @dataclass(frozen=True)
