@@ -76,7 +76,63 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
 
 
-PARSERS = [_train_parser]
+# ----------------------------------------------------------------------------- prune
+@command("prune")
+def cmd_prune(args: argparse.Namespace) -> dict:
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .data import load_dataset
+    from .prune import DEFAULT_LAYERS, CompensationConfig, PruneConfig, prune_model
+
+    pcfg = PruneConfig(method=args.method, sparsity=args.sparsity, param_ratio=args.param_ratio if args.rank is None else None,
+                       rank=args.rank, scope=args.scope, schedule=args.schedule, penalty=args.penalty,
+                       layers=tuple(args.layers.split(",")) if args.layers else DEFAULT_LAYERS)
+    ccfg = CompensationConfig(neuron=args.compensate, epochs=args.epochs, penalty_epochs=args.penalty_epochs,
+                              learn_threshold="threshold" in args.slif_learn, learn_leak="leak" in args.slif_learn,
+                              recalibrate_bn=not args.no_bn_recalibration, lr=args.lr, seed=args.seed, device=args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    data = load_dataset(args.data, args.data_root, image_size=ckpt.config.image_size if args.data != "digits" else None,
+                        timesteps=ckpt.config.timesteps, seed=args.seed)
+    model, report = prune_model(ckpt.model, data, pcfg, ccfg, out=args.out, progress=not args.quiet)
+    out = save_checkpoint(args.out, model, meta={**ckpt.meta, "prune": report, "parent": str(ckpt.path)})
+    (out / "train_state.pt").unlink(missing_ok=True)  # the fine-tune's optimizer state belongs to the unfinalized model
+    report["checkpoint"] = str(out)
+    if not args.json:
+        acc = report["accuracy"]
+        rows = [("method", report["method"]), ("compensation", report["compensation"])]
+        rows += [(f"accuracy {k.replace('_', ' ')}", f"{v:.4f}") for k, v in acc.items()]
+        rows += [("block params dense", report["block_params_dense"]), ("block params remaining", report["block_params_remaining"]),
+                 ("checkpoint", report["checkpoint"])]
+        _print_table(rows)
+        for name, layer in report["layers"].items():
+            detail = f"rank {layer['rank']}" if "rank" in layer else f"sparsity {layer['sparsity']:.3f}"
+            print(f"  {name:<28} {detail}")
+    return report
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a checkpoint (L1P sparse or DSP low-rank) and compensate with sLIF")
+    p.add_argument("checkpoint", help="checkpoint folder written by `stdeploy train`")
+    p.add_argument("--method", default="l1p", help="l1p (magnitude masks) or dsp (low-rank U·V)")
+    p.add_argument("--sparsity", type=float, default=0.9, help="l1p: fraction of zeros in the block weights")
+    p.add_argument("--param-ratio", type=float, default=0.3, help="dsp: remaining / dense block parameters")
+    p.add_argument("--rank", type=int, default=None, help="dsp: a fixed rank per layer instead of --param-ratio")
+    p.add_argument("--scope", choices=["global", "layer"], default="global")
+    p.add_argument("--schedule", choices=["oneshot", "cubic"], default="oneshot", help="l1p mask schedule")
+    p.add_argument("--penalty", type=float, default=None, help="L1 / group penalty coefficient (method default)")
+    p.add_argument("--penalty-epochs", type=int, default=3, help="epochs with the penalty before pruning")
+    p.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of linear layers (default: block linears)")
+    p.add_argument("--compensate", default="slif", help="slif, lif or none")
+    p.add_argument("--slif-learn", default="threshold,leak", help="what sLIF learns: threshold, leak or both")
+    p.add_argument("--no-bn-recalibration", action="store_true")
+    p.add_argument("--epochs", type=int, default=15, help="compensation fine-tune epochs")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_data_args(p)
+    p.add_argument("--out", default="runs/pruned", help="checkpoint folder of the pruned model")
+
+
+PARSERS = [_train_parser, _prune_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .config import ModelConfig, load_config_file
+from .structure import apply_structure, structure_of
 from .transformer import SpikingTransformer, direct_encode
 
 _TINY = dict(embed_dim=64, depth=1, heads=4, mlp_ratio=4.0, timesteps=4, image_size=8, in_channels=1, num_classes=10, embed_stages=2, embed_pools=1)
@@ -42,4 +43,13 @@ def build_model(spec: str | ModelConfig, **overrides) -> SpikingTransformer:
     return SpikingTransformer(resolve_config(spec, **overrides))
 
 
-__all__ = ["ModelConfig", "SpikingTransformer", "PRESETS", "DEFAULT_PRESET", "build_model", "resolve_config", "direct_encode", "load_config_file"]
+def clone_model(model: SpikingTransformer) -> SpikingTransformer:
+    """An independent copy, rebuilt from config + structure + state (``copy.deepcopy`` does not
+    copy masked, parametrized modules reliably)."""
+    new = SpikingTransformer(model.cfg)
+    apply_structure(new, structure_of(model))
+    new.load_state_dict(model.state_dict())
+    return new.to(next(model.parameters()).device).train(model.training)
+
+
+__all__ = ["ModelConfig", "SpikingTransformer", "PRESETS", "DEFAULT_PRESET", "build_model", "clone_model", "resolve_config", "direct_encode", "load_config_file"]
