@@ -1,0 +1,1 @@
+"""Exporters of the folded spiking transformer: NIR and ONNX."""

@@ -1,0 +1,214 @@
+"""A reference interpreter for the NIR graphs :mod:`.nir_export` writes, in discrete time.
+
+``run_nir(graph_or_path, x)`` runs a graph of ``Input, Output, Affine, Linear, Conv1d, Conv2d,
+LIF, Threshold, SumPool2d, Flatten`` nodes on ``x`` of shape ``(T, B, *input shape)`` and returns
+every Output node's tensor ``(T, B, *shape)`` (every node's with ``record=True``).
+
+Semantics:
+* Edges into a node are summed, in the order they appear in ``graph.edges``.
+* ``LIF`` (time step ``dt`` from the graph's metadata, default 1.0; ``d = float32(dt/tau)``):
+  ``v = (1-d)*v + d*(r*I + v_leak)``, written as the model's ``(1-d)*v + d*I`` when ``r = 1`` and
+  ``v_leak = 0`` (the forward-Euler step ``v += d*(v_leak - v + r*I)``, in the PyTorch model's
+  float order); spike ``v > v_threshold`` (NIR's strict rule); spiking neurons go to ``v_reset``.
+* ``Threshold``: ``x > threshold``. ``SumPool2d``: window sums. ``Flatten``: ``start_dim`` and
+  ``end_dim`` count the node shape's dims, without a batch dim (as ``nir``'s type inference does).
+* ``Affine``/``Linear`` act on the last dim; weights with extra leading dims are batched
+  (``weight.shape[:-2]`` lines up with the input's leading dims).
+
+Schedule and float arithmetic: the graph must be acyclic (no recurrent edges, no ``Delay``), so
+evaluating every node over all T steps before its successors (topological order) gives the same
+values as evaluating the whole graph step by step. It is done that way so that stateless nodes see
+``(T*B, ...)`` batches, the same GEMM and convolution shapes as the PyTorch model: CPU kernels pick
+algorithms by batch size (``F.conv2d`` on a batch of 1 and of 4 differ in the last bit), and only
+identical calls guarantee bitwise-identical membranes. For the same reason a kernel-1 ``Conv1d``
+(a per-token linear layer) is evaluated as ``F.linear`` on the token-major tensor, not as
+``F.conv1d``, whose summation order differs from ``nn.Linear``'s.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import nir
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ShapeError, UnsupportedPrimitive
+
+__all__ = ["run_nir", "load_graph", "topological_order", "SUPPORTED"]
+
+
+def load_graph(graph_or_path: nir.NIRGraph | str | os.PathLike) -> nir.NIRGraph:
+    if isinstance(graph_or_path, nir.NIRGraph):
+        return graph_or_path
+    return nir.read(graph_or_path)
+
+
+def topological_order(graph: nir.NIRGraph) -> list[str]:
+    """Node names in an order where every edge goes forward (file order among ready nodes)."""
+    incoming = {name: 0 for name in graph.nodes}
+    succ: dict[str, list[str]] = {name: [] for name in graph.nodes}
+    for src, dst in graph.edges:
+        incoming[dst] += 1
+        succ[src].append(dst)
+    ready = [name for name in graph.nodes if incoming[name] == 0]
+    order: list[str] = []
+    while ready:
+        name = ready.pop(0)
+        order.append(name)
+        for dst in succ[name]:
+            incoming[dst] -= 1
+            if incoming[dst] == 0:
+                ready.append(dst)
+    if len(order) != len(graph.nodes):
+        stuck = sorted(set(graph.nodes) - set(order))
+        raise UnsupportedPrimitive(f"NIR graph has a cycle through {', '.join(stuck)}: this interpreter runs feed-forward graphs only")
+    return order
+
+
+# ----------------------------------------------------------------------------- node evaluators
+# Each takes (node, input summed over edges as (T*B, *shape), context) and returns (T*B, *shape).
+class _Ctx:
+    def __init__(self, timesteps: int, batch: int, dt: float, device: torch.device):
+        self.timesteps, self.batch, self.dt, self.device = timesteps, batch, dt, device
+
+    def tensor(self, a) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, dtype=np.float32), device=self.device)
+
+
+def _batched_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if w.dim() == 2:
+        return F.linear(x, w, b)
+    y = torch.matmul(w, x.unsqueeze(-1)).squeeze(-1)  # weight (..., out, in) @ x (..., in, 1)
+    return y if b is None else y + b
+
+
+def _affine(node: nir.Affine, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    return _batched_linear(x, c.tensor(node.weight), c.tensor(node.bias))
+
+
+def _linear(node: nir.Linear, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    return _batched_linear(x, c.tensor(node.weight), None)
+
+
+def _int_tuple(v, n: int):
+    if isinstance(v, (str, bytes)):
+        return v.decode() if isinstance(v, bytes) else v
+    a = np.atleast_1d(np.asarray(v)).astype(int)
+    return tuple(int(i) for i in (np.repeat(a, n) if a.size == 1 else a))
+
+
+def _bias_or_none(c: _Ctx, bias) -> torch.Tensor | None:
+    return None if bias is None or not np.any(bias) else c.tensor(bias)
+
+
+def _conv1d(node: nir.Conv1d, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    w = c.tensor(node.weight)
+    stride, padding, dilation = _int_tuple(node.stride, 1), _int_tuple(node.padding, 1), _int_tuple(node.dilation, 1)
+    pointwise = w.shape[2] == 1 and stride == (1,) and dilation == (1,) and padding in ((0,), "valid", "same") and int(node.groups) == 1
+    if pointwise:  # a per-token linear layer: F.linear on (T*B, N, D_in), like the model's nn.Linear
+        return F.linear(x.transpose(-1, -2).contiguous(), w[:, :, 0], _bias_or_none(c, node.bias)).transpose(-1, -2)
+    return F.conv1d(x, w, c.tensor(node.bias), stride, padding, dilation, int(node.groups))
+
+
+def _conv2d(node: nir.Conv2d, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    return F.conv2d(x, c.tensor(node.weight), c.tensor(node.bias), _int_tuple(node.stride, 2), _int_tuple(node.padding, 2),
+                    _int_tuple(node.dilation, 2), int(node.groups))
+
+
+def _sumpool2d(node: nir.SumPool2d, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    return F.avg_pool2d(x, _int_tuple(node.kernel_size, 2), _int_tuple(node.stride, 2), _int_tuple(node.padding, 2),
+                        count_include_pad=True, divisor_override=1)
+
+
+def _threshold(node: nir.Threshold, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    return (x > c.tensor(node.threshold)).to(torch.float32)
+
+
+def _flatten(node: nir.Flatten, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    ndim = x.dim() - 1  # node dims, after the (T*B) batch dim
+    start, end = int(node.start_dim), int(node.end_dim)
+    start, end = start % ndim, end % ndim
+    return x.flatten(start + 1, end + 1)
+
+
+def _lif(node: nir.LIF, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+    d = torch.as_tensor((c.dt / np.asarray(node.tau, dtype=np.float64)).astype(np.float32), device=c.device)
+    r, v_leak = np.asarray(node.r), np.asarray(node.v_leak)
+    plain = bool(np.all(r == 1) and np.all(v_leak == 0))
+    r_t, leak_t = c.tensor(r), c.tensor(v_leak)
+    thr, reset = c.tensor(node.v_threshold), c.tensor(node.v_reset)
+    xs = x.reshape(c.timesteps, c.batch, *x.shape[1:])
+    v = torch.zeros_like(xs[0])
+    out = []
+    for t in range(c.timesteps):
+        drive = xs[t] if plain else r_t * xs[t] + leak_t
+        v = (1 - d) * v + d * drive
+        s = v > thr
+        v = torch.where(s, reset, v)
+        out.append(s.to(torch.float32))
+    return torch.stack(out).flatten(0, 1)
+
+
+_Eval = Callable[[nir.NIRNode, torch.Tensor, _Ctx], torch.Tensor]
+_EVALUATORS: dict[type, _Eval] = {
+    nir.Affine: _affine,
+    nir.Linear: _linear,
+    nir.Conv1d: _conv1d,
+    nir.Conv2d: _conv2d,
+    nir.SumPool2d: _sumpool2d,
+    nir.Threshold: _threshold,
+    nir.Flatten: _flatten,
+    nir.LIF: _lif,
+}
+SUPPORTED = ("Input", "Output", *(t.__name__ for t in _EVALUATORS))
+
+
+def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor, record: bool = False) -> dict[str, torch.Tensor]:
+    """Run a NIR graph on ``x`` ``(T, B, *input shape)``; returns each Output node's tensor
+    ``(T, B, *shape)`` by name, and every node's output too when ``record`` is True.
+
+    Raises :class:`UnsupportedPrimitive` naming every node of a type it cannot run, and
+    :class:`ShapeError` naming the Input node when ``x`` does not match it."""
+    graph = load_graph(graph_or_path)
+    unknown = [f"{name} ({type(node).__name__})" for name, node in graph.nodes.items()
+               if not isinstance(node, (nir.Input, nir.Output)) and type(node) not in _EVALUATORS]
+    if unknown:
+        raise UnsupportedPrimitive(f"NIR interpreter cannot run node(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED)}")
+    inputs = [name for name, node in graph.nodes.items() if isinstance(node, nir.Input)]
+    if len(inputs) != 1:
+        raise UnsupportedPrimitive(f"NIR interpreter needs exactly one Input node, the graph has {len(inputs)}: {inputs}")
+    in_name = inputs[0]
+    in_shape = tuple(int(s) for s in np.atleast_1d(graph.nodes[in_name].input_type["input"]))
+    if x.dim() != 2 + len(in_shape) or tuple(x.shape[2:]) != in_shape:
+        raise ShapeError(f"NIR Input node {in_name!r} expects (T, B, {', '.join(map(str, in_shape))}), got {tuple(x.shape)}")
+
+    order = topological_order(graph)
+    into: dict[str, list[str]] = {name: [] for name in graph.nodes}
+    for src, dst in graph.edges:
+        into[dst].append(src)
+    dt = float(np.asarray(graph.metadata.get("dt", 1.0))) if isinstance(graph.metadata, dict) else 1.0
+    ctx = _Ctx(int(x.shape[0]), int(x.shape[1]), dt, x.device)
+
+    values: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name in order:
+            node = graph.nodes[name]
+            if isinstance(node, nir.Input):
+                values[name] = x.to(torch.float32).flatten(0, 1)
+                continue
+            srcs = into[name]
+            if not srcs:
+                raise ShapeError(f"NIR node {name!r} has no incoming edge")
+            acc = values[srcs[0]]
+            for src in srcs[1:]:  # sum in edge order
+                acc = acc + values[src]
+            values[name] = acc if isinstance(node, nir.Output) else _EVALUATORS[type(node)](node, acc, ctx)
+
+    def unflatten(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(ctx.timesteps, ctx.batch, *t.shape[1:])
+
+    keep = graph.nodes if record else [n for n, node in graph.nodes.items() if isinstance(node, nir.Output)]
+    return {name: unflatten(values[name]) for name in keep}
