@@ -132,7 +132,116 @@ def _prune_parser(sub) -> None:
     p.add_argument("--out", default="runs/pruned", help="checkpoint folder of the pruned model")
 
 
-PARSERS = [_train_parser, _prune_parser]
+# ----------------------------------------------------------------------------- export
+@command("export")
+def cmd_export(args: argparse.Namespace) -> dict:
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .export.directory import export_model
+
+    ckpt = load_checkpoint(args.checkpoint)
+    data = load_dataset(args.data, args.data_root, seed=0) if args.data else None
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    manifest = export_model(ckpt.model, args.out, formats, data=data, samples=None if args.all_samples else args.samples,
+                            sparse_initializers=args.sparse_initializers, spikformer=args.spikformer, source=str(ckpt.path))
+    summary = {"out": args.out, "artifacts": {k: {kk: v.get(kk) for kk in ("file", "bytes", "dense_file_bytes") if kk in v}
+                                              for k, v in manifest["artifacts"].items()},
+               "validation": manifest["validation"], "batchnorm_folding": manifest["batchnorm_folding"]}
+    if not args.json:
+        v = manifest["validation"]
+        print(f"exported to {args.out} (validated on {v['input']}; reference accuracy {v['reference_accuracy']})")
+        for name, r in v["results"].items():
+            art = manifest["artifacts"][name]
+            print(f"  {name:<10} {art['file']:<16} {art['bytes']:>10} B  spike mismatches {r['spike_mismatches']}/{r['spikes_total']}"
+                  f"  max logit error {r['logits_max_abs_error']:.2e}  accuracy {r['accuracy']}")
+            if r["flips"]:
+                print("             " + _first_flip(r))
+        if "streaming_vs_unrolled" in v:
+            s_ = v["streaming_vs_unrolled"]
+            print(f"  streaming vs unrolled ONNX: {s_['spike_mismatches']} spike mismatches, logits within {s_['logits_max_abs_error']:.2e}")
+        f = manifest["batchnorm_folding"]
+        print(f"  BatchNorm folding vs original: {f['spike_mismatches']} output spike flips" + (f"; {_first_flip(f)}" if f["flips"] else ""))
+    return summary
+
+
+def _first_flip(result: dict) -> str:
+    first = result["flips"][0]
+    kind = "float rounding" if result["rounding_only"] else "NOT rounding: a bug"
+    return (f"first diverging layer {first['layer']}: {first['flips']} flip(s), membrane {first['max_distance']:.2g} "
+            f"from threshold ({kind}); later layers follow from it")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to NIR and ONNX (validated against PyTorch)")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", default="nir,onnx", help="comma-separated: nir, onnx")
+    p.add_argument("--out", default="runs/export")
+    p.add_argument("--sparse-initializers", action="store_true", help="write pruned ONNX weights as sparse initializers")
+    p.add_argument("--spikformer", choices=["refuse", "exact"], default="refuse",
+                   help="Spikformer's Q·Kᵀ·V in NIR: refuse, or lower exactly to AND neurons (large)")
+    p.add_argument("--data", default="digits", help="validation data (its test split; noise when shapes differ)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--samples", type=int, default=64, help="validation images")
+    p.add_argument("--all-samples", action="store_true", help="validate on the whole test split")
+
+
+# ----------------------------------------------------------------------------- run / targets
+@command("run")
+def cmd_run(args: argparse.Namespace) -> dict:
+    from .data import load_dataset
+    from .deploy import reference_model, run_export
+
+    cfg = reference_model(args.export_dir).cfg
+    data = load_dataset(args.data, args.data_root, image_size=cfg.image_size if args.data != "digits" else None,
+                        timesteps=cfg.timesteps)
+    result = run_export(args.export_dir, args.target, args.device, data, batch_size=args.batch_size, limit=args.limit,
+                        progress=not args.quiet)
+    if not args.json and not result["ran"]:
+        print(f"{result['target']} ({result['device']}): {result['reason']}")
+        for a in result["info"].get("artifacts", {}).values():
+            print(f"  artifact {a.get('path')} ({a.get('bytes')} B)")
+        if result["info"].get("kernels"):
+            print(f"  {len(result['info']['kernels'])} CUDA kernels: {', '.join(result['info']['kernels'][:6])}, ...")
+    elif not args.json:
+        rows = [("target", f"{result['target']} ({result['device']})"), ("samples", result["samples"]),
+                ("accuracy", f"{result['accuracy']:.4f} (PyTorch {result['reference_accuracy']:.4f})")]
+        if "spike_mismatches" in result:
+            rows.append(("output spikes", f"{result['spike_mismatches']} mismatches of {result['spikes_total']} "
+                                          f"(agreement {result['spike_agreement']:.6f})"))
+        rows += [("compile", f"{result['compile_seconds']:.2f} s"), ("run", f"{result['run_seconds']:.3f} s")]
+        _print_table(rows)
+    return result
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run an export directory on a target; accuracy and spike agreement with PyTorch")
+    p.add_argument("export_dir")
+    p.add_argument("--target", required=True, help="onnxruntime, tvm or lava (see `stdeploy targets`)")
+    p.add_argument("--device", default=None, help="device profile name or .toml path (default per target)")
+    add_data_args(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="only the first N test images")
+
+
+@command("targets")
+def cmd_targets(args: argparse.Namespace) -> dict:
+    from .deploy import list_targets
+    from .targets.profiles import known_profiles
+
+    rows = list_targets()
+    profiles = {name: str(path) for name, path in known_profiles().items()}
+    if not args.json:
+        for r in rows:
+            print(f"{r['target']:<12} {'yes' if r['available'] else 'no ':<4} {r['detail']}")
+        print("device profiles: " + ", ".join(profiles))
+    return {"targets": rows, "profiles": profiles}
+
+
+def _targets_parser(sub) -> None:
+    sub.add_parser("targets", help="list registered targets, whether each can run here, and device profiles")
+
+
+PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

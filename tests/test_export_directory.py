@@ -1,0 +1,117 @@
+"""The export directory as a whole: NIR + ONNX + reference + manifest, validated, atomic."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stdeploy.checkpoint import save_checkpoint
+from stdeploy.data import load_dataset
+from stdeploy.errors import ConfigError, UnsupportedPrimitive
+from stdeploy.export.directory import export_model
+from stdeploy.export.validate import compare, membrane_before_reset, record_neurons
+from stdeploy.models import build_model
+from stdeploy.models.structure import LowRankLinear, attach_mask
+from stdeploy.neurons import LIF
+from stdeploy.prune import PruneConfig, make_pruner
+from stdeploy.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    d = load_dataset("digits")
+    sub = torch.utils.data.Subset
+    small = type(d)(**{**d.__dict__, "train": sub(d.train, range(256)), "test": sub(d.test, range(64))})
+    model = build_model("sdt-tiny")
+    train(model, small, TrainConfig(epochs=2, batch_size=32), progress=False)
+    return model.eval(), small
+
+
+def test_membrane_before_reset_matches_lif():
+    lif = LIF(3)
+    x = torch.rand(6, 2, 3) * 3
+    v = membrane_before_reset(lif, x)
+    assert torch.equal((v >= 1.0).float(), lif(x))
+
+
+def test_compare_localises_first_diverging_layer():
+    model = build_model("sdt-tiny").eval()
+    x = torch.rand(4, 2, 1, 8, 8)
+    logits, rec = record_neurons(model, x)
+    layers = {k: v["spikes"].clone() for k, v in rec.items()}
+    layers["blocks.0.mlp.lif2"].view(-1)[0] = 1 - layers["blocks.0.mlp.lif2"].view(-1)[0]
+    c = compare("x", logits, rec["head.lif"]["spikes"], logits, rec["head.lif"]["spikes"], rec, layers)
+    assert c.flips[0]["layer"] == "blocks.0.mlp.lif2" and c.flips[0]["flips"] == 1
+    v = rec["blocks.0.mlp.lif2"]["membrane"].view(-1)[0]
+    assert c.max_flip_distance == pytest.approx(abs(float(v) - 1.0))
+
+
+@pytest.mark.parametrize("variant", ["dense", "l1p", "dsp"])
+def test_export_directory_validates_and_writes_manifest(trained, tmp_path, variant):
+    model, data = trained
+    if variant != "dense":
+        from stdeploy.models import clone_model
+
+        model = clone_model(model)
+        pruner = make_pruner(PruneConfig(method=variant, sparsity=0.9, param_ratio=0.3))
+        pruner.prepare(model)
+        pruner.step(model)
+        pruner.finalize(model)
+    manifest = export_model(model.eval(), tmp_path / "exp", data=data, samples=None)
+    files = {p.name for p in (tmp_path / "exp").iterdir()}
+    assert files == {"model.nir", "model.onnx", "model.step.onnx", "reference", "manifest.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary directory left"
+    on_disk = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert on_disk["format"] == "stdeploy-export/1" and on_disk["timesteps"] == 4 and on_disk["dt"] == 1.0
+    for name in ("nir", "onnx", "onnx.step"):
+        r = on_disk["validation"]["results"][name]
+        assert r["rounding_only"], r
+        assert r["accuracy"] == pytest.approx(on_disk["validation"]["reference_accuracy"], abs=1.5 / 64)
+        assert len(on_disk["artifacts"][name]["sha256"]) == 64
+    assert on_disk["validation"]["results"]["nir"]["spike_mismatches"] == 0
+    if variant == "dsp":
+        assert any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def test_export_errors_leave_nothing(tmp_path):
+    model = build_model("spikformer-tiny").eval()
+    with pytest.raises(UnsupportedPrimitive, match="sdt"):
+        export_model(model, tmp_path / "x", ("nir",))
+    assert list(tmp_path.iterdir()) == []
+    masked = build_model("sdt-tiny").eval()
+    fc = masked.blocks[0].mlp.fc1.linear
+    attach_mask(fc, torch.ones_like(fc.weight, dtype=torch.bool))
+    with pytest.raises(UnsupportedPrimitive, match="finalize"):
+        export_model(masked, tmp_path / "y", ("onnx",))
+    with pytest.raises(ConfigError, match="unknown export format"):
+        export_model(build_model("sdt-tiny"), tmp_path / "z", ("tflite",))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        export_model(build_model("sdt-tiny"), tmp_path / "file", ("nir",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_cli_export_and_run(trained, tmp_path):
+    model, _ = trained
+    save_checkpoint(tmp_path / "ck", model)
+    py = [sys.executable, "-m", "stdeploy.cli"]
+    r = subprocess.run(py + ["export", str(tmp_path / "ck"), "--out", str(tmp_path / "exp"), "--samples", "16", "--json", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["validation"]["results"]["nir"]["spike_mismatches"] == 0
+    r = subprocess.run(py + ["run", str(tmp_path / "exp"), "--target", "onnxruntime", "--limit", "32", "--json", "--quiet"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["samples"] == 32 and res["prediction_agreement"] >= 31 / 32
+    assert all(f["min_distance"] < 1e-4 for f in res["flips"][:1])  # a flip, if any, starts at rounding level
+    bad = subprocess.run(py + ["run", str(tmp_path / "nowhere"), "--target", "onnxruntime"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nowhere" in bad.stderr
+    bad = subprocess.run(py + ["run", str(tmp_path / "exp"), "--target", "tpu"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown target 'tpu'; known targets: onnxruntime, tvm" in bad.stderr
