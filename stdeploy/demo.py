@@ -2,7 +2,9 @@
 
 1. train the default preset (``sdt-tiny``) on scikit-learn's digits;
 2. prune it with L1P (90% sparse) and with DSP (30% of block parameters), each compensated by an
-   sLIF fine-tune.
+   sLIF fine-tune;
+3. export all three to NIR and ONNX, each artifact validated against PyTorch on the test split;
+4. run the exports on every target that can run here and check accuracy and output spikes.
 
 Artifacts go to ``runs/demo/`` (override with ``STDEPLOY_DEMO_DIR``).
 """
@@ -15,11 +17,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .deploy import run_export
+from .export.directory import export_model
 from .data import load_dataset
 from .models import DEFAULT_PRESET, build_model, clone_model
 from .prune import DEFAULT_LAYERS, CompensationConfig, PruneConfig, prune_model, select_layers
 from .prune.base import dense_params
+from .targets.base import get_target, target_names
 from .train import TrainConfig, train
 
 EPOCHS = int(os.environ.get("STDEPLOY_DEMO_EPOCHS", "15"))
@@ -36,7 +41,7 @@ def main() -> int:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     data = load_dataset("digits")
-    steps = 1 + len(VARIANTS)
+    steps = 1 + len(VARIANTS)  # training and pruning; export and run follow
     model = build_model(DEFAULT_PRESET)
     print(f"[1/{steps}] training {DEFAULT_PRESET} on digits ({len(data.train)} train / {len(data.test)} test images), {EPOCHS} epochs")
     result = train(model, data, TrainConfig(epochs=EPOCHS), out / "dense", meta={"preset": DEFAULT_PRESET})
@@ -57,6 +62,30 @@ def main() -> int:
     for name, acc, after, params, path in rows:
         after_s = f"{after:.4f}" if after is not None else "-"
         print(f"{name:<8} {acc:>9.4f} {after_s:>12} {params:>13}  {path}")
+
+    print(f"\n[export] NIR + ONNX of each model, validated on the {len(data.test)} test images")
+    models = {"dense": model, **{name: load_checkpoint(out / name).model for name in VARIANTS}}
+    for name, m in models.items():
+        manifest = export_model(m, out / "export" / name, data=data, samples=None, source=str(out / name))
+        v = manifest["validation"]
+        parts = []
+        for art, r in v["results"].items():
+            parts.append(f"{art} {manifest['artifacts'][art]['bytes'] // 1024} KB, {r['spike_mismatches']} spike mismatches"
+                         + ("" if not r["flips"] else f" (first at {r['flips'][0]['layer']}, {r['flips'][0]['max_distance']:.1e} from threshold)"))
+        print(f"  {name:<7} " + "; ".join(parts))
+    print(f"  manifests: {out / 'export' / '*' / 'manifest.json'}")
+
+    print("\n[run] every target that can run here, on the test split")
+    print(f"{'model':<8} {'target':<12} {'accuracy':>9} {'PyTorch':>8} {'spike agreement':>16} {'wall s':>7}")
+    for name in models:
+        for target in target_names():
+            ok, why = get_target(target).available()
+            if not ok:
+                print(f"{name:<8} {target:<12} skipped: {why}")
+                continue
+            r = run_export(out / "export" / name, target, data=data)
+            agree = f"{r['spike_agreement']:.6f}" if "spike_agreement" in r else "-"
+            print(f"{name:<8} {target:<12} {r['accuracy']:>9.4f} {r['reference_accuracy']:>8.4f} {agree:>16} {r['run_seconds']:>7.2f}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
