@@ -241,7 +241,91 @@ def _targets_parser(sub) -> None:
     sub.add_parser("targets", help="list registered targets, whether each can run here, and device profiles")
 
 
-PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser]
+# ----------------------------------------------------------------------------- bench / profile
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> dict:
+    from .data import load_dataset
+    from .deploy import DEFAULT_DEVICE, reference_model
+    from .models import direct_encode
+    from .profile.latency import measure
+    from .targets.base import get_target
+    from .targets.profiles import load_profile
+
+    ref = reference_model(args.export_dir)
+    data = load_dataset(args.data, args.data_root)
+    x_img = torch_stack_first(data, args.batch)
+    x = direct_encode(x_img, ref.cfg.timesteps)
+    results = {}
+    import torch
+
+    with torch.no_grad():
+        results["pytorch"] = measure(lambda b: ref(b), x, args.warmup, args.repeats)
+    for name in [t for t in args.targets.split(",") if t]:
+        tgt = get_target(name)
+        ok, why = tgt.available()
+        if not ok:
+            results[name] = {"skipped": why}
+            continue
+        runnable = tgt.compile(args.export_dir, load_profile(args.device or DEFAULT_DEVICE.get(name, "cpu")))
+        if not getattr(runnable, "can_run", True):
+            results[name] = {"skipped": "built, but this machine cannot run it", "info": runnable.info}
+            continue
+        results[name] = measure(lambda b: runnable.run(b), x.numpy(), args.warmup, args.repeats)
+    if not args.json:
+        print(f"{'runtime':<12} {'median ms':>10} {'p90 ms':>8} {'samples/s':>10} {'timesteps/s':>12}")
+        for name, r in results.items():
+            if "median_s" in r:
+                print(f"{name:<12} {r['median_s'] * 1e3:>10.2f} {r['p90_s'] * 1e3:>8.2f} {r['samples_per_s']:>10.1f} {r['timesteps_per_s']:>12.1f}")
+            else:
+                print(f"{name:<12} skipped: {r['skipped']}")
+    return {"export_dir": args.export_dir, "batch": args.batch, "results": results}
+
+
+def torch_stack_first(data, n: int):
+    import torch
+
+    return torch.stack([data.test[i][0] for i in range(min(n, len(data.test)))])
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="latency of an export directory per target (warm-up, median, p90, throughput)")
+    p.add_argument("export_dir")
+    p.add_argument("--targets", default="onnxruntime,tvm")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    add_data_args(p)
+
+
+@command("profile")
+def cmd_profile(args: argparse.Namespace) -> dict:
+    from .data import load_dataset
+    from .profile.report import profile_exports, to_markdown, write_report
+
+    data = load_dataset(args.data, args.data_root)
+    report = profile_exports(args.export_dirs, data, [t for t in args.targets.split(",") if t],
+                             [e for e in args.energy.split(",") if e], batch=args.batch, repeats=args.repeats, samples=args.limit)
+    paths = write_report(report, args.out)
+    if not args.json:
+        print(to_markdown(report))
+        print(f"\nreport: {paths['json']}, {paths['markdown']}; plots: {', '.join(paths['plots'])}")
+    return {"report": paths, "variants": [{k: v[k] for k in ("name", "accuracy", "counts", "energy")} for v in report["variants"]]}
+
+
+def _profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="energy (SOPs/MACs x device figures) and latency of export directories; report + plots")
+    p.add_argument("export_dirs", nargs="+")
+    p.add_argument("--targets", default="onnxruntime")
+    p.add_argument("--energy", default="cpu,loihi2", help="device profiles whose energy figures to apply")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--limit", type=int, default=None, help="count operations on the first N test images")
+    p.add_argument("--out", default="runs/report")
+    add_data_args(p)
+
+
+PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _bench_parser, _profile_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@
 2. prune it with L1P (90% sparse) and with DSP (30% of block parameters), each compensated by an
    sLIF fine-tune;
 3. export all three to NIR and ONNX, each artifact validated against PyTorch on the test split;
-4. run the exports on every target that can run here and check accuracy and output spikes.
+4. run the exports on every target that can run here and check accuracy and output spikes;
+5. profile them: operation counts and energy (45 nm and Loihi figures), latency, one report with plots.
 
 Artifacts go to ``runs/demo/`` (override with ``STDEPLOY_DEMO_DIR``).
 """
@@ -20,6 +21,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .deploy import run_export
 from .export.directory import export_model
+from .profile.report import profile_exports, to_markdown, write_report
 from .data import load_dataset
 from .models import DEFAULT_PRESET, build_model, clone_model
 from .prune import DEFAULT_LAYERS, CompensationConfig, PruneConfig, prune_model, select_layers
@@ -86,6 +88,16 @@ def main() -> int:
             r = run_export(out / "export" / name, target, data=data)
             agree = f"{r['spike_agreement']:.6f}" if "spike_agreement" in r else "-"
             print(f"{name:<8} {target:<12} {r['accuracy']:>9.4f} {r['reference_accuracy']:>8.4f} {agree:>16} {r['run_seconds']:>7.2f}")
+
+    print("\n[profile] operation counts on the test split, energy per device model, latency")
+    report = profile_exports([out / "export" / n for n in models], data, ["onnxruntime"], ["cpu", "loihi2"])
+    paths = write_report(report, out / "report")
+    print(to_markdown(report))
+    for v in report["variants"][1:]:
+        e = ", ".join(f"{k} {r:.2f}x" for k, r in v["energy_vs_first"].items())
+        print(f"  {v['name']}: {v['sops_vs_first']:.2f}x the dense model's SOPs; energy {e}")
+    print(f"  report: {paths['json']}, {paths['markdown']}")
+    print(f"  plots: {', '.join(paths['plots'])}")
     print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -1,0 +1,180 @@
+"""Profile export directories: accuracy, parameters, nonzeros, file sizes, latency per target and
+energy per device model, as one table (JSON + Markdown) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_text
+from ..deploy import DEFAULT_DEVICE, reference_model
+from ..errors import ConfigError
+from ..models import direct_encode
+from ..targets.base import get_target, read_manifest
+from ..targets.profiles import load_profile
+from .energy import count_operations, energy
+from .latency import measure
+
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "stdeploy profile report",
+    "type": "object",
+    "required": ["format", "variants", "energy_profiles"],
+    "properties": {
+        "format": {"const": "stdeploy-report/1"},
+        "energy_profiles": {"type": "object"},
+        "variants": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "accuracy", "params", "block_nonzeros", "files", "latency", "energy", "counts"],
+            "properties": {
+                "name": {"type": "string"}, "accuracy": {"type": ["number", "null"]},
+                "params": {"type": "integer"}, "block_nonzeros": {"type": "integer"},
+                "files": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "latency": {"type": "object", "additionalProperties": {"type": "object", "required": ["median_s", "p90_s", "samples_per_s"]}},
+                "energy": {"type": "object", "additionalProperties": {"type": "object", "required": ["joules_per_sample"]}},
+                "counts": {"type": "object", "required": ["sops", "macs", "neuron_updates", "spikes"]},
+            }}},
+    },
+}
+
+
+def validate_report(report: dict) -> None:
+    import jsonschema
+
+    try:
+        jsonschema.validate(report, SCHEMA)
+    except jsonschema.ValidationError as err:
+        raise ConfigError(f"report does not match its schema: {err.message} at {list(err.absolute_path)}") from err
+
+
+def profile_exports(exports: list[Path], data, targets: list[str], energy_profiles: list[str], *, batch: int = 32,
+                    warmup: int = 2, repeats: int = 10, samples: int | None = None) -> dict:
+    x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
+    if samples is not None:
+        x_all, y_all = x_all[:samples], y_all[:samples]
+    profiles = {name: load_profile(name) for name in energy_profiles}
+    variants = []
+    for export in exports:
+        export = Path(export)
+        _, manifest = read_manifest(export, "reference")
+        ref = reference_model(export)
+        T = ref.cfg.timesteps
+        chunks = [direct_encode(x_all[i:i + 128], T) for i in range(0, len(x_all), 128)]
+        counts = count_operations(ref, chunks)
+        with torch.no_grad():
+            logits = torch.cat([ref(c) for c in chunks])
+        block = [m for n, m in ref.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+        row = {
+            "name": export.name, "export_dir": str(export),
+            "accuracy": float((logits.argmax(-1) == y_all).float().mean()),
+            "params": int(sum(p.numel() for p in ref.parameters())),
+            "block_nonzeros": int(sum(int((m.weight != 0).sum()) for m in block)),
+            "files": {k: int(v["bytes"]) for k, v in manifest["artifacts"].items() if "bytes" in v},
+            "counts": counts.per_sample(), "firing_rates": {k: v["rate"] for k, v in counts.neurons.items()},
+            "energy": {name: energy(counts, p.energy) for name, p in profiles.items() if p.energy},
+            "latency": {},
+        }
+        xb = direct_encode(x_all[:batch], T)
+        with torch.no_grad():
+            row["latency"]["pytorch"] = measure(lambda x: ref(x), xb, warmup, repeats)
+        for name in targets:
+            tgt = get_target(name)
+            ok, why = tgt.available()
+            if not ok:
+                row["latency"][name] = {"median_s": None, "p90_s": None, "samples_per_s": None, "skipped": why}
+                continue
+            runnable = tgt.compile(export, load_profile(DEFAULT_DEVICE.get(name, "cpu")))
+            if not getattr(runnable, "can_run", True):
+                continue
+            row["latency"][name] = measure(lambda x: runnable.run(x), xb.numpy(), warmup, repeats)
+        variants.append(row)
+    report = {"format": "stdeploy-report/1", "variants": variants,
+              "energy_profiles": {n: {"path": p.path, **p.energy} for n, p in profiles.items()}}
+    if variants:
+        base = variants[0]
+        for v in variants:
+            v["sops_vs_first"] = v["counts"]["sops"] / base["counts"]["sops"] if base["counts"]["sops"] else None
+            v["energy_vs_first"] = {n: v["energy"][n]["joules_per_sample"] / base["energy"][n]["joules_per_sample"]
+                                    for n in v["energy"] if base["energy"][n]["joules_per_sample"]}
+    validate_report(report)
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    energies = list(report["energy_profiles"])
+    targets = sorted({t for v in report["variants"] for t in v["latency"]})
+    head = ["variant", "accuracy", "params", "block nonzeros", "ONNX KB", "SOPs/sample", "MACs/sample"]
+    head += [f"{t} ms" for t in targets] + [f"E {e} (uJ)" for e in energies] + ["SOPs vs first"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in report["variants"]:
+        cells = [v["name"], f"{v['accuracy']:.4f}", str(v["params"]), str(v["block_nonzeros"]),
+                 f"{v['files'].get('onnx', 0) / 1024:.0f}", f"{v['counts']['sops']:.3g}", f"{v['counts']['macs']:.3g}"]
+        for t in targets:
+            lat = v["latency"].get(t, {})
+            cells.append(f"{lat['median_s'] * 1e3:.2f}" if lat.get("median_s") else "-")
+        cells += [f"{v['energy'][e]['joules_per_sample'] * 1e6:.3f}" if e in v["energy"] else "-" for e in energies]
+        cells.append(f"{v['sops_vs_first']:.3f}" if v.get("sops_vs_first") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [v["name"] for v in report["variants"]]
+    paths = []
+    targets = sorted({t for v in report["variants"] for t, lat in v["latency"].items() if lat.get("median_s")})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(targets), 1)
+    for i, t in enumerate(targets):
+        ax.bar([j + i * width for j in range(len(names))],
+               [v["latency"].get(t, {}).get("median_s", 0) * 1e3 for v in report["variants"]], width, label=t)
+    ax.set_xticks([j + width * (len(targets) - 1) / 2 for j in range(len(names))], names)
+    ax.set_ylabel("median latency per batch (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("latency per target")
+    fig.tight_layout()
+    paths.append(out / "latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    energies = list(report["energy_profiles"])
+    width = 0.8 / max(len(energies), 1)
+    for i, e in enumerate(energies):
+        ax.bar([j + i * width for j in range(len(names))],
+               [v["energy"][e]["joules_per_sample"] * 1e6 for v in report["variants"]], width, label=e)
+    ax.set_xticks([j + width * (len(energies) - 1) / 2 for j in range(len(names))], names)
+    ax.set_ylabel("estimated energy per sample (uJ)")
+    ax.legend()
+    ax.set_title("energy per variant")
+    fig.tight_layout()
+    paths.append(out / "energy.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [v["block_nonzeros"] for v in report["variants"]]
+    ax.scatter(xs, [v["accuracy"] * 100 for v in report["variants"]])
+    for v, x in zip(report["variants"], xs):
+        ax.annotate(v["name"], (x, v["accuracy"] * 100))
+    ax.set_xlabel("block parameters (nonzero weights or factor entries)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy vs compression")
+    fig.tight_layout()
+    paths.append(out / "accuracy.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(report: dict, out: str | Path) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", to_markdown(report) + "\n")
+    return {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "plots": [str(p) for p in plot(report, out)]}

@@ -1,0 +1,72 @@
+import json
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stdeploy.data import load_dataset
+from stdeploy.errors import ConfigError
+from stdeploy.export.directory import export_model
+from stdeploy.models import build_model
+from stdeploy.profile.latency import measure
+from stdeploy.profile.report import profile_exports, validate_report, write_report
+from stdeploy.prune import PruneConfig, make_pruner
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("exports")
+    dense = build_model("sdt-tiny").eval()
+    with torch.no_grad():  # BN statistics that let neurons fire
+        for m in dense.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_var.fill_(0.05)
+    pruned = build_model("sdt-tiny").eval()
+    pruned.load_state_dict(dense.state_dict())
+    p = make_pruner(PruneConfig(method="l1p", sparsity=0.9))
+    p.prepare(pruned)
+    p.step(pruned)
+    p.finalize(pruned)
+    export_model(dense, root / "dense", ("onnx",))
+    export_model(pruned, root / "l1p", ("onnx",))
+    return [root / "dense", root / "l1p"]
+
+
+def test_report_counts_fewer_sops_for_pruned_and_writes_png(exports, tmp_path):
+    report = profile_exports(exports, load_dataset("digits"), ["onnxruntime"], ["cpu", "loihi2"], batch=8, repeats=2, samples=32)
+    dense, l1p = report["variants"]
+    assert l1p["counts"]["sops"] < dense["counts"]["sops"]
+    assert l1p["energy"]["cpu"]["joules_per_sample"] < dense["energy"]["cpu"]["joules_per_sample"]
+    assert l1p["block_nonzeros"] == 49152 - round(0.9 * 49152)
+    assert dense["latency"]["onnxruntime"]["median_s"] > 0
+    paths = write_report(report, tmp_path / "rep")
+    for png in paths["plots"]:
+        head = open(png, "rb").read(24)
+        assert head[:8] == b"\x89PNG\r\n\x1a\n"
+        w, h = struct.unpack(">II", head[16:24])
+        assert w > 100 and h > 100
+    validate_report(json.loads((tmp_path / "rep" / "report.json").read_text()))
+    bad = json.loads((tmp_path / "rep" / "report.json").read_text())
+    del bad["variants"][0]["counts"]
+    with pytest.raises(ConfigError, match="schema"):
+        validate_report(bad)
+
+
+def test_latency_measure_and_errors():
+    calls = []
+    r = measure(lambda x: calls.append(1), torch.zeros(4, 8, 1).numpy(), warmup=2, repeats=5)
+    assert len(calls) == 7 and r["batch"] == 8 and r["timesteps"] == 4 and r["p90_s"] >= r["min_s"]
+    assert r["samples_per_s"] == pytest.approx(8 / r["median_s"])
+    with pytest.raises(ConfigError):
+        measure(lambda x: None, torch.zeros(4, 8, 1).numpy(), repeats=0)
+
+
+def test_cli_bench_json(exports):
+    r = subprocess.run([sys.executable, "-m", "stdeploy.cli", "bench", str(exports[0]), "--targets", "onnxruntime",
+                        "--repeats", "3", "--batch", "8", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["results"]["onnxruntime"]["median_s"] > 0 and out["results"]["pytorch"]["samples_per_s"] > 0
