@@ -114,4 +114,4 @@ def test_cli_export_and_run(trained, tmp_path):
     bad = subprocess.run(py + ["run", str(tmp_path / "nowhere"), "--target", "onnxruntime"], capture_output=True, text=True)
     assert bad.returncode == 2 and "nowhere" in bad.stderr
     bad = subprocess.run(py + ["run", str(tmp_path / "exp"), "--target", "tpu"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown target 'tpu'; known targets: onnxruntime, tvm" in bad.stderr
+    assert bad.returncode == 2 and "unknown target 'tpu'; known targets: onnxruntime, tvm, lava" in bad.stderr

@@ -55,6 +55,7 @@ class Target(Protocol):
 REGISTRY: dict[str, str] = {
     "onnxruntime": "stdeploy.targets.onnxruntime_target:OnnxRuntimeTarget",
     "tvm": "stdeploy.targets.tvm_target:TVMTarget",
+    "lava": "stdeploy.targets.lava_target:LavaTarget",
 }
 
 
