@@ -120,47 +120,47 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _grouped_bars(names: list[str], series: dict[str, list[float]], ylabel: str, title: str, path: Path, log: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(names))], values, width, label=label)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(names))], names)
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(report: dict, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [v["name"] for v in report["variants"]]
-    paths = []
-    targets = sorted({t for v in report["variants"] for t, lat in v["latency"].items() if lat.get("median_s")})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(len(targets), 1)
-    for i, t in enumerate(targets):
-        ax.bar([j + i * width for j in range(len(names))],
-               [v["latency"].get(t, {}).get("median_s", 0) * 1e3 for v in report["variants"]], width, label=t)
-    ax.set_xticks([j + width * (len(targets) - 1) / 2 for j in range(len(names))], names)
-    ax.set_ylabel("median latency per batch (ms)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("latency per target")
-    fig.tight_layout()
-    paths.append(out / "latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    energies = list(report["energy_profiles"])
-    width = 0.8 / max(len(energies), 1)
-    for i, e in enumerate(energies):
-        ax.bar([j + i * width for j in range(len(names))],
-               [v["energy"][e]["joules_per_sample"] * 1e6 for v in report["variants"]], width, label=e)
-    ax.set_xticks([j + width * (len(energies) - 1) / 2 for j in range(len(names))], names)
-    ax.set_ylabel("estimated energy per sample (uJ)")
-    ax.legend()
-    ax.set_title("energy per variant")
-    fig.tight_layout()
-    paths.append(out / "energy.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    variants = report["variants"]
+    names = [v["name"] for v in variants]
+    targets = sorted({t for v in variants for t, lat in v["latency"].items() if lat.get("median_s")})
+    paths = [
+        _grouped_bars(names, {t: [(v["latency"].get(t, {}).get("median_s") or 0) * 1e3 for v in variants] for t in targets},
+                      "median latency per batch (ms)", "latency per target", out / "latency.png", log=True),
+        _grouped_bars(names, {e: [v["energy"][e]["joules_per_sample"] * 1e6 for v in variants] for e in report["energy_profiles"]},
+                      "estimated energy per sample (uJ)", "energy per variant", out / "energy.png"),
+    ]
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [v["block_nonzeros"] for v in report["variants"]]
-    ax.scatter(xs, [v["accuracy"] * 100 for v in report["variants"]])
-    for v, x in zip(report["variants"], xs):
+    xs = [v["block_nonzeros"] for v in variants]
+    ax.scatter(xs, [v["accuracy"] * 100 for v in variants])
+    for v, x in zip(variants, xs):
         ax.annotate(v["name"], (x, v["accuracy"] * 100))
     ax.set_xlabel("block parameters (nonzero weights or factor entries)")
     ax.set_ylabel("test accuracy (%)")
