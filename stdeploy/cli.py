@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Callable
 
-from .errors import StdeployError
+from .errors import ConfigError, StdeployError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {}
 
@@ -247,6 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     from .data import load_dataset
     from .deploy import DEFAULT_DEVICE, reference_model
     from .models import direct_encode
+    from .profile.gpu_power import measure_energy, nvml_available
     from .profile.latency import measure
     from .targets.base import get_target
     from .targets.profiles import load_profile
@@ -258,6 +259,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     results = {}
     import torch
 
+    if args.gpu_energy:
+        ok, why = nvml_available()
+        if not ok:
+            raise ConfigError(f"--gpu-energy: cannot measure GPU power here ({why})")
     with torch.no_grad():
         results["pytorch"] = measure(lambda b: ref(b), x, args.warmup, args.repeats)
     for name in [t for t in args.targets.split(",") if t]:
@@ -271,6 +276,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             results[name] = {"skipped": "built, but this machine cannot run it", "info": runnable.info}
             continue
         results[name] = measure(lambda b: runnable.run(b), x.numpy(), args.warmup, args.repeats)
+        if args.gpu_energy and _runs_on_gpu(runnable.info):
+            results[name]["measured_energy"] = measure_energy(lambda b: runnable.run(b), x.numpy(), args.repeats)
     if not args.json:
         print(f"{'runtime':<12} {'median ms':>10} {'p90 ms':>8} {'samples/s':>10} {'timesteps/s':>12}")
         for name, r in results.items():
@@ -279,6 +286,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             else:
                 print(f"{name:<12} skipped: {r['skipped']}")
     return {"export_dir": args.export_dir, "batch": args.batch, "results": results}
+
+
+def _runs_on_gpu(info: dict) -> bool:
+    return "CUDAExecutionProvider" in info.get("providers", []) or str(info.get("path", "")).startswith("cuda")
 
 
 def torch_stack_first(data, n: int):
@@ -295,6 +306,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--gpu-energy", action="store_true", help="also measure GPU energy with NVML power sampling (GPU runs)")
     add_data_args(p)
 
 

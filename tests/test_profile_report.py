@@ -70,3 +70,16 @@ def test_cli_bench_json(exports):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["results"]["onnxruntime"]["median_s"] > 0 and out["results"]["pytorch"]["samples_per_s"] > 0
+
+
+def test_power_integration_and_gpu_energy_refusal(exports):
+    from stdeploy.profile.gpu_power import integrate, nvml_available
+
+    # 2 s at a constant 50 W, then a linear ramp 50 -> 150 W over 1 s: 100 J + 100 J
+    assert integrate([(0.0, 50.0), (2.0, 50.0), (3.0, 150.0)]) == pytest.approx(200.0)
+    assert integrate([(1.0, 30.0)]) == 0.0
+    ok, why = nvml_available()
+    if not ok:  # no GPU here: asking for measured GPU energy is a clear error, not a silent estimate
+        r = subprocess.run([sys.executable, "-m", "stdeploy.cli", "bench", str(exports[0]), "--targets", "onnxruntime",
+                            "--gpu-energy", "--repeats", "2"], capture_output=True, text=True)
+        assert r.returncode == 2 and "cannot measure GPU power here" in r.stderr
