@@ -248,7 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     from .deploy import DEFAULT_DEVICE, reference_model
     from .models import direct_encode
     from .profile.gpu_power import measure_energy, nvml_available
-    from .profile.latency import measure
+    from .profile.latency import measure, module_times
     from .targets.base import get_target
     from .targets.profiles import load_profile
 
@@ -265,6 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--gpu-energy: cannot measure GPU power here ({why})")
     with torch.no_grad():
         results["pytorch"] = measure(lambda b: ref(b), x, args.warmup, args.repeats)
+    results["pytorch"]["layers"] = module_times(ref, x)
     for name in [t for t in args.targets.split(",") if t]:
         tgt = get_target(name)
         ok, why = tgt.available()
@@ -283,6 +284,8 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         for name, r in results.items():
             if "median_s" in r:
                 print(f"{name:<12} {r['median_s'] * 1e3:>10.2f} {r['p90_s'] * 1e3:>8.2f} {r['samples_per_s']:>10.1f} {r['timesteps_per_s']:>12.1f}")
+                for layer in r.get("layers", [])[:8]:
+                    print(f"    {layer['name']:<24} {layer['ms']:.2f} ms")
             else:
                 print(f"{name:<12} skipped: {r['skipped']}")
     return {"export_dir": args.export_dir, "batch": args.batch, "results": results}

@@ -83,3 +83,12 @@ def test_power_integration_and_gpu_energy_refusal(exports):
         r = subprocess.run([sys.executable, "-m", "stdeploy.cli", "bench", str(exports[0]), "--targets", "onnxruntime",
                             "--gpu-energy", "--repeats", "2"], capture_output=True, text=True)
         assert r.returncode == 2 and "cannot measure GPU power here" in r.stderr
+
+
+def test_pytorch_module_times_cover_each_stage():
+    from stdeploy.profile.latency import module_times
+
+    model = build_model("sdt-tiny").eval()
+    times = module_times(model, torch.rand(4, 2, 1, 8, 8))
+    assert [t["name"] for t in times] == ["embed", "blocks.0.attn", "blocks.0.mlp", "head"]
+    assert all(t["ms"] > 0 for t in times)
