@@ -13,7 +13,8 @@ Counted on the folded PyTorch reference (the arithmetic every exported artifact 
 Energy models (figures and sources come from the profile's ``[energy]`` table):
 
 * ``45nm``: ``E = MACs * mac_pj + SOPs * ac_pj`` (the model spiking-transformer papers use);
-* ``loihi``: ``E = SOPs * synop_pj + neuron_updates * neuron_update_pj + spikes * spike_pj``.
+* ``loihi``: ``E = (SOPs + MACs) * synop_pj + neuron_updates * neuron_update_pj + spikes * spike_pj``;
+  a layer fed by real values runs on Loihi as graded synaptic events, one per MAC.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def energy(counts: Counts, figures: dict) -> dict:
     if model == "45nm":
         terms = {"mac": c["macs"] * figures["mac_pj"], "ac": c["sops"] * figures["ac_pj"]}
     elif model == "loihi":
-        terms = {"synop": c["sops"] * figures["synop_pj"], "neuron_update": c["neuron_updates"] * figures["neuron_update_pj"],
+        terms = {"synop": (c["sops"] + c["macs"]) * figures["synop_pj"], "neuron_update": c["neuron_updates"] * figures["neuron_update_pj"],
                  "spike": c["spikes"] * figures.get("spike_pj", 0.0)}
     else:
         from ..errors import ConfigError
