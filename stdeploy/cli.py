@@ -79,7 +79,7 @@ def _train_parser(sub) -> None:
 # ----------------------------------------------------------------------------- prune
 @command("prune")
 def cmd_prune(args: argparse.Namespace) -> dict:
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint
     from .data import load_dataset
     from .prune import DEFAULT_LAYERS, CompensationConfig, PruneConfig, prune_model
 
@@ -92,10 +92,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.data, args.data_root, image_size=ckpt.config.image_size if args.data != "digits" else None,
                         timesteps=ckpt.config.timesteps, seed=args.seed)
-    model, report = prune_model(ckpt.model, data, pcfg, ccfg, out=args.out, progress=not args.quiet)
-    out = save_checkpoint(args.out, model, meta={**ckpt.meta, "prune": report, "parent": str(ckpt.path)})
-    (out / "train_state.pt").unlink(missing_ok=True)  # the fine-tune's optimizer state belongs to the unfinalized model
-    report["checkpoint"] = str(out)
+    _, report = prune_model(ckpt.model, data, pcfg, ccfg, out=args.out, progress=not args.quiet,
+                            meta={**ckpt.meta, "parent": str(ckpt.path)})
     if not args.json:
         acc = report["accuracy"]
         rows = [("method", report["method"]), ("compensation", report["compensation"])]

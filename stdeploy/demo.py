@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint
 from .deploy import run_export
 from .export.directory import export_model
 from .profile.report import profile_exports, to_markdown, write_report
@@ -51,10 +51,8 @@ def main() -> int:
     rows = [("dense", result.test_accuracy, None, dense_params(select_layers(model, DEFAULT_LAYERS)), str(out / "dense"))]
     for i, (name, pcfg) in enumerate(VARIANTS.items(), start=2):
         print(f"[{i}/{steps}] pruning: {name} ({pcfg.method}), sLIF compensation, {FINETUNE_EPOCHS} fine-tune epochs")
-        pruned, report = prune_model(clone_model(model), data, pcfg, CompensationConfig(epochs=FINETUNE_EPOCHS, penalty_epochs=2),
-                                     out=out / name)
-        save_checkpoint(out / name, pruned, meta={"prune": report, "parent": str(out / "dense")})
-        (out / name / "train_state.pt").unlink(missing_ok=True)
+        _, report = prune_model(clone_model(model), data, pcfg, CompensationConfig(epochs=FINETUNE_EPOCHS, penalty_epochs=2),
+                                out=out / name, meta={"parent": str(out / "dense")})
         acc = report["accuracy"]
         print(f"      {name}: right after {acc['after_prune']:.4f}, after BN recalibration {acc['after_bn_recalibration']:.4f}, "
               f"after sLIF fine-tune {acc['final']:.4f}")

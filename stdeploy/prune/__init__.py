@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ..checkpoint import TRAIN_STATE, save_checkpoint
 from ..errors import ConfigError
 from ..train import TrainConfig, evaluate, train
 from .base import DEFAULT_LAYERS, METHODS, PruneConfig, Pruner, select_layers
@@ -105,13 +106,18 @@ def _gradual(pcfg: PruneConfig) -> bool:
 
 
 def prune_model(model: nn.Module, data, pcfg: PruneConfig, ccfg: CompensationConfig = CompensationConfig(),
-                out=None, progress: bool = True) -> tuple[nn.Module, dict]:
+                out=None, progress: bool = True, meta: dict | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place following ``pcfg``, compensate following ``ccfg``; return the
-    finalized model and a report (accuracies at every stage, parameters, per-layer detail)."""
+    finalized model and a report (accuracies at every stage, parameters, per-layer detail).
+    With ``out``, the finalized model is saved there (report in its metadata, plus ``meta``)."""
     t0 = time.perf_counter()
     pruner, stages = apply_pruning(model, data, pcfg, ccfg, progress)
     report = compensate(model, pruner, data, ccfg, stages, out, progress)
     report["seconds"] = time.perf_counter() - t0
+    if out is not None:
+        path = save_checkpoint(out, model, meta={**(meta or {}), "prune": report})
+        (path / TRAIN_STATE).unlink(missing_ok=True)  # the fine-tune's optimizer state belongs to the unfinalized model
+        report["checkpoint"] = str(path)
     return model, report
 
 

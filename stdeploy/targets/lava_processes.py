@@ -180,7 +180,18 @@ class _Base(PyLoihiProcessModel):
 
 
 # ----------------------------------------------------------------------------- synapse models
-class _SynapseFloat(_Base):
+class _SynapseBase(_Base):
+    """One step of delay, as Lava's Dense: send last step's result, then receive and compute the
+    next one (zeros outside the model's T valid steps). Subclasses define ``_receive`` and ``_compute``."""
+
+    @_reported
+    def run_spk(self):
+        self._send_all(self.buff)
+        x = self._receive()
+        self.buff = self._compute(x) if _gated(self) else self.zeros
+
+
+class _SynapseFloat(_SynapseBase):
     """Float32, the reference interpreter's own evaluator for the node, on a batch padded to the
     reference's call shape (``T*B`` rows: CPU kernels choose algorithms by batch size, and only the
     same call gives the same bits), then the optional per-neuron scale ``d * y``."""
@@ -196,13 +207,10 @@ class _SynapseFloat(_Base):
         self.zeros = np.zeros(proc_params["out_shape"], F32)
         self.buff = self.zeros
 
-    @_reported
-    def run_spk(self):
-        self._send_all(self.buff)
-        x = _recv_sum_f32(self)
-        if not _gated(self):
-            self.buff = self.zeros
-            return
+    def _receive(self) -> np.ndarray:
+        return _recv_sum_f32(self)
+
+    def _compute(self, x: np.ndarray) -> np.ndarray:
         b = x.shape[0]
         xt = torch.from_numpy(x)
         if self.rows > b:
@@ -211,7 +219,7 @@ class _SynapseFloat(_Base):
             y = self.evaluate(self.node, xt, self.ctx)[:b]
             if self.scale is not None:
                 y = self.scale * y
-        self.buff = np.ascontiguousarray(y.numpy(), dtype=F32)
+        return np.ascontiguousarray(y.numpy(), dtype=F32)
 
 
 def int_op(op: dict, x: torch.Tensor) -> torch.Tensor:
@@ -240,7 +248,7 @@ def _int_op(op: dict, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown synaptic op {kind!r}")
 
 
-class _SynapseFixed(_Base):
+class _SynapseFixed(_SynapseBase):
     """Integer weights (``weight_bits`` mantissas), accumulation exact, then Loihi's per-layer
     weight exponent (``<< e``, or an arithmetic ``>> -e`` as Lava's Dense does) and an integer
     bias, in the target's input units. Output int32."""
@@ -254,13 +262,10 @@ class _SynapseFixed(_Base):
         self.zeros = np.zeros(proc_params["out_shape"], np.int32)
         self.buff = self.zeros
 
-    @_reported
-    def run_spk(self):
-        self._send_all(self.buff)
-        x = _recv_sum_int(self)
-        if not _gated(self):
-            self.buff = self.zeros
-            return
+    def _receive(self) -> np.ndarray:
+        return _recv_sum_int(self)
+
+    def _compute(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             y = int_op(self.op, torch.from_numpy(x.astype(np.float64))).numpy()
         y = np.rint(y).astype(np.int64)
@@ -269,7 +274,7 @@ class _SynapseFixed(_Base):
             y = y + self.bias
         if np.abs(y).max(initial=0) >= 2 ** 31:
             raise OverflowError(f"{self.p.get('name')}: synaptic input overflows int32")
-        self.buff = y.astype(np.int32)
+        return y.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- other models
