@@ -36,40 +36,58 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 @command("train")
 def cmd_train(args: argparse.Namespace) -> dict:
-    from .data import load_dataset
-    from .models import build_model, resolve_config
-    from .train import TrainConfig, train
+    import dataclasses
 
-    cfg = resolve_config(args.model, neuron=args.neuron, timesteps=args.timesteps)
-    data = load_dataset(args.data, args.data_root, image_size=cfg.image_size if args.data != "digits" else None,
-                        timesteps=cfg.timesteps, augment=args.augment, seed=args.seed)
-    cfg = cfg.replace(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
+    from .models import build_model
+    from .recipes import flag_overrides, load_recipe, parse_set
+    from .train import train
+
+    flags = {"neuron": ("model.neuron",), "timesteps": ("model.timesteps", "data.timesteps"), "data": ("data.name",),
+             "augment": ("train.augment",), "epochs": ("train.epochs",), "batch_size": ("train.batch_size",),
+             "lr": ("train.lr",), "weight_decay": ("train.weight_decay",), "warmup_epochs": ("train.warmup_epochs",),
+             "schedule": ("train.schedule",), "label_smoothing": ("train.label_smoothing",), "seed": ("train.seed",),
+             "amp": ("train.amp",)}
+    values = {**vars(args), "amp": False if args.no_amp else None}
+    recipe = load_recipe(args.recipe, parse_set(args.set) + flag_overrides(values, flags), model=args.model)
+    data = recipe.load_data(args.data_root)
+    cfg = recipe.model.replace(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
     model = build_model(cfg)
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                       amp=not args.no_amp, weight_decay=args.weight_decay)
-    result = train(model, data, tcfg, args.out, resume=args.resume, progress=not args.quiet, meta={"preset": cfg.name})
+    tcfg = dataclasses.replace(recipe.train, device=args.device, max_steps=args.max_steps)
+    result = train(model, data, tcfg, args.out, resume=args.resume, progress=not args.quiet,
+                   meta={"preset": cfg.name, **recipe.meta()})
     out = {k: v for k, v in result.to_dict().items() if k != "history"}
     out["model"] = cfg.name or cfg.family
     out["neuron"] = cfg.neuron
+    out["recipe"] = args.recipe
     if not args.json:
-        _print_table([("model", out["model"]), ("neuron", cfg.neuron), ("params", result.params), ("epochs", result.epochs),
-                      ("test accuracy", f"{result.test_accuracy:.4f}"), ("seconds", f"{result.seconds:.1f}"),
-                      ("checkpoint", result.checkpoint)])
+        rows = [("recipe", args.recipe)] if args.recipe else []
+        _print_table(rows + [("model", out["model"]), ("neuron", cfg.neuron), ("params", result.params), ("epochs", result.epochs),
+                             ("steps", result.steps), ("test accuracy", f"{result.test_accuracy:.4f}"),
+                             ("seconds", f"{result.seconds:.1f}"), ("checkpoint", result.checkpoint)])
     return out
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a spiking transformer (surrogate gradients; torchrun for several processes)")
-    p.add_argument("--model", default="sdt-tiny", help="preset name or a .toml/.yaml config file (default sdt-tiny)")
+    p.add_argument("--recipe", default=None, help="recipe .toml (models/recipes/): model, data, training settings; flags override it")
+    p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                   help="override one recipe value, e.g. --set train.mixup_alpha=0 --set model.depth=2 (repeatable)")
+    p.add_argument("--model", default=None, help="preset name or a .toml/.yaml config file (default sdt-tiny); replaces a recipe's [model]")
     p.add_argument("--neuron", choices=["lif", "slif"], default=None, help="override the config's neuron type")
     p.add_argument("--timesteps", type=int, default=None, help="override T")
     add_data_args(p)
-    p.add_argument("--augment", action="store_true", help="random crop + flip on the training split (image data)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(data=None)  # None: the recipe's data set, digits without one
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop + flip on the training split (flip for DVS); default: the recipe's, off without one")
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's, 20 without one")
+    p.add_argument("--batch-size", type=int, default=None, help="per process; default: the recipe's, 64 without one")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's, 2e-3 without one")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs (default: the recipe's, 0 without one)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default=None, help="lr after warmup (default cosine)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--seed", type=int, default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests, timing)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--out", default="runs/train", help="checkpoint folder, written after every epoch")
@@ -80,20 +98,30 @@ def _train_parser(sub) -> None:
 @command("prune")
 def cmd_prune(args: argparse.Namespace) -> dict:
     from .checkpoint import load_checkpoint
-    from .data import load_dataset
-    from .prune import DEFAULT_LAYERS, CompensationConfig, PruneConfig, prune_model
+    from .prune import DEFAULT_LAYERS, PruneConfig, prune_model
+    from .recipes import RecipeCompensation, flag_overrides, load_recipe, parse_set
 
     pcfg = PruneConfig(method=args.method, sparsity=args.sparsity, param_ratio=args.param_ratio if args.rank is None else None,
                        rank=args.rank, scope=args.scope, schedule=args.schedule, penalty=args.penalty,
                        layers=tuple(args.layers.split(",")) if args.layers else DEFAULT_LAYERS)
-    ccfg = CompensationConfig(neuron=args.compensate, epochs=args.epochs, penalty_epochs=args.penalty_epochs,
+    flags = {"data": ("data.name",), "epochs": ("finetune.epochs",), "penalty_epochs": ("finetune.penalty_epochs",),
+             "lr": ("finetune.lr",), "batch_size": ("finetune.batch_size",), "seed": ("train.seed",)}
+    recipe = load_recipe(args.recipe, parse_set(args.set) + flag_overrides(vars(args), flags))
+    ft = recipe.finetune
+    ccfg = RecipeCompensation(neuron=args.compensate, epochs=ft.epochs, penalty_epochs=ft.penalty_epochs,
                               learn_threshold="threshold" in args.slif_learn, learn_leak="leak" in args.slif_learn,
-                              recalibrate_bn=not args.no_bn_recalibration, lr=args.lr, seed=args.seed, device=args.device)
+                              recalibrate_bn=not args.no_bn_recalibration, lr=ft.train.lr, batch_size=ft.train.batch_size,
+                              intrinsic_lr_scale=ft.train.intrinsic_lr_scale, seed=recipe.train.seed, device=args.device,
+                              base=ft.train)
     ckpt = load_checkpoint(args.checkpoint)
-    data = load_dataset(args.data, args.data_root, image_size=ckpt.config.image_size if args.data != "digits" else None,
-                        timesteps=ckpt.config.timesteps, seed=args.seed)
+    for key in ("image_size", "timesteps"):
+        wanted = getattr(recipe.data, key)
+        if wanted is not None and wanted != getattr(ckpt.config, key):
+            raise ConfigError(f"{recipe.source}: [data] {key} = {wanted} but checkpoint {ckpt.path} has {getattr(ckpt.config, key)}; "
+                              f"add --set data.{key}={getattr(ckpt.config, key)}")
+    data = recipe.load_data(args.data_root, finetune=True, image_size=ckpt.config.image_size, timesteps=ckpt.config.timesteps)
     _, report = prune_model(ckpt.model, data, pcfg, ccfg, out=args.out, progress=not args.quiet,
-                            meta={**ckpt.meta, "parent": str(ckpt.path)})
+                            meta={**ckpt.meta, "parent": str(ckpt.path), **{f"prune_{k}": v for k, v in recipe.meta().items()}})
     if not args.json:
         acc = report["accuracy"]
         rows = [("method", report["method"]), ("compensation", report["compensation"])]
@@ -117,16 +145,21 @@ def _prune_parser(sub) -> None:
     p.add_argument("--scope", choices=["global", "layer"], default="global")
     p.add_argument("--schedule", choices=["oneshot", "cubic"], default="oneshot", help="l1p mask schedule")
     p.add_argument("--penalty", type=float, default=None, help="L1 / group penalty coefficient (method default)")
-    p.add_argument("--penalty-epochs", type=int, default=3, help="epochs with the penalty before pruning")
+    p.add_argument("--penalty-epochs", type=int, default=None, help="epochs with the penalty before pruning (default: the recipe's, 3 without one)")
     p.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of linear layers (default: block linears)")
     p.add_argument("--compensate", default="slif", help="slif, lif or none")
     p.add_argument("--slif-learn", default="threshold,leak", help="what sLIF learns: threshold, leak or both")
     p.add_argument("--no-bn-recalibration", action="store_true")
-    p.add_argument("--epochs", type=int, default=15, help="compensation fine-tune epochs")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default=None, help="recipe .toml: data set and [finetune] settings (flags override it)")
+    p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                   help="override one recipe value, e.g. --set finetune.warmup_epochs=1 (repeatable)")
+    p.add_argument("--epochs", type=int, default=None, help="compensation fine-tune epochs (default: the recipe's, 15 without one)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tune lr (default: the recipe's [finetune] lr, 1e-3 without one)")
+    p.add_argument("--batch-size", type=int, default=None, help="fine-tune batch size (default: the recipe's, 64 without one)")
+    p.add_argument("--seed", type=int, default=None, help="default: the recipe's, 0 without one")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_data_args(p)
+    p.set_defaults(data=None)  # None: the recipe's data set, digits without one
     p.add_argument("--out", default="runs/pruned", help="checkpoint folder of the pruned model")
 
 
@@ -193,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     data = load_dataset(args.data, args.data_root, image_size=cfg.image_size if args.data != "digits" else None,
                         timesteps=cfg.timesteps)
     result = run_export(args.export_dir, args.target, args.device, data, batch_size=args.batch_size, limit=args.limit,
-                        progress=not args.quiet)
+                        progress=not args.quiet, options=_tvm_options(args) if args.target == "tvm" else None)
     if not args.json and not result["ran"]:
         print(f"{result['target']} ({result['device']}): {result['reason']}")
         for a in result["info"].get("artifacts", {}).values():
@@ -206,6 +239,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
         if "spike_mismatches" in result:
             rows.append(("output spikes", f"{result['spike_mismatches']} mismatches of {result['spikes_total']} "
                                           f"(agreement {result['spike_agreement']:.6f})"))
+        if result["info"].get("path"):
+            rows.append(("kernels", result["info"]["path"]))
         rows += [("compile", f"{result['compile_seconds']:.2f} s"), ("run", f"{result['run_seconds']:.3f} s")]
         _print_table(rows)
     return result
@@ -219,6 +254,20 @@ def _run_parser(sub) -> None:
     add_data_args(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    _add_tvm_args(p)
+
+
+def _add_tvm_args(p) -> None:
+    g = p.add_argument_group("tvm cpu options")
+    g.add_argument("--tvm-schedule", choices=["auto", "tuned", "untuned"], default="auto",
+                   help="auto: the database of `stdeploy tune` when one exists for this batch; tuned: require it")
+    g.add_argument("--tvm-kernels", choices=["blas", "tir"], default="blas", help="matmul/conv2d as BLAS calls, or all TVM code")
+    g.add_argument("--tvm-sparse", choices=["auto", "off"], default="auto",
+                   help="pruned linears on the sparse kernel where it measures faster")
+
+
+def _tvm_options(args) -> dict:
+    return {"schedule": args.tvm_schedule, "kernels": args.tvm_kernels, "sparse": args.tvm_sparse}
 
 
 @command("targets")
@@ -270,18 +319,23 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         if not ok:
             results[name] = {"skipped": why}
             continue
-        runnable = tgt.compile(args.export_dir, load_profile(args.device or DEFAULT_DEVICE.get(name, "cpu")))
+        profile = load_profile(args.device or DEFAULT_DEVICE.get(name, "cpu"))
+        options = _tvm_options(args) if name == "tvm" and profile.kind == "cpu" else {}
+        runnable = tgt.compile(args.export_dir, profile, **options)
         if not getattr(runnable, "can_run", True):
             results[name] = {"skipped": "built, but this machine cannot run it", "info": runnable.info}
             continue
         results[name] = measure(lambda b: runnable.run(b), x.numpy(), args.warmup, args.repeats)
+        if runnable.info.get("path"):
+            results[name]["path"] = runnable.info["path"]
         if args.gpu_energy and _runs_on_gpu(runnable.info):
             results[name]["measured_energy"] = measure_energy(lambda b: runnable.run(b), x.numpy(), args.repeats)
     if not args.json:
         print(f"{'runtime':<12} {'median ms':>10} {'p90 ms':>8} {'samples/s':>10} {'timesteps/s':>12}")
         for name, r in results.items():
             if "median_s" in r:
-                print(f"{name:<12} {r['median_s'] * 1e3:>10.2f} {r['p90_s'] * 1e3:>8.2f} {r['samples_per_s']:>10.1f} {r['timesteps_per_s']:>12.1f}")
+                print(f"{name:<12} {r['median_s'] * 1e3:>10.2f} {r['p90_s'] * 1e3:>8.2f} {r['samples_per_s']:>10.1f} {r['timesteps_per_s']:>12.1f}"
+                      + (f"  ({r['path']})" if r.get("path") else ""))
                 for layer in r.get("layers", [])[:8]:
                     print(f"    {layer['name']:<24} {layer['ms']:.2f} ms")
             else:
@@ -309,6 +363,54 @@ def _bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--gpu-energy", action="store_true", help="also measure GPU energy with NVML power sampling (GPU runs)")
     add_data_args(p)
+    _add_tvm_args(p)
+
+
+# ----------------------------------------------------------------------------- tune
+@command("tune")
+def cmd_tune(args: argparse.Namespace) -> dict:
+    from .targets.profiles import load_profile
+    from .targets.tvm_tune import tune
+
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="trial", desc="tuning")
+
+    def progress(task: str, done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(task[:40])
+            bar.refresh()
+
+    try:
+        summary = tune(args.export_dir, load_profile(args.device), batch_size=args.batch, trials_per_task=args.trials,
+                       kernels=args.kernels, sparse=args.sparse, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.json:
+        skipped = sum(1 for t in summary["tasks"] if t["new_trials"] == 0)
+        print(f"{len(summary['tasks'])} tasks, {summary['new_trials']} new trials ({skipped} tasks already tuned), "
+              f"{summary['records']} records in {summary['database']} ({summary['last_run_seconds']} s)")
+        if summary["offloaded"]:
+            print(f"BLAS kernels: {len(summary['offloaded'])} ({', '.join(summary['offloaded'][:4])}, ...)")
+        if summary["sparse_layers"]:
+            print(f"sparse kernels: matmuls {summary['sparse_layers']}")
+        print("`stdeploy run/bench --target tvm` at this batch now use it")
+    return summary
+
+
+def _tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="MetaSchedule-tune an export directory for a TVM cpu profile (database reused by run/bench)")
+    p.add_argument("export_dir")
+    p.add_argument("--device", default="cpu", help="cpu device profile (name or .toml)")
+    p.add_argument("--trials", type=int, default=64, help="measured candidates per task (a rerun adds only missing ones)")
+    p.add_argument("--batch", type=int, default=32, help="batch size the module is tuned for")
+    p.add_argument("--kernels", choices=["blas", "tir"], default="blas", help="tune around BLAS matmul/conv2d, or tune them too")
+    p.add_argument("--sparse", choices=["auto", "off"], default="auto", help="pruned linears on the sparse kernel where faster")
 
 
 @command("profile")
@@ -338,7 +440,7 @@ def _profile_parser(sub) -> None:
     add_data_args(p)
 
 
-PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _bench_parser, _profile_parser]
+PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

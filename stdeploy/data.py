@@ -16,14 +16,24 @@ Formats (nothing else is read; pickled files never are):
 * ``imagefolder``  ``train/`` and ``test/`` (or ``val/``), one subfolder per class of images.
 * ``dvs``          ``train/`` and ``test/``, one subfolder per class of ``.npz`` recordings
                    (arrays ``x, y, t, p``; optional ``sensor_size`` = (H, W)) or ``.npy``
-                   structured arrays with fields ``x, y, t, p``. Events are binned into T frames
-                   of equal time span over ``[t_min, t_max]``, two polarity channels (``p > 0`` is
-                   channel 1), and scaled to ``image_size`` by integer division
+                   structured arrays with fields ``x, y, t, p``. With ``test_fraction`` f > 0 the
+                   folder holds the class subfolders itself (CIFAR10-DVS has no official split)
+                   and the last ``n - ceil(n (1 - f))`` files of each class, in name order, are
+                   the test split (spikingjelly's ``split_to_train_test_set(1 - f, ...,
+                   random_split=False)``). Events are binned into T frames, two polarity channels
+                   (``p > 0`` is channel 1), and scaled to ``image_size`` by integer division
                    (``x * image_size // sensor_w``). Frames hold raw counts, not clipped to 1:
-                   a model that wants binary input thresholds them itself.
+                   a model that wants binary input thresholds them itself. Binning:
+                   ``"time"``: frames of equal time span over ``[t_min, t_max]``;
+                   ``"count"``: frames of equal event count in time order, the last frame also
+                   taking the remainder (frames 0..T-2 hold ``N // T`` events each; spikingjelly's
+                   ``split_by="number"``, which the Spikformer and Spike-driven Transformer
+                   CIFAR10-DVS results use).
 
 Augmentation (``augment=True``, train split only): random crop with 4-pixel zero padding and a
 horizontal flip for CIFAR and image folders, a horizontal flip for DVS; ignored for ``digits``.
+``roll=r`` adds a random translation by ``-r..r`` pixels in each direction with wrap-around
+(``torch.roll``; for DVS frames, where padding would add fake silent borders).
 Each item's draw depends only on ``(seed, epoch, index)``, so a run is reproducible whatever the
 order of access; :func:`make_loader` advances the epoch.
 """
@@ -58,6 +68,7 @@ DEFAULT_IMAGE_SIZE = 32          # image folders
 DEFAULT_DVS_IMAGE_SIZE = 64
 DEFAULT_TIMESTEPS = 10           # DVS frames per recording
 DVS_SENSOR_STEP = 128            # sensor size when a file has none: max coordinate + 1 rounded up to this
+BINNINGS = ("time", "count")     # DVS frames of equal time span / of equal event count
 
 
 @dataclass(frozen=True)
@@ -93,13 +104,18 @@ def load_dataset(
     augment: bool = False,
     seed: int = 0,
     in_channels: int | None = None,
+    roll: int = 0,
+    binning: str = "time",
+    test_fraction: float = 0.0,
 ) -> DataSplit:
     """Load data set ``name`` from the local folder ``root`` (ignored for ``digits``).
 
     ``image_size`` resizes static images (default: the native size, 32 for image folders) and
     sets the DVS frame size (default 64). ``timesteps`` is the number of DVS frames (default 10)
     and is ignored for static images. ``in_channels`` picks 1 (grey) or 3 (RGB) for image folders;
-    for the other sets it may only repeat their native channel count.
+    for the other sets it may only repeat their native channel count. ``roll`` (with ``augment``)
+    is the largest random translation in pixels; ``binning`` (``"time"`` or ``"count"``) and
+    ``test_fraction`` (0: ``train/`` and ``test/`` folders) apply to ``dvs`` only.
     """
     loader = _LOADERS.get(name)
     if loader is None:
@@ -109,8 +125,18 @@ def load_dataset(
             raise DataError(f"{key} must be a positive integer, got {value!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise DataError(f"seed must be an integer, got {seed!r}")
+    if not (isinstance(roll, int) and not isinstance(roll, bool) and roll >= 0):
+        raise DataError(f"roll must be an integer >= 0, got {roll!r}")
+    if roll and not augment:
+        raise DataError(f"roll={roll} is an augmentation: it needs augment=True")
+    if binning not in BINNINGS:
+        raise DataError(f"binning must be one of {', '.join(BINNINGS)}, got {binning!r}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 <= test_fraction < 1:
+        raise DataError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    if name != "dvs" and (binning != "time" or test_fraction):
+        raise DataError(f"binning and test_fraction apply to dvs recordings only, not to {name}")
     return loader(root, image_size=image_size, timesteps=timesteps, augment=bool(augment),
-                  seed=seed, in_channels=in_channels)
+                  seed=seed, in_channels=in_channels, roll=roll, binning=binning, test_fraction=float(test_fraction))
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
@@ -169,15 +195,17 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class _Augmented(Dataset):
-    """Random horizontal flip and (optionally) padded random crop of another dataset's items.
+    """Random horizontal flip, (optionally) padded random crop and (optionally) a random roll by
+    up to ``roll`` pixels of another dataset's items.
 
     The draw for item ``i`` comes from a generator seeded with ``(seed, epoch, i)``.
     """
 
-    def __init__(self, base: Dataset, seed: int, crop: bool):
+    def __init__(self, base: Dataset, seed: int, crop: bool, roll: int = 0):
         self.base = base
         self.seed = seed
         self.crop = crop
+        self.roll = roll
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -197,6 +225,9 @@ class _Augmented(Dataset):
             top, left = torch.randint(0, 2 * CROP_PADDING + 1, (2,), generator=generator).tolist()
             padded = F.pad(x, (CROP_PADDING,) * 4)
             x = padded[..., top:top + h, left:left + w].contiguous()
+        if self.roll:
+            dy, dx = torch.randint(-self.roll, self.roll + 1, (2,), generator=generator).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
         return x, y
 
 
@@ -216,7 +247,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _load_digits(root, *, image_size, timesteps, augment, seed, in_channels) -> DataSplit:
+def _load_digits(root, *, image_size, timesteps, augment, seed, in_channels, roll, binning, test_fraction) -> DataSplit:
     from sklearn.model_selection import train_test_split
 
     _check_channels("digits", in_channels, 1)
@@ -317,14 +348,14 @@ class _ImageTensorDataset(Dataset):
 def _load_cifar(name: str):
     fmt = _CIFAR[name]
 
-    def load(root, *, image_size, timesteps, augment, seed, in_channels) -> DataSplit:
+    def load(root, *, image_size, timesteps, augment, seed, in_channels, roll, binning, test_fraction) -> DataSplit:
         _check_channels(name, in_channels, 3)
         folder = _cifar_folder(fmt, root)
         size = image_size or 32
         train = _ImageTensorDataset(*_read_cifar(fmt, [folder / f for f in fmt.train_files]), size)
         test = _ImageTensorDataset(*_read_cifar(fmt, [folder / f for f in fmt.test_files]), size)
         if augment:
-            train = _Augmented(train, seed, crop=True)
+            train = _Augmented(train, seed, crop=True, roll=roll)
         return DataSplit(name=name, train=train, test=test, num_classes=fmt.label_limits[-1],
                          in_channels=3, image_size=size, timesteps=None)
 
@@ -399,7 +430,7 @@ class _ImageFileDataset(Dataset):
         return x, torch.tensor(label, dtype=torch.int64)
 
 
-def _load_imagefolder(root, *, image_size, timesteps, augment, seed, in_channels) -> DataSplit:
+def _load_imagefolder(root, *, image_size, timesteps, augment, seed, in_channels, roll, binning, test_fraction) -> DataSplit:
     channels = 3 if in_channels is None else in_channels
     if channels not in (1, 3):
         raise DataError(f"imagefolder in_channels must be 1 (grey) or 3 (RGB), got {channels}")
@@ -409,7 +440,7 @@ def _load_imagefolder(root, *, image_size, timesteps, augment, seed, in_channels
     size = image_size or DEFAULT_IMAGE_SIZE
     train_set = _ImageFileDataset(train, size, channels)
     return DataSplit(name="imagefolder",
-                     train=_Augmented(train_set, seed, crop=True) if augment else train_set,
+                     train=_Augmented(train_set, seed, crop=True, roll=roll) if augment else train_set,
                      test=_ImageFileDataset(test, size, channels), num_classes=len(classes),
                      in_channels=channels, image_size=size, timesteps=None, classes=classes)
 
@@ -463,8 +494,11 @@ def _integer_coords(path: Path, name: str, values: np.ndarray) -> np.ndarray:
     return coords
 
 
-def events_to_frames(path: Path, timesteps: int, image_size: int) -> torch.Tensor:
-    """Bin one recording into (T, 2, image_size, image_size) float32 event counts."""
+def events_to_frames(path: Path, timesteps: int, image_size: int, binning: str = "time") -> torch.Tensor:
+    """Bin one recording into (T, 2, image_size, image_size) float32 event counts, by equal time
+    spans (``binning="time"``) or equal event counts (``"count"``; module docstring)."""
+    if binning not in BINNINGS:
+        raise DataError(f"binning must be one of {', '.join(BINNINGS)}, got {binning!r}")
     arrays, sensor = _read_events(path)
     for field, values in arrays.items():
         if values.ndim != 1:
@@ -488,8 +522,16 @@ def events_to_frames(path: Path, timesteps: int, image_size: int) -> torch.Tenso
         raise DataError(f"{path}: event at (x={x.max()}, y={y.max()}) lies outside sensor_size (H, W) = {sensor}")
     sensor_h, sensor_w = sensor
 
+    if binning == "count":
+        # Equal event counts in time order (stable: files are usually sorted already); frames
+        # 0..T-2 get N // T events each and the last frame the rest, as spikingjelly does.
+        order = np.argsort(t, kind="stable")
+        x, y, p = x[order], y[order], p[order]
+        per_frame = len(t) // timesteps
+        rank = np.arange(len(t), dtype=np.int64)
+        bins = rank // per_frame if per_frame else np.full(len(t), timesteps - 1, np.int64)
     # Time bins of equal span over [t_min, t_max]; t_max falls in the last bin.
-    if np.issubdtype(t.dtype, np.integer):
+    elif np.issubdtype(t.dtype, np.integer):
         offset = t.astype(np.int64) - int(t.min())
         span = int(offset.max())
         bins = offset * timesteps // span if span else np.zeros_like(offset)
@@ -510,28 +552,50 @@ def events_to_frames(path: Path, timesteps: int, image_size: int) -> torch.Tenso
 class _EventDataset(Dataset):
     """Event recordings read and binned lazily into (T, 2, H, W) count frames."""
 
-    def __init__(self, samples: list[tuple[Path, int]], timesteps: int, size: int):
+    def __init__(self, samples: list[tuple[Path, int]], timesteps: int, size: int, binning: str = "time"):
         self.samples = samples
         self.timesteps = timesteps
         self.size = size
+        self.binning = binning
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        return events_to_frames(path, self.timesteps, self.size), torch.tensor(label, dtype=torch.int64)
+        return events_to_frames(path, self.timesteps, self.size, self.binning), torch.tensor(label, dtype=torch.int64)
 
 
-def _load_dvs(root, *, image_size, timesteps, augment, seed, in_channels) -> DataSplit:
+def _split_by_fraction(name: str, root, test_fraction: float, extensions: tuple[str, ...]):
+    """Class names and ``[(file, label)]`` of both splits from one folder of class subfolders:
+    the first ``ceil(n (1 - test_fraction))`` files of each class (name order) train."""
+    expected = "one subfolder of .npz/.npy event recordings per class (test_fraction > 0)"
+    folder = _resolve_root(name, root, expected)
+    if (folder / "train").is_dir():
+        raise DataError(f"{name} folder {folder} is split into train/ already: use test_fraction = 0")
+    per_class = _list_classes(name, folder, extensions)
+    train, test = [], []
+    for label, files in enumerate(per_class.values()):
+        cut = math.ceil(round(len(files) * (1 - test_fraction), 9))
+        train += [(f, label) for f in files[:cut]]
+        test += [(f, label) for f in files[cut:]]
+    if not test:
+        raise DataError(f"{name}: test_fraction={test_fraction} leaves no test recordings in {folder}")
+    return tuple(per_class), train, test
+
+
+def _load_dvs(root, *, image_size, timesteps, augment, seed, in_channels, roll, binning, test_fraction) -> DataSplit:
     _check_channels("dvs", in_channels, 2)
-    expected = "train/ and test/ folders with one subfolder of .npz/.npy event recordings per class"
-    classes, train, test = _class_samples("dvs", *_split_folders("dvs", root, expected), EVENT_EXTENSIONS)
+    if test_fraction:
+        classes, train, test = _split_by_fraction("dvs", root, test_fraction, EVENT_EXTENSIONS)
+    else:
+        expected = "train/ and test/ folders with one subfolder of .npz/.npy event recordings per class"
+        classes, train, test = _class_samples("dvs", *_split_folders("dvs", root, expected), EVENT_EXTENSIONS)
     size = image_size or DEFAULT_DVS_IMAGE_SIZE
     steps = timesteps or DEFAULT_TIMESTEPS
-    train_set = _EventDataset(train, steps, size)
-    return DataSplit(name="dvs", train=_Augmented(train_set, seed, crop=False) if augment else train_set,
-                     test=_EventDataset(test, steps, size), num_classes=len(classes), in_channels=2,
+    train_set = _EventDataset(train, steps, size, binning)
+    return DataSplit(name="dvs", train=_Augmented(train_set, seed, crop=False, roll=roll) if augment else train_set,
+                     test=_EventDataset(test, steps, size, binning), num_classes=len(classes), in_channels=2,
                      image_size=size, timesteps=steps, classes=classes)
 
 

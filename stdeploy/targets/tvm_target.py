@@ -8,9 +8,14 @@ ONNX sparse initializers (which the frontend cannot read) are densified in a cop
 CPU profiles (``kind = "cpu"``)
     ``[tvm].target`` (``{kind = "llvm"}``) plus ``mcpu`` = the host CPU's LLVM name (read at run
     time: ``"native"`` is refused by this wheel's LLVM) and ``num-cores`` = the usable cores,
-    then ``tvm.compile`` and ``relax.VirtualMachine`` on ``tvm.cpu()``. This is **untuned** TVM:
-    matrix products get no schedule, so it is an order of magnitude slower than onnxruntime
-    (STACK.md); its outputs agree with onnxruntime spike for spike.
+    then ``tvm.compile`` and ``relax.VirtualMachine`` on ``tvm.cpu()``. Plain TVM code gives
+    matrix products no schedule (an order of magnitude slower than onnxruntime, STACK.md), so by
+    default (``kernels="blas"``) matmuls and convolutions run as BLAS calls
+    (:mod:`stdeploy.targets.tvm_blas`), pruned linears that measure faster sparse run a sparse
+    kernel (:mod:`stdeploy.targets.tvm_sparse`, ``sparse="auto"``), and the rest is TVM code,
+    MetaSchedule-tuned when ``stdeploy tune`` left a database for this model, device and batch
+    (:mod:`stdeploy.targets.tvm_tune`). ``info["path"]`` says which kernels ran;
+    ``kernels="tir", sparse="off", schedule="untuned"`` is plain untuned TVM.
 
 CUDA profiles (``kind = "cuda"``, e.g. ``jetson-orin-nano``)
     ``Target([tvm].target, host=[tvm].host)``; the Relax graph is legalized, fused and given
@@ -240,16 +245,19 @@ def _to_numpy(out, names: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 class TVMRunnable:
     """The graph on TVM's Relax VM on the CPU; one executable per input shape, compiled on first
-    use (or up front with :meth:`prepare`)."""
+    use (or up front with :meth:`prepare`). ``cpu`` holds the CPU build options
+    (``schedule``, ``kernels``, ``sparse``; see :func:`stdeploy.targets.tvm_tune.compile_cpu`)."""
 
-    path_name = "untuned llvm"
+    path_name = "llvm"
 
-    def __init__(self, graph: OnnxGraph, profile: DeviceProfile, target: dict):
+    def __init__(self, graph: OnnxGraph, profile: DeviceProfile, target: dict, export_dir=None, cpu: dict | None = None):
         self.graph, self.profile, self.target = graph, profile, target
+        self.export_dir = Path(export_dir) if export_dir is not None else graph.path.parent
+        self.cpu = {"schedule": "auto", "kernels": "blas", "sparse": "auto", **(cpu or {})}
         self._vms: dict[tuple[int, ...], object] = {}
         self.info = {"target": "tvm", "path": self.path_name, "profile": profile.name, "file": str(graph.path),
                      "tvm_target": target, "input": list(graph.input_dims),
-                     "densified_sparse_initializers": list(graph.densified), "compile_seconds": {}}
+                     "densified_sparse_initializers": list(graph.densified), "compile_seconds": {}, "builds": {}}
 
     @property
     def compiled_shapes(self) -> list[tuple[int, ...]]:
@@ -259,11 +267,11 @@ class TVMRunnable:
         tvm = _tvm()
         from tvm import relax
 
-        mod = _relax_module(self.graph, batch)
-        try:
-            ex = tvm.compile(mod, target=tvm.target.Target(self.target))
-        except Exception as err:  # TVMError subclasses; keep the message, name the artifact
-            raise TargetError(f"{self.graph.path}: TVM cannot compile it for {self.target}: {err}") from err
+        from .tvm_tune import compile_cpu
+
+        ex, build = compile_cpu(self.graph, self.export_dir, self.profile, self.target, batch, **self.cpu)
+        self.info["builds"][str(batch)] = build
+        self.info["path"] = build["path"]
         return relax.VirtualMachine(ex, tvm.cpu())
 
     def prepare(self, batch: int) -> float:
@@ -303,6 +311,7 @@ class CudaRunnable(TVMRunnable):
 
     def __init__(self, graph: OnnxGraph, profile: DeviceProfile, build_info: dict, executable, fast_math: bool):
         super().__init__(graph, profile, build_info["tvm_target"])
+        self.info["path"] = self.path_name
         self.fast_math = fast_math
         self.info.update(build_info)
         self._executables = {graph.shape(build_info["batch_size"]): executable}
@@ -626,22 +635,34 @@ class TVMTarget:
         return True, f"apache-tvm {tvm.__version__} (LLVM {llvm}; {nvcc})"
 
     def compile(self, export_dir: str | os.PathLike, profile: DeviceProfile, batch_size: int | None = None, *,
-                out_dir: str | os.PathLike | None = None, fast_math: bool = False, **options) -> TVMRunnable:
+                out_dir: str | os.PathLike | None = None, fast_math: bool = False, schedule: str = "auto",
+                kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
+                **options) -> TVMRunnable:
         """A runnable for a cpu or cuda profile.
 
         ``batch_size`` compiles for that batch up front (a cpu runnable compiles any other batch
         on first use; a cuda build defaults to batch 1). ``out_dir`` (cuda: where the artifacts go,
         default ``export_dir``) and ``fast_math`` (cuda: nvcc's ``--use_fast_math``) have no
-        effect on cpu profiles.
+        effect on cpu profiles. CPU only: ``schedule`` (``auto``: the tuning database when
+        ``stdeploy tune`` wrote one for this batch; ``tuned``: require it; ``untuned``),
+        ``kernels`` (``blas``: matmul/conv2d as BLAS calls; ``tir``: all TVM code) and ``sparse``
+        (``auto``: pruned linears run a sparse kernel where it measures faster; ``off``);
+        ``database``: a tuning database folder instead of the one ``tune`` keys by model.
         """
         if options:
-            raise ConfigError(f"unknown tvm target option(s) {sorted(options)}; known: batch_size, out_dir, fast_math")
+            raise ConfigError(f"unknown tvm target option(s) {sorted(options)}; known: batch_size, out_dir, fast_math, "
+                              "schedule, kernels, sparse, database")
+        choices = {"schedule": ("auto", "tuned", "untuned"), "kernels": ("blas", "tir"), "sparse": ("auto", "off")}
+        given = {"schedule": schedule, "kernels": kernels, "sparse": sparse}
+        bad = [f"{k}={v!r} (one of {', '.join(choices[k])})" for k, v in given.items() if v not in choices[k]]
+        if bad:
+            raise ConfigError("invalid tvm option(s): " + "; ".join(bad))
         _tvm()
         if profile.kind == "cuda":
             return _cuda_compile(export_dir, profile, batch_size, out_dir=out_dir, fast_math=fast_math)
         if profile.kind != "cpu":
             raise TargetError(f"device profile {profile.name} is a {profile.kind} profile; the tvm target compiles cpu and cuda profiles")
-        runnable = TVMRunnable(load_onnx_graph(export_dir), profile, cpu_target(profile))
+        runnable = TVMRunnable(load_onnx_graph(export_dir), profile, cpu_target(profile), export_dir, {**given, "database": database})
         if batch_size is not None:
             runnable.prepare(batch_size)
         return runnable

@@ -1,0 +1,715 @@
+"""Compression study on digits (issue #8, parts 1-2): does sLIF compensation beat plain LIF after
+heavy pruning, and which intrinsic parameter (threshold, leak) does the work?
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compression_study.py [--out runs/compression-study]
+        [--families sdt-tiny,spikformer-tiny] [--seeds 5 | --seed-list 0,3] [--settings l1p95,dsp5]
+        [--variants lif,slif-thr,slif-leak,slif-both] [--budgets 5,20] [--dense-epochs 15]
+        [--penalty-epochs 2] [--quick] [--report-only]
+
+The grid: model families x seeds x settings (L1P at 95/98/99 % sparsity, DSP at 20/10/5 % of the
+block parameters) x fine-tune variants (``lif``: weights only; ``slif-thr``, ``slif-leak``,
+``slif-both``: sLIF learning its threshold, its leak, or both) x fine-tune budgets (epochs).
+
+Protocol, per (family, seed):
+
+1. Train the dense model once (``--dense-epochs``) and cache it as a checkpoint under
+   ``OUT/models/``; an interrupted dense run resumes from its last epoch.
+2. Per method, run the penalty phase once (``--penalty-epochs``: L1 for L1P, group norm for DSP)
+   and cache the penalised model. Neither penalty depends on the target ratio, so the masks
+   (95/98/99 %) and the rank cuts (20/10/5 %) of one method all come from the same penalised model.
+3. Per setting: prune (one shot), record the accuracy, recalibrate BatchNorm statistics, record
+   the accuracy again. BN's recovery is thereby not credited to the compensation.
+4. Every (variant, budget) fine-tunes its own copy of that same pruned and recalibrated model, with
+   the same data order (seeded), so paired differences (variant - lif, same seed) are the
+   compensation alone. Each budget is a real fine-tune with its own cosine schedule. sLIF threshold
+   and leak sit in their own optimizer group (lr x ``intrinsic_lr_scale``, no weight decay).
+5. Every finished cell is appended at once as one JSON line to ``OUT/results.jsonl``; a rerun skips
+   the cells already there, so the study resumes after an interruption. Two processes may share
+   an ``OUT`` folder if they run disjoint families or seeds.
+
+Then ``OUT/report.md``, ``OUT/summary.json`` and PNG plots are (re)built from ``results.jsonl``
+(alone with ``--report-only``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stdeploy.checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_checkpoint_config, save_checkpoint  # noqa: E402
+from stdeploy.data import DataSplit, load_dataset, make_loader  # noqa: E402
+from stdeploy.errors import CheckpointError, ConfigError  # noqa: E402
+from stdeploy.models import build_model, clone_model, direct_encode  # noqa: E402
+from stdeploy.neurons import SLIF, neurons_of  # noqa: E402
+from stdeploy.prune import CompensationConfig, PruneConfig, make_pruner, recalibrate_bn  # noqa: E402
+from stdeploy.prune.compensate import convert_neurons  # noqa: E402
+from stdeploy.prune.dsp import DEFAULT_GROUP  # noqa: E402
+from stdeploy.prune.l1p import DEFAULT_L1  # noqa: E402
+from stdeploy.train import TrainConfig, param_groups, train  # noqa: E402
+
+# ----------------------------------------------------------------------------- the grid
+FAMILIES = ("sdt-tiny", "spikformer-tiny")
+SETTINGS: dict[str, PruneConfig] = {
+    "l1p95": PruneConfig(method="l1p", sparsity=0.95),
+    "l1p98": PruneConfig(method="l1p", sparsity=0.98),
+    "l1p99": PruneConfig(method="l1p", sparsity=0.99),
+    "dsp20": PruneConfig(method="dsp", param_ratio=0.20),
+    "dsp10": PruneConfig(method="dsp", param_ratio=0.10),
+    "dsp5": PruneConfig(method="dsp", param_ratio=0.05),
+}
+METHOD_PENALTY = {"l1p": DEFAULT_L1, "dsp": DEFAULT_GROUP}  # neither depends on the target ratio
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    neuron: str            # "lif" (weights only) or "slif"
+    learn_threshold: bool
+    learn_leak: bool
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("lif", "lif", False, False),
+    Variant("slif-thr", "slif", True, False),
+    Variant("slif-leak", "slif", False, True),
+    Variant("slif-both", "slif", True, True),
+)}
+BASELINE = "lif"
+
+THRESHOLD_EDGES = [i * 0.1 for i in range(31)]   # 30 bins over [0, 3]; outside counted apart
+LEAK_EDGES = [i / 30 for i in range(31)]         # decay d = dt/tau in (0, 1): 30 bins over [0, 1]
+
+RESULTS, REPORT, SUMMARY = "results.jsonl", "report.md", "summary.json"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    families: tuple[str, ...] = FAMILIES
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    settings: tuple[str, ...] = tuple(SETTINGS)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    budgets: tuple[int, ...] = (5, 20)    # fine-tune epochs; each its own run and cosine schedule
+    dense_epochs: int = 15
+    penalty_epochs: int = 2
+    dense_lr: float = 2e-3                 # TrainConfig's default
+    lr: float = 1e-3                       # fine-tune and penalty lr of the weights (CompensationConfig's default)
+    intrinsic_lr_scale: float = 20.0       # sLIF threshold / leak lr = lr x this
+    batch_size: int = 64
+    data: str = "digits"                   # a label of the data (the split is fixed: seed 0)
+
+    def __post_init__(self):
+        problems = []
+        for kind, chosen, known in (("family", self.families, FAMILIES), ("setting", self.settings, SETTINGS),
+                                    ("variant", self.variants, VARIANTS)):
+            bad = [c for c in chosen if c not in known]
+            if bad:
+                problems.append(f"unknown {kind} {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+            if not chosen:
+                problems.append(f"no {kind} selected")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            problems.append(f"seeds must be integers >= 0, got {list(self.seeds)}")
+        if not self.budgets or any(not isinstance(b, int) or b < 1 for b in self.budgets):
+            problems.append(f"budgets must be integers >= 1 (fine-tune epochs), got {list(self.budgets)}")
+        if not (isinstance(self.dense_epochs, int) and self.dense_epochs >= 1):
+            problems.append(f"dense epochs must be an integer >= 1, got {self.dense_epochs!r}")
+        if not (isinstance(self.penalty_epochs, int) and self.penalty_epochs >= 0):
+            problems.append(f"penalty epochs must be an integer >= 0, got {self.penalty_epochs!r}")
+        if problems:
+            raise ConfigError("invalid study config: " + "; ".join(problems))
+
+    def protocol(self) -> dict:
+        """What a result depends on besides its cell key: records from another protocol must not
+        be mixed into the same results file."""
+        return {"data": self.data, "dense_epochs": self.dense_epochs, "penalty_epochs": self.penalty_epochs,
+                "dense_lr": self.dense_lr, "lr": self.lr, "intrinsic_lr_scale": self.intrinsic_lr_scale,
+                "batch_size": self.batch_size}
+
+
+QUICK = dict(seeds=(0,), settings=("l1p99", "dsp5"), budgets=(1,), dense_epochs=2, penalty_epochs=1)
+
+
+def cell_key(rec: dict) -> tuple:
+    return (rec["family"], int(rec["seed"]), rec["setting"], rec["variant"], int(rec["budget"]))
+
+
+# ----------------------------------------------------------------------------- results file
+def load_records(path: Path) -> list[dict]:
+    """Every valid record of ``results.jsonl``, later duplicates of a cell replacing earlier ones.
+    A line that is not valid JSON (a write cut short) is skipped with a warning."""
+    if not path.is_file():
+        return []
+    by_key: dict[tuple, dict] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            key = cell_key(rec)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            warnings.warn(f"{path}:{i}: skipping unreadable record ({err})", stacklevel=2)
+            continue
+        by_key[key] = rec
+    return list(by_key.values())
+
+
+def append_record(path: Path, rec: dict) -> None:
+    """Append one JSON line with a single ``write`` on an ``O_APPEND`` descriptor, then fsync.
+    If an earlier write was cut short (no final newline), start on a fresh line."""
+    line = (json.dumps(rec, sort_keys=True, allow_nan=False) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_protocol(records: list[dict], cfg: StudyConfig, path: Path) -> None:
+    want = cfg.protocol()
+    for rec in records:
+        have = rec.get("protocol")
+        if have != want:
+            diff = {k: (have or {}).get(k, None) for k in want if (have or {}).get(k, None) != want[k]}
+            raise ConfigError(f"{path} holds results of another protocol (theirs {diff}, this run {({k: want[k] for k in diff})}); "
+                              "use another --out, or the same protocol options")
+
+
+# ----------------------------------------------------------------------------- measurements
+@torch.no_grad()
+def measure(model: torch.nn.Module, dataset, batch_size: int = 256) -> tuple[float, dict[str, float]]:
+    """Test accuracy and the mean spike rate of every LIF/sLIF layer (spikes per neuron per
+    timestep, over all tokens / pixels and images), from forward hooks on the neurons."""
+    totals: dict[str, list[float]] = {name: [0.0, 0.0] for name in neurons_of(model)}
+
+    def hook(name):
+        def record(_module, _inputs, out):
+            totals[name][0] += float(out.sum())
+            totals[name][1] += out.numel()
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in neurons_of(model).items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    try:
+        for x, y in make_loader(dataset, batch_size, shuffle=False):
+            logits = model(direct_encode(x.to(device), model.cfg.timesteps))
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += y.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return correct / max(total, 1), {n: s / max(c, 1) for n, (s, c) in totals.items()}
+
+
+def _stats(values: torch.Tensor) -> dict:
+    v = values.detach().double().flatten()
+    return {"min": float(v.min()), "mean": float(v.mean()), "max": float(v.max()),
+            "std": float(v.std()) if v.numel() > 1 else 0.0, "n": int(v.numel())}
+
+
+def histogram(values: torch.Tensor, edges: list[float]) -> dict:
+    """Counts in the bins ``[edges[i], edges[i+1])`` (the last bin closed), plus counts outside."""
+    v = values.detach().double().flatten()
+    lo, hi = edges[0], edges[-1]
+    inside = v[(v >= lo) & (v <= hi)]
+    counts = torch.histc(inside, bins=len(edges) - 1, min=lo, max=hi) if inside.numel() else torch.zeros(len(edges) - 1)
+    return {"edges": list(edges), "counts": [int(c) for c in counts], "below": int((v < lo).sum()), "above": int((v > hi).sum())}
+
+
+def intrinsic_summary(model: torch.nn.Module) -> dict | None:
+    """Per-layer min/mean/max/std of the learned thresholds and leaks (decay d = dt/tau) of every
+    sLIF, and histograms over all neurons. None when the model has no sLIF."""
+    slifs = {n: m for n, m in neurons_of(model).items() if isinstance(m, SLIF)}
+    if not slifs:
+        return None
+    thr = {n: m.threshold.detach() for n, m in slifs.items()}
+    leak = {n: m.decay.detach() for n, m in slifs.items()}
+    return {"threshold": {n: _stats(v) for n, v in thr.items()}, "leak": {n: _stats(v) for n, v in leak.items()},
+            "threshold_hist": histogram(torch.cat(list(thr.values())), THRESHOLD_EDGES),
+            "leak_hist": histogram(torch.cat(list(leak.values())), LEAK_EDGES)}
+
+
+# ----------------------------------------------------------------------------- the stages
+@dataclass
+class Stage:
+    model: torch.nn.Module
+    accuracy: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _train_cfg(cfg: StudyConfig, epochs: int, seed: int, lr: float) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, intrinsic_lr_scale=cfg.intrinsic_lr_scale, seed=seed, device="cpu")
+
+
+def dense_stage(cfg: StudyConfig, family: str, seed: int, data: DataSplit, folder: Path, log) -> Stage:
+    """The dense model of (family, seed): loaded from its checkpoint when it finished, else trained
+    (resuming an interrupted run from its last epoch) and saved by ``train`` after every epoch."""
+    done = _finished_epochs(folder)
+    if done < cfg.dense_epochs:
+        torch.manual_seed(seed)
+        model = build_model(family)
+        result = train(model, data, _train_cfg(cfg, cfg.dense_epochs, seed, cfg.dense_lr), folder, resume=done > 0,
+                       progress=False, meta={"study": "compression_study", "family": family, "seed": seed})
+        log(f"  dense: trained epochs {done + 1}-{cfg.dense_epochs} in {result.seconds:.1f} s")
+    model = load_checkpoint(folder).model
+    history = read_checkpoint_config(folder)["meta"]["history"]
+    acc, rates = measure(model, data.test)
+    return Stage(model, acc, sum(h["seconds"] for h in history), {"firing_rate": rates, "curve": [h["test_accuracy"] for h in history]})
+
+
+def _finished_epochs(folder: Path) -> int:
+    try:
+        return len(read_checkpoint_config(folder)["meta"].get("history", []))
+    except CheckpointError:
+        return 0
+
+
+def penalty_stage(cfg: StudyConfig, method: str, seed: int, dense: torch.nn.Module, data: DataSplit, folder: Path, log) -> Stage:
+    """The penalised model of (family, seed, method), masks / factors attached but nothing cut yet:
+    loaded from its checkpoint, or computed (``--penalty-epochs`` with the method's penalty) and
+    saved. Any setting of the method is cut from it."""
+    try:
+        ck = load_checkpoint(folder)
+        if ck.meta.get("penalty_epochs") == cfg.penalty_epochs:
+            return Stage(ck.model, ck.meta["accuracy"], ck.meta["seconds"])
+    except CheckpointError:
+        pass
+    t0 = time.perf_counter()
+    model = clone_model(dense)
+    pruner = make_pruner(PruneConfig(method=method))  # the penalty does not depend on the ratio
+    pruner.prepare(model)
+    if cfg.penalty_epochs > 0:
+        train(model, data, _train_cfg(cfg, cfg.penalty_epochs, seed, cfg.lr), progress=False, regularizer=pruner.regularizer)
+    acc, _ = measure(model, data.test)
+    seconds = time.perf_counter() - t0
+    save_checkpoint(folder, model, meta={"penalty_epochs": cfg.penalty_epochs, "accuracy": acc, "seconds": seconds,
+                                         "method": method, "penalty": METHOD_PENALTY[method]})
+    log(f"  {method} penalty: {cfg.penalty_epochs} epochs in {seconds:.1f} s, accuracy {acc:.4f}")
+    return Stage(model, acc, seconds)
+
+
+def prune_stage(penalised: torch.nn.Module, setting: str, data: DataSplit):
+    """Cut ``setting`` from a copy of the penalised model, then recalibrate BN; accuracies both
+    before and after recalibration."""
+    t0 = time.perf_counter()
+    model = clone_model(penalised)
+    pruner = make_pruner(SETTINGS[setting])
+    pruner.prepare(model)  # already prepared: this only names the layers
+    pruner.step(model, 1.0)
+    acc_pruned, _ = measure(model, data.test)
+    recalibrate_bn(model, data.train)
+    acc_recal, rates = measure(model, data.test)
+    return model, pruner, {"acc_pruned": acc_pruned, "acc_recal": acc_recal, "firing_rate_recal": rates,
+                           "seconds": time.perf_counter() - t0}
+
+
+def finetune_cell(cfg: StudyConfig, pruned: torch.nn.Module, pruner, variant: Variant, budget: int, seed: int, data: DataSplit) -> dict:
+    """Fine-tune a copy of ``pruned`` for ``budget`` epochs as ``variant``; finalize; measure."""
+    t0 = time.perf_counter()
+    model = clone_model(pruned)
+    ccfg = CompensationConfig(neuron=variant.neuron, epochs=budget, penalty_epochs=cfg.penalty_epochs,
+                              # (for LIF the learn flags are unused; CompensationConfig keeps its defaults)
+                              learn_threshold=variant.learn_threshold if variant.neuron == "slif" else True,
+                              learn_leak=variant.learn_leak if variant.neuron == "slif" else True,
+                              lr=cfg.lr, intrinsic_lr_scale=cfg.intrinsic_lr_scale, batch_size=cfg.batch_size, seed=seed, device="cpu")
+    convert_neurons(model, ccfg.neuron, ccfg.learn_threshold, ccfg.learn_leak)
+    tcfg = ccfg.train_config(budget)
+    groups = {g["name"]: {"lr": g["lr"], "weight_decay": g["weight_decay"], "tensors": len(g["params"]),
+                          "params": sum(p.numel() for p in g["params"])} for g in param_groups(model, tcfg)}
+    result = train(model, data, tcfg, progress=False)
+    pruner.finalize(model)
+    acc, rates = measure(model, data.test)
+    report = pruner.report(model)
+    return {"acc_final": acc, "curve": [h["test_accuracy"] for h in result.history], "curve_loss": [h["loss"] for h in result.history],
+            "firing_rate": rates, "intrinsic": intrinsic_summary(model), "optimizer_groups": groups,
+            "lr": {"weights": tcfg.lr, "intrinsic": groups.get("intrinsic", {}).get("lr")},
+            "block_params_dense": report["block_params_dense"], "block_params_remaining": report["block_params_remaining"],
+            "remaining": report["block_params_remaining"] / report["block_params_dense"],
+            "layer_remaining": {n: _layer_remaining(layer) for n, layer in report["layers"].items()},
+            "wall_seconds": time.perf_counter() - t0, "train_seconds": result.seconds}
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _layer_remaining(layer: dict) -> float:
+    """Fraction of a block layer's dense parameters that remain (nonzeros for L1P, factors for DSP)."""
+    if "sparsity" in layer:
+        return 1.0 - layer["sparsity"]
+    out_f, in_f = layer["shape"]
+    return layer["params"] / (in_f * out_f)
+
+
+def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None = None,
+              log: Callable[[str], None] = _log) -> list[dict]:
+    """Run every cell of ``cfg`` that ``OUT/results.jsonl`` does not hold yet; return the new records."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS
+    existing = load_records(results)
+    check_protocol(existing, cfg, results)
+    done = {cell_key(r) for r in existing}
+    data = data if data is not None else load_dataset("digits")
+    new: list[dict] = []
+    for family in cfg.families:
+        for seed in cfg.seeds:
+            todo = [(s, v, b) for s in cfg.settings for b in cfg.budgets for v in cfg.variants if (family, seed, s, v, b) not in done]
+            tag = f"[{family} seed {seed}]"
+            if not todo:
+                log(f"{tag} all {len(cfg.settings) * len(cfg.budgets) * len(cfg.variants)} cells done, skipped")
+                continue
+            log(f"{tag} {len(todo)} cells to run")
+            base = out / "models" / family / f"seed{seed}"
+            dense = dense_stage(cfg, family, seed, data, base / f"dense-e{cfg.dense_epochs}", lambda m: log(f"{tag}{m}"))
+            log(f"{tag} dense accuracy {dense.accuracy:.4f} (training {dense.seconds:.1f} s)")
+            for method in dict.fromkeys(SETTINGS[s].method for s, _, _ in todo):
+                pen = penalty_stage(cfg, method, seed, dense.model, data, base / f"{method}-penalty-e{cfg.dense_epochs}-{cfg.penalty_epochs}",
+                                    lambda m: log(f"{tag}{m}"))
+                for setting in dict.fromkeys(s for s, _, _ in todo if SETTINGS[s].method == method):
+                    pruned, pruner, prune_info = prune_stage(pen.model, setting, data)
+                    log(f"{tag} {setting}: after prune {prune_info['acc_pruned']:.4f}, after BN recalibration "
+                        f"{prune_info['acc_recal']:.4f} ({prune_info['seconds']:.1f} s)")
+                    pcfg = SETTINGS[setting]
+                    for s, vname, budget in todo:
+                        if s != setting:
+                            continue
+                        variant = VARIANTS[vname]
+                        cell = finetune_cell(cfg, pruned, pruner, variant, budget, seed, data)
+                        rec = {"family": family, "seed": seed, "setting": setting, "method": pcfg.method,
+                               "ratio": pcfg.sparsity if pcfg.method == "l1p" else pcfg.param_ratio,
+                               "variant": vname, "neuron": variant.neuron, "learn_threshold": variant.learn_threshold,
+                               "learn_leak": variant.learn_leak, "budget": budget,
+                               "acc_dense": dense.accuracy, "acc_penalty": pen.accuracy,
+                               "acc_pruned": prune_info["acc_pruned"], "acc_recal": prune_info["acc_recal"],
+                               "firing_rate_dense": dense.extra["firing_rate"], "firing_rate_recal": prune_info["firing_rate_recal"],
+                               "penalty": METHOD_PENALTY[pcfg.method], "prune_config": pcfg.to_dict(),
+                               "stage_seconds": {"dense": dense.seconds, "penalty": pen.seconds, "prune_recal": prune_info["seconds"]},
+                               "protocol": cfg.protocol(), "threads": torch.get_num_threads(),
+                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **cell}
+                        append_record(results, rec)
+                        new.append(rec)
+                        log(f"{tag} {setting} {vname:<9} budget {budget:>2}: final {cell['acc_final']:.4f}  "
+                            f"remaining {cell['remaining']:.3f}  ({cell['wall_seconds']:.1f} s)")
+    return new
+
+
+# ----------------------------------------------------------------------------- summary
+def mean_std(xs: list[float]) -> dict:
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)} if xs else \
+        {"mean": None, "std": None, "n": 0}
+
+
+def _order(values: Iterable, known: Iterable) -> list:
+    known = list(known)
+    return sorted(set(values), key=lambda v: (known.index(v) if v in known else len(known), str(v)))
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per (family, setting, budget): accuracies (mean, std over seeds) of every variant, of the
+    dense model and after pruning / recalibration, and paired per-seed differences of every
+    variant against ``lif`` (same seed, same pruned model)."""
+    groups = []
+    for family in _order((r["family"] for r in records), FAMILIES):
+        for setting in _order((r["setting"] for r in records if r["family"] == family), SETTINGS):
+            for budget in sorted({r["budget"] for r in records if r["family"] == family and r["setting"] == setting}):
+                sel = [r for r in records if r["family"] == family and r["setting"] == setting and r["budget"] == budget]
+                per_seed = {}  # stage accuracies are shared by the variants of one seed
+                for r in sel:
+                    per_seed.setdefault(r["seed"], r)
+                g = {"family": family, "setting": setting, "method": sel[0]["method"], "ratio": sel[0]["ratio"], "budget": budget,
+                     "seeds": sorted(per_seed), "remaining": mean_std([r["remaining"] for r in sel])["mean"],
+                     "dense": mean_std([r["acc_dense"] for r in per_seed.values()]),
+                     "pruned": mean_std([r["acc_pruned"] for r in per_seed.values()]),
+                     "recal": mean_std([r["acc_recal"] for r in per_seed.values()]),
+                     "variants": {}, "paired": {}}
+                by_variant = {}
+                for v in _order((r["variant"] for r in sel), VARIANTS):
+                    by_variant[v] = {r["seed"]: r for r in sel if r["variant"] == v}
+                    g["variants"][v] = mean_std([r["acc_final"] for r in by_variant[v].values()])
+                    g["variants"][v]["gain_over_recal"] = mean_std([r["acc_final"] - r["acc_recal"] for r in by_variant[v].values()])
+                base = by_variant.get(BASELINE, {})
+                for v, recs in by_variant.items():
+                    if v == BASELINE:
+                        continue
+                    diffs = {s: recs[s]["acc_final"] - base[s]["acc_final"] for s in sorted(recs) if s in base}
+                    xs = list(diffs.values())
+                    g["paired"][v] = {**mean_std(xs), "min": min(xs) if xs else None, "max": max(xs) if xs else None,
+                                      "positive": sum(x > 0 for x in xs), "per_seed": {str(s): d for s, d in diffs.items()}}
+                groups.append(g)
+    protocols = [dict(p) for p in {json.dumps(r.get("protocol"), sort_keys=True): r.get("protocol") for r in records}.values()]
+    return {"groups": groups, "records": len(records), "protocol": protocols[0] if len(protocols) == 1 else protocols,
+            "seconds": {"finetune": sum(r.get("wall_seconds", 0.0) for r in records)}}
+
+
+def _pct(ms: dict) -> str:
+    return "-" if ms["mean"] is None else f"{ms['mean'] * 100:.2f} ± {ms['std'] * 100:.2f}"
+
+
+def to_markdown(summary: dict) -> str:
+    groups = summary["groups"]
+    variants = _order((v for g in groups for v in g["variants"]), VARIANTS)
+    lines = ["# Compression study: sLIF compensation vs LIF on digits", "",
+             f"{summary['records']} cells; protocol: `{json.dumps(summary['protocol'], sort_keys=True)}`.",
+             "Accuracies in %, mean ± std over seeds. *after recal*: pruned, BatchNorm statistics recalibrated, "
+             "before any fine-tuning (the start of every variant).", ""]
+    for family in _order((g["family"] for g in groups), FAMILIES):
+        fam = [g for g in groups if g["family"] == family]
+        lines += [f"## {family}", "", "| setting | block params left | budget | seeds | dense | after prune | after recal | "
+                  + " | ".join(variants) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(variants)]
+        for g in fam:
+            cells = [_pct(g["variants"][v]) if v in g["variants"] else "-" for v in variants]
+            lines.append(f"| {g['setting']} | {g['remaining'] * 100:.1f}% | {g['budget']} | {len(g['seeds'])} | {_pct(g['dense'])} | "
+                         f"{_pct(g['pruned'])} | {_pct(g['recal'])} | " + " | ".join(cells) + " |")
+        lines += ["", f"Paired differences vs `{BASELINE}` (same seed, same pruned model), in points:", "",
+                  "| setting | budget | variant | mean | std | min .. max | positive |", "|---|---|---|---|---|---|---|"]
+        for g in fam:
+            for v, p in g["paired"].items():
+                if not p["n"]:
+                    continue
+                lines.append(f"| {g['setting']} | {g['budget']} | {v} | {p['mean'] * 100:+.2f} | {p['std'] * 100:.2f} | "
+                             f"{p['min'] * 100:+.2f} .. {p['max'] * 100:+.2f} | {p['positive']} of {p['n']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+VARIANT_STYLE = {"lif": ("tab:blue", "o"), "slif-thr": ("tab:orange", "^"), "slif-leak": ("tab:green", "v"), "slif-both": ("tab:red", "s")}
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    groups = summary["groups"]
+    families = _order((g["family"] for g in groups), FAMILIES)
+    methods = _order((g["method"] for g in groups), ("l1p", "dsp"))
+    variants = _order((r["variant"] for r in records), VARIANTS)
+    budgets = sorted({g["budget"] for g in groups})
+
+    # (1) accuracy vs remaining block parameters, one figure per budget
+    for budget in budgets:
+        fig, axes = plt.subplots(len(families), len(methods), figsize=(5.2 * len(methods), 3.8 * len(families)), squeeze=False)
+        for i, family in enumerate(families):
+            for j, method in enumerate(methods):
+                ax = axes[i][j]
+                sel = sorted((g for g in groups if g["family"] == family and g["method"] == method and g["budget"] == budget),
+                             key=lambda g: g["remaining"])
+                if not sel:
+                    ax.set_visible(False)
+                    continue
+                xs = [g["remaining"] * 100 for g in sel]
+                for v in variants:
+                    pts = [(x, g["variants"][v]) for x, g in zip(xs, sel) if v in g["variants"]]
+                    if pts:
+                        color, marker = VARIANT_STYLE.get(v, ("k", "x"))
+                        ax.errorbar([x for x, _ in pts], [m["mean"] * 100 for _, m in pts], yerr=[m["std"] * 100 for _, m in pts],
+                                    color=color, marker=marker, capsize=3, label=v)
+                ax.errorbar(xs, [g["recal"]["mean"] * 100 for g in sel], yerr=[g["recal"]["std"] * 100 for g in sel],
+                            color="gray", ls=":", marker=".", capsize=2, label="after recal (no fine-tune)")
+                ax.axhline(statistics.mean(g["dense"]["mean"] for g in sel) * 100, color="gray", ls="--", lw=1, label="dense")
+                ax.set_xscale("log")
+                ax.set_xticks(xs, [f"{x:.1f}" for x in xs])
+                ax.minorticks_off()
+                ax.set_title(f"{family}, {method.upper()}, {budget}-epoch fine-tune")
+                ax.set_xlabel("block parameters remaining (%)")
+                ax.set_ylabel("test accuracy (%)")
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"accuracy_vs_params_b{budget}.png"
+        _save(fig, path)
+        plt.close(fig)
+        paths.append(path)
+
+    # (2) firing rates per layer and learned intrinsic parameters, per family and budget
+    for family in families:
+        for budget in budgets:
+            sel = [r for r in records if r["family"] == family and r["budget"] == budget]
+            settings = _order((r["setting"] for r in sel), SETTINGS)
+            if not settings:
+                continue
+            fig, axes = plt.subplots(len(settings), 1, figsize=(11, 2.8 * len(settings)), squeeze=False)
+            for ax, setting in zip(axes[:, 0], settings):
+                rs = [r for r in sel if r["setting"] == setting]
+                layers = list(rs[0]["firing_rate"])
+                series = [("after recal", "lightgray", [_mean_rate(rs, "firing_rate_recal", layer, one_per_seed=True) for layer in layers])]
+                for v in variants:
+                    vr = [r for r in rs if r["variant"] == v]
+                    if vr:
+                        series.append((v, VARIANT_STYLE.get(v, ("k", "x"))[0], [_mean_rate(vr, "firing_rate", layer) for layer in layers]))
+                width = 0.8 / len(series)
+                for k, (label, color, ys) in enumerate(series):
+                    ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(layers))], [y * 100 for y in ys], width,
+                           color=color, label=label)
+                ax.set_xticks(range(len(layers)), [layer.replace("blocks.", "b") for layer in layers], rotation=25, ha="right", fontsize=7)
+                ax.set_ylabel("spike rate (%)")
+                ax.set_title(f"{family}, {setting}, {budget}-epoch fine-tune: firing rate per LIF layer (test split, mean over seeds)",
+                             fontsize=9)
+                ax.legend(fontsize=7, ncol=len(series))
+            fig.tight_layout()
+            path = out / f"firing_rates_{family}_b{budget}.png"
+            _save(fig, path)
+            plt.close(fig)
+            paths.append(path)
+
+            slif = [r for r in sel if r.get("intrinsic")]
+            if not slif:
+                continue
+            s_settings = _order((r["setting"] for r in slif), SETTINGS)
+            fig, axes = plt.subplots(len(s_settings), 2, figsize=(10, 2.6 * len(s_settings)), squeeze=False)
+            for row, setting in zip(axes, s_settings):
+                for ax, kind, xlabel in ((row[0], "threshold", "threshold θ"), (row[1], "leak", "leak d = dt/τ")):
+                    for v in variants:
+                        vr = [r for r in slif if r["setting"] == setting and r["variant"] == v]
+                        if not vr:
+                            continue
+                        hist = vr[0]["intrinsic"][f"{kind}_hist"]
+                        counts = [sum(r["intrinsic"][f"{kind}_hist"]["counts"][i] for r in vr) for i in range(len(hist["counts"]))]
+                        ax.stairs(counts, hist["edges"], color=VARIANT_STYLE.get(v, ("k", "x"))[0], label=v)
+                    ax.set_yscale("symlog", linthresh=1)  # untouched neurons pile up at the initial value
+                    ax.set_xlabel(xlabel)
+                    ax.set_ylabel("neurons (all seeds)")
+                    ax.set_title(f"{family}, {setting}, {budget} epochs: learned {kind}", fontsize=9)
+                    ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / f"intrinsic_{family}_b{budget}.png"
+            _save(fig, path)
+            plt.close(fig)
+            paths.append(path)
+
+    # (3) convergence: per-epoch test accuracy of the longest budget
+    budget = max(budgets) if budgets else None
+    if budget is not None and budget > 1:
+        fig, axes = plt.subplots(len(families), 1, figsize=(8, 3.6 * len(families)), squeeze=False)
+        for ax, family in zip(axes[:, 0], families):
+            sel = [r for r in records if r["family"] == family and r["budget"] == budget]
+            for setting in _order((r["setting"] for r in sel), SETTINGS):
+                for v in variants:
+                    curves = [r["curve"] for r in sel if r["setting"] == setting and r["variant"] == v and len(r["curve"]) == budget]
+                    if curves:
+                        ys = [statistics.mean(c[e] for c in curves) * 100 for e in range(budget)]
+                        ax.plot(range(1, budget + 1), ys, color=VARIANT_STYLE.get(v, ("k", "x"))[0],
+                                ls=("-", "--", ":", "-.", (0, (1, 3)), (0, (5, 1)))[list(SETTINGS).index(setting) % 6],
+                                lw=1, label=f"{setting} {v}")
+            ax.set_xlabel("fine-tune epoch")
+            ax.set_ylabel("test accuracy (%)")
+            ax.set_title(f"{family}: {budget}-epoch fine-tunes, mean over seeds")
+            ax.legend(fontsize=6, ncol=4)
+        fig.tight_layout()
+        path = out / f"curves_b{budget}.png"
+        _save(fig, path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _mean_rate(records: list[dict], key: str, layer: str, one_per_seed: bool = False) -> float:
+    if one_per_seed:
+        records = list({r["seed"]: r for r in records}.values())
+    xs = [r[key][layer] for r in records if layer in r.get(key, {})]
+    return statistics.mean(xs) if xs else 0.0
+
+
+def write_report(out: str | os.PathLike, log: Callable[[str], None] = _log) -> dict:
+    """Rebuild ``report.md``, ``summary.json`` and the plots from ``OUT/results.jsonl``."""
+    out = Path(out)
+    records = load_records(out / RESULTS)
+    if not records:
+        raise ConfigError(f"no results in {out / RESULTS}; run the study first")
+    summary = summarize(records)
+    text = to_markdown(summary)
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True))
+    atomic_write_text(out / REPORT, text + "\n")
+    plots = plot_all(records, summary, out)
+    log(text)
+    log(f"report: {out / REPORT}  summary: {out / SUMMARY}  plots: {', '.join(p.name for p in plots)}")
+    return {"summary": summary, "plots": plots}
+
+
+# ----------------------------------------------------------------------------- CLI
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _names(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    ap.add_argument("--out", default=None, help="output folder (default runs/compression-study, or runs/compression-study-quick)")
+    ap.add_argument("--families", type=_names, default=None, help=f"comma-separated presets (default {','.join(FAMILIES)})")
+    seeds = ap.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5)")
+    seeds.add_argument("--seed-list", type=_ints, default=None, help="explicit seeds, e.g. 0,3")
+    ap.add_argument("--settings", type=_names, default=None, help=f"comma-separated (default {','.join(SETTINGS)})")
+    ap.add_argument("--variants", type=_names, default=None, help=f"comma-separated (default {','.join(VARIANTS)})")
+    ap.add_argument("--budgets", type=_ints, default=None, help="fine-tune epochs, comma-separated (default 5,20)")
+    ap.add_argument("--dense-epochs", type=int, default=None, help="dense training epochs (default 15)")
+    ap.add_argument("--penalty-epochs", type=int, default=None, help="L1 / group penalty epochs before pruning (default 2)")
+    ap.add_argument("--lr", type=float, default=None, help="fine-tune lr of the weights (default 1e-3)")
+    ap.add_argument("--intrinsic-lr-scale", type=float, default=None, help="sLIF threshold/leak lr = lr x this (default 20)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, l1p99 and dsp5, 1-epoch budget, dense 2, penalty 1")
+    ap.add_argument("--report-only", action="store_true", help="rebuild report, summary and plots from results.jsonl; no training")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    base = {**asdict(StudyConfig()), **(QUICK if args.quick else {})}
+    given = {"families": args.families, "settings": args.settings, "variants": args.variants, "budgets": args.budgets,
+             "dense_epochs": args.dense_epochs, "penalty_epochs": args.penalty_epochs, "lr": args.lr,
+             "intrinsic_lr_scale": args.intrinsic_lr_scale,
+             "seeds": tuple(range(args.seeds)) if args.seeds is not None else args.seed_list}
+    return StudyConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out or ("runs/compression-study-quick" if args.quick else "runs/compression-study"))
+    try:
+        if not args.report_only:
+            cfg = config_from_args(args)
+            torch.set_num_threads(args.threads)
+            t0 = time.perf_counter()
+            new = run_study(cfg, out)
+            print(f"{len(new)} new cells in {time.perf_counter() - t0:.1f} s", flush=True)
+        write_report(out)
+    except ConfigError as err:
+        print(f"compression_study: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,264 @@
+"""Speed of dense, L1P-pruned and DSP low-rank models on every CPU path, in one run.
+
+    .venv/bin/python benchmarks/speed.py [--tune-trials 8] [--batch 32] [--large] [--out runs/bench-speed]
+
+Table 1: the default model (sdt-tiny, trained briefly on digits), dense, L1P at 90/95/98% and
+DSP at 30/10% of block parameters (one-shot: masks / truncated SVD, no fine-tune: speed does not
+depend on accuracy). Table 2 (``--large``): an sdt-8-512-class model on 32x32 inputs with
+random weights, where block matmuls dominate. Runtimes: PyTorch eager, onnxruntime, TVM
+untuned (all TIR, no schedule), TVM with BLAS kernels and MetaSchedule-tuned TIR (one tuning
+database shared by the variants of a table: they have the same non-matmul operators), and the
+same with sparse kernels for pruned layers. Columns: median ms per batch, ratio to onnxruntime on
+the dense model, speedup over the dense model on the same path, and that speedup as a fraction of
+the FLOP limit (dense MACs / model MACs, whole model). Every TVM path is checked spike for spike
+against PyTorch on the benchmark batch. A third table puts each DSP layer's two BLAS matmuls
+against its dense matmul: measured speedup vs the layer's limit in*out / (k*(in+out)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stdeploy.data import load_dataset  # noqa: E402
+from stdeploy.export.directory import export_model  # noqa: E402
+from stdeploy.models import build_model, clone_model, direct_encode  # noqa: E402
+from stdeploy.models.structure import LowRankLinear, structure_of  # noqa: E402
+from stdeploy.prune import PruneConfig, make_pruner  # noqa: E402
+from stdeploy.targets.base import get_target  # noqa: E402
+from stdeploy.targets.profiles import load_profile  # noqa: E402
+from stdeploy.targets.tvm_target import TVMTarget  # noqa: E402
+from stdeploy.targets.tvm_tune import tune  # noqa: E402
+from stdeploy.train import TrainConfig, train  # noqa: E402
+
+VARIANTS = [("dense", None), ("l1p-90", ("l1p", 0.90)), ("l1p-95", ("l1p", 0.95)), ("l1p-98", ("l1p", 0.98)),
+            ("dsp-30", ("dsp", 0.30)), ("dsp-10", ("dsp", 0.10))]
+PATHS = ["pytorch", "onnxruntime", "tvm untuned", "tvm tuned", "tvm tuned + sparse"]
+
+
+def prune(model, method: str, ratio: float):
+    cfg = PruneConfig(method="l1p", sparsity=ratio) if method == "l1p" else PruneConfig(method="dsp", param_ratio=ratio)
+    pruner = make_pruner(cfg)
+    pruner.prepare(model)
+    pruner.step(model, 1.0)
+    return pruner.finalize(model)
+
+
+def macs(model, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every Linear/Conv2d on ``x``, zero weights excluded (what a kernel
+    that skips zeros would do), low-rank layers as their two factors."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        nonzero = int(torch.count_nonzero(module.weight))
+        if isinstance(module, torch.nn.Conv2d):
+            total += nonzero * output.shape[-1] * output.shape[-2] * output.shape[0]
+        else:
+            total += nonzero * output.numel() // output.shape[-1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def timed(fn, x, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def out_spikes(model, x):
+    spikes = []
+    hook = model.head.lif.register_forward_hook(lambda m, i, o: spikes.append(o))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    return spikes[0].numpy()
+
+
+def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_untuned: bool) -> list[dict]:
+    profile = load_profile("cpu")
+    db = out / f"tuning-{name}"
+    ort = get_target("onnxruntime")
+    rows = []
+    dirs = {}
+    for variant, model in models.items():
+        dirs[variant] = out / name / variant
+        export_model(model, dirs[variant], ("onnx",), data=None, samples=8)
+    if args.tune_trials > 0:
+        t0 = time.perf_counter()
+        summary = tune(dirs["dense"], profile, batch_size=x.shape[1], trials_per_task=args.tune_trials, sparse="off", database=db)
+        print(f"[{name}] tuned {len(summary['tasks'])} tasks, {summary['new_trials']} new trials in "
+              f"{time.perf_counter() - t0:.0f} s ({db})", flush=True)
+    xn = x.numpy()
+    for variant, model in models.items():
+        model = model.eval()
+        ref = out_spikes(model, x)
+        row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {}}
+        with torch.no_grad():
+            row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats)
+        ort_run = ort.compile(dirs[variant], profile)
+        row["ms"]["onnxruntime"] = 1e3 * timed(ort_run.run, xn, args.warmup, args.repeats)
+        row["exact"]["onnxruntime"] = int(np.count_nonzero(ort_run.run(xn).spikes != ref))
+        configs = {"tvm tuned": {"sparse": "off", "database": db if args.tune_trials > 0 else None},
+                   "tvm tuned + sparse": {"sparse": "auto", "database": db if args.tune_trials > 0 else None}}
+        if not skip_untuned:
+            configs["tvm untuned"] = {"kernels": "tir", "schedule": "untuned", "sparse": "off"}
+        for path, opts in configs.items():
+            runnable = TVMTarget().compile(dirs[variant], profile, batch_size=x.shape[1], **opts)
+            result = runnable.run(xn)
+            row["exact"][path] = int(np.count_nonzero(result.spikes != ref))
+            row["paths"][path] = runnable.info["path"]
+            sparse = [r for r in runnable.info["builds"][str(x.shape[1])].get("sparse", []) if r.get("chosen") == "sparse"]
+            if path.endswith("sparse"):
+                row["sparse_layers"] = len(sparse)
+            reps = max(3, args.repeats // 4) if path == "tvm untuned" else args.repeats
+            row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps)
+        rows.append(row)
+        print(f"[{name}] {variant}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
+              + f"; spike mismatches {row['exact']}", flush=True)
+    dense = rows[0]
+    for row in rows:
+        row["limit"] = dense["macs"] / row["macs"]
+        row["vs_ort_dense"] = {p: row["ms"][p] / dense["ms"]["onnxruntime"] for p in row["ms"]}
+        row["speedup"] = {p: dense["ms"][p] / row["ms"][p] for p in row["ms"]}
+    return rows
+
+
+def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
+    """Each DSP layer: its dense matmul vs its two factor matmuls, numpy BLAS, M = x_rows."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for variant, model in models.items():
+        for name, module in model.named_modules():
+            if not isinstance(module, LowRankLinear):
+                continue
+            first = module.v.weight.detach().numpy().T.copy()   # (in, k)
+            second = module.u.weight.detach().numpy().T.copy()  # (k, out)
+            k_in, rank = first.shape
+            n_out = second.shape[1]
+            x = (rng.random((x_rows, k_in)) < 0.2).astype(np.float32)
+            w = (first @ second).astype(np.float32)
+            dense = timed(lambda a: a @ w, x, 2, repeats)
+            factored = timed(lambda a: (a @ first) @ second, x, 2, repeats)
+            limit = k_in * n_out / (rank * (k_in + n_out))
+            rows.append({"variant": variant, "layer": name, "in": k_in, "out": n_out, "rank": rank, "dense_ms": dense * 1e3,
+                         "lowrank_ms": factored * 1e3, "speedup": dense / factored, "limit": limit,
+                         "fraction": (dense / factored) / limit})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| variant | MACs/batch | FLOP limit | " + " | ".join(PATHS) + " |\n|---|---:|---:|" + "---:|" * len(PATHS))
+    lines = [head]
+    for r in rows:
+        cells = []
+        for p in PATHS:
+            if p not in r["ms"]:
+                cells.append("-")
+                continue
+            cell = f"{r['ms'][p]:.2f} ms ({r['vs_ort_dense'][p]:.2f}x ORT)"
+            if r["variant"] != "dense":
+                cell += f", {r['speedup'][p]:.2f}x dense = {r['speedup'][p] / r['limit']:.0%} of limit"
+            if r["exact"].get(p):
+                cell += f" [{r['exact'][p]} spike flips]"
+            cells.append(cell)
+        lines.append(f"| {r['variant']} | {r['macs']:.3g} | {r['limit']:.1f}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lowrank_markdown(rows: list[dict]) -> str:
+    lines = ["| variant | layer | in x out | rank | dense ms | U·V ms | speedup | limit | fraction |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['layer']} | {r['in']}x{r['out']} | {r['rank']} | {r['dense_ms']:.3f} | "
+                     f"{r['lowrank_ms']:.3f} | {r['speedup']:.2f}x | {r['limit']:.2f}x | {r['fraction']:.0%} |")
+    return "\n".join(lines)
+
+
+def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
+    data = load_dataset("digits")
+    torch.manual_seed(seed)
+    base = build_model("sdt-tiny")
+    train(base, data, TrainConfig(epochs=epochs, batch_size=64, seed=seed), None, progress=False)
+    return data, base
+
+
+def build_variants(base) -> dict:
+    models = {}
+    for name, spec in VARIANTS:
+        m = clone_model(base)
+        models[name] = m if spec is None else prune(m, *spec)
+        models[name].eval()
+    return models
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--tune-trials", type=int, default=8, help="MetaSchedule trials per task (0: no tuning)")
+    ap.add_argument("--epochs", type=int, default=3, help="training epochs of the small model")
+    ap.add_argument("--large", action="store_true", help="also the sdt-8-512-class table (32x32, random weights)")
+    ap.add_argument("--large-batch", type=int, default=4)
+    ap.add_argument("--large-untuned", action="store_true", help="also time untuned TVM on the large model (minutes)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", default="runs/bench-speed")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_flush_denormal(True)
+    t_start = time.perf_counter()
+    data, base = small_models(0, args.epochs)
+    images = torch.stack([data.test[i][0] for i in range(args.batch)])
+    x = direct_encode(images, base.cfg.timesteps)
+    models = build_variants(base)
+    tables = {"sdt-tiny": run_table("sdt-tiny", models, x, out, args, skip_untuned=False)}
+    lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
+    if args.large:
+        torch.manual_seed(0)
+        big = build_model("sdt-8-512")
+        big.eval()
+        xl = direct_encode(torch.rand(args.large_batch, 3, 32, 32), big.cfg.timesteps)
+        with torch.no_grad():  # BatchNorm statistics of the random model on its own input
+            big.train()
+            big(xl)
+            big.eval()
+        big_models = build_variants(big)
+        tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned)
+        lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
+                                  max(5, args.repeats // 2))
+    text = []
+    for name, rows in tables.items():
+        text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows)}\n")
+        paths = {p: v for r in rows for p, v in r["paths"].items()}
+        text.append("TVM paths: " + "; ".join(f"{k}: {v}" for k, v in paths.items()) + "\n")
+    text.append(f"### DSP layers: two BLAS matmuls vs the dense one\n\n{lowrank_markdown(lowrank)}\n")
+    report = "\n".join(text)
+    print(report)
+    (out / "speed.md").write_text(report)
+    (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args)}, indent=1, default=str))
+    print(f"finished in {time.perf_counter() - t_start:.0f} s; {out / 'speed.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""benchmarks/compression_study.py on a tiny grid: records, resuming, paired differences, report-only."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stdeploy.data import load_dataset
+from stdeploy.errors import ConfigError
+from stdeploy.models import build_model
+from stdeploy.train import evaluate
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compression_study.py"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("compression_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_digits():
+    d = load_dataset("digits")
+    sub = torch.utils.data.Subset
+    return type(d)(**{**d.__dict__, "train": sub(d.train, range(160)), "test": sub(d.test, range(80))})
+
+
+def tiny_config(study, **changes):
+    base = dict(families=("sdt-tiny",), seeds=(0,), settings=("l1p95",), variants=("lif", "slif-both"), budgets=(1,),
+                dense_epochs=1, penalty_epochs=1, data="digits[:160,:80]")
+    return study.StudyConfig(**{**base, **changes})
+
+
+def test_run_records_resume_and_cache(study, tiny_digits, tmp_path, monkeypatch):
+    quiet = lambda m: None  # noqa: E731
+    new = study.run_study(tiny_config(study), tmp_path, data=tiny_digits, log=quiet)
+    records = study.load_records(tmp_path / study.RESULTS)
+    assert len(new) == len(records) == 2 and {r["variant"] for r in records} == {"lif", "slif-both"}
+    for r in records:
+        for k in ("acc_dense", "acc_penalty", "acc_pruned", "acc_recal", "acc_final"):
+            assert 0.0 <= r[k] <= 1.0, k
+        assert (r["family"], r["seed"], r["setting"], r["method"], r["ratio"], r["budget"]) == ("sdt-tiny", 0, "l1p95", "l1p", 0.95, 1)
+        assert r["remaining"] == pytest.approx(0.05, abs=1e-4) and r["block_params_dense"] == 49152
+        assert len(r["curve"]) == 1 and r["curve"][-1] == pytest.approx(r["acc_final"])  # finalize keeps the masked weights
+        assert len(r["firing_rate"]) == 10 and all(0.0 <= x <= 1.0 for x in r["firing_rate"].values())
+        assert r["wall_seconds"] > 0 and r["protocol"]["dense_epochs"] == 1
+    lif, slif = sorted(records, key=lambda r: r["variant"] != "lif")
+    # both variants start from the same pruned and recalibrated model
+    assert lif["acc_pruned"] == slif["acc_pruned"] and lif["acc_recal"] == slif["acc_recal"]
+    assert lif["intrinsic"] is None and lif["lr"]["intrinsic"] is None
+    assert slif["lr"] == {"weights": 1e-3, "intrinsic": pytest.approx(2e-2)}
+    assert slif["optimizer_groups"]["intrinsic"]["weight_decay"] == 0.0
+    hist = slif["intrinsic"]["threshold_hist"]
+    assert len(hist["counts"]) == 30 and sum(hist["counts"]) + hist["below"] + hist["above"] == 800
+    assert set(slif["intrinsic"]["leak"]) == set(slif["firing_rate"])
+
+    # a rerun of the same grid trains nothing
+    def no_training(*a, **k):
+        raise AssertionError("train() called for a finished cell")
+
+    monkeypatch.setattr(study, "train", no_training)
+    assert study.run_study(tiny_config(study), tmp_path, data=tiny_digits, log=quiet) == []
+    assert len(study.load_records(tmp_path / study.RESULTS)) == 2
+
+    # one more variant: only its fine-tune trains; dense and penalised models come from the cache
+    from stdeploy.train import train as real_train
+
+    calls = []
+
+    def counting(*a, **k):
+        calls.append(k.get("regularizer"))
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(study, "train", counting)
+    new = study.run_study(tiny_config(study, variants=("lif", "slif-both", "slif-thr")), tmp_path, data=tiny_digits, log=quiet)
+    assert [r["variant"] for r in new] == ["slif-thr"] and calls == [None]
+    assert new[0]["acc_recal"] == lif["acc_recal"] and new[0]["acc_dense"] == lif["acc_dense"]
+
+    with pytest.raises(ConfigError, match="another protocol"):
+        study.run_study(tiny_config(study, dense_epochs=2), tmp_path, data=tiny_digits, log=quiet)
+
+
+def test_measure_matches_evaluate(study, tiny_digits):
+    torch.manual_seed(0)
+    model = build_model("spikformer-tiny")
+    acc, rates = study.measure(model, tiny_digits.test)
+    assert acc == evaluate(model, tiny_digits.test, model.cfg.timesteps)
+    assert len(rates) == 10 and all(0.0 <= x <= 1.0 for x in rates.values())
+
+
+def test_cut_short_line_is_skipped_and_next_append_starts_a_new_line(study, tmp_path):
+    path = tmp_path / "results.jsonl"
+    study.append_record(path, record("lif", 0, 0.9))
+    with open(path, "a") as f:
+        f.write('{"family": "sdt-tiny", "se')  # a write interrupted half-way
+    with pytest.warns(UserWarning, match="skipping unreadable record"):
+        assert len(study.load_records(path)) == 1
+    study.append_record(path, record("slif-both", 0, 0.95))
+    with pytest.warns(UserWarning):
+        assert {r["variant"] for r in study.load_records(path)} == {"lif", "slif-both"}
+
+
+def record(variant, seed, acc, setting="l1p99", budget=5, family="sdt-tiny"):
+    layers = ["embed.stages.0.lif", "blocks.0.mlp.lif1"]
+    slif = variant != "lif"
+    hist = lambda edges: {"edges": edges, "counts": [1] * 30, "below": 0, "above": 0}  # noqa: E731
+    return {"family": family, "seed": seed, "setting": setting, "method": setting[:3], "ratio": 0.99 if setting == "l1p99" else 0.05,
+            "remaining": 0.01 if setting == "l1p99" else 0.049, "variant": variant, "budget": budget,
+            "acc_dense": 0.99, "acc_pruned": 0.80 + seed / 100, "acc_recal": 0.85 + seed / 100, "acc_final": acc,
+            "curve": [acc - 0.01 * (budget - e) for e in range(1, budget + 1)],
+            "firing_rate": {n: 0.05 + 0.01 * slif for n in layers}, "firing_rate_recal": {n: 0.04 for n in layers},
+            "intrinsic": {"threshold": {}, "leak": {}, "threshold_hist": hist(STUDY_EDGES[0]), "leak_hist": hist(STUDY_EDGES[1])} if slif else None,
+            "wall_seconds": 1.0, "protocol": {"data": "digits"}}
+
+
+STUDY_EDGES = ([i * 0.1 for i in range(31)], [i / 30 for i in range(31)])
+
+
+def test_paired_differences_and_report_only(study, tmp_path):
+    lif = [0.90, 0.92, 0.94]
+    slif = [0.93, 0.91, 0.97]  # differences +3, -1, +3 points
+    with open(tmp_path / "results.jsonl", "w") as f:
+        for setting in ("l1p99", "dsp5"):
+            for budget in (5, 20):
+                for seed in range(3):
+                    f.write(json.dumps(record("lif", seed, lif[seed], setting, budget)) + "\n")
+                    f.write(json.dumps(record("slif-both", seed, slif[seed], setting, budget)) + "\n")
+    assert study.main(["--out", str(tmp_path), "--report-only"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["groups"]) == 4 and summary["records"] == 24
+    g = next(g for g in summary["groups"] if g["setting"] == "l1p99" and g["budget"] == 5)
+    p = g["paired"]["slif-both"]
+    assert p["mean"] == pytest.approx(0.05 / 3)
+    assert p["std"] == pytest.approx(torch.tensor([0.03, -0.01, 0.03]).double().std().item())
+    assert (p["min"], p["max"], p["positive"], p["n"]) == (pytest.approx(-0.01), pytest.approx(0.03), 2, 3)
+    assert g["variants"]["lif"]["mean"] == pytest.approx(0.92) and g["variants"]["lif"]["std"] == pytest.approx(0.02)
+    assert g["recal"]["mean"] == pytest.approx(0.86) and g["dense"]["mean"] == pytest.approx(0.99) and g["seeds"] == [0, 1, 2]
+    report = (tmp_path / "report.md").read_text()
+    assert "| l1p99 | 5 | slif-both | +1.67 | 2.31 | -1.00 .. +3.00 | 2 of 3 |" in report
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["accuracy_vs_params_b20.png", "accuracy_vs_params_b5.png", "curves_b20.png", "firing_rates_sdt-tiny_b20.png",
+                    "firing_rates_sdt-tiny_b5.png", "intrinsic_sdt-tiny_b20.png", "intrinsic_sdt-tiny_b5.png"]
+    assert all((tmp_path / n).read_bytes()[:8] == PNG for n in pngs)
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes left no temporary files
+
+
+def test_cli_selection(study):
+    parse = lambda *argv: study.config_from_args(study.build_parser().parse_args(list(argv)))  # noqa: E731
+    quick = parse("--quick")
+    assert (quick.seeds, quick.settings, quick.budgets, quick.dense_epochs, quick.penalty_epochs) == ((0,), ("l1p99", "dsp5"), (1,), 2, 1)
+    full = parse()
+    assert len(full.seeds) == 5 and len(full.settings) == 6 and len(full.variants) == 4 and full.budgets == (5, 20)
+    assert parse("--seeds", "3").seeds == (0, 1, 2) and parse("--seed-list", "0,3").seeds == (0, 3)
+    assert parse("--settings", "l1p95,dsp5", "--budgets", "5", "--families", "spikformer-tiny").settings == ("l1p95", "dsp5")
+    with pytest.raises(ConfigError, match="unknown setting 'l1p90'"):
+        parse("--settings", "l1p90")
+    assert study.main(["--variants", "plif", "--out", "/nonexistent-never-created"]) == 2
