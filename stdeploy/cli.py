@@ -148,7 +148,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--penalty-epochs", type=int, default=None, help="epochs with the penalty before pruning (default: the recipe's, 3 without one)")
     p.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of linear layers (default: block linears)")
     p.add_argument("--compensate", default="slif", help="slif, lif or none")
-    p.add_argument("--slif-learn", default="threshold,leak", help="what sLIF learns: threshold, leak or both")
+    p.add_argument("--slif-learn", default="threshold",
+                   help="what sLIF learns: threshold (default; the compression study found learning the leak no help), leak, or threshold,leak")
     p.add_argument("--no-bn-recalibration", action="store_true")
     p.add_argument("--recipe", default=None, help="recipe .toml: data set and [finetune] settings (flags override it)")
     p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..checkpoint import atomic_write_text, sha256_file
 from .base import TargetError
 from .profiles import DeviceProfile
 
@@ -104,14 +105,6 @@ def sparse_layers_of(info: dict) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------------------------
 # The database
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def database_dir(export_dir: str | os.PathLike, profile: DeviceProfile, target: dict, batch: int, kernels: str,
@@ -313,9 +306,7 @@ def apply_database(mod, target: dict, db: Path):
 
 
 def write_meta(db: Path, meta: dict) -> None:
-    tmp = db / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, db / META)
+    atomic_write_text(db / META, json.dumps(meta, indent=2) + "\n")
 
 
 def tune(export_dir: str | os.PathLike, profile: DeviceProfile, *, batch_size: int = 32, trials_per_task: int = 64,
@@ -339,7 +330,7 @@ def tune(export_dir: str | os.PathLike, profile: DeviceProfile, *, batch_size: i
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     graph = load_onnx_graph(export_dir)
     target = cpu_target(profile)
-    onnx_sha = file_sha256(graph.path)
+    onnx_sha = sha256_file(graph.path)
     db = Path(database) if database is not None else database_dir(export_dir, profile, target, batch_size, kernels, onnx_sha)
     meta = read_meta(db)
     if meta and database is None:
@@ -365,7 +356,7 @@ def tune(export_dir: str | os.PathLike, profile: DeviceProfile, *, batch_size: i
 
 def find_database(export_dir, profile: DeviceProfile, target: dict, batch: int, kernels: str, onnx_path) -> tuple[Path | None, dict | None]:
     """The tuning database for this model/device/batch when ``tune`` wrote one, with its summary."""
-    db = database_dir(export_dir, profile, target, batch, kernels, file_sha256(onnx_path))
+    db = database_dir(export_dir, profile, target, batch, kernels, sha256_file(onnx_path))
     meta = read_meta(db)
     return (db, meta) if meta is not None else (None, None)
 
