@@ -33,8 +33,8 @@ class CompensationConfig:
     epochs: int = 15               # compensation fine-tune epochs
     penalty_epochs: int = 3        # training epochs with the L1 / group penalty before pruning
     learn_threshold: bool = True   # sLIF variants: threshold only (default), leak only, or both
-    learn_leak: bool = False       # benchmarks/compression_study.py: learning the leak never helped (DSP 10%/5%:
-                                   # -0.28/-0.65 points vs LIF, 0 seeds of 4/3 better); thresholds alone did no harm
+    learn_leak: bool = False       # benchmarks/compression_study.py (sdt-tiny, 5 seeds): learning the leak did not
+                                   # help (DSP 10%/5%: -0.28/-0.28 points vs LIF, 0 and 1 of 5 seeds better)
     recalibrate_bn: bool = True    # recompute BN statistics right after pruning, before fine-tuning
     lr: float = 1e-3
     intrinsic_lr_scale: float = 20.0
