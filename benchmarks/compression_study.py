@@ -497,8 +497,14 @@ def to_markdown(summary: dict) -> str:
 VARIANT_STYLE = {"lif": ("tab:blue", "o"), "slif-thr": ("tab:orange", "^"), "slif-leak": ("tab:green", "v"), "slif-both": ("tab:red", "s")}
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, paths: list[Path]) -> None:
+    """Lay out, write atomically as PNG, close the figure and list the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    paths.append(path)
 
 
 def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
@@ -542,11 +548,7 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
                 ax.set_xlabel("block parameters remaining (%)")
                 ax.set_ylabel("test accuracy (%)")
                 ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"accuracy_vs_params_b{budget}.png"
-        _save(fig, path)
-        plt.close(fig)
-        paths.append(path)
+        _save(fig, out / f"accuracy_vs_params_b{budget}.png", paths)
 
     # (2) firing rates per layer and learned intrinsic parameters, per family and budget
     for family in families:
@@ -573,11 +575,7 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
                 ax.set_title(f"{family}, {setting}, {budget}-epoch fine-tune: firing rate per LIF layer (test split, mean over seeds)",
                              fontsize=9)
                 ax.legend(fontsize=7, ncol=len(series))
-            fig.tight_layout()
-            path = out / f"firing_rates_{family}_b{budget}.png"
-            _save(fig, path)
-            plt.close(fig)
-            paths.append(path)
+            _save(fig, out / f"firing_rates_{family}_b{budget}.png", paths)
 
             slif = [r for r in sel if r.get("intrinsic")]
             if not slif:
@@ -598,11 +596,7 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
                     ax.set_ylabel("neurons (all seeds)")
                     ax.set_title(f"{family}, {setting}, {budget} epochs: learned {kind}", fontsize=9)
                     ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out / f"intrinsic_{family}_b{budget}.png"
-            _save(fig, path)
-            plt.close(fig)
-            paths.append(path)
+            _save(fig, out / f"intrinsic_{family}_b{budget}.png", paths)
 
     # (3) convergence: per-epoch test accuracy of the longest budget
     budget = max(budgets) if budgets else None
@@ -622,11 +616,7 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"{family}: {budget}-epoch fine-tunes, mean over seeds")
             ax.legend(fontsize=6, ncol=4)
-        fig.tight_layout()
-        path = out / f"curves_b{budget}.png"
-        _save(fig, path)
-        plt.close(fig)
-        paths.append(path)
+        _save(fig, out / f"curves_b{budget}.png", paths)
     return paths
 
 
