@@ -34,6 +34,7 @@ Then ``OUT/report.md``, ``OUT/summary.json`` and PNG plots are (re)built from ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -108,6 +109,7 @@ class StudyConfig:
     intrinsic_lr_scale: float = 20.0       # sLIF threshold / leak lr = lr x this
     batch_size: int = 64
     data: str = "digits"                   # a label of the data (the split is fixed: seed 0)
+    device: str = "cpu"                    # where training runs (cpu, cuda); cuda trains in fp32 (no AMP, no TF32)
 
     def __post_init__(self):
         problems = []
@@ -258,7 +260,23 @@ class Stage:
 
 
 def _train_cfg(cfg: StudyConfig, epochs: int, seed: int, lr: float) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, intrinsic_lr_scale=cfg.intrinsic_lr_scale, seed=seed, device="cpu")
+    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, intrinsic_lr_scale=cfg.intrinsic_lr_scale, seed=seed,
+                       device=cfg.device, amp=False)
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name()})"
+    return device
+
+
+def _train(model: torch.nn.Module, *args, **kwargs):
+    """``train`` on the study's device, the model back on the CPU afterwards (pruning, BN
+    recalibration and measurements stay on the CPU wherever training ran)."""
+    try:
+        return train(model, *args, **kwargs)
+    finally:
+        model.to("cpu")
 
 
 def dense_stage(cfg: StudyConfig, family: str, seed: int, data: DataSplit, folder: Path, log) -> Stage:
@@ -268,7 +286,7 @@ def dense_stage(cfg: StudyConfig, family: str, seed: int, data: DataSplit, folde
     if done < cfg.dense_epochs:
         torch.manual_seed(seed)
         model = build_model(family)
-        result = train(model, data, _train_cfg(cfg, cfg.dense_epochs, seed, cfg.dense_lr), folder, resume=done > 0,
+        result = _train(model, data, _train_cfg(cfg, cfg.dense_epochs, seed, cfg.dense_lr), folder, resume=done > 0,
                        progress=False, meta={"study": "compression_study", "family": family, "seed": seed})
         log(f"  dense: trained epochs {done + 1}-{cfg.dense_epochs} in {result.seconds:.1f} s")
     model = load_checkpoint(folder).model
@@ -299,7 +317,7 @@ def penalty_stage(cfg: StudyConfig, method: str, seed: int, dense: torch.nn.Modu
     pruner = make_pruner(PruneConfig(method=method))  # the penalty does not depend on the ratio
     pruner.prepare(model)
     if cfg.penalty_epochs > 0:
-        train(model, data, _train_cfg(cfg, cfg.penalty_epochs, seed, cfg.lr), progress=False, regularizer=pruner.regularizer)
+        _train(model, data, _train_cfg(cfg, cfg.penalty_epochs, seed, cfg.lr), progress=False, regularizer=pruner.regularizer)
     acc, _ = measure(model, data.test)
     seconds = time.perf_counter() - t0
     save_checkpoint(folder, model, meta={"penalty_epochs": cfg.penalty_epochs, "accuracy": acc, "seconds": seconds,
@@ -331,12 +349,12 @@ def finetune_cell(cfg: StudyConfig, pruned: torch.nn.Module, pruner, variant: Va
                               # (for LIF the learn flags are unused; CompensationConfig keeps its defaults)
                               learn_threshold=variant.learn_threshold if variant.neuron == "slif" else True,
                               learn_leak=variant.learn_leak if variant.neuron == "slif" else True,
-                              lr=cfg.lr, intrinsic_lr_scale=cfg.intrinsic_lr_scale, batch_size=cfg.batch_size, seed=seed, device="cpu")
+                              lr=cfg.lr, intrinsic_lr_scale=cfg.intrinsic_lr_scale, batch_size=cfg.batch_size, seed=seed, device=cfg.device)
     convert_neurons(model, ccfg.neuron, ccfg.learn_threshold, ccfg.learn_leak)
-    tcfg = ccfg.train_config(budget)
+    tcfg = dataclasses.replace(ccfg.train_config(budget), amp=False)
     groups = {g["name"]: {"lr": g["lr"], "weight_decay": g["weight_decay"], "tensors": len(g["params"]),
                           "params": sum(p.numel() for p in g["params"])} for g in param_groups(model, tcfg)}
-    result = train(model, data, tcfg, progress=False)
+    result = _train(model, data, tcfg, progress=False)
     pruner.finalize(model)
     acc, rates = measure(model, data.test)
     report = pruner.report(model)
@@ -405,7 +423,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
                                "firing_rate_dense": dense.extra["firing_rate"], "firing_rate_recal": prune_info["firing_rate_recal"],
                                "penalty": METHOD_PENALTY[pcfg.method], "prune_config": pcfg.to_dict(),
                                "stage_seconds": {"dense": dense.seconds, "penalty": pen.seconds, "prune_recal": prune_info["seconds"]},
-                               "protocol": cfg.protocol(), "threads": torch.get_num_threads(),
+                               "protocol": cfg.protocol(), "threads": torch.get_num_threads(), "device": _device_name(cfg.device),
                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **cell}
                         append_record(results, rec)
                         new.append(rec)
@@ -670,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=None, help="fine-tune lr of the weights (default 1e-3)")
     ap.add_argument("--intrinsic-lr-scale", type=float, default=None, help="sLIF threshold/leak lr = lr x this (default 20)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--device", default=None, help="where training runs: cpu (default) or cuda (fp32: no AMP, no TF32); "
+                    "pruning and measurements stay on the CPU")
+    ap.add_argument("--no-report", action="store_true", help="only run cells (parallel runs into one --out: report once at the end)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, l1p99 and dsp5, 1-epoch budget, dense 2, penalty 1")
     ap.add_argument("--report-only", action="store_true", help="rebuild report, summary and plots from results.jsonl; no training")
     return ap
@@ -679,7 +700,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     base = {**asdict(StudyConfig()), **(QUICK if args.quick else {})}
     given = {"families": args.families, "settings": args.settings, "variants": args.variants, "budgets": args.budgets,
              "dense_epochs": args.dense_epochs, "penalty_epochs": args.penalty_epochs, "lr": args.lr,
-             "intrinsic_lr_scale": args.intrinsic_lr_scale,
+             "intrinsic_lr_scale": args.intrinsic_lr_scale, "device": args.device,
              "seeds": tuple(range(args.seeds)) if args.seeds is not None else args.seed_list}
     return StudyConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})
 
@@ -691,10 +712,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only:
             cfg = config_from_args(args)
             torch.set_num_threads(args.threads)
+            if cfg.device.startswith("cuda"):
+                if not torch.cuda.is_available():
+                    raise ConfigError(f"--device {cfg.device}: no CUDA GPU here")
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 like the CPU runs
             t0 = time.perf_counter()
             new = run_study(cfg, out)
             print(f"{len(new)} new cells in {time.perf_counter() - t0:.1f} s", flush=True)
-        write_report(out)
+        if not args.no_report:
+            write_report(out)
     except ConfigError as err:
         print(f"compression_study: error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable
 
@@ -263,8 +264,9 @@ def _add_tvm_args(p) -> None:
     g.add_argument("--tvm-schedule", choices=["auto", "tuned", "untuned"], default="auto",
                    help="auto: the database of `stdeploy tune` when one exists for this batch; tuned: require it")
     g.add_argument("--tvm-kernels", choices=["blas", "tir"], default="blas", help="matmul/conv2d as BLAS calls, or all TVM code")
-    g.add_argument("--tvm-sparse", choices=["auto", "off"], default="auto",
-                   help="pruned linears on the sparse kernel where it measures faster")
+    g.add_argument("--tvm-sparse", choices=["auto", "on", "off"], default="auto",
+                   help="cpu: pruned linears on the sparse kernel where it measures faster (auto); "
+                        "cuda: on = the sparse kernel for linears with >= 50%% zeros (auto = off)")
 
 
 def _tvm_options(args) -> dict:
@@ -311,9 +313,26 @@ def cmd_bench(args: argparse.Namespace) -> dict:
         ok, why = nvml_available()
         if not ok:
             raise ConfigError(f"--gpu-energy: cannot measure GPU power here ({why})")
-    with torch.no_grad():
-        results["pytorch"] = measure(lambda b: ref(b), x, args.warmup, args.repeats)
-    results["pytorch"]["layers"] = module_times(ref, x)
+    if args.pytorch_device == "cuda":  # the reference on the GPU: timed with a sync, no per-layer split
+        if not torch.cuda.is_available():
+            raise ConfigError("--pytorch-device cuda: no CUDA GPU here")
+        ref_gpu, x_gpu = ref.to("cuda"), x.to("cuda")
+
+        def run_ref(b):
+            with torch.no_grad():
+                out = ref_gpu(b)
+            torch.cuda.synchronize()
+            return out
+
+        results["pytorch"] = {**measure(run_ref, x_gpu, args.warmup, args.repeats, sync=torch.cuda.synchronize),
+                              "path": f"cuda ({torch.cuda.get_device_name()})"}
+        if args.gpu_energy:
+            results["pytorch"]["measured_energy"] = measure_energy(run_ref, x_gpu, args.repeats)
+        ref = ref.to("cpu")
+    else:
+        with torch.no_grad():
+            results["pytorch"] = measure(lambda b: ref(b), x, args.warmup, args.repeats)
+        results["pytorch"]["layers"] = module_times(ref, x)
     for name in [t for t in args.targets.split(",") if t]:
         tgt = get_target(name)
         ok, why = tgt.available()
@@ -321,7 +340,9 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             results[name] = {"skipped": why}
             continue
         profile = load_profile(args.device or DEFAULT_DEVICE.get(name, "cpu"))
-        options = _tvm_options(args) if name == "tvm" and profile.kind == "cpu" else {}
+        options = {}
+        if name == "tvm":
+            options = _tvm_options(args) if profile.kind == "cpu" else {"batch_size": args.batch, "sparse": args.tvm_sparse}
         runnable = tgt.compile(args.export_dir, profile, **options)
         if not getattr(runnable, "can_run", True):
             results[name] = {"skipped": "built, but this machine cannot run it", "info": runnable.info}
@@ -339,6 +360,10 @@ def cmd_bench(args: argparse.Namespace) -> dict:
                       + (f"  ({r['path']})" if r.get("path") else ""))
                 for layer in r.get("layers", [])[:8]:
                     print(f"    {layer['name']:<24} {layer['ms']:.2f} ms")
+                if "measured_energy" in r:
+                    e = r["measured_energy"]
+                    print(f"    GPU energy {e['joules_per_sample'] * 1e3:.3f} mJ/sample ({e['dynamic_joules_per_sample'] * 1e3:.3f} "
+                          f"above idle), {e['mean_watts']:.0f} W (idle {e['idle_watts']:.0f} W), {e['calls']} calls in {e['seconds']:.1f} s")
             else:
                 print(f"{name:<12} skipped: {r['skipped']}")
     return {"export_dir": args.export_dir, "batch": args.batch, "results": results}
@@ -363,6 +388,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--gpu-energy", action="store_true", help="also measure GPU energy with NVML power sampling (GPU runs)")
+    p.add_argument("--pytorch-device", choices=["cpu", "cuda"], default="cpu", help="where the PyTorch reference row runs")
     add_data_args(p)
     _add_tvm_args(p)
 
@@ -463,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StdeployError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
         print(f"stdeploy {args.verb}: error: {err}", file=sys.stderr)
         return 2
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":  # under torchrun one line, from rank 0 (ranks' lines would interleave)
         print(json.dumps(result, default=str))
     return 0
 

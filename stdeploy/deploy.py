@@ -45,8 +45,11 @@ def run_export(export_dir: str | Path, target: str, device: str | None = None, d
     if tuple(x_all.shape[-3:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
         raise ConfigError(f"data {data.name} has images {tuple(x_all.shape[-3:])}, the exported model expects "
                           f"{(cfg.in_channels, cfg.image_size, cfg.image_size)}")
+    options = dict(options or {})
+    if target == "tvm" and profile.kind == "cuda":  # one build at the run's batch (smaller batches are padded)
+        options.setdefault("batch_size", min(batch_size, len(x_all)))
     t0 = time.perf_counter()
-    runnable = tgt.compile(Path(export_dir), profile, **(options or {}))
+    runnable = tgt.compile(Path(export_dir), profile, **options)
     compile_s = time.perf_counter() - t0
     if not getattr(runnable, "can_run", True):  # e.g. a CUDA module built on a machine without a GPU
         return {"target": target, "device": profile.name, "export_dir": str(export_dir), "ran": False,

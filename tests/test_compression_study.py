@@ -164,3 +164,7 @@ def test_cli_selection(study):
     with pytest.raises(ConfigError, match="unknown setting 'l1p90'"):
         parse("--settings", "l1p90")
     assert study.main(["--variants", "plif", "--out", "/nonexistent-never-created"]) == 2
+    assert parse().device == "cpu" and parse("--device", "cuda").device == "cuda"
+    assert "device" not in full.protocol()  # cells trained on a GPU pair with CPU cells of the same protocol
+    if not torch.cuda.is_available():
+        assert study.main(["--device", "cuda", "--out", "/nonexistent-never-created"]) == 2

@@ -2,7 +2,9 @@ import json
 import struct
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,6 +85,38 @@ def test_power_integration_and_gpu_energy_refusal(exports):
         r = subprocess.run([sys.executable, "-m", "stdeploy.cli", "bench", str(exports[0]), "--targets", "onnxruntime",
                             "--gpu-energy", "--repeats", "2"], capture_output=True, text=True)
         assert r.returncode == 2 and "cannot measure GPU power here" in r.stderr
+
+
+def test_measured_energy_runs_long_enough_and_subtracts_idle(monkeypatch):
+    """NVML averages power over ~0.1 s: the window is stretched to min_seconds, and the idle draw
+    measured first is subtracted for the dynamic figure (NVML faked: 60 W idle, 160 W busy)."""
+    import types
+
+    from stdeploy.profile import gpu_power
+
+    busy = {"on": False}
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: i,
+                                 nvmlDeviceGetPowerUsage=lambda h: 160_000 if busy["on"] else 60_000)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+
+    def run(x):
+        busy["on"] = True
+        time.sleep(0.01)
+
+    e = gpu_power.measure_energy(run, np.zeros((4, 8, 1)), repeats=3, min_seconds=0.3, idle_seconds=0.1)
+    assert e["calls"] >= 3 and e["seconds"] >= 0.3 and e["idle_watts"] == pytest.approx(60.0)
+    assert e["mean_watts"] == pytest.approx(160.0, rel=0.05)
+    samples = e["calls"] * 8
+    assert e["joules_per_sample"] == pytest.approx(160.0 * e["seconds"] / samples, rel=0.1)
+    assert e["dynamic_joules_per_sample"] == pytest.approx(100.0 * e["seconds"] / samples, rel=0.15)
+
+
+def test_bench_pytorch_on_cuda_needs_a_gpu(exports):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = subprocess.run([sys.executable, "-m", "stdeploy.cli", "bench", str(exports[0]), "--targets", "",
+                        "--pytorch-device", "cuda", "--repeats", "2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--pytorch-device cuda: no CUDA GPU here" in r.stderr
 
 
 def test_pytorch_module_times_cover_each_stage():

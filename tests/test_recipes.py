@@ -21,6 +21,7 @@ from stdeploy.data import DataSplit, events_to_frames, load_dataset
 from stdeploy.errors import ConfigError, DataError
 from stdeploy.models import PRESETS, build_model, direct_encode
 from stdeploy.recipes import RECIPE_DIR, load_recipe, parse_set
+from stdeploy.synthetic import write_cifar10, write_cifar100, write_dvs
 from stdeploy.train import TrainConfig, count_params, lr_schedule, mix_batch, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,42 +42,6 @@ TINY_DVS = TINY[:-2] + ["--set", "data.image_size=16", "--set", "data.timesteps=
 
 
 # ----------------------------------------------------------------------------- tiny data folders
-def write_cifar10(folder: Path, per_batch: int = 2, seed: int = 0) -> Path:
-    """The official binary layout: data_batch_1..5.bin + test_batch.bin, records of 1 label byte
-    and 3072 channel-major pixel bytes."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in [(f"data_batch_{i}.bin", per_batch) for i in range(1, 6)] + [("test_batch.bin", 3)]:
-        records = np.concatenate([rng.integers(0, 10, (n, 1)), rng.integers(0, 256, (n, 3072))], axis=1)
-        (folder / name).write_bytes(records.astype(np.uint8).tobytes())
-    return folder
-
-
-def write_cifar100(folder: Path, seed: int = 0) -> Path:
-    """train.bin + test.bin, records of 2 label bytes (coarse < 20, fine < 100) + 3072 pixel bytes."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train.bin", 10), ("test.bin", 3)):
-        records = np.concatenate([rng.integers(0, 20, (n, 1)), rng.integers(0, 100, (n, 1)),
-                                  rng.integers(0, 256, (n, 3072))], axis=1)
-        (folder / name).write_bytes(records.astype(np.uint8).tobytes())
-    return folder
-
-
-def write_dvs(folder: Path, classes: int = 3, per_class: int = 2, events: int = 600, seed: int = 0) -> Path:
-    """CIFAR10-DVS as spikingjelly stores it: one folder per class of .npz files with arrays
-    t, x, y, p from a 128x128 sensor (no sensor_size: inferred as 128)."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            xy = rng.integers(0, 128, (2, events))
-            xy[:, 0] = 127  # one event in the far corner fixes the inferred sensor size at 128
-            np.savez(folder / f"class{c}" / f"cifar10_class{c}_{i}.npz", t=np.sort(rng.integers(0, 10**6, events)),
-                     x=xy[0].astype(np.int16), y=xy[1].astype(np.int16), p=rng.integers(0, 2, events).astype(np.int8))
-    return folder
-
-
 def tiny_data(recipe_path: Path, root: Path) -> tuple[Path, list[str]]:
     """A folder of the recipe's data set and the overrides that shrink its model (3 training
     batches of 4, so ``--max-steps 2`` stops inside the first epoch)."""
@@ -112,7 +77,7 @@ def test_recipe_loads_and_builds_its_model(path):
         assert recipe.model == preset.replace(timesteps=recipe.model.timesteps, image_size=recipe.model.image_size)
         assert params == count_params(build_model(preset))
     assert recipe.model.timesteps == recipe.data.timesteps and recipe.model.image_size == recipe.data.image_size
-    assert "Expected time per epoch" in path.read_text() and "NOT measured" in path.read_text()
+    assert "Expected time per epoch" in path.read_text() and "measured on one NVIDIA H200" in path.read_text()
     assert recipe.train.warmup_epochs > 0 and recipe.train.label_smoothing == 0.1 and recipe.augmentation.augment
 
 
@@ -294,7 +259,7 @@ def test_dvs_split_by_fraction_and_roll(tmp_path):
 @pytest.mark.slow
 def test_recipe_under_torchrun_two_processes_on_cpu(tmp_path):
     path = RECIPE_DIR / "cifar10-sdt-8-512.toml"
-    data_root = write_cifar10(tmp_path / "c10", per_batch=4)
+    data_root = write_cifar10(tmp_path / "c10", train=20)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # each rank's stdout goes to its own file (--redirects): two JSON lines printed at once can interleave
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

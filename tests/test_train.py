@@ -119,6 +119,6 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert results and all(x["world_size"] == 2 for x in results)
+    assert len(results) == 1 and results[0]["world_size"] == 2  # rank 0 alone prints its JSON line
     ck = load_checkpoint(tmp_path / "ddp")
     assert ck.meta["history"][-1]["test_accuracy"] > 0.3

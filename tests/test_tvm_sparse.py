@@ -8,6 +8,7 @@ machine; the whole file runs in well under a minute.
 import os
 import re
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TVM_NUM_THREADS", "1")
@@ -320,3 +321,29 @@ def test_cuda_build_of_rewritten_module(onnx_module):
     assert len(sparse) == 2, kernels
     if driver == "stand-in":   # a compiled module (not just source) came back
         assert tvm_target._find_module(ex.mod, "cuda") is not None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason=NVCC_MISSING)
+def test_sparse_cuda_benchmark_builds_kernels_for_a_gpu_it_runs_elsewhere(tmp_path, monkeypatch):
+    """benchmarks/sparse_cuda.py: ``build`` here writes the CSR arrays, the sparse and the dense
+    module for sm_90; ``run`` needs the GPU (measured on an H200: benchmarks/results/gpu-h200.md)."""
+    import importlib.util
+
+    import tvm
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_cuda.py"
+    spec = importlib.util.spec_from_file_location("sparse_cuda", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "CASES", [(64, 32, 48, 0.9)])
+    assert bench.main(["build", "--arch", "sm_90", "--out", str(tmp_path)]) == 0
+    name = bench.case_name(64, 32, 48, 0.9)
+    arrays = np.load(tmp_path / f"{name}.npz")
+    w = bench.weight(32, 48, 0.9)
+    assert tuple(arrays["shape"]) == (32, 48) and len(arrays["values"]) == np.count_nonzero(w)
+    np.testing.assert_array_equal(csr_from_dense(w).to_dense(), w)
+    for lib in (f"{name}.sparse.so", "dense-64x32x48.so"):
+        assert (tmp_path / lib).read_bytes()[:4] == b"\x7fELF"
+    if not tvm.cuda().exist:
+        with pytest.raises(SystemExit, match="no CUDA GPU here"):
+            bench.main(["run", str(tmp_path)])

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -213,6 +214,60 @@ def test_cuda_run_needs_a_gpu(cuda, exported):
         runnable.run(exported["x"][:, :1])
 
 
+def test_cuda_artifact_is_reused_while_its_key_matches(cuda, exported, tmp_path, monkeypatch):
+    from stdeploy.targets import tvm_target
+
+    runnable, _, out = cuda
+    again = TVMTarget().compile(exported["dir"], runnable.profile, out_dir=out)  # no build: loaded from the sidecar
+    paths = [a["path"] for a in runnable.info["artifacts"].values()]
+    assert again.info["reused"] in paths and again.info["kernels"] == runnable.info["kernels"]
+    assert again.info["onnx_sha256"] == runnable.info["onnx_sha256"] and again.info["batch_size"] == 1
+    graph = load_onnx_graph(exported["dir"])
+    for change in ({"batch_size": 2}, {"fast_math": True}, {"sparse": "on"}, {"onnx_sha256": "0" * 64}):
+        key = {**tvm_target._artifact_key(graph, runnable.profile, 1, False, "off"), **change}
+        assert tvm_target._load_cuda_artifact(graph, runnable.profile, key, out) is None
+        assert f"built from other {next(iter(change))}" in key["stale"]
+    # a runtime-only TVM (the deployment machine) loads what matches and names what it cannot build
+    monkeypatch.setattr(tvm_target, "runtime_only", lambda: True)
+    assert TVMTarget().compile(exported["dir"], runnable.profile, out_dir=out).info["reused"] in paths
+    with pytest.raises(TargetError, match=r"no prebuilt CUDA artifact .* at batch 4 .*built from other batch_size.*runtime-only"):
+        TVMTarget().compile(exported["dir"], runnable.profile, batch_size=4, out_dir=out)
+    monkeypatch.undo()
+    # a damaged library is named, not silently rebuilt over
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    sidecar = json.loads((broken / "model.jetson-orin-nano.json").read_text())
+    for a in sidecar["artifacts"].values():
+        a["path"] = str(broken / Path(a["path"]).name)
+        Path(a["path"]).write_bytes(b"\x7fELF truncated")
+    (broken / "model.jetson-orin-nano.json").write_text(json.dumps(sidecar))
+    with pytest.raises(TargetError, match=r"broken/model\.jetson-orin-nano.*cannot load this CUDA artifact.*delete it"):
+        TVMTarget().compile(exported["dir"], runnable.profile, out_dir=broken)
+
+
+def test_cuda_sparse_kernels_for_pruned_linears(exported, tmp_path):
+    """sparse="on": linears with >= 50% zeros run the CSR kernel's GPU schedule (built here for sm_90;
+    run against PyTorch on an H200 in the session notes: 0 spike mismatches)."""
+    model = onnx.load(exported["dir"] / "model.onnx")
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    rng = np.random.default_rng(0)
+    pruned = 0
+    for init in model.graph.initializer:
+        if init.name in weights and len(init.dims) == 2:
+            w = numpy_helper.to_array(init).copy()
+            w[rng.random(w.shape) < 0.9] = 0
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+            pruned += 1
+    d = write_export_dir(tmp_path / "export", model.SerializeToString())
+    runnable = TVMTarget().compile(d, load_profile("nvidia-h100"), batch_size=2, sparse="on")
+    info = runnable.info
+    chosen = [layer for layer in info["sparse_layers"] if layer["chosen"] == "sparse"]
+    assert pruned and len(chosen) == pruned and all(layer["density"] < 0.2 for layer in chosen)
+    assert info["path"].endswith("+ sparse kernels") and info["sparse"] == "on"
+    assert sum(k.startswith("sparse_matmul") for k in info["kernels"]) >= 1
+    assert (d / "model.nvidia-h100.so").is_file() and info["tvm_target"]["target"]["arch"] == "sm_90"
+
+
 @pytest.mark.gpu
 def test_cuda_runs_on_gpu(exported, ort, tmp_path):
     import tvm
@@ -309,6 +364,8 @@ def test_bad_options_and_profiles_are_refused(exported):
         TVMTarget().compile(exported["dir"], load_profile("loihi2"))
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         TVMTarget().compile(exported["dir"], load_profile("cpu"), batch_size=0)
+    with pytest.raises(ConfigError, match="sparse='on' is for cuda profiles"):
+        TVMTarget().compile(exported["dir"], load_profile("cpu"), sparse="on")
 
 
 def test_build_cuda_artifact_takes_a_profile_name(exported, tmp_path):

@@ -69,10 +69,24 @@ class PowerSampler:
         return self.joules / span if span else (self.samples[0][1] if self.samples else 0.0)
 
 
-def measure_energy(run, x, repeats: int = 20, index: int = 0) -> dict:
-    """Run ``run(x)`` ``repeats`` times under power sampling; joules per sample."""
+def measure_energy(run, x, repeats: int = 20, index: int = 0, min_seconds: float = 2.0, idle_seconds: float = 0.5) -> dict:
+    """Run ``run(x)`` at least ``repeats`` times and for at least ``min_seconds`` under power
+    sampling (NVML's power reading is an average over ~0.1 s: shorter windows mean nothing), after
+    ``idle_seconds`` of sampling the idle board. ``run`` must return only when the GPU is done.
+
+    Returns joules per sample for the whole board (``joules_per_sample``) and above the idle draw
+    (``dynamic_joules_per_sample``), ``mean_watts``, ``idle_watts``, ``calls``, ``seconds``."""
+    with PowerSampler(index) as idle:
+        time.sleep(idle_seconds)
+    calls = 0
     with PowerSampler(index) as s:
-        for _ in range(repeats):
+        t0 = time.perf_counter()
+        while calls < repeats or time.perf_counter() - t0 < min_seconds:
             run(x)
-    batch = x.shape[1]
-    return {"joules_per_sample": s.joules / (repeats * batch), "mean_watts": s.mean_watts, "power_samples": len(s.samples)}
+            calls += 1
+        seconds = time.perf_counter() - t0
+    samples = calls * x.shape[1]
+    idle_watts = idle.mean_watts
+    return {"joules_per_sample": s.joules / samples, "dynamic_joules_per_sample": max(s.joules - idle_watts * seconds, 0.0) / samples,
+            "mean_watts": s.mean_watts, "idle_watts": idle_watts, "calls": calls, "seconds": seconds,
+            "power_samples": len(s.samples)}

@@ -32,6 +32,14 @@ CUDA profiles (``kind = "cuda"``, e.g. ``jetson-orin-nano``)
     wins. Running needs a GPU: ``run`` raises :class:`TargetError` where ``tvm.cuda()`` does not
     exist, and otherwise runs the build-machine module on ``tvm.cuda()``.
 
+    The sidecar ``model.<profile>.json`` records what the artifacts were built from (ONNX sha256,
+    TVM target, batch, ``fast_math``, ``sparse``); a later compile with the same inputs loads them
+    instead of building (``info["reused"]``). That is how a deployment machine with TVM's runtime
+    alone (no ``libtvm_compiler.so``: :func:`runtime_only`) runs them; anything else is refused
+    there with the command that builds it. A batch smaller than the built one runs zero-padded.
+    ``sparse="on"`` puts linears with >= 50% zeros on :mod:`stdeploy.targets.tvm_sparse`'s GPU
+    schedule (no timing at build time: the GPU is elsewhere).
+
 :func:`build_cuda_artifact` is the same CUDA build as a plain function for the CLI.
 """
 
@@ -58,7 +66,8 @@ from .base import RunResult, TargetError, Timer, read_manifest
 from .profiles import DeviceProfile, load_profile
 
 __all__ = ["TVMTarget", "TVMRunnable", "CudaRunnable", "OnnxGraph", "load_onnx_graph", "densify_sparse_initializers",
-           "host_cpu_name", "cpu_target", "build_cuda_artifact", "kernel_names", "elf_machine", "INSTALL_HINT", "GPU_RULES"]
+           "host_cpu_name", "cpu_target", "build_cuda_artifact", "kernel_names", "elf_machine", "runtime_only", "INSTALL_HINT",
+           "GPU_RULES"]
 
 INSTALL_HINT = "pip install 'stdeploy[tvm]'"
 GPU_RULES = ("Matmul", "GEMV", "Reduction", "GeneralReduction", "Fallback")  # dlight rules, tried in this order
@@ -309,21 +318,27 @@ class CudaRunnable(TVMRunnable):
 
     path_name = "cuda (dlight default schedules, nvcc)"
 
-    def __init__(self, graph: OnnxGraph, profile: DeviceProfile, build_info: dict, executable, fast_math: bool):
+    def __init__(self, graph: OnnxGraph, profile: DeviceProfile, build_info: dict, executable, fast_math: bool,
+                 sparse: str = "off"):
         super().__init__(graph, profile, build_info["tvm_target"])
         self.info["path"] = self.path_name
-        self.fast_math = fast_math
+        self.fast_math, self.sparse = fast_math, sparse
         self.info.update(build_info)
         self._executables = {graph.shape(build_info["batch_size"]): executable}
 
     def _build(self, batch: int):
         tvm = _tvm()
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # the runtime's VM: no compiler needed
 
         shape = self.graph.shape(batch)
         if shape not in self._executables:  # another batch: build for this machine only, write nothing
-            _, self._executables[shape] = _cuda_build(self.graph, self.profile, batch, fast_math=self.fast_math, out_dir=None)
-        return relax.VirtualMachine(self._executables[shape], tvm.cuda())
+            if runtime_only():
+                raise TargetError(f"{self.info.get('artifacts', {}).get('device', {}).get('path', self.graph.path)} was built "
+                                  f"for batch {self.info['batch_size']}; batch {batch} needs a build, and this TVM is "
+                                  f"runtime-only: build it on a machine with apache-tvm's compiler (batch_size={batch})")
+            _, self._executables[shape] = _cuda_build(self.graph, self.profile, batch, fast_math=self.fast_math,
+                                                      out_dir=None, sparse=self.sparse)
+        return VirtualMachine(self._executables[shape], tvm.cuda())
 
     @property
     def can_run(self) -> bool:
@@ -339,6 +354,11 @@ class CudaRunnable(TVMRunnable):
             raise TargetError(f"no CUDA GPU here; the module was built for {self.profile.name} "
                               f"({self.info['tvm_target']['target'].get('arch', '?')}) and written to {where}: "
                               "load it with tvm.runtime.load_module and relax.VirtualMachine(lib, tvm.cuda()) on the device")
+        batch = x.shape[1]
+        padded = min((s[1] for s in self._executables if s[1] > batch and s[2:] == x.shape[2:]), default=None)
+        if padded is not None and self.graph.shape(batch) not in self._executables:
+            # a smaller batch runs on a built module with zero padding rather than a new build
+            x = np.concatenate([x, np.zeros((x.shape[0], padded - batch, *x.shape[2:]), np.float32)], axis=1)
         self.prepare(x.shape[1])
         vm = self._vms[tuple(x.shape)]
         with Timer() as t:
@@ -349,8 +369,10 @@ class CudaRunnable(TVMRunnable):
             dev.sync()
             kernel_seconds = time.perf_counter() - t0
             out = _to_numpy(out, self.graph.outputs)
+        if padded is not None:
+            out = {"logits": out["logits"][:batch], "spikes": out["spikes"][:, :batch]}
         return RunResult(logits=out["logits"], spikes=out["spikes"], seconds=t.seconds,
-                         info={**self.info, "device_seconds": kernel_seconds})
+                         info={**self.info, "device_seconds": kernel_seconds, **({"padded_to": padded} if padded else {})})
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,8 +403,9 @@ def _build_machine() -> str:
     return {"AMD64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
-def _cuda_profile(profile: DeviceProfile) -> tuple[dict, dict, str | None]:
-    """``(device target, host target, cross compiler or None)`` of a cuda profile, checked."""
+def _cuda_profile(profile: DeviceProfile, check_cross: bool = True) -> tuple[dict, dict, str | None]:
+    """``(device target, host target, cross compiler or None)`` of a cuda profile, checked
+    (the cross compiler's presence only with ``check_cross``)."""
     where = f"device profile {profile.path or profile.name}"
     device = dict(profile.tvm.get("target") or {})
     if device.get("kind") != "cuda":
@@ -396,7 +419,7 @@ def _cuda_profile(profile: DeviceProfile) -> tuple[dict, dict, str | None]:
     machine = _triple_machine(host)
     if machine != _build_machine():
         cross = profile.tvm.get("cross_compiler") or f"{host['mtriple']}-g++"
-        if shutil.which(cross) is None:
+        if check_cross and shutil.which(cross) is None:
             package = f"g++-{cross[:-len('-g++')]}" if cross.endswith("-g++") else cross
             raise TargetError(f"{where}: host code for {machine} needs the cross compiler {cross}, which is not on PATH: "
                               f"apt-get install -y {package}")
@@ -507,15 +530,74 @@ def _atomic_text(path: Path, text: str) -> None:
         os.replace(Path(tmp) / path.name, path)
 
 
+def runtime_only() -> bool:
+    """True where the installed TVM is its runtime alone (no ``libtvm_compiler``): prebuilt
+    artifacts load and run, nothing compiles."""
+    return bool(getattr(_tvm().base, "_RUNTIME_ONLY", False))
+
+
+def _artifact_key(graph: OnnxGraph, profile: DeviceProfile, batch: int, fast_math: bool, sparse: str) -> dict:
+    """What a CUDA artifact was built from; a sidecar whose key differs is stale."""
+    from ..checkpoint import sha256_file
+
+    device, host, _ = _cuda_profile(profile, check_cross=False)
+    return {"onnx_sha256": sha256_file(graph.path), "tvm_target": {"target": device, "host": host}, "batch_size": batch,
+            "fast_math": fast_math, "sparse": sparse}
+
+
+def _load_cuda_artifact(graph: OnnxGraph, profile: DeviceProfile, key: dict, out_dir: Path) -> tuple[dict, object] | None:
+    """``(info, loaded module)`` from ``model.<profile>.json`` in ``out_dir`` when its key matches
+    and it holds a library for this machine, else None (with the reason in ``key["stale"]``)."""
+    from .cuda_stub import ensure_tvm_cuda_runtime
+
+    tvm = _tvm()
+    sidecar = out_dir / f"model.{profile.name}.json"
+    if not sidecar.is_file():
+        key["stale"] = f"no {sidecar}"
+        return None
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        key["stale"] = f"{sidecar} is unreadable ({err})"
+        return None
+    differs = [k for k in ("onnx_sha256", "tvm_target", "batch_size", "fast_math", "sparse")
+               if json.dumps(info.get(k), sort_keys=True) != json.dumps(key[k], sort_keys=True)]
+    if differs:
+        key["stale"] = f"{sidecar} was built from other {', '.join(differs)}"
+        return None
+    here = _build_machine()
+    library = next((a for a in info.get("artifacts", {}).values() if a.get("machine") == here), None)
+    if library is None or not Path(library["path"]).is_file():
+        key["stale"] = f"{sidecar} lists no library for {here}"
+        return None
+    driver = ensure_tvm_cuda_runtime()  # registers the CUDA module loader (a stand-in driver where none is installed)
+    try:
+        module = tvm.runtime.load_module(library["path"])
+    except Exception as err:  # a truncated or foreign file comes through TVM as a RuntimeError
+        raise TargetError(f"{library['path']}: cannot load this CUDA artifact ({err}); delete it to rebuild") from err
+    cuda_module = _find_module(module, "cuda")
+    missing = [k for k in info.get("kernels", []) if cuda_module is None or not cuda_module.implements_function(k)]
+    if missing:
+        raise TargetError(f"{library['path']}: lacks kernels {missing[:5]} that {sidecar} lists; delete both to rebuild")
+    info.update(reused=library["path"], sidecar=str(sidecar), cuda_driver=driver)
+    return info, module
+
+
 def _cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_math: bool,
-                out_dir: Path | None) -> tuple[dict, object]:
+                out_dir: Path | None, sparse: str = "off") -> tuple[dict, object]:
     """Build ``graph`` at ``batch`` for a cuda profile. With ``out_dir``: write the artifacts, load
-    the build-machine copy back and list the kernels. Returns ``(info, build-machine executable)``."""
+    the build-machine copy back and list the kernels. Returns ``(info, build-machine executable)``.
+    ``sparse="on"``: linears with at least 50% zero weights run the CSR kernel of
+    :mod:`stdeploy.targets.tvm_sparse` (its GPU schedule) instead of a dense matmul."""
     from .cuda_stub import ensure_tvm_cuda_runtime
 
     device, host, cross = _cuda_profile(profile)
     driver = ensure_tvm_cuda_runtime()
     tvm = _tvm()
+    if runtime_only():
+        raise TargetError(f"{graph.path}: building for {profile.name} needs apache-tvm's compiler and this TVM is "
+                          f"runtime-only: build on a machine with `pip install 'stdeploy[tvm]'` (the artifacts "
+                          f"model.{profile.name}.so/.json beside model.onnx are then loaded here)")
     from tvm.support import cc
 
     target = tvm.target.Target(device, host=host)
@@ -528,6 +610,13 @@ def _cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_ma
     with Timer() as t:
         mod = _relax_module(graph, batch)
     seconds["import"] = round(t.seconds, 3)
+    sparse_layers: list[dict] = []
+    if sparse == "on":
+        from .tvm_sparse import density_choice, rewrite_sparse_matmuls
+
+        with Timer() as t:
+            mod, sparse_layers = rewrite_sparse_matmuls(mod, target, density_choice(0.5))
+        seconds["sparse_rewrite"] = round(t.seconds, 3)
     with _build_lock:
         try:
             with Timer() as t:
@@ -552,9 +641,11 @@ def _cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_ma
     cuda_module = _find_module(executables["build_host"].mod, "cuda")
     if cuda_module is None or not kernels:
         raise TargetError(f"{graph.path}: the CUDA build for {profile.name} holds no compiled CUDA kernels (driver: {driver})")
+    chosen = [layer for layer in sparse_layers if layer.get("chosen") == "sparse"]
     info = {
-        "target": "tvm", "path": CudaRunnable.path_name, "profile": profile.name, "file": str(graph.path),
-        "tvm_target": {"target": device, "host": host}, "batch_size": batch, "input": list(graph.shape(batch)),
+        "target": "tvm", "path": CudaRunnable.path_name + (" + sparse kernels" if chosen else ""), "profile": profile.name,
+        "file": str(graph.path), **_artifact_key(graph, profile, batch, fast_math, sparse), "input": list(graph.shape(batch)),
+        "sparse_layers": sparse_layers,
         "cuda_driver": driver, "schedules": rules, "kernels": kernels,
         "nvcc": {k: v for k, v in nvcc_log.items() if k != "sources"},
         "densified_sparse_initializers": list(graph.densified),
@@ -601,16 +692,29 @@ def build_cuda_artifact(export_dir: str | os.PathLike, profile: str | os.PathLik
     return dict(_cuda_compile(export_dir, _resolve_profile(profile), batch_size, out_dir=out_dir, fast_math=fast_math).info)
 
 
-def _cuda_compile(export_dir, profile: DeviceProfile, batch_size: int | None, *, out_dir, fast_math: bool) -> CudaRunnable:
+def _cuda_compile(export_dir, profile: DeviceProfile, batch_size: int | None, *, out_dir, fast_math: bool,
+                  sparse: str = "off", rebuild: bool = False) -> CudaRunnable:
+    """Load the artifacts in ``out_dir`` when they were built from this ONNX file, target, batch
+    and options (``info["reused"]``), else build them (``rebuild=True``: always build)."""
     if profile.kind != "cuda":
         raise TargetError(f"device profile {profile.name} is a {profile.kind} profile; a CUDA artifact needs kind = \"cuda\"")
     batch = 1 if batch_size is None else batch_size
     if not (isinstance(batch, int) and batch >= 1):
         raise ConfigError(f"batch_size must be a positive integer, got {batch!r}")
+    if sparse not in ("on", "off"):
+        raise ConfigError(f"cuda sparse must be 'on' or 'off' (no timing at build time), got {sparse!r}")
     graph = load_onnx_graph(export_dir)
-    info, executable = _cuda_build(graph, profile, batch, fast_math=fast_math,
-                                   out_dir=Path(export_dir) if out_dir is None else Path(out_dir))
-    return CudaRunnable(graph, profile, info, executable, fast_math)
+    out = Path(export_dir) if out_dir is None else Path(out_dir)
+    key = _artifact_key(graph, profile, batch, fast_math, sparse)
+    loaded = None if rebuild else _load_cuda_artifact(graph, profile, key, out)
+    if loaded is None and runtime_only():
+        raise TargetError(f"{graph.path}: no prebuilt CUDA artifact for {profile.name} at batch {batch} ({key['stale']}), "
+                          "and this TVM is runtime-only: build it where apache-tvm's compiler is installed, e.g. "
+                          f"`stdeploy run {export_dir} --target tvm --device {profile.name} --batch {batch}`, and copy "
+                          f"model.{profile.name}.* beside model.onnx")
+    info, executable = loaded if loaded is not None else _cuda_build(graph, profile, batch, fast_math=fast_math,
+                                                                     out_dir=out, sparse=sparse)
+    return CudaRunnable(graph, profile, info, executable, fast_math, sparse)
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,6 +732,8 @@ class TVMTarget:
             tvm = _tvm()
         except ImportError as err:
             return False, str(err)
+        if runtime_only():
+            return True, f"apache-tvm {tvm.__version__} runtime only (prebuilt CUDA artifacts load and run; nothing compiles)"
         from tvm.target import codegen
 
         llvm = codegen.llvm_version_major() if hasattr(codegen, "llvm_version_major") else "?"
@@ -637,7 +743,7 @@ class TVMTarget:
     def compile(self, export_dir: str | os.PathLike, profile: DeviceProfile, batch_size: int | None = None, *,
                 out_dir: str | os.PathLike | None = None, fast_math: bool = False, schedule: str = "auto",
                 kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
-                **options) -> TVMRunnable:
+                rebuild: bool = False, **options) -> TVMRunnable:
         """A runnable for a cpu or cuda profile.
 
         ``batch_size`` compiles for that batch up front (a cpu runnable compiles any other batch
@@ -651,17 +757,20 @@ class TVMTarget:
         """
         if options:
             raise ConfigError(f"unknown tvm target option(s) {sorted(options)}; known: batch_size, out_dir, fast_math, "
-                              "schedule, kernels, sparse, database")
-        choices = {"schedule": ("auto", "tuned", "untuned"), "kernels": ("blas", "tir"), "sparse": ("auto", "off")}
+                              "schedule, kernels, sparse, database, rebuild")
+        choices = {"schedule": ("auto", "tuned", "untuned"), "kernels": ("blas", "tir"), "sparse": ("auto", "on", "off")}
         given = {"schedule": schedule, "kernels": kernels, "sparse": sparse}
         bad = [f"{k}={v!r} (one of {', '.join(choices[k])})" for k, v in given.items() if v not in choices[k]]
         if bad:
             raise ConfigError("invalid tvm option(s): " + "; ".join(bad))
         _tvm()
         if profile.kind == "cuda":
-            return _cuda_compile(export_dir, profile, batch_size, out_dir=out_dir, fast_math=fast_math)
+            return _cuda_compile(export_dir, profile, batch_size, out_dir=out_dir, fast_math=fast_math,
+                                 sparse="on" if sparse == "on" else "off", rebuild=rebuild)
         if profile.kind != "cpu":
             raise TargetError(f"device profile {profile.name} is a {profile.kind} profile; the tvm target compiles cpu and cuda profiles")
+        if sparse == "on":
+            raise ConfigError("sparse='on' is for cuda profiles; on the cpu 'auto' times the sparse kernel against BLAS per layer")
         runnable = TVMRunnable(load_onnx_graph(export_dir), profile, cpu_target(profile), export_dir, {**given, "database": database})
         if batch_size is not None:
             runnable.prepare(batch_size)
