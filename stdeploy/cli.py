@@ -263,7 +263,9 @@ def _add_tvm_args(p) -> None:
     g = p.add_argument_group("tvm cpu options")
     g.add_argument("--tvm-schedule", choices=["auto", "tuned", "untuned"], default="auto",
                    help="auto: the database of `stdeploy tune` when one exists for this batch; tuned: require it")
-    g.add_argument("--tvm-kernels", choices=["blas", "tir"], default="blas", help="matmul/conv2d as BLAS calls, or all TVM code")
+    g.add_argument("--tvm-kernels", choices=["blas", "blas-dense", "tir"], default="blas",
+                   help="blas: matmuls as BLAS calls, stride-1 convolutions skip zero inputs while the input is mostly "
+                        "zeros (BLAS otherwise); blas-dense: every matmul/conv2d as BLAS calls; tir: all TVM code")
     g.add_argument("--tvm-sparse", choices=["auto", "on", "off"], default="auto",
                    help="cpu: pruned linears on the sparse kernel where it measures faster (auto); "
                         "cuda: on = the sparse kernel for linears with >= 50%% zeros (auto = off)")
@@ -436,7 +438,8 @@ def _tune_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu device profile (name or .toml)")
     p.add_argument("--trials", type=int, default=64, help="measured candidates per task (a rerun adds only missing ones)")
     p.add_argument("--batch", type=int, default=32, help="batch size the module is tuned for")
-    p.add_argument("--kernels", choices=["blas", "tir"], default="blas", help="tune around BLAS matmul/conv2d, or tune them too")
+    p.add_argument("--kernels", choices=["blas", "blas-dense", "tir"], default="blas",
+                   help="tune around the BLAS / spike-adaptive kernels (blas, blas-dense), or tune them too (tir)")
     p.add_argument("--sparse", choices=["auto", "off"], default="auto", help="pruned linears on the sparse kernel where faster")
 
 

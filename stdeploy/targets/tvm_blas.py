@@ -9,7 +9,9 @@ onnxruntime. This module rewrites, in the Relax graph,
 
 into ``R.call_dps_packed`` calls of packed functions registered here, which run the product
 with numpy's BLAS on zero-copy DLPack views of TVM's buffers (the convolution as an im2col
-matrix product). Everything else (the LIF recurrences, pooling, reductions) stays TVM code.
+matrix product; with ``spike_conv_target``, stride-1 convolutions go to the spike-adaptive kernel
+of :mod:`stdeploy.targets.tvm_spikeconv` instead, which falls back to this product for dense
+inputs). Everything else (the LIF recurrences, pooling, reductions) stays TVM code.
 It is the CPU path's default when no tuning database exists; ``stdeploy tune`` then tunes what
 remains in TIR (see :mod:`stdeploy.targets.tvm_tune`).
 
@@ -80,23 +82,29 @@ def _conv_name(stride, padding) -> str:
 
 @dataclass(frozen=True)
 class Offloaded:
-    op: str        # "matmul" or "conv2d"
+    op: str        # "matmul", "conv2d" or "spike-conv2d"
     shape: tuple   # weight shape
     out: tuple     # output shape
+    kernel: object = None   # spike-conv2d: its SpikeConv (call statistics in .stats)
 
 
 def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def offload_to_blas(mod, *, matmul: bool = True, conv2d: bool = True):
+def offload_to_blas(mod, *, matmul: bool = True, conv2d: bool = True, spike_conv_target: dict | None = None):
     """``(new_mod, [Offloaded, ...])``: ``mod`` with its constant-weight matmuls and plain NCHW
     convolutions turned into calls of the BLAS packed functions (registered on first use).
+    With ``spike_conv_target`` (the CPU target), stride-1 convolutions become
+    :func:`stdeploy.targets.tvm_spikeconv.adaptive_conv` calls instead: the accumulate-only
+    kernel while the input is mostly zeros (spikes), BLAS otherwise (op ``spike-conv2d``).
     Operators that do not fit (dynamic shapes, grouped or dilated convolutions, non-constant
     weights) are left to TVM and not listed."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from . import tvm_spikeconv
 
     _register(MATMUL, _matmul)
     op_matmul, op_conv = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.nn.conv2d")
@@ -129,6 +137,12 @@ def offload_to_blas(mod, *, matmul: bool = True, conv2d: bool = True):
                         or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"):
                     return call
                 stride, padding = _ints(a.strides), _ints(a.padding)
+                x_shape = static_out(call.args[0])
+                if spike_conv_target is not None and x_shape is not None and tvm_spikeconv.applicable(
+                        x_shape, _ints(weight.value.shape), stride, padding):
+                    name, conv = tvm_spikeconv.adaptive_conv(x_shape, weight.value.numpy(), padding, spike_conv_target)
+                    done.append(Offloaded("spike-conv2d", _ints(weight.value.shape), out, conv))
+                    return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)
                 name = _register(_conv_name(stride, padding), _conv2d_func(stride, padding))
                 done.append(Offloaded("conv2d", _ints(weight.value.shape), out))
                 return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)

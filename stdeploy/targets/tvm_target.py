@@ -10,7 +10,9 @@ CPU profiles (``kind = "cpu"``)
     time: ``"native"`` is refused by this wheel's LLVM) and ``num-cores`` = the usable cores,
     then ``tvm.compile`` and ``relax.VirtualMachine`` on ``tvm.cpu()``. Plain TVM code gives
     matrix products no schedule (an order of magnitude slower than onnxruntime, STACK.md), so by
-    default (``kernels="blas"``) matmuls and convolutions run as BLAS calls
+    default (``kernels="blas"``) matmuls run as BLAS calls and stride-1 convolutions as a kernel
+    that skips zero inputs while the input is mostly spikes (:mod:`stdeploy.targets.tvm_spikeconv`;
+    BLAS otherwise and with ``kernels="blas-dense"``)
     (:mod:`stdeploy.targets.tvm_blas`), pruned linears that measure faster sparse run a sparse
     kernel (:mod:`stdeploy.targets.tvm_sparse`, ``sparse="auto"``), and the rest is TVM code,
     MetaSchedule-tuned when ``stdeploy tune`` left a database for this model, device and batch
@@ -758,7 +760,7 @@ class TVMTarget:
         if options:
             raise ConfigError(f"unknown tvm target option(s) {sorted(options)}; known: batch_size, out_dir, fast_math, "
                               "schedule, kernels, sparse, database, rebuild")
-        choices = {"schedule": ("auto", "tuned", "untuned"), "kernels": ("blas", "tir"), "sparse": ("auto", "on", "off")}
+        choices = {"schedule": ("auto", "tuned", "untuned"), "kernels": ("blas", "blas-dense", "tir"), "sparse": ("auto", "on", "off")}
         given = {"schedule": schedule, "kernels": kernels, "sparse": sparse}
         bad = [f"{k}={v!r} (one of {', '.join(choices[k])})" for k, v in given.items() if v not in choices[k]]
         if bad:
