@@ -140,8 +140,9 @@ def load_dataset(
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-                drop_last: bool = False, sampler=None) -> DataLoader:
-    """A single-process DataLoader whose order depends only on ``(seed, epoch)``.
+                drop_last: bool = False, sampler=None, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose order and items depend only on ``(seed, epoch)``, whatever ``num_workers``
+    (each item's augmentation draws from its own generator seeded by seed, epoch and index).
 
     Call it once per epoch. When shuffling, the permutation comes from a generator seeded with
     ``seed * 1000 + epoch``; a dataset with a ``set_epoch`` method (augmented train splits) is
@@ -151,12 +152,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     if shuffle and sampler is not None:
         raise DataError("pass either shuffle=True or a sampler, not both")
+    if not (isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0):
+        raise DataError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     set_epoch = getattr(dataset, "set_epoch", None)
     if callable(set_epoch):
         set_epoch(epoch)
     generator = torch.Generator().manual_seed(seed * 1000 + epoch) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-                      drop_last=drop_last, num_workers=0, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last,
+                      num_workers=num_workers, generator=generator, pin_memory=pin_memory)
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "auto"             # "auto" (cuda when present), "cpu", "cuda"
     amp: bool = True                 # bf16/fp16 autocast on CUDA; ignored on CPU
     eval_batch_size: int = 256
+    workers: int = 0                 # DataLoader worker processes (0: load in the training process)
 
     def __post_init__(self):
         problems = []
@@ -92,6 +93,8 @@ class TrainConfig:
             problems.append(f"max_steps must be None or a positive integer, got {self.max_steps!r}")
         if not (isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1):
             problems.append(f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}")
+        if not (isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 0):
+            problems.append(f"workers must be an integer >= 0, got {self.workers!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be auto, cpu or cuda, got {self.device!r}")
         if problems:
@@ -312,7 +315,8 @@ def train(model: nn.Module, data: DataSplit, cfg: TrainConfig, out: str | os.Pat
         torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation and anything else random: fixed per epoch
         if sampler is not None:
             sampler.set_epoch(epoch)
-        loader = make_loader(data.train, cfg.batch_size, shuffle=sampler is None, seed=cfg.seed, epoch=epoch, sampler=sampler)
+        loader = make_loader(data.train, cfg.batch_size, shuffle=sampler is None, seed=cfg.seed, epoch=epoch, sampler=sampler,
+                             num_workers=cfg.workers, pin_memory=device.type == "cuda")
         net.train()
         seen = correct = 0
         loss_sum = 0.0

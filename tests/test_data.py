@@ -423,3 +423,20 @@ def test_make_loader_is_deterministic_per_seed_and_epoch():
         make_loader(dataset, 8, shuffle=True, sampler=sampler)
     with pytest.raises(DataError, match="batch_size must be a positive integer"):
         make_loader(dataset, 0, shuffle=False)
+
+
+def test_worker_processes_load_the_same_batches(tmp_path):
+    """make_loader(num_workers=N) gives the same shuffled, augmented batches as loading in the
+    training process (each item's draw depends on seed, epoch and index only)."""
+    from stdeploy.synthetic import write_dvs
+
+    split = load_dataset("dvs", write_dvs(tmp_path / "events", per_class=4), augment=True, image_size=16, timesteps=3,
+                         test_fraction=0.25, roll=2, seed=3)
+    for epoch in (0, 1):
+        alone = list(make_loader(split.train, 4, shuffle=True, seed=3, epoch=epoch))
+        workers = list(make_loader(split.train, 4, shuffle=True, seed=3, epoch=epoch, num_workers=2))
+        assert len(alone) == len(workers) == 3
+        for (xa, ya), (xw, yw) in zip(alone, workers):
+            assert torch.equal(xa, xw) and torch.equal(ya, yw)
+    with pytest.raises(DataError, match="num_workers must be an integer >= 0"):
+        make_loader(split.train, 4, shuffle=False, num_workers=-1)

@@ -90,6 +90,8 @@ def test_bad_train_config():
         TrainConfig(epochs=-1)
     with pytest.raises(ConfigError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="workers must be an integer >= 0"):
+        TrainConfig(workers=-2)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             train(build_model("sdt-tiny"), small_digits(), TrainConfig(epochs=1, device="cuda"), progress=False)
