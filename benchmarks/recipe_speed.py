@@ -58,9 +58,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stdeploy.checkpoint import atomic_write_text  # noqa: E402
 from stdeploy.data import make_loader  # noqa: E402
 from stdeploy.errors import StdeployError  # noqa: E402
 from stdeploy.models import build_model  # noqa: E402
+from stdeploy.profile.latency import percentile  # noqa: E402
 from stdeploy.recipes import RECIPE_DIR, load_recipe, parse_set  # noqa: E402
 from stdeploy.synthetic import write_dataset  # noqa: E402
 from stdeploy.train import count_params, evaluate, resolve_device, train  # noqa: E402
@@ -183,14 +185,6 @@ def amp_dtype(device: torch.device, amp: bool) -> str:
 def amp_label(amp: bool, dtype: str) -> str:
     """``on (bf16)``, ``off (fp32)``; ``on (fp32)`` on the CPU, where train() ignores amp."""
     return f"{'on' if amp else 'off'} ({dtype})"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile ``q`` (0-100) of ``values``."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def free_memory(device: torch.device) -> None:
@@ -373,12 +367,7 @@ def write_outputs(doc: dict, args) -> None:
     for target, text in ((args.out, json.dumps(doc, indent=1, default=str)), (args.markdown, markdown(doc))):
         if not target:
             continue
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(target, text)
 
 
 def environment(device: torch.device) -> dict:

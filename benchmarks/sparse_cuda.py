@@ -100,6 +100,7 @@ def run(folder: Path, repeats: int) -> list[dict]:
     from tvm.runtime.vm import VirtualMachine
 
     from stdeploy.targets.cuda_stub import ensure_tvm_cuda_runtime
+    from stdeploy.targets.tvm_sparse import CSRWeight, kernel_arrays
 
     ensure_tvm_cuda_runtime()
     dev = tvm.cuda()
@@ -110,14 +111,12 @@ def run(folder: Path, repeats: int) -> list[dict]:
     for m, k, n, s in meta["cases"]:
         name = case_name(m, k, n, s)
         arrays = np.load(folder / f"{name}.npz")
-        indptr, indices, values = arrays["indptr"], arrays["indices"], arrays["values"]
-        w = np.zeros((k, n), np.float32)
-        for col in range(n):  # CSR by output feature: row ``col`` of W^T
-            w[indices[indptr[col]:indptr[col + 1]], col] = values[indptr[col]:indptr[col + 1]]
+        csr = CSRWeight(arrays["indptr"], arrays["indices"], arrays["values"], (k, n))
+        indptr, indices, values = kernel_arrays(csr)
+        w = csr.to_dense()
         x = spikes(m, k)
         lib = tvm.runtime.load_module(str(folder / f"{name}.sparse.so"))
-        args = [tvm.runtime.tensor(a, device=dev) for a in (x, indptr, indices if len(indices) else np.zeros(1, np.int32),
-                                                             values if len(values) else np.zeros(1, np.float32))]
+        args = [tvm.runtime.tensor(a, device=dev) for a in (x, indptr, indices, values)]
         y = tvm.runtime.tensor(np.zeros((m, n), np.float32), device=dev)
         kernel = lib["main"]
         kernel(*args, y)

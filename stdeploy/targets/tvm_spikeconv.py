@@ -112,20 +112,19 @@ def adaptive_conv(x_shape: tuple, weight: np.ndarray, padding: tuple, target, ma
     otherwise (``SpikeConv.stats`` counts the calls of each path)."""
     import tvm_ffi
 
-    from .tvm_blas import _views, conv2d_nchw
+    from .tvm_blas import _conv2d_func
 
     conv = SpikeConv(tuple(int(v) for v in x_shape), np.asarray(weight, dtype=np.float32), tuple(padding), target)
     limit = max_density * int(np.prod(conv.x_shape))
+    blas = _conv2d_func((1, 1), conv.padding)
 
     def run(x, w, out) -> None:
-        a = np.from_dlpack(x)
-        if np.count_nonzero(a) <= limit:
+        if np.count_nonzero(np.from_dlpack(x)) <= limit:
             conv.stats["scatter"] += 1
             conv(x, out)
         else:
             conv.stats["blas"] += 1
-            _, k, o = _views(x, w, out)
-            o[...] = conv2d_nchw(a, k, (1, 1), conv.padding)
+            blas(x, w, out)
 
     name = f"stdeploy.spikeconv.{next(_ids)}"
     tvm_ffi.register_global_func(name, run, override=True)

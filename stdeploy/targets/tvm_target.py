@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import atomic_write_text, sha256_file
 from ..errors import ConfigError, ShapeError
 from .base import RunResult, TargetError, Timer, read_manifest
 from .profiles import DeviceProfile, load_profile
@@ -334,10 +335,6 @@ class CudaRunnable(TVMRunnable):
 
         shape = self.graph.shape(batch)
         if shape not in self._executables:  # another batch: build for this machine only, write nothing
-            if runtime_only():
-                raise TargetError(f"{self.info.get('artifacts', {}).get('device', {}).get('path', self.graph.path)} was built "
-                                  f"for batch {self.info['batch_size']}; batch {batch} needs a build, and this TVM is "
-                                  f"runtime-only: build it on a machine with apache-tvm's compiler (batch_size={batch})")
             _, self._executables[shape] = _cuda_build(self.graph, self.profile, batch, fast_math=self.fast_math,
                                                       out_dir=None, sparse=self.sparse)
         return VirtualMachine(self._executables[shape], tvm.cuda())
@@ -526,12 +523,6 @@ def _export(ex, path: Path, fcompile=None) -> dict:
     return {"path": str(path), "bytes": path.stat().st_size, "machine": elf_machine(path)}
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
-        (Path(tmp) / path.name).write_text(text)
-        os.replace(Path(tmp) / path.name, path)
-
-
 def runtime_only() -> bool:
     """True where the installed TVM is its runtime alone (no ``libtvm_compiler``): prebuilt
     artifacts load and run, nothing compiles."""
@@ -540,38 +531,31 @@ def runtime_only() -> bool:
 
 def _artifact_key(graph: OnnxGraph, profile: DeviceProfile, batch: int, fast_math: bool, sparse: str) -> dict:
     """What a CUDA artifact was built from; a sidecar whose key differs is stale."""
-    from ..checkpoint import sha256_file
-
     device, host, _ = _cuda_profile(profile, check_cross=False)
     return {"onnx_sha256": sha256_file(graph.path), "tvm_target": {"target": device, "host": host}, "batch_size": batch,
             "fast_math": fast_math, "sparse": sparse}
 
 
-def _load_cuda_artifact(graph: OnnxGraph, profile: DeviceProfile, key: dict, out_dir: Path) -> tuple[dict, object] | None:
-    """``(info, loaded module)`` from ``model.<profile>.json`` in ``out_dir`` when its key matches
-    and it holds a library for this machine, else None (with the reason in ``key["stale"]``)."""
+def _load_cuda_artifact(profile: DeviceProfile, key: dict, out_dir: Path) -> tuple[tuple[dict, object] | None, str]:
+    """``((info, loaded module), "")`` from ``model.<profile>.json`` in ``out_dir`` when its key
+    matches and it lists a library for this machine, else ``(None, why not)``."""
     from .cuda_stub import ensure_tvm_cuda_runtime
 
     tvm = _tvm()
     sidecar = out_dir / f"model.{profile.name}.json"
     if not sidecar.is_file():
-        key["stale"] = f"no {sidecar}"
-        return None
+        return None, f"no {sidecar}"
     try:
         info = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        key["stale"] = f"{sidecar} is unreadable ({err})"
-        return None
-    differs = [k for k in ("onnx_sha256", "tvm_target", "batch_size", "fast_math", "sparse")
-               if json.dumps(info.get(k), sort_keys=True) != json.dumps(key[k], sort_keys=True)]
+        return None, f"{sidecar} is unreadable ({err})"
+    differs = [k for k in key if json.dumps(info.get(k), sort_keys=True) != json.dumps(key[k], sort_keys=True)]
     if differs:
-        key["stale"] = f"{sidecar} was built from other {', '.join(differs)}"
-        return None
+        return None, f"{sidecar} was built from other {', '.join(differs)}"
     here = _build_machine()
     library = next((a for a in info.get("artifacts", {}).values() if a.get("machine") == here), None)
     if library is None or not Path(library["path"]).is_file():
-        key["stale"] = f"{sidecar} lists no library for {here}"
-        return None
+        return None, f"{sidecar} lists no library for {here}"
     driver = ensure_tvm_cuda_runtime()  # registers the CUDA module loader (a stand-in driver where none is installed)
     try:
         module = tvm.runtime.load_module(library["path"])
@@ -582,24 +566,25 @@ def _load_cuda_artifact(graph: OnnxGraph, profile: DeviceProfile, key: dict, out
     if missing:
         raise TargetError(f"{library['path']}: lacks kernels {missing[:5]} that {sidecar} lists; delete both to rebuild")
     info.update(reused=library["path"], sidecar=str(sidecar), cuda_driver=driver)
-    return info, module
+    return (info, module), ""
 
 
 def _cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_math: bool,
-                out_dir: Path | None, sparse: str = "off") -> tuple[dict, object]:
+                out_dir: Path | None, sparse: str = "off", key: dict | None = None) -> tuple[dict, object]:
     """Build ``graph`` at ``batch`` for a cuda profile. With ``out_dir``: write the artifacts, load
     the build-machine copy back and list the kernels. Returns ``(info, build-machine executable)``.
     ``sparse="on"``: linears with at least 50% zero weights run the CSR kernel of
-    :mod:`stdeploy.targets.tvm_sparse` (its GPU schedule) instead of a dense matmul."""
+    :mod:`stdeploy.targets.tvm_sparse` (its GPU schedule) instead of a dense matmul. ``key``:
+    :func:`_artifact_key` of these inputs when the caller has it."""
     from .cuda_stub import ensure_tvm_cuda_runtime
 
     device, host, cross = _cuda_profile(profile)
     driver = ensure_tvm_cuda_runtime()
     tvm = _tvm()
     if runtime_only():
-        raise TargetError(f"{graph.path}: building for {profile.name} needs apache-tvm's compiler and this TVM is "
-                          f"runtime-only: build on a machine with `pip install 'stdeploy[tvm]'` (the artifacts "
-                          f"model.{profile.name}.so/.json beside model.onnx are then loaded here)")
+        raise TargetError(f"{graph.path}: building for {profile.name} at batch {batch} needs apache-tvm's compiler and "
+                          f"this TVM is runtime-only: build on a machine with `pip install 'stdeploy[tvm]'` (the "
+                          f"artifacts model.{profile.name}.so/.json beside model.onnx are then loaded here)")
     from tvm.support import cc
 
     target = tvm.target.Target(device, host=host)
@@ -646,7 +631,8 @@ def _cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_ma
     chosen = [layer for layer in sparse_layers if layer.get("chosen") == "sparse"]
     info = {
         "target": "tvm", "path": CudaRunnable.path_name + (" + sparse kernels" if chosen else ""), "profile": profile.name,
-        "file": str(graph.path), **_artifact_key(graph, profile, batch, fast_math, sparse), "input": list(graph.shape(batch)),
+        "file": str(graph.path), **(key or _artifact_key(graph, profile, batch, fast_math, sparse)),
+        "input": list(graph.shape(batch)),
         "sparse_layers": sparse_layers,
         "cuda_driver": driver, "schedules": rules, "kernels": kernels,
         "nvcc": {k: v for k, v in nvcc_log.items() if k != "sources"},
@@ -671,7 +657,7 @@ def _cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_ma
     info["build_seconds"] = seconds
     if out_dir is not None:
         sidecar = Path(out_dir) / f"model.{profile.name}.json"
-        _atomic_text(sidecar, json.dumps(info, indent=2) + "\n")
+        atomic_write_text(sidecar, json.dumps(info, indent=2) + "\n")
         info["sidecar"] = str(sidecar)
     return info, executables["build_host"]
 
@@ -708,14 +694,13 @@ def _cuda_compile(export_dir, profile: DeviceProfile, batch_size: int | None, *,
     graph = load_onnx_graph(export_dir)
     out = Path(export_dir) if out_dir is None else Path(out_dir)
     key = _artifact_key(graph, profile, batch, fast_math, sparse)
-    loaded = None if rebuild else _load_cuda_artifact(graph, profile, key, out)
+    loaded, stale = (None, "rebuild asked for") if rebuild else _load_cuda_artifact(profile, key, out)
     if loaded is None and runtime_only():
-        raise TargetError(f"{graph.path}: no prebuilt CUDA artifact for {profile.name} at batch {batch} ({key['stale']}), "
+        raise TargetError(f"{graph.path}: no prebuilt CUDA artifact for {profile.name} at batch {batch} ({stale}), "
                           "and this TVM is runtime-only: build it where apache-tvm's compiler is installed, e.g. "
-                          f"`stdeploy run {export_dir} --target tvm --device {profile.name} --batch {batch}`, and copy "
+                          f"`stdeploy run {export_dir} --target tvm --device {profile.name} --batch-size {batch}`, and copy "
                           f"model.{profile.name}.* beside model.onnx")
-    info, executable = loaded if loaded is not None else _cuda_build(graph, profile, batch, fast_math=fast_math,
-                                                                     out_dir=out, sparse=sparse)
+    info, executable = loaded or _cuda_build(graph, profile, batch, fast_math=fast_math, out_dir=out, sparse=sparse, key=key)
     return CudaRunnable(graph, profile, info, executable, fast_math, sparse)
 
 
