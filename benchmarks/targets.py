@@ -11,9 +11,7 @@ to onnxruntime on the dense model, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,20 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stdeploy.data import load_dataset  # noqa: E402
 from stdeploy.deploy import DEFAULT_DEVICE, reference_model  # noqa: E402
 from stdeploy.models import direct_encode  # noqa: E402
-from stdeploy.targets.base import get_target, target_names  # noqa: E402
+from stdeploy.targets.base import get_target, median_time, target_names  # noqa: E402
 from stdeploy.targets.profiles import load_profile  # noqa: E402
 
 DEMO = Path("runs/demo/export")
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles lazily where a runtime does)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> int:

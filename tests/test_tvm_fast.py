@@ -97,12 +97,12 @@ def test_tune_writes_a_database_that_run_uses(tuned):
     logits, spikes = reference(x, w1, w2)
     runnable = TVMTarget().compile(d, load_profile("cpu"), batch_size=B, sparse="off")
     result = runnable.run(x)
-    assert result.info["path"] == "BLAS matmul/conv2d + MetaSchedule-tuned TIR"
+    assert result.info["path"] == "spike-adaptive matmul + BLAS matmul/conv2d + MetaSchedule-tuned TIR"
     assert result.info["builds"][str(B)]["database"] == db
     np.testing.assert_array_equal(result.spikes, spikes)
     np.testing.assert_allclose(result.logits, logits, rtol=0, atol=1e-5)
     other = runnable.run(x[:, :3])  # another batch: no database for it, said so
-    assert other.info["builds"]["3"]["path"] == "BLAS matmul/conv2d + untuned TIR"
+    assert other.info["builds"]["3"]["path"] == "spike-adaptive matmul + BLAS matmul/conv2d + untuned TIR"
     np.testing.assert_array_equal(other.spikes, spikes[:, :3])
 
 
@@ -134,7 +134,7 @@ def test_corrupt_database_is_named_and_run_falls_back(tuned, tmp_path):
     x = np.random.default_rng(4).random((T, B, 1, 2, 2), dtype=np.float32)
     with pytest.warns(UserWarning, match=r"database_tuning_record.json, line 1: corrupt tuning database .*; running without the tuning database"):
         result = TVMTarget().compile(d, load_profile("cpu"), batch_size=B, sparse="off").run(x)
-    assert result.info["path"] == "BLAS matmul/conv2d + untuned TIR"
+    assert result.info["path"] == "spike-adaptive matmul + BLAS matmul/conv2d + untuned TIR"
     assert "corrupt" in result.info["builds"][str(B)]["database_problem"]
     np.testing.assert_array_equal(result.spikes, reference(x, w1, w2)[1])
 

@@ -1,7 +1,8 @@
 """The accumulate-only convolution (stdeploy.targets.tvm_spikeconv): equal to the dense convolution
 for spikes and for any real input, at several shapes and paddings; the adaptive packed function
-picks the scatter kernel for mostly-zero inputs and BLAS otherwise, and says which; the CPU
-module uses it by default and keeps PyTorch's spikes."""
+picks the gather kernel up to its density threshold and BLAS above, and says which; the measured
+threshold is where the two cost the same; the CPU module uses it by default and keeps PyTorch's
+spikes."""
 
 import numpy as np
 import pytest
@@ -31,9 +32,11 @@ def torch_conv(x, w, padding):
     ((2, 3, 6, 5), (8, 3, 3, 2), (0, 1, 2, 0)),     # asymmetric kernel and padding
     ((2, 2, 5, 5), (3, 2, 1, 1), (0, 0, 0, 0)),     # 1x1
     ((1, 16, 4, 4), (32, 16, 3, 3), (2, 2, 2, 2)),  # padding = kernel - 1: a "full" convolution
+    ((9, 3, 5, 4), (96, 3, 3, 3), (1, 1, 1, 1)),    # two output-channel tiles (96 = 3 x 32), images split unevenly
+    ((2, 5, 4, 4), (7, 5, 3, 3), (1, 1, 1, 1)),     # an odd channel count
 ])
 @pytest.mark.parametrize("kind", ["spikes", "real"])
-def test_scatter_kernel_equals_the_dense_convolution(target, x_shape, w_shape, padding, kind):
+def test_gather_kernel_equals_the_dense_convolution(target, x_shape, w_shape, padding, kind):
     import tvm
 
     rng = np.random.default_rng(0)
@@ -61,10 +64,10 @@ def test_adaptive_conv_picks_the_path_by_density(target):
 
     rng = np.random.default_rng(1)
     x_shape, w = (4, 8, 6, 6), rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
-    name, conv = tvm_spikeconv.adaptive_conv(x_shape, w, (1, 1, 1, 1), target)
+    name, conv = tvm_spikeconv.adaptive_conv(x_shape, w, (1, 1, 1, 1), target, max_density=0.2)
     run = tvm_ffi.get_global_func(name)
     wt = tvm.runtime.tensor(w)
-    for density, path in ((0.05, "scatter"), (0.12, "scatter"), (0.6, "blas"), (1.0, "blas")):
+    for density, path in ((0.0, "gather"), (0.05, "gather"), (0.12, "gather"), (0.6, "blas"), (1.0, "blas")):
         x = (rng.random(x_shape) < density).astype(np.float32)
         expected = conv2d_nchw(x, w, (1, 1), (1, 1, 1, 1))
         out = tvm.runtime.tensor(np.zeros(expected.shape, np.float32))
@@ -72,6 +75,28 @@ def test_adaptive_conv_picks_the_path_by_density(target):
         run(tvm.runtime.tensor(x), wt, out)
         assert conv.stats[path] == before[path] + 1, (density, conv.stats)
         np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=2e-5)
+
+
+def test_density_is_estimated_from_whole_images():
+    x = np.zeros((64, 2, 3, 3), np.float32)
+    x[::4] = 1.0                           # every fourth image all ones
+    image = 2 * 3 * 3
+    assert tvm_spikeconv.density(x, image, sample=16) == 1.0    # images 0, 4, 8, ... sampled
+    assert tvm_spikeconv.density(x, image, sample=64) == 0.25   # all of them
+    assert tvm_spikeconv.density(x, 3, sample=10**6) == 0.25    # rows of 3: all of them
+    assert tvm_spikeconv.density(np.zeros((3, 5), np.float32), 5, sample=1) == 0.0
+
+
+def test_measured_crossover_separates_the_paths(target):
+    """The calibrated threshold: where the kernel's cost line (measured at 0% and 25% ones) meets
+    BLAS's. Timing decides its value, so the test checks what must hold whatever the machine: a
+    one-channel convolution (9 multiply-adds per output pixel) beats im2col + BLAS even dense, and
+    a 64-channel one with spikes at 5% is below its threshold."""
+    rng = np.random.default_rng(2)
+    _, one = tvm_spikeconv.adaptive_conv((64, 1, 8, 8), rng.normal(size=(32, 1, 3, 3)).astype(np.float32), (1, 1, 1, 1), target)
+    assert one.max_density > 0.5
+    _, wide = tvm_spikeconv.adaptive_conv((64, 64, 4, 4), rng.normal(size=(64, 64, 3, 3)).astype(np.float32), (1, 1, 1, 1), target)
+    assert 0.05 < wide.max_density <= 1.0
 
 
 def test_offload_uses_it_for_stride_one_convolutions(target):
@@ -84,8 +109,44 @@ def test_offload_uses_it_for_stride_one_convolutions(target):
     with bb.function("main", [x]):
         a = bb.emit(relax.op.nn.conv2d(x, w1, padding=[1, 1, 1, 1]))
         bb.emit_func_output(bb.emit(relax.op.nn.conv2d(a, w2, strides=[2, 2], padding=[1, 1, 1, 1])))
-    mod, done = offload_to_blas(bb.get(), spike_conv_target=target)
+    mod, done = offload_to_blas(bb.get(), spike_target=target)
     assert [o.op for o in done] == ["spike-conv2d", "conv2d"]   # the strided one stays on BLAS
     assert "stdeploy.spikeconv." in mod.script() and "R.nn.conv2d" not in mod.script()
     _, plain = offload_to_blas(bb.get())
     assert [o.op for o in plain] == ["conv2d", "conv2d"]
+
+
+@pytest.mark.parametrize("x_shape,n", [
+    ((4, 3, 5, 64), 64),    # (T, B, tokens, D) as the attention's linears see it
+    ((7, 48), 96),          # rows split unevenly between tasks; 96 outputs as three tiles of 32
+    ((5, 10), 3),           # narrow output
+])
+@pytest.mark.parametrize("kind", ["spikes", "real"])
+def test_gather_matmul_equals_the_dense_product(target, x_shape, n, kind):
+    import tvm
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(x_shape[-1], n)).astype(np.float32)
+    x = ((rng.random(x_shape) < 0.15) if kind == "spikes" else rng.normal(size=x_shape)).astype(np.float32)
+    mm = tvm_spikeconv.SpikeMatmul(x_shape, w, target)
+    expected = x @ w
+    out = tvm.runtime.tensor(np.full(expected.shape, np.nan, np.float32))
+    mm(tvm.runtime.tensor(x), out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=2e-5)
+
+
+def test_adaptive_matmul_picks_the_path_by_density(target):
+    import tvm
+    import tvm_ffi
+
+    rng = np.random.default_rng(4)
+    x_shape, w = (2, 40, 32), rng.normal(size=(32, 16)).astype(np.float32)
+    name, mm = tvm_spikeconv.adaptive_matmul(x_shape, w, target, max_density=0.3)
+    run = tvm_ffi.get_global_func(name)
+    for density, path in ((0.1, "gather"), (0.9, "blas")):
+        x = (rng.random(x_shape) < density).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((2, 40, 16), np.float32))
+        before = dict(mm.stats)
+        run(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        assert mm.stats[path] == before[path] + 1, (density, mm.stats)
+        np.testing.assert_allclose(out.numpy(), x @ w, rtol=0, atol=2e-5)

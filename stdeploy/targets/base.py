@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,18 @@ def read_manifest(export_dir: str | Path, needs: str) -> tuple[Path, dict]:
     if not path.exists():
         raise TargetError(f"{export_dir}: manifest lists {path.name}, which is missing")
     return path, manifest
+
+
+def median_time(fn, repeats: int = 3) -> float:
+    """Median seconds of ``repeats`` calls of ``fn()`` after one warm-up call (which compiles
+    lazily where a runtime does)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class Timer:

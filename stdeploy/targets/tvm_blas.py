@@ -9,9 +9,9 @@ onnxruntime. This module rewrites, in the Relax graph,
 
 into ``R.call_dps_packed`` calls of packed functions registered here, which run the product
 with numpy's BLAS on zero-copy DLPack views of TVM's buffers (the convolution as an im2col
-matrix product; with ``spike_conv_target``, stride-1 convolutions go to the spike-adaptive kernel
-of :mod:`stdeploy.targets.tvm_spikeconv` instead, which falls back to this product for dense
-inputs). Everything else (the LIF recurrences, pooling, reductions) stays TVM code.
+matrix product; with ``spike_target``, matmuls and stride-1 convolutions go to the spike-adaptive
+kernels of :mod:`stdeploy.targets.tvm_spikeconv` instead, which fall back to these products for
+dense inputs). Everything else (the LIF recurrences, pooling, reductions) stays TVM code.
 It is the CPU path's default when no tuning database exists; ``stdeploy tune`` then tunes what
 remains in TIR (see :mod:`stdeploy.targets.tvm_tune`).
 
@@ -82,22 +82,23 @@ def _conv_name(stride, padding) -> str:
 
 @dataclass(frozen=True)
 class Offloaded:
-    op: str        # "matmul", "conv2d" or "spike-conv2d"
+    op: str        # "matmul", "conv2d", "spike-matmul" or "spike-conv2d"
     shape: tuple   # weight shape
     out: tuple     # output shape
-    kernel: object = None   # spike-conv2d: its SpikeConv (call statistics in .stats)
+    kernel: object = None   # spike-*: its SpikeConv / SpikeMatmul (call statistics in .stats)
 
 
 def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def offload_to_blas(mod, *, matmul: bool = True, conv2d: bool = True, spike_conv_target: dict | None = None):
+def offload_to_blas(mod, *, matmul: bool = True, conv2d: bool = True, spike_target: dict | None = None):
     """``(new_mod, [Offloaded, ...])``: ``mod`` with its constant-weight matmuls and plain NCHW
     convolutions turned into calls of the BLAS packed functions (registered on first use).
-    With ``spike_conv_target`` (the CPU target), stride-1 convolutions become
-    :func:`stdeploy.targets.tvm_spikeconv.adaptive_conv` calls instead: the accumulate-only
-    kernel while the input is mostly zeros (spikes), BLAS otherwise (op ``spike-conv2d``).
+    With ``spike_target`` (the CPU target), stride-1 convolutions and matmuls become
+    :func:`stdeploy.targets.tvm_spikeconv.adaptive_conv` / ``adaptive_matmul`` calls instead: the
+    accumulate-only kernel while the input is mostly zeros (spikes), BLAS otherwise (ops
+    ``spike-conv2d``, ``spike-matmul``).
     Operators that do not fit (dynamic shapes, grouped or dilated convolutions, non-constant
     weights) are left to TVM and not listed."""
     import tvm
@@ -129,6 +130,11 @@ def offload_to_blas(mod, *, matmul: bool = True, conv2d: bool = True, spike_conv
             if out is None or weight.value.dtype != "float32":
                 return call
             if matmul and call.op == op_matmul and len(weight.value.shape) == 2:
+                x_shape = static_out(call.args[0])
+                if spike_target is not None and x_shape is not None and len(x_shape) >= 2:
+                    name, mm = tvm_spikeconv.adaptive_matmul(x_shape, weight.value.numpy(), spike_target)
+                    done.append(Offloaded("spike-matmul", _ints(weight.value.shape), out, mm))
+                    return relax.call_dps_packed(name, relax.Tuple(list(call.args)), out_ty=call.ty)
                 done.append(Offloaded("matmul", _ints(weight.value.shape), out))
                 return relax.call_dps_packed(MATMUL, relax.Tuple(list(call.args)), out_ty=call.ty)
             if conv2d and call.op == op_conv:
@@ -138,9 +144,9 @@ def offload_to_blas(mod, *, matmul: bool = True, conv2d: bool = True, spike_conv
                     return call
                 stride, padding = _ints(a.strides), _ints(a.padding)
                 x_shape = static_out(call.args[0])
-                if spike_conv_target is not None and x_shape is not None and tvm_spikeconv.applicable(
+                if spike_target is not None and x_shape is not None and tvm_spikeconv.applicable(
                         x_shape, _ints(weight.value.shape), stride, padding):
-                    name, conv = tvm_spikeconv.adaptive_conv(x_shape, weight.value.numpy(), padding, spike_conv_target)
+                    name, conv = tvm_spikeconv.adaptive_conv(x_shape, weight.value.numpy(), padding, spike_target)
                     done.append(Offloaded("spike-conv2d", _ints(weight.value.shape), out, conv))
                     return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)
                 name = _register(_conv_name(stride, padding), _conv2d_func(stride, padding))

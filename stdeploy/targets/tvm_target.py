@@ -10,10 +10,9 @@ CPU profiles (``kind = "cpu"``)
     time: ``"native"`` is refused by this wheel's LLVM) and ``num-cores`` = the usable cores,
     then ``tvm.compile`` and ``relax.VirtualMachine`` on ``tvm.cpu()``. Plain TVM code gives
     matrix products no schedule (an order of magnitude slower than onnxruntime, STACK.md), so by
-    default (``kernels="blas"``) matmuls run as BLAS calls and stride-1 convolutions as a kernel
-    that skips zero inputs while the input is mostly spikes (:mod:`stdeploy.targets.tvm_spikeconv`;
-    BLAS otherwise and with ``kernels="blas-dense"``)
-    (:mod:`stdeploy.targets.tvm_blas`), pruned linears that measure faster sparse run a sparse
+    default (``kernels="blas"``) matmuls and stride-1 convolutions run as kernels that skip zero
+    inputs while the input is mostly spikes (:mod:`stdeploy.targets.tvm_spikeconv`) and as BLAS
+    calls otherwise and with ``kernels="blas-dense"`` (:mod:`stdeploy.targets.tvm_blas`), pruned linears that measure faster sparse run a sparse
     kernel (:mod:`stdeploy.targets.tvm_sparse`, ``sparse="auto"``), and the rest is TVM code,
     MetaSchedule-tuned when ``stdeploy tune`` left a database for this model, device and batch
     (:mod:`stdeploy.targets.tvm_tune`). ``info["path"]`` says which kernels ran;

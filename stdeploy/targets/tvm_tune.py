@@ -35,7 +35,7 @@ from .base import TargetError
 from .profiles import DeviceProfile
 
 WORKLOADS, RECORDS, META = "database_workload.json", "database_tuning_record.json", "tune.json"
-# blas: matmuls to BLAS, stride-1 convolutions to the spike-adaptive kernel (tvm_spikeconv), other
+# blas: matmuls and stride-1 convolutions to the spike-adaptive kernels (tvm_spikeconv), other
 # convolutions to BLAS; blas-dense: every matmul/conv2d to BLAS; tir: everything TVM code
 KERNELS = ("blas", "blas-dense", "tir")
 
@@ -92,14 +92,13 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         mod, report = rewrite_sparse_matmuls(mod, target, decide)
         info["sparse"] = report
     if options.kernels in ("blas", "blas-dense"):
-        mod, done = offload_to_blas(mod, spike_conv_target=target if options.kernels == "blas" else None)
+        mod, done = offload_to_blas(mod, spike_target=target if options.kernels == "blas" else None)
         info["offloaded"] = [f"{o.op} {list(o.shape)}" for o in done]
-        spike = [o for o in done if o.op == "spike-conv2d"]
-        if spike:  # ``calls`` is the kernel's live counter: dumped after a run it says which path ran
-            from .tvm_spikeconv import MAX_DENSITY
-
-            info["spike_conv"] = [{"weight": list(o.shape), "max_density": MAX_DENSITY, "calls": o.kernel.stats,
-                                   "compile_seconds": round(o.kernel.compile_seconds, 3)} for o in spike]
+        for op, key in (("spike-conv2d", "spike_conv"), ("spike-matmul", "spike_matmul")):
+            spike = [o for o in done if o.op == op]
+            if spike:  # ``calls`` is the kernel's live counter: dumped after a run it says which path ran
+                info[key] = [{"weight": list(o.shape), "max_density": round(o.kernel.max_density, 3), "calls": o.kernel.stats,
+                              "compile_seconds": round(o.kernel.compile_seconds, 3)} for o in spike]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)
@@ -415,8 +414,9 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     except Exception as err:  # TVMError subclasses; keep the message, name the artifact
         raise TargetError(f"{graph.path}: TVM cannot compile it for {target}: {err}") from err
     path = ("BLAS matmul/conv2d + " if kernels != "tir" else "") + ("MetaSchedule-tuned TIR" if tuned else "untuned TIR")
-    if prepared.info.get("spike_conv"):
-        path = "spike-adaptive conv2d + " + path
+    spiking = [op for op, key in (("conv2d", "spike_conv"), ("matmul", "spike_matmul")) if prepared.info.get(key)]
+    if spiking:
+        path = f"spike-adaptive {'/'.join(spiking)} + " + path
     if prepared.info.get("sparse") and sparse_layers_of(prepared.info):
         path = "sparse kernels + " + path
     return ex, {"path": path, **prepared.info}
