@@ -219,6 +219,7 @@ def main() -> int:
     ap.add_argument("--tune-trials", type=int, default=8, help="MetaSchedule trials per task (0: no tuning)")
     ap.add_argument("--epochs", type=int, default=3, help="training epochs of the small model")
     ap.add_argument("--large", action="store_true", help="also the sdt-8-512-class table (32x32, random weights)")
+    ap.add_argument("--no-small", action="store_true", help="skip the sdt-tiny table (with --large: that table only)")
     ap.add_argument("--large-batch", type=int, default=4)
     ap.add_argument("--large-untuned", action="store_true", help="also time untuned TVM on the large model (minutes)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -229,12 +230,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
-    data, base = small_models(0, args.epochs)
-    images = torch.stack([data.test[i][0] for i in range(args.batch)])
-    x = direct_encode(images, base.cfg.timesteps)
-    models = build_variants(base)
-    tables = {"sdt-tiny": run_table("sdt-tiny", models, x, out, args, skip_untuned=False)}
-    lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
+    tables, lowrank = {}, []
+    if not args.no_small:
+        data, base = small_models(0, args.epochs)
+        images = torch.stack([data.test[i][0] for i in range(args.batch)])
+        x = direct_encode(images, base.cfg.timesteps)
+        models = build_variants(base)
+        tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False)
+        lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
     if args.large:
         torch.manual_seed(0)
         big = build_model("sdt-8-512")

@@ -259,6 +259,18 @@ def test_measured_choice_records_both_times(onnx_module, cpu_target):
         measured_choice({"kind": "cuda", "arch": "sm_87"})
 
 
+def test_measured_choice_against_the_spike_kernel(onnx_module, cpu_target):
+    """On the default CPU path the dense alternative is BLAS or the spike-input gather kernel,
+    whichever is faster: the sparse kernel is chosen only where it beats both."""
+    mod, _, _ = onnx_module
+    decide = measured_choice(cpu_target, min_sparsity=0.5, repeats=2, spike_kernels=True)
+    _, report = rewrite_sparse_matmuls(mod, cpu_target, decide)
+    timed = [r for r in report if "sparse_ms" in r]
+    assert timed and all(r["gather_ms"] > 0 for r in timed)
+    for r in timed:
+        assert r["chosen"] == ("sparse" if r["sparse_ms"] < min(r["dense_ms"], r["gather_ms"]) else "dense")
+
+
 def test_rewrite_handles_vector_and_matrix_inputs(cpu_target):
     rng = np.random.default_rng(11)
     w = _sparse_weight(rng, 16, 12, 0.8)

@@ -445,13 +445,17 @@ def _dense_seconds(x: np.ndarray, w: np.ndarray, repeats: int) -> float:
 class MeasuredChoice:
     """A ``decide`` function: sparse where the weight has at least ``min_sparsity`` zeros and the
     sparse kernel, timed on the real shape (spikes as input), beats numpy's dense ``x @ W``
-    (OpenBLAS: what the dense CPU path uses). Both times are kept in ``records`` by layer index
-    and copied into :func:`rewrite_sparse_matmuls`'s report."""
+    (OpenBLAS: what the dense CPU path uses) and, with ``spike_kernels``, also the spike-input
+    gather kernel that the default CPU path runs instead of BLAS for mostly-zero inputs
+    (:class:`stdeploy.targets.tvm_spikeconv.SpikeMatmul`): the sparse kernel must beat the faster
+    of the two. The times are kept in ``records`` by layer index and copied into
+    :func:`rewrite_sparse_matmuls`'s report."""
 
     target: object = None
     min_sparsity: float = 0.5
     repeats: int = 3
     seed: int = 0
+    spike_kernels: bool = False
     records: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -477,12 +481,22 @@ class MeasuredChoice:
         dense_s = _dense_seconds(x, np.ascontiguousarray(w, dtype=np.float32), self.repeats)
         record.update(sparse_ms=round(sparse_s * 1e3, 4), dense_ms=round(dense_s * 1e3, 4),
                       kernel_compile_s=round(kernel.compile_seconds, 3))
+        if self.spike_kernels:
+            from .base import median_time
+            from .tvm_spikeconv import SpikeMatmul
+
+            tvm = _tvm()
+            gather = SpikeMatmul((m, k), np.asarray(w, dtype=np.float32), self.target)
+            xt, out = tvm.runtime.tensor(x), tvm.runtime.tensor(np.zeros((m, w.shape[1]), np.float32))
+            gather_s = median_time(lambda: gather(xt, out), self.repeats)
+            record["gather_ms"] = round(gather_s * 1e3, 4)
+            dense_s = min(dense_s, gather_s)
         return sparse_s < dense_s
 
 
-def measured_choice(target=None, min_sparsity: float = 0.5, repeats: int = 3) -> MeasuredChoice:
+def measured_choice(target=None, min_sparsity: float = 0.5, repeats: int = 3, spike_kernels: bool = False) -> MeasuredChoice:
     """The default ``decide`` for :func:`rewrite_sparse_matmuls` on a CPU target: see :class:`MeasuredChoice`."""
-    return MeasuredChoice(target=target, min_sparsity=min_sparsity, repeats=repeats)
+    return MeasuredChoice(target=target, min_sparsity=min_sparsity, repeats=repeats, spike_kernels=spike_kernels)
 
 
 def density_choice(min_sparsity: float = 0.9) -> DecideFn:

@@ -85,7 +85,7 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         from .tvm_sparse import measured_choice, rewrite_sparse_matmuls
 
         if options.sparse_layers is None:
-            decide = measured_choice(target)
+            decide = measured_choice(target, spike_kernels=options.kernels == "blas")  # against what runs instead
         else:
             chosen = set(options.sparse_layers)
             decide = lambda index, weight, x_shape: index in chosen  # noqa: E731
