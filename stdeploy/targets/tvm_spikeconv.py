@@ -1,5 +1,8 @@
-"""Accumulate-only convolution for spike inputs on the CPU: a TIR kernel that gathers, for every
-output pixel, the weight rows of the nonzero inputs in its receptive field, skipping the zeros.
+"""Accumulate-only convolutions and linear layers for spike inputs on the CPU: TIR kernels that
+gather, for every output pixel (row), the weight rows of the nonzero inputs in its receptive field
+(row), skipping the zeros. Linear layers (:class:`SpikeMatmul`, :func:`adaptive_matmul`) are the
+one-tap case: each row of ``x (..., K)`` is compacted, then ``y = sum x[k] * W[k, :]`` over its
+nonzeros. The rest of this docstring is about the convolution.
 
 A spiking layer's convolution sees mostly zeros (the demo sdt-tiny's two spiking convolutions get
 8% and 14% ones), but im2col + BLAS multiplies every zero. Per image, the kernel first compacts
@@ -130,6 +133,7 @@ class SpikeConv:
     padding: tuple
     target: object
     stats: dict = field(default_factory=lambda: {"gather": 0, "blas": 0})
+    max_density: float = field(default=1.0, init=False)   # set by adaptive_conv
 
     def __post_init__(self):
         import tvm
@@ -201,6 +205,7 @@ class SpikeMatmul:
     weight: np.ndarray           # (K, N)
     target: object
     stats: dict = field(default_factory=lambda: {"gather": 0, "blas": 0})
+    max_density: float = field(default=1.0, init=False)   # set by adaptive_matmul
 
     def __post_init__(self):
         import tvm
@@ -257,7 +262,7 @@ def crossover(kernel, blas, x_shape: tuple, seed: int = 0) -> float:
 
 
 _ids = itertools.count()
-_live: list[SpikeConv] = []   # kept alive for as long as their packed functions are registered
+_live: list = []   # the SpikeConv / SpikeMatmul kernels, alive as long as their packed functions are registered
 
 
 def adaptive_conv(x_shape: tuple, weight: np.ndarray, padding: tuple, target, max_density: float | None = None):
@@ -266,8 +271,6 @@ def adaptive_conv(x_shape: tuple, weight: np.ndarray, padding: tuple, target, ma
     images) and im2col + BLAS otherwise. ``max_density=None`` measures the crossover on this shape
     (:func:`crossover`). ``SpikeConv.max_density`` holds the threshold used and
     ``SpikeConv.stats`` counts the calls of each path."""
-    import tvm_ffi
-
     from .tvm_blas import _conv2d_func
 
     conv = SpikeConv(tuple(int(v) for v in x_shape), np.asarray(weight, dtype=np.float32), tuple(padding), target)
