@@ -264,8 +264,8 @@ def _add_tvm_args(p) -> None:
     g.add_argument("--tvm-schedule", choices=["auto", "tuned", "untuned"], default="auto",
                    help="auto: the database of `stdeploy tune` when one exists for this batch; tuned: require it")
     g.add_argument("--tvm-kernels", choices=["blas", "blas-dense", "tir"], default="blas",
-                   help="blas: matmuls as BLAS calls, stride-1 convolutions skip zero inputs while the input is mostly "
-                        "zeros (BLAS otherwise); blas-dense: every matmul/conv2d as BLAS calls; tir: all TVM code")
+                   help="blas: matmuls and stride-1 convolutions skip zero inputs up to a measured density "
+                        "(BLAS above); blas-dense: every matmul/conv2d as BLAS calls; tir: all TVM code")
     g.add_argument("--tvm-sparse", choices=["auto", "on", "off"], default="auto",
                    help="cpu: pruned linears on the sparse kernel where it measures faster (auto); "
                         "cuda: on = the sparse kernel for linears with >= 50%% zeros (auto = off)")

@@ -98,6 +98,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ShapeError
+from .base import median_time
 
 __all__ = ["CSRWeight", "csr_from_dense", "sparse_matmul_kernel", "kernel_arrays", "CompiledSparseMatmul",
            "default_cpu_target", "rewrite_sparse_matmuls", "measured_choice", "MeasuredChoice", "density_choice",
@@ -482,7 +483,6 @@ class MeasuredChoice:
         record.update(sparse_ms=round(sparse_s * 1e3, 4), dense_ms=round(dense_s * 1e3, 4),
                       kernel_compile_s=round(kernel.compile_seconds, 3))
         if self.spike_kernels:
-            from .base import median_time
             from .tvm_spikeconv import SpikeMatmul
 
             tvm = _tvm()

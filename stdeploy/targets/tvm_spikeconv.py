@@ -68,14 +68,20 @@ def _channel_tile(o: int) -> int:
     return math.gcd(o, CHANNEL_TILE)
 
 
+def _conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
+    """Output rows and columns of a stride-1 convolution."""
+    top, left, bottom, right = (int(v) for v in padding)
+    return int(x_shape[2]) + top + bottom - int(w_shape[2]) + 1, int(x_shape[3]) + left + right - int(w_shape[3]) + 1
+
+
 def gather_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple):
     """The TIR PrimFunc ``(x (N, C, H, W), w (KH, KW, C, O), y (N, O, HO, WO))``."""
     from tvm.script import tirx as T
 
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = (int(v) for v in w_shape)
-    top, left, bottom, right = (int(v) for v in padding)
-    ho, wo = h + top + bottom - kh + 1, w + left + right - kw + 1
+    top, left, _, _ = (int(v) for v in padding)
+    ho, wo = _conv_out_hw(x_shape, w_shape, padding)
     ph, pw = ho + kh - 1, wo + kw - 1          # the list grid: input (r, q) at (r + top, q + left)
     ot = _channel_tile(o)
     tiles = o // ot
@@ -124,8 +130,25 @@ def gather_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple):
     return gather_conv
 
 
+class _GatherKernel:
+    """What :class:`SpikeConv` and :class:`SpikeMatmul` share: a PrimFunc compiled for the CPU
+    target with its weight baked in (in the kernel's layout), called on TVM tensors."""
+
+    def _build(self, func, weight: np.ndarray) -> None:
+        import tvm
+
+        t0 = time.perf_counter()
+        self._fn = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(self.target))["main"]
+        self.compile_seconds = time.perf_counter() - t0
+        self._w = tvm.runtime.tensor(np.ascontiguousarray(weight, dtype=np.float32))
+
+    def __call__(self, x, out) -> None:
+        """``x``, ``out``: TVM tensors of the compiled shapes."""
+        self._fn(x, self._w, out)
+
+
 @dataclass
-class SpikeConv:
+class SpikeConv(_GatherKernel):
     """The kernel compiled for one convolution (its weight baked in as a (KH, KW, C, O) tensor)."""
 
     x_shape: tuple
@@ -136,22 +159,9 @@ class SpikeConv:
     max_density: float = field(default=1.0, init=False)   # set by adaptive_conv
 
     def __post_init__(self):
-        import tvm
-
-        t0 = time.perf_counter()
-        self._lib = tvm.compile(tvm.IRModule({"main": gather_conv_kernel(self.x_shape, self.weight.shape, self.padding)}),
-                                target=tvm.target.Target(self.target))
-        self.compile_seconds = time.perf_counter() - t0
-        self._fn = self._lib["main"]
-        self._w = tvm.runtime.tensor(np.ascontiguousarray(self.weight.transpose(2, 3, 1, 0), dtype=np.float32))
-        n, _, h, w = self.x_shape
-        top, left, bottom, right = self.padding
-        self.sample = (int(np.prod(self.x_shape[1:])), SAMPLE_IMAGES)
-        self.out_shape = (n, self.weight.shape[0], h + top + bottom - self.weight.shape[2] + 1, w + left + right - self.weight.shape[3] + 1)
-
-    def __call__(self, x, out) -> None:
-        """``x``, ``out``: TVM tensors of the compiled shapes."""
-        self._fn(x, self._w, out)
+        self._build(gather_conv_kernel(self.x_shape, self.weight.shape, self.padding), self.weight.transpose(2, 3, 1, 0))
+        self.sample = (math.prod(self.x_shape[1:]), SAMPLE_IMAGES)
+        self.out_shape = (self.x_shape[0], self.weight.shape[0], *_conv_out_hw(self.x_shape, self.weight.shape, self.padding))
 
 
 def gather_matmul_kernel(x_shape: tuple, k: int, n: int):
@@ -198,7 +208,7 @@ def gather_matmul_kernel(x_shape: tuple, k: int, n: int):
 
 
 @dataclass
-class SpikeMatmul:
+class SpikeMatmul(_GatherKernel):
     """The gather kernel compiled for one linear layer ``x (..., K) @ W (K, N)``."""
 
     x_shape: tuple
@@ -208,19 +218,10 @@ class SpikeMatmul:
     max_density: float = field(default=1.0, init=False)   # set by adaptive_matmul
 
     def __post_init__(self):
-        import tvm
-
         k, n = self.weight.shape
-        t0 = time.perf_counter()
-        self._lib = tvm.compile(tvm.IRModule({"main": gather_matmul_kernel(self.x_shape, k, n)}), target=tvm.target.Target(self.target))
-        self.compile_seconds = time.perf_counter() - t0
-        self._fn = self._lib["main"]
-        self._w = tvm.runtime.tensor(np.ascontiguousarray(self.weight, dtype=np.float32))
+        self._build(gather_matmul_kernel(self.x_shape, k, n), self.weight)
         self.sample = (k, SAMPLE_ROWS)
         self.out_shape = (*self.x_shape[:-1], n)
-
-    def __call__(self, x, out) -> None:
-        self._fn(x, self._w, out)
 
 
 def adaptive_matmul(x_shape: tuple, weight: np.ndarray, target, max_density: float | None = None):

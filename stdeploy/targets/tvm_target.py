@@ -12,10 +12,10 @@ CPU profiles (``kind = "cpu"``)
     matrix products no schedule (an order of magnitude slower than onnxruntime, STACK.md), so by
     default (``kernels="blas"``) matmuls and stride-1 convolutions run as kernels that skip zero
     inputs while the input is mostly spikes (:mod:`stdeploy.targets.tvm_spikeconv`) and as BLAS
-    calls otherwise and with ``kernels="blas-dense"`` (:mod:`stdeploy.targets.tvm_blas`), pruned linears that measure faster sparse run a sparse
-    kernel (:mod:`stdeploy.targets.tvm_sparse`, ``sparse="auto"``), and the rest is TVM code,
-    MetaSchedule-tuned when ``stdeploy tune`` left a database for this model, device and batch
-    (:mod:`stdeploy.targets.tvm_tune`). ``info["path"]`` says which kernels ran;
+    calls otherwise and with ``kernels="blas-dense"`` (:mod:`stdeploy.targets.tvm_blas`), pruned
+    linears that measure faster sparse run a sparse kernel (:mod:`stdeploy.targets.tvm_sparse`,
+    ``sparse="auto"``), and the rest is TVM code, MetaSchedule-tuned when ``stdeploy tune`` left
+    a database for this model, device and batch (:mod:`stdeploy.targets.tvm_tune`). ``info["path"]`` says which kernels ran;
     ``kernels="tir", sparse="off", schedule="untuned"`` is plain untuned TVM.
 
 CUDA profiles (``kind = "cuda"``, e.g. ``jetson-orin-nano``)

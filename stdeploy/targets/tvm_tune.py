@@ -38,6 +38,8 @@ WORKLOADS, RECORDS, META = "database_workload.json", "database_tuning_record.jso
 # blas: matmuls and stride-1 convolutions to the spike-adaptive kernels (tvm_spikeconv), other
 # convolutions to BLAS; blas-dense: every matmul/conv2d to BLAS; tir: everything TVM code
 KERNELS = ("blas", "blas-dense", "tir")
+# the spike-adaptive ops of offload_to_blas: (Offloaded.op, key in the build info, name in the path)
+SPIKE_OPS = (("spike-conv2d", "spike_conv", "conv2d"), ("spike-matmul", "spike_matmul", "matmul"))
 
 
 class TuningDatabaseError(TargetError):
@@ -94,7 +96,7 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
     if options.kernels in ("blas", "blas-dense"):
         mod, done = offload_to_blas(mod, spike_target=target if options.kernels == "blas" else None)
         info["offloaded"] = [f"{o.op} {list(o.shape)}" for o in done]
-        for op, key in (("spike-conv2d", "spike_conv"), ("spike-matmul", "spike_matmul")):
+        for op, key, _ in SPIKE_OPS:
             spike = [o for o in done if o.op == op]
             if spike:  # ``calls`` is the kernel's live counter: dumped after a run it says which path ran
                 info[key] = [{"weight": list(o.shape), "max_density": round(o.kernel.max_density, 3), "calls": o.kernel.stats,
@@ -414,7 +416,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     except Exception as err:  # TVMError subclasses; keep the message, name the artifact
         raise TargetError(f"{graph.path}: TVM cannot compile it for {target}: {err}") from err
     path = ("BLAS matmul/conv2d + " if kernels != "tir" else "") + ("MetaSchedule-tuned TIR" if tuned else "untuned TIR")
-    spiking = [op for op, key in (("conv2d", "spike_conv"), ("matmul", "spike_matmul")) if prepared.info.get(key)]
+    spiking = [name for _, key, name in SPIKE_OPS if prepared.info.get(key)]
     if spiking:
         path = f"spike-adaptive {'/'.join(spiking)} + " + path
     if prepared.info.get("sparse") and sparse_layers_of(prepared.info):
