@@ -58,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stdeploy.checkpoint import atomic_write_text  # noqa: E402
+from stdeploy.files import atomic_write_text  # noqa: E402
 from stdeploy.data import make_loader  # noqa: E402
 from stdeploy.errors import StdeployError  # noqa: E402
 from stdeploy.models import build_model  # noqa: E402

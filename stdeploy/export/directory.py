@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import save_checkpoint, sha256_file
+from ..checkpoint import save_checkpoint
+from ..files import sha256_file
 from ..errors import ConfigError, OutputMismatch
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm

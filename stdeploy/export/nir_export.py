@@ -556,7 +556,7 @@ def to_nir(model: nn.Module, *, converters: Mapping[type, Converter] | None = No
 def write_nir(graph: nir.NIRGraph, path: str | os.PathLike) -> Path:
     """Write ``graph`` to ``path`` (HDF5, gzip) through a temporary file renamed into place; a
     failed write leaves neither a partial file nor the temporary one."""
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     path = Path(path)
     try:

@@ -88,7 +88,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 from ..errors import ConfigError, OutputMismatch, ShapeError, StdeployError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
 from ..models.layers import MLP, Block, EmbedStage, Head, MaxPool, PatchEmbed, SpikeDrivenAttention, SpikformerAttention

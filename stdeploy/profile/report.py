@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..files import atomic_write_text
 from ..deploy import DEFAULT_DEVICE, reference_model
 from ..errors import ConfigError
 from ..models import direct_encode

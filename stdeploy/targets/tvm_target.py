@@ -62,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import atomic_write_text, sha256_file
+from ..files import atomic_write_text, sha256_file
 from ..errors import ConfigError, ShapeError
 from .base import RunResult, TargetError, Timer, read_manifest
 from .profiles import DeviceProfile, load_profile

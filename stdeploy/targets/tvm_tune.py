@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import atomic_write_text, sha256_file
+from ..files import atomic_write_text, sha256_file
 from .base import TargetError
 from .profiles import DeviceProfile
 
