@@ -9,8 +9,8 @@ Paths, each run for S steps of input (plus the 2 steps the two synaptic layers d
 
 * ``ours float``  : the NIR graph (``nir.Input -> Affine -> LIF -> Affine -> LIF -> Output``, LIF
   with per-neuron ``tau``/``v_threshold`` arrays as our exporter writes them) lowered with
-  :func:`stdeploy.targets.lava_target.lower` (mode ``floating``) and run by
-  :class:`~stdeploy.targets.lava_target.LavaRunnable` (a Lava worker subprocess, float32 LIF,
+  :func:`stdeploy.targets.lava.lowering.lower` (mode ``floating``) and run by
+  :class:`~stdeploy.targets.lava.target.LavaRunnable` (a Lava worker subprocess, float32 LIF,
   ``Loihi2SimCfg``). No export directory is needed: the runnable is built from the plan.
 * ``ours fixed``  : the same graph lowered in our ``fixed`` mode (8-bit weights, Loihi
   bit-accurate LIF; its own membrane scaling, so not bit-identical to netx).
@@ -104,7 +104,8 @@ def nir_graph(w1: np.ndarray, w2: np.ndarray):
 
 def ours(graph, mode: str, xs: dict[int, np.ndarray], timeout_s: float) -> dict[int, dict]:
     """Lower once, then run each input on one kept worker (a short warm-up run starts it)."""
-    from stdeploy.targets.lava_target import LavaRunnable, lower
+    from stdeploy.targets.lava.lowering import lower
+    from stdeploy.targets.lava.target import LavaRunnable
 
     t0 = time.perf_counter()
     plan = lower(graph, mode, weight_bits=8)

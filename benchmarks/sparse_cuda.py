@@ -6,7 +6,7 @@ Two steps, because the machine with the GPU may carry only TVM's runtime:
     python benchmarks/sparse_cuda.py run DIR [--json FILE]            # there: TVM runtime + torch (CUDA)
 
 ``build`` writes, per case (a K x N weight with a given share of zeros, M rows of spikes):
-``<case>.npz`` (the CSR arrays), ``<case>.sparse.so`` (:mod:`stdeploy.targets.tvm_sparse`'s GPU
+``<case>.npz`` (the CSR arrays), ``<case>.sparse.so`` (:mod:`stdeploy.targets.tvm.kernels.sparse`'s GPU
 schedule for that weight) and one ``dense-<M>x<K>x<N>.so`` (TVM's own dense matmul with dlight's
 default GPU schedule, the kernel the dense model path uses). ``run`` loads them on ``tvm.cuda()``,
 checks the sparse result against torch's dense ``x @ W`` (cuBLAS) and prints one table: median
@@ -50,16 +50,17 @@ def build(arch: str, out: Path) -> list[dict]:
     import tvm
     from tvm import relax
 
-    from stdeploy.targets.cuda_stub import ensure_tvm_cuda_runtime
-    from stdeploy.targets.tvm_sparse import csr_from_dense, sparse_matmul_kernel
-    from stdeploy.targets.tvm_target import _export, _nvcc, _schedule_gpu
+    from stdeploy.targets.tvm.cuda import nvcc_compiler, schedule_gpu
+    from stdeploy.targets.tvm.cuda_artifacts import export_library
+    from stdeploy.targets.tvm.cuda_standin_driver import ensure_tvm_cuda_runtime
+    from stdeploy.targets.tvm.kernels.sparse import csr_from_dense, sparse_matmul_kernel
 
     ensure_tvm_cuda_runtime()
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     log: dict = {}
-    with _nvcc(arch, False, log), target:
+    with nvcc_compiler(arch, False, log), target:
         for m, k, n, s in CASES:
             name = case_name(m, k, n, s)
             csr = csr_from_dense(weight(k, n, s))
@@ -67,7 +68,7 @@ def build(arch: str, out: Path) -> list[dict]:
                 np.savez(f, indptr=csr.indptr, indices=csr.indices, values=csr.values, shape=np.array(csr.shape))
             os.replace(f.name, out / f"{name}.npz")
             lib = tvm.compile(tvm.IRModule({"main": sparse_matmul_kernel(csr, m, target)}), target=target)
-            rows.append({"case": name, "sparse": _export(lib, out / f"{name}.sparse.so")})
+            rows.append({"case": name, "sparse": export_library(lib, out / f"{name}.sparse.so")})
             dense = out / f"dense-{m}x{k}x{n}.so"
             if not dense.exists():
                 bb = relax.BlockBuilder()
@@ -75,8 +76,8 @@ def build(arch: str, out: Path) -> list[dict]:
                 w = relax.Var("w", relax.TensorType((k, n), "float32"))
                 with bb.function("main", [x, w]):
                     bb.emit_func_output(bb.emit(relax.op.matmul(x, w)))
-                mod, _ = _schedule_gpu(bb.get(), target)
-                rows[-1]["dense"] = _export(tvm.compile(mod, target=target, relax_pipeline=None), dense)
+                mod, _ = schedule_gpu(bb.get(), target)
+                rows[-1]["dense"] = export_library(tvm.compile(mod, target=target, relax_pipeline=None), dense)
     (out / "cases.json").write_text(json.dumps({"arch": arch, "cases": [list(c) for c in CASES]}, indent=1))
     return rows
 
@@ -99,8 +100,8 @@ def run(folder: Path, repeats: int) -> list[dict]:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    from stdeploy.targets.cuda_stub import ensure_tvm_cuda_runtime
-    from stdeploy.targets.tvm_sparse import CSRWeight, kernel_arrays
+    from stdeploy.targets.tvm.cuda_standin_driver import ensure_tvm_cuda_runtime
+    from stdeploy.targets.tvm.kernels.sparse import CSRWeight, kernel_arrays
 
     ensure_tvm_cuda_runtime()
     dev = tvm.cuda()

@@ -38,8 +38,8 @@ from stdeploy.models.structure import LowRankLinear, structure_of  # noqa: E402
 from stdeploy.prune import PruneConfig, make_pruner  # noqa: E402
 from stdeploy.targets.base import get_target  # noqa: E402
 from stdeploy.targets.profiles import load_profile  # noqa: E402
-from stdeploy.targets.tvm_target import TVMTarget  # noqa: E402
-from stdeploy.targets.tvm_tune import tune  # noqa: E402
+from stdeploy.targets.tvm.target import TVMTarget  # noqa: E402
+from stdeploy.targets.tvm.tuning import tune  # noqa: E402
 from stdeploy.train import TrainConfig, train  # noqa: E402
 
 VARIANTS = [("dense", None), ("l1p-90", ("l1p", 0.90)), ("l1p-95", ("l1p", 0.95)), ("l1p-98", ("l1p", 0.98)),

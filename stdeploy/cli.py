@@ -398,7 +398,7 @@ def _bench_parser(sub) -> None:
 @command("tune")
 def cmd_tune(args: argparse.Namespace) -> dict:
     from .targets.profiles import load_profile
-    from .targets.tvm_tune import tune
+    from .targets.tvm.tuning import tune
 
     bar = None
     if not args.quiet:

@@ -34,8 +34,10 @@ from stdeploy.train import TrainConfig, train
 
 pytestmark = pytest.mark.lava
 
-lava_target = pytest.importorskip("stdeploy.targets.lava_target")
-LavaTarget, LavaTimeout, LavaUnsupported = lava_target.LavaTarget, lava_target.LavaTimeout, lava_target.LavaUnsupported
+from stdeploy.targets.lava.graph import LavaUnsupported  # noqa: E402
+from stdeploy.targets.lava.lowering import lower  # noqa: E402
+from stdeploy.targets.lava.target import LavaTarget  # noqa: E402
+from stdeploy.targets.lava.worker import LavaTimeout, group_members  # noqa: E402
 
 AVAILABLE, WHY = LavaTarget().available()
 needs_lava = pytest.mark.skipif(not AVAILABLE, reason=WHY)
@@ -101,7 +103,7 @@ def reference(export_dir, x):
 
 # ----------------------------------------------------------------------------- registry and availability
 def test_registered_and_available():
-    assert REGISTRY["lava"] == "stdeploy.targets.lava_target:LavaTarget"
+    assert REGISTRY["lava"] == "stdeploy.targets.lava.target:LavaTarget"
     target = get_target("lava")
     assert target.name == "lava" and target.tolerance["spike_mismatches"] == 0
     ok, why = target.available()
@@ -233,7 +235,7 @@ def test_mapping_report_by_hand(export_dir, profile):
 
 # ----------------------------------------------------------------------------- timeouts and errors
 def live_members(pgid: int) -> list:
-    return [(pid, state, cmd) for pid, state, cmd in lava_target.group_members(pgid) if state not in ("Z", "X")]
+    return [(pid, state, cmd) for pid, state, cmd in group_members(pgid) if state not in ("Z", "X")]
 
 
 @needs_lava
@@ -316,7 +318,7 @@ def test_lif_parameters_outside_the_lowering_are_refused():
         edges=[("input", "fc"), ("fc", "lif"), ("lif", "thr"), ("thr", "output")],
     )
     with pytest.raises(LavaUnsupported, match=r"(?s)lif \(LIF\).*r\b.*thr \(Threshold\)"):
-        lava_target.lower(graph)
+        lower(graph)
 
 
 @needs_lava

@@ -16,9 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from stdeploy.cli import main as cli_main
 from stdeploy.targets.profiles import load_profile
-from stdeploy.targets.tvm_blas import conv2d_nchw, offload_to_blas
-from stdeploy.targets.tvm_target import TVMTarget, load_onnx_graph
-from stdeploy.targets.tvm_tune import TuningDatabaseError, tune
+from stdeploy.targets.tvm.database import TuningDatabaseError
+from stdeploy.targets.tvm.frontend import load_onnx_graph, relax_module
+from stdeploy.targets.tvm.kernels.blas import conv2d_nchw
+from stdeploy.targets.tvm.kernels.routing import route_to_external_kernels
+from stdeploy.targets.tvm.target import TVMTarget
+from stdeploy.targets.tvm.tuning import tune
 
 pytestmark = pytest.mark.tvm
 T, B = 2, 4
@@ -72,10 +75,9 @@ def test_blas_conv2d_equals_torch(stride, padding):
 
 
 def test_offload_lists_the_constant_weight_matmuls(tmp_path):
-    from stdeploy.targets.tvm_target import _relax_module
 
     d, w1, w2 = tiny_export(tmp_path / "e")
-    mod, done = offload_to_blas(_relax_module(load_onnx_graph(d), B))
+    mod, done = route_to_external_kernels(relax_module(load_onnx_graph(d), B))
     assert [(o.op, o.shape) for o in done] == [("matmul", (4, 6)), ("matmul", (6, 3))]
     assert "stdeploy.blas.matmul" in mod.script() and "R.matmul" not in mod.script()
 

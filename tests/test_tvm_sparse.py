@@ -20,7 +20,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from stdeploy.errors import ShapeError  # noqa: E402
-from stdeploy.targets.tvm_sparse import (  # noqa: E402
+from stdeploy.targets.tvm.kernels.sparse import (  # noqa: E402
     CompiledSparseMatmul, CSRWeight, csr_from_dense, default_cpu_target, density_choice, measured_choice,
     rewrite_sparse_matmuls, sparse_matmul_kernel,
 )
@@ -316,23 +316,24 @@ def test_rewrite_rejects_unknown_targets(onnx_module):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason=NVCC_MISSING)
 def test_cuda_build_of_rewritten_module(onnx_module):
-    from stdeploy.targets import tvm_target
-    from stdeploy.targets.cuda_stub import ensure_tvm_cuda_runtime
+    from stdeploy.targets.tvm.cuda import kernel_names, nvcc_compiler, schedule_gpu
+    from stdeploy.targets.tvm.cuda_artifacts import find_module
+    from stdeploy.targets.tvm.cuda_standin_driver import ensure_tvm_cuda_runtime
 
     mod, _, _ = onnx_module
     driver = ensure_tvm_cuda_runtime()
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_87"}, host={"kind": "llvm"})
     new, report = rewrite_sparse_matmuls(mod, target, density_choice(0.8))
     assert [r["chosen"] for r in report] == ["sparse", "dense", "sparse"]
-    lowered, _ = tvm_target._schedule_gpu(new, target)
+    lowered, _ = schedule_gpu(new, target)
     log: dict = {}
-    with tvm_target._nvcc("sm_87", False, log), target:
+    with nvcc_compiler("sm_87", False, log), target:
         ex = tvm.compile(lowered, target=target, relax_pipeline=None)
-    kernels = tvm_target.kernel_names("\n".join(log["sources"]))
+    kernels = kernel_names("\n".join(log["sources"]))
     sparse = [k for k in kernels if k.startswith("sparse_matmul_cuda_")]
     assert len(sparse) == 2, kernels
     if driver == "stand-in":   # a compiled module (not just source) came back
-        assert tvm_target._find_module(ex.mod, "cuda") is not None
+        assert find_module(ex.mod, "cuda") is not None
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason=NVCC_MISSING)

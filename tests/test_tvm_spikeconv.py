@@ -1,4 +1,4 @@
-"""The accumulate-only convolution (stdeploy.targets.tvm_spikeconv): equal to the dense convolution
+"""The accumulate-only convolution (stdeploy.targets.tvm.kernels.spike): equal to the dense convolution
 for spikes and for any real input, at several shapes and paddings; the adaptive packed function
 picks the gather kernel up to its density threshold and BLAS above, and says which; the measured
 threshold is where the two cost the same; the CPU module uses it by default and keeps PyTorch's
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from stdeploy.targets import tvm_spikeconv
+from stdeploy.targets.tvm.kernels import spike
 from stdeploy.targets.profiles import load_profile
-from stdeploy.targets.tvm_blas import conv2d_nchw, offload_to_blas
-from stdeploy.targets.tvm_target import cpu_target
+from stdeploy.targets.tvm.host import cpu_target
+from stdeploy.targets.tvm.kernels.blas import conv2d_nchw
+from stdeploy.targets.tvm.kernels.routing import route_to_external_kernels
 
 pytestmark = pytest.mark.tvm
 
@@ -42,8 +43,8 @@ def test_gather_kernel_equals_the_dense_convolution(target, x_shape, w_shape, pa
     rng = np.random.default_rng(0)
     w = rng.normal(size=w_shape).astype(np.float32)
     x = ((rng.random(x_shape) < 0.15) if kind == "spikes" else rng.normal(size=x_shape)).astype(np.float32)
-    assert tvm_spikeconv.applicable(x_shape, w_shape, (1, 1), padding)
-    conv = tvm_spikeconv.SpikeConv(x_shape, w, padding, target)
+    assert spike.applicable(x_shape, w_shape, (1, 1), padding)
+    conv = spike.SpikeConv(x_shape, w, padding, target)
     expected = torch_conv(x, w, padding)
     out = tvm.runtime.tensor(np.full(expected.shape, np.nan, np.float32))
     conv(tvm.runtime.tensor(x), out)
@@ -51,7 +52,7 @@ def test_gather_kernel_equals_the_dense_convolution(target, x_shape, w_shape, pa
 
 
 def test_only_what_the_kernel_handles():
-    ok = tvm_spikeconv.applicable
+    ok = spike.applicable
     assert ok((1, 4, 8, 8), (4, 4, 3, 3), (1, 1), (1, 1, 1, 1))
     assert not ok((1, 4, 8, 8), (4, 4, 3, 3), (2, 2), (1, 1, 1, 1))      # stride 2
     assert not ok((1, 4, 8, 8), (4, 2, 3, 3), (1, 1), (1, 1, 1, 1), 2)   # grouped
@@ -64,7 +65,7 @@ def test_adaptive_conv_picks_the_path_by_density(target):
 
     rng = np.random.default_rng(1)
     x_shape, w = (4, 8, 6, 6), rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
-    name, conv = tvm_spikeconv.adaptive_conv(x_shape, w, (1, 1, 1, 1), target, max_density=0.2)
+    name, conv = spike.adaptive_conv(x_shape, w, (1, 1, 1, 1), target, max_density=0.2)
     run = tvm_ffi.get_global_func(name)
     wt = tvm.runtime.tensor(w)
     for density, path in ((0.0, "gather"), (0.05, "gather"), (0.12, "gather"), (0.6, "blas"), (1.0, "blas")):
@@ -81,10 +82,10 @@ def test_density_is_estimated_from_whole_images():
     x = np.zeros((64, 2, 3, 3), np.float32)
     x[::4] = 1.0                           # every fourth image all ones
     image = 2 * 3 * 3
-    assert tvm_spikeconv.density(x, image, sample=16) == 1.0    # images 0, 4, 8, ... sampled
-    assert tvm_spikeconv.density(x, image, sample=64) == 0.25   # all of them
-    assert tvm_spikeconv.density(x, 3, sample=10**6) == 0.25    # rows of 3: all of them
-    assert tvm_spikeconv.density(np.zeros((3, 5), np.float32), 5, sample=1) == 0.0
+    assert spike.density(x, image, sample=16) == 1.0    # images 0, 4, 8, ... sampled
+    assert spike.density(x, image, sample=64) == 0.25   # all of them
+    assert spike.density(x, 3, sample=10**6) == 0.25    # rows of 3: all of them
+    assert spike.density(np.zeros((3, 5), np.float32), 5, sample=1) == 0.0
 
 
 def test_measured_crossover_separates_the_paths(target):
@@ -93,9 +94,9 @@ def test_measured_crossover_separates_the_paths(target):
     one-channel convolution (9 multiply-adds per output pixel) beats im2col + BLAS even dense, and
     a 64-channel one with spikes at 5% is below its threshold."""
     rng = np.random.default_rng(2)
-    _, one = tvm_spikeconv.adaptive_conv((64, 1, 8, 8), rng.normal(size=(32, 1, 3, 3)).astype(np.float32), (1, 1, 1, 1), target)
+    _, one = spike.adaptive_conv((64, 1, 8, 8), rng.normal(size=(32, 1, 3, 3)).astype(np.float32), (1, 1, 1, 1), target)
     assert one.max_density > 0.5
-    _, wide = tvm_spikeconv.adaptive_conv((64, 64, 4, 4), rng.normal(size=(64, 64, 3, 3)).astype(np.float32), (1, 1, 1, 1), target)
+    _, wide = spike.adaptive_conv((64, 64, 4, 4), rng.normal(size=(64, 64, 3, 3)).astype(np.float32), (1, 1, 1, 1), target)
     assert 0.05 < wide.max_density <= 1.0
 
 
@@ -109,10 +110,10 @@ def test_offload_uses_it_for_stride_one_convolutions(target):
     with bb.function("main", [x]):
         a = bb.emit(relax.op.nn.conv2d(x, w1, padding=[1, 1, 1, 1]))
         bb.emit_func_output(bb.emit(relax.op.nn.conv2d(a, w2, strides=[2, 2], padding=[1, 1, 1, 1])))
-    mod, done = offload_to_blas(bb.get(), spike_target=target)
+    mod, done = route_to_external_kernels(bb.get(), spike_target=target)
     assert [o.op for o in done] == ["spike-conv2d", "conv2d"]   # the strided one stays on BLAS
     assert "stdeploy.spikeconv." in mod.script() and "R.nn.conv2d" not in mod.script()
-    _, plain = offload_to_blas(bb.get())
+    _, plain = route_to_external_kernels(bb.get())
     assert [o.op for o in plain] == ["conv2d", "conv2d"]
 
 
@@ -128,7 +129,7 @@ def test_gather_matmul_equals_the_dense_product(target, x_shape, n, kind):
     rng = np.random.default_rng(3)
     w = rng.normal(size=(x_shape[-1], n)).astype(np.float32)
     x = ((rng.random(x_shape) < 0.15) if kind == "spikes" else rng.normal(size=x_shape)).astype(np.float32)
-    mm = tvm_spikeconv.SpikeMatmul(x_shape, w, target)
+    mm = spike.SpikeMatmul(x_shape, w, target)
     expected = x @ w
     out = tvm.runtime.tensor(np.full(expected.shape, np.nan, np.float32))
     mm(tvm.runtime.tensor(x), out)
@@ -141,7 +142,7 @@ def test_adaptive_matmul_picks_the_path_by_density(target):
 
     rng = np.random.default_rng(4)
     x_shape, w = (2, 40, 32), rng.normal(size=(32, 16)).astype(np.float32)
-    name, mm = tvm_spikeconv.adaptive_matmul(x_shape, w, target, max_density=0.3)
+    name, mm = spike.adaptive_matmul(x_shape, w, target, max_density=0.3)
     run = tvm_ffi.get_global_func(name)
     for density, path in ((0.1, "gather"), (0.9, "blas")):
         x = (rng.random(x_shape) < density).astype(np.float32)

@@ -25,9 +25,11 @@ from stdeploy.models import build_model, direct_encode
 from stdeploy.models.fold import fold_batchnorm
 from stdeploy.targets.base import REGISTRY, Target, TargetError, get_target
 from stdeploy.targets.profiles import DeviceProfile, load_profile
-from stdeploy.targets.tvm_target import (
-    INSTALL_HINT, TVMTarget, build_cuda_artifact, cpu_target, densify_sparse_initializers, host_cpu_name, load_onnx_graph,
-)
+from stdeploy.targets.tvm.cuda import build_cuda_artifact
+from stdeploy.targets.tvm.frontend import densify_sparse_initializers, load_onnx_graph
+from stdeploy.targets.tvm.host import cpu_target, host_cpu_name
+from stdeploy.targets.tvm.sdk import INSTALL_HINT
+from stdeploy.targets.tvm.target import TVMTarget
 from stdeploy.train import TrainConfig, train
 
 pytestmark = pytest.mark.tvm
@@ -105,7 +107,7 @@ def cuda(exported, tmp_path_factory):
 
 
 def test_registered_and_available():
-    assert REGISTRY["tvm"] == "stdeploy.targets.tvm_target:TVMTarget"
+    assert REGISTRY["tvm"] == "stdeploy.targets.tvm.target:TVMTarget"
     target = get_target("tvm")
     assert isinstance(target, TVMTarget) and isinstance(target, Target) and target.name == "tvm"
     ok, message = target.available()
@@ -218,7 +220,8 @@ def test_cuda_run_needs_a_gpu(cuda, exported):
 
 
 def test_cuda_artifact_is_reused_while_its_key_matches(cuda, exported, tmp_path, monkeypatch):
-    from stdeploy.targets import tvm_target
+    from stdeploy.targets.tvm import cuda as tvm_cuda
+    from stdeploy.targets.tvm.cuda_artifacts import load_cuda_artifact
 
     runnable, _, out = cuda
     again = TVMTarget().compile(exported["dir"], runnable.profile, out_dir=out)  # no build: loaded from the sidecar
@@ -227,12 +230,12 @@ def test_cuda_artifact_is_reused_while_its_key_matches(cuda, exported, tmp_path,
     assert again.info["onnx_sha256"] == runnable.info["onnx_sha256"] and again.info["batch_size"] == 1
     graph = load_onnx_graph(exported["dir"])
     for change in ({"batch_size": 2}, {"fast_math": True}, {"sparse": "on"}, {"onnx_sha256": "0" * 64}):
-        key = {**tvm_target._artifact_key(graph, runnable.profile, 1, False, "off"), **change}
-        loaded, stale = tvm_target._load_cuda_artifact(runnable.profile, key, out)
+        key = {**tvm_cuda.artifact_key(graph, runnable.profile, 1, False, "off"), **change}
+        loaded, stale = load_cuda_artifact(runnable.profile, key, out)
         assert loaded is None
         assert f"built from other {next(iter(change))}" in stale
     # a runtime-only TVM (the deployment machine) loads what matches and names what it cannot build
-    monkeypatch.setattr(tvm_target, "runtime_only", lambda: True)
+    monkeypatch.setattr(tvm_cuda, "runtime_only", lambda: True)
     assert TVMTarget().compile(exported["dir"], runnable.profile, out_dir=out).info["reused"] in paths
     with pytest.raises(TargetError, match=r"no prebuilt CUDA artifact .* at batch 4 .*built from other batch_size.*runtime-only"):
         TVMTarget().compile(exported["dir"], runnable.profile, batch_size=4, out_dir=out)
@@ -276,7 +279,7 @@ def test_cuda_sparse_kernels_for_pruned_linears(exported, tmp_path):
 def test_cuda_runs_on_gpu(exported, ort, tmp_path):
     import tvm
 
-    from stdeploy.targets.cuda_stub import ensure_tvm_cuda_runtime
+    from stdeploy.targets.tvm.cuda_standin_driver import ensure_tvm_cuda_runtime
 
     ensure_tvm_cuda_runtime()
     if not tvm.cuda().exist:

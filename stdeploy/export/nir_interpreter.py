@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import ShapeError, UnsupportedPrimitive
 
-__all__ = ["run_nir", "load_graph", "topological_order", "SUPPORTED"]
+__all__ = ["run_nir", "load_graph", "topological_order", "SUPPORTED", "EVALUATORS", "EvalContext", "Evaluator", "int_tuple"]
 
 
 def load_graph(graph_or_path: nir.NIRGraph | str | os.PathLike) -> nir.NIRGraph:
@@ -70,7 +70,11 @@ def topological_order(graph: nir.NIRGraph) -> list[str]:
 
 # ----------------------------------------------------------------------------- node evaluators
 # Each takes (node, input summed over edges as (T*B, *shape), context) and returns (T*B, *shape).
-class _Ctx:
+class EvalContext:
+    """What an evaluator needs beside its node and input: ``timesteps`` T and ``batch`` B of the
+    run (inputs are ``(T*B, *shape)``), the NIR time step ``dt`` and the torch ``device``.
+    Public: Lava's process models evaluate single nodes with it."""
+
     def __init__(self, timesteps: int, batch: int, dt: float, device: torch.device):
         self.timesteps, self.batch, self.dt, self.device = timesteps, batch, dt, device
 
@@ -85,56 +89,58 @@ def _batched_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
     return y if b is None else y + b
 
 
-def _affine(node: nir.Affine, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+def _affine(node: nir.Affine, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     return _batched_linear(x, c.tensor(node.weight), c.tensor(node.bias))
 
 
-def _linear(node: nir.Linear, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+def _linear(node: nir.Linear, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     return _batched_linear(x, c.tensor(node.weight), None)
 
 
-def _int_tuple(v, n: int):
+def int_tuple(v, n: int):
+    """A NIR geometry field (stride, padding, ...) as a tuple of ``n`` ints (a scalar repeated);
+    a string (``"same"``, ``"valid"``) is returned as a ``str``."""
     if isinstance(v, (str, bytes)):
         return v.decode() if isinstance(v, bytes) else v
     a = np.atleast_1d(np.asarray(v)).astype(int)
     return tuple(int(i) for i in (np.repeat(a, n) if a.size == 1 else a))
 
 
-def _bias_or_none(c: _Ctx, bias) -> torch.Tensor | None:
+def _bias_or_none(c: EvalContext, bias) -> torch.Tensor | None:
     return None if bias is None or not np.any(bias) else c.tensor(bias)
 
 
-def _conv1d(node: nir.Conv1d, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+def _conv1d(node: nir.Conv1d, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     w = c.tensor(node.weight)
-    stride, padding, dilation = _int_tuple(node.stride, 1), _int_tuple(node.padding, 1), _int_tuple(node.dilation, 1)
+    stride, padding, dilation = int_tuple(node.stride, 1), int_tuple(node.padding, 1), int_tuple(node.dilation, 1)
     pointwise = w.shape[2] == 1 and stride == (1,) and dilation == (1,) and padding in ((0,), "valid", "same") and int(node.groups) == 1
     if pointwise:  # a per-token linear layer: F.linear on (T*B, N, D_in), like the model's nn.Linear
         return F.linear(x.transpose(-1, -2).contiguous(), w[:, :, 0], _bias_or_none(c, node.bias)).transpose(-1, -2)
     return F.conv1d(x, w, c.tensor(node.bias), stride, padding, dilation, int(node.groups))
 
 
-def _conv2d(node: nir.Conv2d, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
-    return F.conv2d(x, c.tensor(node.weight), c.tensor(node.bias), _int_tuple(node.stride, 2), _int_tuple(node.padding, 2),
-                    _int_tuple(node.dilation, 2), int(node.groups))
+def _conv2d(node: nir.Conv2d, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
+    return F.conv2d(x, c.tensor(node.weight), c.tensor(node.bias), int_tuple(node.stride, 2), int_tuple(node.padding, 2),
+                    int_tuple(node.dilation, 2), int(node.groups))
 
 
-def _sumpool2d(node: nir.SumPool2d, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
-    return F.avg_pool2d(x, _int_tuple(node.kernel_size, 2), _int_tuple(node.stride, 2), _int_tuple(node.padding, 2),
+def _sumpool2d(node: nir.SumPool2d, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
+    return F.avg_pool2d(x, int_tuple(node.kernel_size, 2), int_tuple(node.stride, 2), int_tuple(node.padding, 2),
                         count_include_pad=True, divisor_override=1)
 
 
-def _threshold(node: nir.Threshold, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+def _threshold(node: nir.Threshold, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     return (x > c.tensor(node.threshold)).to(torch.float32)
 
 
-def _flatten(node: nir.Flatten, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+def _flatten(node: nir.Flatten, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     ndim = x.dim() - 1  # node dims, after the (T*B) batch dim
     start, end = int(node.start_dim), int(node.end_dim)
     start, end = start % ndim, end % ndim
     return x.flatten(start + 1, end + 1)
 
 
-def _lif(node: nir.LIF, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
+def _lif(node: nir.LIF, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     d = torch.as_tensor((c.dt / np.asarray(node.tau, dtype=np.float64)).astype(np.float32), device=c.device)
     r, v_leak = np.asarray(node.r), np.asarray(node.v_leak)
     plain = bool(np.all(r == 1) and np.all(v_leak == 0))
@@ -152,8 +158,11 @@ def _lif(node: nir.LIF, x: torch.Tensor, c: _Ctx) -> torch.Tensor:
     return torch.stack(out).flatten(0, 1)
 
 
-_Eval = Callable[[nir.NIRNode, torch.Tensor, _Ctx], torch.Tensor]
-_EVALUATORS: dict[type, _Eval] = {
+Evaluator = Callable[[nir.NIRNode, torch.Tensor, EvalContext], torch.Tensor]
+# The reference semantics of every NIR node type this interpreter runs, keyed by type: each takes
+# (node, input summed over edges as (T*B, *shape), EvalContext) and returns (T*B, *shape) in float32.
+# Public: the Lava target evaluates single nodes with them, so both agree bit for bit.
+EVALUATORS: dict[type, Evaluator] = {
     nir.Affine: _affine,
     nir.Linear: _linear,
     nir.Conv1d: _conv1d,
@@ -163,7 +172,7 @@ _EVALUATORS: dict[type, _Eval] = {
     nir.Flatten: _flatten,
     nir.LIF: _lif,
 }
-SUPPORTED = ("Input", "Output", *(t.__name__ for t in _EVALUATORS))
+SUPPORTED = ("Input", "Output", *(t.__name__ for t in EVALUATORS))
 
 
 def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor, record: bool = False) -> dict[str, torch.Tensor]:
@@ -174,7 +183,7 @@ def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor, re
     :class:`ShapeError` naming the Input node when ``x`` does not match it."""
     graph = load_graph(graph_or_path)
     unknown = [f"{name} ({type(node).__name__})" for name, node in graph.nodes.items()
-               if not isinstance(node, (nir.Input, nir.Output)) and type(node) not in _EVALUATORS]
+               if not isinstance(node, (nir.Input, nir.Output)) and type(node) not in EVALUATORS]
     if unknown:
         raise UnsupportedPrimitive(f"NIR interpreter cannot run node(s) {', '.join(unknown)}; supported: {', '.join(SUPPORTED)}")
     inputs = [name for name, node in graph.nodes.items() if isinstance(node, nir.Input)]
@@ -190,7 +199,7 @@ def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor, re
     for src, dst in graph.edges:
         into[dst].append(src)
     dt = float(np.asarray(graph.metadata.get("dt", 1.0))) if isinstance(graph.metadata, dict) else 1.0
-    ctx = _Ctx(int(x.shape[0]), int(x.shape[1]), dt, x.device)
+    ctx = EvalContext(int(x.shape[0]), int(x.shape[1]), dt, x.device)
 
     values: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -205,7 +214,7 @@ def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor, re
             acc = values[srcs[0]]
             for src in srcs[1:]:  # sum in edge order
                 acc = acc + values[src]
-            values[name] = acc if isinstance(node, nir.Output) else _EVALUATORS[type(node)](node, acc, ctx)
+            values[name] = acc if isinstance(node, nir.Output) else EVALUATORS[type(node)](node, acc, ctx)
 
     def unflatten(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(ctx.timesteps, ctx.batch, *t.shape[1:])

@@ -54,9 +54,9 @@ class Target(Protocol):
 
 # name -> "module:Class"; imported on first use only.
 REGISTRY: dict[str, str] = {
-    "onnxruntime": "stdeploy.targets.onnxruntime_target:OnnxRuntimeTarget",
-    "tvm": "stdeploy.targets.tvm_target:TVMTarget",
-    "lava": "stdeploy.targets.lava_target:LavaTarget",
+    "onnxruntime": "stdeploy.targets.onnxruntime:OnnxRuntimeTarget",
+    "tvm": "stdeploy.targets.tvm.target:TVMTarget",
+    "lava": "stdeploy.targets.lava.target:LavaTarget",
 }
 
 

@@ -1,15 +1,15 @@
 """The Lava side of the ``lava`` target: our processes and process models, and the worker that
-builds a lowered plan (:func:`stdeploy.targets.lava_target.lower`) as Lava processes and runs it
+builds a lowered plan (:func:`stdeploy.targets.lava.lowering.lower`) as Lava processes and runs it
 on ``Loihi2SimCfg`` (:func:`run_plan`, :func:`serve`).
 
 This module imports lava (which sets ``multiprocessing``'s start method to ``fork`` at import):
-only the worker subprocess that :class:`stdeploy.targets.lava_target.LavaWorker` starts imports
+only the worker subprocess that :class:`stdeploy.targets.lava.worker.LavaWorker` starts imports
 it, never the caller. Every process model is bound to its process instance through the run
 config's ``exception_proc_model_map``, so Lava never scans directories for models.
 
 Processes
 ---------
-Lava's own, with their own models where they match (see ``lava_target`` for the choices):
+Lava's own, with their own models where they match (see :mod:`.lowering` for the choices):
 
 * ``lava.proc.io.source.RingBuffer`` (input), ``lava.proc.io.sink.RingBuffer`` (outputs, with
   Lava's model plus a save of the buffer to a file on the last step: :func:`sink_model`);
@@ -66,7 +66,7 @@ from lava.magma.core.sync.protocols.loihi_protocol import LoihiProtocol
 from lava.proc.lif.models import AbstractPyLifModelFixed, PyLifModelBitAcc, PyLifModelFloat
 from lava.proc.lif.process import LIF
 
-from ..export import nir_interpreter as ref
+from ...export import nir_interpreter as ref
 
 __all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "model_class", "sink_model", "run_plan",
            "serve", "main"]
@@ -199,9 +199,9 @@ class _SynapseFloat(_SynapseBase):
     def __init__(self, proc_params):
         super().__init__(proc_params)
         self.node = proc_params["node"]
-        self.evaluate = ref._EVALUATORS[type(self.node)]
+        self.evaluate = ref.EVALUATORS[type(self.node)]
         self.rows = int(proc_params["ref_batch"])
-        self.ctx = ref._Ctx(1, self.rows, float(proc_params.get("dt", 1.0)), torch.device("cpu"))
+        self.ctx = ref.EvalContext(1, self.rows, float(proc_params.get("dt", 1.0)), torch.device("cpu"))
         scale = proc_params.get("scale")
         self.scale = None if scale is None else torch.as_tensor(np.asarray(scale, F32))
         self.zeros = np.zeros(proc_params["out_shape"], F32)
@@ -449,7 +449,7 @@ def _batched(shape) -> tuple:
 
 
 def run_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
-    """Build ``plan`` (from :func:`stdeploy.targets.lava_target.lower`) as Lava processes for the
+    """Build ``plan`` (from :func:`stdeploy.targets.lava.lowering.lower`) as Lava processes for the
     input ``x`` ``(T, B, *input shape)``, run ``T + depth`` steps on ``Loihi2SimCfg`` and return
     each sink's record ``(B, *shape, steps)`` (saved by the sinks into ``workdir``). The runtime is
     always stopped."""
@@ -612,9 +612,9 @@ def serve(status_fd: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m stdeploy.targets.lava_processes --serve FD``: the worker of :class:`~.lava_target.LavaWorker`."""
+    """``python -m stdeploy.targets.lava.processes --serve FD``: the worker of :class:`~.worker.LavaWorker`."""
     if len(argv) != 2 or argv[0] != "--serve":
-        print("usage: python -m stdeploy.targets.lava_processes --serve STATUS_FD", file=sys.stderr)
+        print("usage: python -m stdeploy.targets.lava.processes --serve STATUS_FD", file=sys.stderr)
         return 2
     return serve(int(argv[1]))
 

@@ -1,35 +1,29 @@
 """Accumulate-only convolutions and linear layers for spike inputs on the CPU: TIR kernels that
-gather, for every output pixel (row), the weight rows of the nonzero inputs in its receptive field
-(row), skipping the zeros. Linear layers (:class:`SpikeMatmul`, :func:`adaptive_matmul`) are the
-one-tap case: each row of ``x (..., K)`` is compacted, then ``y = sum x[k] * W[k, :]`` over its
-nonzeros. The rest of this docstring is about the convolution.
+skip zero inputs, switching to BLAS where the input is dense enough that BLAS is faster.
 
-A spiking layer's convolution sees mostly zeros (the demo sdt-tiny's two spiking convolutions get
-8% and 14% ones), but im2col + BLAS multiplies every zero. Per image, the kernel first compacts
-the input: for each input pixel, the list of its nonzero channels and their values (branch-free:
-every channel is written, the list end advances only past nonzeros). Then each output pixel
-keeps a tile of up to 64 output channels in vector registers and, for each of the ``KH x KW``
-taps, adds ``value * W[i, j, channel, :]`` for the listed channels of the pixel under the tap (a
-zero border of empty lists stands for the padding, so there is no bounds test). The image's
-result is stored channels-last, then written NCHW. The work grows with the number of spikes.
+Convolution (:class:`SpikeConv`, :func:`adaptive_conv`; NCHW input, OIHW weight, stride 1,
+``groups = 1``, padding at most ``kernel - 1`` on each side: :func:`applicable`). Per image the
+kernel compacts the input (for each input pixel, the list of its nonzero channels and their
+values, written branch-free), then each output pixel keeps a tile of up to
+:data:`CHANNEL_TILE` output channels in vector registers and, for each of the ``KH x KW`` taps,
+adds ``value * W[i, j, channel, :]`` for the listed channels of the pixel under the tap (a zero
+border of empty lists stands for the padding). The result is stored channels-last, then
+written NCHW. Work grows with the number of nonzero inputs, not with the input size.
 
-Measured on this 2-core machine (``python -m stdeploy.targets.tvm_spikeconv``, batch 128 images,
-3x3, padding 1, the calls interleaved): 32 -> 64 channels at 8x8 with 8% ones 1.28 ms vs 1.54 ms
-for the previous kernel (which scattered each nonzero input into its output neighbourhood) and
-3.5-3.9 ms for im2col + BLAS; 64 -> 64 at 4x4 with 14% ones 0.58 ms vs 1.21 ms (scatter) and
-1.9 ms (BLAS); the image-fed 1 -> 32 convolution (dense input) 0.24 ms vs 0.37 ms (BLAS).
+Linear layer (:class:`SpikeMatmul`, :func:`adaptive_matmul`): the one-tap case; each row of
+``x (..., K)`` is compacted, then ``y = sum x[k] * W[k, :]`` over its nonzeros.
 
-Where BLAS overtakes the kernel depends on the shape (measured: above 40% ones at 32 -> 64 8x8,
-about 25% at 128 -> 256 32x32, about 13% at 512 -> 512 8x8; never for one input channel), and the
-density is only known at run time. So :func:`adaptive_conv` measures both on the shape once
-(the kernel at 0% and 25% ones, BLAS) and takes the density where their costs cross as the
-threshold; every call estimates its input's density from a sample of whole images and runs the
-kernel up to that threshold, im2col + BLAS above (``stats`` counts each path).
+Where BLAS overtakes the gather kernel depends on the shape, and the density is only known at
+run time. So the adaptive functions measure, once per shape, the kernel at 0 % and
+:data:`CALIBRATION_DENSITY` ones and BLAS (:func:`crossover`), take the density where the costs
+cross as ``max_density``, and every call estimates its input's density (fraction of nonzero
+values, from :data:`SAMPLE_IMAGES` images or :data:`SAMPLE_ROWS` rows) and runs the kernel up to
+that threshold, BLAS above it; ``stats`` counts each path.
 
-Exact for any input values (zeros skipped, the rest multiplied); the sum over inputs runs in
-(tap, channel) order, which differs from PyTorch's, so a membrane within float rounding of its
-threshold can flip as with any other kernel (the tests compare spikes with PyTorch).
-Stride 1 only; padding at most ``kernel - 1`` on each side.
+Exact for any input values (zeros skipped, the rest multiplied); the sum runs in (tap, channel)
+order, which differs from PyTorch's, so a membrane within float32 rounding of its threshold can
+flip as with any other kernel (the tests compare spikes with PyTorch).
+``python -m stdeploy.targets.tvm.kernels.spike`` times the kernel against im2col + BLAS here.
 """
 
 from __future__ import annotations
@@ -42,7 +36,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import median_time
+from ...base import median_time
+from .blas import blas_conv2d, blas_matmul
 
 CHANNEL_TILE = 64       # output channels kept in registers at once (8 AVX2 vectors)
 PARTS = 8               # parallel tasks per call (images are split between them)
@@ -227,10 +222,8 @@ class SpikeMatmul(_GatherKernel):
 def adaptive_matmul(x_shape: tuple, weight: np.ndarray, target, max_density: float | None = None):
     """:func:`adaptive_conv` for a linear layer ``x (..., K) @ weight (K, N)``: the gather kernel
     up to the density threshold (measured when ``max_density`` is None), a BLAS matmul above."""
-    from .tvm_blas import _matmul
-
     mm = SpikeMatmul(tuple(int(v) for v in x_shape), np.asarray(weight, dtype=np.float32), target)
-    return _adaptive(mm, _matmul, max_density, "spikematmul")
+    return _adaptive(mm, blas_matmul, max_density, "spikematmul")
 
 
 def density(x: np.ndarray, unit: int, sample: int) -> float:
@@ -272,10 +265,8 @@ def adaptive_conv(x_shape: tuple, weight: np.ndarray, padding: tuple, target, ma
     images) and im2col + BLAS otherwise. ``max_density=None`` measures the crossover on this shape
     (:func:`crossover`). ``SpikeConv.max_density`` holds the threshold used and
     ``SpikeConv.stats`` counts the calls of each path."""
-    from .tvm_blas import _conv2d_func
-
     conv = SpikeConv(tuple(int(v) for v in x_shape), np.asarray(weight, dtype=np.float32), tuple(padding), target)
-    blas = _conv2d_func((1, 1), conv.padding)
+    blas = blas_conv2d((1, 1), conv.padding)
     return _adaptive(conv, blas, max_density, "spikeconv")
 
 
@@ -308,9 +299,9 @@ def _main(argv=None) -> None:
 
     import tvm
 
-    from .profiles import load_profile
-    from .tvm_blas import conv2d_nchw
-    from .tvm_target import cpu_target
+    from ...profiles import load_profile
+    from ..host import cpu_target
+    from .blas import conv2d_nchw
 
     parser = argparse.ArgumentParser(description="gather kernel vs im2col + BLAS (the module docstring's figures)")
     parser.add_argument("--repeats", type=int, default=30)

@@ -1,4 +1,5 @@
-"""Load TVM's CUDA runtime library on a machine without an NVIDIA driver, to *build* CUDA modules.
+"""A stand-in CUDA driver library (``libcuda.so.1``) built so TVM can *compile* CUDA modules on a
+machine without an NVIDIA driver or GPU; a real driver, where one loads, is always used instead.
 
 The apache-tvm wheel ships ``libtvm_runtime_cuda.so``, which links against ``libcuda.so.1`` (the
 driver). Without a loadable driver ``import tvm`` silently skips that library, and a CUDA build
@@ -32,7 +33,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .base import TargetError
+from ..base import TargetError
 
 __all__ = ["STUB_ERROR", "real_driver_loadable", "runtime_library_path", "undefined_cuda_symbols", "build_stub",
            "ensure_tvm_cuda_runtime", "loaded_stub", "stub_cache_dir"]
@@ -100,7 +101,7 @@ def undefined_cuda_symbols(library: Path) -> list[str]:
 
 
 def _stub_source(symbols: list[str]) -> str:
-    lines = ["/* Stand-in libcuda.so.1 written by stdeploy.targets.cuda_stub: every driver call fails",
+    lines = ["/* Stand-in libcuda.so.1 written by stdeploy.targets.tvm.cuda_standin_driver: every driver call fails",
              f"   with CUDA_ERROR_STUB_LIBRARY ({STUB_ERROR}). For building CUDA modules without a GPU only. */",
              "typedef int CUresult;"]
     for name in symbols:

@@ -1,5 +1,5 @@
-"""Sparse-weight matrix products for TVM Relax: a TIR kernel over a compressed weight, and a rewrite
-that puts it in place of ``R.matmul(x, W)`` where ``W`` is a pruned constant.
+"""Sparse-weight matrix products for TVM Relax: a TIR kernel over a compressed (CSR) weight, and a
+rewrite that puts it in place of ``R.matmul(x, W)`` where ``W`` is a pruned constant.
 
 Relax has no sparse tensor type, so a pruned linear layer imported from ONNX stays a dense
 ``R.matmul(x, W)`` with ``x`` of shape ``(..., K)`` and the constant ``W`` of shape ``(K, N)`` (the
@@ -12,79 +12,33 @@ transposed torch weight). :func:`rewrite_sparse_matmuls` replaces the chosen one
 The weight is stored by :func:`csr_from_dense` as CSR over the **output features** (CSR of
 ``W.T``): the nonzeros of output ``n`` are ``indices[indptr[n]:indptr[n+1]]`` (input features
 ``k``, ascending) with ``values`` alongside. The structure is passed to the kernel as three Relax
-constants rather than baked into its code. Measured with the same schedule and the nonzeros
-unrolled as immediates (single thread, M = 2048): a 64 x 64 layer (415 nonzeros) ran in 0.137 ms
-baked vs 0.088 ms with arrays, a 512 x 256 one (2 617 nonzeros) in 1.215 ms vs 0.852 ms, and its
-TVMScript parse plus compile took 25 s vs 0.09 s; a 512 x 2048 layer at 98 % zeros (about
-21 000 nonzeros) had not finished parsing and compiling after 14 minutes. Arrays win everywhere.
+constants rather than baked into its code (baking the nonzeros in as immediates makes parsing and
+compiling grow with the number of nonzeros, to minutes for large layers, and runs no faster).
 
-The kernel (:func:`sparse_matmul_kernel`) computes ``y[m, n] = sum_k x[m, k] * W[k, n]``, summing each
-output's nonzeros in ascending ``k`` from 0 as a plain float32 loop does, with each multiply-add
-contracted by LLVM into one FMA. Measured: bit-identical to such a loop with FMA (emulated in
-numpy; 256 x 512 x 128 at 90 % zeros), and within 5.7e-06 of the loop without FMA (outputs up to
-30). It is also bit-identical to TVM's own untuned dense matmul, which sums in the same order: the
-l1p-90 demo model at batch 32 gives the same logits and spikes, bit for bit, before and after the
-rewrite. Max abs difference against numpy's dense ``x @ W`` (OpenBLAS): 9.5e-07 or less on the
-demo's layers, 2.9e-06 on the 2048 x 512 x 2048 case at 90 % zeros with spike inputs (table
-below), 1.3e-05 on that case with standard-normal inputs (outputs up to about 40).
+Arithmetic: :func:`sparse_matmul_kernel` computes ``y[m, n] = sum_k x[m, k] * W[k, n]``, summing
+each output's nonzeros in ascending ``k`` from 0 as a plain float32 loop does, each multiply-add
+contracted by LLVM into one FMA: the same order as TVM's own untuned dense matmul, so the rewrite
+leaves logits and spikes of such a module bit-identical. Against a BLAS ``x @ W`` (blocked
+summation) results differ by float32 rounding (the tests bound it).
 
-CPU schedule (``llvm``)
-    The rows M are the vector dimension. Tasks (``T.parallel``) are tiles of ``MB`` rows: 64 when
-    K <= 128 (the tile's x then fits the 32 KB L1), else 32 (faster for K = 512 and 2048:
-    10.5 vs 11.8 ms and 13.4 vs 17.7 ms on the 90 % cases), a smaller power of two when M is
-    small. Each task transposes its rows of ``x`` into a contiguous ``(K, MB)`` block (8 x 8
-    blocks through registers; zero rows past M), then for each output ``n`` accumulates
-    ``w * xt[k, :]`` over the nonzeros of ``n`` in ``MB`` lanes held in AVX2 registers (per
-    nonzero: one index load, one broadcast, ``MB / 8`` FMAs with a memory operand), collects 16
-    outputs in a small tile and stores it transposed (8 x 8 blocks) into ``y``. When M gives
-    fewer than 8 tiles, the outputs are also split into groups, one task each. The accumulators
-    are a ``global``-scope buffer under 1 KB, which TVM 0.27 places on the stack so LLVM keeps
-    them in registers (``local`` scope goes through TVM's workspace allocator, and the loop then
-    stores the accumulators to memory on every nonzero). Compile with the host CPU named
-    (``mcpu``, see :func:`default_cpu_target`): without it LLVM emits SSE2 code.
+CPU schedule (``llvm``): the rows M are the vector dimension. Tasks (``T.parallel``) are tiles of
+:data:`CPU_ROWS_SMALL_K` rows when ``K <= 128`` (the tile of x then fits a 32 KB L1 cache), else
+:data:`CPU_ROWS`, fewer when M is small. Each task transposes its rows of ``x`` into a contiguous
+``(K, rows)`` block, then for each output accumulates ``w * xt[k, :]`` over that output's nonzeros
+in vector registers, collecting :data:`CPU_OUTPUTS` outputs before a transposed store into ``y``.
+With fewer than :data:`CPU_MIN_TASKS` row tiles the outputs are split into groups too. Compile
+with the host CPU named (``mcpu``, see :func:`default_cpu_target`): without it LLVM emits SSE2 code.
+The cost is proportional to the nonzeros plus a fixed cost for reading ``x`` and writing ``y``.
 
-    Why 4.6x and not 10x at 90 % zeros: with K = 512 the ``(512, 32)`` block of x is 64 KB, so
-    the inner loop streams 128 B per nonzero from L2 (32 B per cycle on Zen 3) and each of the
-    4 accumulator registers waits on its previous FMA (4 cycles): about 8 multiply-adds per
-    cycle (measured 21 G/s at 90 % zeros), half of the 16 per cycle of AVX2's two FMA units,
-    which OpenBLAS's dense kernel nearly reaches (45 G/s). The bound is therefore 0.5 / density:
-    5x at 90 %, 10x at 95 %, 25x at 98 %; at the higher sparsities the fixed cost of reading x
-    (4 MB) and writing y (16 MB) keeps the measured ratio lower: 2.4 ms for a weight with a
-    single nonzero. More accumulator registers would need a second partial sum per output
-    (another summation order); K-blocking to reuse x from L1 costs an accumulator reload per
-    block, which eats the gain at these densities.
+CUDA schedule (``cuda``): ``blockIdx.x`` over groups of :data:`GPU_ROWS` rows, ``blockIdx.y`` x
+``threadIdx.x`` (:data:`GPU_THREADS`) over the outputs: each thread reads each of its output's
+nonzeros once and applies it to the rows held in registers, ascending ``k``. Marked
+``tirx.is_scheduled`` so dlight leaves it alone. Built through :mod:`stdeploy.targets.tvm.cuda`.
 
-CUDA schedule (``cuda``, build only here)
-    ``blockIdx.x`` over groups of 8 rows, ``blockIdx.y`` x ``threadIdx.x`` (128) over the outputs:
-    each thread reads each of its output's nonzeros once and applies it to 8 rows held in
-    registers, ascending ``k``; neighbouring threads write neighbouring outputs. Marked
-    ``tirx.is_scheduled`` so dlight leaves it alone. Builds with ``nvcc`` for ``sm_87`` through
-    :mod:`stdeploy.targets.tvm_target`'s CUDA path (with the stand-in driver of
-    :mod:`stdeploy.targets.cuda_stub`); never run: no GPU was available.
-
-Measured on an AMD EPYC (Zen 3, ``mcpu=znver3``, AVX2), 2 cores shared with other jobs (load
-average 4 to 5 throughout), so each figure is the minimum of 25 interleaved calls of the sparse
-kernel and numpy's dense ``x @ W`` (numpy with OpenBLAS 0.3.30), spikes (20 % ones) as x;
-``OMP_NUM_THREADS=2 python -m stdeploy.targets.tvm_sparse --threads 1 2 --repeats 25``::
-
-    matmul (l1p-90, batch 32)  M     K x N      density   1 thread: sparse / dense     2 threads: sparse / dense
-    #0 blocks.0.attn.q        2048   64 x   64   0.096    0.083 / 0.209 ms  x2.5      0.091 / 0.144 ms  x1.6
-    #1 blocks.0.attn.k        2048   64 x   64   0.107    0.084 / 0.205 ms  x2.4      0.144 / (7.96) ms
-    #2 blocks.0.attn.v        2048   64 x   64   0.150    0.097 / 0.208 ms  x2.2      0.157 / (5.41) ms
-    #3 blocks.0.attn.proj     2048   64 x   64   0.132    0.090 / 0.210 ms  x2.3      0.150 / (5.67) ms
-    #4 blocks.0.mlp.fc1       2048   64 x  256   0.165    0.312 / 0.804 ms  x2.6      0.471 / (3.97) ms
-    #5 blocks.0.mlp.fc2       2048  256 x   64   0.014    0.181 / 0.761 ms  x4.2      0.312 / (7.96) ms
-    #6 head.fc (not pruned)    128   64 x   10   1.000    0.005 / 0.006 ms  x1.2      0.009 / 0.006 ms  x0.7
-    synthetic, 90 % zeros     2048  512 x 2048   0.100   10.41 / 47.75 ms   x4.6     12.35 / 55.96 ms  x4.5
-    synthetic, 95 % zeros     2048  512 x 2048   0.050    6.30 / 47.09 ms   x7.5      6.44 / 53.67 ms  x8.3
-    synthetic, 98 % zeros     2048  512 x 2048   0.020    3.91 / 47.27 ms  x12.1      4.09 / 55.94 ms x13.7
-
-The goal, the sparse kernel at least 3x faster than dense BLAS at 90 % zeros on the sdt-8-512
-class of layer (M = 2048, K = 512, N = 2048), is met single-threaded (4.6x). The 2-thread column
-shows no gain over one thread for either side because both cores were busy with other jobs;
-OpenBLAS's 2-thread times for the small layers (in parentheses) swung between 0.14 and 8 ms
-with a thread descheduled, so those ratios mean nothing. The demo's 64-wide layers are too small
-to gain much: reading x and writing y (0.5 MB each) is a large part of 0.08 ms.
+Which layers take the kernel: :func:`measured_choice` times it against what would run instead
+(BLAS, or the spike gather kernel) per layer on the CPU; :func:`density_choice` decides by the
+fraction of zeros (the CUDA build, where no GPU is there to time). ``python -m
+stdeploy.targets.tvm.kernels.sparse`` prints the per-layer comparison for an export.
 """
 
 from __future__ import annotations
@@ -97,14 +51,17 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ShapeError
-from .base import median_time
+from ...base import median_time
+from ....errors import ShapeError
+from ..frontend import load_onnx_graph, relax_module
+from ..host import host_cpu_name, usable_cores
+from ..sdk import load_tvm
+from .spike import SpikeMatmul
 
 __all__ = ["CSRWeight", "csr_from_dense", "sparse_matmul_kernel", "kernel_arrays", "CompiledSparseMatmul",
            "default_cpu_target", "rewrite_sparse_matmuls", "measured_choice", "MeasuredChoice", "density_choice",
            "compare_with_dense", "DecideFn"]
 
-INSTALL_HINT = "pip install 'stdeploy[tvm]'"
 DecideFn = Callable[[int, np.ndarray, tuple], bool]  # (layer index, W (K, N), x shape) -> use the sparse kernel?
 
 CPU_ROWS = 32          # rows per CPU task: 32 float32 lanes = 4 AVX2 registers of accumulators ...
@@ -113,14 +70,6 @@ CPU_OUTPUTS = 16       # outputs gathered in a tile before the transposed store 
 CPU_MIN_TASKS = 8      # fewer row tiles than this: split the outputs into groups as well
 GPU_THREADS = 128      # threads per block, one output each
 GPU_ROWS = 8           # rows per block (one thread sums its output for each of them)
-
-
-def _tvm():
-    try:
-        import tvm
-    except (ImportError, OSError) as err:
-        raise ImportError(f"the sparse TVM kernels need apache-tvm ({err}): {INSTALL_HINT}") from err
-    return tvm
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +159,7 @@ def csr_from_dense(w: np.ndarray) -> CSRWeight:
 
 
 def _target_kind(target) -> str:
-    tvm = _tvm()
+    tvm = load_tvm()
     if target is None:
         return "llvm"
     if isinstance(target, str) and target in ("llvm", "cuda"):
@@ -336,7 +285,7 @@ def sparse_matmul_kernel(csr: CSRWeight, m: int, target=None):
     rows, scheduled for ``target`` (a kind name, target dict or ``tvm.target.Target``; llvm by
     default; ``cuda`` for the GPU schedule). ``indices``/``values`` have ``max(nnz, 1)`` entries
     (see :func:`kernel_arrays`)."""
-    _tvm()
+    load_tvm()
     if not isinstance(csr, CSRWeight):
         raise TypeError(f"sparse_matmul_kernel needs a CSRWeight (csr_from_dense), got {type(csr).__name__}")
     if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
@@ -361,22 +310,20 @@ def kernel_arrays(csr: CSRWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def default_cpu_target(num_cores: int | None = None) -> dict:
     """``{"kind": "llvm", "mcpu": <this CPU>, "num-cores": ...}``: the host CPU named so LLVM uses
-    its vector units (see :func:`stdeploy.targets.tvm_target.host_cpu_name`)."""
-    from .tvm_target import _usable_cores, host_cpu_name
-
+    its vector units (see :func:`stdeploy.targets.tvm.host.host_cpu_name`)."""
     target = {"kind": "llvm"}
     cpu = host_cpu_name()
     if cpu is None:
-        warnings.warn("tvm_sparse: the host CPU has no LLVM name TVM accepts; the kernel is compiled for "
+        warnings.warn("tvm sparse kernel: the host CPU has no LLVM name TVM accepts; the kernel is compiled for "
                       "generic x86-64 (no AVX) and will be slow", stacklevel=2)
     else:
         target["mcpu"] = cpu
-    target["num-cores"] = int(num_cores or _usable_cores())
+    target["num-cores"] = int(num_cores or usable_cores())
     return target
 
 
 def _as_target(target):
-    tvm = _tvm()
+    tvm = load_tvm()
     if target is None:
         target = default_cpu_target()
     if isinstance(target, str) and target == "llvm":
@@ -390,7 +337,7 @@ class CompiledSparseMatmul:
     ``x`` of shape ``(..., K)`` whose leading dims multiply to ``m`` -> ``y`` of shape ``(..., N)``."""
 
     def __init__(self, csr: CSRWeight, m: int, target=None):
-        tvm = _tvm()
+        tvm = load_tvm()
         self.csr, self.m = csr, int(m)
         self.target = _as_target(target)
         if self.target.kind.name != "llvm":
@@ -408,7 +355,7 @@ class CompiledSparseMatmul:
         if x.ndim < 1 or x.shape[-1] != k or int(np.prod(x.shape[:-1], dtype=np.int64)) != self.m:
             raise ShapeError(f"sparse matmul: x of shape {x.shape} does not match W {self.csr.shape} "
                              f"compiled for M = {self.m} rows (expected (..., {k}) with {self.m} rows)")
-        return _tvm().runtime.tensor(np.ascontiguousarray(x.reshape(self.m, k), dtype=np.float32)), x.shape[:-1] + (n,)
+        return load_tvm().runtime.tensor(np.ascontiguousarray(x.reshape(self.m, k), dtype=np.float32)), x.shape[:-1] + (n,)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         xt, shape = self._bind_x(x)
@@ -448,7 +395,7 @@ class MeasuredChoice:
     sparse kernel, timed on the real shape (spikes as input), beats numpy's dense ``x @ W``
     (OpenBLAS: what the dense CPU path uses) and, with ``spike_kernels``, also the spike-input
     gather kernel that the default CPU path runs instead of BLAS for mostly-zero inputs
-    (:class:`stdeploy.targets.tvm_spikeconv.SpikeMatmul`): the sparse kernel must beat the faster
+    (:class:`stdeploy.targets.tvm.kernels.spike.SpikeMatmul`): the sparse kernel must beat the faster
     of the two. The times are kept in ``records`` by layer index and copied into
     :func:`rewrite_sparse_matmuls`'s report."""
 
@@ -483,9 +430,7 @@ class MeasuredChoice:
         record.update(sparse_ms=round(sparse_s * 1e3, 4), dense_ms=round(dense_s * 1e3, 4),
                       kernel_compile_s=round(kernel.compile_seconds, 3))
         if self.spike_kernels:
-            from .tvm_spikeconv import SpikeMatmul
-
-            tvm = _tvm()
+            tvm = load_tvm()
             gather = SpikeMatmul((m, k), np.asarray(w, dtype=np.float32), self.target)
             xt, out = tvm.runtime.tensor(x), tvm.runtime.tensor(np.zeros((m, w.shape[1]), np.float32))
             gather_s = median_time(lambda: gather(xt, out), self.repeats)
@@ -529,7 +474,7 @@ def _static_shape(ty) -> tuple[int, ...] | None:
 
 
 def _make_rewriter():
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm import relax
 
     matmul_op = tvm.ir.Op.get("relax.matmul")
@@ -609,7 +554,7 @@ def rewrite_sparse_matmuls(mod, target, decide: DecideFn | None = None) -> tuple
     kernel does not apply and whatever ``decide.records[index]`` holds (``sparse_ms``,
     ``dense_ms``, ...). ``mod`` is not changed; with nothing rewritten it is returned as is.
     """
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm import relax
 
     if not isinstance(mod, tvm.IRModule):
@@ -637,7 +582,7 @@ def _set_threads(n: int) -> None:
     """``n`` threads for TVM's pool and numpy's BLAS (with threadpoolctl; else OMP_NUM_THREADS rules)."""
     import tvm_ffi
 
-    _tvm()
+    load_tvm()
     tvm_ffi.get_global_func("runtime.config_threadpool")(0, n)
     try:
         from threadpoolctl import threadpool_limits
@@ -665,15 +610,13 @@ def compare_with_dense(w: np.ndarray, m: int, target=None, repeats: int = 15, se
 
 
 def _demo_layers(export_dir: str, batch: int) -> list[tuple[int, np.ndarray, tuple]]:
-    from .tvm_target import _relax_module, load_onnx_graph
-
     layers = []
 
     def record(index, w, x_shape):
         layers.append((index, w.copy(), x_shape))
         return False
 
-    rewrite_sparse_matmuls(_relax_module(load_onnx_graph(export_dir), batch), "llvm", record)
+    rewrite_sparse_matmuls(relax_module(load_onnx_graph(export_dir), batch), "llvm", record)
     return layers
 
 

@@ -18,6 +18,9 @@ import copy
 import math
 
 import numpy as np
+import torch
+
+from ...export.nir_interpreter import EVALUATORS, EvalContext
 
 __all__ = ["mapping_report", "DEFAULT_LIMITS", "synapse_fan_in"]
 
@@ -36,18 +39,14 @@ def _kind(node) -> str:
 def synapse_fan_in(node, in_shape: tuple[int, ...]) -> np.ndarray:
     """Per output neuron of synaptic node ``node``: how many nonzero connections reach it (the
     node applied with 0/1 indicator weights and no bias to an input of ones)."""
-    import torch
-
-    from ..export.nir_interpreter import _EVALUATORS, _Ctx
-
     ind = copy.copy(node)
     if hasattr(node, "weight") and _kind(node) != "SumPool2d":
         ind.weight = (np.asarray(node.weight) != 0).astype(np.float32)
     if getattr(node, "bias", None) is not None:
         ind.bias = np.zeros_like(np.asarray(node.bias, np.float32))
-    ctx = _Ctx(1, 1, 1.0, torch.device("cpu"))
+    ctx = EvalContext(1, 1, 1.0, torch.device("cpu"))
     with torch.no_grad():
-        y = _EVALUATORS[type(node)](ind, torch.ones((1, *in_shape)), ctx)
+        y = EVALUATORS[type(node)](ind, torch.ones((1, *in_shape)), ctx)
     return np.rint(y[0].numpy()).astype(np.int64)
 
 

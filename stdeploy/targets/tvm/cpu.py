@@ -1,0 +1,218 @@
+"""The TVM CPU module: the ONNX graph imported at a static batch, its heavy operators routed to
+external kernels, compiled for the host's llvm target, run on Relax's VM.
+
+:func:`prepare_cpu_module` builds the exact module that both tuning and running compile: TVM's
+ONNX import at the batch, an optional rewrite of pruned linears to the sparse CSR kernel
+(:mod:`.kernels.sparse`), :func:`~.kernels.routing.route_to_external_kernels` per ``kernels``
+(``blas``: matmuls and stride-1 convolutions to the spike gather kernels, which fall back to BLAS
+on dense input, other convolutions to BLAS; ``blas-dense``: all to BLAS; ``tir``: none), then
+Relax's zero pipeline (legalize, fuse). What is left in TIR (the fused LIF recurrences, pooling,
+reductions) is what MetaSchedule tunes (:mod:`.tuning`).
+
+:func:`compile_cpu` applies the tuning database when ``stdeploy tune`` wrote one for this model,
+device, batch and kernels (``schedule="auto"``), requires it (``"tuned"``) or ignores it
+(``"untuned"``); a corrupt database under ``auto`` is named in a warning and the module runs
+untuned. ``info["path"]`` names the kernels that ran. :class:`TVMRunnable` compiles lazily per
+batch and keeps one executable per input shape ``(T, B, C, H, W)``; inputs are float32, logits
+``(B, classes)``, spikes ``(T, B, N, D)``, seconds are wall time of the VM call.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import ConfigError, ShapeError
+from ..base import RunResult, TargetError, Timer
+from ..profiles import DeviceProfile
+from .database import TuningDatabaseError, apply_database, find_database, read_meta
+from .frontend import OnnxGraph, relax_module
+from .kernels.routing import route_to_external_kernels
+from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
+from .sdk import load_tvm
+
+__all__ = ["KERNELS", "SPIKE_OPS", "CpuOptions", "PreparedModule", "prepare_cpu_module", "sparse_layers_of", "compile_cpu",
+           "outputs_to_numpy", "TVMRunnable"]
+
+# blas: matmuls and stride-1 convolutions to the spike-adaptive kernels (kernels.spike), other
+# convolutions to BLAS; blas-dense: every matmul/conv2d to BLAS; tir: everything TVM code
+KERNELS = ("blas", "blas-dense", "tir")
+# the spike-adaptive ops of route_to_external_kernels: (Offloaded.op, key in the build info, name in the path)
+SPIKE_OPS = (("spike-conv2d", "spike_conv", "conv2d"), ("spike-matmul", "spike_matmul", "matmul"))
+
+
+@dataclass(frozen=True)
+class CpuOptions:
+    """How the CPU module is built: ``kernels`` (``blas`` or ``tir``) and the per-layer sparse
+    choice (indices of the constant-weight matmuls that run the sparse kernel; ``None`` = let
+    the sparse pass decide by measurement, ``()`` = no sparse kernels)."""
+
+    kernels: str = "blas"
+    sparse_layers: tuple[int, ...] | None = ()
+
+    def __post_init__(self):
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+
+
+@dataclass
+class PreparedModule:
+    mod: object
+    info: dict = field(default_factory=dict)
+
+
+def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = CpuOptions()) -> PreparedModule:
+    """The Relax module of ``graph`` at ``batch``, rewritten per ``options`` and through Relax's
+    zero pipeline: the exact module that both tuning and running compile."""
+    tvm = load_tvm()
+    from tvm import relax
+
+    mod = relax_module(graph, batch)
+    info: dict = {"kernels": options.kernels}
+    if options.sparse_layers != ():
+        if options.sparse_layers is None:
+            decide = measured_choice(target, spike_kernels=options.kernels == "blas")  # against what runs instead
+        else:
+            chosen = set(options.sparse_layers)
+            decide = lambda index, weight, x_shape: index in chosen  # noqa: E731
+        mod, report = rewrite_sparse_matmuls(mod, target, decide)
+        info["sparse"] = report
+    if options.kernels in ("blas", "blas-dense"):
+        mod, done = route_to_external_kernels(mod, spike_target=target if options.kernels == "blas" else None)
+        info["offloaded"] = [f"{o.op} {list(o.shape)}" for o in done]
+        for op, key, _ in SPIKE_OPS:
+            spike = [o for o in done if o.op == op]
+            if spike:  # ``calls`` is the kernel's live counter: dumped after a run it says which path ran
+                info[key] = [{"weight": list(o.shape), "max_density": round(o.kernel.max_density, 3), "calls": o.kernel.stats,
+                              "compile_seconds": round(o.kernel.compile_seconds, 3)} for o in spike]
+    with tvm.target.Target(target):
+        mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
+                                        relax.get_pipeline("zero")])(mod)
+    return PreparedModule(mod, info)
+
+
+def sparse_layers_of(info: dict) -> tuple[int, ...]:
+    """Indices of the matmuls a sparse report sent to the sparse kernel."""
+    return tuple(int(r["index"]) for r in info.get("sparse", []) if r.get("chosen") == "sparse")
+
+
+def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: int, *, schedule: str = "auto",
+                kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None) -> tuple[object, dict]:
+    """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
+    kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
+
+    ``schedule``: ``auto`` (the tuning database when one exists for this batch, else
+    untuned TIR around the BLAS kernels), ``tuned`` (a database is required), ``untuned``."""
+    tvm = load_tvm()
+    if schedule not in ("auto", "tuned", "untuned"):
+        raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
+    db, meta, problem = None, None, None
+    if schedule != "untuned":
+        try:
+            if database is not None:
+                db, meta = Path(database), read_meta(Path(database)) or {}
+            else:
+                db, meta = find_database(export_dir, profile, target, batch, kernels, graph.path)
+        except TuningDatabaseError as err:
+            problem = str(err)
+        if db is None and schedule == "tuned":
+            raise TargetError(problem or f"{export_dir}: no tuning database for {profile.name} at batch {batch} "
+                              f"(kernels {kernels}): run `stdeploy tune {export_dir} --device {profile.name} --batch {batch}`")
+    if meta is not None and database is None:
+        sparse_layers = tuple(meta.get("sparse_layers", ()))
+    else:
+        sparse_layers = None if sparse == "auto" else ()
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers))
+    mod, tuned = prepared.mod, False
+    if db is not None:
+        try:
+            mod = apply_database(mod, target, db)
+            tuned = True
+            prepared.info["database"] = str(db)
+            prepared.info["tuned_records"] = meta.get("records")
+        except TuningDatabaseError as err:
+            if schedule == "tuned":
+                raise
+            problem = str(err)
+    if problem:
+        warnings.warn(f"tvm: {problem}; running without the tuning database", stacklevel=3)
+        prepared.info["database_problem"] = problem
+    try:
+        ex = tvm.compile(mod, target=tvm.target.Target(target))
+    except Exception as err:  # TVMError subclasses; keep the message, name the artifact
+        raise TargetError(f"{graph.path}: TVM cannot compile it for {target}: {err}") from err
+    path = ("BLAS matmul/conv2d + " if kernels != "tir" else "") + ("MetaSchedule-tuned TIR" if tuned else "untuned TIR")
+    spiking = [name for _, key, name in SPIKE_OPS if prepared.info.get(key)]
+    if spiking:
+        path = f"spike-adaptive {'/'.join(spiking)} + " + path
+    if prepared.info.get("sparse") and sparse_layers_of(prepared.info):
+        path = "sparse kernels + " + path
+    return ex, {"path": path, **prepared.info}
+
+
+def outputs_to_numpy(out, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A Relax VM result (one tensor or a tuple) as numpy arrays keyed by the graph's output names."""
+    outs = [out] if hasattr(out, "numpy") else list(out)
+    return {name: o.numpy() for name, o in zip(names, outs)}
+
+
+class TVMRunnable:
+    """The graph on TVM's Relax VM on the CPU; one executable per input shape, compiled on first
+    use (or up front with :meth:`prepare`). ``cpu`` holds the CPU build options
+    (``schedule``, ``kernels``, ``sparse``; see :func:`.compile_cpu`)."""
+
+    path_name = "llvm"
+
+    def __init__(self, graph: OnnxGraph, profile: DeviceProfile, target: dict, export_dir=None, cpu: dict | None = None):
+        self.graph, self.profile, self.target = graph, profile, target
+        self.export_dir = Path(export_dir) if export_dir is not None else graph.path.parent
+        self.cpu = {"schedule": "auto", "kernels": "blas", "sparse": "auto", **(cpu or {})}
+        self._vms: dict[tuple[int, ...], object] = {}
+        self.info = {"target": "tvm", "path": self.path_name, "profile": profile.name, "file": str(graph.path),
+                     "tvm_target": target, "input": list(graph.input_dims),
+                     "densified_sparse_initializers": list(graph.densified), "compile_seconds": {}, "builds": {}}
+
+    @property
+    def compiled_shapes(self) -> list[tuple[int, ...]]:
+        return list(self._vms)
+
+    def _build(self, batch: int):
+        tvm = load_tvm()
+        from tvm import relax
+
+        ex, build = compile_cpu(self.graph, self.export_dir, self.profile, self.target, batch, **self.cpu)
+        self.info["builds"][str(batch)] = build
+        self.info["path"] = build["path"]
+        return relax.VirtualMachine(ex, tvm.cpu())
+
+    def prepare(self, batch: int) -> float:
+        """Compile for ``batch`` unless already compiled; the seconds it took (0 when cached)."""
+        if not (isinstance(batch, int) and batch >= 1):
+            raise ConfigError(f"batch_size must be a positive integer, got {batch!r}")
+        shape = self.graph.shape(batch)
+        if shape in self._vms:
+            return 0.0
+        with Timer() as t:
+            self._vms[shape] = self._build(batch)
+        self.info["compile_seconds"][str(batch)] = round(t.seconds, 3)
+        return t.seconds
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t, _, c, h, w = self.graph.input_dims
+        if x.ndim != 5 or (x.shape[0], *x.shape[2:]) != (t, c, h, w):
+            raise ShapeError(f"tvm: expected input (T={t}, B, C={c}, H={h}, W={w}), got {tuple(x.shape)}")
+        return x
+
+    def run(self, x: np.ndarray) -> RunResult:
+        tvm = load_tvm()
+        x = self._check(x)
+        self.prepare(x.shape[1])
+        vm = self._vms[tuple(x.shape)]
+        with Timer() as t:
+            out = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x)), self.graph.outputs)
+        return RunResult(logits=out["logits"], spikes=out["spikes"], seconds=t.seconds, info=self.info)

@@ -1,0 +1,100 @@
+"""Written CUDA artifacts of the ``tvm`` target: shared libraries, the machine they are for, and
+the sidecar that says what they were built from.
+
+Contract: a CUDA build for profile ``P`` writes ``model.P.so`` (the profile's host, e.g. aarch64
+for a Jetson) and, when that host is not this machine, ``model.P.<machine>.so`` for the build
+machine, plus ``model.P.json`` (the sidecar: the build's info, including the key it was built
+from, see :func:`stdeploy.targets.tvm.cuda.artifact_key`). :func:`load_cuda_artifact` reuses them
+only when every key field matches and a library for this machine is listed; it checks that the
+loaded module implements every kernel the sidecar lists. Each library is written to a temporary
+folder beside its final path and renamed into place (:func:`export_library`), so a reader never
+sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from ..base import TargetError
+from ..profiles import DeviceProfile
+from .cuda_standin_driver import ensure_tvm_cuda_runtime
+from .sdk import load_tvm
+
+__all__ = ["ELF_MACHINES", "elf_machine", "build_machine", "find_module", "export_library", "load_cuda_artifact"]
+
+ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}
+
+
+def elf_machine(path: str | os.PathLike) -> str:
+    """The machine an ELF file is built for (``x86_64``, ``aarch64``, ...), from its header."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        raise TargetError(f"{path}: not an ELF file")
+    code = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    return ELF_MACHINES.get(code, f"EM_{code}")
+
+
+def build_machine() -> str:
+    """This machine as ELF names it (``x86_64``, ``aarch64``, ...)."""
+    m = platform.machine()
+    return {"AMD64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def find_module(mod, kind: str):
+    """The first module of ``kind`` (``"cuda"``, ...) in ``mod`` and its imports, or None."""
+    if mod.kind == kind:
+        return mod
+    for m in mod.imports:
+        found = find_module(m, kind)
+        if found is not None:
+            return found
+    return None
+
+
+def export_library(ex, path: Path, fcompile=None) -> dict:
+    """``export_library`` into a temporary folder beside ``path``, then renamed onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        tmp_path = Path(tmp) / path.name
+        try:
+            ex.export_library(str(tmp_path), **({"fcompile": fcompile} if fcompile is not None else {}))
+        except Exception as err:  # the compiler's failure comes through TVM as a RuntimeError
+            raise TargetError(f"cannot write {path}: {err}") from err
+        os.replace(tmp_path, path)
+    return {"path": str(path), "bytes": path.stat().st_size, "machine": elf_machine(path)}
+
+
+def load_cuda_artifact(profile: DeviceProfile, key: dict, out_dir: Path) -> tuple[tuple[dict, object] | None, str]:
+    """``((info, loaded module), "")`` from ``model.<profile>.json`` in ``out_dir`` when its key
+    matches and it lists a library for this machine, else ``(None, why not)``."""
+    tvm = load_tvm()
+    sidecar = out_dir / f"model.{profile.name}.json"
+    if not sidecar.is_file():
+        return None, f"no {sidecar}"
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return None, f"{sidecar} is unreadable ({err})"
+    differs = [k for k in key if json.dumps(info.get(k), sort_keys=True) != json.dumps(key[k], sort_keys=True)]
+    if differs:
+        return None, f"{sidecar} was built from other {', '.join(differs)}"
+    here = build_machine()
+    library = next((a for a in info.get("artifacts", {}).values() if a.get("machine") == here), None)
+    if library is None or not Path(library["path"]).is_file():
+        return None, f"{sidecar} lists no library for {here}"
+    driver = ensure_tvm_cuda_runtime()  # registers the CUDA module loader (a stand-in driver where none is installed)
+    try:
+        module = tvm.runtime.load_module(library["path"])
+    except Exception as err:  # a truncated or foreign file comes through TVM as a RuntimeError
+        raise TargetError(f"{library['path']}: cannot load this CUDA artifact ({err}); delete it to rebuild") from err
+    cuda_module = find_module(module, "cuda")
+    missing = [k for k in info.get("kernels", []) if cuda_module is None or not cuda_module.implements_function(k)]
+    if missing:
+        raise TargetError(f"{library['path']}: lacks kernels {missing[:5]} that {sidecar} lists; delete both to rebuild")
+    info.update(reused=library["path"], sidecar=str(sidecar), cuda_driver=driver)
+    return (info, module), ""

@@ -1,0 +1,12 @@
+"""Kernels the ``tvm`` target runs outside TVM's code generator, and the graph rewrite that routes
+Relax operators to them. TVM's CPU codegen gives ``matmul`` and ``conv2d`` no schedule unless they
+are tuned, and the apache-tvm 0.27 wheel has no BLAS/DNNL dispatch, so these carry the heavy
+operators of a spiking transformer on the CPU:
+
+* :mod:`.blas`: matmul and im2col convolution with numpy's BLAS on zero-copy views of TVM buffers;
+* :mod:`.spike`: accumulate-only gather kernels (TIR) for inputs that are mostly zeros (spikes),
+  switching to BLAS above a measured density;
+* :mod:`.sparse`: a CSR kernel (TIR, CPU and CUDA schedules) for pruned constant weights;
+* :mod:`.routing`: :func:`~.routing.route_to_external_kernels`, the Relax rewrite that sends
+  constant-weight matmuls and NCHW convolutions to the BLAS or spike kernels.
+"""

@@ -1,0 +1,104 @@
+"""The Relax rewrite that routes a graph's heavy operators to kernels outside TVM's codegen.
+
+:func:`route_to_external_kernels` replaces, in the Relax graph,
+
+* ``R.matmul(x, W)`` with a constant 2-D float32 ``W`` (a linear layer), and
+* ``R.nn.conv2d(x, W)`` (NCHW / OIHW, constant float32 weight, ``groups = 1``, no dilation),
+
+by ``R.call_dps_packed`` calls of the BLAS packed functions of :mod:`.blas`, or, given
+``spike_target`` (the CPU target the gather kernels compile for), by the spike-adaptive kernels of
+:mod:`.spike` for every matmul and every stride-1 convolution (accumulate-only while the input is
+mostly zeros, BLAS otherwise). Everything else (LIF recurrences, pooling, reductions) stays TVM
+code. Operators that do not fit (symbolic shapes, grouped or dilated convolutions, non-constant
+weights) are left to TVM and not listed in the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import spike
+from .blas import MATMUL, blas_conv2d, blas_matmul, conv_packed_name, register_packed
+
+__all__ = ["Offloaded", "route_to_external_kernels"]
+
+
+@dataclass(frozen=True)
+class Offloaded:
+    """One operator sent to an external kernel."""
+
+    op: str        # "matmul", "conv2d", "spike-matmul" or "spike-conv2d"
+    shape: tuple   # weight shape
+    out: tuple     # output shape
+    kernel: object = None   # spike-*: its SpikeConv / SpikeMatmul (call statistics in .stats)
+
+
+def _ints(values) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, spike_target: dict | None = None):
+    """``(new_mod, [Offloaded, ...])``: ``mod`` with its constant-weight matmuls and plain NCHW
+    convolutions turned into calls of the BLAS packed functions (registered on first use).
+    With ``spike_target`` (the CPU target), stride-1 convolutions and matmuls become
+    :func:`.spike.adaptive_conv` / ``adaptive_matmul`` calls instead: the
+    accumulate-only kernel while the input is mostly zeros (spikes), BLAS otherwise (ops
+    ``spike-conv2d``, ``spike-matmul``).
+    Operators that do not fit (dynamic shapes, grouped or dilated convolutions, non-constant
+    weights) are left to TVM and not listed."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    register_packed(MATMUL, blas_matmul)
+    op_matmul, op_conv = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.nn.conv2d")
+    const_type = type(relax.const(0.0))
+    done: list[Offloaded] = []
+
+    def static_out(call) -> tuple | None:
+        shape = getattr(call.ty, "shape", None)
+        try:
+            return _ints(shape)
+        except (TypeError, ValueError):  # symbolic dims: leave to TVM
+            return None
+
+    @mutator
+    class _Rewrite(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            weight = call.args[1] if len(call.args) > 1 else None
+            if not isinstance(weight, const_type) or getattr(call.ty, "dtype", None) != "float32":
+                return call
+            out = static_out(call)
+            if out is None or weight.value.dtype != "float32":
+                return call
+            if matmul and call.op == op_matmul and len(weight.value.shape) == 2:
+                x_shape = static_out(call.args[0])
+                if spike_target is not None and x_shape is not None and len(x_shape) >= 2:
+                    name, mm = spike.adaptive_matmul(x_shape, weight.value.numpy(), spike_target)
+                    done.append(Offloaded("spike-matmul", _ints(weight.value.shape), out, mm))
+                    return relax.call_dps_packed(name, relax.Tuple(list(call.args)), out_ty=call.ty)
+                done.append(Offloaded("matmul", _ints(weight.value.shape), out))
+                return relax.call_dps_packed(MATMUL, relax.Tuple(list(call.args)), out_ty=call.ty)
+            if conv2d and call.op == op_conv:
+                a = call.attrs
+                if (int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation) or str(a.data_layout) != "NCHW"
+                        or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"):
+                    return call
+                stride, padding = _ints(a.strides), _ints(a.padding)
+                x_shape = static_out(call.args[0])
+                if spike_target is not None and x_shape is not None and spike.applicable(
+                        x_shape, _ints(weight.value.shape), stride, padding):
+                    name, conv = spike.adaptive_conv(x_shape, weight.value.numpy(), padding, spike_target)
+                    done.append(Offloaded("spike-conv2d", _ints(weight.value.shape), out, conv))
+                    return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)
+                name = register_packed(conv_packed_name(stride, padding), blas_conv2d(stride, padding))
+                done.append(Offloaded("conv2d", _ints(weight.value.shape), out))
+                return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)
+            return call
+
+    rewriter = _Rewrite(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get(), done

@@ -1,0 +1,25 @@
+"""The one place apache-tvm is imported for the ``tvm`` target, with the hint that installs it.
+
+Contract: :func:`load_tvm` returns the ``tvm`` module or raises ``ImportError`` naming
+``pip install 'stdeploy[tvm]'``; modules of this package call it before importing anything
+from ``tvm`` so that importing them costs nothing where TVM is absent.
+"""
+
+from __future__ import annotations
+
+INSTALL_HINT = "pip install 'stdeploy[tvm]'"
+
+
+def load_tvm():
+    """The ``tvm`` module; ``ImportError`` with the install hint when it cannot be imported."""
+    try:
+        import tvm
+    except (ImportError, OSError) as err:
+        raise ImportError(f"the tvm target needs apache-tvm ({err}): {INSTALL_HINT}") from err
+    return tvm
+
+
+def runtime_only() -> bool:
+    """True where the installed TVM is its runtime alone (no ``libtvm_compiler``): prebuilt
+    artifacts load and run, nothing compiles."""
+    return bool(getattr(load_tvm().base, "_RUNTIME_ONLY", False))
