@@ -43,12 +43,13 @@ from .data import BINNINGS, DATASETS, DataSplit, load_dataset
 from .errors import ConfigError
 from .models import DEFAULT_PRESET, PRESETS, ModelConfig, resolve_config
 from .prune import CompensationConfig
+from .shipped import shipped_dir
 from .train import TrainConfig
 
 __all__ = ["Recipe", "DataSettings", "Augmentation", "Finetune", "Override", "RecipeCompensation",
            "load_recipe", "parse_set", "flag_overrides", "RECIPE_DIR", "FINETUNE_INHERITED"]
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "models" / "recipes"
+RECIPE_DIR = shipped_dir("recipes")  # the repository's models/recipes/, carried by the wheel
 TABLES = ("model", "data", "train", "finetune")
 COMMAND_LINE_ONLY = ("device", "max_steps")       # TrainConfig fields a recipe may not set
 FINETUNE_OWN = ("epochs", "penalty_epochs", "lr")  # defaults from CompensationConfig

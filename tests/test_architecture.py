@@ -132,6 +132,29 @@ def import_cycles(package_dir: Path) -> list[list[str]]:
     return cycles
 
 
+def imports_reaching(package_dir: Path, roots: list[str], external: str) -> list[list[str]]:
+    """Import chains from the modules ``roots`` (and their submodules) through the package to the
+    external package ``external`` (e.g. ``torch``); every import counts, function-local ones too."""
+    known = _modules(package_dir)
+    start = [m for m in known if any(m == r or m.startswith(r + ".") for r in roots)]
+    chains, seen = [], set()
+    todo = [[m] for m in start]
+    while todo:
+        chain = todo.pop()
+        module = chain[-1]
+        if module in seen:
+            continue
+        seen.add(module)
+        tree = ast.parse(known[module].read_text(), str(known[module]))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [_resolve(module, known[module], node)] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == external or n.startswith(external + ".") for n in names):
+                chains.append(chain + [external])
+        todo += [chain + [t] for t, _, _ in _imports(module, known[module], known) if t not in seen]
+    return chains
+
+
 def _lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess:
     if not LINT_IMPORTS.is_file():
         pytest.fail(f"{LINT_IMPORTS} is missing: install the dev extra (pip install -e '.[dev]'; `make test` does)")
@@ -166,6 +189,12 @@ def test_no_import_cycle_in_stdeploy():
     assert import_cycles(PACKAGE) == []
 
 
+def test_file_helpers_and_the_runtime_never_import_torch():
+    # import-linter's forbidden contract cannot name stdeploy.runtime before it exists (and
+    # "stdeploy.runtime.**" skips the package's own __init__): checked here as well
+    assert imports_reaching(PACKAGE, ["stdeploy.files", "stdeploy.runtime"], "torch") == []
+
+
 def test_target_registry_finds_every_target_module():
     from stdeploy.targets.base import REGISTRY, get_target
 
@@ -193,6 +222,13 @@ def test_checkers_find_a_private_import_and_a_cycle(tmp_path):
     assert import_cycles(pkg) == [["pkgx.a", "pkgx.b", "pkgx.c"]]
 
 
+def test_checker_finds_torch_reached_through_the_package(tmp_path):
+    pkg = _package(tmp_path, {"files.py": "def f():\n    from .heavy import g\n",
+                              "heavy.py": "import torch.nn\n", "runtime/__init__.py": "from ..files import f\n"})
+    assert imports_reaching(pkg, ["pkgx.runtime"], "torch") == [["pkgx.runtime", "pkgx.files", "pkgx.heavy", "torch"]]
+    assert imports_reaching(pkg, ["pkgx.absent"], "torch") == []
+
+
 def test_lint_imports_fails_on_a_broken_layer(tmp_path):
     _package(tmp_path, {"high.py": "", "low.py": "from . import high\n"})
     (tmp_path / "pyproject.toml").write_text(textwrap.dedent("""
@@ -207,3 +243,30 @@ def test_lint_imports_fails_on_a_broken_layer(tmp_path):
     res = _lint_imports(tmp_path, tmp_path)
     assert res.returncode != 0 and "BROKEN" in res.stdout, res.stdout[-2000:]
 
+
+# --------------------------------------------------------------------------------------------
+# the wheel: every package listed, the data folders mapped
+
+
+def _setuptools_config() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_every_package_is_listed_for_the_wheel():
+    listed = set(_setuptools_config()["packages"])
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert on_disk - listed == set(), "packages missing from [tool.setuptools] packages (the wheel would lack them)"
+    assert {p for p in listed if p not in on_disk} == set(_setuptools_config()["package-dir"])
+
+
+def test_shipped_data_found_in_the_checkout():
+    from stdeploy.shipped import KINDS, shipped_dir
+
+    mapping = _setuptools_config()["package-dir"]
+    for kind in KINDS:
+        folder = shipped_dir(kind)
+        assert folder == ROOT / mapping[f"stdeploy.shipped.{kind}"] and list(folder.glob("*.toml")), kind
+    with pytest.raises(ValueError, match="one of"):
+        shipped_dir("weights")

@@ -9,16 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..shipped import shipped_dir
 
 KINDS = ("cpu", "cuda", "lava")
 
 
 def profile_dirs() -> list[Path]:
-    """Where profiles are looked up: ``$STDEPLOY_TARGETS_DIR``, then the repository's ``targets/``."""
+    """Where profiles are looked up: ``$STDEPLOY_TARGETS_DIR``, then the shipped profiles (the
+    repository's top-level ``targets/``, carried by the wheel; see :mod:`stdeploy.shipped`)."""
     dirs = []
     if os.environ.get("STDEPLOY_TARGETS_DIR"):
         dirs.append(Path(os.environ["STDEPLOY_TARGETS_DIR"]))
-    dirs.append(Path(__file__).resolve().parents[2] / "targets")
+    dirs.append(shipped_dir("profiles"))
     return dirs
 
 
