@@ -195,6 +195,23 @@ def test_file_helpers_and_the_runtime_never_import_torch():
     assert imports_reaching(PACKAGE, ["stdeploy.files", "stdeploy.runtime"], "torch") == []
 
 
+def heavy_sdk_imports(package_dir: Path, sdks: tuple[str, ...], homes: tuple[str, ...]) -> list[str]:
+    """Imports of the packages ``sdks`` (at any depth of code) by modules outside ``homes``."""
+    problems = []
+    for module, path in _modules(package_dir).items():
+        if any(module == h or module.startswith(h + ".") for h in homes):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            problems += [f"{module}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in sdks]
+    return problems
+
+
+def test_heavy_sdks_are_imported_only_inside_their_target():
+    assert heavy_sdk_imports(PACKAGE, ("tvm", "tvm_ffi", "lava"), ("stdeploy.targets.tvm", "stdeploy.targets.lava")) == []
+
+
 def test_target_registry_finds_every_target_module():
     from stdeploy.targets.base import REGISTRY, get_target
 
@@ -220,6 +237,11 @@ def test_checkers_find_a_private_import_and_a_cycle(tmp_path):
     assert any("a._hidden" in p for p in problems)
     assert not any("own" in p for p in problems), problems   # a module's own names are its business
     assert import_cycles(pkg) == [["pkgx.a", "pkgx.b", "pkgx.c"]]
+
+
+def test_checker_finds_an_sdk_imported_outside_its_home(tmp_path):
+    pkg = _package(tmp_path, {"home/__init__.py": "import tvm\n", "other.py": "def f():\n    from tvm import relax\n"})
+    assert heavy_sdk_imports(pkg, ("tvm",), ("pkgx.home",)) == ["pkgx.other:2 imports tvm"]
 
 
 def test_checker_finds_torch_reached_through_the_package(tmp_path):

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...base import median_time
-from .blas import blas_conv2d, blas_matmul
+from ...profiles import load_profile
+from ..host import cpu_target
+from .blas import blas_conv2d, blas_matmul, conv2d_nchw
 
 CHANNEL_TILE = 64       # output channels kept in registers at once (8 AVX2 vectors)
 PARTS = 8               # parallel tasks per call (images are split between them)
@@ -294,14 +296,12 @@ def _adaptive(kernel, blas, max_density: float | None, kind: str):
     _live.append(kernel)
     return name, kernel
 
+
 def _main(argv=None) -> None:
     import argparse
 
     import tvm
 
-    from ...profiles import load_profile
-    from ..host import cpu_target
-    from .blas import conv2d_nchw
 
     parser = argparse.ArgumentParser(description="gather kernel vs im2col + BLAS (the module docstring's figures)")
     parser.add_argument("--repeats", type=int, default=30)
