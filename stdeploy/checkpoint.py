@@ -208,6 +208,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if wrong:
             parts.append("shape mismatch " + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]))
         raise CheckpointError(f"{weights}: does not match its config: " + "; ".join(parts))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{weights}: tensors {bad[:5]}{' ...' if len(bad) > 5 else ''} hold NaN or infinite values; "
+                              "the training diverged or the file was edited: retrain or use an earlier checkpoint")
     model.load_state_dict(state)
     model.to(map_location)
     return Checkpoint(model=model, path=directory, meta=doc.get("meta", {}))
