@@ -34,6 +34,7 @@ from .errors import CheckpointError, ConfigError
 from .files import atomic_write, atomic_write_text, sha256_file  # noqa: F401  (re-exported)
 from .files import exchange, finished_mode, fsync_dir, fsync_file, resolve_inside
 from .models import ModelConfig, SpikingTransformer
+from .models.budget import check_budget
 from .models.structure import apply_structure, structure_of
 
 FORMAT = "stdeploy-checkpoint/1"
@@ -160,10 +161,13 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     cfg_path = directory / CONFIG
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory}: missing {CONFIG}")
+    resolve_inside(directory, CONFIG, str(cfg_path), CheckpointError)  # not a symlink out of the folder
+    if cfg_path.stat().st_size > 64 << 20:
+        raise CheckpointError(f"{cfg_path}: {cfg_path.stat().st_size} bytes, larger than any checkpoint config")
     try:
-        doc = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from err
+        doc = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({str(err).splitlines()[0][:200]})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_path}: not a stdeploy checkpoint (format {doc.get('format') if isinstance(doc, dict) else None!r}, expected {FORMAT!r})")
     return doc
@@ -189,8 +193,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         cfg = ModelConfig.from_dict(doc["model"], source=str(directory / CONFIG))
     except (ConfigError, KeyError, TypeError) as err:
         raise CheckpointError(f"{directory / CONFIG}: bad model config: {err}") from err
+    check_budget(cfg, source=str(directory / CONFIG))  # before building: a config asking for terabytes is refused
     model = SpikingTransformer(cfg)
-    apply_structure(model, doc.get("structure", {}))
+    try:
+        apply_structure(model, doc.get("structure", {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{directory / CONFIG}: bad field 'structure': {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from None
     try:
         state = load_file(weights, device=str(map_location))
     except (SafetensorError, OSError) as err:
