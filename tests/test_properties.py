@@ -24,7 +24,7 @@ from stdeploy.models.config import load_config_file
 
 TINY = ModelConfig(family="sdt", embed_dim=16, depth=1, heads=2, timesteps=2, image_size=8, name="prop-tiny")
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
