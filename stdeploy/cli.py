@@ -141,6 +141,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
     data = recipe.load_data(args.data_root)
     cfg = recipe.model.replace(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
     tcfg = dataclasses.replace(recipe.train, device=args.device, max_steps=args.max_steps)
+    if tcfg.epochs < 1:
+        raise ConfigError(f"{recipe.source}: train.epochs = {tcfg.epochs}; train needs at least one epoch (no checkpoint would be written)")
     check_budget(cfg, tcfg.batch_size, training=True, limit_bytes=memory_limit(args), source=f"model {cfg.name or cfg.family}")
     seed_everything(tcfg.seed)  # --seed fixes the initial weights too
     model = build_model(cfg)
