@@ -78,7 +78,7 @@ def guard_out(out: str, inputs: dict[str, str | None], *, overwrite: bool, check
     if target == cwd or target in cwd.parents:
         raise ConfigError(f"--out {out} is the current folder or one above it; name a folder of its own")
     for flag, path in inputs.items():
-        if path is None:
+        if path is None or not Path(path).exists():  # a preset name, or a missing input refused later
             continue
         source = Path(path).resolve()
         if source == target or target in source.parents or source in target.parents:
