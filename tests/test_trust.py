@@ -376,3 +376,33 @@ def test_binary_config_refused(tmp_path):
     p.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config_file(p)
+
+
+def test_atomic_write_private_while_temporary_then_umask_mode(tmp_path):
+    from stdeploy.files import atomic_write
+
+    seen = {}
+
+    def write(tmp):
+        seen["mode"] = stat.S_IMODE(os.stat(tmp).st_mode)
+        Path(tmp).write_text("x")
+
+    for mask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        old = os.umask(mask)
+        try:
+            atomic_write(tmp_path / f"f{mask}", write)
+        finally:
+            os.umask(old)
+        assert seen["mode"] == 0o600 and stat.S_IMODE((tmp_path / f"f{mask}").stat().st_mode) == mode
+
+
+def test_export_directory_gets_the_umask_mode(exported, tmp_path):
+    ck = load_checkpoint(exported / "ckpt")
+    old = os.umask(0o027)
+    try:
+        export_model(ck.model.eval(), tmp_path / "e", ("onnx",), samples=4)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o750
+    with pytest.raises(ConfigError, match="pass --overwrite"):
+        export_model(ck.model.eval(), tmp_path / "e", ("onnx",), samples=4)
