@@ -55,7 +55,8 @@ def finite(minimum: float | None = None, maximum: float | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be a finite number in [{minimum}, {maximum}], got {text}")
+            bounds = "" if minimum is None and maximum is None else f" in [{'-inf' if minimum is None else minimum}, {'inf' if maximum is None else maximum}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bounds}, got {text}")
         return value
 
     parse.__name__ = "number"
@@ -174,11 +175,11 @@ def _train_parser(sub) -> None:
                    help="random crop + flip on the training split (flip for DVS); default: the recipe's, off without one")
     p.add_argument("--epochs", type=count(), default=None, help="default: the recipe's, 20 without one")
     p.add_argument("--batch-size", type=count(), default=None, help="per process; default: the recipe's, 64 without one")
-    p.add_argument("--lr", type=float, default=None, help="default: the recipe's, 2e-3 without one")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's, 0 without one")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs (default: the recipe's, 0 without one)")
+    p.add_argument("--lr", type=finite(), default=None, help="default: the recipe's, 2e-3 without one")
+    p.add_argument("--weight-decay", type=finite(), default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--warmup-epochs", type=finite(), default=None, help="linear warmup epochs (default: the recipe's, 0 without one)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default=None, help="lr after warmup (default cosine)")
-    p.add_argument("--label-smoothing", type=float, default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--label-smoothing", type=finite(), default=None, help="default: the recipe's, 0 without one")
     p.add_argument("--seed", type=count(0), default=None, help="default: the recipe's, 0 without one")
     p.add_argument("--max-steps", type=count(), default=None, help="stop after this many optimizer steps (smoke tests, timing)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -238,12 +239,12 @@ def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint (L1P sparse or DSP low-rank) and compensate with sLIF")
     p.add_argument("checkpoint", help="checkpoint folder written by `stdeploy train`")
     p.add_argument("--method", default="l1p", help="l1p (magnitude masks) or dsp (low-rank U·V)")
-    p.add_argument("--sparsity", type=float, default=0.9, help="l1p: fraction of zeros in the block weights")
-    p.add_argument("--param-ratio", type=float, default=0.3, help="dsp: remaining / dense block parameters")
+    p.add_argument("--sparsity", type=finite(), default=0.9, help="l1p: fraction of zeros in the block weights")
+    p.add_argument("--param-ratio", type=finite(), default=0.3, help="dsp: remaining / dense block parameters")
     p.add_argument("--rank", type=count(), default=None, help="dsp: a fixed rank per layer instead of --param-ratio")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
     p.add_argument("--schedule", choices=["oneshot", "cubic"], default="oneshot", help="l1p mask schedule")
-    p.add_argument("--penalty", type=float, default=None, help="L1 / group penalty coefficient (method default)")
+    p.add_argument("--penalty", type=finite(), default=None, help="L1 / group penalty coefficient (method default)")
     p.add_argument("--penalty-epochs", type=count(0), default=None, help="epochs with the penalty before pruning (default: the recipe's, 3 without one)")
     p.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of linear layers (default: block linears)")
     p.add_argument("--compensate", default="slif", help="slif, lif or none")
@@ -254,7 +255,7 @@ def _prune_parser(sub) -> None:
     p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
                    help="override one recipe value, e.g. --set finetune.warmup_epochs=1 (repeatable)")
     p.add_argument("--epochs", type=count(0), default=None, help="compensation fine-tune epochs (default: the recipe's, 15 without one)")
-    p.add_argument("--lr", type=float, default=None, help="fine-tune lr (default: the recipe's [finetune] lr, 1e-3 without one)")
+    p.add_argument("--lr", type=finite(), default=None, help="fine-tune lr (default: the recipe's [finetune] lr, 1e-3 without one)")
     p.add_argument("--batch-size", type=count(), default=None, help="fine-tune batch size (default: the recipe's, 64 without one)")
     p.add_argument("--seed", type=count(0), default=None, help="default: the recipe's, 0 without one")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
