@@ -78,8 +78,9 @@ def _library_ok(fn, what):
 # ----------------------------------------------------------------------------- argument values
 junk = st.one_of(st.integers(-10**12, 10**12).map(str), st.sampled_from(["0", "-1", "nan", "inf", "-inf", "1e400", "", " ", "0x10", "1.5", "∞", "--", "None"]),
                  st.text(min_size=0, max_size=8))
-COUNT_FLAGS = {"train": ["--batch-size", "--epochs", "--timesteps", "--max-steps", "--seed"],
-               "run": ["--batch-size", "--limit"], "export": ["--samples"], "prune": ["--epochs", "--batch-size", "--rank", "--seed"],
+COUNT_FLAGS = {"train": ["--batch-size", "--epochs", "--timesteps", "--max-steps", "--seed", "--lr", "--max-memory-gb", "--label-smoothing"],
+               "run": ["--batch-size", "--limit"], "export": ["--samples"],
+               "prune": ["--epochs", "--batch-size", "--rank", "--seed", "--sparsity", "--param-ratio", "--penalty"],
                "bench": ["--batch", "--repeats", "--warmup"], "tune": ["--trials", "--batch"], "profile": ["--batch", "--repeats", "--limit"]}
 
 
