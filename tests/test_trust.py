@@ -404,5 +404,9 @@ def test_export_directory_gets_the_umask_mode(exported, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o750
+    (tmp_path / ".e.tmp-killed").mkdir()  # a killed export's temporary folder: the next export removes it
+    (tmp_path / ".e.tmp-killed" / "model.onnx").write_bytes(b"half")
+    export_model(ck.model.eval(), tmp_path / "e", ("onnx",), samples=4, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
     with pytest.raises(ConfigError, match="pass --overwrite"):
         export_model(ck.model.eval(), tmp_path / "e", ("onnx",), samples=4)

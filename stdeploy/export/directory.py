@@ -70,6 +70,8 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     if samples is not None and not (isinstance(samples, int) and samples >= 1):
         raise ConfigError(f"--samples must be a positive integer, got {samples!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # of an export that was killed (one export per --out at a time)
     t0 = time.perf_counter()
     model = model.eval()
     folded = fold_batchnorm(model)
