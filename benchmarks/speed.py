@@ -104,7 +104,7 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
     dirs = {}
     for variant, model in models.items():
         dirs[variant] = out / name / variant
-        export_model(model, dirs[variant], ("onnx",), data=None, samples=8)
+        export_model(model, dirs[variant], ("onnx",), data=None, samples=8, overwrite=True)  # its own run folder, rerun
     if args.tune_trials > 0:
         t0 = time.perf_counter()
         summary = tune(dirs["dense"], profile, batch_size=x.shape[1], trials_per_task=args.tune_trials, sparse="off", database=db)

@@ -29,6 +29,92 @@ def _print_table(rows: list[tuple[str, object]]) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+# ----------------------------------------------------------------------------- trust boundary
+def count(minimum: int = 1):
+    """An argparse type: an integer >= ``minimum`` (argparse names the flag in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {'a positive integer' if minimum == 1 else f'an integer >= {minimum}'}, got {value}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+def finite(minimum: float | None = None, maximum: float | None = None):
+    """An argparse type: a finite float, optionally within ``[minimum, maximum]``."""
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            bounds = "" if minimum is None and maximum is None else f" in [{'-inf' if minimum is None else minimum}, {'inf' if maximum is None else maximum}]"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bounds}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def guard_out(out: str, inputs: dict[str, str | None], *, overwrite: bool, checkpoint: bool = False,
+              resume: bool | None = None) -> None:
+    """Refuse (exit 2) an ``--out`` that would destroy something not asked for: an existing non-empty
+    folder without ``--overwrite`` (train: a checkpoint with ``--resume`` is fine), a folder that is,
+    holds or lies inside an input, the current folder or one above it. ``inputs``: flag -> path;
+    ``checkpoint``: ``--out`` is a checkpoint folder (a non-empty folder that is not one is never
+    replaced); ``resume``: None where the verb has no ``--resume``."""
+    from pathlib import Path
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    target = Path(out).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ConfigError(f"--out {out} is the current folder or one above it; name a folder of its own")
+    for flag, path in inputs.items():
+        if path is None or not Path(path).exists():  # a preset name, or a missing input refused later
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents or source in target.parents:
+            raise ConfigError(f"--out {out} and {flag} {path} overlap; a command never writes over or into its own input")
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    is_checkpoint = (target / "config.json").is_file()
+    if resume:
+        if not is_checkpoint:
+            raise ConfigError(f"--resume: no checkpoint at --out {out}")
+        return
+    if not (target.is_dir() and any(target.iterdir())):
+        return
+    if checkpoint and not is_checkpoint:
+        raise ConfigError(f"--out {out} is not empty and not a checkpoint; choose another folder")
+    if not overwrite:
+        if is_checkpoint and resume is not None:
+            raise ConfigError(f"--out {out} holds a checkpoint; pass --resume to continue it or --overwrite to replace it")
+        raise ConfigError(f"--out {out} {'holds a checkpoint' if is_checkpoint else 'exists and is not empty'}; pass --overwrite to replace it")
+
+
+def memory_limit(args: argparse.Namespace) -> int | None:
+    """``--max-memory-gb`` in bytes; without it the GPU's memory when training there, else None
+    (half the machine's memory: :func:`stdeploy.models.budget.memory_limit_bytes`)."""
+    gb = getattr(args, "max_memory_gb", None)
+    if gb is not None:
+        return int(gb * 2 ** 30)
+    if getattr(args, "device", None) in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+    return None
+
+
 # ----------------------------------------------------------------------------- train
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="digits (default, offline), cifar10, cifar100, imagefolder, dvs")
@@ -40,8 +126,9 @@ def cmd_train(args: argparse.Namespace) -> dict:
     import dataclasses
 
     from .models import build_model
+    from .models.budget import check_budget
     from .recipes import flag_overrides, load_recipe, parse_set
-    from .train import train
+    from .train import seed_everything, train
 
     flags = {"neuron": ("model.neuron",), "timesteps": ("model.timesteps", "data.timesteps"), "data": ("data.name",),
              "augment": ("train.augment",), "epochs": ("train.epochs",), "batch_size": ("train.batch_size",),
@@ -50,10 +137,16 @@ def cmd_train(args: argparse.Namespace) -> dict:
              "amp": ("train.amp",)}
     values = {**vars(args), "amp": False if args.no_amp else None}
     recipe = load_recipe(args.recipe, parse_set(args.set) + flag_overrides(values, flags), model=args.model)
+    guard_out(args.out, {"--recipe": args.recipe, "--data-root": args.data_root, "--model": args.model},
+              overwrite=args.overwrite, checkpoint=True, resume=args.resume)
     data = recipe.load_data(args.data_root)
     cfg = recipe.model.replace(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
-    model = build_model(cfg)
     tcfg = dataclasses.replace(recipe.train, device=args.device, max_steps=args.max_steps)
+    if tcfg.epochs < 1:
+        raise ConfigError(f"{recipe.source}: train.epochs = {tcfg.epochs}; train needs at least one epoch (no checkpoint would be written)")
+    check_budget(cfg, tcfg.batch_size, training=True, limit_bytes=memory_limit(args), source=f"model {cfg.name or cfg.family}")
+    seed_everything(tcfg.seed)  # --seed fixes the initial weights too
+    model = build_model(cfg)
     result = train(model, data, tcfg, args.out, resume=args.resume, progress=not args.quiet,
                    meta={"preset": cfg.name, **recipe.meta()})
     out = {k: v for k, v in result.to_dict().items() if k != "history"}
@@ -75,24 +168,28 @@ def _train_parser(sub) -> None:
                    help="override one recipe value, e.g. --set train.mixup_alpha=0 --set model.depth=2 (repeatable)")
     p.add_argument("--model", default=None, help="preset name or a .toml/.yaml config file (default sdt-tiny); replaces a recipe's [model]")
     p.add_argument("--neuron", choices=["lif", "slif"], default=None, help="override the config's neuron type")
-    p.add_argument("--timesteps", type=int, default=None, help="override T")
+    p.add_argument("--timesteps", type=count(), default=None, help="override T")
     add_data_args(p)
     p.set_defaults(data=None)  # None: the recipe's data set, digits without one
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip on the training split (flip for DVS); default: the recipe's, off without one")
-    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's, 20 without one")
-    p.add_argument("--batch-size", type=int, default=None, help="per process; default: the recipe's, 64 without one")
-    p.add_argument("--lr", type=float, default=None, help="default: the recipe's, 2e-3 without one")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: the recipe's, 0 without one")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup epochs (default: the recipe's, 0 without one)")
+    p.add_argument("--epochs", type=count(), default=None, help="default: the recipe's, 20 without one")
+    p.add_argument("--batch-size", type=count(), default=None, help="per process; default: the recipe's, 64 without one")
+    p.add_argument("--lr", type=finite(), default=None, help="default: the recipe's, 2e-3 without one")
+    p.add_argument("--weight-decay", type=finite(), default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--warmup-epochs", type=finite(), default=None, help="linear warmup epochs (default: the recipe's, 0 without one)")
     p.add_argument("--schedule", choices=["cosine", "constant"], default=None, help="lr after warmup (default cosine)")
-    p.add_argument("--label-smoothing", type=float, default=None, help="default: the recipe's, 0 without one")
-    p.add_argument("--seed", type=int, default=None, help="default: the recipe's, 0 without one")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (smoke tests, timing)")
+    p.add_argument("--label-smoothing", type=finite(), default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--seed", type=count(0), default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--max-steps", type=count(), default=None, help="stop after this many optimizer steps (smoke tests, timing)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     p.add_argument("--out", default="runs/train", help="checkpoint folder, written after every epoch")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out (otherwise refused)")
+    p.add_argument("--max-memory-gb", type=finite(0.001), default=None,
+                   help="refuse a model whose estimated training memory exceeds this (default: half the machine's memory, "
+                        "or the GPU's memory on CUDA)")
 
 
 # ----------------------------------------------------------------------------- prune
@@ -114,6 +211,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                               recalibrate_bn=not args.no_bn_recalibration, lr=ft.train.lr, batch_size=ft.train.batch_size,
                               intrinsic_lr_scale=ft.train.intrinsic_lr_scale, seed=recipe.train.seed, device=args.device,
                               base=ft.train)
+    guard_out(args.out, {"checkpoint": args.checkpoint, "--recipe": args.recipe, "--data-root": args.data_root},
+              overwrite=args.overwrite, checkpoint=True)
     ckpt = load_checkpoint(args.checkpoint)
     for key in ("image_size", "timesteps"):
         wanted = getattr(recipe.data, key)
@@ -140,13 +239,13 @@ def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a checkpoint (L1P sparse or DSP low-rank) and compensate with sLIF")
     p.add_argument("checkpoint", help="checkpoint folder written by `stdeploy train`")
     p.add_argument("--method", default="l1p", help="l1p (magnitude masks) or dsp (low-rank U·V)")
-    p.add_argument("--sparsity", type=float, default=0.9, help="l1p: fraction of zeros in the block weights")
-    p.add_argument("--param-ratio", type=float, default=0.3, help="dsp: remaining / dense block parameters")
-    p.add_argument("--rank", type=int, default=None, help="dsp: a fixed rank per layer instead of --param-ratio")
+    p.add_argument("--sparsity", type=finite(), default=0.9, help="l1p: fraction of zeros in the block weights")
+    p.add_argument("--param-ratio", type=finite(), default=0.3, help="dsp: remaining / dense block parameters")
+    p.add_argument("--rank", type=count(), default=None, help="dsp: a fixed rank per layer instead of --param-ratio")
     p.add_argument("--scope", choices=["global", "layer"], default="global")
     p.add_argument("--schedule", choices=["oneshot", "cubic"], default="oneshot", help="l1p mask schedule")
-    p.add_argument("--penalty", type=float, default=None, help="L1 / group penalty coefficient (method default)")
-    p.add_argument("--penalty-epochs", type=int, default=None, help="epochs with the penalty before pruning (default: the recipe's, 3 without one)")
+    p.add_argument("--penalty", type=finite(), default=None, help="L1 / group penalty coefficient (method default)")
+    p.add_argument("--penalty-epochs", type=count(0), default=None, help="epochs with the penalty before pruning (default: the recipe's, 3 without one)")
     p.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of linear layers (default: block linears)")
     p.add_argument("--compensate", default="slif", help="slif, lif or none")
     p.add_argument("--slif-learn", default="threshold",
@@ -155,14 +254,15 @@ def _prune_parser(sub) -> None:
     p.add_argument("--recipe", default=None, help="recipe .toml: data set and [finetune] settings (flags override it)")
     p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
                    help="override one recipe value, e.g. --set finetune.warmup_epochs=1 (repeatable)")
-    p.add_argument("--epochs", type=int, default=None, help="compensation fine-tune epochs (default: the recipe's, 15 without one)")
-    p.add_argument("--lr", type=float, default=None, help="fine-tune lr (default: the recipe's [finetune] lr, 1e-3 without one)")
-    p.add_argument("--batch-size", type=int, default=None, help="fine-tune batch size (default: the recipe's, 64 without one)")
-    p.add_argument("--seed", type=int, default=None, help="default: the recipe's, 0 without one")
+    p.add_argument("--epochs", type=count(0), default=None, help="compensation fine-tune epochs (default: the recipe's, 15 without one)")
+    p.add_argument("--lr", type=finite(), default=None, help="fine-tune lr (default: the recipe's [finetune] lr, 1e-3 without one)")
+    p.add_argument("--batch-size", type=count(), default=None, help="fine-tune batch size (default: the recipe's, 64 without one)")
+    p.add_argument("--seed", type=count(0), default=None, help="default: the recipe's, 0 without one")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_data_args(p)
     p.set_defaults(data=None)  # None: the recipe's data set, digits without one
     p.add_argument("--out", default="runs/pruned", help="checkpoint folder of the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out (otherwise refused)")
 
 
 # ----------------------------------------------------------------------------- export
@@ -172,11 +272,13 @@ def cmd_export(args: argparse.Namespace) -> dict:
     from .data import load_dataset
     from .export.directory import export_model
 
+    guard_out(args.out, {"checkpoint": args.checkpoint, "--data-root": args.data_root}, overwrite=args.overwrite)
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.data, args.data_root, seed=0) if args.data else None
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     manifest = export_model(ckpt.model, args.out, formats, data=data, samples=None if args.all_samples else args.samples,
-                            sparse_initializers=args.sparse_initializers, spikformer=args.spikformer, source=str(ckpt.path))
+                            sparse_initializers=args.sparse_initializers, spikformer=args.spikformer, source=str(ckpt.path),
+                            overwrite=args.overwrite)
     summary = {"out": args.out, "artifacts": {k: {kk: v.get(kk) for kk in ("file", "bytes", "dense_file_bytes") if kk in v}
                                               for k, v in manifest["artifacts"].items()},
                "validation": manifest["validation"], "batchnorm_folding": manifest["batchnorm_folding"]}
@@ -214,7 +316,8 @@ def _export_parser(sub) -> None:
                    help="Spikformer's Q·Kᵀ·V in NIR: refuse, or lower exactly to AND neurons (large)")
     p.add_argument("--data", default="digits", help="validation data (its test split; noise when shapes differ)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--samples", type=int, default=64, help="validation images")
+    p.add_argument("--samples", type=count(), default=64, help="validation images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out (otherwise refused)")
     p.add_argument("--all-samples", action="store_true", help="validate on the whole test split")
 
 
@@ -254,8 +357,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--target", required=True, help="onnxruntime, tvm or lava (see `stdeploy targets`)")
     p.add_argument("--device", default=None, help="device profile name or .toml path (default per target)")
     add_data_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="only the first N test images")
+    p.add_argument("--batch-size", type=count(), default=64)
+    p.add_argument("--limit", type=count(), default=None, help="only the first N test images")
     _add_tvm_args(p)
 
 
@@ -385,9 +488,9 @@ def _bench_parser(sub) -> None:
     p.add_argument("export_dir")
     p.add_argument("--targets", default="onnxruntime,tvm")
     p.add_argument("--device", default=None)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--batch", type=count(), default=32)
+    p.add_argument("--warmup", type=count(0), default=3)
+    p.add_argument("--repeats", type=count(), default=20)
     p.add_argument("--gpu-energy", action="store_true", help="also measure GPU energy with NVML power sampling (GPU runs)")
     p.add_argument("--pytorch-device", choices=["cpu", "cuda"], default="cpu", help="where the PyTorch reference row runs")
     add_data_args(p)
@@ -435,8 +538,8 @@ def _tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="MetaSchedule-tune an export directory for a TVM cpu profile (database reused by run/bench)")
     p.add_argument("export_dir")
     p.add_argument("--device", default="cpu", help="cpu device profile (name or .toml)")
-    p.add_argument("--trials", type=int, default=64, help="measured candidates per task (a rerun adds only missing ones)")
-    p.add_argument("--batch", type=int, default=32, help="batch size the module is tuned for")
+    p.add_argument("--trials", type=count(), default=64, help="measured candidates per task (a rerun adds only missing ones)")
+    p.add_argument("--batch", type=count(), default=32, help="batch size the module is tuned for")
     p.add_argument("--kernels", choices=["blas", "blas-dense", "tir"], default="blas",
                    help="tune around the BLAS / spike-adaptive kernels (blas, blas-dense), or tune them too (tir)")
     p.add_argument("--sparse", choices=["auto", "off"], default="auto", help="pruned linears on the sparse kernel where faster")
@@ -462,9 +565,9 @@ def _profile_parser(sub) -> None:
     p.add_argument("export_dirs", nargs="+")
     p.add_argument("--targets", default="onnxruntime")
     p.add_argument("--energy", default="cpu,loihi2", help="device profiles whose energy figures to apply")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--limit", type=int, default=None, help="count operations on the first N test images")
+    p.add_argument("--batch", type=count(), default=32)
+    p.add_argument("--repeats", type=count(), default=10)
+    p.add_argument("--limit", type=count(), default=None, help="count operations on the first N test images")
     p.add_argument("--out", default="runs/report")
     add_data_args(p)
 
@@ -472,8 +575,15 @@ def _profile_parser(sub) -> None:
 PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), naming the flag; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stdeploy", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="stdeploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in PARSERS:
         add(sub)
@@ -488,12 +598,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = COMMANDS[args.verb](args)
-    except (StdeployError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
-        print(f"stdeploy {args.verb}: error: {err}", file=sys.stderr)
+    except StdeployError as err:
+        print(f"stdeploy {args.verb}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # read-only or full file system, permissions, missing files: one line, no traceback
+        print(f"stdeploy {args.verb}: error: {_os_error(err)}", file=sys.stderr)
         return 2
     if args.json and os.environ.get("RANK", "0") == "0":  # under torchrun one line, from rank 0 (ranks' lines would interleave)
         print(json.dumps(result, default=str))
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(err).__name__
+
+
+def _os_error(err: OSError) -> str:
+    import errno
+
+    what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EDQUOT: "disk quota exceeded"}.get(err.errno, err.strerror or type(err).__name__)
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{what}" + ("" if err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+                               or not err.strerror or what == err.strerror else f" ({err.strerror})")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main() -> int:
     print(f"\n[export] NIR + ONNX of each model, validated on the {len(data.test)} test images")
     models = {"dense": model, **{name: load_checkpoint(out / name).model for name in VARIANTS}}
     for name, m in models.items():
-        manifest = export_model(m, out / "export" / name, data=data, samples=None, source=str(out / name))
+        manifest = export_model(m, out / "export" / name, data=data, samples=None, source=str(out / name), overwrite=True)  # the demo reruns in its folder
         v = manifest["validation"]
         parts = []
         for art, r in v["results"].items():

@@ -217,9 +217,9 @@ def _read_toml(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: cannot parse: {err}") from err
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:  # a binary file is not a recipe either
+        raise ConfigError(f"{path}: cannot parse: {str(err).splitlines()[0][:200]}") from None
     for name, table in doc.items():
         if name not in TABLES:
             raise ConfigError(f"{path}: unknown key or table {name!r} at the top level; known tables: {', '.join(TABLES)}")

@@ -1,9 +1,11 @@
 """Surrogate-gradient training: CPU or CUDA (with AMP), one process or many under ``torchrun``
 (DistributedDataParallel; ``gloo`` on CPU, ``nccl`` on GPUs), seeded, resumable.
 
-Determinism: shuffling, augmentation and mixup/CutMix draw from generators seeded by
-``(seed, epoch)`` (and the rank under DDP), so a run resumed from its last checkpoint reaches the
-same weights as an uninterrupted one (on CPU).
+Determinism: :func:`seed_everything` seeds Python, NumPy and torch before the model is built (so
+``--seed`` fixes the initial weights); shuffling, augmentation and mixup/CutMix draw from
+generators seeded by ``(seed, epoch)`` (and the rank under DDP), so two CPU runs with one seed give
+bit-identical weights, and a run resumed from its last checkpoint reaches the same weights as an
+uninterrupted one (on CPU).
 
 Learning rate, per optimizer step ``s`` of ``S = epochs * steps_per_epoch`` with ``W`` warmup
 steps (``warmup_epochs * steps_per_epoch``, rounded), ``a = warmup_start_ratio``, ``f = min_lr_ratio``::
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +41,28 @@ from .neurons import SLIF
 
 
 SCHEDULES = ("cosine", "constant")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (call before building the model)."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _type_problems(cfg) -> list[str]:
+    """Fields whose value has the wrong type (a TOML string for a number, ``true`` for a count)."""
+    problems = []
+    for f in cfg.__dataclass_fields__.values():
+        v = getattr(cfg, f.name)
+        kind = str(f.type)
+        if kind.startswith("int") and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            problems.append(f"{f.name} must be an integer, got {v!r:.40}")
+        elif kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            problems.append(f"{f.name} must be a finite number, got {v!r:.40}")
+        elif kind in ("str", "bool") and not isinstance(v, {"str": str, "bool": bool}[kind]):
+            problems.append(f"{f.name} must be a {kind}, got {v!r:.40}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -64,7 +89,9 @@ class TrainConfig:
     workers: int = 0                 # DataLoader worker processes (0: load in the training process)
 
     def __post_init__(self):
-        problems = []
+        problems = _type_problems(self)
+        if problems:
+            raise ConfigError("invalid training config: " + "; ".join(problems))
         if not (isinstance(self.epochs, int) and self.epochs >= 0):
             problems.append(f"epochs must be an integer >= 0, got {self.epochs!r}")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
@@ -283,10 +310,16 @@ def train(model: nn.Module, data: DataSplit, cfg: TrainConfig, out: str | os.Pat
         if out is None:
             raise ConfigError("--resume needs the checkpoint folder given by --out")
         state = load_train_state(out)
-        if state is not None:
-            loaded = load_checkpoint(out).model
-            model.load_state_dict(loaded.state_dict())
-            start_epoch, history = int(state["epoch"]), list(state.get("history", []))
+        if state is None:
+            raise ConfigError(f"--resume: {out} has no {TRAIN_STATE} (no run there, or one cut short by --max-steps, "
+                              "or a pruned checkpoint); start again with --overwrite")
+        if "schedule" not in state:
+            raise ConfigError(f"--resume: {Path(out) / TRAIN_STATE} lacks the 'schedule' state; start again with --overwrite")
+        if state["epoch"] > cfg.epochs:
+            raise ConfigError(f"--resume: {out} has finished {state['epoch']} epochs, more than --epochs {cfg.epochs}")
+        loaded = load_checkpoint(out).model
+        model.load_state_dict(loaded.state_dict())
+        start_epoch, history = int(state["epoch"]), list(state.get("history", []))
     model.to(device)
     net = model
     if world.world_size > 1:

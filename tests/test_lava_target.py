@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from stdeploy.export.manifest import write_manifest
 from stdeploy.data import load_dataset
 from stdeploy.errors import UnsupportedPrimitive
 from stdeploy.export.nir_export import to_nir, write_nir
@@ -58,7 +59,7 @@ def one_thread():
 def write_export(path, graph: nir.NIRGraph):
     path.mkdir(parents=True, exist_ok=True)
     write_nir(graph, path / "model.nir")
-    (path / "manifest.json").write_text(json.dumps({"artifacts": {"nir": {"file": "model.nir"}}}))
+    write_manifest(path, {"artifacts": {"nir": {"file": "model.nir"}}})
     return path
 
 
@@ -272,13 +273,13 @@ def test_broken_export_dirs(tmp_path, export_dir, profile):
         target.compile(tmp_path / "empty", profile)
     onnx_only = tmp_path / "onnx_only"
     onnx_only.mkdir()
-    (onnx_only / "manifest.json").write_text(json.dumps({"artifacts": {"onnx": {"file": "model.onnx"}}}))
+    write_manifest(onnx_only, {"artifacts": {"onnx": {"file": "model.onnx"}}})
     with pytest.raises(TargetError, match="no 'nir' artifact"):
         target.compile(onnx_only, profile)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "model.nir").write_bytes(b"not an hdf5 file")
-    (corrupt / "manifest.json").write_text(json.dumps({"artifacts": {"nir": {"file": "model.nir"}}}))
+    write_manifest(corrupt, {"artifacts": {"nir": {"file": "model.nir"}}})
     with pytest.raises(TargetError, match="cannot read the NIR graph"):
         target.compile(corrupt, profile)
     with pytest.raises(TargetError, match="mode must be one of"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from stdeploy.export.manifest import write_manifest
 from stdeploy.errors import ConfigError
 from stdeploy.export.directory import export_model
 from stdeploy.models import build_model
@@ -58,7 +59,7 @@ def test_broken_export_dirs(tmp_path):
     (tmp_path / "e").mkdir()
     with pytest.raises(TargetError, match="no manifest.json"):
         read_manifest(tmp_path / "e", "onnx")
-    (tmp_path / "e" / "manifest.json").write_text(json.dumps({"artifacts": {"nir": {"file": "model.nir"}}}))
+    write_manifest(tmp_path / "e", {"artifacts": {"nir": {"file": "model.nir"}}})
     with pytest.raises(TargetError, match="no 'onnx' artifact"):
         read_manifest(tmp_path / "e", "onnx")
     with pytest.raises(TargetError, match="model.nir, which is missing"):

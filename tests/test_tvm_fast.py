@@ -14,6 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from stdeploy.export.manifest import write_manifest
 from stdeploy.cli import main as cli_main
 from stdeploy.targets.profiles import load_profile
 from stdeploy.targets.tvm.database import TuningDatabaseError
@@ -52,7 +53,7 @@ def tiny_export(path, seed: int = 0):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     path.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path / "model.onnx")
-    (path / "manifest.json").write_text(json.dumps({"artifacts": {"onnx": {"file": "model.onnx"}}}))
+    write_manifest(path, {"artifacts": {"onnx": {"file": "model.onnx"}}})
     return path, w1, w2
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
+from stdeploy.export.manifest import write_manifest
 from stdeploy.data import load_dataset
 from stdeploy.errors import ConfigError
 from stdeploy.export.onnx_export import export_onnx
@@ -46,7 +47,7 @@ def write_export_dir(path, onnx_bytes: bytes | None = None, manifest: dict | Non
     path.mkdir(parents=True, exist_ok=True)
     if onnx_bytes is not None:
         (path / "model.onnx").write_bytes(onnx_bytes)
-    (path / "manifest.json").write_text(json.dumps(manifest or {"artifacts": {"onnx": {"file": "model.onnx"}}}))
+    write_manifest(path, manifest or {"artifacts": {"onnx": {"file": "model.onnx"}}})
     return path
 
 

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_checkpoint
-from ..files import sha256_file
+from ..files import exchange, finished_mode, fsync_dir, fsync_file, sha256_file
 from ..errors import ConfigError, OutputMismatch
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
+from .manifest import MANIFEST, listed_files
 from .validate import Comparison, compare, record_neurons
 
 FORMAT = "stdeploy-export/1"
@@ -55,15 +56,22 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None
 
 def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, ...] | list[str] = FORMATS, *,
                  data=None, samples: int | None = VALIDATION_SAMPLES, sparse_initializers: bool = False,
-                 spikformer: str = "refuse", source: str | None = None) -> dict:
-    """Export ``model`` (a finalized, unfolded model) to the directory ``out`` and return the manifest."""
+                 spikformer: str = "refuse", source: str | None = None, overwrite: bool = False) -> dict:
+    """Export ``model`` (a finalized, unfolded model) to the directory ``out`` and return the manifest.
+    An existing non-empty ``out`` is replaced only with ``overwrite`` (atomically: swapped, then deleted)."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ConfigError(f"unknown export format(s) {unknown or formats}; known: {', '.join(FORMATS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if samples is not None and not (isinstance(samples, int) and samples >= 1):
+        raise ConfigError(f"--samples must be a positive integer, got {samples!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # of an export that was killed (one export per --out at a time)
     t0 = time.perf_counter()
     model = model.eval()
     folded = fold_batchnorm(model)
@@ -92,14 +100,19 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
         if "onnx" in formats:
             comparisons += _export_onnx(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
         save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source})
-        manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference"}
+        manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference",
+                                              "files": listed_files(tmp / "reference")}
         bad = [c for c in comparisons if not c.rounding_only]
         if bad:
             raise OutputMismatch("export does not reproduce the PyTorch model (nothing written):\n  " + "\n  ".join(
                 f"{c.artifact}: {c.spike_mismatches} of {c.spikes_total} output spikes differ, logits by up to "
                 f"{c.logits_max_abs_error:.3g}; flips {c.flips}" for c in bad))
         manifest["seconds"] = time.perf_counter() - t0
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable))
+        for p in tmp.rglob("*"):  # flushed to disk before the directory is renamed into place
+            if p.is_file():
+                fsync_file(p)
+        os.chmod(tmp, finished_mode(directory=True))  # 0700 while temporary (mkdtemp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,12 +129,18 @@ def _jsonable(v):
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` onto ``out``; an existing ``out`` is swapped aside first, then deleted."""
+    """Move ``tmp`` onto ``out``; an existing ``out`` is swapped with it in one step where the
+    system can (``renameat2``), else renamed aside first; the old one is then deleted."""
     old = None
+    if out.exists() and exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)
+        fsync_dir(out.parent)
+        return
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

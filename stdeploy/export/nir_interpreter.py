@@ -43,7 +43,11 @@ __all__ = ["run_nir", "load_graph", "topological_order", "SUPPORTED", "EVALUATOR
 def load_graph(graph_or_path: nir.NIRGraph | str | os.PathLike) -> nir.NIRGraph:
     if isinstance(graph_or_path, nir.NIRGraph):
         return graph_or_path
-    return nir.read(graph_or_path)
+    try:
+        return nir.read(graph_or_path)
+    except Exception as err:  # nir and h5py raise many types (an assertion, KeyError, OSError) for a bad file
+        why = str(err).splitlines()[0][:200] if str(err) else "nir's reader refused a node, edge or field it does not know"
+        raise UnsupportedPrimitive(f"{graph_or_path}: cannot read the NIR graph ({type(err).__name__}: {why})") from None
 
 
 def topological_order(graph: nir.NIRGraph) -> list[str]:

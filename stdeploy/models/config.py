@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import reprlib
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,13 @@ from ..errors import ConfigError
 
 FAMILIES = ("spikformer", "sdt")
 NEURONS = ("lif", "slif")
+# Sane upper bounds of the integer fields: beyond them no model fits any machine (or the loops hang).
+INT_LIMITS = {"embed_dim": 1 << 16, "depth": 1024, "heads": 1024, "timesteps": 1 << 14, "image_size": 1 << 14,
+              "in_channels": 1 << 12, "num_classes": 1 << 20, "embed_stages": 16}
+FLOAT_FIELDS = ("mlp_ratio", "tau", "threshold", "attn_threshold", "attn_scale")
+_repr = reprlib.Repr()  # a YAML alias bomb prints short
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 40, 40, 4, 4
+_short = _repr.repr
 
 
 @dataclass(frozen=True)
@@ -36,17 +45,30 @@ class ModelConfig:
 
     def __post_init__(self):
         problems = []
-        if self.family not in FAMILIES:
-            problems.append(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if self.neuron not in NEURONS:
-            problems.append(f"neuron must be one of {NEURONS}, got {self.neuron!r}")
-        for name in ("embed_dim", "depth", "heads", "timesteps", "image_size", "in_channels", "num_classes", "embed_stages"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.family, str) or self.family not in FAMILIES:
+            problems.append(f"family must be one of {FAMILIES}, got {_short(self.family)}")
+        if not isinstance(self.neuron, str) or self.neuron not in NEURONS:
+            problems.append(f"neuron must be one of {NEURONS}, got {_short(self.neuron)}")
+        if not isinstance(self.name, str):
+            problems.append(f"name must be a string, got {_short(self.name)}")
+        for name, top in INT_LIMITS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{name} must be a positive integer, got {_short(v)}")
+            elif v > top:
+                problems.append(f"{name} = {v} is beyond the supported maximum {top}")
+        for name in FLOAT_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                problems.append(f"{name} must be a finite number, got {_short(v)}")
+        if problems:  # the checks below assume the types are right
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+        if self.mlp_ratio > 64 or self.tau > 1e6:
+            problems.append(f"mlp_ratio must be <= 64 and tau <= 1e6, got {self.mlp_ratio}, {self.tau}")
         if isinstance(self.embed_dim, int) and isinstance(self.heads, int) and self.heads >= 1 and self.embed_dim % self.heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by heads {self.heads}")
-        if not (isinstance(self.embed_pools, int) and 0 <= self.embed_pools <= self.embed_stages):
-            problems.append(f"embed_pools must be in [0, embed_stages={self.embed_stages}], got {self.embed_pools!r}")
+        if not (isinstance(self.embed_pools, int) and not isinstance(self.embed_pools, bool) and 0 <= self.embed_pools <= self.embed_stages):
+            problems.append(f"embed_pools must be in [0, embed_stages={self.embed_stages}], got {_short(self.embed_pools)}")
         elif isinstance(self.image_size, int) and self.image_size % (2 ** self.embed_pools):
             problems.append(f"image_size {self.image_size} is not divisible by 2**embed_pools = {2 ** self.embed_pools}")
         if isinstance(self.embed_dim, int) and isinstance(self.embed_stages, int) and self.embed_stages >= 1 and self.embed_dim % (2 ** (self.embed_stages - 1)):
@@ -76,11 +98,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "ModelConfig":
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise ConfigError(f"{source}: model config must be a table of named settings, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown model config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+            raise ConfigError(f"{source}: unknown model config keys {_short(unknown)}; known keys: {sorted(known)}")
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
 
 def load_config_file(path: str | Path) -> ModelConfig:
@@ -89,8 +116,10 @@ def load_config_file(path: str | Path) -> ModelConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model config file not found: {path}")
-    text = path.read_text()
+    if path.stat().st_size > 1 << 20:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a model config (limit 1 MiB)")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
@@ -101,13 +130,20 @@ def load_config_file(path: str | Path) -> ModelConfig:
             data = json.loads(text)
         else:
             raise ConfigError(f"{path}: unsupported config format {path.suffix!r} (use .toml, .yaml or .json)")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as err:
-        if isinstance(err, ConfigError):
+    except ConfigError:
+        raise
+    except Exception as err:  # TOML/JSON/YAML syntax, binary bytes, YAML tags (safe_load refuses them)
+        import yaml
+
+        if not isinstance(err, (ValueError, yaml.YAMLError, RecursionError)):
             raise
-        raise ConfigError(f"{path}: cannot parse: {err}") from err
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: cannot parse: {first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table of model settings")
     data = data.get("model", data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: [model] must be a table of settings, got {type(data).__name__}")
     data = {k: v for k, v in data.items() if not isinstance(v, dict)}  # other tables (train, ...) are not model keys
     data.setdefault("name", path.stem)
     return ModelConfig.from_dict(data, source=str(path))

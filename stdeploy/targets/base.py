@@ -72,24 +72,11 @@ def get_target(name: str) -> Target:
 
 
 def read_manifest(export_dir: str | Path, needs: str) -> tuple[Path, dict]:
-    """Check an export directory and return ``(path of the artifact 'needs', manifest)``."""
-    export_dir = Path(export_dir)
-    manifest_path = export_dir / "manifest.json"
-    if not export_dir.is_dir():
-        raise TargetError(f"export directory not found: {export_dir}")
-    if not manifest_path.is_file():
-        raise TargetError(f"{export_dir}: no manifest.json; is this a directory written by `stdeploy export`?")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise TargetError(f"{manifest_path}: not valid JSON ({err})") from err
-    artifacts = manifest.get("artifacts", {})
-    if needs not in artifacts:
-        raise TargetError(f"{export_dir}: no '{needs}' artifact (has: {', '.join(artifacts) or 'none'}); export with --format {needs.split('.')[0]}")
-    path = export_dir / artifacts[needs]["file"]
-    if not path.exists():
-        raise TargetError(f"{export_dir}: manifest lists {path.name}, which is missing")
-    return path, manifest
+    """Check an export directory and return ``(path of the artifact 'needs', manifest)``: the path
+    resolves inside the directory and the file's size and sha256 match the manifest
+    (:mod:`stdeploy.export.manifest`)."""
+    from ..export.manifest import read_manifest as sealed
+    return sealed(export_dir, needs, error=TargetError)
 
 
 def median_time(fn, repeats: int = 3) -> float:
