@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..activity import measure_activity
 from ..checkpoint import save_checkpoint
 from ..files import sha256_file
 from ..errors import ConfigError, OutputMismatch
@@ -84,6 +85,8 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
                                         "reference_accuracy": _accuracy(ref_logits, labels), "results": {}},
         "batchnorm_folding": folding.to_dict(),
     }
+    # firing rates and input densities of the reference on the validation input: a check on a silent model means nothing
+    manifest["validation"]["activity"] = measure_activity(folded, x).to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         comparisons: list[Comparison] = []
