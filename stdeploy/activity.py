@@ -35,6 +35,8 @@ class Activity:
     samples: int = 0
     firing_rates: dict[str, float] = field(default_factory=dict)     # LIF name -> rate
     input_densities: dict[str, float] = field(default_factory=dict)  # Linear/Conv2d name -> nonzero fraction
+    real_inputs: list[str] = field(default_factory=list)             # of those, the layers fed real values
+    spike_input_density: float | None = None  # nonzero fraction of all entries fed to spike-fed layers together
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,8 +47,9 @@ class Activity:
         d = list(self.input_densities.values())
         if not r:
             return "no spiking layers"
-        return (f"firing rates {min(r):.3f}-{max(r):.3f} over {len(r)} LIFs; "
-                f"input density {sum(d) / max(len(d), 1):.3f} mean over {len(d)} layers")
+        n = len(self.input_densities) - len(self.real_inputs)
+        density = "n/a" if self.spike_input_density is None else f"{self.spike_input_density:.3f}"
+        return f"firing rates {min(r):.3f}-{max(r):.3f} over {len(r)} LIFs; input density {density} over {n} spike-fed layers"
 
 
 @torch.no_grad()
@@ -67,9 +70,11 @@ def measure_activity(model: nn.Module, inputs) -> Activity:
             hooks.append(m.register_forward_hook(lif_hook))
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             def in_hook(mod, args, out, name=name):
-                s = nonzero.setdefault(name, [0.0, 0.0])
-                s[0] += float(torch.count_nonzero(args[0]))
-                s[1] += args[0].numel()
+                x = args[0]
+                s = nonzero.setdefault(name, [0.0, 0.0, True])
+                s[0] += float(torch.count_nonzero(x))
+                s[1] += x.numel()
+                s[2] = s[2] and bool(((x == 0) | (x == 1)).all())
             hooks.append(m.register_forward_hook(in_hook))
     activity = Activity()
     try:
@@ -81,6 +86,10 @@ def measure_activity(model: nn.Module, inputs) -> Activity:
             h.remove()
     activity.firing_rates = {k: v[0] / v[1] for k, v in spikes.items() if v[1]}
     activity.input_densities = {k: v[0] / v[1] for k, v in nonzero.items() if v[1]}
+    activity.real_inputs = [k for k, v in nonzero.items() if v[1] and not v[2]]
+    fed = [v for v in nonzero.values() if v[1] and v[2]]
+    if fed:
+        activity.spike_input_density = sum(v[0] for v in fed) / sum(v[1] for v in fed)
     return activity
 
 
