@@ -21,11 +21,12 @@ from stdeploy.prune import PruneConfig, make_pruner
 def exports(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("exports")
-    dense = build_model("sdt-tiny").eval()
-    with torch.no_grad():  # BN statistics that let neurons fire
-        for m in dense.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_var.fill_(0.05)
+    dense = build_model("sdt-tiny")
+    from stdeploy.activity import estimate_batchnorm
+    from stdeploy.models import direct_encode
+
+    # BatchNorm statistics estimated layer by layer so that every LIF fires (checked in the test)
+    estimate_batchnorm(dense, [direct_encode(torch.rand(16, 1, 8, 8), 4) for _ in range(8)], gain=1.5)
     pruned = build_model("sdt-tiny").eval()
     pruned.load_state_dict(dense.state_dict())
     p = make_pruner(PruneConfig(method="l1p", sparsity=0.9))
@@ -40,11 +41,25 @@ def exports(tmp_path_factory):
 def test_report_counts_fewer_sops_for_pruned_and_writes_png(exports, tmp_path):
     report = profile_exports(exports, load_dataset("digits"), ["onnxruntime"], ["cpu", "loihi2"], batch=8, repeats=2, samples=32)
     dense, l1p = report["variants"]
+    from stdeploy.activity import require_active
+
+    require_active(dense["firing_rates"], low=0.01, high=0.5)
     assert l1p["counts"]["sops"] < dense["counts"]["sops"]
+    # params counts every entry (zeros too): equal; nonzero params and their bytes drop with pruning
+    assert l1p["params"] == dense["params"] and l1p["nonzero_params"] < dense["nonzero_params"]
+    pruned_away = dense["block_nonzeros"] - l1p["block_nonzeros"]
+    assert dense["nonzero_params"] - l1p["nonzero_params"] == pytest.approx(pruned_away, rel=0.02)
+    assert l1p["nonzero_param_bytes"] == 4 * l1p["nonzero_params"]
+    assert report["counting"]["direct_input"] == "once"
+    assert dense["energy"]["loihi2"]["neuron_updates"] == "active" and dense["energy"]["cpu"]["label"] == "45 nm"
+    assert 0 < dense["counts"]["active_neuron_updates"] < dense["counts"]["neuron_updates"]
     assert l1p["energy"]["cpu"]["joules_per_sample"] < dense["energy"]["cpu"]["joules_per_sample"]
     assert l1p["block_nonzeros"] == 49152 - round(0.9 * 49152)
     assert dense["latency"]["onnxruntime"]["median_s"] > 0
     paths = write_report(report, tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| E 45 nm (uJ) | E Loihi (uJ) |" in md and "E cpu" not in md
+    assert "| params | nonzero params | param KB |" in md and "- **nonzero params**:" in md
     for png in paths["plots"]:
         head = open(png, "rb").read(24)
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
