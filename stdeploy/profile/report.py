@@ -53,6 +53,7 @@ def validate_report(report: dict) -> None:
 
 # What each count in a report row means (also printed under the Markdown table).
 COLUMNS = {
+    "accuracy": "test accuracy of the folded PyTorch reference on the profiled images",
     "params": "every parameter entry of the folded reference, zeros included (pruning does not lower it)",
     "nonzero params": "parameter entries that are not zero (pruned weights excluded; low-rank layers as their factors)",
     "param KB": "bytes of the nonzero parameter values at their dtype (float32: 4 each), no sparse indices, / 1024",
@@ -61,8 +62,10 @@ COLUMNS = {
     "SOPs/sample": "synaptic operations per sample: spikes x nonzero fan-out, attention products included",
     "MACs/sample": "multiply-accumulates per sample of real-valued inputs (direct input charged once per sample unless "
                    "direct_input='per_step')",
+    "<target> ms": "median wall time of one batch on that runtime (pytorch: the folded reference, eager)",
     "E <model>": "estimated energy per sample from operation counts x the profile's per-operation figures (45 nm: a 45 nm "
                  "chip model, not this CPU's energy; Loihi: Loihi 1 figures, neuron updates as the profile states)",
+    "SOPs vs first": "SOPs/sample relative to the first variant",
 }
 
 
