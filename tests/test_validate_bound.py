@@ -123,3 +123,17 @@ def test_one_disagreeing_sample_is_allowed_on_a_small_check(firing):
     two[1, top2[0]], two[1, top2[1]] = logits[1, top2[1]], logits[1, top2[0]]
     c = compare("two", logits, out, two, out, rec, bound=Bound(logits_rtol=10.0))
     assert c.bound_violations() == ["prediction agreement 0.8750 < 0.95 (one of 16 samples may disagree)"]
+
+
+def test_require_agreement_raises_once_with_every_failure(firing):
+    from stdeploy.errors import OutputMismatch
+    from stdeploy.export.validate import require_agreement
+
+    model, x = firing
+    logits, rec = record_neurons(model, x)
+    out = rec["head.lif"]["spikes"]
+    good = compare("good", logits, out, logits, out, rec)
+    bad = compare("bad", logits, out, logits + 100, 1 - out, None)
+    require_agreement([good], "fine")
+    with pytest.raises(OutputMismatch, match=r"(?s)run disagrees:\n  bad: 65536 of 65536 output spikes differ.*mismatch fraction 1 > 0.01"):
+        require_agreement([good, bad], "run disagrees")

@@ -21,10 +21,10 @@ from torch import nn
 from ..activity import measure_activity
 from ..checkpoint import save_checkpoint
 from ..files import sha256_file
-from ..errors import ConfigError, OutputMismatch
+from ..errors import ConfigError
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
-from .validate import Comparison, compare, record_neurons
+from .validate import Comparison, compare, record_neurons, require_agreement
 
 FORMAT = "stdeploy-export/1"
 FORMATS = ("nir", "onnx")
@@ -96,11 +96,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
             comparisons += _export_onnx(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
         save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source})
         manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference"}
-        bad = [c for c in comparisons if not c.rounding_only]
-        if bad:
-            raise OutputMismatch("export does not reproduce the PyTorch model (nothing written):\n  " + "\n  ".join(
-                f"{c.artifact}: {c.spike_mismatches} of {c.spikes_total} output spikes differ, logits by up to "
-                f"{c.logits_max_abs_error:.3g}; flips {c.flips}" for c in bad))
+        require_agreement(comparisons, "export does not reproduce the PyTorch model (nothing written)")
         manifest["seconds"] = time.perf_counter() - t0
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_jsonable))
         _replace_dir(tmp, out)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputMismatch
 from ..neurons import LIF, LIFParams
 
 ROUNDING_LIMIT = 1e-4  # a flip farther than this from threshold cannot be float rounding
@@ -201,3 +201,14 @@ def compare(artifact: str, ref_logits: torch.Tensor, ref_spikes: torch.Tensor, l
     if first is not None:
         result.max_flip_distance = first[1]
     return result
+
+
+def require_agreement(comparisons: list[Comparison], what: str) -> None:
+    """Raise one :class:`OutputMismatch` listing every comparison that fails (a flip not at rounding
+    level, or an outcome outside its bound); ``what`` starts the message. For export and run alike."""
+    bad = [c for c in comparisons if not c.rounding_only]
+    if bad:
+        raise OutputMismatch(f"{what}:\n  " + "\n  ".join(
+            f"{c.artifact}: {c.spike_mismatches} of {c.spikes_total} output spikes differ, logits by up to "
+            f"{c.logits_max_abs_error:.3g}; outside the bound: {c.bound_violations() or 'none'}; "
+            f"onset at rounding level: {c.flips_at_rounding_level}; flips {c.flips}" for c in bad))
