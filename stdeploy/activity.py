@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .errors import InactiveModel
+from .errors import ConfigError, InactiveModel
 from .neurons import LIF
 
 SILENT_BELOW = 1e-3     # default: a LIF firing less often than this is silent
@@ -108,7 +108,7 @@ def estimate_batchnorm(model: nn.Module, batches, gain: float = 1.0) -> nn.Modul
     deviation ``gain`` (with unit affine weight): a random-weight model's LIFs (threshold 1) then fire
     more often, as a trained one's do."""
     if not gain > 0:
-        raise ValueError(f"gain must be > 0, got {gain}")
+        raise ConfigError(f"estimate_batchnorm: gain must be > 0, got {gain}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     seen = {id(m): 0 for m in bns}
 

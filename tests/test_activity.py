@@ -48,3 +48,10 @@ def test_batchnorm_estimated_layer_by_layer_makes_a_random_model_fire():
     rates = measure_activity(model, x).firing_rates
     require_active(rates, low=0.01, high=0.5)
     assert len(rates) == 10
+
+
+def test_batchnorm_gain_must_be_positive():
+    from stdeploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gain must be > 0"):
+        estimate_batchnorm(build_model("sdt-tiny"), [], gain=0)
