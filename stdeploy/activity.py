@@ -42,9 +42,8 @@ class Activity:
         return asdict(self)
 
     def summary(self) -> str:
-        """One line: the range of firing rates and the mean input density of spike-fed layers."""
+        """One line: the range of firing rates and the input density of the spike-fed layers."""
         r = list(self.firing_rates.values())
-        d = list(self.input_densities.values())
         if not r:
             return "no spiking layers"
         n = len(self.input_densities) - len(self.real_inputs)
