@@ -141,3 +141,20 @@ def test_pytorch_module_times_cover_each_stage():
     times = module_times(model, torch.rand(4, 2, 1, 8, 8))
     assert [t["name"] for t in times] == ["embed", "blocks.0.attn", "blocks.0.mlp", "head"]
     assert all(t["ms"] > 0 for t in times)
+
+
+def test_cli_profile_direct_input_convention(exports, tmp_path):
+    py = [sys.executable, "-m", "stdeploy.cli", "profile", str(exports[0]), "--targets", "", "--energy", "cpu",
+          "--limit", "8", "--repeats", "1", "--json"]
+    for flag, stored in (("once", "once"), ("per-step", "per_step")):
+        r = subprocess.run(py + ["--direct-input", flag, "--out", str(tmp_path / flag)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        report = json.loads((tmp_path / flag / "report.json").read_text())
+        assert report["counting"]["direct_input"] == stored
+    once, per_step = (json.loads((tmp_path / f / "report.json").read_text())["variants"][0]["counts"]["macs"] for f in ("once", "per-step"))
+    # sdt-tiny, T = 4: the first convolution costs 61,952 MACs per sample over 4 steps (15,488 each:
+    # 32 channels x the in-bounds taps of a 3x3 kernel on 8x8), the head 2,560 (4 steps x 64 x 10);
+    # charged once, the convolution's repeated input costs one step
+    assert per_step == 61952 + 2560 and once == 61952 / 4 + 2560
+    bad = subprocess.run(py + ["--direct-input", "twice", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--direct-input" in bad.stderr
