@@ -113,3 +113,17 @@ def test_onnxruntime_refuses_devices_it_cannot_serve(tmp_path):
                         "--device", "nvidia-h100", "--limit", "4"], capture_output=True, text=True)
     assert r.returncode == 2 and "CUDAExecutionProvider" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", sorted(known_profiles()))
+def test_every_energy_figure_cites_its_source(name):
+    """Each per-operation figure of a shipped profile names where it comes from; a Loihi profile
+    says which neuron updates its figure charges."""
+    energy = load_profile(name).energy
+    figures = [k for k in energy if k.endswith("_pj")]
+    if not figures:
+        pytest.skip(f"{name} has no energy figures")
+    assert sorted(energy.get("sources", {})) == sorted(figures)
+    assert all(len(energy["sources"][k]) > 20 for k in figures)
+    if energy["model"] == "loihi":
+        assert energy["neuron_updates"] in ("active", "all")
