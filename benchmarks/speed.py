@@ -4,8 +4,17 @@
 
 Table 1: the default model (sdt-tiny, trained briefly on digits), dense, L1P at 90/95/98% and
 DSP at 30/10% of block parameters (one-shot: masks / truncated SVD, no fine-tune: speed does not
-depend on accuracy). Table 2 (``--large``): an sdt-8-512-class model on 32x32 inputs with
-random weights, where block matmuls dominate. Runtimes: PyTorch eager, onnxruntime, TVM
+depend on accuracy; each pruned copy's BatchNorm statistics are re-estimated on 512 training
+images, since one-shot pruning leaves the attention LIFs near silent). Table 2 (``--large``): an sdt-8-512-class model on 32x32 inputs with
+random weights, where block matmuls dominate; its BatchNorm statistics are estimated layer by
+layer over ``--bn-batches`` batches (cumulative average, normalised std ``--bn-gain``), for the
+dense model and again for each pruned variant, so that its spiking layers fire as a trained
+model's do (a random model with fresh statistics is silent: its kernels would be timed on zeros).
+
+Activity is part of every row: each variant's firing rates (min-max over its LIFs) and the input
+density of its spike-fed layers are measured on the benchmark batch and printed next to the
+times, and a variant whose spiking layers are silent (rate < ``ACTIVE[0]``) or saturated
+(> ``ACTIVE[1]``) is refused, naming the layers. Runtimes: PyTorch eager, onnxruntime, TVM
 untuned (all TIR, no schedule), TVM with BLAS matmuls/convolutions and MetaSchedule-tuned TIR
 ("tvm tuned, BLAS conv"), the same with the spike-adaptive convolution ("tvm tuned", the default;
 one tuning database shared by all: the TIR tasks are the same), and that with sparse kernels for
@@ -31,7 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stdeploy.activity import estimate_batchnorm, measure_activity, require_active  # noqa: E402
 from stdeploy.data import load_dataset  # noqa: E402
+from stdeploy.errors import InactiveModel  # noqa: E402
 from stdeploy.export.directory import export_model  # noqa: E402
 from stdeploy.models import build_model, clone_model, direct_encode  # noqa: E402
 from stdeploy.models.structure import LowRankLinear, structure_of  # noqa: E402
@@ -44,6 +55,7 @@ from stdeploy.train import TrainConfig, train  # noqa: E402
 
 VARIANTS = [("dense", None), ("l1p-90", ("l1p", 0.90)), ("l1p-95", ("l1p", 0.95)), ("l1p-98", ("l1p", 0.98)),
             ("dsp-30", ("dsp", 0.30)), ("dsp-10", ("dsp", 0.10))]
+ACTIVE = (0.01, 0.5)  # every LIF of every benchmarked variant must fire at a rate inside these bounds
 PATHS = ["pytorch", "onnxruntime", "tvm untuned", "tvm tuned, BLAS conv", "tvm tuned", "tvm tuned + sparse"]
 
 
@@ -74,6 +86,22 @@ def macs(model, x: torch.Tensor) -> int:
     for h in handles:
         h.remove()
     return total
+
+
+def machine() -> str:
+    """The CPU model and core count of this machine, for the table's header."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical cores (torch threads {torch.get_num_threads()})"
 
 
 def timed(fn, x, warmup: int, repeats: int) -> float:
@@ -114,7 +142,12 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
     for variant, model in models.items():
         model = model.eval()
         ref = out_spikes(model, x)
-        row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {}}
+        activity = measure_activity(model, x)
+        require_active(activity.firing_rates, *ACTIVE, what=f"{name} {variant}")
+        rates = list(activity.firing_rates.values())
+        row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {},
+               "activity": {**activity.to_dict(), "firing_min": min(rates), "firing_max": max(rates),
+                            "output_spikes": int(ref.sum())}}
         with torch.no_grad():
             row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats)
         ort_run = ort.compile(dirs[variant], profile)
@@ -137,7 +170,7 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
             row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps)
         rows.append(row)
         print(f"[{name}] {variant}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
-              + f"; spike mismatches {row['exact']}", flush=True)
+              + f"; spike mismatches {row['exact']}; {activity.summary()}", flush=True)
     dense = rows[0]
     for row in rows:
         row["limit"] = dense["macs"] / row["macs"]
@@ -170,7 +203,8 @@ def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| variant | MACs/batch | FLOP limit | " + " | ".join(PATHS) + " |\n|---|---:|---:|" + "---:|" * len(PATHS))
+    head = ("| variant | MACs/batch | FLOP limit | input density | firing rates | " + " | ".join(PATHS)
+            + " |\n|---|---:|---:|---:|---:|" + "---:|" * len(PATHS))
     lines = [head]
     for r in rows:
         cells = []
@@ -184,7 +218,9 @@ def markdown(rows: list[dict]) -> str:
             if r["exact"].get(p):
                 cell += f" [{r['exact'][p]} spike flips]"
             cells.append(cell)
-        lines.append(f"| {r['variant']} | {r['macs']:.3g} | {r['limit']:.1f}x | " + " | ".join(cells) + " |")
+        a = r["activity"]
+        lines.append(f"| {r['variant']} | {r['macs']:.3g} | {r['limit']:.1f}x | {a['spike_input_density']:.3f} | "
+                     f"{a['firing_min']:.3f}-{a['firing_max']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -204,11 +240,15 @@ def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
     return data, base
 
 
-def build_variants(base) -> dict:
+def build_variants(base, calibrate=None) -> dict:
+    """Dense and pruned copies of ``base``; ``calibrate(model)``, when given, re-estimates each
+    pruned copy's BatchNorm statistics (pruning changes what every layer sees)."""
     models = {}
     for name, spec in VARIANTS:
         m = clone_model(base)
         models[name] = m if spec is None else prune(m, *spec)
+        if spec is not None and calibrate is not None:
+            calibrate(models[name])
         models[name].eval()
     return models
 
@@ -222,10 +262,21 @@ def main() -> int:
     ap.add_argument("--no-small", action="store_true", help="skip the sdt-tiny table (with --large: that table only)")
     ap.add_argument("--large-batch", type=int, default=4)
     ap.add_argument("--large-untuned", action="store_true", help="also time untuned TVM on the large model (minutes)")
+    ap.add_argument("--bn-batches", type=int, default=8, help="large model: batches of 8 random images for BatchNorm statistics")
+    ap.add_argument("--bn-gain", type=float, default=1.25,
+                    help="large model: std of each normalised BatchNorm output (1.25: LIF rates about 0.06-0.27 on sdt-8-512)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="runs/bench-speed")
     args = ap.parse_args()
+    try:
+        return run(args)
+    except InactiveModel as err:  # a silent or saturated model: its timings would mean nothing
+        print(f"speed.py: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)
@@ -235,7 +286,12 @@ def main() -> int:
         data, base = small_models(0, args.epochs)
         images = torch.stack([data.test[i][0] for i in range(args.batch)])
         x = direct_encode(images, base.cfg.timesteps)
-        models = build_variants(base)
+        train_x = torch.stack([data.train[i][0] for i in range(min(512, len(data.train)))])
+
+        def recalibrate(model):  # one-shot pruning leaves the attention LIFs near silent (rate < 0.01)
+            estimate_batchnorm(model, (direct_encode(train_x[i:i + 64], base.cfg.timesteps) for i in range(0, len(train_x), 64)))
+
+        models = build_variants(base, recalibrate)
         tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False)
         lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
     if args.large:
@@ -243,15 +299,18 @@ def main() -> int:
         big = build_model("sdt-8-512")
         big.eval()
         xl = direct_encode(torch.rand(args.large_batch, 3, 32, 32), big.cfg.timesteps)
-        with torch.no_grad():  # BatchNorm statistics of the random model on its own input
-            big.train()
-            big(xl)
-            big.eval()
-        big_models = build_variants(big)
+
+        def calibrate(model):  # BatchNorm statistics over many batches of random images, layer by layer
+            g = torch.Generator().manual_seed(1)
+            estimate_batchnorm(model, (direct_encode(torch.rand(8, 3, 32, 32, generator=g), big.cfg.timesteps)
+                                       for _ in range(args.bn_batches)), gain=args.bn_gain)
+
+        calibrate(big)
+        big_models = build_variants(big, calibrate)
         tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned)
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
-    text = []
+    text = [f"Machine: {machine()}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
     for name, rows in tables.items():
         text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows)}\n")
         paths = {p: v for r in rows for p, v in r["paths"].items()}
@@ -260,7 +319,8 @@ def main() -> int:
     report = "\n".join(text)
     print(report)
     (out / "speed.md").write_text(report)
-    (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args)}, indent=1, default=str))
+    (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args), "machine": machine()},
+                                               indent=1, default=str))
     print(f"finished in {time.perf_counter() - t_start:.0f} s; {out / 'speed.md'}")
     return 0
 

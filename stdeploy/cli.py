@@ -552,7 +552,8 @@ def cmd_profile(args: argparse.Namespace) -> dict:
 
     data = load_dataset(args.data, args.data_root)
     report = profile_exports(args.export_dirs, data, [t for t in args.targets.split(",") if t],
-                             [e for e in args.energy.split(",") if e], batch=args.batch, repeats=args.repeats, samples=args.limit)
+                             [e for e in args.energy.split(",") if e], batch=args.batch, repeats=args.repeats, samples=args.limit,
+                             direct_input=args.direct_input.replace("-", "_"))
     paths = write_report(report, args.out)
     if not args.json:
         print(to_markdown(report))
@@ -568,6 +569,9 @@ def _profile_parser(sub) -> None:
     p.add_argument("--batch", type=count(), default=32)
     p.add_argument("--repeats", type=count(), default=10)
     p.add_argument("--limit", type=count(), default=None, help="count operations on the first N test images")
+    p.add_argument("--direct-input", choices=["once", "per-step"], default="once",
+                   help="charge a real input repeated over T (direct encoding) once per sample (default) or at every step "
+                        "(the Spikformer papers' convention)")
     p.add_argument("--out", default="runs/report")
     add_data_args(p)
 

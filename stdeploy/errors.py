@@ -28,3 +28,7 @@ class UnsupportedPrimitive(StdeployError):
 
 class OutputMismatch(StdeployError):
     """An exported artifact or target disagrees with the PyTorch reference."""
+
+
+class InactiveModel(StdeployError):
+    """A spiking model's layers are silent or saturated, so spike checks and timings would mean nothing."""

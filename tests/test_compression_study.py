@@ -168,3 +168,15 @@ def test_cli_selection(study):
     assert "device" not in full.protocol()  # cells trained on a GPU pair with CPU cells of the same protocol
     if not torch.cuda.is_available():
         assert study.main(["--device", "cuda", "--out", "/nonexistent-never-created"]) == 2
+
+
+def test_committed_results_hold_each_cell_once(study):
+    """The committed study's results.jsonl: one record per cell (family, seed, setting, variant,
+    budget), and the full grid of the report (2 x 5 x 6 x 4 x 2 = 480)."""
+    path = SCRIPT.parent / "results" / "compression-study" / study.RESULTS
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = [study.cell_key(r) for r in lines]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    assert not dupes, f"cells recorded more than once: {dupes}"
+    assert len(keys) == 480 == len({k[0] for k in keys}) * len({k[1] for k in keys}) * len({k[2] for k in keys}) \
+        * len({k[3] for k in keys}) * len({k[4] for k in keys})

@@ -17,6 +17,7 @@ from stdeploy.models.fold import fold_batchnorm
 from stdeploy.models.layers import MLP
 from stdeploy.models.structure import LowRankLinear, attach_mask
 from stdeploy.neurons import to_slif
+from stdeploy.activity import measure_activity, require_active
 from stdeploy.train import TrainConfig, train
 
 FAMILIES = ["sdt-tiny", "spikformer-tiny"]
@@ -74,7 +75,8 @@ def test_unrolled_export_matches_pytorch_exactly(trained, exported, inputs):
     ref_logits, ref_spikes = reference(trained, inputs)
     with torch.no_grad():
         assert torch.equal(ref_logits, trained(inputs))  # the wrapper is the model, with its head spikes kept
-    assert 0.05 < ref_spikes.mean() < 0.95  # a realistically active model
+    assert 0.05 < ref_spikes.mean() < 0.95  # a realistically active model, in every spiking layer
+    require_active(measure_activity(trained, inputs).firing_rates, low=1e-3, high=0.9)
     logits, spikes = run_onnx(path, inputs)
     assert spike_mismatches(ref_spikes, spikes) == 0
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=LOGIT_ATOL)

@@ -21,11 +21,12 @@ from stdeploy.prune import PruneConfig, make_pruner
 def exports(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("exports")
-    dense = build_model("sdt-tiny").eval()
-    with torch.no_grad():  # BN statistics that let neurons fire
-        for m in dense.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_var.fill_(0.05)
+    dense = build_model("sdt-tiny")
+    from stdeploy.activity import estimate_batchnorm
+    from stdeploy.models import direct_encode
+
+    # BatchNorm statistics estimated layer by layer so that every LIF fires (checked in the test)
+    estimate_batchnorm(dense, [direct_encode(torch.rand(16, 1, 8, 8), 4) for _ in range(8)], gain=1.5)
     pruned = build_model("sdt-tiny").eval()
     pruned.load_state_dict(dense.state_dict())
     p = make_pruner(PruneConfig(method="l1p", sparsity=0.9))
@@ -40,11 +41,25 @@ def exports(tmp_path_factory):
 def test_report_counts_fewer_sops_for_pruned_and_writes_png(exports, tmp_path):
     report = profile_exports(exports, load_dataset("digits"), ["onnxruntime"], ["cpu", "loihi2"], batch=8, repeats=2, samples=32)
     dense, l1p = report["variants"]
+    from stdeploy.activity import require_active
+
+    require_active(dense["firing_rates"], low=0.01, high=0.5)
     assert l1p["counts"]["sops"] < dense["counts"]["sops"]
+    # params counts every entry (zeros too): equal; nonzero params and their bytes drop with pruning
+    assert l1p["params"] == dense["params"] and l1p["nonzero_params"] < dense["nonzero_params"]
+    pruned_away = dense["block_nonzeros"] - l1p["block_nonzeros"]
+    assert dense["nonzero_params"] - l1p["nonzero_params"] == pytest.approx(pruned_away, rel=0.02)
+    assert l1p["nonzero_param_bytes"] == 4 * l1p["nonzero_params"]
+    assert report["counting"]["direct_input"] == "once"
+    assert dense["energy"]["loihi2"]["neuron_updates"] == "active" and dense["energy"]["cpu"]["label"] == "45 nm"
+    assert 0 < dense["counts"]["active_neuron_updates"] < dense["counts"]["neuron_updates"]
     assert l1p["energy"]["cpu"]["joules_per_sample"] < dense["energy"]["cpu"]["joules_per_sample"]
     assert l1p["block_nonzeros"] == 49152 - round(0.9 * 49152)
     assert dense["latency"]["onnxruntime"]["median_s"] > 0
     paths = write_report(report, tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| E 45 nm (uJ) | E Loihi (uJ) |" in md and "E cpu" not in md
+    assert "| params | nonzero params | param KB |" in md and "- **nonzero params**:" in md
     for png in paths["plots"]:
         head = open(png, "rb").read(24)
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
@@ -126,3 +141,20 @@ def test_pytorch_module_times_cover_each_stage():
     times = module_times(model, torch.rand(4, 2, 1, 8, 8))
     assert [t["name"] for t in times] == ["embed", "blocks.0.attn", "blocks.0.mlp", "head"]
     assert all(t["ms"] > 0 for t in times)
+
+
+def test_cli_profile_direct_input_convention(exports, tmp_path):
+    py = [sys.executable, "-m", "stdeploy.cli", "profile", str(exports[0]), "--targets", "", "--energy", "cpu",
+          "--limit", "8", "--repeats", "1", "--json"]
+    for flag, stored in (("once", "once"), ("per-step", "per_step")):
+        r = subprocess.run(py + ["--direct-input", flag, "--out", str(tmp_path / flag)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        report = json.loads((tmp_path / flag / "report.json").read_text())
+        assert report["counting"]["direct_input"] == stored
+    once, per_step = (json.loads((tmp_path / f / "report.json").read_text())["variants"][0]["counts"]["macs"] for f in ("once", "per-step"))
+    # sdt-tiny, T = 4: the first convolution costs 61,952 MACs per sample over 4 steps (15,488 each:
+    # 32 channels x the in-bounds taps of a 3x3 kernel on 8x8), the head 2,560 (4 steps x 64 x 10);
+    # charged once, the convolution's repeated input costs one step
+    assert per_step == 61952 + 2560 and once == 61952 / 4 + 2560
+    bad = subprocess.run(py + ["--direct-input", "twice", "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--direct-input" in bad.stderr

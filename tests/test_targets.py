@@ -67,17 +67,64 @@ def test_broken_export_dirs(tmp_path):
 
 
 def test_onnxruntime_target_matches_pytorch(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("sdt-tiny").eval()
-    export_model(model, tmp_path / "exp", ("onnx",))
-    runnable = get_target("onnxruntime").compile(tmp_path / "exp", load_profile("cpu"))
-    assert isinstance(runnable, Runnable)
-    x = torch.rand(4, 5, 1, 8, 8)
+    from stdeploy.activity import estimate_batchnorm, rates_from_records, require_active
+    from stdeploy.models import direct_encode
     from stdeploy.models.fold import fold_batchnorm
     from stdeploy.export.validate import record_neurons
 
+    torch.manual_seed(0)
+    model = build_model("sdt-tiny")  # BatchNorm statistics estimated so every LIF fires (an untrained one is silent)
+    estimate_batchnorm(model, [direct_encode(torch.rand(16, 1, 8, 8), 4) for _ in range(8)], gain=1.5)
+    manifest = export_model(model, tmp_path / "exp", ("onnx",))
+    require_active(manifest["validation"]["activity"]["firing_rates"], low=0.01, high=0.5)
+    runnable = get_target("onnxruntime").compile(tmp_path / "exp", load_profile("cpu"))
+    assert isinstance(runnable, Runnable)
+    x = direct_encode(torch.rand(5, 1, 8, 8), 4)
+
     ref_logits, rec = record_neurons(fold_batchnorm(model), x)
+    require_active(rates_from_records(rec), low=0.01, high=0.5)  # the compared spikes are not all zeros
     res = runnable.run(x.numpy())
     assert np.array_equal(res.spikes, rec["head.lif"]["spikes"].numpy())
     np.testing.assert_allclose(res.logits, ref_logits.numpy(), atol=1e-5)
     assert res.seconds > 0
+
+
+def test_onnxruntime_refuses_devices_it_cannot_serve(tmp_path):
+    """No silent fallback: a GPU profile without the CUDA execution provider, and a Loihi profile,
+    are refused with the reason; a served run names the provider that actually ran."""
+    import subprocess
+    import sys
+
+    import onnxruntime
+
+    torch.manual_seed(0)
+    export_model(build_model("sdt-tiny").eval(), tmp_path / "exp", ("onnx",))
+    ort = get_target("onnxruntime")
+    with pytest.raises(TargetError, match="loihi2 is a Loihi \\(lava\\) profile: onnxruntime cannot run on it"):
+        ort.compile(tmp_path / "exp", load_profile("loihi2"))
+    cpu = ort.compile(tmp_path / "exp", load_profile("cpu"))
+    assert cpu.info["provider"] == "CPUExecutionProvider" == cpu.session.get_providers()[0]
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        gpu = ort.compile(tmp_path / "exp", load_profile("nvidia-h100"))
+        assert gpu.info["provider"] == "CUDAExecutionProvider"
+        return
+    with pytest.raises(TargetError, match="nvidia-h100 needs onnxruntime's CUDAExecutionProvider, which this onnxruntime"):
+        ort.compile(tmp_path / "exp", load_profile("nvidia-h100"))
+    r = subprocess.run([sys.executable, "-m", "stdeploy.cli", "run", str(tmp_path / "exp"), "--target", "onnxruntime",
+                        "--device", "nvidia-h100", "--limit", "4"], capture_output=True, text=True)
+    assert r.returncode == 2 and "CUDAExecutionProvider" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", sorted(known_profiles()))
+def test_every_energy_figure_cites_its_source(name):
+    """Each per-operation figure of a shipped profile names where it comes from; a Loihi profile
+    says which neuron updates its figure charges."""
+    energy = load_profile(name).energy
+    figures = [k for k in energy if k.endswith("_pj")]
+    if not figures:
+        pytest.skip(f"{name} has no energy figures")
+    assert sorted(energy.get("sources", {})) == sorted(figures)
+    assert all(len(energy["sources"][k]) > 20 for k in figures)
+    if energy["model"] == "loihi":
+        assert energy["neuron_updates"] in ("active", "all")

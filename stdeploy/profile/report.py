@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..models import direct_encode
 from ..targets.base import get_target, read_manifest
 from ..targets.profiles import load_profile
-from .energy import count_operations, energy
+from .energy import MODEL_LABELS, count_operations, energy
 from .latency import measure
 
 SCHEMA = {
@@ -27,10 +27,12 @@ SCHEMA = {
         "energy_profiles": {"type": "object"},
         "variants": {"type": "array", "items": {
             "type": "object",
-            "required": ["name", "accuracy", "params", "block_nonzeros", "files", "latency", "energy", "counts"],
+            "required": ["name", "accuracy", "params", "nonzero_params", "nonzero_param_bytes", "block_nonzeros", "files",
+                         "latency", "energy", "counts"],
             "properties": {
                 "name": {"type": "string"}, "accuracy": {"type": ["number", "null"]},
-                "params": {"type": "integer"}, "block_nonzeros": {"type": "integer"},
+                "params": {"type": "integer"}, "nonzero_params": {"type": "integer"}, "nonzero_param_bytes": {"type": "integer"},
+                "block_nonzeros": {"type": "integer"},
                 "files": {"type": "object", "additionalProperties": {"type": "integer"}},
                 "latency": {"type": "object", "additionalProperties": {"type": "object", "required": ["median_s", "p90_s", "samples_per_s"]}},
                 "energy": {"type": "object", "additionalProperties": {"type": "object", "required": ["joules_per_sample"]}},
@@ -49,8 +51,45 @@ def validate_report(report: dict) -> None:
         raise ConfigError(f"report does not match its schema: {err.message} at {list(err.absolute_path)}") from err
 
 
+# What each count in a report row means (also printed under the Markdown table).
+COLUMNS = {
+    "accuracy": "test accuracy of the folded PyTorch reference on the profiled images",
+    "params": "every parameter entry of the folded reference, zeros included (pruning does not lower it)",
+    "nonzero params": "parameter entries that are not zero (pruned weights excluded; low-rank layers as their factors)",
+    "param KB": "bytes of the nonzero parameter values at their dtype (float32: 4 each), no sparse indices, / 1024",
+    "block nonzeros": "nonzero weights of the transformer blocks' linear layers (what pruning removes)",
+    "ONNX KB": "size of model.onnx on disk / 1024",
+    "SOPs/sample": "synaptic operations per sample: spikes x nonzero fan-out, attention products included",
+    "MACs/sample": "multiply-accumulates per sample of real-valued inputs (direct input charged once per sample unless "
+                   "direct_input='per_step')",
+    "<target> ms": "median wall time of one batch on that runtime (pytorch: the folded reference, eager)",
+    "E <model>": "estimated energy per sample from operation counts x the profile's per-operation figures (45 nm: a 45 nm "
+                 "chip model, not this CPU's energy; Loihi: Loihi 1 figures, neuron updates as the profile states)",
+    "SOPs vs first": "SOPs/sample relative to the first variant",
+}
+
+
+def parameter_counts(model: torch.nn.Module) -> dict:
+    """``params`` (all entries), ``nonzero_params`` and ``nonzero_param_bytes`` (nonzero values x element size)."""
+    ps = list(model.parameters())
+    nonzero = [int(torch.count_nonzero(p)) for p in ps]
+    return {"params": int(sum(p.numel() for p in ps)), "nonzero_params": sum(nonzero),
+            "nonzero_param_bytes": sum(n * p.element_size() for n, p in zip(nonzero, ps))}
+
+
+def energy_label(name: str, report: dict) -> str:
+    """A report column's name for energy profile ``name``: the energy model (``45 nm``, ``Loihi``),
+    with the profile's name added only where two profiles share a model."""
+    profiles = report["energy_profiles"]
+    model = profiles[name].get("model")
+    label = MODEL_LABELS.get(model, str(model))
+    if sum(p.get("model") == model for p in profiles.values()) > 1:
+        label += f" ({name})"
+    return label
+
+
 def profile_exports(exports: list[Path], data, targets: list[str], energy_profiles: list[str], *, batch: int = 32,
-                    warmup: int = 2, repeats: int = 10, samples: int | None = None) -> dict:
+                    warmup: int = 2, repeats: int = 10, samples: int | None = None, direct_input: str = "once") -> dict:
     x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
     if samples is not None:
         x_all, y_all = x_all[:samples], y_all[:samples]
@@ -62,17 +101,18 @@ def profile_exports(exports: list[Path], data, targets: list[str], energy_profil
         ref = reference_model(export)
         T = ref.cfg.timesteps
         chunks = [direct_encode(x_all[i:i + 128], T) for i in range(0, len(x_all), 128)]
-        counts = count_operations(ref, chunks)
+        counts = count_operations(ref, chunks, direct_input=direct_input)
         with torch.no_grad():
             logits = torch.cat([ref(c) for c in chunks])
         block = [m for n, m in ref.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
         row = {
             "name": export.name, "export_dir": str(export),
             "accuracy": float((logits.argmax(-1) == y_all).float().mean()),
-            "params": int(sum(p.numel() for p in ref.parameters())),
+            **parameter_counts(ref),
             "block_nonzeros": int(sum(int((m.weight != 0).sum()) for m in block)),
             "files": {k: int(v["bytes"]) for k, v in manifest["artifacts"].items() if "bytes" in v},
             "counts": counts.per_sample(), "firing_rates": {k: v["rate"] for k, v in counts.neurons.items()},
+            "input_densities": {k: v.input_rate for k, v in counts.layers.items() if v.input == "spikes"},
             "energy": {name: energy(counts, p.energy) for name, p in profiles.items() if p.energy},
             "latency": {},
         }
@@ -91,7 +131,8 @@ def profile_exports(exports: list[Path], data, targets: list[str], energy_profil
             row["latency"][name] = measure(lambda x: runnable.run(x), xb.numpy(), warmup, repeats)
         variants.append(row)
     report = {"format": "stdeploy-report/1", "variants": variants,
-              "energy_profiles": {n: {"path": p.path, **p.energy} for n, p in profiles.items()}}
+              "energy_profiles": {n: {"path": p.path, **p.energy} for n, p in profiles.items()},
+              "counting": {"direct_input": direct_input, "columns": COLUMNS}}
     if variants:
         base = variants[0]
         for v in variants:
@@ -105,11 +146,12 @@ def profile_exports(exports: list[Path], data, targets: list[str], energy_profil
 def to_markdown(report: dict) -> str:
     energies = list(report["energy_profiles"])
     targets = sorted({t for v in report["variants"] for t in v["latency"]})
-    head = ["variant", "accuracy", "params", "block nonzeros", "ONNX KB", "SOPs/sample", "MACs/sample"]
-    head += [f"{t} ms" for t in targets] + [f"E {e} (uJ)" for e in energies] + ["SOPs vs first"]
+    head = ["variant", "accuracy", "params", "nonzero params", "param KB", "block nonzeros", "ONNX KB", "SOPs/sample", "MACs/sample"]
+    head += [f"{t} ms" for t in targets] + [f"E {energy_label(e, report)} (uJ)" for e in energies] + ["SOPs vs first"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in report["variants"]:
-        cells = [v["name"], f"{v['accuracy']:.4f}", str(v["params"]), str(v["block_nonzeros"]),
+        cells = [v["name"], f"{v['accuracy']:.4f}", str(v["params"]), str(v["nonzero_params"]),
+                 f"{v['nonzero_param_bytes'] / 1024:.1f}", str(v["block_nonzeros"]),
                  f"{v['files'].get('onnx', 0) / 1024:.0f}", f"{v['counts']['sops']:.3g}", f"{v['counts']['macs']:.3g}"]
         for t in targets:
             lat = v["latency"].get(t, {})
@@ -117,6 +159,8 @@ def to_markdown(report: dict) -> str:
         cells += [f"{v['energy'][e]['joules_per_sample'] * 1e6:.3f}" if e in v["energy"] else "-" for e in energies]
         cells.append(f"{v['sops_vs_first']:.3f}" if v.get("sops_vs_first") else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- **{k}**: {v}" for k, v in COLUMNS.items()]
     return "\n".join(lines)
 
 
@@ -154,7 +198,8 @@ def plot(report: dict, out: Path) -> list[Path]:
     paths = [
         _grouped_bars(names, {t: [(v["latency"].get(t, {}).get("median_s") or 0) * 1e3 for v in variants] for t in targets},
                       "median latency per batch (ms)", "latency per target", out / "latency.png", log=True),
-        _grouped_bars(names, {e: [v["energy"][e]["joules_per_sample"] * 1e6 for v in variants] for e in report["energy_profiles"]},
+        _grouped_bars(names, {energy_label(e, report): [v["energy"][e]["joules_per_sample"] * 1e6 for v in variants]
+                              for e in report["energy_profiles"]},
                       "estimated energy per sample (uJ)", "energy per variant", out / "energy.png"),
     ]
     fig, ax = plt.subplots(figsize=(6, 4))

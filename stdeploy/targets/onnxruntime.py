@@ -1,4 +1,7 @@
-"""onnxruntime: the unrolled ONNX graph on the CPU execution provider, or CUDA's where present."""
+"""onnxruntime: the unrolled ONNX graph on the CPU execution provider (``cpu`` profiles) or CUDA's
+(``cuda`` profiles). No silent fallback: a GPU profile on an onnxruntime without the CUDA
+execution provider, or a Loihi (``lava``) profile, is refused with the reason, and the run's info
+names the providers the session actually uses (``providers``; ``provider``: the first of them)."""
 
 from __future__ import annotations
 
@@ -30,7 +33,10 @@ class OnnxRuntimeRunnable:
             raise TargetError(f"{path}: onnxruntime cannot load it: {err}") from err
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.input_name = self.session.get_inputs()[0].name
-        self.info = {"target": "onnxruntime", "file": str(path), "providers": self.session.get_providers()}
+        used = self.session.get_providers()
+        if used[0] != providers[0]:  # onnxruntime may drop a provider it cannot initialise
+            raise TargetError(f"{path}: asked onnxruntime for {providers[0]}, but the session runs on {used[0]}")
+        self.info = {"target": "onnxruntime", "file": str(path), "providers": used, "provider": used[0]}
 
     def run(self, x: np.ndarray) -> RunResult:
         with Timer() as t:
@@ -52,8 +58,16 @@ class OnnxRuntimeTarget:
 
     def compile(self, export_dir: Path, profile: DeviceProfile, threads: int | None = None, **options) -> OnnxRuntimeRunnable:
         path, _ = read_manifest(export_dir, "onnx")
-        available = _ort().get_available_providers()
+        ort = _ort()
+        available = ort.get_available_providers()
+        if profile.kind == "lava":
+            raise TargetError(f"device profile {profile.name} is a Loihi (lava) profile: onnxruntime cannot run on it; "
+                              "use --target lava, or a cpu/cuda profile")
         providers = ["CPUExecutionProvider"]
-        if profile.kind == "cuda" and "CUDAExecutionProvider" in available:
+        if profile.kind == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise TargetError(f"device profile {profile.name} needs onnxruntime's CUDAExecutionProvider, which this "
+                                  f"onnxruntime {ort.__version__} lacks (available: {', '.join(available)}); "
+                                  "install onnxruntime-gpu on a machine with CUDA, or use --device cpu")
             providers.insert(0, "CUDAExecutionProvider")
         return OnnxRuntimeRunnable(path, providers, threads)
