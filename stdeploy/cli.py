@@ -31,7 +31,8 @@ def _print_table(rows: list[tuple[str, object]]) -> None:
 
 # ----------------------------------------------------------------------------- train
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", help="digits (default, offline), cifar10, cifar100, imagefolder, dvs")
+    p.add_argument("--data", default="digits", help="digits (default, offline), mnist1d (offline, 1-D presets), cifar10, cifar100, "
+                                                     "imagefolder, dvs")
     p.add_argument("--data-root", default=None, help="local folder of the data set (all but digits)")
 
 
@@ -39,7 +40,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    from .models import build_model
+    from .models import build_model, config_for_data
     from .recipes import flag_overrides, load_recipe, parse_set
     from .train import train
 
@@ -51,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     values = {**vars(args), "amp": False if args.no_amp else None}
     recipe = load_recipe(args.recipe, parse_set(args.set) + flag_overrides(values, flags), model=args.model)
     data = recipe.load_data(args.data_root)
-    cfg = recipe.model.replace(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
+    cfg = config_for_data(recipe.model, data)
     model = build_model(cfg)
     tcfg = dataclasses.replace(recipe.train, device=args.device, max_steps=args.max_steps)
     result = train(model, data, tcfg, args.out, resume=args.resume, progress=not args.quiet,
