@@ -370,7 +370,8 @@ def mnist1d_arrays(cache_dir: str | None = None) -> dict[str, np.ndarray]:
 def _load_mnist1d(root, *, image_size, timesteps, augment, seed, in_channels, roll, binning, test_fraction) -> DataSplit:
     _check_channels("mnist1d", in_channels, 1)
     if image_size is not None and image_size != MNIST1D_LENGTH:
-        raise DataError(f"mnist1d sequences have length {MNIST1D_LENGTH}, got image_size={image_size}")
+        raise DataError(f"mnist1d sequences have length {MNIST1D_LENGTH}, got image_size={image_size} "
+                        "(a model for images? use --model sdt-1d-tiny or spikformer-1d-tiny)")
     arrays = mnist1d_arrays(None if root is None else str(Path(root).expanduser()))
 
     def dataset(xs, ys):  # (N, 40) -> one-row images (N, 1, 1, 40)
