@@ -100,12 +100,12 @@ def _train_parser(sub) -> None:
 @command("prune")
 def cmd_prune(args: argparse.Namespace) -> dict:
     from .checkpoint import load_checkpoint
-    from .prune import DEFAULT_LAYERS, PruneConfig, prune_model
+    from .prune import PruneConfig, layer_patterns, prune_model
     from .recipes import RecipeCompensation, flag_overrides, load_recipe, parse_set
 
     pcfg = PruneConfig(method=args.method, sparsity=args.sparsity, param_ratio=args.param_ratio if args.rank is None else None,
                        rank=args.rank, scope=args.scope, schedule=args.schedule, penalty=args.penalty,
-                       layers=tuple(args.layers.split(",")) if args.layers else DEFAULT_LAYERS)
+                       layers=layer_patterns(args.layers))
     flags = {"data": ("data.name",), "epochs": ("finetune.epochs",), "penalty_epochs": ("finetune.penalty_epochs",),
              "lr": ("finetune.lr",), "batch_size": ("finetune.batch_size",), "seed": ("train.seed",)}
     recipe = load_recipe(args.recipe, parse_set(args.set) + flag_overrides(vars(args), flags))
@@ -129,6 +129,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         rows = [("method", report["method"]), ("compensation", report["compensation"])]
         rows += [(f"accuracy {k.replace('_', ' ')}", f"{v:.4f}") for k, v in acc.items()]
         rows += [("block params dense", report["block_params_dense"]), ("block params remaining", report["block_params_remaining"]),
+                 ("model params", f"{report['model']['params']} of {report['model']['params_dense']}"),
+                 ("model MACs/step", f"{report['model']['macs']} of {report['model']['macs_dense']} "
+                                     f"(limit {report['model']['macs_speedup_limit']:.2f}x)"),
                  ("checkpoint", report["checkpoint"])]
         _print_table(rows)
         for name, layer in report["layers"].items():
@@ -148,7 +151,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--schedule", choices=["oneshot", "cubic"], default="oneshot", help="l1p mask schedule")
     p.add_argument("--penalty", type=float, default=None, help="L1 / group penalty coefficient (method default)")
     p.add_argument("--penalty-epochs", type=int, default=None, help="epochs with the penalty before pruning (default: the recipe's, 3 without one)")
-    p.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of linear layers (default: block linears)")
+    p.add_argument("--layers", default=None, help="blocks (default: block linears), all (also the embedding convolutions and the "
+                                                  "classifier; dsp leaves convolutions dense) or comma-separated fnmatch patterns")
     p.add_argument("--compensate", default="slif", help="slif, lif or none")
     p.add_argument("--slif-learn", default="threshold",
                    help="what sLIF learns: threshold (default; the compression study found learning the leak no help), leak, or threshold,leak")
