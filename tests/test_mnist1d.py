@@ -182,3 +182,26 @@ def test_cli_train_on_mnist1d_and_wrong_model_is_one_line(mnist1d, cache, tmp_pa
 def test_mnist1d_loader_points_image_models_to_the_1d_presets(cache):
     with pytest.raises(DataError, match="sdt-1d-tiny"):
         load_dataset("mnist1d", cache / "mnist1d", image_size=8)
+
+
+def test_baseline_script_twin_has_the_same_size_and_no_neurons(models, mnist1d):
+    import importlib.util
+    from pathlib import Path
+
+    from stdeploy.neurons import neurons_of
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist1d_baselines.py"
+    spec = importlib.util.spec_from_file_location("mnist1d_baselines", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name in FAMILIES:
+        twin = script.relu_twin(name)
+        spiking = build_model(name)
+        assert not neurons_of(twin) and twin.cfg.timesteps == 1
+        assert script.params(twin) == script.params(spiking)
+        x = torch.randn(3, 1, 1, 40)
+        out = twin.eval()(direct_encode(x, 1))
+        assert out.shape == (3, 10) and torch.isfinite(out).all()
+    folded = models["sdt-1d-tiny"][0]
+    rates = script.firing_rates(folded, mnist1d.test, samples=32)
+    assert set(rates) == set(neurons_of(folded)) and all(0 < r < 1 for r in rates.values())
