@@ -205,3 +205,25 @@ def test_baseline_script_twin_has_the_same_size_and_no_neurons(models, mnist1d):
     folded = models["sdt-1d-tiny"][0]
     rates = script.firing_rates(folded, mnist1d.test, samples=32)
     assert set(rates) == set(neurons_of(folded)) and all(0 < r < 1 for r in rates.values())
+
+
+@pytest.mark.tvm
+@pytest.mark.slow   # TVM's build and the spike kernels' density measurement: 190 s on the busy 2-core machine
+@pytest.mark.timeout(600)
+def test_tvm_cpu_runs_the_1d_preset_spike_exact(models, inputs, tmp_path):
+    tvm_target = pytest.importorskip("stdeploy.targets.tvm_target")
+    ok, why = tvm_target.TVMTarget().available()
+    if not ok:
+        pytest.skip(why)
+    from stdeploy.targets.profiles import load_profile
+
+    model = models["sdt-1d-tiny"][0]
+    export_onnx(model, tmp_path / "model.onnx")
+    (tmp_path / "manifest.json").write_text(json.dumps({"artifacts": {"onnx": {"file": "model.onnx"}}}))
+    x = inputs[:, :8]
+    result = tvm_target.TVMTarget().compile(tmp_path, load_profile("cpu"), batch_size=8).run(x.numpy())
+    with torch.no_grad():
+        ref_logits, ref_spikes = _Unrolled(model.eval())(x)
+    assert result.spikes.shape == (4, 8, 20, 64) and float(ref_spikes.mean()) > 0.01
+    assert int((result.spikes != ref_spikes.numpy()).sum()) == 0
+    np.testing.assert_allclose(result.logits, ref_logits.numpy(), rtol=0, atol=1e-5)
