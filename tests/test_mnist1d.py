@@ -131,7 +131,7 @@ def test_nir_is_conv1d_read_back_type_checked_and_exact(trained, inputs, tmp_pat
     graph = nir.read(path)   # NIR's own reader, with its type check
     kinds = [type(n).__name__ for n in graph.nodes.values()]
     assert "Conv2d" not in kinds and "SumPool2d" not in kinds
-    assert graph.nodes["embed.stages.0.conv"].weight.shape == (32, 1, 5)
+    assert graph.nodes["embed.stages.0.conv"].weight.shape == (64, 1, 5)
     assert tuple(graph.nodes["input"].input_type["input"]) == (1, 1, 40)
     out = run_nir(graph, inputs)
     with torch.no_grad():

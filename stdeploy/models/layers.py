@@ -82,7 +82,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         s = cfg.embed_stages
-        widths = [cfg.embed_dim // 2 ** (s - 1 - i) for i in range(s)]
+        widths = list(cfg.stage_widths)
         ins = [cfg.in_channels] + widths[:-1]
         self.stages = nn.ModuleList(EmbedStage(cfg, ci, co, pool=i >= s - cfg.embed_pools, kernel=cfg.embed_kernel if i == 0 else 3)
                                     for i, (ci, co) in enumerate(zip(ins, widths)))
