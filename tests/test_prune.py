@@ -220,7 +220,7 @@ def test_l1p_whole_model_masks_convs_and_head_and_counts_what_is_left(preset, tm
     torch.manual_seed(0)
     model = build_model(preset)
     dense = weight_counts(model)
-    pruner = make_pruner(PruneConfig(sparsity=0.9, layers=ALL_LAYERS))
+    pruner = make_pruner(PruneConfig(sparsity=0.9, layers=ALL_LAYERS, scope="layer"))
     pruner.prepare(model)
     assert {"embed.stages.0.conv.conv", "embed.stages.1.conv.conv", "embed.rpe.conv", "head.fc"} <= set(pruner.names)
     pruner.step(model)
@@ -233,8 +233,8 @@ def test_l1p_whole_model_masks_convs_and_head_and_counts_what_is_left(preset, tm
     weights = {n: model.get_submodule(n).weight for n in pruner.names}
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     total = sum(w.numel() for w in weights.values())
-    assert zeros == round(0.9 * total)
-    assert all(int((w == 0).sum()) > 0 for w in weights.values())  # every selected layer lost weights
+    assert all(int((w == 0).sum()) == round(0.9 * w.numel()) for w in weights.values())  # each layer alike
+    assert zeros == sum(round(0.9 * w.numel()) for w in weights.values())
     counts = weight_counts(model)
     assert counts["params_dense"] == dense["params_dense"] and counts["macs_dense"] == dense["macs_dense"]
     assert counts["params"] == dense["params"] - zeros
@@ -253,7 +253,7 @@ def test_block_scope_leaves_the_embedding_dense_and_caps_the_speedup():
     from stdeploy.prune import weight_counts
 
     model = build_model("sdt-tiny")
-    pruner = make_pruner(PruneConfig(sparsity=0.9))
+    pruner = make_pruner(PruneConfig(sparsity=0.9, scope="layer"))   # the limit is the same with one global budget
     pruner.prepare(model)
     pruner.step(model)
     pruner.finalize(model)
@@ -290,7 +290,7 @@ def test_dsp_whole_model_factors_the_head_skips_convs_with_a_reason_and_exports(
 def test_cli_prune_whole_model_json_reports_counts(tmp_path):
     save_checkpoint(tmp_path / "dense", build_model("sdt-tiny"))
     cmd = [sys.executable, "-m", "stdeploy.cli", "prune", str(tmp_path / "dense"), "--method", "l1p", "--sparsity", "0.95",
-           "--layers", "all", "--epochs", "0", "--penalty-epochs", "0", "--compensate", "none", "--out", str(tmp_path / "p"),
+           "--layers", "all", "--scope", "layer", "--epochs", "0", "--penalty-epochs", "0", "--compensate", "none", "--out", str(tmp_path / "p"),
            "--json", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -299,3 +299,22 @@ def test_cli_prune_whole_model_json_reports_counts(tmp_path):
     m = out["model"]
     assert m["params"] < 0.1 * m["params_dense"] and m["macs"] < 0.1 * m["macs_dense"] and m["macs_speedup_limit"] > 10
     assert out["config"]["layers"][-1] == "head.fc"
+
+
+def test_l1p_warns_when_the_global_budget_empties_a_layer():
+    from stdeploy.prune import ALL_LAYERS
+
+    torch.manual_seed(0)
+    model = build_model("sdt-1d-tiny")   # at initialisation the 64x3 convolutions hold the smallest weights
+    pruner = make_pruner(PruneConfig(sparsity=0.9, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    with pytest.warns(UserWarning, match=r"removes every weight of .*embed.rpe.conv.*--scope layer"):
+        pruner.step(model)
+    layerwise = make_pruner(PruneConfig(sparsity=0.9, layers=ALL_LAYERS, scope="layer"))
+    model = build_model("sdt-1d-tiny")
+    layerwise.prepare(model)
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        layerwise.step(model)
+    assert all(bool((model.get_submodule(n).weight != 0).any()) for n in layerwise.names)
