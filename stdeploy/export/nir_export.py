@@ -589,7 +589,7 @@ def to_nir(model: nn.Module, *, converters: Mapping[type, Converter] | None = No
         "dt": float(dt),
         "discretisation": DISCRETISATION,
         "input_encoding": "direct",  # the same analog frame at every step
-        "layout": "channel first: images (C, H, W), tokens (D, N); per-token linear layers are kernel-1 Conv1d",
+        "layout": "channel first: images (C, H, W), sequences (C, L), tokens (D, N); per-token linear layers are kernel-1 Conv1d",
         "edge_sum_order": "edges into a node are summed in file order (the order of the PyTorch sums)",
     })
     try:
