@@ -372,7 +372,7 @@ def _load_mnist1d(root, *, image_size, timesteps, augment, seed, in_channels, ro
     if image_size is not None and image_size != MNIST1D_LENGTH:
         raise DataError(f"mnist1d sequences have length {MNIST1D_LENGTH}, got image_size={image_size} "
                         "(a model for images? use --model sdt-1d-tiny or spikformer-1d-tiny)")
-    arrays = mnist1d_arrays(None if root is None else str(Path(root).expanduser()))
+    arrays = mnist1d_arrays(str(mnist1d_cache_dir() if root is None else Path(root).expanduser()))  # cached per folder
 
     def dataset(xs, ys):  # (N, 40) -> one-row images (N, 1, 1, 40)
         return TensorDataset(torch.tensor(xs).view(-1, 1, 1, MNIST1D_LENGTH), torch.tensor(ys))
