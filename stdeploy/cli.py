@@ -117,7 +117,8 @@ def memory_limit(args: argparse.Namespace) -> int | None:
 
 # ----------------------------------------------------------------------------- train
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", help="digits (default, offline), cifar10, cifar100, imagefolder, dvs")
+    p.add_argument("--data", default="digits", help="digits (default, offline), mnist1d (offline, 1-D presets), cifar10, cifar100, "
+                                                     "imagefolder, dvs")
     p.add_argument("--data-root", default=None, help="local folder of the data set (all but digits)")
 
 
@@ -125,7 +126,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    from .models import build_model
+    from .models import build_model, config_for_data
     from .models.budget import check_budget
     from .recipes import flag_overrides, load_recipe, parse_set
     from .train import seed_everything, train
@@ -140,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     guard_out(args.out, {"--recipe": args.recipe, "--data-root": args.data_root, "--model": args.model},
               overwrite=args.overwrite, checkpoint=True, resume=args.resume)
     data = recipe.load_data(args.data_root)
-    cfg = recipe.model.replace(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
+    cfg = config_for_data(recipe.model, data)
     tcfg = dataclasses.replace(recipe.train, device=args.device, max_steps=args.max_steps)
     if tcfg.epochs < 1:
         raise ConfigError(f"{recipe.source}: train.epochs = {tcfg.epochs}; train needs at least one epoch (no checkpoint would be written)")
@@ -196,12 +197,12 @@ def _train_parser(sub) -> None:
 @command("prune")
 def cmd_prune(args: argparse.Namespace) -> dict:
     from .checkpoint import load_checkpoint
-    from .prune import DEFAULT_LAYERS, PruneConfig, prune_model
+    from .prune import PruneConfig, layer_patterns, prune_model
     from .recipes import RecipeCompensation, flag_overrides, load_recipe, parse_set
 
     pcfg = PruneConfig(method=args.method, sparsity=args.sparsity, param_ratio=args.param_ratio if args.rank is None else None,
                        rank=args.rank, scope=args.scope, schedule=args.schedule, penalty=args.penalty,
-                       layers=tuple(args.layers.split(",")) if args.layers else DEFAULT_LAYERS)
+                       layers=layer_patterns(args.layers))
     flags = {"data": ("data.name",), "epochs": ("finetune.epochs",), "penalty_epochs": ("finetune.penalty_epochs",),
              "lr": ("finetune.lr",), "batch_size": ("finetune.batch_size",), "seed": ("train.seed",)}
     recipe = load_recipe(args.recipe, parse_set(args.set) + flag_overrides(vars(args), flags))
@@ -227,6 +228,9 @@ def cmd_prune(args: argparse.Namespace) -> dict:
         rows = [("method", report["method"]), ("compensation", report["compensation"])]
         rows += [(f"accuracy {k.replace('_', ' ')}", f"{v:.4f}") for k, v in acc.items()]
         rows += [("block params dense", report["block_params_dense"]), ("block params remaining", report["block_params_remaining"]),
+                 ("model params", f"{report['model']['params']} of {report['model']['params_dense']}"),
+                 ("model MACs/step", f"{report['model']['macs']} of {report['model']['macs_dense']} "
+                                     f"(limit {report['model']['macs_speedup_limit']:.2f}x)"),
                  ("checkpoint", report["checkpoint"])]
         _print_table(rows)
         for name, layer in report["layers"].items():
@@ -246,7 +250,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--schedule", choices=["oneshot", "cubic"], default="oneshot", help="l1p mask schedule")
     p.add_argument("--penalty", type=finite(), default=None, help="L1 / group penalty coefficient (method default)")
     p.add_argument("--penalty-epochs", type=count(0), default=None, help="epochs with the penalty before pruning (default: the recipe's, 3 without one)")
-    p.add_argument("--layers", default=None, help="comma-separated fnmatch patterns of linear layers (default: block linears)")
+    p.add_argument("--layers", default=None, help="blocks (default: block linears), all (also the embedding convolutions and the "
+                                                  "classifier; dsp leaves convolutions dense) or comma-separated fnmatch patterns")
     p.add_argument("--compensate", default="slif", help="slif, lif or none")
     p.add_argument("--slif-learn", default="threshold",
                    help="what sLIF learns: threshold (default; the compression study found learning the leak no help), leak, or threshold,leak")

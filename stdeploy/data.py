@@ -9,6 +9,13 @@ datasets yield ``(x, y)`` with ``x`` a float32 tensor and ``y`` an int64 scalar 
 Formats (nothing else is read; pickled files never are):
 
 * ``digits``       scikit-learn's bundled 8x8 digits (offline), stratified 80/20 split by seed.
+* ``mnist1d``      MNIST-1D (Greydanus 2020): 4,000 train / 1,000 test sequences of length 40,
+                   10 classes, generated offline by the ``mnist1d`` package with its canonical
+                   arguments (``make_dataset(get_dataset_args())``, the package's seed 42), so the
+                   split is the same every time (the seed argument does not change it). Items are
+                   one-row images ``x: (1, 1, 40)`` (``DataSplit.input_dims == 1``); the arrays are
+                   cached as ``.npz`` (see :func:`mnist1d_cache_dir`) and checked against
+                   :data:`MNIST1D_SHA256` on every load.
 * ``cifar10``      the official *binary* release: ``data_batch_{1..5}.bin`` + ``test_batch.bin``,
                    records of 1 label byte + 3072 pixel bytes (3x32x32, channel-major).
 * ``cifar100``     the official binary release: ``train.bin`` + ``test.bin``, records of 2 label
@@ -31,7 +38,8 @@ Formats (nothing else is read; pickled files never are):
                    CIFAR10-DVS results use).
 
 Augmentation (``augment=True``, train split only): random crop with 4-pixel zero padding and a
-horizontal flip for CIFAR and image folders, a horizontal flip for DVS; ignored for ``digits``.
+horizontal flip for CIFAR and image folders, a horizontal flip for DVS; ignored for ``digits``
+and ``mnist1d``.
 ``roll=r`` adds a random translation by ``-r..r`` pixels in each direction with wrap-around
 (``torch.roll``; for DVS frames, where padding would add fake silent borders).
 Each item's draw depends only on ``(seed, epoch, index)``, so a run is reproducible whatever the
@@ -41,6 +49,7 @@ order of access; :func:`make_loader` advances the epoch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import zipfile
@@ -53,10 +62,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import DataError
+from .files import atomic_write
 
 __all__ = ["DATASETS", "DataSplit", "load_dataset", "make_loader", "events_to_frames"]
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "dvs")
+DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "imagefolder", "dvs")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm")
 EVENT_EXTENSIONS = (".npz", ".npy")
@@ -81,6 +91,8 @@ class DataSplit:
     image_size: int              # H = W of x
     timesteps: int | None        # None: x is (C, H, W); T: x is (T, C, H, W)
     classes: tuple[str, ...] = ()  # class names in label order, where the data set has them
+    input_dims: int = 2          # 2: x is (C, H, W) with H = W = image_size; 1: a sequence held as a
+                                 # one-row image (C, 1, image_size), image_size being its length
 
     def __post_init__(self):
         problems = []
@@ -89,6 +101,8 @@ class DataSplit:
                 problems.append(f"{field} must be a positive integer, got {getattr(self, field)!r}")
         if self.timesteps is not None and not _is_positive_int(self.timesteps):
             problems.append(f"timesteps must be None or a positive integer, got {self.timesteps!r}")
+        if self.input_dims not in (1, 2):
+            problems.append(f"input_dims must be 1 (sequences) or 2 (images), got {self.input_dims!r}")
         if self.classes and len(self.classes) != self.num_classes:
             problems.append(f"{len(self.classes)} class names for num_classes={self.num_classes}")
         if problems:
@@ -108,7 +122,8 @@ def load_dataset(
     binning: str = "time",
     test_fraction: float = 0.0,
 ) -> DataSplit:
-    """Load data set ``name`` from the local folder ``root`` (ignored for ``digits``).
+    """Load data set ``name`` from the local folder ``root`` (ignored for ``digits``; for
+    ``mnist1d`` the cache folder, default :func:`mnist1d_cache_dir`).
 
     ``image_size`` resizes static images (default: the native size, 32 for image folders) and
     sets the DVS frame size (default 64). ``timesteps`` is the number of DVS frames (default 10)
@@ -264,6 +279,107 @@ def _load_digits(root, *, image_size, timesteps, augment, seed, in_channels, rol
     return DataSplit(name="digits", train=dataset(x_train, y_train), test=dataset(x_test, y_test),
                      num_classes=10, in_channels=1, image_size=size, timesteps=None,
                      classes=tuple(str(d) for d in range(10)))
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST-1D (generated offline by the mnist1d package, cached on disk)
+
+MNIST1D_LENGTH = 40
+MNIST1D_SIZES = (4000, 1000)       # train, test
+MNIST1D_CACHE_ENV = "STDEPLOY_CACHE_DIR"
+MNIST1D_FILE = "mnist1d-v1.npz"
+# sha256 of the float32 arrays x_train, y_train (int64), x_test, y_test (int64), in that order, as
+# C-contiguous bytes: what ``mnist1d==0.0.2.post1`` generates with its canonical arguments.
+MNIST1D_SHA256 = "496b88aa2dac9088b429dc17dfd8598509b68d542d31bcfb2504b31492519f73"
+_MNIST1D_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def mnist1d_cache_dir() -> Path:
+    """Where the generated MNIST-1D arrays are cached: ``$STDEPLOY_CACHE_DIR/mnist1d`` if that
+    variable is set, else ``~/.cache/stdeploy/mnist1d``."""
+    base = os.environ.get(MNIST1D_CACHE_ENV)
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "stdeploy") / "mnist1d"
+
+
+def mnist1d_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the four arrays (dtype, shape and bytes, in :data:`_MNIST1D_KEYS` order)."""
+    h = hashlib.sha256()
+    for key in _MNIST1D_KEYS:
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def generate_mnist1d() -> dict[str, np.ndarray]:
+    """Run the package's own generator with its canonical arguments (offline: ``make_dataset``
+    never downloads; the package imports ``requests`` at import time only). The generator seeds
+    Python's and numpy's global random state; both are restored afterwards."""
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:
+        raise DataError(f"mnist1d needs the packages mnist1d and requests ({err}); "
+                        "pip install mnist1d==0.0.2.post1 requests") from err
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        raw = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return {"x_train": np.asarray(raw["x"], np.float32), "y_train": np.asarray(raw["y"], np.int64),
+            "x_test": np.asarray(raw["x_test"], np.float32), "y_test": np.asarray(raw["y_test"], np.int64)}
+
+
+def _check_mnist1d(arrays: dict[str, np.ndarray], source: str) -> None:
+    digest = mnist1d_checksum(arrays)
+    if digest != MNIST1D_SHA256:
+        raise DataError(f"{source}: MNIST-1D arrays have sha256 {digest[:16]}..., expected {MNIST1D_SHA256[:16]}... "
+                        "(a cached file that is damaged: delete it; or another mnist1d/numpy/scipy than 0.0.2.post1 "
+                        "generated different data)")
+
+
+@functools.lru_cache(maxsize=4)
+def mnist1d_arrays(cache_dir: str | None = None) -> dict[str, np.ndarray]:
+    """The MNIST-1D arrays (read-only), from the cache file in ``cache_dir`` (default
+    :func:`mnist1d_cache_dir`) or generated and written there atomically; checked by sha256."""
+    folder = Path(cache_dir) if cache_dir is not None else mnist1d_cache_dir()
+    path = folder / MNIST1D_FILE
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: np.asarray(f[k]) for k in _MNIST1D_KEYS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise DataError(f"{path}: cannot read the cached MNIST-1D arrays ({err}); delete it to regenerate") from err
+        _check_mnist1d(arrays, str(path))
+    else:
+        arrays = generate_mnist1d()
+        _check_mnist1d(arrays, "generated by the mnist1d package")
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
+    for a in arrays.values():
+        a.flags.writeable = False
+    return arrays
+
+
+def _load_mnist1d(root, *, image_size, timesteps, augment, seed, in_channels, roll, binning, test_fraction) -> DataSplit:
+    _check_channels("mnist1d", in_channels, 1)
+    if image_size is not None and image_size != MNIST1D_LENGTH:
+        raise DataError(f"mnist1d sequences have length {MNIST1D_LENGTH}, got image_size={image_size} "
+                        "(a model for images? use --model sdt-1d-tiny or spikformer-1d-tiny)")
+    arrays = mnist1d_arrays(str(mnist1d_cache_dir() if root is None else Path(root).expanduser()))  # cached per folder
+
+    def dataset(xs, ys):  # (N, 40) -> one-row images (N, 1, 1, 40)
+        return TensorDataset(torch.tensor(xs).view(-1, 1, 1, MNIST1D_LENGTH), torch.tensor(ys))
+
+    return DataSplit(name="mnist1d", train=dataset(arrays["x_train"], arrays["y_train"]),
+                     test=dataset(arrays["x_test"], arrays["y_test"]), num_classes=10, in_channels=1,
+                     image_size=MNIST1D_LENGTH, timesteps=None, classes=tuple(str(d) for d in range(10)), input_dims=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,6 +720,7 @@ def _load_dvs(root, *, image_size, timesteps, augment, seed, in_channels, roll, 
 
 _LOADERS = {
     "digits": _load_digits,
+    "mnist1d": _load_mnist1d,
     "cifar10": _load_cifar("cifar10"),
     "cifar100": _load_cifar("cifar100"),
     "imagefolder": _load_imagefolder,

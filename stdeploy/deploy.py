@@ -42,9 +42,9 @@ def run_export(export_dir: str | Path, target: str, device: str | None = None, d
     x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
     if limit is not None:
         x_all, y_all = x_all[:limit], y_all[:limit]
-    if tuple(x_all.shape[-3:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):
+    if tuple(x_all.shape[-3:]) != cfg.input_shape:
         raise ConfigError(f"data {data.name} has images {tuple(x_all.shape[-3:])}, the exported model expects "
-                          f"{(cfg.in_channels, cfg.image_size, cfg.image_size)}")
+                          f"{cfg.input_shape}")
     options = dict(options or {})
     if target == "tvm" and profile.kind == "cuda":  # one build at the run's batch (smaller batches are padded)
         options.setdefault("batch_size", min(batch_size, len(x_all)))

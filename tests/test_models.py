@@ -79,6 +79,9 @@ def test_every_preset_has_a_file():
 @pytest.mark.parametrize("changes, match", [
     ({"family": "resnet"}, "family"), ({"embed_dim": 30, "heads": 4}, "divisible"),
     ({"embed_pools": 3}, "embed_pools"), ({"neuron": "izh"}, "neuron"), ({"tau": 0.5}, "tau"), ({"depth": 0}, "depth"),
+    ({"input_dims": 3}, "input_dims must be 1"), ({"embed_kernel": 4}, "embed_kernel must be an odd"),
+    ({"embed_widths": (32, 32)}, "embed_widths must be 2 positive integers ending with embed_dim 64"),
+    ({"embed_widths": (64,)}, "embed_widths must be 2"),
 ])
 def test_bad_config(changes, match):
     with pytest.raises(ConfigError, match=match):
@@ -97,3 +100,13 @@ def test_bad_config_files(tmp_path):
     yml = tmp_path / "m.yaml"
     yml.write_text("model:\n  family: spikformer\n  depth: 2\n")
     assert load_config_file(yml).depth == 2
+
+
+def test_input_shape_and_tokens_of_images_and_sequences():
+    img, seq = PRESETS["sdt-tiny"], PRESETS["sdt-1d-tiny"]
+    assert (img.input_shape, img.tokens) == ((1, 8, 8), 16)
+    assert (seq.input_shape, seq.tokens) == ((1, 1, 40), 20)
+    # the image presets are unchanged by the 1-D options: 3x3 convolutions, 2x2 pools
+    model = build_model("sdt-tiny")
+    assert [tuple(m.kernel_size) for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [(3, 3)] * 3
+    assert model.embed.stages[1].pool.kernel == (2, 2)

@@ -199,3 +199,122 @@ def test_cli_prune_json(tmp_path):
     assert any(isinstance(m, LowRankLinear) for m in loaded.modules())
     bad = subprocess.run(cmd[:5] + ["--method", "l1p", "--sparsity", "1.5", "--json"], capture_output=True, text=True)
     assert bad.returncode == 2 and "sparsity must be in [0, 1)" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- whole-model scope (--layers all)
+def test_layer_scopes_and_patterns():
+    from stdeploy.prune import ALL_LAYERS, DEFAULT_LAYERS, layer_patterns
+
+    assert layer_patterns(None) == layer_patterns("blocks") == DEFAULT_LAYERS
+    assert layer_patterns("all") == ALL_LAYERS and set(DEFAULT_LAYERS) < set(ALL_LAYERS)
+    assert layer_patterns("head.fc, blocks.*.mlp.fc1.linear") == ("head.fc", "blocks.*.mlp.fc1.linear")
+    with pytest.raises(ConfigError, match="--layers ','"):
+        layer_patterns(",")
+    assert PruneConfig().layers == DEFAULT_LAYERS   # the default stays blocks only
+
+
+@pytest.mark.parametrize("preset", ["sdt-tiny", "sdt-1d-tiny"])
+def test_l1p_whole_model_masks_convs_and_head_and_counts_what_is_left(preset, tmp_path):
+    from stdeploy.prune import ALL_LAYERS, weight_counts
+
+    torch.manual_seed(0)
+    model = build_model(preset)
+    dense = weight_counts(model)
+    pruner = make_pruner(PruneConfig(sparsity=0.9, layers=ALL_LAYERS, scope="layer"))
+    pruner.prepare(model)
+    assert {"embed.stages.0.conv.conv", "embed.stages.1.conv.conv", "embed.rpe.conv", "head.fc"} <= set(pruner.names)
+    pruner.step(model)
+    # a checkpoint of the masked model (conv masks included) rebuilds the same model
+    save_checkpoint(tmp_path / "masked", model)
+    loaded = load_checkpoint(tmp_path / "masked").model
+    x = torch.rand(4, 2, *model.cfg.input_shape)
+    assert torch.equal(model.eval()(x), loaded.eval()(x))
+    pruner.finalize(model)
+    weights = {n: model.get_submodule(n).weight for n in pruner.names}
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    assert all(int((w == 0).sum()) == round(0.9 * w.numel()) for w in weights.values())  # each layer alike
+    assert zeros == sum(round(0.9 * w.numel()) for w in weights.values())
+    counts = weight_counts(model)
+    assert counts["params_dense"] == dense["params_dense"] and counts["macs_dense"] == dense["macs_dense"]
+    assert counts["params"] == dense["params"] - zeros
+    # multiply-adds per layer: kept weights times positions (tokens, output pixels, 1 for the head)
+    n_tokens = model.cfg.tokens
+    assert counts["layers"]["blocks.0.mlp.fc1.linear"]["positions"] == n_tokens
+    assert counts["layers"]["head.fc"]["positions"] == 1
+    first = counts["layers"]["embed.stages.0.conv.conv"]
+    assert first["positions"] == (40 if preset == "sdt-1d-tiny" else 64) and first["macs"] == first["params"] * first["positions"]
+    assert counts["macs"] == sum(e["macs"] for e in counts["layers"].values())
+    assert counts["macs_speedup_limit"] > 5
+
+
+def test_block_scope_leaves_the_embedding_dense_and_caps_the_speedup():
+    """Issue 21's figure: 90% zeros in the blocks only leave a multiply-add limit of 1.38x on sdt-tiny."""
+    from stdeploy.prune import weight_counts
+
+    model = build_model("sdt-tiny")
+    pruner = make_pruner(PruneConfig(sparsity=0.9, scope="layer"))   # the limit is the same with one global budget
+    pruner.prepare(model)
+    pruner.step(model)
+    pruner.finalize(model)
+    counts = weight_counts(model)
+    assert counts["layers"]["embed.rpe.conv"]["params"] == counts["layers"]["embed.rpe.conv"]["params_dense"]
+    assert counts["macs_speedup_limit"] == pytest.approx(1.38, abs=0.01)
+
+
+def test_dsp_whole_model_factors_the_head_skips_convs_with_a_reason_and_exports(tmp_path):
+    from stdeploy.export.onnx_export import export_onnx
+    from stdeploy.models.fold import fold_batchnorm
+    from stdeploy.prune import ALL_LAYERS
+    from stdeploy.prune.dsp import CONV_SKIP_REASON
+
+    torch.manual_seed(0)
+    model = build_model("sdt-1d-tiny")
+    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.1, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    assert set(pruner.skipped) == {"embed.stages.0.conv.conv", "embed.stages.1.conv.conv", "embed.rpe.conv"}
+    assert "head.fc" in pruner.names and isinstance(model.head.fc, LowRankLinear)
+    pruner.step(model)
+    pruner.finalize(model)
+    report = pruner.report(model)
+    assert report["skipped"]["embed.rpe.conv"] == CONV_SKIP_REASON
+    assert report["layers"]["head.fc"]["rank"] < 10 and report["block_params_remaining"] <= 0.1 * report["block_params_dense"]
+    x = torch.rand(4, 2, *model.cfg.input_shape)
+    before = model.eval()(x)
+    export_onnx(fold_batchnorm(model), tmp_path / "m.onnx")   # validated against PyTorch inside, raises on mismatch
+    assert before.shape == (2, 10)
+    with pytest.raises(ConfigError, match="are all convolutions"):
+        make_pruner(PruneConfig(method="dsp", param_ratio=0.5, layers=("embed.*.conv",))).prepare(build_model("sdt-tiny"))
+
+
+def test_cli_prune_whole_model_json_reports_counts(tmp_path):
+    save_checkpoint(tmp_path / "dense", build_model("sdt-tiny"))
+    cmd = [sys.executable, "-m", "stdeploy.cli", "prune", str(tmp_path / "dense"), "--method", "l1p", "--sparsity", "0.95",
+           "--layers", "all", "--scope", "layer", "--epochs", "0", "--penalty-epochs", "0", "--compensate", "none", "--out", str(tmp_path / "p"),
+           "--json", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "embed.stages.0.conv.conv" in out["layers"] and "head.fc" in out["layers"]
+    m = out["model"]
+    assert m["params"] < 0.1 * m["params_dense"] and m["macs"] < 0.1 * m["macs_dense"] and m["macs_speedup_limit"] > 10
+    assert out["config"]["layers"][-1] == "head.fc"
+
+
+def test_l1p_warns_when_the_global_budget_empties_a_layer():
+    from stdeploy.prune import ALL_LAYERS
+
+    torch.manual_seed(0)
+    model = build_model("sdt-1d-tiny")   # at initialisation the 64x3 convolutions hold the smallest weights
+    pruner = make_pruner(PruneConfig(sparsity=0.9, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    with pytest.warns(UserWarning, match=r"removes every weight of .*embed.rpe.conv.*--scope layer"):
+        pruner.step(model)
+    layerwise = make_pruner(PruneConfig(sparsity=0.9, layers=ALL_LAYERS, scope="layer"))
+    model = build_model("sdt-1d-tiny")
+    layerwise.prepare(model)
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        layerwise.step(model)
+    assert all(bool((model.get_submodule(n).weight != 0).any()) for n in layerwise.names)

@@ -38,12 +38,12 @@ def validation_input(model: nn.Module, data=None, samples: int = VALIDATION_SAMP
     c = model.cfg
     if data is not None:
         x, y = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
-        if x.shape[-3:] == (c.in_channels, c.image_size, c.image_size):
+        if x.shape[-3:] == c.input_shape:
             n = len(x) if samples is None else min(samples, len(x))
             return direct_encode(x[:n], c.timesteps), y[:n], f"{data.name} test split, first {n} images"
     g = torch.Generator().manual_seed(seed)
     n = samples or VALIDATION_SAMPLES
-    x = torch.rand(n, c.in_channels, c.image_size, c.image_size, generator=g)
+    x = torch.rand(n, *c.input_shape, generator=g)
     return direct_encode(x, c.timesteps), None, f"uniform noise in [0, 1), seed {seed}, {n} images"
 
 
@@ -86,7 +86,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     cfg = model.cfg
     manifest = {
         "format": FORMAT, "model": cfg.to_dict(), "timesteps": cfg.timesteps, "dt": 1.0, "source": source,
-        "input": {"name": "input", "shape": [cfg.timesteps, "batch", cfg.in_channels, cfg.image_size, cfg.image_size],
+        "input": {"name": "input", "shape": [cfg.timesteps, "batch", *cfg.input_shape],
                   "encoding": "direct: the same analog frame at every step"},
         "outputs": {"logits": ["batch", cfg.num_classes], "spikes": [cfg.timesteps, "batch", cfg.tokens, cfg.embed_dim]},
         "artifacts": {}, "validation": {"input": described, "reference": "PyTorch model with BatchNorm folded",

@@ -28,6 +28,18 @@ identity node is needed. A depth-L model has 2 + 2L terms; edges grow as O(L^2),
 Operations without a NIR primitive, lowered exactly on spikes
 --------------------------------------------------------------
 * 2x2 max-pool of spikes (an OR): ``SumPool2d(2, 2)`` into ``Threshold(0.5)``.
+
+Sequences (``cfg.input_dims == 1``, the MNIST-1D presets)
+-------------------------------------------------------
+The PyTorch model holds a sequence as a one-row image ``(C, 1, L)`` with ``(1, k)`` kernels. NIR
+1.0.8's ``Conv2d`` infers its output shape from ``weight.shape[2]`` alone (the kernel height for
+both dims), so a ``(1, k)`` kernel gets a wrong type and ``nir.read`` rejects the file. The graph
+therefore says what the model is: after the ``Input`` ``(C, 1, L)`` a ``Flatten`` gives ``(C, L)``,
+every embedding convolution is a ``nir.Conv1d`` of kernel k, the embedding LIFs are ``(C, L)``, the
+max-pool of 2 is a ``Conv1d`` whose weight is ones on the channel diagonal (kernel 2, stride 2:
+window sums of 0/1 spikes, exact; not ``groups=C``, whose input NIR 1.0.8 types as one channel)
+into ``Threshold(0.5)``, and the embedding output is already tokens
+``(D, N)`` (no flatten).
 * AND of two spike tensors: both as edges into ``Threshold(1.5)``.
 * Spike-driven attention: ``Threshold(1.5)`` over ``q + k``, token sum ``Linear`` ``(D,1,N)`` of
   ones, the attention LIF on ``(D, 1)``, a ``Linear`` ``(D,N,1)`` of ones to broadcast the mask,
@@ -214,8 +226,24 @@ def _lowrank(b: GraphBuilder, name: str, m: LowRankLinear, inputs: list[str]) ->
     return [_dense(b, _join(name, "u"), _f32(m.u.weight), None if m.u.bias is None else _f32(m.u.bias), [inner], {**meta, "factor": "u"})]
 
 
+def _conv1d_node(b: GraphBuilder, name: str, conv: nn.Conv2d, inputs: list[str]) -> str:
+    """A ``(1, k)`` Conv2d on a one-row image, exported on the sequence ``(C, L)`` as ``nir.Conv1d``."""
+    c_in, length = b.input_shape(name, inputs)
+    (kh, k), (ph, p), (sh, s), (dh, d) = conv.kernel_size, conv.padding, conv.stride, conv.dilation
+    if c_in != conv.in_channels or (kh, ph, sh, dh) != (1, 0, 1, 1) or conv.padding_mode != "zeros":
+        raise ShapeError(f"{name}: a sequence ({conv.in_channels}, L) needs a (1, k) zero-padded Conv2d, got kernel "
+                         f"{tuple(conv.kernel_size)}, padding {tuple(conv.padding)} on {[c_in, length]}")
+    weight = np.ascontiguousarray(_f32(conv.weight)[:, :, 0, :])  # (out, in, k)
+    bias = _f32(conv.bias) if conv.bias is not None else np.zeros(conv.out_channels, np.float32)
+    node = nir.Conv1d(input_shape=length, weight=weight, stride=s, padding=p, dilation=d, groups=conv.groups, bias=bias,
+                      metadata={"module": name, "bias": conv.bias is not None, "sequence": True, **_weight_meta(weight)})
+    return b.add(name, node, inputs, (conv.out_channels, (length + 2 * p - d * (k - 1) - 1) // s + 1))
+
+
 def _conv2d_node(b: GraphBuilder, name: str, conv: nn.Conv2d, inputs: list[str]) -> str:
     shape = b.input_shape(name, inputs)
+    if len(shape) == 2 and isinstance(conv.padding, tuple):  # a sequence (C, L): module docstring
+        return _conv1d_node(b, name, conv, inputs)
     if len(shape) != 3 or shape[0] != conv.in_channels:
         raise ShapeError(f"{name}: Conv2d expects ({conv.in_channels}, H, W), got {list(shape)}")
     if conv.padding_mode != "zeros":
@@ -262,7 +290,8 @@ def _make_lif(dt: float) -> Converter:
 def _lif(b: GraphBuilder, name: str, m: LIF, inputs: list[str], dt: float) -> list[str]:
     shape = b.input_shape(name, inputs)
     rank = len(shape)
-    if rank not in _CHANNEL_DIM or m.channel_dim % (rank + 1) != _CHANNEL_DIM[rank] or shape[0] != m.features:
+    sequence = rank == 2 and m.channel_dim == 1  # an embedding LIF of a sequence: (B, C, 1, L) -> (C, L)
+    if rank not in _CHANNEL_DIM or (m.channel_dim % (rank + 1) != _CHANNEL_DIM[rank] and not sequence) or shape[0] != m.features:
         raise ShapeError(f"{name}: a {type(m).__name__} of {m.features} channels (channel_dim={m.channel_dim}) cannot map onto "
                          f"node shape {list(shape)}: the NIR layout puts channels first")
     per_channel = (-1,) + (1,) * (rank - 1)
@@ -286,11 +315,22 @@ def _lif(b: GraphBuilder, name: str, m: LIF, inputs: list[str], dt: float) -> li
 
 
 def _maxpool(b: GraphBuilder, name: str, m: MaxPool, inputs: list[str]) -> list[str]:
-    """2x2 max-pool of spikes = OR over each window: SumPool2d then Threshold(0.5)."""
+    """Max-pool of spikes (2x2, or 1x2 along one-row sequences) = OR over each window: SumPool2d
+    then Threshold(0.5)."""
     b.require_spikes(name, inputs, "max-pool (OR)")
-    c, h, w = b.input_shape(name, inputs)
-    summed = b.add(_join(name, "sum"), nir.SumPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]), padding=np.array([0, 0]),
-                                                     metadata={"module": name}), inputs, (c, h // 2, w // 2))
+    shape = b.input_shape(name, inputs)
+    kh, kw = m.kernel
+    if len(shape) == 2 and kh == 1:  # a sequence (C, L): window sums by a channel-diagonal Conv1d of ones
+        c, length = shape
+        ones = np.zeros((c, c, kw), np.float32)
+        ones[np.arange(c), np.arange(c)] = 1.0  # not groups=c: NIR 1.0.8 types a grouped Conv1d's input as weight.shape[1]
+        summed = b.add(_join(name, "sum"), nir.Conv1d(input_shape=length, weight=ones, stride=kw, padding=0, dilation=1, groups=1,
+                                                      bias=np.zeros(c, np.float32), metadata={"module": name, "op": "sum pool"}),
+                       inputs, (c, length // kw))
+        return [b.threshold(_join(name, "or"), [summed], 0.5, {"op": "or"})]
+    c, h, w = shape
+    summed = b.add(_join(name, "sum"), nir.SumPool2d(kernel_size=np.array([kh, kw]), stride=np.array([kh, kw]), padding=np.array([0, 0]),
+                                                     metadata={"module": name}), inputs, (c, h // kh, w // kw))
     return [b.threshold(_join(name, "or"), [summed], 0.5, {"op": "or"})]
 
 
@@ -311,8 +351,11 @@ def _ones_linear(b: GraphBuilder, name: str, inputs: list[str], weight: np.ndarr
 # ----------------------------------------------------------------------------- model converters
 def _transformer(b: GraphBuilder, name: str, m: SpikingTransformer, inputs: list[str]) -> list[str]:
     cfg = m.cfg
-    x = [b.add(INPUT, nir.Input(input_type=np.array([cfg.in_channels, cfg.image_size, cfg.image_size])), [],
-               (cfg.in_channels, cfg.image_size, cfg.image_size))]
+    x = [b.add(INPUT, nir.Input(input_type=np.array(cfg.input_shape)), [], tuple(cfg.input_shape))]
+    if cfg.input_dims == 1:  # one-row image (C, 1, L) -> sequence (C, L)
+        c, _, length = cfg.input_shape
+        x = [b.add(_join(INPUT, "sequence"), nir.Flatten(input_type=np.array(cfg.input_shape), start_dim=1, end_dim=2,
+                                                         metadata={"module": name}), x, (c, length))]
     x = b.convert(_join(name, "embed"), m.embed, x)
     for i, block in enumerate(m.blocks):
         x = b.convert(_join(name, f"blocks.{i}"), block, x)
@@ -338,6 +381,8 @@ def _patch_embed(b: GraphBuilder, name: str, m: PatchEmbed, inputs: list[str]) -
         x = b.convert(_join(name, f"stages.{i}"), stage, x)
     rpe = b.convert(_join(name, "rpe"), m.rpe, x)
     tokens = []
+    if all(len(b.shape(term)) == 2 for term in x + rpe):  # a sequence: (D, L) is already tokens (D, N)
+        return x + rpe
     for term in x + rpe:  # x = p + rpe(p): each term flattened to (D, N), summed by its consumers
         c, h, w = b.shape(term)
         tokens.append(b.add(_join(term, "flatten"), nir.Flatten(input_type=np.array([c, h, w]), start_dim=1, end_dim=-1,
@@ -544,7 +589,7 @@ def to_nir(model: nn.Module, *, converters: Mapping[type, Converter] | None = No
         "dt": float(dt),
         "discretisation": DISCRETISATION,
         "input_encoding": "direct",  # the same analog frame at every step
-        "layout": "channel first: images (C, H, W), tokens (D, N); per-token linear layers are kernel-1 Conv1d",
+        "layout": "channel first: images (C, H, W), sequences (C, L), tokens (D, N); per-token linear layers are kernel-1 Conv1d",
         "edge_sum_order": "edges into a node are summed in file order (the order of the PyTorch sums)",
     })
     try:

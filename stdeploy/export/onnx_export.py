@@ -254,7 +254,7 @@ def _step_folded_conv(step: _Step, m: FoldedConv, x):
 
 
 def _step_maxpool(step: _Step, m: MaxPool, x):
-    return nn.functional.max_pool2d(x, 2)
+    return nn.functional.max_pool2d(x, m.kernel)
 
 
 def _step_identity(step: _Step, m: nn.Module, x):
@@ -366,7 +366,7 @@ def _state_shapes(model: SpikingTransformer) -> dict[str, tuple[int, ...]]:
     try:
         with torch.no_grad():
             c = model.cfg
-            _Unrolled(model)(torch.zeros(1, 1, c.in_channels, c.image_size, c.image_size))
+            _Unrolled(model)(torch.zeros(1, 1, *c.input_shape))
     finally:
         for h in hooks:
             h.remove()
@@ -536,7 +536,7 @@ def _finish(proto: onnx.ModelProto, model: SpikingTransformer, path: str | os.Pa
 
 def _validation_inputs(cfg) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return [direct_encode(torch.rand(b, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g), cfg.timesteps)
+    return [direct_encode(torch.rand(b, *cfg.input_shape, generator=g), cfg.timesteps)
             for b in _VALIDATION_BATCHES]
 
 
@@ -597,7 +597,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sparse_initializer
     """
     model = _prepare(model, streaming=False, sparse_min_zeros=sparse_min_zeros, opset=opset)
     c = model.cfg
-    example = (torch.rand(c.timesteps, 2, c.in_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(1)),)
+    example = (torch.rand(c.timesteps, 2, *c.input_shape, generator=torch.Generator().manual_seed(1)),)
     opset = DEFAULT_OPSET if opset is None else opset
     proto = _to_proto(_Unrolled(model), example, ["input"], ["logits", "spikes"], {"input": 1, "logits": 0, "spikes": 1},
                       lambda batch: ({1: batch},), opset=opset, dynamo=dynamo)
@@ -623,7 +623,7 @@ def export_onnx_streaming(model: nn.Module, path: str | os.PathLike, *, sparse_i
     shapes = _state_shapes(model)
     wrapper = _Streaming(model, rules)
     names = wrapper.neuron_names
-    frame = torch.rand(2, c.in_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(1))
+    frame = torch.rand(2, *c.input_shape, generator=torch.Generator().manual_seed(1))
     states = tuple(torch.zeros(2, *shapes[n]) for n in names)
     inputs = ["input"] + [STATE_IN + n for n in names]
     outputs = ["logits_step", "spikes_step"] + [STATE_OUT + n for n in names]

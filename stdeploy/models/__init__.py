@@ -15,12 +15,18 @@ from .transformer import SpikingTransformer, direct_encode
 
 _TINY = dict(embed_dim=64, depth=1, heads=4, mlp_ratio=4.0, timesteps=4, image_size=8, in_channels=1, num_classes=10, embed_stages=2, embed_pools=1)
 _CIFAR = dict(mlp_ratio=4.0, timesteps=4, image_size=32, in_channels=3, num_classes=10, embed_stages=4, embed_pools=2)
+# MNIST-1D (sequences of 40), the prototype of METHOD-NOTES (76k parameters): 1-D stem conv k5 (1 -> 64) -> LIF ->
+# conv k3 (64 -> 64) -> LIF -> max-pool 2 -> 20 tokens
+_SEQ_1D = dict(embed_dim=64, depth=1, heads=4, mlp_ratio=4.0, timesteps=4, image_size=40, in_channels=1, num_classes=10,
+               embed_stages=2, embed_pools=1, input_dims=1, embed_kernel=5, embed_widths=(64, 64))
 
 PRESETS: dict[str, ModelConfig] = {
     "sdt-tiny": ModelConfig(family="sdt", name="sdt-tiny", **_TINY),
     "spikformer-tiny": ModelConfig(family="spikformer", name="spikformer-tiny", **_TINY),
     "spikformer-4-384": ModelConfig(family="spikformer", name="spikformer-4-384", embed_dim=384, depth=4, heads=12, **_CIFAR),
     "sdt-8-512": ModelConfig(family="sdt", name="sdt-8-512", embed_dim=512, depth=8, heads=8, **_CIFAR),
+    "sdt-1d-tiny": ModelConfig(family="sdt", name="sdt-1d-tiny", **_SEQ_1D),
+    "spikformer-1d-tiny": ModelConfig(family="spikformer", name="spikformer-1d-tiny", **_SEQ_1D),
 }
 DEFAULT_PRESET = "sdt-tiny"
 
@@ -39,6 +45,17 @@ def resolve_config(spec: str | ModelConfig, **overrides) -> ModelConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
+def config_for_data(cfg: ModelConfig, data) -> ModelConfig:
+    """``cfg`` with the input channels, size and classes of the data split ``data``; a model for
+    images cannot take sequences (MNIST-1D) or the reverse (a ConfigError naming both)."""
+    if cfg.input_dims != data.input_dims:
+        kinds = {1: "sequences", 2: "images"}
+        hint = "sdt-1d-tiny or spikformer-1d-tiny" if data.input_dims == 1 else "sdt-tiny or spikformer-tiny"
+        raise ConfigError(f"model {cfg.name or cfg.family} takes {kinds[cfg.input_dims]} but data {data.name} holds "
+                          f"{kinds[data.input_dims]}; use --model {hint} (or a config with input_dims = {data.input_dims})")
+    return cfg.replace(in_channels=data.in_channels, image_size=data.image_size, num_classes=data.num_classes)
+
+
 def build_model(spec: str | ModelConfig, **overrides) -> SpikingTransformer:
     return SpikingTransformer(resolve_config(spec, **overrides))
 
@@ -52,4 +69,4 @@ def clone_model(model: SpikingTransformer) -> SpikingTransformer:
     return new.to(next(model.parameters()).device).train(model.training)
 
 
-__all__ = ["ModelConfig", "SpikingTransformer", "PRESETS", "DEFAULT_PRESET", "build_model", "clone_model", "resolve_config", "direct_encode", "load_config_file"]
+__all__ = ["ModelConfig", "SpikingTransformer", "PRESETS", "DEFAULT_PRESET", "build_model", "config_for_data", "clone_model", "resolve_config", "direct_encode", "load_config_file"]

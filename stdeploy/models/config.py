@@ -41,9 +41,17 @@ class ModelConfig:
     num_classes: int = 10
     embed_stages: int = 2          # conv-BN-LIF stages of the patch embedding
     embed_pools: int = 1           # 2x2 max-pools of spikes, on the last stages (tokens = (H/2^p)^2)
+    input_dims: int = 2            # 2: images (C, image_size, image_size); 1: sequences of length image_size,
+                                   # held as one-row images (C, 1, image_size): (1, k) convolutions and (1, 2)
+                                   # max-pools, i.e. 1-D ones along the sequence (tokens = image_size/2^p positions)
+    embed_kernel: int = 3          # kernel size of the first embedding convolution (odd; the others are 3)
+    embed_widths: tuple[int, ...] = ()  # channels of each embedding stage, the last = embed_dim;
+                                   # () = doubling up to D: D/2^(s-1), ..., D/2, D
     name: str = ""                 # preset name, informational
 
     def __post_init__(self):
+        if isinstance(self.embed_widths, list):  # TOML / JSON arrays
+            object.__setattr__(self, "embed_widths", tuple(self.embed_widths))
         problems = []
         if not isinstance(self.family, str) or self.family not in FAMILIES:
             problems.append(f"family must be one of {FAMILIES}, got {_short(self.family)}")
@@ -71,8 +79,18 @@ class ModelConfig:
             problems.append(f"embed_pools must be in [0, embed_stages={self.embed_stages}], got {_short(self.embed_pools)}")
         elif isinstance(self.image_size, int) and self.image_size % (2 ** self.embed_pools):
             problems.append(f"image_size {self.image_size} is not divisible by 2**embed_pools = {2 ** self.embed_pools}")
-        if isinstance(self.embed_dim, int) and isinstance(self.embed_stages, int) and self.embed_stages >= 1 and self.embed_dim % (2 ** (self.embed_stages - 1)):
+        if self.embed_widths:
+            widths = self.embed_widths
+            if not (isinstance(widths, tuple) and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
+                    and len(widths) == self.embed_stages and widths[-1] == self.embed_dim):
+                problems.append(f"embed_widths must be {self.embed_stages} positive integers ending with embed_dim "
+                                f"{self.embed_dim}, got {widths!r}")
+        elif isinstance(self.embed_dim, int) and isinstance(self.embed_stages, int) and self.embed_stages >= 1 and self.embed_dim % (2 ** (self.embed_stages - 1)):
             problems.append(f"embed_dim {self.embed_dim} must divide by 2**(embed_stages-1) = {2 ** (self.embed_stages - 1)}")
+        if self.input_dims not in (1, 2):
+            problems.append(f"input_dims must be 1 (sequences) or 2 (images), got {self.input_dims!r}")
+        if not (isinstance(self.embed_kernel, int) and self.embed_kernel >= 1 and self.embed_kernel % 2 == 1):
+            problems.append(f"embed_kernel must be an odd positive integer, got {self.embed_kernel!r}")
         if not self.mlp_ratio > 0:
             problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not self.tau > 1:
@@ -84,7 +102,20 @@ class ModelConfig:
 
     @property
     def tokens(self) -> int:
-        return (self.image_size // 2 ** self.embed_pools) ** 2
+        side = self.image_size // 2 ** self.embed_pools
+        return side if self.input_dims == 1 else side ** 2
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """Channels of each embedding stage (``embed_widths``, or doubling up to ``embed_dim``)."""
+        s = self.embed_stages
+        return self.embed_widths or tuple(self.embed_dim // 2 ** (s - 1 - i) for i in range(s))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one input frame: ``(C, S, S)`` images, ``(C, 1, S)`` sequences."""
+        height = 1 if self.input_dims == 1 else self.image_size
+        return (self.in_channels, height, self.image_size)
 
     @property
     def mlp_hidden(self) -> int:

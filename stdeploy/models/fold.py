@@ -29,7 +29,7 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch
 
 
 class FoldedConv(nn.Module):
-    """What a ``ConvBN`` becomes: a biased 3x3 ``Conv2d``, T and B merged."""
+    """What a ``ConvBN`` becomes: a biased ``Conv2d`` of the same kernel and padding, T and B merged."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()

@@ -32,11 +32,14 @@ class LinearBN(nn.Module):
 
 
 class ConvBN(nn.Module):
-    """3x3 ``Conv2d`` (no bias, padding 1) then ``BatchNorm2d``, with T and B merged."""
+    """k x k ``Conv2d`` (no bias, same padding) then ``BatchNorm2d``, with T and B merged. With
+    ``one_d`` the kernel is ``(1, k)`` with padding ``(0, k // 2)``: a 1-D convolution along the
+    width of one-row images (sequences)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, one_d: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+        size, pad = ((1, kernel), (0, kernel // 2)) if one_d else (kernel, kernel // 2)
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=size, padding=pad, bias=False)
         self.bn = nn.BatchNorm2d(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, Cin, H, W) -> (T, B, Cout, H, W)
@@ -45,19 +48,25 @@ class ConvBN(nn.Module):
 
 
 class MaxPool(nn.Module):
-    """2x2 max-pool of spikes (a logical OR over each window), T and B merged."""
+    """2x2 max-pool of spikes (a logical OR over each window), T and B merged; ``kernel=(1, 2)``
+    pools one-row images (sequences) along their length. The stride is the kernel."""
+
+    def __init__(self, kernel: tuple[int, int] = (2, 2)):
+        super().__init__()
+        self.kernel = tuple(int(k) for k in kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.max_pool2d(x.flatten(0, 1), 2)
+        y = nn.functional.max_pool2d(x.flatten(0, 1), self.kernel)
         return y.view(x.shape[0], x.shape[1], *y.shape[1:])
 
 
 class EmbedStage(nn.Module):
-    def __init__(self, cfg: ModelConfig, c_in: int, c_out: int, pool: bool):
+    def __init__(self, cfg: ModelConfig, c_in: int, c_out: int, pool: bool, kernel: int = 3):
         super().__init__()
-        self.conv = ConvBN(c_in, c_out)
+        one_d = cfg.input_dims == 1
+        self.conv = ConvBN(c_in, c_out, kernel, one_d)
         self.lif = make_neuron(cfg, c_out, channel_dim=1)
-        self.pool = MaxPool() if pool else nn.Identity()
+        self.pool = MaxPool((1, 2) if one_d else (2, 2)) if pool else nn.Identity()
 
     def forward(self, x):
         return self.pool(self.lif(self.conv(x)))
@@ -66,15 +75,18 @@ class EmbedStage(nn.Module):
 class PatchEmbed(nn.Module):
     """Spikformer's spiking patch splitting: conv-BN-LIF stages (max-pool on the last ``embed_pools``),
     then a conv-BN relative position embedding added to the spikes. Direct encoding: the first
-    convolution sees the analog input. Output: real-valued tokens ``(T, B, N, D)``."""
+    convolution sees the analog input. Output: real-valued tokens ``(T, B, N, D)``. For sequences
+    (``cfg.input_dims == 1``) every convolution and pool is 1-D along the length and the tokens are
+    positions; the first convolution's kernel is ``cfg.embed_kernel``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         s = cfg.embed_stages
-        widths = [cfg.embed_dim // 2 ** (s - 1 - i) for i in range(s)]
+        widths = list(cfg.stage_widths)
         ins = [cfg.in_channels] + widths[:-1]
-        self.stages = nn.ModuleList(EmbedStage(cfg, ci, co, pool=i >= s - cfg.embed_pools) for i, (ci, co) in enumerate(zip(ins, widths)))
-        self.rpe = ConvBN(cfg.embed_dim, cfg.embed_dim)
+        self.stages = nn.ModuleList(EmbedStage(cfg, ci, co, pool=i >= s - cfg.embed_pools, kernel=cfg.embed_kernel if i == 0 else 3)
+                                    for i, (ci, co) in enumerate(zip(ins, widths)))
+        self.rpe = ConvBN(cfg.embed_dim, cfg.embed_dim, 3, cfg.input_dims == 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, C, H, W) -> (T, B, N, D)
         for stage in self.stages:

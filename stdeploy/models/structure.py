@@ -3,7 +3,7 @@ rebuild them before loading weights:
 
 * ``LowRankLinear``: a linear layer held as two factors, ``W = U @ V`` with inner dimension ``rank``.
 * ``WeightMask``: a parametrization that multiplies a weight by a fixed 0/1 mask (weights stay
-  trainable, pruned entries stay exactly zero and get zero gradient).
+  trainable, pruned entries stay exactly zero and get zero gradient), on a linear or a convolution.
 
 ``structure_of(model)`` lists them by fully qualified name; ``apply_structure(model, s)`` recreates
 them on a freshly built model (with placeholder values that ``load_state_dict`` then overwrites).
@@ -114,7 +114,7 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
     for name, m in model.named_modules():
         if isinstance(m, LowRankLinear):
             out[name] = {"type": "lowrank", "rank": m.rank}
-        elif isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight"):
+        elif isinstance(m, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(m, "weight"):
             out[name] = {"type": "mask"}
     return out
 
@@ -129,8 +129,8 @@ def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
                 raise ConfigError(f"{fqn}: low-rank structure needs an nn.Linear, found {type(m).__name__}")
             set_submodule(model, fqn, LowRankLinear(m.in_features, m.out_features, int(spec["rank"]), bias=m.bias is not None))
         elif kind == "mask":
-            if not isinstance(m, nn.Linear):
-                raise ConfigError(f"{fqn}: mask structure needs an nn.Linear, found {type(m).__name__}")
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                raise ConfigError(f"{fqn}: mask structure needs an nn.Linear or nn.Conv2d, found {type(m).__name__}")
             attach_mask(m, torch.ones_like(m.weight, dtype=torch.bool))
         else:
             raise ConfigError(f"{fqn}: unknown structure {spec!r} (known: lowrank, mask)")

@@ -23,10 +23,11 @@ class SpikingTransformer(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         c = self.cfg
-        want = (c.timesteps, c.in_channels, c.image_size, c.image_size)
+        want = (c.timesteps, *c.input_shape)
         if x.dim() != 5 or (x.shape[0], *x.shape[2:]) != want:
+            _, h, w = c.input_shape
             raise ShapeError(
-                f"{c.name or c.family}: expected input (T={c.timesteps}, B, C={c.in_channels}, H={c.image_size}, W={c.image_size}), got {tuple(x.shape)}"
+                f"{c.name or c.family}: expected input (T={c.timesteps}, B, C={c.in_channels}, H={h}, W={w}), got {tuple(x.shape)}"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

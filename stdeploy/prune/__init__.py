@@ -2,7 +2,10 @@
 
 ``prune_model(model, data, PruneConfig(...), CompensationConfig(...))`` runs the whole recipe:
 penalty phase -> masks / rank removal -> BatchNorm recalibration -> compensation fine-tune ->
-finalize, and reports accuracy at every stage and the parameters that remain.
+finalize, and reports accuracy at every stage and the parameters that remain: of the selected
+layers (``block_params_*``, named for the default scope) and of the whole model's weight layers with
+their multiply-adds (``model``: :func:`~.counts.weight_counts`). ``PruneConfig(layers=ALL_LAYERS)``
+(``--layers all``) prunes the embedding convolutions and the classifier too.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from torch import nn
 from ..checkpoint import TRAIN_STATE, save_checkpoint
 from ..errors import ConfigError
 from ..train import TrainConfig, evaluate, train
-from .base import DEFAULT_LAYERS, METHODS, PruneConfig, Pruner, select_layers
+from .base import ALL_LAYERS, DEFAULT_LAYERS, LAYER_SCOPES, METHODS, PruneConfig, Pruner, layer_patterns, select_layers
 from .compensate import COMPENSATIONS, convert_neurons, recalibrate_bn
+from .counts import weight_counts
 from .dsp import DSPPruner
 from .l1p import L1Pruner, magnitude_masks
 
@@ -98,7 +102,7 @@ def compensate(model: nn.Module, pruner: Pruner, data, ccfg: CompensationConfig,
         pruner.step(model, 1.0)
     pruner.finalize(model)
     stages["final"] = evaluate(model, data.test, model.cfg.timesteps, device=next(model.parameters()).device)
-    return {**pruner.report(model), "accuracy": stages, "compensation": ccfg.neuron,
+    return {**pruner.report(model), "model": weight_counts(model), "accuracy": stages, "compensation": ccfg.neuron,
             "config": pcfg.to_dict(), "compensation_config": asdict(ccfg), "seconds": time.perf_counter() - t0}
 
 
@@ -123,4 +127,5 @@ def prune_model(model: nn.Module, data, pcfg: PruneConfig, ccfg: CompensationCon
 
 
 __all__ = ["PruneConfig", "CompensationConfig", "prune_model", "apply_pruning", "compensate", "make_pruner", "PRUNERS", "METHODS", "COMPENSATIONS",
-           "DEFAULT_LAYERS", "select_layers", "recalibrate_bn", "magnitude_masks", "L1Pruner", "DSPPruner"]
+           "DEFAULT_LAYERS", "select_layers", "recalibrate_bn", "magnitude_masks", "L1Pruner", "DSPPruner",
+           "ALL_LAYERS", "LAYER_SCOPES", "layer_patterns", "weight_counts"]

@@ -4,6 +4,9 @@ over inner dimensions of ``||(U[:, i], V[i, :])||``, drives whole dimensions tow
 training; the dimensions with the smallest group norms are then removed to reach a target rank or
 a target parameter ratio (one global budget or per layer). A layer whose factors would hold at
 least as many parameters as the dense matrix (``k·(in+out) >= in·out``) stays dense.
+
+Convolutions (selected by the whole-model scope, ``--layers all``) are left dense and listed in the
+report's ``skipped`` with :data:`CONV_SKIP_REASON`; the classifier ``head.fc`` (a linear) is factored.
 """
 
 from __future__ import annotations
@@ -13,10 +16,16 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.structure import LowRankLinear, set_submodule
 from .base import Pruner, dense_params, select_layers
 
 DEFAULT_GROUP = 1e-4  # coefficient of the sum of group norms
+CONV_SKIP_REASON = (
+    "DSP factors linear layers only: a low-rank convolution (a k x k conv to rank r, then a 1x1 conv r -> out) "
+    "is a module no exporter or target lowers yet, and the first stem convolution cannot shrink (its "
+    "in*k*k = 9, or 5 for the 1-D stem, is below any useful rank); prune convolutions with l1p"
+)
 
 
 def _cost(m: LowRankLinear | nn.Linear, rank: int | None = None) -> int:
@@ -30,6 +39,10 @@ def _cost(m: LowRankLinear | nn.Linear, rank: int | None = None) -> int:
 class DSPPruner(Pruner):
     def prepare(self, model: nn.Module) -> nn.Module:
         layers = select_layers(model, self.config.layers)
+        self.skipped = {n: CONV_SKIP_REASON for n, m in layers.items() if isinstance(m, nn.Conv2d)}
+        layers = {n: m for n, m in layers.items() if n not in self.skipped}
+        if not layers:
+            raise ConfigError(f"dsp: the selected layers {sorted(self.skipped)} are all convolutions: {CONV_SKIP_REASON}")
         self.names = list(layers)
         for n, m in layers.items():
             if isinstance(m, nn.Linear):
@@ -101,4 +114,4 @@ class DSPPruner(Pruner):
         dense = dense_params(layers)
         remaining = sum(e["params"] for e in per_layer.values())
         return {"method": "dsp", "block_params_dense": dense, "block_params_remaining": remaining,
-                "param_ratio": remaining / dense, "nonzeros": remaining, "layers": per_layer}
+                "param_ratio": remaining / dense, "nonzeros": remaining, "layers": per_layer, "skipped": dict(self.skipped)}

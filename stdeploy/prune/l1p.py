@@ -6,6 +6,8 @@ layers, or per layer), one-shot or along a cubic schedule. Masks are parametriza
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -80,6 +82,13 @@ class L1Pruner(Pruner):
         for n, lin in layers.items():
             attach_mask(lin, masks[n])
             _weight(lin).mul_(masks[n])  # keep the stored values of pruned weights at zero too
+        emptied = [n for n, m in masks.items() if not bool(m.any())]
+        if emptied and self.config.sparsity > 0:
+            warnings.warn(f"l1p: the {self.config.scope} magnitude budget at sparsity {self.target_sparsity(progress):.3f} "
+                          f"removes every weight of {', '.join(emptied)}: their outputs are constant (a cut through the "
+                          "model when on its path). One global budget compares weights of different scales (convolutions "
+                          "and the classifier with the block linears under --layers all); --scope layer prunes each "
+                          "layer alike", stacklevel=3)
 
     def finalize(self, model: nn.Module) -> nn.Module:
         for lin in self._layers(model).values():
