@@ -472,6 +472,41 @@ def _profile_parser(sub) -> None:
 PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser]
 
 
+
+# ----------------------------------------------------------------------------- package
+@command("package")
+def cmd_package(args: argparse.Namespace) -> dict:
+    from .data import load_dataset
+    from .package import package
+
+    data = load_dataset(args.data, args.data_root) if args.data else None
+    result = package(args.export_dir, args.device, args.out, data=data, samples=args.samples, runtime=args.runtime,
+                     archive=args.archive, overwrite=args.overwrite)
+    if not args.json:
+        h = result["host_check"]
+        print(f"bundle {args.out} for {result['device']['name']} ({result['runtime']}, {'archive' if args.archive else 'folder'}): "
+              f"{len(result['files'])} files, {sum(f['bytes'] for f in result['files'].values())} B")
+        print(f"  samples: {result['samples']['described']}; output firing rate {result['activity']['output_firing_rate']:.4f}")
+        print("  checked here with the device runner: " + ", ".join(
+            f"{g['graph']} {g['spike_mismatches']}/{g['spikes_total']} spike mismatches" for g in h["graphs"]))
+        print(f"  on the device: see {'README.md in the archive' if args.archive else os.path.join(args.out, 'README.md')}")
+    return {k: result[k] for k in ("out", "format", "runtime", "device", "files", "activity", "host_check", "tolerance")}
+
+
+def _package_parser(sub) -> None:
+    p = sub.add_parser("package", help="bundle an export directory for one device: ONNX graphs, samples, runner, manifest")
+    p.add_argument("export_dir")
+    p.add_argument("--device", required=True, help="device profile name or .toml path (kind cpu or cuda)")
+    p.add_argument("--out", required=True, help="bundle folder (NAME.tar.gz with --archive)")
+    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime (tvm: not yet)")
+    p.add_argument("--archive", action="store_true", help="write one .tar.gz instead of a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--samples", type=int, default=32, help="sample inputs (also the batch timed on the device)")
+    add_data_args(p)
+
+
+PARSERS.append(_package_parser)
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stdeploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)

@@ -1,0 +1,236 @@
+"""``stdeploy package``: an export directory -> a bundle one device needs, and nothing else.
+
+For an onnxruntime device (a profile of kind ``cpu`` or ``cuda``) the bundle holds the unrolled and
+the step ONNX graphs, sample inputs with the reference's expected output spikes and logits
+(``samples.npz``, no pickles), the torch-free runner's source (``runner/``), a README with the two
+commands to run on the device, and ``manifest.json`` sealing every file (size, sha256). Its format
+is :mod:`stdeploy.runtime.bundle`.
+
+The expected outputs come from the folded PyTorch reference the export was validated against. The
+bundle is checked here before it is written, with the same runner the device uses: if onnxruntime
+on this host does not reproduce them within the bundle's tolerance, nothing is written.
+
+Where: into a temporary sibling of ``out``, verified, then renamed into place (or written as one
+``.tar.gz`` with ``archive=True``). An existing non-empty ``out`` is refused unless ``overwrite``,
+and even then only when it is a bundle itself (a folder whose manifest has the bundle format), so
+``--overwrite`` can never delete an unrelated folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, OutputMismatch
+from .files import atomic_write, sha256_file
+from .runtime import bundle as fmt
+
+RUNTIMES = ("onnxruntime", "tvm")
+DEFAULT_SAMPLES = 32
+# The runner's source, shipped in every bundle (none of these imports torch).
+RUNNER_FILES = ("__init__.py", "errors.py", "files.py")
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def _check_out(out: Path, archive: bool, overwrite: bool) -> None:
+    if archive and not out.name.endswith((".tar.gz", ".tgz")):
+        raise ConfigError(f"--out {out}: with --archive the bundle is one file; name it NAME.tar.gz")
+    if not out.exists():
+        return
+    if archive:
+        if out.is_dir() or not overwrite:
+            raise ConfigError(f"--out {out} exists; pass --overwrite to replace it" if not out.is_dir() else
+                              f"--out {out} is a folder; --archive writes a .tar.gz file")
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    try:
+        is_bundle = json.loads((out / fmt.MANIFEST).read_text()).get("format") == fmt.FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_bundle = False
+    if not is_bundle:
+        raise ConfigError(f"--out {out} is not empty and not a bundle; --overwrite only replaces a bundle folder")
+
+
+def _export_artifact(export_dir: Path, manifest: dict, key: str) -> Path:
+    """The export directory's artifact ``key``, checked against the export manifest's size and sha256."""
+    from .targets.base import read_manifest
+
+    path, _ = read_manifest(export_dir, key)
+    meta = manifest["artifacts"][key]
+    if "bytes" in meta and path.stat().st_size != meta["bytes"]:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, the export manifest says {meta['bytes']} (changed since export)")
+    if "sha256" in meta and sha256_file(path) != meta["sha256"]:
+        raise ConfigError(f"{path}: sha256 differs from the export manifest (changed since export)")
+    return path
+
+
+def reference_outputs(export_dir: Path, manifest: dict, data, samples: int):
+    """``(x (T, B, C, H, W), logits, output spikes, activity, description)`` of the folded PyTorch
+    reference on ``samples`` inputs from ``data`` (its test split; seeded noise when shapes differ)."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .export.directory import validation_input
+    from .export.validate import record_neurons
+    from .models.fold import fold_batchnorm
+
+    ref = manifest.get("artifacts", {}).get("reference")
+    if not ref:
+        raise ConfigError(f"{export_dir}: the export manifest lists no reference checkpoint; re-export it")
+    model = load_checkpoint(export_dir / ref["file"]).model.eval()
+    folded = fold_batchnorm(model)
+    x, _, described = validation_input(model, data, samples)
+    with torch.no_grad():
+        logits, records = record_neurons(folded, x)
+    spikes = records["head.lif"]["spikes"]
+    activity = {"input_density": float((x != 0).float().mean()), "output_firing_rate": float(spikes.mean()),
+                "firing_rates": {name: float(r["spikes"].float().mean()) for name, r in records.items()},
+                "note": "firing rate of each neuron layer = input density of the layer it feeds"}
+    return x.numpy(), logits.numpy(), spikes.numpy(), activity, described
+
+
+def _readme(name: str, versions: dict, profile, batch: int, timesteps: int) -> str:
+    return f"""# Bundle {name}
+
+A {profile.name} bundle ({profile.description or profile.kind}): two ONNX graphs, {batch} sample inputs with
+the expected output spikes and logits, and the runner (`runner/`, numpy + onnxruntime, no torch).
+
+On the device, from the folder that holds `{name}`:
+
+```
+python -m pip install numpy=={versions['numpy']} onnxruntime=={versions['onnxruntime']}
+PYTHONPATH={name}/runner python -m stdeploy.runtime {name} --out {name}-report
+```
+
+The second command verifies every file's sha256 (manifest.json), checks the samples spike for spike
+(exit 1 when they differ beyond the manifest's tolerance), then times batch {batch} (T={timesteps})
+and batch-1 streaming through `model.step.onnx`, and writes report.json and report.md
+(`--json` prints the report; `--help` lists the options).
+"""
+
+
+def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, *, data=None,
+            samples: int = DEFAULT_SAMPLES, runtime: str = "onnxruntime", archive: bool = False,
+            overwrite: bool = False) -> dict:
+    """Write the bundle of ``export_dir`` for the device profile ``device`` to ``out``; returns the manifest."""
+    from .targets.base import get_target, read_manifest
+    from .targets.profiles import load_profile
+
+    export_dir, out = Path(export_dir), Path(out)
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime {runtime!r}: known runtimes are {', '.join(RUNTIMES)}")
+    if not (isinstance(samples, int) and samples >= 1):
+        raise ConfigError(f"--samples must be a positive integer, got {samples!r}")
+    profile = load_profile(device)
+    if profile.kind == "lava":
+        raise ConfigError(f"--device {profile.name}: a Lava simulation profile; bundles run on onnxruntime devices "
+                          f"(profiles of kind cpu or cuda)")
+    if runtime == "tvm":
+        raise ConfigError(f"--runtime tvm: a TVM bundle needs the standalone TVM module that export_library can "
+                          f"write, which is not built yet; package {profile.name} with --runtime onnxruntime")
+    _check_out(out, archive, overwrite)
+    _, manifest = read_manifest(export_dir, "onnx")
+    unrolled = _export_artifact(export_dir, manifest, "onnx")
+    step = _export_artifact(export_dir, manifest, "onnx.step") if "onnx.step" in manifest["artifacts"] else None
+    x, logits, spikes, activity, described = reference_outputs(export_dir, manifest, data, samples)
+    if activity["output_firing_rate"] in (0.0, 1.0):
+        warnings.warn(f"{export_dir}: the output neurons {'never' if activity['output_firing_rate'] == 0 else 'always'} "
+                      f"fire on these samples, so a spike check cannot tell a wrong model from a right one", stacklevel=2)
+    import onnxruntime
+
+    versions = {"numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
+    tolerance = dict(get_target("onnxruntime").tolerance)
+    name = out.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        stage = tmp / name
+        stage.mkdir()
+        shutil.copyfile(unrolled, stage / "model.onnx")
+        if step is not None:
+            shutil.copyfile(step, stage / "model.step.onnx")
+        np.savez_compressed(stage / "samples.npz", input=x.astype(np.float32), logits=logits.astype(np.float32),
+                 spikes=spikes.astype(np.float32))
+        (stage / "README.md").write_text(_readme(name, versions, profile, x.shape[1], x.shape[0]))
+        src = Path(__file__).resolve().parent
+        runner = stage / "runner" / "stdeploy"
+        (runner / "runtime").mkdir(parents=True)
+        for f in RUNNER_FILES:
+            shutil.copyfile(src / f, runner / f)
+        for f in sorted((src / "runtime").glob("*.py")):
+            shutil.copyfile(f, runner / "runtime" / f.name)
+        roles = {"model.onnx": "unrolled graph: input (T, B, C, H, W) -> logits (B, classes), spikes (T, B, N, D)",
+                 "model.step.onnx": "one timestep: input (B, C, H, W), state.<neuron> -> logits_step, spikes_step, state_out.<neuron>",
+                 "samples.npz": "input, expected logits and output spikes of the folded PyTorch reference",
+                 "README.md": "the two commands to run on the device"}
+        files = {}
+        for p in sorted(q for q in stage.rglob("*") if q.is_file()):
+            rel = p.relative_to(stage).as_posix()
+            files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p),
+                          "role": roles.get(rel, "runner source (numpy + onnxruntime, no torch)")}
+        bundle_manifest = {
+            "format": fmt.FORMAT, "runtime": runtime, "providers": PROVIDERS[profile.kind],
+            "device": {"name": profile.name, "kind": profile.kind, "description": profile.description},
+            "model": manifest.get("model", {}), "timesteps": int(x.shape[0]), "batch": int(x.shape[1]),
+            "input": manifest.get("input"), "outputs": manifest.get("outputs"),
+            "models": {"unrolled": "model.onnx", "step": "model.step.onnx" if step is not None else None},
+            "samples": {"file": "samples.npz", "described": described,
+                        "shapes": {"input": list(x.shape), "logits": list(logits.shape), "spikes": list(spikes.shape)}},
+            "tolerance": tolerance, "activity": activity, "versions": versions,
+            "source": {"export_dir": export_dir.name, "export_manifest_sha256": sha256_file(export_dir / "manifest.json")},
+            "files": files,
+        }
+        (stage / fmt.MANIFEST).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
+        host = _host_check(stage)
+        if not host["passed"]:
+            bad = "; ".join(f"{g['graph']}: {g.get('spike_mismatches', '?')} spike mismatches, logits within "
+                            f"{g.get('logits_max_abs_error', float('nan')):.2e}" for g in host["graphs"] if not g["passed"])
+            raise OutputMismatch(f"onnxruntime on this host does not reproduce the reference on the samples (nothing written): {bad}")
+        if archive:
+            def write_tar(path: str) -> None:
+                with tarfile.open(path, "w:gz") as tar:
+                    tar.add(stage, arcname=name, filter=_plain_member)
+
+            atomic_write(out, write_tar)
+        else:
+            _replace_dir(stage, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**bundle_manifest, "out": str(out), "host_check": host}
+
+
+def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _host_check(stage: Path) -> dict:
+    """The device's own check, run here on the staged bundle (verifies it as a device would)."""
+    from .runtime import ort
+    from .runtime.run import check
+
+    b = fmt.read_bundle(stage)
+    return check(b, ort.Sessions(b, "CPUExecutionProvider"), b.load_samples())
+
+
+def _replace_dir(stage: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
