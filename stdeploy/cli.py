@@ -304,6 +304,11 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     from .targets.base import get_target
     from .targets.profiles import load_profile
 
+    device_rows = {}
+    if args.device_report:  # a report made on the device by `python -m stdeploy.runtime`, set beside the host's rows
+        from .runtime.report import device_rows as read_device_rows
+
+        device_rows = read_device_rows(args.device_report)
     ref = reference_model(args.export_dir)
     data = load_dataset(args.data, args.data_root)
     x_img = torch_stack_first(data, args.batch)
@@ -353,6 +358,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             results[name]["path"] = runnable.info["path"]
         if args.gpu_energy and _runs_on_gpu(runnable.info):
             results[name]["measured_energy"] = measure_energy(lambda b: runnable.run(b), x.numpy(), args.repeats)
+    results.update(device_rows)
     if not args.json:
         print(f"{'runtime':<12} {'median ms':>10} {'p90 ms':>8} {'samples/s':>10} {'timesteps/s':>12}")
         for name, r in results.items():
@@ -390,6 +396,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--gpu-energy", action="store_true", help="also measure GPU energy with NVML power sampling (GPU runs)")
     p.add_argument("--pytorch-device", choices=["cpu", "cuda"], default="cpu", help="where the PyTorch reference row runs")
+    p.add_argument("--device-report", default=None, help="report.json from `python -m stdeploy.runtime` on a device: its rows beside these")
     add_data_args(p)
     _add_tvm_args(p)
 

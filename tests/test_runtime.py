@@ -89,7 +89,7 @@ def test_package_writes_a_sealed_bundle_whose_samples_fire(bundle):
     assert "pip install numpy==" in readme and f"PYTHONPATH={root.name}/runner python -m stdeploy.runtime {root.name}" in readme
 
 
-def test_runner_without_torch_checks_and_times(bundle, tmp_path):
+def test_runner_without_torch_checks_and_times(bundle, export_dir, tmp_path, capsys):
     root, _ = bundle
     r = run_runner(root, "--json", "--repeats", "3", "--warmup", "1", "--energy-seconds", "0.1", "--out", "rep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -107,6 +107,19 @@ def test_runner_without_torch_checks_and_times(bundle, tmp_path):
         assert set(rep["energy"]["looked_for"]) == {"rapl", "ina3221"}
     assert json.loads((tmp_path / "rep" / "report.json").read_text())["check"]["passed"]
     assert "| model.step.onnx | 0 / " in (tmp_path / "rep" / "report.md").read_text()
+    # stdeploy bench sets the device's figures beside the host's
+    capsys.readouterr()
+    assert cli_main(["bench", str(export_dir), "--targets", "onnxruntime", "--batch", "8", "--warmup", "1", "--repeats", "2",
+                     "--device-report", str(tmp_path / "rep" / "report.json"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    dev = [k for k in res if k.startswith("device ")]
+    assert len(dev) == 2 and {"pytorch", "onnxruntime"} <= set(res)
+    assert res[dev[0]]["median_s"] == b["median_s"] and res[dev[1]]["timesteps_per_s"] == pytest.approx(1 / s["median_s"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something else"}))
+    assert cli_main(["bench", str(export_dir), "--device-report", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a runtime report" in err[0]
 
 
 def _flip_byte(root):

@@ -51,3 +51,58 @@ def to_markdown(report: dict) -> str:
             lines += ["", "| neuron layer | firing rate (= input density of the next layer) |", "|---|---|"]
             lines += [f"| {k} | {v:.4f} |" for k, v in rates.items()]
     return "\n".join(lines) + "\n"
+
+
+def read_report(path) -> dict:
+    """A report written by ``python -m stdeploy.runtime --out DIR`` (``DIR/report.json``, or the
+    ``--json`` line saved to a file), checked for the fields a comparison needs."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--device-report {path}: file not found (report.json written by python -m stdeploy.runtime --out DIR)")
+    if path.stat().st_size > 16 << 20:
+        raise ConfigError(f"--device-report {path}: {path.stat().st_size} bytes is too large for a runtime report")
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--device-report {path}: not valid JSON ({err})") from err
+    from .run import REPORT_FORMAT
+
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise ConfigError(f"--device-report {path}: not a runtime report (format must be {REPORT_FORMAT!r})")
+    for key in ("host", "runtime", "check", "latency"):
+        if not isinstance(report.get(key), dict):
+            raise ConfigError(f"--device-report {path}: field {key!r} is missing or not an object")
+    for kind, row in report["latency"].items():
+        missing = [k for k in ("median_s", "p90_s", "batch", "timesteps") if not isinstance(row.get(k), (int, float))]
+        if missing:
+            raise ConfigError(f"--device-report {path}: latency.{kind} lacks {missing}")
+    return report
+
+
+def device_rows(path) -> dict[str, dict]:
+    """Rows in the form of ``stdeploy bench``'s results (median_s, p90_s, samples_per_s,
+    timesteps_per_s, path) for the device's batch and streaming latency."""
+    r = read_report(path)
+    h, rt = r["host"], r["runtime"]
+    where = f"{rt.get('name', 'onnxruntime')} {rt.get('version', '?')} on {h.get('machine', '?')} ({rt.get('provider', '?')})"
+    passed = "check PASS" if r["check"].get("passed") else "check FAIL"
+    rows = {}
+    b = r["latency"].get("batch")
+    if b:
+        rows[f"device {h.get('machine', '?')}"] = {
+            "batch": b["batch"], "timesteps": b["timesteps"], "median_s": b["median_s"], "p90_s": b["p90_s"],
+            "p99_s": b.get("p99_s"), "samples_per_s": b["batch"] / b["median_s"],
+            "timesteps_per_s": b["batch"] * b["timesteps"] / b["median_s"],
+            "path": f"{where}, batch {b['batch']}, {passed}", "device_report": str(path)}
+    s = r["latency"].get("streaming")
+    if s:
+        rows[f"device {h.get('machine', '?')} b1 step"] = {
+            "batch": 1, "timesteps": 1, "median_s": s["median_s"], "p90_s": s["p90_s"], "p99_s": s.get("p99_s"),
+            "samples_per_s": 1 / (s["median_s"] * s["timesteps"]), "timesteps_per_s": 1 / s["median_s"],
+            "path": f"{where}, one timestep at batch 1 (streaming), {passed}", "device_report": str(path)}
+    return rows
