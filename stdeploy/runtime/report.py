@@ -36,7 +36,7 @@ def to_markdown(report: dict) -> str:
                          f"{_ms(s['p99_s'])} | {s['steps_per_s']:.1f} steps/s |")
     mem, e = report.get("memory", {}), report.get("energy", {})
     if mem:
-        lines += ["", f"- peak memory (resident set): {mem['peak_rss_mib']:.1f} MiB ({mem['peak_rss_mib_after_load']:.1f} MiB after loading)"]
+        lines += ["", f"- peak memory (resident set, {mem.get('source', 'getrusage')}): {mem['peak_rss_mib']:.1f} MiB ({mem['peak_rss_mib_after_load']:.1f} MiB after loading)"]
     if e.get("sensor") == "none":
         lines.append("- energy: none (no sensor: " + "; ".join(f"{k}: {v}" for k, v in e.get("looked_for", {}).items()) + ")")
     elif e:

@@ -10,8 +10,8 @@
    ``stdeploy bench``, so its ``--device-report`` can set them beside the host's).
 3. **streaming latency**: batch 1, one timestep per call of the step graph with the membranes
    carried between calls: p50 / p90 / p99 seconds per timestep over ``repeats`` sequences.
-4. **peak memory**: the process's peak resident set (``resource.getrusage``), after loading and
-   at the end.
+4. **peak memory**: the process's peak resident set (``VmHWM`` on Linux, else
+   ``resource.getrusage``), after loading and at the end.
 5. **energy**: only where a sensor exists (see :mod:`stdeploy.runtime.sensors`); else "none" with
    the reason for each sensor looked for.
 """
@@ -22,6 +22,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -37,10 +38,19 @@ def percentiles(times: list[float]) -> dict:
             "p99_s": float(np.percentile(a, 99)), "min_s": float(a.min()), "median_s": float(np.percentile(a, 50))}
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+def peak_rss_mib() -> tuple[float, str]:
+    """Peak resident set of this process in MiB and where it was read. Linux's ``VmHWM`` in
+    ``/proc/self/status`` first: ``getrusage``'s ``ru_maxrss`` survives ``execve``, so a runner
+    started from a large parent (a Python with torch loaded) would report the parent's peak. Else
+    ``resource.getrusage`` (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "/proc/self/status VmHWM"
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1 << 20) if sys.platform == "darwin" else r / 1024
+    return (r / (1 << 20) if sys.platform == "darwin" else r / 1024), "resource.getrusage ru_maxrss"
 
 
 def compare(name: str, logits: np.ndarray, spikes: np.ndarray, ref_logits: np.ndarray, ref_spikes: np.ndarray, tol) -> dict:
@@ -112,7 +122,7 @@ def run_bundle(bundle: Bundle, *, provider: str | None = None, warmup: int = 3, 
     t0 = time.perf_counter()
     sessions = ort.Sessions(bundle, provider, threads)
     load_s = time.perf_counter() - t0
-    rss_loaded = peak_rss_mib()
+    rss_loaded, _ = peak_rss_mib()
     samples = bundle.load_samples()
     m = bundle.manifest
     report = {
@@ -132,5 +142,6 @@ def run_bundle(bundle: Bundle, *, provider: str | None = None, warmup: int = 3, 
         report["energy"] = {"sensor": "none", "looked_for": reasons}
     else:
         report["energy"] = {**sensors.measure(sensor, lambda: sessions.run(x), x.shape[1], energy_seconds), "not_used": reasons}
-    report["memory"] = {"peak_rss_mib_after_load": rss_loaded, "peak_rss_mib": peak_rss_mib()}
+    peak, source = peak_rss_mib()
+    report["memory"] = {"peak_rss_mib_after_load": rss_loaded, "peak_rss_mib": peak, "source": source}
     return report
