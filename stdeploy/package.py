@@ -45,9 +45,12 @@ def _check_out(out: Path, archive: bool, overwrite: bool) -> None:
     if not out.exists():
         return
     if archive:
-        if out.is_dir() or not overwrite:
-            raise ConfigError(f"--out {out} exists; pass --overwrite to replace it" if not out.is_dir() else
-                              f"--out {out} is a folder; --archive writes a .tar.gz file")
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; --archive writes a .tar.gz file")
+        if not overwrite:
+            raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
+        if not _is_bundle_archive(out):
+            raise ConfigError(f"--out {out} is not a bundle archive; --overwrite only replaces a bundle")
         return
     if not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
@@ -101,6 +104,26 @@ def reference_outputs(export_dir: Path, manifest: dict, data, samples: int):
     return x.numpy(), logits.numpy(), spikes.numpy(), activity, described
 
 
+def device_tolerance(tol) -> dict:
+    """The onnxruntime target's stated tolerance as the bundle's ``{"spike_mismatches", "logits_atol"}``;
+    a form without both refuses (no silent default)."""
+    import dataclasses
+
+    d = dataclasses.asdict(tol) if dataclasses.is_dataclass(tol) else dict(tol)
+    missing = [k for k in ("spike_mismatches", "logits_atol") if k not in d]
+    if missing:
+        raise ConfigError(f"the onnxruntime target's tolerance {d} lacks {missing}; the bundle format needs both")
+    return {"spike_mismatches": int(d["spike_mismatches"]), "logits_atol": float(d["logits_atol"])}
+
+
+def _is_bundle_archive(path: Path) -> bool:
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            return any(n.count("/") == 1 and n.endswith("/" + fmt.MANIFEST) for n in tar.getnames())
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
 def _readme(name: str, versions: dict, profile, batch: int, timesteps: int) -> str:
     return f"""# Bundle {name}
 
@@ -151,7 +174,7 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
     import onnxruntime
 
     versions = {"numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
-    tolerance = dict(get_target("onnxruntime").tolerance)
+    tolerance = device_tolerance(get_target("onnxruntime").tolerance)
     name = out.name.removesuffix(".tar.gz").removesuffix(".tgz")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -330,3 +330,32 @@ def test_readme_commands_run_the_bundle_in_a_clean_venv(bundle, device_venv, tmp
     assert rep["check"]["passed"] and all(g["spike_mismatches"] == 0 and g["output_firing_rate"] > 0 for g in rep["check"]["graphs"])
     assert rep["runtime"]["version"] == rep["runtime"]["packaged_with"]["onnxruntime"]
     assert "**PASS**" in r.stdout
+
+
+def test_cuda_profile_bundle_asks_for_cuda_and_never_falls_back_silently(export_dir, tmp_path):
+    out = tmp_path / "jetson"
+    m = package(export_dir, "jetson-orin-nano", out, samples=2)
+    assert m["providers"][0] == "CUDAExecutionProvider" and m["device"]["name"] == "jetson-orin-nano"
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this host has onnxruntime's CUDA provider: the refusal cannot be shown here")
+    r = run_runner(out, "--check-only", cwd=tmp_path)
+    assert r.returncode == 2 and "CUDAExecutionProvider is not available" in r.stderr and "--provider CPUExecutionProvider" in r.stderr
+    r = run_runner(out, "--check-only", "--provider", "CPUExecutionProvider", cwd=tmp_path)
+    assert r.returncode == 0 and "check PASS" in r.stdout, r.stderr
+
+
+def test_archive_overwrite_replaces_only_a_bundle_archive(export_dir, tmp_path):
+    other = tmp_path / "notes.tar.gz"
+    other.write_bytes(b"not a bundle")
+    with pytest.raises(ValueError, match="not a bundle archive"):
+        package(export_dir, "cpu", other, samples=2, archive=True, overwrite=True)
+    assert other.read_bytes() == b"not a bundle"
+    out = tmp_path / "b.tar.gz"
+    package(export_dir, "cpu", out, samples=2, archive=True)
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        package(export_dir, "cpu", out, samples=3, archive=True)
+    package(export_dir, "cpu", out, samples=3, archive=True, overwrite=True)
+    with tarfile.open(out) as tar:
+        assert json.load(tar.extractfile("b/manifest.json"))["batch"] == 3

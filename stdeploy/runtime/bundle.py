@@ -226,7 +226,8 @@ def read_bundle(root: str | os.PathLike) -> Bundle:
         if name is not None and name not in entries:
             raise BundleError(f"{where}: {what} names {name}, which files does not list")
     tol = _require(manifest, "tolerance", dict, where)
-    tolerance = Tolerance(tol.get("spike_mismatches", 0), tol.get("logits_atol", 1e-4))
+    tolerance = Tolerance(_require(tol, "spike_mismatches", int, f"{where}: tolerance"),
+                          _require(tol, "logits_atol", (int, float), f"{where}: tolerance"))
     providers = manifest.get("providers", ["CPUExecutionProvider"])
     if not (isinstance(providers, list) and providers and all(isinstance(p, str) for p in providers)):
         raise BundleError(f"{where}: providers must be a non-empty list of onnxruntime provider names")

@@ -56,6 +56,7 @@ class Sessions:
             except Exception as err:  # onnxruntime has its own exception types for bad graphs
                 raise BundleError(f"{bundle.path(name)}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from err
 
+        self.names = (bundle.unrolled, bundle.step)
         self.unrolled = load(bundle.unrolled)
         self.step = load(bundle.step) if bundle.step else None
         names = [o.name for o in self.unrolled.get_outputs()]
@@ -71,7 +72,10 @@ class Sessions:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Unrolled graph on ``x (T, B, C, H, W)``: ``(logits, spikes)``."""
-        logits, spikes = self.unrolled.run(["logits", "spikes"], {"input": x})
+        try:
+            logits, spikes = self.unrolled.run(["logits", "spikes"], {"input": x})
+        except Exception as err:  # onnxruntime's own exception types (bad shapes, kernel failures)
+            raise BundleError(f"{self.names[0]}: onnxruntime failed on input {list(x.shape)} ({str(err).splitlines()[0]})") from err
         return logits, spikes
 
     def zero_states(self, batch: int) -> dict[str, np.ndarray]:
@@ -80,7 +84,10 @@ class Sessions:
 
     def step_once(self, frame: np.ndarray, states: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict]:
         """One timestep: ``frame (B, C, H, W)`` and the membranes -> ``(logits_step, spikes_step, new membranes)``."""
-        out = dict(zip(self.step_outputs, self.step.run(self.step_outputs, {"input": frame, **states})))
+        try:
+            out = dict(zip(self.step_outputs, self.step.run(self.step_outputs, {"input": frame, **states})))
+        except Exception as err:  # onnxruntime's own exception types
+            raise BundleError(f"{self.names[1]}: onnxruntime failed on a frame {list(frame.shape)} ({str(err).splitlines()[0]})") from err
         new = {STATE_IN + n[len(STATE_OUT):]: v for n, v in out.items() if n.startswith(STATE_OUT)}
         return out["logits_step"], out["spikes_step"], new
 
