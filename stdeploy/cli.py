@@ -494,8 +494,8 @@ def cmd_package(args: argparse.Namespace) -> dict:
         print(f"bundle {args.out} for {result['device']['name']} ({result['runtime']}, {'archive' if args.archive else 'folder'}): "
               f"{len(result['files'])} files, {sum(f['bytes'] for f in result['files'].values())} B")
         print(f"  samples: {result['samples']['described']}; output firing rate {result['activity']['output_firing_rate']:.4f}")
-        print("  checked here with the device runner: " + ", ".join(
-            f"{g['graph']} {g['spike_mismatches']}/{g['spikes_total']} spike mismatches" for g in h["graphs"]))
+        print("  checked here with the device runner: " + (", ".join(
+            f"{g['graph']} {g['spike_mismatches']}/{g['spikes_total']} spike mismatches" for g in h["graphs"]) or h.get("skipped", "")))
         print(f"  on the device: see {'README.md in the archive' if args.archive else os.path.join(args.out, 'README.md')}")
     return {k: result[k] for k in ("out", "format", "runtime", "device", "files", "activity", "host_check", "tolerance")}
 
@@ -505,7 +505,7 @@ def _package_parser(sub) -> None:
     p.add_argument("export_dir")
     p.add_argument("--device", required=True, help="device profile name or .toml path (kind cpu or cuda)")
     p.add_argument("--out", required=True, help="bundle folder (NAME.tar.gz with --archive)")
-    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime (tvm: not yet)")
+    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime, or tvm: standalone untuned TVM modules (cpu profiles)")
     p.add_argument("--archive", action="store_true", help="write one .tar.gz instead of a folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--samples", type=int, default=32, help="sample inputs (also the batch timed on the device)")

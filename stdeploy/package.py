@@ -124,22 +124,31 @@ def _is_bundle_archive(path: Path) -> bool:
         return False
 
 
-def _readme(name: str, versions: dict, profile, batch: int, timesteps: int) -> str:
+def _readme(name: str, versions: dict, profile, batch: int, timesteps: int, runtime: str = "onnxruntime") -> str:
+    pins = " ".join(f"{k}=={v}" for k, v in versions.items())
+    if runtime == "tvm":
+        what = "two standalone TVM modules (untuned TVM code, no Python callbacks)"
+        needs = "numpy + TVM's runtime, no torch, no TVM compiler"
+        install = f"python -m pip install --no-deps {pins}"
+        note = ("\nThe runner loads TVM's runtime library only (`TVM_USE_RUNTIME_LIB=1`): the wheel's "
+                "`tvm/lib/libtvm_compiler.so` may be deleted on the device.\n")
+    else:
+        what, needs, install, note = "two ONNX graphs", "numpy + onnxruntime, no torch", f"python -m pip install {pins}", ""
     return f"""# Bundle {name}
 
-A {profile.name} bundle ({profile.description or profile.kind}): two ONNX graphs, {batch} sample inputs with
-the expected output spikes and logits, and the runner (`runner/`, numpy + onnxruntime, no torch).
+A {profile.name} bundle ({profile.description or profile.kind}): {what}, {batch} sample inputs with
+the expected output spikes and logits, and the runner (`runner/`, {needs}).
 
 On the device, from the folder that holds `{name}`:
 
 ```
-python -m pip install numpy=={versions['numpy']} onnxruntime=={versions['onnxruntime']}
+{install}
 PYTHONPATH={name}/runner python -m stdeploy.runtime {name} --out {name}-report
 ```
-
+{note}
 The second command verifies every file's sha256 (manifest.json), checks the samples spike for spike
 (exit 1 when they differ beyond the manifest's tolerance), then times batch {batch} (T={timesteps})
-and batch-1 streaming through `model.step.onnx`, and writes report.json and report.md
+and batch-1 streaming through the step graph, and writes report.json and report.md
 (`--json` prints the report; `--help` lists the options).
 """
 
@@ -160,9 +169,9 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
     if profile.kind == "lava":
         raise ConfigError(f"--device {profile.name}: a Lava simulation profile; bundles run on onnxruntime devices "
                           f"(profiles of kind cpu or cuda)")
-    if runtime == "tvm":
-        raise ConfigError(f"--runtime tvm: a TVM bundle needs the standalone TVM module that export_library can "
-                          f"write, which is not built yet; package {profile.name} with --runtime onnxruntime")
+    if runtime == "tvm" and profile.kind != "cpu":
+        raise ConfigError(f"--runtime tvm --device {profile.name}: TVM bundles are built for cpu profiles only so far (a "
+                          f"{profile.kind} bundle needs its GPU module too); use --runtime onnxruntime")
     _check_out(out, archive, overwrite)
     _, manifest = read_manifest(export_dir, "onnx")
     unrolled = _export_artifact(export_dir, manifest, "onnx")
@@ -171,22 +180,29 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
     if activity["output_firing_rate"] in (0.0, 1.0):
         warnings.warn(f"{export_dir}: the output neurons {'never' if activity['output_firing_rate'] == 0 else 'always'} "
                       f"fire on these samples, so a spike check cannot tell a wrong model from a right one", stacklevel=2)
-    import onnxruntime
-
-    versions = {"numpy": np.__version__, "onnxruntime": onnxruntime.__version__}
-    tolerance = device_tolerance(get_target("onnxruntime").tolerance)
+    versions = runtime_versions(runtime)
+    tolerance = device_tolerance(get_target(runtime).tolerance)
     name = out.name.removesuffix(".tar.gz").removesuffix(".tgz")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         stage = tmp / name
         stage.mkdir()
-        shutil.copyfile(unrolled, stage / "model.onnx")
-        if step is not None:
-            shutil.copyfile(step, stage / "model.step.onnx")
+        tvm_section = None
+        if runtime == "tvm":
+            from .package_tvm import build_tvm_modules
+
+            tvm_section = build_tvm_modules(unrolled, step, profile, int(x.shape[1]), stage)
+            models = {k: g["file"] for k, g in tvm_section["graphs"].items()}
+        else:
+            shutil.copyfile(unrolled, stage / "model.onnx")
+            if step is not None:
+                shutil.copyfile(step, stage / "model.step.onnx")
+            models = {"unrolled": "model.onnx", "step": "model.step.onnx" if step is not None else None}
+        models.setdefault("step", None)
         np.savez_compressed(stage / "samples.npz", input=x.astype(np.float32), logits=logits.astype(np.float32),
                  spikes=spikes.astype(np.float32))
-        (stage / "README.md").write_text(_readme(name, versions, profile, x.shape[1], x.shape[0]))
+        (stage / "README.md").write_text(_readme(name, versions, profile, x.shape[1], x.shape[0], runtime))
         src = Path(__file__).resolve().parent
         runner = stage / "runner" / "stdeploy"
         (runner / "runtime").mkdir(parents=True)
@@ -198,17 +214,21 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
                  "model.step.onnx": "one timestep: input (B, C, H, W), state.<neuron> -> logits_step, spikes_step, state_out.<neuron>",
                  "samples.npz": "input, expected logits and output spikes of the folded PyTorch reference",
                  "README.md": "the two commands to run on the device"}
+        if tvm_section is not None:
+            for key, g in tvm_section["graphs"].items():
+                roles[g["file"]] = (f"standalone TVM module ({tvm_section['machine']}, {tvm_section['schedules']}) of the "
+                                    f"{key} graph at batch {g['batch']}")
         files = {}
         for p in sorted(q for q in stage.rglob("*") if q.is_file()):
             rel = p.relative_to(stage).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p),
                           "role": roles.get(rel, "runner source (numpy + onnxruntime, no torch)")}
         bundle_manifest = {
-            "format": fmt.FORMAT, "runtime": runtime, "providers": PROVIDERS[profile.kind],
+            "format": fmt.FORMAT, "runtime": runtime, "providers": PROVIDERS[profile.kind] if runtime == "onnxruntime" else ["cpu"],
             "device": {"name": profile.name, "kind": profile.kind, "description": profile.description},
             "model": manifest.get("model", {}), "timesteps": int(x.shape[0]), "batch": int(x.shape[1]),
             "input": manifest.get("input"), "outputs": manifest.get("outputs"),
-            "models": {"unrolled": "model.onnx", "step": "model.step.onnx" if step is not None else None},
+            "models": models, **({"tvm": tvm_section} if tvm_section is not None else {}),
             "samples": {"file": "samples.npz", "described": described,
                         "shapes": {"input": list(x.shape), "logits": list(logits.shape), "spikes": list(spikes.shape)}},
             "tolerance": tolerance, "activity": activity, "versions": versions,
@@ -217,7 +237,7 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         }
         (stage / fmt.MANIFEST).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
         host = _host_check(stage)
-        if not host["passed"]:
+        if host is not None and not host["passed"]:
             bad = "; ".join(f"{g['graph']}: {g.get('spike_mismatches', '?')} spike mismatches, logits within "
                             f"{g.get('logits_max_abs_error', float('nan')):.2e}" for g in host["graphs"] if not g["passed"])
             raise OutputMismatch(f"onnxruntime on this host does not reproduce the reference on the samples (nothing written): {bad}")
@@ -231,7 +251,8 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
             _replace_dir(stage, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {**bundle_manifest, "out": str(out), "host_check": host}
+    return {**bundle_manifest, "out": str(out), "host_check": host or {"passed": None, "graphs": [],
+                                                                        "skipped": "built for another machine; run it there"}}
 
 
 def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -240,13 +261,30 @@ def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _host_check(stage: Path) -> dict:
-    """The device's own check, run here on the staged bundle (verifies it as a device would)."""
+def _host_check(stage: Path) -> dict | None:
+    """The device's own check, run here on the staged bundle (verifies it as a device would); None
+    for TVM modules built for another machine (they are verified by hash only until run there)."""
     from .runtime import ort
-    from .runtime.run import check
+    from .runtime.run import check, open_sessions
+    from .runtime.tvm_rt import host_machine
 
     b = fmt.read_bundle(stage)
+    if b.runtime == "tvm":
+        if b.tvm["machine"] != host_machine():
+            return None
+        return check(b, open_sessions(b), b.load_samples())
     return check(b, ort.Sessions(b, "CPUExecutionProvider"), b.load_samples())
+
+
+def runtime_versions(runtime: str) -> dict:
+    """The versions the device installs (pinned in the bundle's README): those of this host."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["numpy", "onnxruntime"] if runtime == "onnxruntime" else ["numpy", "apache-tvm", "apache-tvm-ffi", "typing_extensions"]
+    try:
+        return {n: version(n) for n in names}
+    except PackageNotFoundError as err:
+        raise ConfigError(f"--runtime {runtime}: {err.name} is not installed on this build machine") from err
 
 
 def _replace_dir(stage: Path, out: Path) -> None:

@@ -63,10 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             if out is not None and out.resolve().is_relative_to(bundle.root.resolve()):
                 raise BundleError(f"--out {out} is inside the bundle; a bundle is sealed (write the report elsewhere)")
             if args.check_only:
-                from . import ort
-                from .run import check
+                from .run import check, open_sessions
 
-                sessions = ort.Sessions(bundle, ort.choose_provider(bundle, args.provider), args.threads)
+                sessions = open_sessions(bundle, args.provider, args.threads)
                 report = {"bundle": bundle.root.name, "check": check(bundle, sessions, bundle.load_samples())}
             else:
                 report = run_bundle(bundle, provider=args.provider, warmup=args.warmup, repeats=args.repeats,

@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20        # a manifest is a few KB; refuse to parse anything huge
 MAX_ARCHIVE_BYTES = 4 << 30         # unpacked size guard for .tar.gz bundles
 SAMPLE_ARRAYS = ("input", "logits", "spikes")
-RUNTIMES = ("onnxruntime",)
+RUNTIMES = ("onnxruntime", "tvm")
 
 
 class BundleError(StdeployError):
@@ -89,6 +89,7 @@ class Bundle:
     step: str | None                # file name of the step graph, if bundled
     samples: str                    # file name of samples.npz
     providers: tuple[str, ...] = field(default=("CPUExecutionProvider",))
+    tvm: dict | None = None         # runtime "tvm": target, machine, each module's inputs and outputs
 
     @property
     def runtime(self) -> str:
@@ -231,8 +232,31 @@ def read_bundle(root: str | os.PathLike) -> Bundle:
     providers = manifest.get("providers", ["CPUExecutionProvider"])
     if not (isinstance(providers, list) and providers and all(isinstance(p, str) for p in providers)):
         raise BundleError(f"{where}: providers must be a non-empty list of onnxruntime provider names")
+    tvm = _tvm_section(manifest, where, unrolled, step) if runtime == "tvm" else None
     verify_files(root, entries)
-    return Bundle(root, manifest, entries, tolerance, unrolled, step, samples_file, tuple(providers))
+    return Bundle(root, manifest, entries, tolerance, unrolled, step, samples_file, tuple(providers), tvm)
+
+
+def _tvm_section(manifest: dict, where: str, unrolled: str, step: str | None) -> dict:
+    """The ``tvm`` section of a TVM bundle: machine, target and, per graph, its file, inputs
+    ``[[name, static shape], ...]`` and output names in the module's order."""
+    tvm = _require(manifest, "tvm", dict, where)
+    _require(tvm, "machine", str, f"{where}: tvm")
+    _require(tvm, "target", dict, f"{where}: tvm")
+    graphs = _require(tvm, "graphs", dict, f"{where}: tvm")
+    for key, name in (("unrolled", unrolled), ("step", step)):
+        if name is None:
+            continue
+        g = _require(graphs, key, dict, f"{where}: tvm.graphs")
+        if g.get("file") != name:
+            raise BundleError(f"{where}: tvm.graphs.{key}.file is {g.get('file')!r}, models.{key} is {name!r}")
+        inputs = _require(g, "inputs", list, f"{where}: tvm.graphs.{key}")
+        outputs = _require(g, "outputs", list, f"{where}: tvm.graphs.{key}")
+        ok = all(isinstance(i, list) and len(i) == 2 and isinstance(i[0], str) and isinstance(i[1], list)
+                 and all(isinstance(d, int) and d >= 1 for d in i[1]) for i in inputs)
+        if not ok or not inputs or not all(isinstance(o, str) for o in outputs):
+            raise BundleError(f"{where}: tvm.graphs.{key}: inputs must be [[name, [dims]], ...] and outputs names")
+    return tvm
 
 
 def unpack_archive(archive: str | os.PathLike, into: str | os.PathLike) -> Path:

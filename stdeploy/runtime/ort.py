@@ -43,12 +43,15 @@ def choose_provider(bundle: Bundle, provider: str | None) -> str:
 class Sessions:
     """An onnxruntime session for each graph of a bundle on one execution provider."""
 
+    runtime_name = "onnxruntime"
+
     def __init__(self, bundle: Bundle, provider: str, threads: int | None = None):
         ort = _ort()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         self.provider = provider
+        self.version = ort.__version__
 
         def load(name: str):
             try:

@@ -11,7 +11,7 @@ def to_markdown(report: dict) -> str:
     h, rt, c = report["host"], report["runtime"], report["check"]
     lines = [f"# Runtime report: {report['bundle']} ({report.get('model') or 'model'})", "",
              f"- device: {h['machine']}, {h['system']}, {h['cpus']} CPUs; profile {report['device_profile'].get('name', '?')}",
-             f"- runtime: onnxruntime {rt['version']} on {rt['provider']} (packaged with {', '.join(f'{k} {v}' for k, v in rt['packaged_with'].items()) or 'unknown versions'})",
+             f"- runtime: {rt['name']} {rt['version']} on {rt['provider']} (packaged with {', '.join(f'{k} {v}' for k, v in rt['packaged_with'].items()) or 'unknown versions'})",
              f"- check: **{'PASS' if c['passed'] else 'FAIL'}** on {c['samples']} samples (tolerance: at most "
              f"{c['tolerance']['spike_mismatches']} output spike mismatches, logits within {c['tolerance']['logits_atol']:g}); "
              f"reference output firing rate {c['reference_output_firing_rate']:.4f}", "",

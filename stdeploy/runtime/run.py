@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ort, sensors
-from .bundle import Bundle
+from .bundle import Bundle, BundleError
 
 REPORT_FORMAT = "stdeploy-runtime-report/1"
 
@@ -65,7 +65,7 @@ def compare(name: str, logits: np.ndarray, spikes: np.ndarray, ref_logits: np.nd
             "output_firing_rate": float(spikes.mean())}
 
 
-def check(bundle: Bundle, sessions: ort.Sessions, samples: dict[str, np.ndarray]) -> dict:
+def check(bundle: Bundle, sessions, samples: dict[str, np.ndarray]) -> dict:
     x, ref_logits, ref_spikes = samples["input"], samples["logits"], samples["spikes"]
     results = [compare(bundle.unrolled, *sessions.run(x), ref_logits, ref_spikes, bundle.tolerance)]
     if sessions.step is not None:
@@ -75,7 +75,7 @@ def check(bundle: Bundle, sessions: ort.Sessions, samples: dict[str, np.ndarray]
             "reference_output_firing_rate": float(ref_spikes.mean()), "graphs": results}
 
 
-def batch_latency(sessions: ort.Sessions, x: np.ndarray, warmup: int, repeats: int) -> dict:
+def batch_latency(sessions, x: np.ndarray, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         sessions.run(x)
     times = []
@@ -90,7 +90,7 @@ def batch_latency(sessions: ort.Sessions, x: np.ndarray, warmup: int, repeats: i
     return out
 
 
-def streaming_latency(sessions: ort.Sessions, x: np.ndarray, warmup: int, repeats: int) -> dict:
+def streaming_latency(sessions, x: np.ndarray, warmup: int, repeats: int) -> dict:
     """Batch 1: the first sample's frames, one step per call, membranes carried; ``repeats`` sequences."""
     frames = np.ascontiguousarray(x[:, :1])
     times = []
@@ -108,6 +108,18 @@ def streaming_latency(sessions: ort.Sessions, x: np.ndarray, warmup: int, repeat
     return out
 
 
+def open_sessions(bundle: Bundle, provider: str | None = None, threads: int | None = None):
+    """The bundle's graphs loaded on its runtime: onnxruntime (``provider``: see
+    :func:`stdeploy.runtime.ort.choose_provider`) or TVM's runtime (its CPU; no provider choice)."""
+    if bundle.runtime == "tvm":
+        if provider:
+            raise BundleError(f"--provider {provider}: a TVM bundle runs its modules on the CPU; --provider is for onnxruntime bundles")
+        from . import tvm_rt
+
+        return tvm_rt.Sessions(bundle, threads)
+    return ort.Sessions(bundle, ort.choose_provider(bundle, provider), threads)
+
+
 def host() -> dict:
     return {"machine": platform.machine(), "system": f"{platform.system()} {platform.release()}",
             "processor": platform.processor() or platform.machine(), "cpus": sensors.cpu_count(),
@@ -118,17 +130,17 @@ def run_bundle(bundle: Bundle, *, provider: str | None = None, warmup: int = 3, 
                threads: int | None = None, energy_seconds: float = 1.0, sysfs: str = "/sys") -> dict:
     """Check and time ``bundle`` here; the report (see the module docstring). ``report["check"]["passed"]``
     says whether the device reproduced the reference within the bundle's tolerance."""
-    provider = ort.choose_provider(bundle, provider)
     t0 = time.perf_counter()
-    sessions = ort.Sessions(bundle, provider, threads)
+    sessions = open_sessions(bundle, provider, threads)
     load_s = time.perf_counter() - t0
+    provider = sessions.provider
     rss_loaded, _ = peak_rss_mib()
     samples = bundle.load_samples()
     m = bundle.manifest
     report = {
         "format": REPORT_FORMAT, "bundle": bundle.root.name, "model": m.get("model", {}).get("name") or m.get("model_name"),
         "device_profile": m.get("device", {}), "host": host(),
-        "runtime": {"name": "onnxruntime", "version": ort.version(), "provider": provider, "threads": threads,
+        "runtime": {"name": sessions.runtime_name, "version": sessions.version, "provider": provider, "threads": threads,
                     "load_s": load_s, "packaged_with": m.get("versions", {})},
         "activity": m.get("activity", {}),
     }
@@ -137,7 +149,7 @@ def run_bundle(bundle: Bundle, *, provider: str | None = None, warmup: int = 3, 
     report["latency"] = {"batch": batch_latency(sessions, x, warmup, repeats)}
     if sessions.step is not None:
         report["latency"]["streaming"] = streaming_latency(sessions, x, min(warmup, 1) if warmup else 0, repeats)
-    sensor, reasons = sensors.find_sensor(provider, sysfs)
+    sensor, reasons = sensors.find_sensor(provider if sessions.runtime_name == "onnxruntime" else "CPU", sysfs)
     if sensor is None:
         report["energy"] = {"sensor": "none", "looked_for": reasons}
     else:
