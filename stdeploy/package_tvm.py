@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import warnings
 from pathlib import Path
 
 from .errors import ConfigError
@@ -83,7 +84,9 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
             continue
         model, _ = densify_sparse_initializers(onnx.load(str(path)))
         inputs = _static_inputs(model, b)
-        mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
+        with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
+            warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
+            mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
         ex = tvm.compile(mod, target=tvm.target.Target(target))
         name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
         lib = stage / name

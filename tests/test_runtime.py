@@ -359,3 +359,96 @@ def test_archive_overwrite_replaces_only_a_bundle_archive(export_dir, tmp_path):
     package(export_dir, "cpu", out, samples=3, archive=True, overwrite=True)
     with tarfile.open(out) as tar:
         assert json.load(tar.extractfile("b/manifest.json"))["batch"] == 3
+
+
+# ----------------------------------------------------------------------------- TVM bundles: standalone modules, TVM's runtime alone
+def _dynamic_symbols(lib: Path, undefined: bool) -> set[str]:
+    """Global dynamic symbols of an ELF library (readelf reads any architecture): the undefined
+    ones that are not weak, or the defined ones; version suffixes dropped."""
+    out = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
+    names = set()
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[0].endswith(":") and f[4] in ("GLOBAL", "WEAK"):
+            if (f[6] == "UND") == undefined and not (undefined and f[4] == "WEAK"):
+                names.add(f[7].split("@")[0])
+    return names
+
+
+@pytest.fixture(scope="module")
+def tvm_bundle(export_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tvm") / "sdt-tvm"
+    return out, package(export_dir, "cpu", out, samples=2, runtime="tvm")
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, tmp_path_factory, tmp_path):
+    """(b): numpy, apache-tvm and its FFI installed with --no-deps, libtvm_compiler.so deleted, no torch."""
+    root, manifest = tvm_bundle
+    assert manifest["runtime"] == "tvm" and set(manifest["models"].values()) == {"model.x86_64.so", "model.step.x86_64.so"}
+    assert "model.onnx" not in manifest["files"] and all(g["spike_mismatches"] == 0 for g in manifest["host_check"]["graphs"])
+    venv = tmp_path_factory.mktemp("tvm-device") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+    device = tmp_path / "device"
+    device.mkdir()
+    shutil.copytree(root, device / root.name)
+    block = (device / root.name / "README.md").read_text().split("```")[1].strip().splitlines()
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TVM_USE_RUNTIME_LIB")}
+    install = shlex.split(block[0])
+    assert install[:5] == ["python", "-m", "pip", "install", "--no-deps"]
+    r = subprocess.run([python, *install[1:], "-q", "--disable-pip-version-check"], cwd=device, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, env=env, check=True).stdout.strip())
+    (site / "tvm" / "lib" / "libtvm_compiler.so").unlink()  # TVM's runtime alone from here on
+    assert not (site / "torch").exists() and not (site / "onnxruntime").exists()
+    assignment, *run = shlex.split(block[1])
+    key, _, value = assignment.partition("=")
+    r = subprocess.run([python, *run[1:], "--json", "--repeats", "2", "--warmup", "1", "--energy-seconds", "0.1"], cwd=device,
+                       env={**env, key: value, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["runtime"]["name"] == "tvm" and rep["check"]["passed"]
+    assert all(g["spike_mismatches"] == 0 and g["output_firing_rate"] > 0 for g in rep["check"]["graphs"])
+    assert rep["latency"]["streaming"]["batch"] == 1 and rep["latency"]["batch"]["batch"] == 2
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_aarch64_modules_need_only_tvm_runtime_and_libc(export_dir, tmp_path):
+    """(c): cross-compiled for aarch64; every symbol the modules leave undefined is defined by TVM's
+    runtime libraries or the aarch64 C library; no Python symbol. (Running them needs an aarch64
+    Python with TVM's runtime: under qemu-user that is a whole aarch64 userland, not tried here.)"""
+    compiler = "aarch64-linux-gnu-g++"
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed (make installs g++-aarch64-linux-gnu)")
+    profile = tmp_path / "arm64.toml"
+    profile.write_text('kind = "cpu"\ndescription = "aarch64 Linux CPU"\n[tvm]\n'
+                       'target = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
+                       f'cross_compiler = "{compiler}"\n')
+    out = tmp_path / "arm"
+    m = package(export_dir, str(profile), out, samples=1, runtime="tvm")
+    assert m["tvm"]["machine"] == "aarch64" and m["host_check"]["passed"] is None
+    import tvm
+    import tvm_ffi
+
+    provided = set()
+    for lib in [Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so", *Path(tvm_ffi.__file__).parent.glob("lib/libtvm_ffi.so")]:
+        provided |= _dynamic_symbols(lib, undefined=False)
+    sysroot = Path("/usr/aarch64-linux-gnu/lib")
+    for libc in ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1"):
+        if (sysroot / libc).exists():
+            provided |= _dynamic_symbols(sysroot / libc, undefined=False)
+    for name in m["models"].values():
+        lib = out / name
+        head = lib.read_bytes()[:20]
+        assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+        needed = _dynamic_symbols(lib, undefined=True)
+        assert needed, "a module that imports nothing is not what TVM writes"
+        assert not {s for s in needed if s.startswith(("Py", "_Py"))}
+        assert needed <= provided, f"{name}: undefined symbols nobody provides: {sorted(needed - provided)}"
+    r = run_runner(out, "--check-only", cwd=tmp_path)  # x86-64 here: refused in one line, not crashed
+    assert r.returncode == 2 and "built for aarch64, this machine is" in r.stderr and len(r.stderr.strip().splitlines()) == 1
