@@ -287,7 +287,10 @@ def unpack_archive(archive: str | os.PathLike, into: str | os.PathLike) -> Path:
         if len(tops) != 1:
             raise BundleError(f"{archive}: must hold one bundle folder, holds {sorted(tops) or 'nothing'}")
         into.mkdir(parents=True, exist_ok=True)
-        tar.extractall(into, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+ (and security releases of 3.8-3.10)
+            tar.extractall(into, filter="data")
+        else:  # older Pythons: every member was checked above (plain, relative, inside)
+            tar.extractall(into, members)
     return into / tops.pop()
 
 
