@@ -10,8 +10,9 @@ twice (``stdeploy package``, 32 samples from the digits test split; ``--runtime 
 unimportable, as on a device. Printed: the check (spikes against the reference), batch-32 and
 batch-1 streaming latency (p50 / p90 / p99), and each neuron layer's firing rate on the samples,
 which is the input density of the layer it feeds (with the input frames' density first). TVM's
-in-process path (BLAS and spike kernels through Python callbacks) cannot be bundled and is timed by
-``stdeploy bench`` / ``benchmarks/speed.py`` instead.
+in-process path (``stdeploy run --target tvm``: BLAS and spike kernels through Python callbacks)
+cannot be bundled; it is timed here in this process at batch 32 (it has no step graph, so no
+streaming row).
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ def run_bundle(bundle: Path, report_dir: Path, repeats: int, threads: int | None
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def inprocess_tvm(export: Path, x, repeats: int) -> tuple[dict, object]:
+    """TVM's default CPU path in this process (``stdeploy run --target tvm``: BLAS and spike kernels
+    through Python callbacks), timed at the bundle's batch; it cannot be bundled, nor stream.
+    Returns the timing and the output spikes on ``x``."""
+    from stdeploy.profile.latency import measure
+    from stdeploy.targets.base import get_target
+    from stdeploy.targets.profiles import load_profile
+
+    runnable = get_target("tvm").compile(export, load_profile("cpu"))
+    spikes = runnable.run(x).spikes
+    return {**measure(lambda b: runnable.run(b), x, 3, repeats), "path": runnable.info.get("path")}, spikes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", default=None, help="an existing export directory (default: train and export sdt-tiny)")
@@ -63,6 +77,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (a small device: 1)")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--no-tvm", action="store_true", help="skip the standalone TVM modules (about a minute to compile)")
+    ap.add_argument("--no-inprocess", action="store_true", help="skip TVM's in-process path (stdeploy run --target tvm)")
     ap.add_argument("--out", default="runs/edge-latency")
     args = ap.parse_args()
 
@@ -93,10 +108,24 @@ def main() -> int:
         print(f"{'':<62} check {'PASS' if c['passed'] else 'FAIL'}: " + ", ".join(
             f"{g['graph']} {g['spike_mismatches']}/{g['spikes_total']}" for g in c["graphs"])
               + f" spike mismatches; peak RSS {rep['memory']['peak_rss_mib']:.0f} MiB; energy {rep['energy']['sensor']}")
+    if not args.no_inprocess:
+        import numpy as np
+
+        with np.load(out / "bundle-onnxruntime" / "samples.npz", allow_pickle=False) as z:
+            x, expected = z["input"], z["spikes"]
+        t, spikes = inprocess_tvm(export, x, args.repeats)
+        mism = int((np.asarray(spikes) != expected).sum())
+        print(f"{'tvm in-process (Python callbacks), whole sequence (T=%d)' % t['timesteps']:<62} {t['batch']:>5} "
+              f"{t['median_s'] * 1e3:>9.3f} {t['p90_s'] * 1e3:>9.3f} {'':>9}  {t['samples_per_s']:.0f} samples/s")
+        print(f"{'':<62} {t['path']}; {mism}/{expected.size} spike mismatches; no step graph, so no streaming row")
+        reports_inprocess = t
     if "tvm" in reports:
         o, t = reports["onnxruntime"]["latency"], reports["tvm"]["latency"]
         print(f"\nstandalone TVM / onnxruntime: {t['batch']['p50_s'] / o['batch']['p50_s']:.1f}x at batch {o['batch']['batch']}, "
               f"{t['streaming']['p50_s'] / o['streaming']['p50_s']:.1f}x per streaming step at batch 1")
+    if not args.no_inprocess:
+        print(f"tvm in-process / onnxruntime: {reports_inprocess['median_s'] / reports['onnxruntime']['latency']['batch']['p50_s']:.2f}x "
+              f"at batch {reports_inprocess['batch']}")
     e = reports["onnxruntime"]["energy"]
     if e["sensor"] == "none":
         print("energy: none (" + "; ".join(f"{k}: {v}" for k, v in e["looked_for"].items()) + ")")
