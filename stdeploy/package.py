@@ -1,7 +1,8 @@
 """``stdeploy package``: an export directory -> a bundle one device needs, and nothing else.
 
 For an onnxruntime device (a profile of kind ``cpu`` or ``cuda``) the bundle holds the unrolled and
-the step ONNX graphs, sample inputs with the reference's expected output spikes and logits
+the step ONNX graphs (with ``runtime="tvm"``, cpu profiles: standalone TVM modules of both instead,
+:mod:`stdeploy.package_tvm`), sample inputs with the reference's expected output spikes and logits
 (``samples.npz``, no pickles), the torch-free runner's source (``runner/``), a README with the two
 commands to run on the device, and ``manifest.json`` sealing every file (size, sha256). Its format
 is :mod:`stdeploy.runtime.bundle`.
@@ -167,8 +168,8 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         raise ConfigError(f"--samples must be a positive integer, got {samples!r}")
     profile = load_profile(device)
     if profile.kind == "lava":
-        raise ConfigError(f"--device {profile.name}: a Lava simulation profile; bundles run on onnxruntime devices "
-                          f"(profiles of kind cpu or cuda)")
+        raise ConfigError(f"--device {profile.name}: a Lava simulation profile; bundles run on onnxruntime or TVM "
+                          f"devices (profiles of kind cpu or cuda)")
     if runtime == "tvm" and profile.kind != "cpu":
         raise ConfigError(f"--runtime tvm --device {profile.name}: TVM bundles are built for cpu profiles only so far (a "
                           f"{profile.kind} bundle needs its GPU module too); use --runtime onnxruntime")
@@ -201,7 +202,7 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
             models = {"unrolled": "model.onnx", "step": "model.step.onnx" if step is not None else None}
         models.setdefault("step", None)
         np.savez_compressed(stage / "samples.npz", input=x.astype(np.float32), logits=logits.astype(np.float32),
-                 spikes=spikes.astype(np.float32))
+                            spikes=spikes.astype(np.float32))
         (stage / "README.md").write_text(_readme(name, versions, profile, x.shape[1], x.shape[0], runtime))
         src = Path(__file__).resolve().parent
         runner = stage / "runner" / "stdeploy"
@@ -222,7 +223,7 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         for p in sorted(q for q in stage.rglob("*") if q.is_file()):
             rel = p.relative_to(stage).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p),
-                          "role": roles.get(rel, "runner source (numpy + onnxruntime, no torch)")}
+                          "role": roles.get(rel, "runner source (numpy + the bundle's runtime, no torch)")}
         bundle_manifest = {
             "format": fmt.FORMAT, "runtime": runtime, "providers": PROVIDERS[profile.kind] if runtime == "onnxruntime" else ["cpu"],
             "device": {"name": profile.name, "kind": profile.kind, "description": profile.description},
@@ -240,7 +241,7 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         if host is not None and not host["passed"]:
             bad = "; ".join(f"{g['graph']}: {g.get('spike_mismatches', '?')} spike mismatches, logits within "
                             f"{g.get('logits_max_abs_error', float('nan')):.2e}" for g in host["graphs"] if not g["passed"])
-            raise OutputMismatch(f"onnxruntime on this host does not reproduce the reference on the samples (nothing written): {bad}")
+            raise OutputMismatch(f"{runtime} on this host does not reproduce the reference on the samples (nothing written): {bad}")
         if archive:
             def write_tar(path: str) -> None:
                 with tarfile.open(path, "w:gz") as tar:

@@ -8,6 +8,10 @@ with ``export_library`` as one shared library per graph. Nothing in them calls b
 every operator is TVM-generated code with TVM's default schedules (**untuned**), so TVM's runtime
 alone loads and runs them (``TVM_USE_RUNTIME_LIB=1``, no ``libtvm_compiler``).
 
+The target's ``mcpu`` is the profile's, else this build machine's CPU (as ``stdeploy run`` does):
+a module built on an AVX-512 host needs an AVX-512 device. For another x86-64 device, give its
+``mcpu`` in the profile (``"x86-64"`` for any); the manifest records the target.
+
 What these modules are *not*: the fast CPU path of ``stdeploy run --target tvm``. That path
 dispatches matmuls and convolutions to BLAS and to spike-skipping kernels through Python
 callbacks registered at run time, so it cannot be exported. Untuned TVM code is far slower than
