@@ -452,3 +452,14 @@ def test_aarch64_modules_need_only_tvm_runtime_and_libc(export_dir, tmp_path):
         assert needed <= provided, f"{name}: undefined symbols nobody provides: {sorted(needed - provided)}"
     r = run_runner(out, "--check-only", cwd=tmp_path)  # x86-64 here: refused in one line, not crashed
     assert r.returncode == 2 and "built for aarch64, this machine is" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_runner_refuses_a_report_folder_inside_the_bundle(bundle, capsys):
+    from stdeploy.runtime.__main__ import main as runtime_main
+
+    root = bundle[0]
+    assert runtime_main([str(root), "--check-only", "--out", str(root / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is inside the bundle" in err[0]
+    assert not (root / "rep").exists()
+    read_bundle(root)  # still sealed
