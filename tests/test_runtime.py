@@ -463,3 +463,12 @@ def test_runner_refuses_a_report_folder_inside_the_bundle(bundle, capsys):
     assert len(err) == 1 and "is inside the bundle" in err[0]
     assert not (root / "rep").exists()
     read_bundle(root)  # still sealed
+
+
+def test_package_cli_json_and_archive(export_dir, tmp_path, capsys):
+    out = tmp_path / "cli.tar.gz"
+    assert cli_main(["package", str(export_dir), "--device", "cpu", "--out", str(out), "--archive", "--samples", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["out"] == str(out) and res["runtime"] == "onnxruntime" and res["tolerance"]["spike_mismatches"] == 0
+    assert res["host_check"]["passed"] and "samples.npz" in res["files"] and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.tar.gz"]
