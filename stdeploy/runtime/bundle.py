@@ -223,6 +223,8 @@ def read_bundle(root: str | os.PathLike) -> Bundle:
         check_relative(step, f"{where}: models.step")
     samples = _require(manifest, "samples", dict, where)
     samples_file = check_relative(samples.get("file"), f"{where}: samples.file")
+    if not isinstance(samples.get("shapes", {}), dict):
+        raise BundleError(f"{where}: samples.shapes must be an object of array name -> shape")
     for name, what in ((unrolled, "models.unrolled"), (step, "models.step"), (samples_file, "samples.file")):
         if name is not None and name not in entries:
             raise BundleError(f"{where}: {what} names {name}, which files does not list")
