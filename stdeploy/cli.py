@@ -412,6 +412,11 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     from .targets.base import get_target
     from .targets.profiles import load_profile
 
+    device_rows = {}
+    if args.device_report:  # a report made on the device by `python -m stdeploy.runtime`, set beside the host's rows
+        from .runtime.report import device_rows as read_device_rows
+
+        device_rows = read_device_rows(args.device_report)
     ref = reference_model(args.export_dir)
     data = load_dataset(args.data, args.data_root)
     x_img = torch_stack_first(data, args.batch)
@@ -461,6 +466,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             results[name]["path"] = runnable.info["path"]
         if args.gpu_energy and _runs_on_gpu(runnable.info):
             results[name]["measured_energy"] = measure_energy(lambda b: runnable.run(b), x.numpy(), args.repeats)
+    results.update(device_rows)
     if not args.json:
         print(f"{'runtime':<12} {'median ms':>10} {'p90 ms':>8} {'samples/s':>10} {'timesteps/s':>12}")
         for name, r in results.items():
@@ -498,6 +504,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--repeats", type=count(), default=20)
     p.add_argument("--gpu-energy", action="store_true", help="also measure GPU energy with NVML power sampling (GPU runs)")
     p.add_argument("--pytorch-device", choices=["cpu", "cuda"], default="cpu", help="where the PyTorch reference row runs")
+    p.add_argument("--device-report", default=None, help="report.json from `python -m stdeploy.runtime` on a device: its rows beside these")
     add_data_args(p)
     _add_tvm_args(p)
 
@@ -582,6 +589,41 @@ def _profile_parser(sub) -> None:
 
 
 PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser]
+
+
+# ----------------------------------------------------------------------------- package
+@command("package")
+def cmd_package(args: argparse.Namespace) -> dict:
+    from .data import load_dataset
+    from .package import package
+
+    data = load_dataset(args.data, args.data_root) if args.data else None
+    result = package(args.export_dir, args.device, args.out, data=data, samples=args.samples, runtime=args.runtime,
+                     archive=args.archive, overwrite=args.overwrite)
+    if not args.json:
+        h = result["host_check"]
+        print(f"bundle {args.out} for {result['device']['name']} ({result['runtime']}, {'archive' if args.archive else 'folder'}): "
+              f"{len(result['files'])} files, {sum(f['bytes'] for f in result['files'].values())} B")
+        print(f"  samples: {result['samples']['described']}; output firing rate {result['activity']['output_firing_rate']:.4f}")
+        print("  checked here with the device runner: " + (", ".join(
+            f"{g['graph']} {g['spike_mismatches']}/{g['spikes_total']} spike mismatches" for g in h["graphs"]) or h.get("skipped", "")))
+        print(f"  on the device: see {'README.md in the archive' if args.archive else os.path.join(args.out, 'README.md')}")
+    return {k: result[k] for k in ("out", "format", "runtime", "device", "files", "activity", "host_check", "tolerance")}
+
+
+def _package_parser(sub) -> None:
+    p = sub.add_parser("package", help="bundle an export directory for one device: ONNX graphs, samples, runner, manifest")
+    p.add_argument("export_dir")
+    p.add_argument("--device", required=True, help="device profile name or .toml path (kind cpu or cuda)")
+    p.add_argument("--out", required=True, help="bundle folder (NAME.tar.gz with --archive)")
+    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime, or tvm: standalone untuned TVM modules (cpu profiles)")
+    p.add_argument("--archive", action="store_true", help="write one .tar.gz instead of a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--samples", type=count(), default=32, help="sample inputs (also the batch timed on the device)")
+    add_data_args(p)
+
+
+PARSERS.append(_package_parser)
 
 
 class OneLineParser(argparse.ArgumentParser):
