@@ -249,7 +249,19 @@ def test_cuda_artifact_is_reused_while_its_key_matches(cuda, exported, tmp_path,
         a["path"] = str(broken / Path(a["path"]).name)
         Path(a["path"]).write_bytes(b"\x7fELF truncated")
     (broken / "model.jetson-orin-nano.json").write_text(json.dumps(sidecar))
-    with pytest.raises(TargetError, match=r"broken/model\.jetson-orin-nano.*cannot load this CUDA artifact.*delete it"):
+    with pytest.raises(TargetError, match=r"broken/model\.jetson-orin-nano\.json: .*(sha256 does not match|the manifest says).*to rebuild"):
+        TVMTarget().compile(exported["dir"], runnable.profile, out_dir=broken)
+    # ... and so is a library the manifest does not vouch for, or one outside the folder, even when
+    # the sidecar itself is listed: a compiled library is code, its constructors run when loaded
+    from stdeploy.export.manifest import add_listed_file
+    add_listed_file(broken, "model.jetson-orin-nano.json")
+    with pytest.raises(TargetError, match=r"model\.jetson-orin-nano.*\.so: .*sha256 does not match|bytes, the manifest says"):
+        TVMTarget().compile(exported["dir"], runnable.profile, out_dir=broken)
+    for a in sidecar["artifacts"].values():
+        a["path"] = str(tmp_path / Path(a["path"]).name)  # a path outside the folder
+    (broken / "model.jetson-orin-nano.json").write_text(json.dumps(sidecar))
+    add_listed_file(broken, "model.jetson-orin-nano.json")
+    with pytest.raises(TargetError, match=r"names a library outside .*not loaded"):
         TVMTarget().compile(exported["dir"], runnable.profile, out_dir=broken)
 
 

@@ -42,7 +42,7 @@ from ...files import atomic_write_text, sha256_file
 from ..base import RunResult, TargetError, Timer
 from ..profiles import DeviceProfile, load_profile
 from .cpu import TVMRunnable, outputs_to_numpy
-from .cuda_artifacts import build_machine, export_library, find_module, load_cuda_artifact
+from .cuda_artifacts import build_machine, export_library, find_module, load_cuda_artifact, record_built_files
 from .cuda_standin_driver import ensure_tvm_cuda_runtime
 from .frontend import OnnxGraph, load_onnx_graph, relax_module
 from .kernels.sparse import density_choice, rewrite_sparse_matmuls
@@ -317,6 +317,7 @@ def cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_mat
         sidecar = Path(out_dir) / f"model.{profile.name}.json"
         atomic_write_text(sidecar, json.dumps(info, indent=2) + "\n")
         info["sidecar"] = str(sidecar)
+        record_built_files(Path(out_dir), [sidecar.name] + [Path(a["path"]).name for a in info.get("artifacts", {}).values()])
     return info, executables["build_host"]
 
 

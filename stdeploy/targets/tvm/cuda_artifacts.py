@@ -6,7 +6,14 @@ for a Jetson) and, when that host is not this machine, ``model.P.<machine>.so`` 
 machine, plus ``model.P.json`` (the sidecar: the build's info, including the key it was built
 from, see :func:`stdeploy.targets.tvm.cuda.artifact_key`). :func:`load_cuda_artifact` reuses them
 only when every key field matches and a library for this machine is listed; it checks that the
-loaded module implements every kernel the sidecar lists. Each library is written to a temporary
+loaded module implements every kernel the sidecar lists.
+
+A compiled library is code: its constructors run when it is loaded. So the build records the
+sidecar and each library, with its size and sha256, under ``built`` in the export directory's
+``manifest.json`` (:func:`record_built_files`), and :func:`load_cuda_artifact` loads only a library
+that sits in the export directory itself and that the manifest lists with a matching hash: a
+sidecar naming another path, an unlisted file or a changed one is never loaded (it is rebuilt).
+A separate ``out_dir`` gets a manifest of its own that lists only what was built. Each library is written to a temporary
 folder beside its final path and renamed into place (:func:`export_library`), so a reader never
 sees half a file.
 """
@@ -19,12 +26,15 @@ import platform
 import tempfile
 from pathlib import Path
 
+from ...export.manifest import MANIFEST, add_listed_file, verify_listed_file, write_manifest
+from ...errors import StdeployError
 from ..base import TargetError
 from ..profiles import DeviceProfile
 from .cuda_standin_driver import ensure_tvm_cuda_runtime
 from .sdk import load_tvm
 
-__all__ = ["ELF_MACHINES", "elf_machine", "build_machine", "find_module", "export_library", "load_cuda_artifact"]
+__all__ = ["ELF_MACHINES", "elf_machine", "build_machine", "find_module", "export_library", "load_cuda_artifact",
+           "record_built_files"]
 
 ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}
 
@@ -76,6 +86,11 @@ def load_cuda_artifact(profile: DeviceProfile, key: dict, out_dir: Path) -> tupl
     sidecar = out_dir / f"model.{profile.name}.json"
     if not sidecar.is_file():
         return None, f"no {sidecar}"
+    rebuild = f"delete {sidecar.name} and model.{profile.name}*.so in {out_dir} to rebuild"
+    try:
+        verify_listed_file(out_dir, sidecar.name, TargetError)
+    except StdeployError as err:
+        raise TargetError(f"{err}; {rebuild}") from None
     try:
         info = json.loads(sidecar.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -84,9 +99,17 @@ def load_cuda_artifact(profile: DeviceProfile, key: dict, out_dir: Path) -> tupl
     if differs:
         return None, f"{sidecar} was built from other {', '.join(differs)}"
     here = build_machine()
-    library = next((a for a in info.get("artifacts", {}).values() if a.get("machine") == here), None)
-    if library is None or not Path(library["path"]).is_file():
+    library = next((a for a in info.get("artifacts", {}).values() if isinstance(a, dict) and a.get("machine") == here), None)
+    if library is None or not isinstance(library.get("path"), str):
         return None, f"{sidecar} lists no library for {here}"
+    name = Path(library["path"]).name  # only a file of the export directory itself, whatever path the sidecar names
+    if (out_dir / name).resolve() != Path(library["path"]).resolve():
+        raise TargetError(f"{sidecar} names a library outside {out_dir} ({library['path']}); not loaded; {rebuild}")
+    try:
+        path = verify_listed_file(out_dir, name, TargetError)
+    except StdeployError as err:
+        raise TargetError(f"{err}; {rebuild}") from None
+    library = {**library, "path": str(path)}
     driver = ensure_tvm_cuda_runtime()  # registers the CUDA module loader (a stand-in driver where none is installed)
     try:
         module = tvm.runtime.load_module(library["path"])
@@ -98,3 +121,13 @@ def load_cuda_artifact(profile: DeviceProfile, key: dict, out_dir: Path) -> tupl
         raise TargetError(f"{library['path']}: lacks kernels {missing[:5]} that {sidecar} lists; delete both to rebuild")
     info.update(reused=library["path"], sidecar=str(sidecar), cuda_driver=driver)
     return (info, module), ""
+
+
+def record_built_files(out_dir: Path, names: list[str]) -> None:
+    """List ``names`` (files in ``out_dir``) with their size and sha256 under ``built`` in
+    ``out_dir``'s manifest, so :func:`load_cuda_artifact` may load them later. A folder that is not
+    an export directory gets a manifest of its own (no artifacts, only what was built)."""
+    if not (out_dir / MANIFEST).is_file():
+        write_manifest(out_dir, {"format": "stdeploy-build/1", "artifacts": {}})
+    for name in names:
+        add_listed_file(out_dir, name, TargetError)
