@@ -134,7 +134,8 @@ def _export_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifes
     path = write_nir(graph, tmp / "model.nir")
     outs = run_nir(path, x)  # from the file, as a reader would
     logits = outs["logits"].mean(0)
-    spikes = outs["spikes"].transpose(-1, -2)  # NIR tokens are (D, N); PyTorch's (N, D)
+    spikes = outs["spikes"]
+    spikes = spikes.unsqueeze(-2) if spikes.dim() == 3 else spikes.transpose(-1, -2)  # NIR tokens (D, N) or one token (D,); PyTorch's (N, D)
     result = compare("nir", ref_logits, ref_spikes, logits, spikes, records)
     manifest["artifacts"]["nir"] = _artifact(path, stats=nir_stats(graph), lowerings=graph.metadata.get("lowerings"),
                                              layout="channel first: tokens (D, N)")

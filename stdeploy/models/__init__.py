@@ -21,6 +21,11 @@ PRESETS: dict[str, ModelConfig] = {
     "spikformer-tiny": ModelConfig(family="spikformer", name="spikformer-tiny", **_TINY),
     "spikformer-4-384": ModelConfig(family="spikformer", name="spikformer-4-384", embed_dim=384, depth=4, heads=12, **_CIFAR),
     "sdt-8-512": ModelConfig(family="sdt", name="sdt-8-512", embed_dim=512, depth=8, heads=8, **_CIFAR),
+    # What most neuromorphic hardware runs today: no attention (depth 0). conv-tiny: conv-BN-LIF
+    # stages, a max-pool of spikes, the conv position embedding, a LIF and a linear readout;
+    # mlp-tiny: the 64 pixels -> 32 -> LIF -> 64 -> LIF -> 10.
+    "conv-tiny": ModelConfig(family="sdt", name="conv-tiny", **{**_TINY, "depth": 0, "embed_dim": 32}),
+    "mlp-tiny": ModelConfig(family="sdt", name="mlp-tiny", stem="dense", **{**_TINY, "depth": 0, "embed_pools": 0}),
 }
 DEFAULT_PRESET = "sdt-tiny"
 

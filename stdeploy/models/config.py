@@ -12,13 +12,14 @@ from ..errors import ConfigError
 
 FAMILIES = ("spikformer", "sdt")
 NEURONS = ("lif", "slif")
+STEMS = ("conv", "dense")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     family: str = "sdt"            # "spikformer" (Q·Kᵀ·V attention) or "sdt" (spike-driven attention)
     embed_dim: int = 64            # D: width of the residual stream
-    depth: int = 1                 # number of transformer blocks
+    depth: int = 1                 # number of transformer blocks (0: no attention, a plain conv or MLP network)
     heads: int = 4                 # attention heads (embed_dim must divide by it)
     mlp_ratio: float = 4.0         # hidden width of the MLP = mlp_ratio * D
     timesteps: int = 4             # T: simulation steps per sample
@@ -33,6 +34,8 @@ class ModelConfig:
     embed_stages: int = 2          # conv-BN-LIF stages of the patch embedding
     embed_pools: int = 1           # 2x2 max-pools of spikes, on the last stages (tokens = (H/2^p)^2)
     name: str = ""                 # preset name, informational
+    stem: str = "conv"             # "conv": conv-BN-LIF patch embedding; "dense": the image flattened into one
+                                   # token, then linear-BN-LIF layers (an MLP; widths as the conv stages')
 
     def __post_init__(self):
         problems = []
@@ -40,7 +43,11 @@ class ModelConfig:
             problems.append(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.neuron not in NEURONS:
             problems.append(f"neuron must be one of {NEURONS}, got {self.neuron!r}")
-        for name in ("embed_dim", "depth", "heads", "timesteps", "image_size", "in_channels", "num_classes", "embed_stages"):
+        if self.stem not in STEMS:
+            problems.append(f"stem must be one of {STEMS}, got {self.stem!r}")
+        if not (isinstance(self.depth, int) and self.depth >= 0):
+            problems.append(f"depth must be a non-negative integer, got {self.depth!r}")
+        for name in ("embed_dim", "heads", "timesteps", "image_size", "in_channels", "num_classes", "embed_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if isinstance(self.embed_dim, int) and isinstance(self.heads, int) and self.heads >= 1 and self.embed_dim % self.heads:
@@ -51,6 +58,8 @@ class ModelConfig:
             problems.append(f"image_size {self.image_size} is not divisible by 2**embed_pools = {2 ** self.embed_pools}")
         if isinstance(self.embed_dim, int) and isinstance(self.embed_stages, int) and self.embed_stages >= 1 and self.embed_dim % (2 ** (self.embed_stages - 1)):
             problems.append(f"embed_dim {self.embed_dim} must divide by 2**(embed_stages-1) = {2 ** (self.embed_stages - 1)}")
+        if self.stem == "dense" and self.embed_pools:
+            problems.append(f"a dense stem has no pooling: embed_pools must be 0, got {self.embed_pools!r}")
         if not self.mlp_ratio > 0:
             problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not self.tau > 1:
@@ -62,6 +71,8 @@ class ModelConfig:
 
     @property
     def tokens(self) -> int:
+        if self.stem == "dense":
+            return 1
         return (self.image_size // 2 ** self.embed_pools) ** 2
 
     @property
