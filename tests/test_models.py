@@ -78,7 +78,8 @@ def test_every_preset_has_a_file():
 
 @pytest.mark.parametrize("changes, match", [
     ({"family": "resnet"}, "family"), ({"embed_dim": 30, "heads": 4}, "divisible"),
-    ({"embed_pools": 3}, "embed_pools"), ({"neuron": "izh"}, "neuron"), ({"tau": 0.5}, "tau"), ({"depth": 0}, "depth"),
+    ({"embed_pools": 3}, "embed_pools"), ({"neuron": "izh"}, "neuron"), ({"tau": 0.5}, "tau"), ({"depth": -1}, "depth"),
+    ({"stem": "resnet"}, "stem"), ({"stem": "dense", "embed_pools": 1}, "dense stem has no pooling"),
 ])
 def test_bad_config(changes, match):
     with pytest.raises(ConfigError, match=match):
