@@ -16,6 +16,9 @@ snntorch 1.0.0, spikingjelly 2.0.0, norse 1.1.0, nirtorch 2.6 on our portable di
   nodes in depth-first preorder from the input, feeds a node whose other inputs are not computed
   yet with their values from the *previous* step, and returns the last visited node's value: joins
   of two sibling branches (an AND of q and k) come out wrong.
+* ``norse-modules``: Norse's own node mapping (``norse.torch.utils.import_nir._import_norse_module``,
+  private) run by nirtorch's current executor ``nirtorch.nir_to_torch``, which orders nodes
+  topologically: the workaround for the limit above.
 * ``nirtorch``: ``nirtorch.nir_to_torch(graph, stdeploy.interop.nirtorch_map.node_map(graph))``.
 """
 
@@ -34,8 +37,10 @@ from .nirtorch_map import graph_dt, load as load_nirtorch
 
 __all__ = ["READERS", "FLAGS", "load_reader", "run_reader"]
 
-READERS = ("snntorch", "spikingjelly", "norse", "nirtorch")
-FLAGS = {"snntorch": "", "spikingjelly": "", "norse": "dt=graph.metadata['dt']", "nirtorch": "node_map=stdeploy.interop.nirtorch_map.node_map(graph)"}
+READERS = ("snntorch", "spikingjelly", "norse", "norse-modules", "nirtorch")
+FLAGS = {"snntorch": "", "spikingjelly": "", "norse": "dt=graph.metadata['dt']",
+         "norse-modules": "Norse's node mapping (private _import_norse_module, dt=graph.metadata['dt']) in nirtorch.nir_to_torch",
+         "nirtorch": "node_map=stdeploy.interop.nirtorch_map.node_map(graph)"}
 
 
 def _snntorch(graph: nir.NIRGraph) -> torch.nn.Module:
@@ -61,8 +66,19 @@ def _norse(graph: nir.NIRGraph) -> torch.nn.Module:
         return norse.torch.from_nir(graph, dt=graph_dt(graph))
 
 
+def _norse_modules(graph: nir.NIRGraph) -> torch.nn.Module:
+    import functools
+
+    import nirtorch
+    from norse.torch.utils.import_nir import _import_norse_module
+
+    fn = functools.partial(_import_norse_module, dt=graph_dt(graph))
+    return nirtorch.nir_to_torch(graph, {kind: fn for kind in (nir.Affine, nir.Conv2d, nir.LIF, nir.Flatten, nir.SumPool2d)})
+
+
 _LOADERS: dict[str, Callable[[nir.NIRGraph], torch.nn.Module]] = {
-    "snntorch": _snntorch, "spikingjelly": _spikingjelly, "norse": _norse, "nirtorch": load_nirtorch,
+    "snntorch": _snntorch, "spikingjelly": _spikingjelly, "norse": _norse, "norse-modules": _norse_modules,
+    "nirtorch": load_nirtorch,
 }
 
 
