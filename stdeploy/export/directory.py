@@ -155,7 +155,7 @@ def _export_portable_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels
     from .nir_portable import NIR_MIN_VERSION, READER_DT, to_portable_nir
 
     try:
-        graph = to_portable_nir(folded)
+        graph = to_portable_nir(folded, fold="checked", check_input=x)  # per-neuron thresholds folded where the spikes stay
     except UnsupportedPrimitive as err:
         reason = str(err).splitlines()[-1].strip(" -")
         warnings.warn(f"model.portable.nir not written: {reason}", stacklevel=3)

@@ -188,36 +188,48 @@ def _pow2(a: np.ndarray) -> bool:
     return bool(np.all(mant == 0.5))
 
 
-def _fold_thresholds(b: GraphBuilder, name: str, inputs: list[str], theta: np.ndarray) -> tuple[np.ndarray, str]:
-    """Divide the weights and biases feeding the LIF ``name`` by its per-channel ``theta``; returns
-    the threshold to use per channel and what was done (see the module docstring)."""
+FOLD_MODES = ("exact", "checked", "none")
+
+
+def _fold_thresholds(b: GraphBuilder, name: str, inputs: list[str], theta: np.ndarray, mode: str,
+                     keep: frozenset[str]) -> tuple[np.ndarray, list[str], str]:
+    """Fold the LIF ``name``'s per-channel ``theta`` into what feeds it: ``(thresholds to use,
+    inputs to use, what was done)`` (see the module docstring). Its own weight nodes are scaled
+    row by row; otherwise a 1x1 ``Conv2d``/``Affine`` of ``diag(1/theta)`` is put in front."""
     if np.all(theta == theta[0]):
-        return theta, "uniform"
-    feeders = [b.nodes[src] for src in inputs]
-    own = all(isinstance(node, _WEIGHTED) and sum(1 for s, _ in b.edges if s == src) == 0
-              for src, node in zip(inputs, feeders))  # weight nodes that feed nothing else yet
-    if not own:
-        reason = "kept per-neuron thresholds: an input is not a weight node of its own (a residual term)"
-    elif not _pow2(theta):
+        return theta, inputs, "uniform"
+    exact = _pow2(theta)
+    if name in keep:
+        reason = "kept per-neuron thresholds: folding flipped spikes on the check input"
+    elif mode == "none":
+        reason = "kept per-neuron thresholds: folding is off"
+    elif mode == "exact" and not exact:
         reason = "kept per-neuron thresholds: not every threshold is a power of two, so dividing the weights would round"
     else:
-        for node in feeders:
-            scale = (1.0 / theta).astype(np.float32)
-            node.weight = node.weight * scale.reshape((-1,) + (1,) * (node.weight.ndim - 1))
-            node.bias = node.bias * scale
-        return np.ones_like(theta), "folded into the incoming weights and bias (thresholds are powers of two: exact)"
+        scale = (1.0 / theta.astype(np.float64)).astype(np.float32)
+        feeders = [b.nodes[src] for src in inputs]
+        own = (len(inputs) == 1 and isinstance(feeders[0], _WEIGHTED) and not feeders[0].metadata.get("residual_term")
+               and not any(s == inputs[0] for s, _ in b.edges))
+        if own:  # one weight node that feeds this LIF only (not a term of the residual stream, which others read)
+            for node in feeders:
+                node.weight = node.weight * scale.reshape((-1,) + (1,) * (node.weight.ndim - 1))
+                node.bias = node.bias * scale
+        else:
+            inputs = [_dense(b, _join(name, "threshold_scale"), np.diag(scale), None, inputs, {"op": "divide by the thresholds"})]
+        how = "exact: thresholds are powers of two" if exact else "not exact by construction: checked spike for spike on the check input"
+        return np.ones_like(theta), inputs, f"folded into the incoming weights ({how})"
     warnings.warn(f"{name}: {reason}; readers that want one threshold per layer (snnTorch, SpikingJelly) will refuse it",
                   stacklevel=3)
-    return theta, reason
+    return theta, inputs, reason
 
 
-def _make_lif(dt: float) -> Converter:
+def _make_lif(dt: float, fold: str = "exact", keep: frozenset[str] = frozenset()) -> Converter:
     def convert(b: GraphBuilder, name: str, m: LIF, inputs: list[str]) -> list[str]:
         shape = b.input_shape(name, inputs)
         if shape[0] != m.features or len(shape) not in (1, 3):
             raise ShapeError(f"{name}: a {type(m).__name__} of {m.features} channels cannot map onto node shape {list(shape)}")
         d, theta = _f32(m.decay), _f32(m.threshold)
-        theta, folding = _fold_thresholds(b, name, inputs, theta)
+        theta, inputs, folding = _fold_thresholds(b, name, inputs, theta, fold, keep)
         b.metadata.setdefault("threshold_folding", {})[name] = folding
         per_channel = (-1,) + (1,) * (len(shape) - 1)
         d_full = np.ascontiguousarray(np.broadcast_to(d.reshape(per_channel), shape))
@@ -287,11 +299,18 @@ def _dense_embed(b, name, m: DenseEmbed, inputs):
     return x
 
 
+def _residual(b: GraphBuilder, terms: list[str]) -> list[str]:
+    """Mark ``terms`` as terms of the residual stream: read by several nodes, never rescaled in place."""
+    for t in terms:
+        b.nodes[t].metadata["residual_term"] = True
+    return terms
+
+
 def _block(b, name, m: Block, inputs):
-    a = b.convert(_join(name, "attn"), m.attn, inputs)
-    x = _collapse(b, _join(name, "sum_attn"), inputs) + a   # x + attn(x), two terms
-    f = b.convert(_join(name, "mlp"), m.mlp, x)
-    return _collapse(b, _join(name, "sum_mlp"), x) + f     # x + mlp(x), two terms
+    a = _residual(b, b.convert(_join(name, "attn"), m.attn, inputs))
+    x = _residual(b, _collapse(b, _join(name, "sum_attn"), inputs)) + a   # x + attn(x), two terms
+    f = _residual(b, b.convert(_join(name, "mlp"), m.mlp, x))
+    return _residual(b, _collapse(b, _join(name, "sum_mlp"), x)) + f     # x + mlp(x), two terms
 
 
 def _mlp(b, name, m: MLP, inputs):
@@ -320,7 +339,7 @@ def _make_transformer(output: str):
         cfg = m.cfg
         in_shape = (cfg.in_channels * cfg.image_size ** 2,) if cfg.stem == "dense" else (cfg.in_channels, cfg.image_size, cfg.image_size)
         x = [b.add(INPUT, nir.Input(input_type=np.array(in_shape)), [], in_shape)]
-        x = b.convert(_join(name, "embed"), m.embed, x)
+        x = _residual(b, b.convert(_join(name, "embed"), m.embed, x))
         for i, block in enumerate(m.blocks):
             x = b.convert(_join(name, f"blocks.{i}"), block, x)
         logits = b.convert(_join(name, "head"), m.head, x)
@@ -345,13 +364,16 @@ def _make_transformer(output: str):
     return convert
 
 
-def portable_converters(*, dt: float = READER_DT, output: str = "logits") -> dict[type, Converter]:
+def portable_converters(*, dt: float = READER_DT, output: str = "logits", fold: str = "exact",
+                        keep: frozenset[str] = frozenset()) -> dict[type, Converter]:
     """The ``{module type: converter}`` entries of the portable dialect (a fresh dictionary)."""
     if not dt > 0:
         raise StdeployError(f"dt must be > 0, got {dt}")
     if output not in OUTPUTS:
         raise StdeployError(f"output must be one of {OUTPUTS}, got {output!r}")
-    lif = _make_lif(float(dt))
+    if fold not in FOLD_MODES:
+        raise StdeployError(f"fold must be one of {FOLD_MODES}, got {fold!r}")
+    lif = _make_lif(float(dt), fold, frozenset(keep))
     maxpool, attention = _make_stateless(float(dt))
     return {
         SpikingTransformer: _make_transformer(output), PatchEmbed: _patch_embed, DenseEmbed: _dense_embed,
@@ -361,12 +383,57 @@ def portable_converters(*, dt: float = READER_DT, output: str = "logits") -> dic
     }
 
 
-def to_portable_nir(model: nn.Module, *, output: str = "logits", dt: float = READER_DT,
-                    converters: Mapping[type, Converter] | None = None) -> nir.NIRGraph:
+def to_portable_nir(model: nn.Module, *, output: str = "logits", dt: float = READER_DT, fold: str = "exact",
+                    check_input: torch.Tensor | None = None, converters: Mapping[type, Converter] | None = None) -> nir.NIRGraph:
     """The portable NIR graph of a folded model (see the module docstring). ``output``:
     ``"logits"`` (per-step logits) or ``"spikes"`` (the head LIF's spikes) as the one Output
-    node. Raises one :class:`UnsupportedPrimitive` listing every module that cannot be exported."""
-    table = {**portable_converters(dt=dt, output=output), **(converters or {})}
+    node. ``fold``: threshold folding ``"exact"`` (only where every threshold of a layer is a power
+    of two), ``"checked"`` (every layer with per-neuron thresholds, then each folded layer is run
+    on ``check_input`` ``(T, B, C, H, W)`` by the NIR interpreter and compared spike for spike
+    with the model; a layer whose spikes differ is kept unfolded, with a warning) or ``"none"``.
+    Raises one :class:`UnsupportedPrimitive` listing every module that cannot be exported."""
+    if fold == "checked" and check_input is None:
+        raise StdeployError("fold='checked' needs check_input (T, B, C, H, W)")
+    keep: set[str] = set()
+    if fold == "checked":
+        from .nir_interpreter import run_nir
+        from .validate import record_neurons
+
+        with torch.no_grad():
+            _, records = record_neurons(model, check_input)
+        x = check_input.flatten(2) if model.cfg.stem == "dense" else check_input
+        for _ in range(len(records) + 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = _build(model, output, dt, fold, frozenset(keep), converters)
+            bad = _first_flip(graph, run_nir(graph, x, record=True), records)
+            if bad is None:
+                break
+            if not str(graph.metadata["threshold_folding"].get(bad, "")).startswith("folded"):
+                from ..errors import OutputMismatch
+
+                raise OutputMismatch(f"portable NIR: {bad} spikes differ from the model's and its threshold is not folded")
+            keep.add(bad)
+    return _build(model, output, dt, fold, frozenset(keep), converters)
+
+
+def _first_flip(graph: nir.NIRGraph, outs: dict[str, torch.Tensor], records: dict) -> str | None:
+    """The first LIF node (topological order) whose spikes differ from the model's LIF of that name."""
+    from .nir_interpreter import topological_order
+
+    for name in topological_order(graph):
+        if name not in records:
+            continue
+        got = outs[name]
+        ref = records[name]["spikes"]
+        ref = (ref.transpose(-1, -2) if ref.dim() == 4 else ref).reshape(got.shape)  # tokens (N, D) -> channel first
+        if not torch.equal(got, ref):
+            return name
+    return None
+
+
+def _build(model, output, dt, fold, keep, converters) -> nir.NIRGraph:
+    table = {**portable_converters(dt=dt, output=output, fold=fold, keep=keep), **(converters or {})}
     problems = unsupported_modules(model, table)
     if problems:
         raise UnsupportedPrimitive(f"cannot export {type(model).__name__} to portable NIR: {len(problems)} unsupported module(s):\n  - "
@@ -378,6 +445,7 @@ def to_portable_nir(model: nn.Module, *, output: str = "logits", dt: float = REA
         "producer": "stdeploy", "dialect": DIALECT, "dt": float(dt), "nir_min_version": NIR_MIN_VERSION,
         "time_convention": TIME_CONVENTION, "input_encoding": "direct",  # the same analog frame at every step
         "layout": "channel first, tokens kept as an image (D, h, w); per-token linear layers are 1x1 Conv2d",
+        "threshold_folding_mode": fold,
     })
     try:
         return nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=b.metadata, type_check=True)
