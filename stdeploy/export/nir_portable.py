@@ -23,11 +23,14 @@ NIR spikes on ``v > v_threshold``, the model on ``v >= theta``: ``v_threshold`` 
 lowered by one float32 ulp (the same test for a float32 membrane). Readers want one threshold per
 layer (snnTorch asserts it; SpikingJelly refuses per-neuron values). **Threshold folding**: where a
 layer's per-neuron thresholds differ (sLIF) and ``v_leak = v_reset = 0``, the LIF's dynamics are
-linear in its input, so dividing the incoming weights and bias of neuron ``i`` by ``theta_i`` and
-using threshold 1 spikes identically in exact arithmetic. In float32 it is exact when every
-``theta_i`` is a power of two (then the scaling is exact at every step); otherwise, or when an
-input of the LIF is not a weight node of its own (a residual term), the layer keeps its
-per-neuron thresholds, a warning is given and ``metadata["threshold_folding"]`` says why.
+linear in its input, so dividing neuron ``i``'s input by ``theta_i`` and using threshold 1 spikes
+identically in exact arithmetic. The division goes into the layer's own weight node (one input,
+read by this LIF only), or else (the residual stream, whose terms other nodes read) into a
+``diag(1/theta)`` 1x1 ``Conv2d``/``Affine`` in front of the LIF. In float32 it is exact by
+construction when every ``theta_i`` is a power of two (``fold="exact"``, the default); with
+``fold="checked"`` every layer is folded and then run by the NIR interpreter on ``check_input``:
+a layer whose spikes differ from the model's is kept unfolded. A layer kept unfolded warns, and
+``metadata["threshold_folding"]`` says for every LIF what was done and why.
 
 Primitives and layout (every one read by snnTorch, SpikingJelly, Norse and nirtorch)
 ---------------------------------------------------------------------------------------
