@@ -216,3 +216,55 @@ def test_checked_folding_makes_slif_transformer_readable(trained, reader):
         assert mismatches < 1e-3 * ref.numel(), mismatches
         return
     assert mismatches == 0
+
+
+def test_every_portable_converter_is_exercised(trained):
+    """Every entry of portable_converters() appears in the models these tests export (or is the
+    Spikformer refusal, tested below), so a converter without a test fails here."""
+    from torch import nn
+
+    from stdeploy.export.nir_portable import portable_converters
+    from stdeploy.models.layers import SpikformerAttention
+    from stdeploy.models.structure import LowRankLinear
+
+    seen = {type(m) for name in MODELS for m in trained[name][0].modules()}
+    seen |= {SpikformerAttention, LowRankLinear, SLIF}  # test_spikformer_is_refused, test_lowrank_layers, the folding tests
+    seen |= {nn.Conv2d, nn.Sequential}  # plain conv and containers: test_plain_conv_and_sequential
+    assert set(portable_converters()) <= seen, set(portable_converters()) - seen
+
+
+def test_spikformer_is_refused():
+    from stdeploy.errors import UnsupportedPrimitive
+
+    with pytest.raises(UnsupportedPrimitive, match="no product of two"):
+        to_portable_nir(fold_batchnorm(build_model("spikformer-tiny").eval()))
+
+
+def test_lowrank_layers(trained):
+    """DSP's low-rank layers: two chained 1x1 Conv2d, spike-exact in snnTorch."""
+    from stdeploy.models.structure import LowRankLinear
+
+    folded, x, _, _ = trained["sdt-tiny"]
+    model = copy.deepcopy(folded)
+    mlp = model.blocks[0].mlp
+    mlp.fc1 = LowRankLinear.from_dense(mlp.fc1, rank=16)
+    with torch.no_grad():
+        _, records = record_neurons(model, x)
+    graph = to_portable_nir(model, output="spikes")
+    assert {"blocks.0.mlp.fc1.u", "blocks.0.mlp.fc1.v"} <= set(graph.nodes)
+    ref = records["head.lif"]["spikes"]
+    assert ref.sum() > 0.02 * ref.numel()
+    assert int((as_tokens(run_reader("snntorch", graph, x)) != ref).sum()) == 0
+
+
+def test_plain_conv_and_sequential():
+    from torch import nn
+
+    from stdeploy.export.nir_portable import portable_converters
+    from stdeploy.export.nir_export import GraphBuilder
+
+    b = GraphBuilder(converters=portable_converters())
+    b.add("input", nir.Input(input_type=np.array([1, 4, 4])), [], (1, 4, 4))
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Identity())
+    out = b.convert("seq", seq, ["input"])
+    assert out == ["seq.0"] and isinstance(b.nodes["seq.0"], nir.Conv2d) and b.shape("seq.0") == (2, 4, 4)

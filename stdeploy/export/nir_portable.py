@@ -325,7 +325,6 @@ def _mlp(b, name, m: MLP, inputs):
 
 def _head(b, name, m: Head, inputs):
     s = b.convert(_join(name, "lif"), m.lif, inputs)
-    b.metadata["_head_spikes"] = s
     shape = b.input_shape(name, s)
     weight, bias = _f32(m.fc.weight), _f32(m.fc.bias) if m.fc.bias is not None else np.zeros(m.fc.out_features, np.float32)
     if len(shape) == 1:  # one token: the mean over tokens is the identity
@@ -346,7 +345,7 @@ def _make_transformer(output: str):
         for i, block in enumerate(m.blocks):
             x = b.convert(_join(name, f"blocks.{i}"), block, x)
         logits = b.convert(_join(name, "head"), m.head, x)
-        spikes = b.metadata.pop("_head_spikes")
+        spikes = b.produced[_join(name, "head.lif")]
         srcs = logits
         if output == "spikes":  # the classifier would dangle (NIR adds an Output for it): drop it
             srcs = spikes
