@@ -94,6 +94,18 @@ def test_snntorch_graph_imports_spike_exact(snn_file, tmp_path):
     assert int((torch.as_tensor(np.asarray(res.spikes))[:, :, 0] != ref).sum()) == 0
 
 
+def test_run_imported_on_digits(snn_file, tmp_path):
+    """The whole digits test split through onnxruntime, against the graph (images flattened to its (64,) input)."""
+    from stdeploy.data import load_dataset
+    from stdeploy.interop.importer import run_imported
+
+    path, _ = snn_file
+    import_nir(path, tmp_path / "imp", dt=1e-4, timesteps=T)
+    result = run_imported(tmp_path / "imp", "onnxruntime", data=load_dataset("digits"))
+    assert result["samples"] == 360 and result["spikes_total"] == T * 360 * 10
+    assert result["spike_mismatches"] == 0 and result["logits_max_abs_error"] < 1e-6
+
+
 def test_norse_graph_imports_with_its_time_step(tmp_path):
     import norse.torch as nt
 

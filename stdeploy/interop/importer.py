@@ -46,7 +46,7 @@ from ..export.nir_interpreter import topological_order
 from ..files import sha256_file
 from .nirtorch_map import NirLIF, node_map
 
-__all__ = ["import_nir", "GraphModule", "read_foreign", "check_graph", "FORMAT", "SUPPORTED"]
+__all__ = ["import_nir", "run_imported", "GraphModule", "read_foreign", "check_graph", "FORMAT", "SUPPORTED"]
 
 FORMAT = "stdeploy-import/1"
 SUPPORTED = ("Input", "Output", "Affine", "Linear", "Conv1d", "Conv2d", "Flatten", "SumPool2d", "AvgPool2d", "Threshold", "LIF")
@@ -254,3 +254,48 @@ def import_nir(path: str | os.PathLike, out: str | os.PathLike, *, dt: float | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def run_imported(export_dir: str | os.PathLike, target: str = "onnxruntime", device: str | None = None, data=None, *,
+                 batch_size: int = 64, limit: int | None = None) -> dict:
+    """Run an imported directory's ``model.onnx`` on ``target`` over the test split of ``data``
+    (images flattened when the graph takes vectors of as many values) and compare with the graph
+    itself (:class:`GraphModule` from ``model.nir``): spike mismatches and logits error. The
+    runner's hook for imported directories (``stdeploy run`` wants a PyTorch checkpoint)."""
+    from ..models import direct_encode
+    from ..targets.base import get_target
+    from ..targets.profiles import load_profile
+
+    export_dir = Path(export_dir)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"{export_dir}: not a directory written by `stdeploy import`")
+    if data is None:
+        raise ConfigError("run_imported needs a data split")
+    graph = read_foreign(export_dir / "model.nir")
+    ref = GraphModule(graph, float(manifest["dt"]), int(manifest["timesteps"])).eval()
+    x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
+    x_all, y_all = x_all[:limit], y_all[:limit]
+    if tuple(x_all.shape[1:]) != ref.in_shape:
+        if int(np.prod(x_all.shape[1:])) != int(np.prod(ref.in_shape)):
+            raise ShapeError(f"data {data.name} has inputs {tuple(x_all.shape[1:])}, the imported graph takes {ref.in_shape}")
+        x_all = x_all.reshape(len(x_all), *ref.in_shape)
+    runnable = get_target(target).compile(export_dir, load_profile(device or "cpu"))
+    logits, ref_logits, mismatches, total, seconds = [], [], 0, 0, 0.0
+    for i in range(0, len(x_all), batch_size):
+        x = direct_encode(x_all[i:i + batch_size], ref.timesteps) if x_all.dim() == 4 else \
+            x_all[i:i + batch_size].unsqueeze(0).expand(ref.timesteps, *x_all[i:i + batch_size].shape).contiguous()
+        res = runnable.run(x.numpy())
+        seconds += res.seconds
+        with torch.no_grad():
+            rl, rv = ref(x)
+        logits.append(torch.as_tensor(np.asarray(res.logits)))
+        ref_logits.append(rl)
+        if res.spikes is not None and ref.spiking:
+            spikes = torch.as_tensor(np.asarray(res.spikes))[:, :, 0]
+            mismatches += int((spikes != rv).sum())
+            total += rv.numel()
+    logits, ref_logits = torch.cat(logits), torch.cat(ref_logits)
+    return {"target": target, "samples": len(x_all), "spike_mismatches": mismatches, "spikes_total": total,
+            "logits_max_abs_error": float((logits - ref_logits).abs().max()),
+            "accuracy": float((logits.argmax(-1) == y_all).float().mean()), "run_seconds": seconds}
