@@ -268,3 +268,23 @@ def test_plain_conv_and_sequential():
     seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Identity())
     out = b.convert("seq", seq, ["input"])
     assert out == ["seq.0"] and isinstance(b.nodes["seq.0"], nir.Conv2d) and b.shape("seq.0") == (2, 4, 4)
+
+
+def test_nir_104_compatible_file(trained, tmp_path):
+    """The nir 1.0.4 form (sinabs, Rockpool): no node metadata, no LIF.v_reset; nir 1.0.8 reads it back
+    and it runs exactly (nir 1.0.4's own nir.read was checked by hand: see the README)."""
+    import h5py
+
+    from stdeploy.export.nir_portable import write_portable_nir
+
+    folded, x, logits, _ = trained["conv-tiny"]
+    path = write_portable_nir(to_portable_nir(folded), tmp_path / "old.nir", nir_version="1.0.4")
+    with h5py.File(path) as f:
+        nodes = f["node"]["nodes"]
+        assert not [n for n in nodes if "metadata" in nodes[n] or "v_reset" in nodes[n]]
+    back = nir.read(path)
+    assert float(back.metadata["dt"]) == READER_DT
+    got = run_nir(back, x)["output"].reshape(x.shape[0], x.shape[1], -1).mean(0)
+    assert torch.allclose(got, logits, atol=1e-5)
+    with pytest.raises(StdeployError, match="nir_version"):
+        write_portable_nir(to_portable_nir(folded), tmp_path / "x.nir", nir_version="0.9")

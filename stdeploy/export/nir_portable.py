@@ -71,6 +71,7 @@ nir 1.0.6 on; sinabs and Rockpool pin nir <= 1.0.4, whose ``nir.read`` rejects i
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Mapping
 
 import nir
@@ -87,7 +88,7 @@ from ..neurons import LIF, SLIF
 from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, _conv2d_node, _f32, _identity, _join,
                          _sequential, _weight_meta, unsupported_modules)
 
-__all__ = ["to_portable_nir", "portable_converters", "READER_DT", "NIR_MIN_VERSION", "OUTPUTS", "DIALECT", "OUTPUT"]
+__all__ = ["to_portable_nir", "write_portable_nir", "portable_converters", "READER_DT", "NIR_MIN_VERSION", "OUTPUTS", "DIALECT", "OUTPUT"]
 
 READER_DT = 1e-4           # seconds per model step: snnTorch's hard-coded dt, SpikingJelly's default
 NIR_MIN_VERSION = "1.0.6"  # LIF.v_reset
@@ -453,3 +454,39 @@ def _build(model, output, dt, fold, keep, converters) -> nir.NIRGraph:
         return nir.NIRGraph(nodes=b.nodes, edges=b.edges, metadata=b.metadata, type_check=True)
     except (ValueError, AssertionError) as err:
         raise ShapeError(f"portable NIR export produced an ill-typed graph: {err}") from err
+
+
+COMPAT_VERSIONS = ("1.0.4",)
+
+
+def write_portable_nir(graph: nir.NIRGraph, path, *, nir_version: str | None = None):
+    """Write ``graph`` (atomically, as :func:`~.nir_export.write_nir`); ``nir_version="1.0.4"``
+    writes a file that nir 1.0.4's ``nir.read`` (pinned by sinabs and Rockpool) loads: no node
+    metadata (1.0.4 passes it to node classes that do not take it) and no ``LIF.v_reset`` (1.0.4
+    does not know it; refused unless it is 0 everywhere, which 1.0.4's LIF assumes). The graph's
+    own metadata (``dt``) stays."""
+    import h5py
+
+    from ..files import atomic_write
+
+    if nir_version is not None and nir_version not in COMPAT_VERSIONS:
+        raise StdeployError(f"nir_version must be one of {COMPAT_VERSIONS} or None, got {nir_version!r}")
+    if nir_version is not None:
+        bad = [n for n, v in graph.nodes.items() if isinstance(v, nir.LIF) and np.any(np.asarray(v.v_reset) != 0)]
+        if bad:
+            raise UnsupportedPrimitive(f"nir {nir_version} has no LIF.v_reset, and {', '.join(bad)} reset(s) to a nonzero value")
+
+    def write(tmp):
+        nir.write(tmp, graph)
+        if nir_version is None:
+            return
+        with h5py.File(tmp, "r+") as f:
+            for node in f["node"]["nodes"].values():
+                if "metadata" in node:
+                    del node["metadata"]
+                if node["type"][()] == b"LIF" and "v_reset" in node:
+                    del node["v_reset"]
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path
