@@ -1,4 +1,4 @@
-"""`stdeploy import`: graphs written in the test by snnTorch's and Norse's own exporters become export
+"""`stdeploy import`: graphs written in the test by snnTorch's, SpikingJelly's and Norse's own exporters become export
 directories whose ONNX graph onnxruntime runs with the framework's own spikes."""
 
 from __future__ import annotations
@@ -167,3 +167,25 @@ def test_cli_import(snn_file, tmp_path, capsys):
     assert main(["import", str(path), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--dt" in err[0]
+
+
+def test_spikingjelly_graph_imports(tmp_path):
+    from spikingjelly.activation_based import functional, layer, neuron
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(layer.Linear(64, 32), neuron.LIFNode(tau=2.0, v_reset=0.0), layer.Linear(32, 10),
+                              neuron.LIFNode(tau=2.0, v_reset=0.0, v_threshold=0.5))
+    with torch.no_grad():
+        net[0].weight.mul_(6.0)
+        net[2].weight.mul_(3.0)
+    graph = export_to_nir(net, torch.zeros(1, 64))  # tau = 2 * 1e-4, r = 1, no dt in the metadata
+    nir.write(tmp_path / "sj.nir", graph)
+    import_nir(tmp_path / "sj.nir", tmp_path / "imp", dt=1e-4, timesteps=T)  # SpikingJelly's default dt
+    x = digits()
+    functional.reset_net(net)
+    with torch.no_grad():
+        ref = torch.stack([net(x) for _ in range(T)])
+    assert 0.02 < float(ref.mean()) < 0.9, "the SpikingJelly net must fire"
+    got = torch.as_tensor(run_onnx(tmp_path / "imp", x)["spikes"][:, :, 0])
+    assert int((got != ref).sum()) == 0
