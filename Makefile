@@ -10,12 +10,13 @@ export PYTHONUNBUFFERED := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml stdeploy/install_lava.py
+$(STAMP): pyproject.toml constraints.txt stdeploy/install_lava.py
 	@command -v aarch64-linux-gnu-g++ >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		(apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null) || \
 		echo "note: install g++-aarch64-linux-gnu to cross-compile TVM host code for Jetson boards"; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[lava,tvm,dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[lava,tvm,dev,interop]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps norse==1.1.0 spikingjelly==2.0.0
 	$(PY) -m stdeploy.install_lava
 	@touch $(STAMP)
 

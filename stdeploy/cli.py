@@ -588,7 +588,29 @@ def _profile_parser(sub) -> None:
     add_data_args(p)
 
 
-PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser]
+@command("import")
+def cmd_import(args: argparse.Namespace) -> dict:
+    from .interop.importer import import_nir
+
+    manifest = import_nir(args.file, args.out, dt=args.dt, timesteps=args.timesteps)
+    if not args.json:
+        v = manifest["validation"]["results"]["onnx"]
+        spikes = f", {v['spike_mismatches']} of {v['spikes_total']} spikes differ" if "spikes_total" in v else ""
+        print(f"imported {args.file} to {args.out} (dt {manifest['dt']:g} s, T {manifest['timesteps']}): model.onnx checked "
+              f"against the graph{spikes}, values within {v['logits_max_abs_error']:.2e}")
+    return {"out": args.out, "dt": manifest["dt"], "timesteps": manifest["timesteps"], "validation": manifest["validation"]}
+
+
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import", help="turn a NIR graph from snnTorch, Norse, SpikingJelly, ... into an export directory (ONNX)")
+    p.add_argument("file", help="the .nir file")
+    p.add_argument("--out", required=True, help="the export directory to create (must not exist)")
+    p.add_argument("--dt", type=float, default=None, help="seconds per step, when the graph's metadata has no dt")
+    p.add_argument("--timesteps", type=int, default=4, help="steps the ONNX graph unrolls (default 4)")
+
+
+PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser,
+           _import_parser]
 
 
 # ----------------------------------------------------------------------------- package

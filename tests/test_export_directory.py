@@ -74,11 +74,11 @@ def test_export_directory_validates_and_writes_manifest(trained, tmp_path, varia
         _recalibrate(model, data)  # one-shot pruning leaves the attention LIFs near silent
     manifest = export_model(model.eval(), tmp_path / "exp", data=data, samples=None)
     files = {p.name for p in (tmp_path / "exp").iterdir()}
-    assert files == {"model.nir", "model.onnx", "model.step.onnx", "reference", "manifest.json"}
+    assert files == {"model.nir", "model.portable.nir", "model.onnx", "model.step.onnx", "reference", "manifest.json"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary directory left"
     on_disk = json.loads((tmp_path / "exp" / "manifest.json").read_text())
     assert on_disk["format"] == "stdeploy-export/1" and on_disk["timesteps"] == 4 and on_disk["dt"] == 1.0
-    for name in ("nir", "onnx", "onnx.step"):
+    for name in ("nir", "nir.portable", "onnx", "onnx.step"):
         r = on_disk["validation"]["results"][name]
         assert r["rounding_only"], r
         assert r["accuracy"] == pytest.approx(on_disk["validation"]["reference_accuracy"], abs=1.5 / 64)
@@ -87,6 +87,8 @@ def test_export_directory_validates_and_writes_manifest(trained, tmp_path, varia
     activity = on_disk["validation"]["activity"]  # recorded with the validation: the compared spikes are not all zeros
     require_active(activity["firing_rates"], low=1e-3, high=0.9)
     assert activity["samples"] == 64 and 0 < activity["spike_input_density"] < 1
+    assert on_disk["validation"]["results"]["nir.portable"]["spike_mismatches"] == 0
+    assert on_disk["artifacts"]["nir.portable"]["dt"] == 1e-4 and on_disk["artifacts"]["nir.portable"]["nir_min_version"] == "1.0.6"
     if variant == "dsp":
         assert any(isinstance(m, LowRankLinear) for m in model.modules())
 

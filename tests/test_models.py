@@ -78,10 +78,11 @@ def test_every_preset_has_a_file():
 
 @pytest.mark.parametrize("changes, match", [
     ({"family": "resnet"}, "family"), ({"embed_dim": 30, "heads": 4}, "divisible"),
-    ({"embed_pools": 3}, "embed_pools"), ({"neuron": "izh"}, "neuron"), ({"tau": 0.5}, "tau"), ({"depth": 0}, "depth"),
+    ({"embed_pools": 3}, "embed_pools"), ({"neuron": "izh"}, "neuron"), ({"tau": 0.5}, "tau"), ({"depth": -1}, "depth"),
     ({"input_dims": 3}, "input_dims must be 1"), ({"embed_kernel": 4}, "embed_kernel must be an odd"),
     ({"embed_widths": (32, 32)}, "embed_widths must be 2 positive integers ending with embed_dim 64"),
     ({"embed_widths": (64,)}, "embed_widths must be 2"),
+    ({"stem": "resnet"}, "stem"), ({"stem": "dense", "embed_pools": 1}, "dense stem has no pooling"),
 ])
 def test_bad_config(changes, match):
     with pytest.raises(ConfigError, match=match):

@@ -17,7 +17,7 @@ from stdeploy.export.nir_export import (INPUT, OUTPUT_LOGITS, OUTPUT_SPIKES, Gra
 from stdeploy.export.nir_interpreter import SUPPORTED, run_nir
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.fold import FoldedConv, fold_batchnorm
-from stdeploy.models.layers import MLP, Block, EmbedStage, Head, MaxPool, PatchEmbed, SpikeDrivenAttention, SpikformerAttention
+from stdeploy.models.layers import MLP, Block, DenseEmbed, EmbedStage, Head, MaxPool, PatchEmbed, SpikeDrivenAttention, SpikformerAttention
 from stdeploy.models.structure import LowRankLinear, attach_mask
 from stdeploy.models.transformer import SpikingTransformer
 from stdeploy.neurons import LIF, SLIF, LIFParams, lif_step, neurons_of
@@ -27,6 +27,7 @@ from stdeploy.train import TrainConfig, train
 COVERED = {
     SpikingTransformer: "test_trained_sdt_round_trips_with_zero_spike_mismatches",
     PatchEmbed: "test_every_node_matches_pytorch_hooks",
+    DenseEmbed: "test_dense_stem_matches_pytorch",
     EmbedStage: "test_conv_stage_and_pool_match_pytorch",
     FoldedConv: "test_conv_stage_and_pool_match_pytorch",
     nn.Conv2d: "test_plain_conv2d_and_sequential",
@@ -415,3 +416,25 @@ def test_interpreter_errors_name_the_node():
     odd = nir.NIRGraph(nodes=nodes, edges=[("input", "delay"), ("delay", "li"), ("li", "out")], metadata={})
     with pytest.raises(UnsupportedPrimitive, match=r"delay \(Delay\), li \(LI\)"):
         run_nir(odd, torch.zeros(2, 1, 3))
+
+
+def test_dense_stem_matches_pytorch():
+    """mlp-tiny (dense stem, depth 0): Flatten of the frame, Affine and LIF on vectors, the head on
+    one token (no mean), spike for spike."""
+    torch.manual_seed(0)
+    folded = fold_batchnorm(perturb_bn(build_model("mlp-tiny").eval()))
+    with torch.no_grad():
+        for m in folded.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4.0)  # an untrained net is quiet: louder weights make it fire
+    x = direct_encode(torch.rand(8, 1, 8, 8), 4)
+    seen = hook_all(folded, ["embed.lifs.0", "head.lif"])
+    with torch.no_grad():
+        logits = folded(x)
+    out = run_nir(to_nir(folded), x, record=True)
+    assert out["embed.flatten"].shape == (4, 8, 64)
+    for name in ("embed.lifs.0", "head.lif"):
+        ref = seen[name][1].squeeze(2)  # (T, B, 1, D) -> (T, B, D)
+        assert ref.mean() > 0.02, name
+        assert torch.equal(out[name], ref), name
+    torch.testing.assert_close(out[OUTPUT_LOGITS].mean(0), logits, rtol=0, atol=1e-5)

@@ -1,4 +1,4 @@
-"""One export directory per model: ``model.nir``, ``model.onnx``, ``model.step.onnx``,
+"""One export directory per model: ``model.nir``, ``model.portable.nir``, ``model.onnx``, ``model.step.onnx``,
 ``reference/`` (the PyTorch checkpoint the artifacts were checked against) and ``manifest.json``.
 
 Everything is written into a temporary sibling directory, validated there, and renamed into place
@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 from ..activity import measure_activity
 from ..checkpoint import save_checkpoint
 from ..files import exchange, finished_mode, fsync_dir, fsync_file, sha256_file
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
 from .manifest import MANIFEST, listed_files
@@ -147,16 +148,51 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 def _export_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest, spikformer) -> list[Comparison]:
     from .nir_export import nir_stats, to_nir, write_nir
     from .nir_interpreter import run_nir
+    from .nir_portable import NIR_MIN_VERSION
 
     graph = to_nir(folded, spikformer=spikformer)
     path = write_nir(graph, tmp / "model.nir")
     outs = run_nir(path, x)  # from the file, as a reader would
     logits = outs["logits"].mean(0)
-    spikes = outs["spikes"].transpose(-1, -2)  # NIR tokens are (D, N); PyTorch's (N, D)
+    spikes = outs["spikes"]
+    spikes = spikes.unsqueeze(-2) if spikes.dim() == 3 else spikes.transpose(-1, -2)  # NIR tokens (D, N) or one token (D,); PyTorch's (N, D)
     result = compare("nir", ref_logits, ref_spikes, logits, spikes, records)
     manifest["artifacts"]["nir"] = _artifact(path, stats=nir_stats(graph), lowerings=graph.metadata.get("lowerings"),
-                                             layout="channel first: tokens (D, N)")
+                                             layout="channel first: tokens (D, N)", dialect="stdeploy (read by the Lava target)",
+                                             nir_min_version=NIR_MIN_VERSION)
     manifest["validation"]["results"]["nir"] = {**result.to_dict(), "accuracy": _accuracy(logits, labels)}
+    return [result] + _export_portable_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest)
+
+
+def _export_portable_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest) -> list[Comparison]:
+    """``model.portable.nir``: the dialect other frameworks read (:mod:`.nir_portable`), checked
+    with our interpreter from the file. A model it cannot express (Spikformer) gets no file and a
+    manifest entry saying why, with a warning."""
+    from .nir_export import nir_stats, write_nir
+    from .nir_interpreter import run_nir
+    from .nir_portable import NIR_MIN_VERSION, READER_DT, to_portable_nir
+
+    try:
+        graph = to_portable_nir(folded, fold="checked", check_input=x)  # per-neuron thresholds folded where the spikes stay
+    except UnsupportedPrimitive as err:
+        reason = str(err).splitlines()[-1].strip(" -")
+        warnings.warn(f"model.portable.nir not written: {reason}", stacklevel=3)
+        manifest["artifacts"]["nir.portable"] = {"file": None, "not_written": reason}
+        return []
+    path = write_nir(graph, tmp / "model.portable.nir")
+    dense = folded.cfg.stem == "dense"
+    outs = run_nir(path, x.flatten(2) if dense else x, record=True)
+    logits = outs["output"].reshape(x.shape[0], x.shape[1], -1).mean(0)
+    spikes = outs["head.lif"]
+    spikes = spikes.reshape(*spikes.shape[:3], -1).transpose(-1, -2)  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
+    result = compare("nir.portable", ref_logits, ref_spikes, logits, spikes, records)
+    manifest["artifacts"]["nir.portable"] = _artifact(
+        path, stats=nir_stats(graph), dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
+        input="the frame flattened in (C, H, W) order, (C*H*W,)" if dense else "the frame (C, H, W)",
+        output="per-step logits; the model's logits are their mean over T",
+        readers="snnTorch 1.0 and SpikingJelly 2.0 at their defaults, Norse 1.1 with dt = metadata['dt'], "
+                "nirtorch 2.6 with stdeploy.interop.nirtorch_map.node_map(graph)")
+    manifest["validation"]["results"]["nir.portable"] = {**result.to_dict(), "accuracy": _accuracy(logits, labels)}
     return [result]
 
 

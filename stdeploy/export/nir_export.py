@@ -84,7 +84,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ShapeError, StdeployError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
-from ..models.layers import (Block, ConvBN, EmbedStage, Head, LinearBN, MaxPool, MLP, PatchEmbed,
+from ..models.layers import (Block, ConvBN, DenseEmbed, EmbedStage, Head, LinearBN, MaxPool, MLP, PatchEmbed,
                              SpikeDrivenAttention, SpikformerAttention)
 from ..models.structure import LowRankLinear
 from ..models.transformer import SpikingTransformer
@@ -390,6 +390,19 @@ def _patch_embed(b: GraphBuilder, name: str, m: PatchEmbed, inputs: list[str]) -
     return tokens
 
 
+def _dense_embed(b: GraphBuilder, name: str, m: DenseEmbed, inputs: list[str]) -> list[str]:
+    """The MLP stem: the frame flattened to a vector ``(C*H*W,)``, then Affine and LIF nodes on
+    vectors (one token: the model's ``(N=1, D)`` is the vector ``(D,)``)."""
+    c, h, w = b.input_shape(name, inputs)
+    x = [b.add(_join(name, "flatten"), nir.Flatten(input_type=np.array([c, h, w]), start_dim=0, end_dim=-1,
+                                                   metadata={"module": name}), inputs, (c * h * w,))]
+    for i, fc in enumerate(m.fcs):
+        x = b.convert(_join(name, f"fcs.{i}"), fc, x)
+        if i < len(m.lifs):
+            x = b.convert(_join(name, f"lifs.{i}"), m.lifs[i], x)
+    return x
+
+
 def _embed_stage(b: GraphBuilder, name: str, m: EmbedStage, inputs: list[str]) -> list[str]:
     x = b.convert(_join(name, "conv"), m.conv, inputs)
     x = b.convert(_join(name, "lif"), m.lif, x)
@@ -485,6 +498,8 @@ def _spikformer_attention_exact(b: GraphBuilder, name: str, m: SpikformerAttenti
 
 def _head(b: GraphBuilder, name: str, m: Head, inputs: list[str]) -> list[str]:
     s = b.convert(_join(name, "lif"), m.lif, inputs)
+    if len(b.input_shape(name, s)) == 1:  # one token (the dense stem): the mean over tokens is the identity
+        return b.convert(_join(name, "fc"), m.fc, s)
     d, n = b.input_shape(name, s)
     mean = _ones_linear(b, _join(name, "token_mean"), s, np.full((d, 1, n), 1.0 / n, np.float32), (d, 1), "mean over tokens")
     flat = b.add(_join(name, "flatten"), nir.Flatten(input_type=np.array([d, 1]), start_dim=0, end_dim=-1, metadata={"module": name}), [mean], (d,))
@@ -518,6 +533,7 @@ def default_converters(*, dt: float = 1.0, spikformer: str = "refuse") -> dict[t
     return {
         SpikingTransformer: _transformer,
         PatchEmbed: _patch_embed,
+        DenseEmbed: _dense_embed,
         EmbedStage: _embed_stage,
         FoldedConv: _folded_conv,
         nn.Conv2d: _conv2d,

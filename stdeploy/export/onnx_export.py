@@ -91,7 +91,7 @@ from torch.nn.utils import parametrize
 from ..files import atomic_write
 from ..errors import ConfigError, OutputMismatch, ShapeError, StdeployError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
-from ..models.layers import MLP, Block, EmbedStage, Head, MaxPool, PatchEmbed, SpikeDrivenAttention, SpikformerAttention
+from ..models.layers import MLP, Block, DenseEmbed, EmbedStage, Head, MaxPool, PatchEmbed, SpikeDrivenAttention, SpikformerAttention
 from ..models.structure import LowRankLinear
 from ..models.transformer import SpikingTransformer, direct_encode
 from ..neurons import LIF, SLIF, lif_step, neurons_of, to_lif
@@ -245,6 +245,15 @@ def _step_patch_embed(step: _Step, m: PatchEmbed, x):  # (B, C, H, W) -> (B, N, 
     return x.flatten(2).transpose(1, 2)
 
 
+def _step_dense_embed(step: _Step, m: DenseEmbed, x):  # (B, C, H, W) -> (B, 1, D)
+    x = x.flatten(1).unsqueeze(1)
+    for i, fc in enumerate(m.fcs):
+        x = step(fc, x)
+        if i < len(m.lifs):
+            x = step(m.lifs[i], x)
+    return x
+
+
 def _step_embed_stage(step: _Step, m: EmbedStage, x):
     return step(m.pool, step(m.lif, step(m.conv, x)))
 
@@ -313,6 +322,7 @@ def default_step_rules() -> dict[type, StepRule]:
     caller's dictionary may add or override entries)."""
     return {
         SpikingTransformer: _step_transformer, PatchEmbed: _step_patch_embed, EmbedStage: _step_embed_stage,
+        DenseEmbed: _step_dense_embed,
         FoldedConv: _step_folded_conv, MaxPool: _step_maxpool, nn.Identity: _step_identity,
         nn.Linear: _step_pointwise, LowRankLinear: _step_pointwise, LIF: _step_lif, SLIF: _step_lif,
         Block: _step_block, MLP: _step_mlp, SpikeDrivenAttention: _step_spike_driven_attention,

@@ -27,6 +27,11 @@ PRESETS: dict[str, ModelConfig] = {
     "sdt-8-512": ModelConfig(family="sdt", name="sdt-8-512", embed_dim=512, depth=8, heads=8, **_CIFAR),
     "sdt-1d-tiny": ModelConfig(family="sdt", name="sdt-1d-tiny", **_SEQ_1D),
     "spikformer-1d-tiny": ModelConfig(family="spikformer", name="spikformer-1d-tiny", **_SEQ_1D),
+    # What most neuromorphic hardware runs today: no attention (depth 0). conv-tiny: conv-BN-LIF
+    # stages, a max-pool of spikes, the conv position embedding, a LIF and a linear readout;
+    # mlp-tiny: the 64 pixels -> 32 -> LIF -> 64 -> LIF -> 10.
+    "conv-tiny": ModelConfig(family="sdt", name="conv-tiny", **{**_TINY, "depth": 0, "embed_dim": 32}),
+    "mlp-tiny": ModelConfig(family="sdt", name="mlp-tiny", stem="dense", **{**_TINY, "depth": 0, "embed_pools": 0}),
 }
 DEFAULT_PRESET = "sdt-tiny"
 

@@ -21,13 +21,14 @@ FLOAT_FIELDS = ("mlp_ratio", "tau", "threshold", "attn_threshold", "attn_scale")
 _repr = reprlib.Repr()  # a YAML alias bomb prints short
 _repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 40, 40, 4, 4
 _short = _repr.repr
+STEMS = ("conv", "dense")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     family: str = "sdt"            # "spikformer" (Q·Kᵀ·V attention) or "sdt" (spike-driven attention)
     embed_dim: int = 64            # D: width of the residual stream
-    depth: int = 1                 # number of transformer blocks
+    depth: int = 1                 # number of transformer blocks (0: no attention, a plain conv or MLP network)
     heads: int = 4                 # attention heads (embed_dim must divide by it)
     mlp_ratio: float = 4.0         # hidden width of the MLP = mlp_ratio * D
     timesteps: int = 4             # T: simulation steps per sample
@@ -48,6 +49,8 @@ class ModelConfig:
     embed_widths: tuple[int, ...] = ()  # channels of each embedding stage, the last = embed_dim;
                                    # () = doubling up to D: D/2^(s-1), ..., D/2, D
     name: str = ""                 # preset name, informational
+    stem: str = "conv"             # "conv": conv-BN-LIF patch embedding; "dense": the image flattened into one
+                                   # token, then linear-BN-LIF layers (an MLP; widths as the conv stages')
 
     def __post_init__(self):
         if isinstance(self.embed_widths, list):  # TOML / JSON arrays
@@ -57,12 +60,15 @@ class ModelConfig:
             problems.append(f"family must be one of {FAMILIES}, got {_short(self.family)}")
         if not isinstance(self.neuron, str) or self.neuron not in NEURONS:
             problems.append(f"neuron must be one of {NEURONS}, got {_short(self.neuron)}")
+        if not isinstance(self.stem, str) or self.stem not in STEMS:
+            problems.append(f"stem must be one of {STEMS}, got {_short(self.stem)}")
         if not isinstance(self.name, str):
             problems.append(f"name must be a string, got {_short(self.name)}")
         for name, top in INT_LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{name} must be a positive integer, got {_short(v)}")
+            low = 0 if name == "depth" else 1  # depth 0: no attention blocks (conv-tiny, mlp-tiny)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                problems.append(f"{name} must be {'a non-negative' if low == 0 else 'a positive'} integer, got {_short(v)}")
             elif v > top:
                 problems.append(f"{name} = {v} is beyond the supported maximum {top}")
         for name in FLOAT_FIELDS:
@@ -91,6 +97,8 @@ class ModelConfig:
             problems.append(f"input_dims must be 1 (sequences) or 2 (images), got {self.input_dims!r}")
         if not (isinstance(self.embed_kernel, int) and self.embed_kernel >= 1 and self.embed_kernel % 2 == 1):
             problems.append(f"embed_kernel must be an odd positive integer, got {self.embed_kernel!r}")
+        if self.stem == "dense" and self.embed_pools:
+            problems.append(f"a dense stem has no pooling: embed_pools must be 0, got {self.embed_pools!r}")
         if not self.mlp_ratio > 0:
             problems.append(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if not self.tau > 1:
@@ -102,6 +110,8 @@ class ModelConfig:
 
     @property
     def tokens(self) -> int:
+        if self.stem == "dense":
+            return 1
         side = self.image_size // 2 ** self.embed_pools
         return side if self.input_dims == 1 else side ** 2
 

@@ -95,6 +95,32 @@ class PatchEmbed(nn.Module):
         return x.flatten(3).transpose(2, 3)
 
 
+class DenseEmbed(nn.Module):
+    """The MLP stem (``cfg.stem == "dense"``): the frame flattened in ``(C, H, W)`` order into one
+    token, then ``embed_stages`` linear-BN layers with a LIF between them (widths as the conv
+    stages': ``D/2^(s-1), ..., D``). Output: real-valued tokens ``(T, B, 1, D)``; with
+    ``depth = 0`` the head's LIF and classifier complete a plain spiking MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        s = cfg.embed_stages
+        widths = [cfg.embed_dim // 2 ** (s - 1 - i) for i in range(s)]
+        ins = [cfg.in_channels * cfg.image_size * cfg.image_size] + widths[:-1]
+        self.fcs = nn.ModuleList(LinearBN(i, o) for i, o in zip(ins, widths))
+        self.lifs = nn.ModuleList(make_neuron(cfg, w) for w in widths[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, C, H, W) -> (T, B, 1, D)
+        x = x.flatten(2).unsqueeze(2)
+        for i, fc in enumerate(self.fcs):
+            x = fc(x)
+            if i < len(self.lifs):
+                x = self.lifs[i](x)
+        return x
+
+
+STEMS = {"conv": PatchEmbed, "dense": DenseEmbed}
+
+
 class SpikformerAttention(nn.Module):
     """Spiking self-attention: ``LIF(Q·Kᵀ·V · scale)`` per head, no softmax, then a projection."""
 

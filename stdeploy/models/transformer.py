@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import ShapeError
 from .config import ModelConfig
-from .layers import Block, Head, PatchEmbed
+from .layers import STEMS, Block, Head
 
 
 class SpikingTransformer(nn.Module):
@@ -17,7 +17,7 @@ class SpikingTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = PatchEmbed(cfg)
+        self.embed = STEMS[cfg.stem](cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head = Head(cfg)
 

@@ -1,0 +1,191 @@
+"""`stdeploy import`: graphs written in the test by snnTorch's, SpikingJelly's and Norse's own exporters become export
+directories whose ONNX graph onnxruntime runs with the framework's own spikes."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import nir
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from stdeploy.cli import main
+from stdeploy.errors import ConfigError, UnsupportedPrimitive
+from stdeploy.interop.importer import import_nir
+
+T = 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def digits(n: int = 32) -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.as_tensor(load_digits().data[:n] / 16.0, dtype=torch.float32)  # (n, 64) in [0, 1]
+
+
+def snntorch_net():
+    import snntorch as snn
+
+    torch.manual_seed(0)
+    fc1, fc2 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+    with torch.no_grad():
+        fc1.weight.mul_(3.0)
+    # per-neuron beta and threshold: snnTorch 1.0's exporter needs equal parameter shapes
+    lif1 = snn.Leaky(beta=torch.full((32,), 0.5), threshold=torch.ones(32), init_hidden=True, reset_mechanism="zero")
+    lif2 = snn.Leaky(beta=torch.full((10,), 0.5), threshold=torch.full((10,), 0.5), init_hidden=True, output=True, reset_mechanism="zero")
+    return torch.nn.Sequential(fc1, lif1, fc2, lif2)
+
+
+def snntorch_spikes(net, x: torch.Tensor) -> torch.Tensor:
+    import snntorch.utils
+
+    snntorch.utils.reset(net)
+    with torch.no_grad():
+        return torch.stack([net(x)[0] for _ in range(T)])  # direct input, (T, B, 10)
+
+
+def run_onnx(out, x: torch.Tensor) -> dict:
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    xs = x.unsqueeze(0).expand(T, *x.shape).contiguous().numpy()
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": xs})))
+
+
+@pytest.fixture(scope="module")
+def snn_file(tmp_path_factory):
+    from snntorch.export_nir import export_to_nir
+
+    net = snntorch_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = export_to_nir(net, torch.zeros(64))  # a sample without a batch dim (with one, nir 1.0.8 type-checks it out)
+    path = tmp_path_factory.mktemp("snn") / "snn.nir"
+    nir.write(path, graph)
+    return path, net
+
+
+def test_snntorch_graph_imports_spike_exact(snn_file, tmp_path):
+    path, net = snn_file
+    assert "dt" not in nir.read(path).metadata  # snnTorch writes no time step: the flag gives it
+    manifest = import_nir(path, tmp_path / "imp", dt=1e-4, timesteps=T)  # snnTorch's importer's dt
+    assert {p.name for p in (tmp_path / "imp").iterdir()} == {"model.nir", "model.onnx", "manifest.json"}
+    assert manifest["validation"]["results"]["onnx"]["spike_mismatches"] == 0
+    x = digits()
+    ref = snntorch_spikes(net, x)
+    assert 0.02 < float(ref.mean()) < 0.9, "the snnTorch net must fire for the comparison to mean anything"
+    out = run_onnx(tmp_path / "imp", x)
+    assert out["spikes"].shape == (T, len(x), 1, 10)
+    assert int((torch.as_tensor(out["spikes"][:, :, 0]) != ref).sum()) == 0
+    np.testing.assert_allclose(out["logits"], ref.mean(0).numpy(), atol=1e-6)
+    assert float(nir.read(tmp_path / "imp" / "model.nir").metadata["dt"]) == 1e-4
+    from stdeploy.targets.base import get_target  # the onnxruntime target compiles and runs the imported directory
+    from stdeploy.targets.profiles import load_profile
+
+    res = get_target("onnxruntime").compile(tmp_path / "imp", load_profile("cpu")).run(x.unsqueeze(0).expand(T, *x.shape).numpy())
+    assert int((torch.as_tensor(np.asarray(res.spikes))[:, :, 0] != ref).sum()) == 0
+
+
+def test_run_imported_on_digits(snn_file, tmp_path):
+    """The whole digits test split through onnxruntime, against the graph (images flattened to its (64,) input)."""
+    from stdeploy.data import load_dataset
+    from stdeploy.interop.importer import run_imported
+
+    path, _ = snn_file
+    import_nir(path, tmp_path / "imp", dt=1e-4, timesteps=T)
+    result = run_imported(tmp_path / "imp", "onnxruntime", data=load_dataset("digits"))
+    assert result["samples"] == 360 and result["spikes_total"] == T * 360 * 10
+    assert result["spike_mismatches"] == 0 and result["logits_max_abs_error"] < 1e-6
+
+
+def test_norse_graph_imports_with_its_time_step(tmp_path):
+    import norse.torch as nt
+
+    torch.manual_seed(1)
+    p1 = nt.LIFBoxParameters(tau_mem_inv=torch.full((32,), 100.0), v_th=torch.ones(32), v_leak=torch.zeros(32), v_reset=torch.zeros(32))
+    p2 = nt.LIFBoxParameters(tau_mem_inv=torch.full((10,), 100.0), v_th=torch.full((10,), 0.3), v_leak=torch.zeros(10), v_reset=torch.zeros(10))
+    fc1, fc2 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+    with torch.no_grad():
+        fc1.weight.mul_(25.0)  # d = 0.1 integrates slowly: loud weights make both layers fire within T steps
+        fc2.weight.mul_(15.0)
+    net = nt.SequentialState(fc1, nt.LIFBoxCell(p1), fc2, nt.LIFBoxCell(p2))  # dt = 1e-3: d = dt*tau_mem_inv = 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = nt.to_nir(net, torch.zeros(64))
+    path = tmp_path / "norse.nir"
+    nir.write(path, graph)
+    with pytest.raises(UnsupportedPrimitive, match=r"dt/tau = 100 is outside \(0, 1\]"):
+        import_nir(path, tmp_path / "bad", dt=1e-3)  # Norse writes tau = dt/tau_mem_inv = 1e-5
+    assert not (tmp_path / "bad").exists()
+    import_nir(path, tmp_path / "imp", dt=1e-6, timesteps=T)  # (Norse's dt)**2 gives d = 0.1
+    x = digits()
+    state, spikes = None, []
+    with torch.no_grad():
+        for _ in range(T):
+            z, state = net(x, state)
+            spikes.append(z)
+    ref = torch.stack(spikes)
+    assert 0.02 < float(ref.mean()) < 0.9, "the Norse net must fire"
+    got = torch.as_tensor(run_onnx(tmp_path / "imp", x)["spikes"][:, :, 0])
+    assert int((got != ref).sum()) == 0
+
+
+def test_import_refusals(snn_file, tmp_path):
+    path, _ = snn_file
+    with pytest.raises(ConfigError, match="no 'dt' in its metadata"):
+        import_nir(path, tmp_path / "a")
+    graph = nir.read(path)
+    cuba = nir.NIRGraph(nodes={**graph.nodes, "1": nir.CubaLIF(tau_syn=np.full(32, 2e-4), tau_mem=np.full(32, 2e-4), r=np.ones(32),
+                                                              v_leak=np.zeros(32), v_threshold=np.ones(32))},
+                        edges=graph.edges, metadata={"dt": 1e-4}, type_check=False)
+    nir.write(tmp_path / "cuba.nir", cuba)
+    with pytest.raises(UnsupportedPrimitive, match=r"1 \(CubaLIF\): no exact conversion"):
+        import_nir(tmp_path / "cuba.nir", tmp_path / "b")
+    (tmp_path / "junk.nir").write_bytes(b"not hdf5")
+    with pytest.raises(ConfigError, match="not a readable NIR file"):
+        import_nir(tmp_path / "junk.nir", tmp_path / "c", dt=1e-4)
+    assert not any((tmp_path / n).exists() for n in "abc")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_import(snn_file, tmp_path, capsys):
+    path, _ = snn_file
+    assert main(["import", str(path), "--out", str(tmp_path / "imp"), "--dt", "1e-4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dt"] == 1e-4 and result["validation"]["results"]["onnx"]["spike_mismatches"] == 0
+    assert main(["import", str(path), "--out", str(tmp_path / "imp"), "--dt", "1e-4"]) == 2  # exists already
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "already exists" in err[0]
+    assert main(["import", str(path), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dt" in err[0]
+
+
+def test_spikingjelly_graph_imports(tmp_path):
+    from spikingjelly.activation_based import functional, layer, neuron
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(layer.Linear(64, 32), neuron.LIFNode(tau=2.0, v_reset=0.0), layer.Linear(32, 10),
+                              neuron.LIFNode(tau=2.0, v_reset=0.0, v_threshold=0.5))
+    with torch.no_grad():
+        net[0].weight.mul_(6.0)
+        net[2].weight.mul_(3.0)
+    graph = export_to_nir(net, torch.zeros(1, 64))  # tau = 2 * 1e-4, r = 1, no dt in the metadata
+    nir.write(tmp_path / "sj.nir", graph)
+    import_nir(tmp_path / "sj.nir", tmp_path / "imp", dt=1e-4, timesteps=T)  # SpikingJelly's default dt
+    x = digits()
+    functional.reset_net(net)
+    with torch.no_grad():
+        ref = torch.stack([net(x) for _ in range(T)])
+    assert 0.02 < float(ref.mean()) < 0.9, "the SpikingJelly net must fire"
+    got = torch.as_tensor(run_onnx(tmp_path / "imp", x)["spikes"][:, :, 0])
+    assert int((got != ref).sum()) == 0
