@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     if args.seeds < 1 or args.epochs < 1:
         print("mnist1d_baselines: --seeds and --epochs must be >= 1", file=sys.stderr)
         return 2
-    torch.set_flush_denormal(True)  # METHOD-NOTES: denormals slowed a CPU run of MNIST-1D ~80x
+    torch.set_flush_denormal(True)  # denormal floats can slow a CPU run of a small model by more than an order of magnitude
     try:
         report = run(args)
     except ConfigError as err:  # the library's errors are ValueErrors with one line

@@ -71,7 +71,7 @@ class TrainConfig:
     batch_size: int = 64             # per process (each DDP rank loads this many)
     lr: float = 2e-3                 # AdamW learning rate of the weights
     weight_decay: float = 0.0        # on weight matrices only (not BN, biases, neuron parameters)
-    intrinsic_lr_scale: float = 20.0 # sLIF threshold/leak learn this many times faster (METHOD-NOTES)
+    intrinsic_lr_scale: float = 20.0 # sLIF threshold/leak learn this many times faster (at the weights' rate they barely move)
     min_lr_ratio: float = 0.01       # cosine schedule floor
     schedule: str = "cosine"         # after warmup: "cosine" (down to min_lr_ratio * lr) or "constant"
     warmup_epochs: float = 0.0       # linear warmup length (fractions allowed); 0: none
@@ -299,7 +299,7 @@ def train(model: nn.Module, data: DataSplit, cfg: TrainConfig, out: str | os.Pat
     With ``resume``, weights and optimizer state come from ``out`` and training continues after
     the last finished epoch.
     """
-    torch.set_flush_denormal(True)  # one epoch once ran 25x slower on denormals (METHOD-NOTES)
+    torch.set_flush_denormal(True)  # denormal floats once made one epoch 25x slower on a CPU
     world = init_distributed(resolve_device(cfg.device))
     device = resolve_device(cfg.device, world.local_rank)
     torch.manual_seed(cfg.seed)

@@ -15,7 +15,7 @@ from .transformer import SpikingTransformer, direct_encode
 
 _TINY = dict(embed_dim=64, depth=1, heads=4, mlp_ratio=4.0, timesteps=4, image_size=8, in_channels=1, num_classes=10, embed_stages=2, embed_pools=1)
 _CIFAR = dict(mlp_ratio=4.0, timesteps=4, image_size=32, in_channels=3, num_classes=10, embed_stages=4, embed_pools=2)
-# MNIST-1D (sequences of 40), the prototype of METHOD-NOTES (76k parameters): 1-D stem conv k5 (1 -> 64) -> LIF ->
+# MNIST-1D (sequences of 40), a 76k-parameter prototype design: 1-D stem conv k5 (1 -> 64) -> LIF ->
 # conv k3 (64 -> 64) -> LIF -> max-pool 2 -> 20 tokens
 _SEQ_1D = dict(embed_dim=64, depth=1, heads=4, mlp_ratio=4.0, timesteps=4, image_size=40, in_channels=1, num_classes=10,
                embed_stages=2, embed_pools=1, input_dims=1, embed_kernel=5, embed_widths=(64, 64))

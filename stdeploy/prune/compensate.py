@@ -18,7 +18,9 @@ COMPENSATIONS = ("slif", "lif", "none")
 def recalibrate_bn(model: nn.Module, dataset, batch_size: int = 128, max_batches: int | None = None) -> nn.Module:
     """Recompute every BatchNorm's running statistics on ``dataset`` (a cumulative average over
     the batches, no gradient, weights untouched). Pruning shifts the statistics the old running
-    averages describe; recalibrating alone recovers much of the drop (METHOD-NOTES)."""
+    averages describe; recalibrating alone can recover much of the drop, so it
+    runs before any fine-tuning and both accuracies are reported (compensation is not credited
+    with what recalibration recovers)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
