@@ -2,8 +2,10 @@
 ``validate_model_outputs``: run both on the same input, collect every mismatch, report them all.
 
 Spikes are compared exactly. A flipped spike is explained, where possible, by the reference
-membrane's distance from threshold at that neuron and step: a flip within ``ROUNDING_LIMIT`` of
-threshold is float summation order (reported, not an error); one farther away is a bug.
+membrane's distance from threshold at that neuron and step: a flip within the tolerance's
+``rounding_limit`` of threshold is float summation order (reported, not an error); one farther away
+is a bug. Whether a comparison passes is decided by one rule, :class:`stdeploy.tolerance.Tolerance`
+(:meth:`Comparison.problems`), the same one ``stdeploy run`` applies with each target's tolerance.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import torch
 from torch import nn
 
 from ..neurons import LIF, LIFParams
+from ..tolerance import Tolerance
 
-ROUNDING_LIMIT = 1e-4  # a flip farther than this from threshold cannot be float rounding
+DEFAULT_TOLERANCE = Tolerance()
+ROUNDING_LIMIT = DEFAULT_TOLERANCE.rounding_limit  # a flip farther than this from threshold cannot be float rounding
 
 
 @dataclass
@@ -33,6 +37,11 @@ class Comparison:
     @property
     def rounding_only(self) -> bool:
         return self.spike_mismatches == 0 or (self.max_flip_distance is not None and self.max_flip_distance < ROUNDING_LIMIT)
+
+    def problems(self, tolerance: Tolerance = DEFAULT_TOLERANCE, *, quantised: bool = False) -> list[str]:
+        """Every way this comparison breaks ``tolerance`` (empty: it agrees)."""
+        return tolerance.problems(self.spikes_total, self.spike_mismatches, self.logits_max_abs_error,
+                                  self.max_flip_distance, quantised=quantised)
 
     def to_dict(self) -> dict:
         d = asdict(self)

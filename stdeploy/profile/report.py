@@ -1,5 +1,8 @@
-"""Profile export directories: accuracy, parameters, nonzeros, file sizes, latency per target and
-energy per device model, as one table (JSON + Markdown) and PNG plots."""
+"""The profile report: accuracy, parameters, nonzeros, file sizes, latency per target and energy per
+device model of export directories, as one table (JSON + Markdown) and PNG plots.
+
+This room builds and writes the report from values it is given (the folded reference, measured
+latencies); running targets is the run path's job (:func:`stdeploy.runner.profile_exports`)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,9 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_text
-from ..deploy import DEFAULT_DEVICE, reference_model
 from ..errors import ConfigError
 from ..models import direct_encode
-from ..targets.base import get_target, read_manifest
-from ..targets.profiles import load_profile
 from .energy import count_operations, energy
-from .latency import measure
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -49,49 +48,35 @@ def validate_report(report: dict) -> None:
         raise ConfigError(f"report does not match its schema: {err.message} at {list(err.absolute_path)}") from err
 
 
-def profile_exports(exports: list[Path], data, targets: list[str], energy_profiles: list[str], *, batch: int = 32,
-                    warmup: int = 2, repeats: int = 10, samples: int | None = None) -> dict:
-    x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
-    if samples is not None:
-        x_all, y_all = x_all[:samples], y_all[:samples]
-    profiles = {name: load_profile(name) for name in energy_profiles}
-    variants = []
-    for export in exports:
-        export = Path(export)
-        _, manifest = read_manifest(export, "reference")
-        ref = reference_model(export)
-        T = ref.cfg.timesteps
-        chunks = [direct_encode(x_all[i:i + 128], T) for i in range(0, len(x_all), 128)]
-        counts = count_operations(ref, chunks)
-        with torch.no_grad():
-            logits = torch.cat([ref(c) for c in chunks])
-        block = [m for n, m in ref.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
-        row = {
-            "name": export.name, "export_dir": str(export),
-            "accuracy": float((logits.argmax(-1) == y_all).float().mean()),
-            "params": int(sum(p.numel() for p in ref.parameters())),
-            "block_nonzeros": int(sum(int((m.weight != 0).sum()) for m in block)),
-            "files": {k: int(v["bytes"]) for k, v in manifest["artifacts"].items() if "bytes" in v},
-            "counts": counts.per_sample(), "firing_rates": {k: v["rate"] for k, v in counts.neurons.items()},
-            "energy": {name: energy(counts, p.energy) for name, p in profiles.items() if p.energy},
-            "latency": {},
-        }
-        xb = direct_encode(x_all[:batch], T)
-        with torch.no_grad():
-            row["latency"]["pytorch"] = measure(lambda x: ref(x), xb, warmup, repeats)
-        for name in targets:
-            tgt = get_target(name)
-            ok, why = tgt.available()
-            if not ok:
-                row["latency"][name] = {"median_s": None, "p90_s": None, "samples_per_s": None, "skipped": why}
-                continue
-            runnable = tgt.compile(export, load_profile(DEFAULT_DEVICE.get(name, "cpu")))
-            if not getattr(runnable, "can_run", True):
-                continue
-            row["latency"][name] = measure(lambda x: runnable.run(x), xb.numpy(), warmup, repeats)
-        variants.append(row)
+def variant_row(export: str | Path, manifest: dict, reference: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
+                energy_profiles: dict, latency: dict[str, dict]) -> dict:
+    """One row of the report for the export directory ``export``: accuracy, parameters, file sizes,
+    operation counts and energy of its folded ``reference`` on the images ``x_all`` (B, C, H, W),
+    and ``latency`` as measured elsewhere (``{runtime: stdeploy.profile.latency.measure(...) or
+    {"median_s": None, ..., "skipped": why}}``; the run path, :mod:`stdeploy.runner`, measures it)."""
+    export = Path(export)
+    T = reference.cfg.timesteps
+    chunks = [direct_encode(x_all[i:i + 128], T) for i in range(0, len(x_all), 128)]
+    counts = count_operations(reference, chunks)
+    with torch.no_grad():
+        logits = torch.cat([reference(c) for c in chunks])
+    block = [m for n, m in reference.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    return {
+        "name": export.name, "export_dir": str(export),
+        "accuracy": float((logits.argmax(-1) == y_all).float().mean()),
+        "params": int(sum(p.numel() for p in reference.parameters())),
+        "block_nonzeros": int(sum(int((m.weight != 0).sum()) for m in block)),
+        "files": {k: int(v["bytes"]) for k, v in manifest["artifacts"].items() if "bytes" in v},
+        "counts": counts.per_sample(), "firing_rates": {k: v["rate"] for k, v in counts.neurons.items()},
+        "energy": {name: energy(counts, p.energy) for name, p in energy_profiles.items() if p.energy},
+        "latency": dict(latency),
+    }
+
+
+def assemble_report(variants: list[dict], energy_profiles: dict) -> dict:
+    """The report of ``variants`` (rows of :func:`variant_row`), ratios to the first, validated."""
     report = {"format": "stdeploy-report/1", "variants": variants,
-              "energy_profiles": {n: {"path": p.path, **p.energy} for n, p in profiles.items()}}
+              "energy_profiles": {n: {"path": p.path, **p.energy} for n, p in energy_profiles.items()}}
     if variants:
         base = variants[0]
         for v in variants:
