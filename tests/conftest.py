@@ -70,17 +70,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 # ----------------------------------------------------------------------------- data
 @pytest.fixture(scope="session")
-def digits():
+def digits_full():
+    """scikit-learn's digits as :func:`stdeploy.data.load_dataset` splits it, loaded once."""
     return load_dataset("digits")
 
 
 @pytest.fixture(scope="session")
-def digits_subset(digits):
+def digits_subset(digits_full):
     """``digits_subset(n_train, n_test)``: the first ``n_train`` training and ``n_test`` test images."""
 
     def make(n_train: int, n_test: int):
         sub = torch.utils.data.Subset
-        return dataclasses.replace(digits, train=sub(digits.train, range(n_train)), test=sub(digits.test, range(n_test)))
+        d = digits_full
+        return dataclasses.replace(d, train=sub(d.train, range(n_train)), test=sub(d.test, range(n_test)))
 
     return make
 
