@@ -117,6 +117,8 @@ def eval_images(data, limit: int | None = None) -> tuple[torch.Tensor, torch.Ten
     x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
     if limit is not None:
         x_all, y_all = x_all[:limit], y_all[:limit]
+    if len(x_all) == 0:
+        raise ConfigError(f"no test images to run (data {data.name}, limit {limit})")
     return x_all, y_all
 
 

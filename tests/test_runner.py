@@ -116,6 +116,13 @@ def test_model_config_comes_from_the_manifest(exported_sdt, trained_sdt, monkeyp
     assert runner.model_config(exported_sdt) == trained_sdt[0].cfg
 
 
+def test_cli_run_bad_flags_exit_2(exported_sdt, capsys):
+    for flags, message in ((["--limit", "0"], "no test images to run"), (["--batch-size", "0"], "batch_size must be a positive integer")):
+        assert cli.main(["run", str(exported_sdt), "--target", "onnxruntime", "--quiet", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_unavailable_target_says_why(exported_sdt, trained_sdt, monkeypatch):
     from stdeploy.targets.onnxruntime_target import OnnxRuntimeTarget
 
