@@ -25,6 +25,9 @@ def test_tolerance_rule():
     assert "not float rounding" in t.problems(10_000, 1, 0.5, 0.3)[0]   # a flip far from threshold
     assert "not float rounding" in t.problems(10_000, 1, 0.5, None)[0]  # unmeasured flips are not excused
     assert Tolerance(spike_mismatches=2).problems(10_000, 2, 0.5, 0.3) == []
+    # seen at the output layer only (a run): any flip may be a rounding cascade, bounded by the fraction
+    assert t.problems(10_000, 2, 0.5, 0.3, localised=False) == []
+    assert "(not localised)" in t.problems(1000, 2, 0.5, 0.3, localised=False)[0]
     q = Tolerance(quantised_spike_agreement=0.9)
     assert q.problems(100, 10, 9.0, None, quantised=True) == []
     assert "below the quantised tolerance" in q.problems(100, 11, 9.0, None, quantised=True)[0]

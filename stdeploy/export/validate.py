@@ -38,10 +38,11 @@ class Comparison:
     def rounding_only(self) -> bool:
         return self.spike_mismatches == 0 or (self.max_flip_distance is not None and self.max_flip_distance < ROUNDING_LIMIT)
 
-    def problems(self, tolerance: Tolerance = DEFAULT_TOLERANCE, *, quantised: bool = False) -> list[str]:
-        """Every way this comparison breaks ``tolerance`` (empty: it agrees)."""
+    def problems(self, tolerance: Tolerance = DEFAULT_TOLERANCE, *, quantised: bool = False, localised: bool = True) -> list[str]:
+        """Every way this comparison breaks ``tolerance`` (empty: it agrees); ``localised``: the flips
+        were measured at the first layer that diverged (see :meth:`Tolerance.problems`)."""
         return tolerance.problems(self.spikes_total, self.spike_mismatches, self.logits_max_abs_error,
-                                  self.max_flip_distance, quantised=quantised)
+                                  self.max_flip_distance, quantised=quantised, localised=localised)
 
     def to_dict(self) -> dict:
         d = asdict(self)
