@@ -4,8 +4,9 @@ reference), onnxruntime, TVM (untuned llvm) and Lava, for dense, L1P and DSP var
     .venv/bin/python benchmarks/targets.py [EXPORT_DIR ...] [--batch 32] [--repeats 10]
 
 Without arguments it uses the exports `make demo` writes (runs/demo/export/{dense,l1p-90,dsp-30}).
-Each cell is the median wall time of one batch over the repeats after a warm-up run; ratios are
-to onnxruntime on the dense model, measured in the same run.
+Each cell is the median wall time of one batch over the repeats after a warm-up run (the run
+path's timer, ``stdeploy.runner.latency``), divided by the batch; ratios are to onnxruntime on the
+dense model, measured in the same run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stdeploy.data import load_dataset  # noqa: E402
-from stdeploy.deploy import DEFAULT_DEVICE, reference_model  # noqa: E402
 from stdeploy.models import direct_encode  # noqa: E402
-from stdeploy.targets.base import get_target, median_time, target_names  # noqa: E402
-from stdeploy.targets.profiles import load_profile  # noqa: E402
+from stdeploy.runner import latency, load_reference, pytorch_latency  # noqa: E402
+from stdeploy.targets.base import target_names  # noqa: E402
 
 DEMO = Path("runs/demo/export")
 
@@ -43,22 +43,14 @@ def main() -> int:
     x_img = torch.stack([data.test[i][0] for i in range(args.batch)])
     rows = []
     for export in exports:
-        ref = reference_model(export)
+        ref = load_reference(export)
         x = direct_encode(x_img, ref.cfg.timesteps)
-        with torch.no_grad():
-            t = median_time(lambda: ref(x), args.repeats)
+        t = pytorch_latency(ref, x, warmup=1, repeats=args.repeats, layers=False)["median_s"]
         rows.append((export.name, "pytorch eager", t / args.batch))
         for name in target_names():
-            target = get_target(name)
-            ok, why = target.available()
-            if not ok:
-                rows.append((export.name, name, None))
-                continue
-            runnable = target.compile(export, load_profile(DEFAULT_DEVICE[name]))
             batch = args.lava_batch if name == "lava" else args.batch
-            xb = x[:, :batch].numpy()
-            t = median_time(lambda: runnable.run(xb), 1 if name == "lava" else args.repeats)
-            rows.append((export.name, name, t / batch))
+            r = latency(export, name, x[:, :batch], warmup=1, repeats=1 if name == "lava" else args.repeats)
+            rows.append((export.name, name, r["median_s"] / batch if "median_s" in r else None))
     base = next(t for m, n, t in rows if n == "onnxruntime" and t is not None)
     print(f"\nbatch {args.batch} (Lava {args.lava_batch}), T = {ref.cfg.timesteps}, median of {args.repeats} runs after a warm-up; "
           "time per sample")

@@ -330,9 +330,9 @@ def _export_parser(sub) -> None:
 @command("run")
 def cmd_run(args: argparse.Namespace) -> dict:
     from .data import load_dataset
-    from .deploy import reference_model, run_export
+    from .runner import model_config, run_export
 
-    cfg = reference_model(args.export_dir).cfg
+    cfg = model_config(args.export_dir)  # from the manifest; run_export loads the reference once
     data = load_dataset(args.data, args.data_root, image_size=cfg.image_size if args.data != "digits" else None,
                         timesteps=cfg.timesteps)
     result = run_export(args.export_dir, args.target, args.device, data, batch_size=args.batch_size, limit=args.limit,
@@ -352,12 +352,14 @@ def cmd_run(args: argparse.Namespace) -> dict:
         if result["info"].get("path"):
             rows.append(("kernels", result["info"]["path"]))
         rows += [("compile", f"{result['compile_seconds']:.2f} s"), ("run", f"{result['run_seconds']:.3f} s")]
+        rows.append(("tolerance", "within" if result["within_tolerance"] else "EXCEEDED: " + "; ".join(result["tolerance_problems"])))
         _print_table(rows)
     return result
 
 
 def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="run an export directory on a target; accuracy and spike agreement with PyTorch")
+    p = sub.add_parser("run", help="run an export directory on a target; accuracy and spike agreement with PyTorch",
+                       epilog="exit status 1 when the results exceed the target's tolerance (the `tolerance` row)")
     p.add_argument("export_dir")
     p.add_argument("--target", required=True, help="onnxruntime, tvm or lava (see `stdeploy targets`)")
     p.add_argument("--device", default=None, help="device profile name or .toml path (default per target)")
@@ -385,7 +387,7 @@ def _tvm_options(args) -> dict:
 
 @command("targets")
 def cmd_targets(args: argparse.Namespace) -> dict:
-    from .deploy import list_targets
+    from .runner import list_targets
     from .targets.profiles import known_profiles
 
     rows = list_targets()
@@ -405,67 +407,17 @@ def _targets_parser(sub) -> None:
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> dict:
     from .data import load_dataset
-    from .deploy import DEFAULT_DEVICE, reference_model
-    from .models import direct_encode
-    from .profile.gpu_power import measure_energy, nvml_available
-    from .profile.latency import measure, module_times
-    from .targets.base import get_target
-    from .targets.profiles import load_profile
+    from .runner import bench_export
 
     device_rows = {}
     if args.device_report:  # a report made on the device by `python -m stdeploy.runtime`, set beside the host's rows
         from .runtime.report import device_rows as read_device_rows
 
         device_rows = read_device_rows(args.device_report)
-    ref = reference_model(args.export_dir)
     data = load_dataset(args.data, args.data_root)
-    x_img = torch_stack_first(data, args.batch)
-    x = direct_encode(x_img, ref.cfg.timesteps)
-    results = {}
-    import torch
-
-    if args.gpu_energy:
-        ok, why = nvml_available()
-        if not ok:
-            raise ConfigError(f"--gpu-energy: cannot measure GPU power here ({why})")
-    if args.pytorch_device == "cuda":  # the reference on the GPU: timed with a sync, no per-layer split
-        if not torch.cuda.is_available():
-            raise ConfigError("--pytorch-device cuda: no CUDA GPU here")
-        ref_gpu, x_gpu = ref.to("cuda"), x.to("cuda")
-
-        def run_ref(b):  # returns when the GPU is done (timing and energy both need that)
-            with torch.no_grad():
-                out = ref_gpu(b)
-            torch.cuda.synchronize()
-            return out
-
-        results["pytorch"] = {**measure(run_ref, x_gpu, args.warmup, args.repeats),
-                              "path": f"cuda ({torch.cuda.get_device_name()})"}
-        if args.gpu_energy:
-            results["pytorch"]["measured_energy"] = measure_energy(run_ref, x_gpu, args.repeats)
-    else:
-        with torch.no_grad():
-            results["pytorch"] = measure(lambda b: ref(b), x, args.warmup, args.repeats)
-        results["pytorch"]["layers"] = module_times(ref, x)
-    for name in [t for t in args.targets.split(",") if t]:
-        tgt = get_target(name)
-        ok, why = tgt.available()
-        if not ok:
-            results[name] = {"skipped": why}
-            continue
-        profile = load_profile(args.device or DEFAULT_DEVICE.get(name, "cpu"))
-        options = {}
-        if name == "tvm":  # cuda: one build at the bench batch; the cpu options are ignored there
-            options = {**_tvm_options(args), **({"batch_size": args.batch} if profile.kind == "cuda" else {})}
-        runnable = tgt.compile(args.export_dir, profile, **options)
-        if not getattr(runnable, "can_run", True):
-            results[name] = {"skipped": "built, but this machine cannot run it", "info": runnable.info}
-            continue
-        results[name] = measure(lambda b: runnable.run(b), x.numpy(), args.warmup, args.repeats)
-        if runnable.info.get("path"):
-            results[name]["path"] = runnable.info["path"]
-        if args.gpu_energy and _runs_on_gpu(runnable.info):
-            results[name]["measured_energy"] = measure_energy(lambda b: runnable.run(b), x.numpy(), args.repeats)
+    results = bench_export(args.export_dir, [t for t in args.targets.split(",") if t], torch_stack_first(data, args.batch),
+                           device=args.device, warmup=args.warmup, repeats=args.repeats, options=_tvm_options(args),
+                           pytorch_device=args.pytorch_device, gpu_energy=args.gpu_energy)
     results.update(device_rows)
     if not args.json:
         print(f"{'runtime':<12} {'median ms':>10} {'p90 ms':>8} {'samples/s':>10} {'timesteps/s':>12}")
@@ -482,10 +434,6 @@ def cmd_bench(args: argparse.Namespace) -> dict:
             else:
                 print(f"{name:<12} skipped: {r['skipped']}")
     return {"export_dir": args.export_dir, "batch": args.batch, "results": results}
-
-
-def _runs_on_gpu(info: dict) -> bool:
-    return "CUDAExecutionProvider" in info.get("providers", []) or str(info.get("path", "")).startswith("cuda")
 
 
 def torch_stack_first(data, n: int):
@@ -515,8 +463,10 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     from .targets.profiles import load_profile
     from .targets.tvm.tuning import tune
 
+    from .console import show_progress
+
     bar = None
-    if not args.quiet:
+    if show_progress(not args.quiet):  # a bar only on a terminal
         from tqdm import tqdm
 
         bar = tqdm(total=None, unit="trial", desc="tuning")
@@ -560,7 +510,8 @@ def _tune_parser(sub) -> None:
 @command("profile")
 def cmd_profile(args: argparse.Namespace) -> dict:
     from .data import load_dataset
-    from .profile.report import profile_exports, to_markdown, write_report
+    from .profile.report import to_markdown, write_report
+    from .runner import profile_exports
 
     data = load_dataset(args.data, args.data_root)
     report = profile_exports(args.export_dirs, data, [t for t in args.targets.split(",") if t],
@@ -679,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json and os.environ.get("RANK", "0") == "0":  # under torchrun one line, from rank 0 (ranks' lines would interleave)
         print(json.dumps(result, default=str))
-    return 0
+    return 1 if result.get("within_tolerance") is False else 0  # ran, but outside the target's tolerance
 
 
 def _one_line(err: BaseException) -> str:

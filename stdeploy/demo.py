@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
-from .deploy import run_export
 from .export.directory import export_model
-from .profile.report import profile_exports, to_markdown, write_report
+from .profile.report import to_markdown, write_report
+from .runner import list_targets, load_reference, profile_exports, run_export
 from .data import load_dataset
 from .models import DEFAULT_PRESET, build_model, clone_model
 from .prune import DEFAULT_LAYERS, CompensationConfig, PruneConfig, prune_model, select_layers
 from .prune.base import dense_params
-from .targets.base import get_target, target_names
 from .train import TrainConfig, train
 
 EPOCHS = int(os.environ.get("STDEPLOY_DEMO_EPOCHS", "15"))
@@ -77,15 +76,17 @@ def main() -> int:
 
     print("\n[run] every target that can run here, on the test split")
     print(f"{'model':<8} {'target':<12} {'accuracy':>9} {'PyTorch':>8} {'spike agreement':>16} {'wall s':>7}")
+    targets = list_targets()
     for name in models:
-        for target in target_names():
-            ok, why = get_target(target).available()
-            if not ok:
-                print(f"{name:<8} {target:<12} skipped: {why}")
+        reference = load_reference(out / "export" / name)  # once per model, for every target
+        for t in targets:
+            if not t["available"]:
+                print(f"{name:<8} {t['target']:<12} skipped: {t['detail']}")
                 continue
-            r = run_export(out / "export" / name, target, data=data)
+            r = run_export(out / "export" / name, t["target"], data=data, reference=reference)
             agree = f"{r['spike_agreement']:.6f}" if "spike_agreement" in r else "-"
-            print(f"{name:<8} {target:<12} {r['accuracy']:>9.4f} {r['reference_accuracy']:>8.4f} {agree:>16} {r['run_seconds']:>7.2f}")
+            print(f"{name:<8} {t['target']:<12} {r['accuracy']:>9.4f} {r['reference_accuracy']:>8.4f} {agree:>16} {r['run_seconds']:>7.2f}"
+                  + ("" if r["within_tolerance"] else f"  OUTSIDE TOLERANCE: {'; '.join(r['tolerance_problems'])}"))
 
     print("\n[profile] operation counts on the test split, energy per device model, latency")
     report = profile_exports([out / "export" / n for n in models], data, ["onnxruntime"], ["cpu", "loihi2"])

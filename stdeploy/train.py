@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import TRAIN_STATE, load_checkpoint, load_train_state, save_checkpoint
+from .console import show_progress
 from .data import DataSplit, make_loader
 from .errors import ConfigError
 from .models import direct_encode
@@ -357,7 +358,7 @@ def train(model: nn.Module, data: DataSplit, cfg: TrainConfig, out: str | os.Pat
         mixing = cfg.mixing and not (cfg.mix_off_epoch and epoch >= cfg.mix_off_epoch)
         mix_rng = np.random.default_rng([cfg.seed % 2 ** 63, epoch, world.rank]) if mixing else None
         batches = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and world.main), leave=False, unit="batch", mininterval=1.0)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and world.main and show_progress()), leave=False, unit="batch", mininterval=1.0)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             target = y

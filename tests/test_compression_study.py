@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from stdeploy.data import load_dataset
 from stdeploy.errors import ConfigError
 from stdeploy.models import build_model
 from stdeploy.train import evaluate
@@ -28,10 +27,8 @@ def study():
 
 
 @pytest.fixture(scope="module")
-def tiny_digits():
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    return type(d)(**{**d.__dict__, "train": sub(d.train, range(160)), "test": sub(d.test, range(80))})
+def tiny_digits(digits_subset):
+    return digits_subset(160, 80)
 
 
 def tiny_config(study, **changes):

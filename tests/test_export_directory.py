@@ -10,7 +10,6 @@ import torch
 
 from stdeploy.activity import estimate_batchnorm, require_active
 from stdeploy.checkpoint import save_checkpoint
-from stdeploy.data import load_dataset
 from stdeploy.errors import ConfigError, UnsupportedPrimitive
 from stdeploy.export.directory import export_model
 from stdeploy.export.validate import compare, membrane_before_reset, record_neurons
@@ -18,22 +17,14 @@ from stdeploy.models import build_model, direct_encode
 from stdeploy.models.structure import LowRankLinear, attach_mask
 from stdeploy.neurons import LIF
 from stdeploy.prune import PruneConfig, make_pruner
-from stdeploy.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    small = type(d)(**{**d.__dict__, "train": sub(d.train, range(256)), "test": sub(d.test, range(64))})
-    model = build_model("sdt-tiny")
-    train(model, small, TrainConfig(epochs=2, batch_size=32), progress=False)
-    # Two short epochs leave BatchNorm's running statistics (momentum 0.1) stale: in eval mode every
-    # LIF after the first is silent and the comparisons below would compare zeros. Re-estimate them
-    # over the training images (cumulative average, layer by layer).
-    return _recalibrate(model, small), small
+def trained(trained_sdt):
+    """The run's shared trained sdt-tiny and its 64-image digits subset (tests/conftest.py)."""
+    return trained_sdt
 
 
 def _recalibrate(model, data):

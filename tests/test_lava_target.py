@@ -33,15 +33,14 @@ from stdeploy.targets.base import REGISTRY, TargetError, get_target
 from stdeploy.targets.profiles import load_profile
 from stdeploy.train import TrainConfig, train
 
-pytestmark = pytest.mark.lava
-
 from stdeploy.targets.lava.graph import LavaUnsupported  # noqa: E402
 from stdeploy.targets.lava.lowering import lower  # noqa: E402
 from stdeploy.targets.lava.target import LavaTarget  # noqa: E402
 from stdeploy.targets.lava.worker import LavaTimeout, group_members  # noqa: E402
 
-AVAILABLE, WHY = LavaTarget().available()
-needs_lava = pytest.mark.skipif(not AVAILABLE, reason=WHY)
+# tests that run Lava: skipped where lava-nc is not installed, a failure where CI is set or the
+# install is broken (tests/conftest.py); the others run everywhere
+needs_lava = pytest.mark.lava
 
 N_IMAGES = 12
 FIXED_MIN_AGREEMENT = 0.90   # measured 0.93-0.94 (see the module docstring); the 8-bit weight floor is about 0.94
@@ -64,10 +63,10 @@ def write_export(path, graph: nir.NIRGraph):
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(digits_subset, digits_full):
     """sdt-tiny (LIF) trained 2 epochs on 1024 digits (about 7 s), so neurons fire (256 digits leave it silent)."""
-    d = load_dataset("digits")
-    data = dataclasses.replace(d, train=torch.utils.data.Subset(d.train, range(1024)), test=torch.utils.data.Subset(d.test, range(64)))
+    d = digits_full
+    data = digits_subset(1024, 64)
     torch.manual_seed(0)
     model = build_model("sdt-tiny")
     train(model, data, TrainConfig(epochs=2, batch_size=32), None, progress=False)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from stdeploy.data import load_dataset
 from stdeploy.errors import ShapeError, UnsupportedPrimitive
 from stdeploy.export.nir_export import (INPUT, OUTPUT_LOGITS, OUTPUT_SPIKES, GraphBuilder, default_converters, nir_stats,
                                         to_nir, write_nir)
@@ -218,11 +217,10 @@ def test_plain_conv2d_and_sequential():
 
 # ----------------------------------------------------------------------------- whole models
 @pytest.fixture(scope="module")
-def trained():
+def trained(digits_subset, digits_full):
     """sdt-tiny with sLIF neurons, trained 3 epochs on 256 digits (a few seconds): realistic activity."""
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    data = type(d)(**{**d.__dict__, "train": sub(d.train, range(256)), "test": sub(d.test, range(64))})
+    d = digits_full
+    data = digits_subset(256, 64)
     torch.manual_seed(0)
     model = build_model("sdt-tiny", neuron="slif")
     train(model, data, TrainConfig(epochs=3, batch_size=16), None, progress=False)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from stdeploy.data import load_dataset
 from stdeploy.errors import OutputMismatch, ShapeError, UnsupportedPrimitive
 from stdeploy.export.onnx_export import (
     LOGIT_ATOL, _Unrolled, default_step_rules, export_onnx, export_onnx_streaming, initial_states, run_onnx,
@@ -24,11 +23,9 @@ FAMILIES = ["sdt-tiny", "spikformer-tiny"]
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits(digits_subset):
     """Digits cut to 480 training and 64 test images: two epochs train in a few seconds."""
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    return type(d)(**{**d.__dict__, "train": sub(d.train, range(480)), "test": sub(d.test, range(64))})
+    return digits_subset(480, 64)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +35,13 @@ def inputs(digits):
 
 
 @pytest.fixture(scope="module")
-def models(digits):
-    """Each family briefly trained (about 80% accuracy) and folded: realistic spike activity."""
-    out = {}
+def models(digits, trained_sdt):
+    """Each family briefly trained (about 80% accuracy) and folded: realistic spike activity. sdt-tiny
+    is the run's shared model (conftest: the same data and settings as below)."""
+    out = {"sdt-tiny": fold_batchnorm(trained_sdt[0])}
     for family in FAMILIES:
+        if family in out:
+            continue
         torch.manual_seed(0)
         model = build_model(family)
         train(model, digits, TrainConfig(epochs=2, batch_size=16, lr=5e-3), None, progress=False)

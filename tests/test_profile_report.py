@@ -13,7 +13,8 @@ from stdeploy.errors import ConfigError
 from stdeploy.export.directory import export_model
 from stdeploy.models import build_model
 from stdeploy.profile.latency import measure
-from stdeploy.profile.report import profile_exports, validate_report, write_report
+from stdeploy.profile.report import validate_report, write_report
+from stdeploy.runner import profile_exports
 from stdeploy.prune import PruneConfig, make_pruner
 
 

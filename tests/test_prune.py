@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from stdeploy.checkpoint import load_checkpoint, save_checkpoint
-from stdeploy.data import load_dataset
 from stdeploy.errors import ConfigError
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.structure import LowRankLinear
@@ -15,12 +14,6 @@ from stdeploy.neurons import SLIF, neurons_of
 from stdeploy.prune import CompensationConfig, PruneConfig, make_pruner, magnitude_masks, prune_model, recalibrate_bn
 from stdeploy.prune.base import cubic_sparsity
 from stdeploy.train import TrainConfig, train
-
-
-def small_digits(n_train=192, n_test=96):
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    return type(d)(**{**d.__dict__, "train": sub(d.train, range(n_train)), "test": sub(d.test, range(n_test))})
 
 
 def _block_weights(model, pruner):
@@ -53,14 +46,14 @@ def test_global_masks_drop_smallest_magnitudes():
     assert m["a"].tolist() == [[False, True], [False, True]] and m["b"].tolist() == [[False, True]]
 
 
-def test_pruned_weights_stay_zero_through_fine_tuning():
+def test_pruned_weights_stay_zero_through_fine_tuning(digits_subset):
     torch.manual_seed(0)
     model = build_model("sdt-tiny")
     pruner = make_pruner(PruneConfig(method="l1p", sparsity=0.8))
     pruner.prepare(model)
     pruner.step(model)
     before = {n: (w == 0).clone() for n, w in _block_weights(model, pruner).items()}
-    train(model, small_digits(), TrainConfig(epochs=1, batch_size=32), progress=False)
+    train(model, digits_subset(192, 96), TrainConfig(epochs=1, batch_size=32), progress=False)
     for n, w in _block_weights(model, pruner).items():
         assert torch.equal(w == 0, before[n]), n
         orig = model.get_submodule(n).parametrizations.weight.original
@@ -142,19 +135,19 @@ def test_prune_state_roundtrips_through_checkpoint(tmp_path):
         assert torch.equal(model.eval()(x), loaded.eval()(x))
 
 
-def test_bn_recalibration_changes_only_statistics():
+def test_bn_recalibration_changes_only_statistics(digits_subset):
     torch.manual_seed(0)
     model = build_model("sdt-tiny")
     weights = {k: v.clone() for k, v in model.named_parameters()}
-    recalibrate_bn(model, small_digits().train)
+    recalibrate_bn(model, digits_subset(192, 96).train)
     bn = model.blocks[0].mlp.fc1.bn
     assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
     assert bn.momentum == 0.1 and all(torch.equal(weights[k], v) for k, v in model.named_parameters())
 
 
-def test_prune_model_with_slif_compensation():
+def test_prune_model_with_slif_compensation(digits_subset):
     torch.manual_seed(0)
-    data = small_digits()
+    data = digits_subset(192, 96)
     model = build_model("sdt-tiny")
     train(model, data, TrainConfig(epochs=2, batch_size=32), progress=False)
     model, report = prune_model(model, data, PruneConfig(method="l1p", sparsity=0.9),

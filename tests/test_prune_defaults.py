@@ -10,17 +10,10 @@ import torch
 import stdeploy.train as train_module
 from stdeploy import cli
 from stdeploy.checkpoint import load_checkpoint, save_checkpoint
-from stdeploy.data import load_dataset
 from stdeploy.models import build_model
 from stdeploy.neurons import SLIF, neurons_of, to_slif
 from stdeploy.prune import CompensationConfig, PruneConfig, prune_model
 from stdeploy.train import TrainConfig, train
-
-
-def tiny_digits(n_train=128, n_test=64):
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    return type(d)(**{**d.__dict__, "train": sub(d.train, range(n_train)), "test": sub(d.test, range(n_test))})
 
 
 def test_compensation_config_defaults():
@@ -61,7 +54,7 @@ def test_cli_prune_recalibrates_bn_by_default(tmp_path, capsys, flags, recalibra
 
 
 @pytest.mark.parametrize("learn_threshold, learn_leak", [(True, True), (True, False), (False, True)])
-def test_intrinsic_parameters_get_their_own_group(monkeypatch, learn_threshold, learn_leak):
+def test_intrinsic_parameters_get_their_own_group(monkeypatch, learn_threshold, learn_leak, digits_subset):
     torch.manual_seed(0)
     model = to_slif(build_model("sdt-tiny"), learn_threshold=learn_threshold, learn_leak=learn_leak)
     seen = []
@@ -74,7 +67,7 @@ def test_intrinsic_parameters_get_their_own_group(monkeypatch, learn_threshold, 
 
     monkeypatch.setattr(train_module, "param_groups", capture)
     cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-3, weight_decay=0.05)
-    train(model, tiny_digits(), cfg, progress=False)
+    train(model, digits_subset(128, 64), cfg, progress=False)
     (groups,) = seen
     by_name = {g["name"]: g for g in groups}
     intrinsic = by_name["intrinsic"]
@@ -87,9 +80,9 @@ def test_intrinsic_parameters_get_their_own_group(monkeypatch, learn_threshold, 
     assert not others & {id(p) for n in slifs for p in (n.threshold_log_scale, n.leak_log_exponent)}
 
 
-def test_default_compensation_learns_thresholds_not_leaks():
+def test_default_compensation_learns_thresholds_not_leaks(digits_subset):
     torch.manual_seed(0)
-    data = tiny_digits()
+    data = digits_subset(128, 64)
     model = build_model("sdt-tiny")
     model, report = prune_model(model, data, PruneConfig(method="l1p", sparsity=0.5), CompensationConfig(epochs=1, penalty_epochs=0),
                                 progress=False)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from stdeploy.checkpoint import load_checkpoint
-from stdeploy.data import load_dataset
 from stdeploy.errors import ConfigError
 from stdeploy.models import build_model
 from stdeploy.neurons import SLIF
@@ -17,17 +16,10 @@ from stdeploy.train import TrainConfig, param_groups, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small_digits():
-    """Digits, cut to 256 training and 128 test images so a few epochs take seconds."""
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    return type(d)(**{**d.__dict__, "train": sub(d.train, range(256)), "test": sub(d.test, range(128))})
-
-
-def test_training_learns_and_checkpoints(tmp_path):
+def test_training_learns_and_checkpoints(tmp_path, digits_subset):
     torch.manual_seed(0)
     model = build_model("sdt-tiny")
-    result = train(model, small_digits(), TrainConfig(epochs=3, batch_size=16), tmp_path / "run", progress=False)
+    result = train(model, digits_subset(256, 128), TrainConfig(epochs=3, batch_size=16), tmp_path / "run", progress=False)
     assert result.test_accuracy > 0.3  # chance is 0.1
     assert len(result.history) == 3 and result.params == sum(p.numel() for p in model.parameters())
     loaded = load_checkpoint(tmp_path / "run")
@@ -36,8 +28,8 @@ def test_training_learns_and_checkpoints(tmp_path):
     assert loaded.meta["history"][-1]["test_accuracy"] == result.test_accuracy
 
 
-def test_resume_reaches_the_same_weights(tmp_path):
-    data = small_digits()
+def test_resume_reaches_the_same_weights(tmp_path, digits_subset):
+    data = digits_subset(256, 128)
     cfg = TrainConfig(epochs=2, batch_size=32, seed=3)
     full = build_model("spikformer-tiny")
     torch.manual_seed(0)
@@ -85,7 +77,7 @@ def test_slif_gets_its_own_learning_rate():
     assert len(groups["intrinsic"]["params"]) == n_intrinsic > 0
 
 
-def test_bad_train_config():
+def test_bad_train_config(digits_subset):
     with pytest.raises(ConfigError, match="epochs"):
         TrainConfig(epochs=-1)
     with pytest.raises(ConfigError, match="batch_size"):
@@ -94,7 +86,7 @@ def test_bad_train_config():
         TrainConfig(workers=-2)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
-            train(build_model("sdt-tiny"), small_digits(), TrainConfig(epochs=1, device="cuda"), progress=False)
+            train(build_model("sdt-tiny"), digits_subset(256, 128), TrainConfig(epochs=1, device="cuda"), progress=False)
 
 
 def _cli(*args, env=None, cwd=None):

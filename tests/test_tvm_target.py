@@ -22,7 +22,7 @@ from stdeploy.export.manifest import write_manifest
 from stdeploy.data import load_dataset
 from stdeploy.errors import ConfigError
 from stdeploy.export.onnx_export import export_onnx
-from stdeploy.models import build_model, direct_encode
+from stdeploy.models import direct_encode
 from stdeploy.models.fold import fold_batchnorm
 from stdeploy.targets.base import REGISTRY, Target, TargetError, get_target
 from stdeploy.targets.profiles import DeviceProfile, load_profile
@@ -59,15 +59,11 @@ def elf_machine_code(path) -> int:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """sdt-tiny trained briefly on 480 digits (two epochs, about 85% test accuracy, about 20% of the
-    head neurons spiking), folded and exported, with 32 test images and the PyTorch outputs."""
-    d = load_dataset("digits")
-    sub = torch.utils.data.Subset
-    data = dataclasses.replace(d, train=sub(d.train, range(480)), test=sub(d.test, range(TEST_IMAGES)))
-    torch.manual_seed(0)
-    model = build_model("sdt-tiny")
-    train(model, data, TrainConfig(epochs=2, batch_size=16, lr=5e-3), None, progress=False)
+def exported(tmp_path_factory, trained_sdt):
+    """The run's shared sdt-tiny (conftest: trained briefly on 480 digits, two epochs, about 85% test
+    accuracy, about 20% of the head neurons spiking), folded and exported, with 32 test images and
+    the PyTorch outputs."""
+    model, data = trained_sdt
     folded = fold_batchnorm(model).eval()
     export_dir = tmp_path_factory.mktemp("export")
     export_onnx(folded, export_dir / "model.onnx")

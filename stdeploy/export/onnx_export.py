@@ -95,6 +95,7 @@ from ..models.layers import MLP, Block, DenseEmbed, EmbedStage, Head, MaxPool, P
 from ..models.structure import LowRankLinear
 from ..models.transformer import SpikingTransformer, direct_encode
 from ..neurons import LIF, SLIF, lif_step, neurons_of, to_lif
+from ..tolerance import ONNXRUNTIME
 
 __all__ = [
     "DEFAULT_OPSET", "LOGIT_ATOL", "MAX_FLIP_FRACTION", "SPARSE_MIN_ZEROS", "export_onnx", "export_onnx_streaming", "export_problems",
@@ -103,8 +104,8 @@ __all__ = [
 
 DEFAULT_OPSET = 18            # onnxruntime >= 1.14, TensorRT >= 8.6; the dynamo exporter's native minimum
 MIN_OPSET, MAX_OPSET = 13, 20 # ReduceSum with axes as an input (13); the TorchScript exporter's maximum (20)
-LOGIT_ATOL = 1e-5             # logits: onnxruntime vs PyTorch when every spike agrees (sums in another order)
-MAX_FLIP_FRACTION = 1e-3      # validation: output spikes allowed to differ (rounding at threshold), with a warning
+LOGIT_ATOL = ONNXRUNTIME.logits_atol  # logits: onnxruntime vs PyTorch when every spike agrees (sums in another order)
+MAX_FLIP_FRACTION = ONNXRUNTIME.max_flip_fraction  # validation: output spikes allowed to differ (rounding at threshold), with a warning
 SPARSE_MIN_ZEROS = 2 / 3      # a weight with fewer zeros is smaller dense (12 bytes per nonzero vs 4 per entry)
 BATCH = "batch"               # name of the dynamic batch dimension
 STATE_IN, STATE_OUT = "state.", "state_out."

@@ -2,29 +2,31 @@
 ``validate_model_outputs``: run both on the same input, collect every mismatch, report them all.
 
 Spikes are compared exactly. A flipped spike is explained, where possible, by the reference
-membrane's distance from threshold at that neuron and step: a flip within ``ROUNDING_LIMIT`` of
-threshold is float summation order (reported, not an error); one farther away is a bug. Only
-the onset is judged: in the first layer that diverges (its inputs are still identical), each
-neuron's *first* flip in time; its later flips follow from its own state (reset or not) and are
-counted, not judged.
+membrane's distance from threshold at that neuron and step: a flip within the tolerance's
+``rounding_limit`` of threshold is float summation order (reported, not an error); one farther away
+is a bug. Only the onset is judged: in the first layer that diverges (its inputs are still
+identical), each neuron's *first* flip in time; its later flips follow from its own state (reset or
+not) and are counted, not judged.
 
 The near-threshold rule explains where a divergence *starts*; it never says how much damage is
-acceptable. A comparison therefore also checks task-level agreement against a stated
-:class:`Bound` (defaults ``DEFAULT_BOUND``):
+acceptable. Whether a comparison passes is decided by one rule, :meth:`Comparison.problems`, which
+``stdeploy run`` applies too, with each target's :class:`stdeploy.tolerance.Tolerance` (rounding
+flips at most ``max_flip_fraction`` of the output spikes, logits within ``logits_atol`` when every
+spike agrees) *and* a task-level :class:`Bound` (defaults ``DEFAULT_BOUND``):
 
 * prediction agreement (same argmax as the reference) >= ``min_prediction_agreement`` (0.95),
   one disagreeing sample always allowed (a near-tie on a 16-image check is not a failure);
 * output-spike mismatch fraction <= ``max_spike_mismatch_fraction`` (0.01);
 * logits max abs error <= ``logits_atol + logits_rtol * max|reference logits|`` (1e-4 + 0.1 x).
 
-A comparison passes (``rounding_only``) only when every flip starts at rounding level *and* the
-outcome is inside the bound: one near-threshold flip followed by every later spike inverted
-fails. Deep float models, where one rounding flip can cascade beyond the bound, need the
-integer-exact mode; this rule does not widen itself for them.
+One near-threshold flip followed by every later spike inverted fails both. Deep float models,
+where one rounding flip can cascade beyond the bound, need the integer-exact mode
+(:mod:`stdeploy.export.exact`); this rule does not widen itself for them.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,8 +34,10 @@ from torch import nn
 
 from ..errors import ConfigError, OutputMismatch
 from ..neurons import LIF, LIFParams
+from ..tolerance import Tolerance
 
-ROUNDING_LIMIT = 1e-4  # a flip farther than this from threshold cannot be float rounding
+DEFAULT_TOLERANCE = Tolerance()
+ROUNDING_LIMIT = DEFAULT_TOLERANCE.rounding_limit  # a flip farther than this from threshold cannot be float rounding
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,15 @@ class Comparison:
     def rounding_only(self) -> bool:
         """The artifact passes: flips start at rounding level and the outcome is inside the bound."""
         return self.flips_at_rounding_level and self.within_bound
+
+    def problems(self, tolerance: Tolerance = DEFAULT_TOLERANCE, *, quantised: bool = False, localised: bool = True) -> list[str]:
+        """Every way this comparison breaks ``tolerance`` or its task-level :class:`Bound` (empty: it
+        agrees); ``localised``: the flips were measured at the first layer that diverged (see
+        :meth:`Tolerance.problems`). A quantised run is judged by the tolerance's spike agreement
+        alone (its logits are not expected to be close)."""
+        out = tolerance.problems(self.spikes_total, self.spike_mismatches, self.logits_max_abs_error,
+                                 self.max_flip_distance, quantised=quantised, localised=localised)
+        return out if quantised else out + self.bound_violations()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -203,12 +216,13 @@ def compare(artifact: str, ref_logits: torch.Tensor, ref_spikes: torch.Tensor, l
     return result
 
 
-def require_agreement(comparisons: list[Comparison], what: str) -> None:
-    """Raise one :class:`OutputMismatch` listing every comparison that fails (a flip not at rounding
-    level, or an outcome outside its bound); ``what`` starts the message. For export and run alike."""
-    bad = [c for c in comparisons if not c.rounding_only]
+def require_agreement(comparisons: list[Comparison], what: str, tolerances: Mapping[str, Tolerance] | None = None) -> None:
+    """Raise one :class:`OutputMismatch` listing every comparison that fails :meth:`Comparison.problems`
+    under its artifact's tolerance (``tolerances[c.artifact]``, default ``DEFAULT_TOLERANCE``) and
+    its bound; ``what`` starts the message. For export and run alike."""
+    tolerances = tolerances or {}
+    bad = [(c, p) for c in comparisons if (p := c.problems(tolerances.get(c.artifact, DEFAULT_TOLERANCE)))]
     if bad:
         raise OutputMismatch(f"{what}:\n  " + "\n  ".join(
-            f"{c.artifact}: {c.spike_mismatches} of {c.spikes_total} output spikes differ, logits by up to "
-            f"{c.logits_max_abs_error:.3g}; outside the bound: {c.bound_violations() or 'none'}; "
-            f"onset at rounding level: {c.flips_at_rounding_level}; flips {c.flips}" for c in bad))
+            f"{c.artifact}: {'; '.join(p)} ({c.spike_mismatches} of {c.spikes_total} output spikes differ, logits by up to "
+            f"{c.logits_max_abs_error:.3g}; flips {c.flips})" for c, p in bad))

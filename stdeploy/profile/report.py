@@ -1,5 +1,8 @@
-"""Profile export directories: accuracy, parameters, nonzeros, file sizes, latency per target and
-energy per device model, as one table (JSON + Markdown) and PNG plots."""
+"""The profile report: accuracy, parameters, nonzeros, file sizes, latency per target and energy per
+device model of export directories, as one table (JSON + Markdown) and PNG plots.
+
+This room builds and writes the report from values it is given (the folded reference, measured
+latencies); running targets is the run path's job (:func:`stdeploy.runner.profile_exports`)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,9 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_text
-from ..deploy import DEFAULT_DEVICE, reference_model
 from ..errors import ConfigError
 from ..models import direct_encode
-from ..targets.base import get_target, read_manifest
-from ..targets.profiles import load_profile
 from .energy import MODEL_LABELS, count_operations, energy
-from .latency import measure
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -88,50 +87,37 @@ def energy_label(name: str, report: dict) -> str:
     return label
 
 
-def profile_exports(exports: list[Path], data, targets: list[str], energy_profiles: list[str], *, batch: int = 32,
-                    warmup: int = 2, repeats: int = 10, samples: int | None = None, direct_input: str = "once") -> dict:
-    x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
-    if samples is not None:
-        x_all, y_all = x_all[:samples], y_all[:samples]
-    profiles = {name: load_profile(name) for name in energy_profiles}
-    variants = []
-    for export in exports:
-        export = Path(export)
-        _, manifest = read_manifest(export, "reference")
-        ref = reference_model(export)
-        T = ref.cfg.timesteps
-        chunks = [direct_encode(x_all[i:i + 128], T) for i in range(0, len(x_all), 128)]
-        counts = count_operations(ref, chunks, direct_input=direct_input)
-        with torch.no_grad():
-            logits = torch.cat([ref(c) for c in chunks])
-        block = [m for n, m in ref.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
-        row = {
-            "name": export.name, "export_dir": str(export),
-            "accuracy": float((logits.argmax(-1) == y_all).float().mean()),
-            **parameter_counts(ref),
-            "block_nonzeros": int(sum(int((m.weight != 0).sum()) for m in block)),
-            "files": {k: int(v["bytes"]) for k, v in manifest["artifacts"].items() if "bytes" in v},
-            "counts": counts.per_sample(), "firing_rates": {k: v["rate"] for k, v in counts.neurons.items()},
-            "input_densities": {k: v.input_rate for k, v in counts.layers.items() if v.input == "spikes"},
-            "energy": {name: energy(counts, p.energy) for name, p in profiles.items() if p.energy},
-            "latency": {},
-        }
-        xb = direct_encode(x_all[:batch], T)
-        with torch.no_grad():
-            row["latency"]["pytorch"] = measure(lambda x: ref(x), xb, warmup, repeats)
-        for name in targets:
-            tgt = get_target(name)
-            ok, why = tgt.available()
-            if not ok:
-                row["latency"][name] = {"median_s": None, "p90_s": None, "samples_per_s": None, "skipped": why}
-                continue
-            runnable = tgt.compile(export, load_profile(DEFAULT_DEVICE.get(name, "cpu")))
-            if not getattr(runnable, "can_run", True):
-                continue
-            row["latency"][name] = measure(lambda x: runnable.run(x), xb.numpy(), warmup, repeats)
-        variants.append(row)
+def variant_row(export: str | Path, manifest: dict, reference: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
+                energy_profiles: dict, latency: dict[str, dict], *, direct_input: str = "once") -> dict:
+    """One row of the report for the export directory ``export``: accuracy, parameters, file sizes,
+    operation counts and energy of its folded ``reference`` on the images ``x_all`` (B, C, H, W),
+    and ``latency`` as measured elsewhere (``{runtime: stdeploy.timing.time_calls(...) or
+    {"median_s": None, ..., "skipped": why}}``; the run path, :mod:`stdeploy.runner`, measures it).
+    ``direct_input``: a real input repeated over T is charged ``"once"`` per sample or ``"per_step"``."""
+    export = Path(export)
+    T = reference.cfg.timesteps
+    chunks = [direct_encode(x_all[i:i + 128], T) for i in range(0, len(x_all), 128)]
+    counts = count_operations(reference, chunks, direct_input=direct_input)
+    with torch.no_grad():
+        logits = torch.cat([reference(c) for c in chunks])
+    block = [m for n, m in reference.named_modules() if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)]
+    return {
+        "name": export.name, "export_dir": str(export),
+        "accuracy": float((logits.argmax(-1) == y_all).float().mean()),
+        **parameter_counts(reference),
+        "block_nonzeros": int(sum(int((m.weight != 0).sum()) for m in block)),
+        "files": {k: int(v["bytes"]) for k, v in manifest["artifacts"].items() if "bytes" in v},
+        "counts": counts.per_sample(), "firing_rates": {k: v["rate"] for k, v in counts.neurons.items()},
+        "input_densities": {k: v.input_rate for k, v in counts.layers.items() if v.input == "spikes"},
+        "energy": {name: energy(counts, p.energy) for name, p in energy_profiles.items() if p.energy},
+        "latency": dict(latency),
+    }
+
+
+def assemble_report(variants: list[dict], energy_profiles: dict, *, direct_input: str = "once") -> dict:
+    """The report of ``variants`` (rows of :func:`variant_row`), ratios to the first, validated."""
     report = {"format": "stdeploy-report/1", "variants": variants,
-              "energy_profiles": {n: {"path": p.path, **p.energy} for n, p in profiles.items()},
+              "energy_profiles": {n: {"path": p.path, **p.energy} for n, p in energy_profiles.items()},
               "counting": {"direct_input": direct_input, "columns": COLUMNS}}
     if variants:
         base = variants[0]

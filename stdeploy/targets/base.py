@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
+from .. import timing as _timing
 from ..errors import ConfigError, StdeployError
+from ..tolerance import Tolerance
 from .profiles import DeviceProfile
 
 
@@ -37,6 +37,9 @@ class RunResult:
 
 @runtime_checkable
 class Runnable(Protocol):
+    """A compiled model. It may also carry ``can_run: bool`` (False: built for a device this
+    machine lacks, e.g. a CUDA module built without a GPU); without it, it can run."""
+
     info: dict
 
     def run(self, x: np.ndarray) -> RunResult: ...
@@ -44,8 +47,14 @@ class Runnable(Protocol):
 
 @runtime_checkable
 class Target(Protocol):
+    """``available()`` says whether it can run here (SDK importable) and why; ``default_device``
+    names the device profile ``run``/``bench``/``profile`` use without ``--device``; ``tolerance``
+    is the one rule its results are judged by (:class:`stdeploy.tolerance.Tolerance`, or a mapping
+    of its fields, read through :func:`target_tolerance`)."""
+
     name: str
-    tolerance: dict                    # what "agrees with PyTorch" means here (spike mismatches, logits atol)
+    default_device: str                # device profile name
+    tolerance: Tolerance | Mapping     # what "agrees with PyTorch" means here
 
     def available(self) -> tuple[bool, str]: ...
 
@@ -71,6 +80,11 @@ def get_target(name: str) -> Target:
     return getattr(importlib.import_module(module), cls)()
 
 
+def target_tolerance(target: Target) -> Tolerance:
+    """The target's declared tolerance as a :class:`~stdeploy.tolerance.Tolerance` record."""
+    return Tolerance.coerce(target.tolerance)
+
+
 def read_manifest(export_dir: str | Path, needs: str) -> tuple[Path, dict]:
     """Check an export directory and return ``(path of the artifact 'needs', manifest)``: the path
     resolves inside the directory and the file's size and sha256 match the manifest
@@ -79,22 +93,7 @@ def read_manifest(export_dir: str | Path, needs: str) -> tuple[Path, dict]:
     return sealed(export_dir, needs, error=TargetError)
 
 
-def median_time(fn, repeats: int = 3) -> float:
-    """Median seconds of ``repeats`` calls of ``fn()`` after one warm-up call (which compiles
-    lazily where a runtime does)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
+# The one timer lives in stdeploy.timing; these names stay importable from here for code written
+# before it (``median_time(fn, repeats)``: median seconds after one warm-up call; ``Timer``).
+median_time = _timing.median_time
+Timer = _timing.Timer

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..tolerance import ONNXRUNTIME
 from .base import RunResult, TargetError, Timer, read_manifest
 from .profiles import DeviceProfile
 
@@ -47,7 +48,8 @@ class OnnxRuntimeRunnable:
 
 class OnnxRuntimeTarget:
     name = "onnxruntime"
-    tolerance = {"spike_mismatches": 0, "logits_atol": 1e-4}
+    default_device = "cpu"
+    tolerance = ONNXRUNTIME  # the rule the ONNX export was validated by
 
     def available(self) -> tuple[bool, str]:
         try:

@@ -106,6 +106,7 @@ def lava_import_check() -> tuple[bool, str]:
 
 class LavaTarget:
     name = "lava"
+    default_device = "loihi2"
     # floating mode: spikes bit-exact, logits within float32 rounding of the host-side mean over T;
     # fixed mode: at least this fraction of output spikes equal to float mode (measured 0.94 with
     # 8-bit weights on sdt-tiny, 0.90 with per-neuron sLIF; see the module docstring and the tests)

@@ -25,6 +25,7 @@ __all__ = ["TVMTarget"]
 
 class TVMTarget:
     name = "tvm"
+    default_device = "cpu"
     # CPU (llvm): measured spike-exact against onnxruntime and PyTorch. CUDA kernels on a GPU sum in
     # another order and may contract to FMA: a membrane at its threshold can flip a spike there.
     tolerance = {"spike_mismatches": 0, "logits_atol": 1e-4}

@@ -1,0 +1,322 @@
+"""The one run path: compile an export directory for a target -> can it run here -> run -> compare
+with the reference -> time. ``stdeploy run``, ``bench`` and ``profile``, the demo and the
+benchmarks all go through it.
+
+The layer above targets and the profiler: it reads the artifacts through a target and the
+reference checkpoint through PyTorch, each once per export directory (:func:`load_reference`).
+Results are judged by the target's declared tolerance (:class:`stdeploy.tolerance.Tolerance`), the
+rule export validation applies too. Times are seconds of :mod:`stdeploy.timing`; a run's
+``run_seconds`` sums the runtime's own calls (compilation, including lazy builds per batch size,
+is ``compile_seconds``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint
+from .console import native_notes, show_progress
+from .errors import ConfigError
+from .export.validate import Comparison, compare, record_neurons
+from .models import direct_encode
+from .models.config import ModelConfig
+from .models.fold import fold_batchnorm
+from .profile.latency import measure, module_times
+from .profile.report import assemble_report, variant_row
+from .targets.base import Target, TargetError, get_target, read_manifest, target_names, target_tolerance
+from .targets.profiles import DeviceProfile, load_profile
+from .timing import Timer
+
+__all__ = ["Compiled", "Reference", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
+           "model_config", "profile_exports", "resolve_target", "run_export", "eval_images"]
+
+
+# ----------------------------------------------------------------------------- reference
+@dataclass(frozen=True)
+class Reference:
+    """The folded PyTorch model an export directory was validated against, loaded once."""
+
+    export_dir: Path
+    manifest: dict
+    model: torch.nn.Module     # folded, in eval mode
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def load_reference(export_dir: str | Path) -> Reference:
+    _, manifest = read_manifest(export_dir, "reference")
+    model = fold_batchnorm(load_checkpoint(Path(export_dir) / manifest["artifacts"]["reference"]["file"]).model).eval()
+    return Reference(Path(export_dir), manifest, model)
+
+
+def model_config(export_dir: str | Path) -> ModelConfig:
+    """The model config of an export directory, from its manifest (the reference checkpoint's
+    config where an older manifest lacks it)."""
+    path, manifest = read_manifest(export_dir, "reference")
+    if isinstance(manifest.get("model"), dict):
+        return ModelConfig.from_dict(manifest["model"], source=str(Path(export_dir) / "manifest.json"))
+    return load_checkpoint(path).config
+
+
+# ----------------------------------------------------------------------------- target, device, compile
+def resolve_target(name: str, device: str | Path | None = None) -> tuple[Target, DeviceProfile]:
+    """The target ``name`` and its device profile (``device``, else the target's default); a
+    target that cannot run here raises :class:`TargetError` saying why."""
+    target = get_target(name)
+    ok, why = target.available()
+    if not ok:
+        raise TargetError(f"target {name} cannot run here: {why}")
+    return target, load_profile(device or target.default_device)
+
+
+@dataclass
+class Compiled:
+    target: Target
+    profile: DeviceProfile
+    runnable: object
+    seconds: float
+
+    @property
+    def can_run(self) -> bool:
+        """False where the artifact was built for a device this machine lacks."""
+        return bool(getattr(self.runnable, "can_run", True))
+
+
+def compile_export(export_dir: str | Path, target: Target, profile: DeviceProfile, options: dict | None = None,
+                   batches: tuple[int, ...] = ()) -> Compiled:
+    """Compile ``export_dir`` for ``profile`` and build for each batch size in ``batches`` up front
+    where the runtime builds per shape on the CPU (TVM), so that timed runs never compile.
+    Native libraries' known warnings are said once (:func:`stdeploy.console.native_notes`)."""
+    with native_notes(), Timer() as t:
+        runnable = target.compile(Path(export_dir), profile, **(options or {}))
+        if profile.kind == "cpu" and getattr(runnable, "can_run", True) and hasattr(runnable, "prepare"):
+            for b in sorted(set(batches)):
+                runnable.prepare(b)
+    return Compiled(target, profile, runnable, t.seconds)
+
+
+def _target_options(name: str, profile: DeviceProfile, batch: int, options: dict | None) -> dict:
+    options = dict(options or {})
+    if name == "tvm" and profile.kind == "cuda":  # one build at the run's batch (smaller batches are padded)
+        options.setdefault("batch_size", batch)
+    return options
+
+
+# ----------------------------------------------------------------------------- run and compare
+def eval_images(data, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(N, C, H, W)`` and labels of the test split of ``data`` (the first ``limit``)."""
+    if data is None:
+        raise ConfigError("running an export needs a data split")
+    x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
+    if limit is not None:
+        x_all, y_all = x_all[:limit], y_all[:limit]
+    if len(x_all) == 0:
+        raise ConfigError(f"no test images to run (data {data.name}, limit {limit})")
+    return x_all, y_all
+
+
+def run_export(export_dir: str | Path, target: str, device: str | Path | None = None, data=None, *, batch_size: int = 64,
+               limit: int | None = None, progress: bool = False, options: dict | None = None,
+               reference: Reference | None = None) -> dict:
+    """Compile ``export_dir`` for ``device`` on ``target``, run the test split of ``data`` in batches
+    and compare logits and output spikes with the folded reference under the target's tolerance
+    (``within_tolerance``, ``tolerance_problems``)."""
+    tgt, profile = resolve_target(target, device)
+    reference = reference or load_reference(export_dir)
+    cfg = reference.cfg
+    x_all, y_all = eval_images(data, limit)
+    if tuple(x_all.shape[-3:]) != cfg.input_shape:
+        raise ConfigError(f"data {data.name} has inputs {tuple(x_all.shape[-3:])}, the exported model expects "
+                          f"{cfg.input_shape}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch = min(batch_size, len(x_all))
+    batches = {batch} | ({len(x_all) % batch} if len(x_all) % batch else set())
+    compiled = compile_export(export_dir, tgt, profile, _target_options(target, profile, batch, options), tuple(batches))
+    runnable = compiled.runnable
+    base = {"target": target, "device": profile.name, "export_dir": str(export_dir)}
+    if not compiled.can_run:  # e.g. a CUDA module built on a machine without a GPU
+        return {**base, "ran": False, "reason": f"built for {profile.name}; running it needs that device",
+                "compile_seconds": compiled.seconds, "info": runnable.info}
+    tolerance = target_tolerance(tgt)
+    logits_all, ref_logits_all, comparisons, run_s = [], [], [], 0.0
+    starts = range(0, len(x_all), batch)
+    if show_progress(progress):
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"{target} on {profile.name}", unit="batch")
+    for i in starts:  # every batch size was built in compile_export: nothing compiles (or warns) here
+        x = direct_encode(x_all[i:i + batch], cfg.timesteps)
+        res = runnable.run(x.numpy())
+        run_s += res.seconds
+        with torch.no_grad():
+            ref_logits, records = record_neurons(reference.model, x)
+        logits = torch.as_tensor(np.asarray(res.logits))
+        if res.spikes is not None:
+            comparisons.append(compare(target, ref_logits, records["head.lif"]["spikes"], logits,
+                                       torch.as_tensor(np.asarray(res.spikes)), records))
+        logits_all.append(logits)
+        ref_logits_all.append(ref_logits)
+    logits, ref_logits = torch.cat(logits_all), torch.cat(ref_logits_all)
+    result = {
+        **base, "ran": True, "samples": len(x_all),
+        "accuracy": float((logits.argmax(-1) == y_all).float().mean()),
+        "reference_accuracy": float((ref_logits.argmax(-1) == y_all).float().mean()),
+        "prediction_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
+        "logits_max_abs_error": float((logits - ref_logits).abs().max()),
+        "compile_seconds": compiled.seconds, "run_seconds": run_s, "info": runnable.info,
+        "tolerance": tolerance.to_dict(),
+    }
+    quantised = runnable.info.get("mode") == "fixed"
+    if comparisons:
+        total = _merge(target, comparisons, result)
+        result.update({"spikes_total": total.spikes_total, "spike_mismatches": total.spike_mismatches,
+                       "spike_agreement": 1 - total.spike_mismatches / total.spikes_total, "flips": total.flips})
+        # a target shows only its output spikes: flips cannot be traced to the layer that diverged first
+        problems = total.problems(tolerance, quantised=quantised, localised=False)
+    else:  # the runtime exposes logits only: judged by logits alone (no spikes to compare)
+        problems = ([] if result["logits_max_abs_error"] <= tolerance.logits_atol else
+                    [f"logits differ by up to {result['logits_max_abs_error']:.3g} (tolerance {tolerance.logits_atol:g}); "
+                     "no output spikes to compare"])
+    result["within_tolerance"] = not problems
+    result["tolerance_problems"] = problems
+    return result
+
+
+def _merge(artifact: str, parts: list[Comparison], result: dict) -> Comparison:
+    """One comparison of a whole run from its batches' comparisons."""
+    distances = [c.max_flip_distance for c in parts if c.max_flip_distance is not None]
+    return Comparison(artifact=artifact, spikes_total=sum(c.spikes_total for c in parts),
+                      spike_mismatches=sum(c.spike_mismatches for c in parts),
+                      logits_max_abs_error=result["logits_max_abs_error"], predictions_agree=result["prediction_agreement"],
+                      flips=[f for c in parts for f in c.flips], max_flip_distance=max(distances) if distances else None)
+
+
+def list_targets() -> list[dict]:
+    """Every registered target: whether it can run here, why, and its default device."""
+    rows = []
+    for name in target_names():
+        try:
+            t = get_target(name)
+            ok, why = t.available()
+            device = t.default_device
+        except ImportError as err:
+            ok, why, device = False, str(err), None
+        rows.append({"target": name, "available": ok, "detail": why, "default_device": device})
+    return rows
+
+
+# ----------------------------------------------------------------------------- time
+def latency(export_dir: str | Path, target: str, x: torch.Tensor, *, device: str | Path | None = None, warmup: int = 3,
+            repeats: int = 20, options: dict | None = None, gpu_energy: bool = False) -> dict:
+    """Latency of one batch ``x`` (T, B, C, H, W) on ``target``: :func:`stdeploy.profile.latency.measure`'s
+    figures, or ``{"skipped": why}`` where the target cannot run here or the artifact needs another device."""
+    tgt = get_target(target)
+    ok, why = tgt.available()
+    if not ok:
+        return {"skipped": why}
+    profile = load_profile(device or tgt.default_device)
+    batch = int(x.shape[1])
+    compiled = compile_export(export_dir, tgt, profile, _target_options(target, profile, batch, options), (batch,))
+    if not compiled.can_run:
+        return {"skipped": "built, but this machine cannot run it", "info": compiled.runnable.info}
+    runnable, xb = compiled.runnable, x.numpy()
+    with native_notes():
+        row = measure(lambda b: runnable.run(b), xb, warmup, repeats)
+    row["compile_seconds"] = compiled.seconds
+    if runnable.info.get("path"):
+        row["path"] = runnable.info["path"]
+    if gpu_energy and _runs_on_gpu(runnable.info):
+        from .profile.gpu_power import measure_energy
+
+        row["measured_energy"] = measure_energy(lambda b: runnable.run(b), xb, repeats)
+    return row
+
+
+def _runs_on_gpu(info: dict) -> bool:
+    return "CUDAExecutionProvider" in info.get("providers", []) or str(info.get("path", "")).startswith("cuda")
+
+
+def pytorch_latency(reference: Reference, x: torch.Tensor, *, warmup: int = 3, repeats: int = 20, device: str = "cpu",
+                    layers: bool = True, gpu_energy: bool = False) -> dict:
+    """Latency of the folded reference on ``x``: on the CPU with per-module times (``layers``), or on
+    CUDA timed with a device synchronisation (no per-module split)."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--pytorch-device cuda: no CUDA GPU here")
+        import copy
+
+        ref_gpu, x_gpu = copy.deepcopy(reference.model).to("cuda"), x.to("cuda")
+
+        def run_ref(b):  # returns when the GPU is done (timing and energy both need that)
+            with torch.no_grad():
+                out = ref_gpu(b)
+            torch.cuda.synchronize()
+            return out
+
+        row = {**measure(run_ref, x_gpu, warmup, repeats), "path": f"cuda ({torch.cuda.get_device_name()})"}
+        if gpu_energy:
+            from .profile.gpu_power import measure_energy
+
+            row["measured_energy"] = measure_energy(run_ref, x_gpu, repeats)
+        return row
+    if device != "cpu":
+        raise ConfigError(f"pytorch device must be cpu or cuda, got {device!r}")
+    with torch.no_grad():
+        row = measure(lambda b: reference.model(b), x, warmup, repeats)
+    if layers:
+        row["layers"] = module_times(reference.model, x)
+    return row
+
+
+def bench_export(export_dir: str | Path, targets: list[str], images: torch.Tensor, *, device: str | Path | None = None,
+                 warmup: int = 3, repeats: int = 20, options: dict | None = None, pytorch_device: str = "cpu",
+                 gpu_energy: bool = False) -> dict:
+    """Latency of the reference and of ``export_dir`` on each of ``targets`` for one batch of
+    ``images`` (B, C, H, W): ``{"pytorch": ..., target: ...}``. ``options`` go to the TVM target."""
+    if gpu_energy:
+        from .profile.gpu_power import nvml_available
+
+        ok, why = nvml_available()
+        if not ok:
+            raise ConfigError(f"--gpu-energy: cannot measure GPU power here ({why})")
+    reference = load_reference(export_dir)
+    x = direct_encode(images, reference.cfg.timesteps)
+    results = {"pytorch": pytorch_latency(reference, x, warmup=warmup, repeats=repeats, device=pytorch_device,
+                                          gpu_energy=gpu_energy)}
+    for name in targets:
+        results[name] = latency(export_dir, name, x, device=device, warmup=warmup, repeats=repeats,
+                                options=options if name == "tvm" else None, gpu_energy=gpu_energy)
+    return results
+
+
+# ----------------------------------------------------------------------------- profile
+def profile_exports(exports: list[str | Path], data, targets: list[str], energy_profiles: list[str], *, batch: int = 32,
+                    warmup: int = 2, repeats: int = 10, samples: int | None = None, direct_input: str = "once") -> dict:
+    """The profile report (:mod:`stdeploy.profile.report`) of ``exports``: counts and energy on the
+    test split of ``data`` (the first ``samples``), latency of one batch per target. ``direct_input``:
+    a real input repeated over T is charged ``"once"`` per sample (default) or ``"per_step"``."""
+    x_all, y_all = eval_images(data, samples)
+    profiles = {name: load_profile(name) for name in energy_profiles}
+    variants = []
+    for export in exports:
+        reference = load_reference(export)
+        xb = direct_encode(x_all[:batch], reference.cfg.timesteps)
+        lat = {"pytorch": pytorch_latency(reference, xb, warmup=warmup, repeats=repeats, layers=False)}
+        for name in targets:
+            row = latency(export, name, xb, warmup=warmup, repeats=repeats)
+            if "skipped" in row and "info" in row:  # built for a device this machine lacks: no row
+                continue
+            if "skipped" in row:
+                row = {"median_s": None, "p90_s": None, "samples_per_s": None, "skipped": row["skipped"]}
+            lat[name] = row
+        variants.append(variant_row(export, reference.manifest, reference.model, x_all, y_all, profiles, lat,
+                                    direct_input=direct_input))
+    return assemble_report(variants, profiles, direct_input=direct_input)
