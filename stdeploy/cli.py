@@ -351,6 +351,11 @@ def cmd_run(args: argparse.Namespace) -> dict:
                                           f"(agreement {result['spike_agreement']:.6f})"))
         if result["info"].get("path"):
             rows.append(("kernels", result["info"]["path"]))
+        rates = result.get("firing_rates", {})
+        if rates:
+            lo, hi = min(rates, key=rates.get), max(rates, key=rates.get)
+            rows.append(("firing rates", f"{rates[lo]:.4f} ({lo}) to {rates[hi]:.4f} ({hi})"
+                                         + (f"; SILENT: {', '.join(result['silent_layers'])}" if result.get("silent_layers") else "")))
         rows += [("compile", f"{result['compile_seconds']:.2f} s"), ("run", f"{result['run_seconds']:.3f} s")]
         rows.append(("tolerance", "within" if result["within_tolerance"] else "EXCEEDED: " + "; ".join(result["tolerance_problems"])))
         _print_table(rows)

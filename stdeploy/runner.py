@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .activity import SILENT_BELOW, rates_from_records
 from .checkpoint import load_checkpoint
 from .console import native_notes, show_progress
 from .errors import ConfigError
@@ -147,6 +148,7 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
                 "compile_seconds": compiled.seconds, "info": runnable.info}
     tolerance = target_tolerance(tgt)
     logits_all, ref_logits_all, comparisons, run_s = [], [], [], 0.0
+    rate_sums: dict[str, float] = {}
     starts = range(0, len(x_all), batch)
     if show_progress(progress):
         from tqdm import tqdm
@@ -158,6 +160,8 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
         run_s += res.seconds
         with torch.no_grad():
             ref_logits, records = record_neurons(reference.model, x)
+        for name, rate in rates_from_records(records).items():  # weighted by the batch's samples
+            rate_sums[name] = rate_sums.get(name, 0.0) + rate * x.shape[1]
         logits = torch.as_tensor(np.asarray(res.logits))
         if res.spikes is not None:
             comparisons.append(compare(target, ref_logits, records["head.lif"]["spikes"], logits,
@@ -171,9 +175,13 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
         "reference_accuracy": float((ref_logits.argmax(-1) == y_all).float().mean()),
         "prediction_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
         "logits_max_abs_error": float((logits - ref_logits).abs().max()),
+        "reference_logits_max_abs": float(ref_logits.abs().max()),
         "compile_seconds": compiled.seconds, "run_seconds": run_s, "info": runnable.info,
         "tolerance": tolerance.to_dict(),
+        # the reference's firing rate per spiking layer on these inputs: a comparison of silent layers means nothing
+        "firing_rates": {name: total / len(x_all) for name, total in rate_sums.items()},
     }
+    result["silent_layers"] = [name for name, r in result["firing_rates"].items() if r < SILENT_BELOW]
     quantised = runnable.info.get("mode") == "fixed"
     if comparisons:
         total = _merge(target, comparisons, result)
@@ -196,7 +204,8 @@ def _merge(artifact: str, parts: list[Comparison], result: dict) -> Comparison:
     return Comparison(artifact=artifact, spikes_total=sum(c.spikes_total for c in parts),
                       spike_mismatches=sum(c.spike_mismatches for c in parts),
                       logits_max_abs_error=result["logits_max_abs_error"], predictions_agree=result["prediction_agreement"],
-                      flips=[f for c in parts for f in c.flips], max_flip_distance=max(distances) if distances else None)
+                      flips=[f for c in parts for f in c.flips], max_flip_distance=max(distances) if distances else None,
+                      reference_logits_max_abs=result["reference_logits_max_abs"], samples=result["samples"])
 
 
 def list_targets() -> list[dict]:

@@ -82,6 +82,12 @@ def test_run_export_applies_the_target_tolerance(exported_sdt, trained_sdt, one_
     assert r["spike_mismatches"] == 0 and r["spikes_total"] == 4 * 64 * 16 * 64
     assert r["accuracy"] == r["reference_accuracy"] > 0.5
     assert r["run_seconds"] > 0 and r["compile_seconds"] > 0
+    # activity is part of the result: every spiking layer's firing rate on the run's inputs
+    from stdeploy.activity import require_active
+
+    assert "head.lif" in r["firing_rates"] and len(r["firing_rates"]) >= 5
+    require_active(r["firing_rates"], low=1e-3, high=0.9)
+    assert r["silent_layers"] == []
 
 
 def test_run_export_flags_results_outside_tolerance(exported_sdt, trained_sdt, one_thread):
@@ -93,7 +99,8 @@ def test_run_export_flags_results_outside_tolerance(exported_sdt, trained_sdt, o
     other = runner.Reference(ref.export_dir, ref.manifest, changed)
     r = runner.run_export(exported_sdt, "onnxruntime", data=data, limit=16, reference=other)
     assert r["ran"] and r["spike_mismatches"] == 0 and not r["within_tolerance"]
-    assert r["tolerance_problems"] == [f"logits differ by up to {r['logits_max_abs_error']:.3g} (tolerance 1e-05)"]
+    assert r["tolerance_problems"][0] == f"logits differ by up to {r['logits_max_abs_error']:.3g} (tolerance 1e-05)"
+    assert all("logits" in p for p in r["tolerance_problems"])  # the task-level bound may name them too
 
 
 def test_cli_run_loads_the_reference_once_and_exits_by_tolerance(exported_sdt, monkeypatch, capsys, one_thread):
@@ -120,14 +127,17 @@ def test_model_config_comes_from_the_manifest(exported_sdt, trained_sdt, monkeyp
 
 
 def test_cli_run_bad_flags_exit_2(exported_sdt, capsys):
-    for flags, message in ((["--limit", "0"], "no test images to run"), (["--batch-size", "0"], "batch_size must be a positive integer")):
-        assert cli.main(["run", str(exported_sdt), "--target", "onnxruntime", "--quiet", *flags]) == 2
+    for flags, message in ((["--limit", "0"], "--limit: must be a positive integer"),
+                           (["--batch-size", "0"], "--batch-size: must be a positive integer")):
+        with pytest.raises(SystemExit) as stop:  # argparse's usage error: exit status 2, one line naming the flag
+            cli.main(["run", str(exported_sdt), "--target", "onnxruntime", "--quiet", *flags])
+        assert stop.value.code == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_unavailable_target_says_why(exported_sdt, trained_sdt, monkeypatch):
-    from stdeploy.targets.onnxruntime_target import OnnxRuntimeTarget
+    from stdeploy.targets.onnxruntime import OnnxRuntimeTarget
 
     monkeypatch.setattr(OnnxRuntimeTarget, "available", lambda self: (False, "not on this machine"))
     with pytest.raises(base.TargetError, match="target onnxruntime cannot run here: not on this machine"):
