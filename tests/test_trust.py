@@ -410,3 +410,21 @@ def test_export_directory_gets_the_umask_mode(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
     with pytest.raises(ConfigError, match="pass --overwrite"):
         export_model(ck.model.eval(), tmp_path / "e", ("onnx",), samples=4)
+
+
+def test_nir_graph_with_nan_parameters_refused(tmp_path):
+    """A hand-made NIR file whose LIF has tau = NaN is refused naming the node and field, not run."""
+    import nir
+    import numpy as np
+
+    from stdeploy.errors import UnsupportedPrimitive
+    from stdeploy.export.nir_interpreter import load_graph
+
+    graph = nir.NIRGraph.from_list(
+        nir.Affine(weight=np.eye(3, dtype=np.float32), bias=np.zeros(3, np.float32)),
+        nir.LIF(tau=np.array([2.0, np.nan, 2.0], np.float32), r=np.ones(3, np.float32),
+                v_leak=np.zeros(3, np.float32), v_threshold=np.ones(3, np.float32)))
+    path = tmp_path / "nan.nir"
+    nir.write(str(path), graph)
+    with pytest.raises(UnsupportedPrimitive, match=r"nan\.nir: node .*\.tau holds NaN"):
+        load_graph(path)

@@ -41,13 +41,24 @@ __all__ = ["run_nir", "load_graph", "topological_order", "SUPPORTED", "EVALUATOR
 
 
 def load_graph(graph_or_path: nir.NIRGraph | str | os.PathLike) -> nir.NIRGraph:
+    """A NIR graph from memory or a file; every numeric parameter must be finite (a NaN ``tau`` or
+    threshold would silently silence or saturate a layer), else :class:`UnsupportedPrimitive`
+    naming the node and field."""
     if isinstance(graph_or_path, nir.NIRGraph):
-        return graph_or_path
-    try:
-        return nir.read(graph_or_path)
-    except Exception as err:  # nir and h5py raise many types (an assertion, KeyError, OSError) for a bad file
-        why = str(err).splitlines()[0][:200] if str(err) else "nir's reader refused a node, edge or field it does not know"
-        raise UnsupportedPrimitive(f"{graph_or_path}: cannot read the NIR graph ({type(err).__name__}: {why})") from None
+        graph = graph_or_path
+    else:
+        try:
+            graph = nir.read(graph_or_path)
+        except Exception as err:  # nir and h5py raise many types (an assertion, KeyError, OSError) for a bad file
+            why = str(err).splitlines()[0][:200] if str(err) else "nir's reader refused a node, edge or field it does not know"
+            raise UnsupportedPrimitive(f"{graph_or_path}: cannot read the NIR graph ({type(err).__name__}: {why})") from None
+    for name, node in graph.nodes.items():
+        for field_name, value in vars(node).items():
+            if isinstance(value, (np.ndarray, float)) and np.issubdtype(np.asarray(value).dtype, np.floating) \
+                    and not np.isfinite(value).all():
+                raise UnsupportedPrimitive(f"{graph_or_path if not isinstance(graph_or_path, nir.NIRGraph) else 'NIR graph'}: "
+                                           f"node {name}.{field_name} holds NaN or infinite values")
+    return graph
 
 
 def topological_order(graph: nir.NIRGraph) -> list[str]:
