@@ -109,7 +109,8 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
             comparisons += _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer)
         if "onnx" in formats:
             comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
-        save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source})
+        save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source,
+                                                        **({"quantize": "exact"} if exact else {})})
         manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference"}
         bad = [c for c in comparisons if not c.rounding_only or (exact and (c.spike_mismatches or c.logits_max_abs_error))]
         if bad:
