@@ -247,3 +247,25 @@ def test_cli_quantize_and_export_exact(deep, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "epochs" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_prune_then_quantize_keeps_zeros_and_saves_the_mode(digits, tmp_path):
+    from stdeploy.prune import CompensationConfig, PruneConfig, QuantizeConfig, prune_model
+
+    sub = torch.utils.data.Subset
+    data = type(digits)(**{**digits.__dict__, "train": sub(digits.train, range(48)), "test": sub(digits.test, range(32))})
+    torch.manual_seed(0)
+    model = build_model("sdt-tiny")
+    ccfg = CompensationConfig(neuron="none", epochs=0, penalty_epochs=0, recalibrate_bn=False, device="cpu")
+    exact, report = prune_model(model, data, PruneConfig(method="l1p", sparsity=0.5), ccfg, out=tmp_path / "ck", progress=False,
+                                quantize=QuantizeConfig(epochs=1, batch_size=16, device="cpu"))
+    assert is_exact(exact) and set(report["quantize"]["accuracy"]) == {"float", "quantized", "quantized_finetuned"}
+    block = [m for n, m in exact.named_modules() if n.startswith("blocks.") and hasattr(m, "mask")]
+    pruned = sum(int((~m.mask).sum()) for m in block) / sum(m.mask.numel() for m in block)
+    assert pruned >= 0.5  # the masks hold the pruned zeros through the quantisation-aware fine-tune
+    assert all(torch.all(m.quantized()[0][~m.mask] == 0) for m in block)
+    fc1 = exact.blocks[0].mlp.fc1
+    w, _ = fc1.quantized()
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.meta["quantize"] == "exact" and is_exact(loaded.model)
+    assert torch.equal(loaded.model.blocks[0].mlp.fc1.quantized()[0], w)
