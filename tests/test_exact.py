@@ -269,3 +269,21 @@ def test_prune_then_quantize_keeps_zeros_and_saves_the_mode(digits, tmp_path):
     loaded = load_checkpoint(tmp_path / "ck")
     assert loaded.meta["quantize"] == "exact" and is_exact(loaded.model)
     assert torch.equal(loaded.model.blocks[0].mlp.fc1.quantized()[0], w)
+
+
+def test_low_rank_factors_compound_their_grids_and_the_checker_says_where(deep):
+    """DSP's ``u(v(x))``: the inner activation lies on ``v``'s grid, so ``u``'s sums lie on the
+    product of two layer grids, and the residual stream they feed gets too fine for 24 bits on this
+    model: the checker refuses the stream's readers by name (merge the factors before quantising)."""
+    import copy
+
+    from stdeploy.models.structure import LowRankLinear
+
+    model = copy.deepcopy(deep)
+    for block in model.blocks:  # DSP's form: every MLP layer as two factors
+        for lin in (block.mlp.fc1, block.mlp.fc2):
+            lin.linear = LowRankLinear.from_dense(lin.linear, rank=8)
+    exact = deployable(to_exact(model))
+    assert isinstance(exact.blocks[0].mlp.fc1, LowRankLinear)
+    with pytest.raises(UnsupportedPrimitive, match=r"head\.lif: membrane updates reach 2\^2[5-9]"):
+        check_exact(to_nir(exact))
