@@ -47,8 +47,9 @@ import json, resource, sys, time
 from stdeploy.cli import main
 t0 = time.perf_counter()
 rc = main(sys.argv[1:])
-print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0,
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+use = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t0, "cpu_s": use.ru_utime + use.ru_stime,
+                  "peak_rss_gb": use.ru_maxrss / 2 ** 20}))
 """
 
 
@@ -74,15 +75,15 @@ def main() -> None:
             try:
                 stats = json.loads(run.stdout.strip().splitlines()[-1])
             except (IndexError, json.JSONDecodeError):
-                stats = {"rc": run.returncode, "seconds": wall, "peak_rss_gb": float("nan")}
+                stats = {"rc": run.returncode, "seconds": wall, "cpu_s": float("nan"), "peak_rss_gb": float("nan")}
             result = "ok" if stats["rc"] == 0 else run.stderr.strip().splitlines()[-1][:120] if run.stderr.strip() else f"exit {run.returncode}"
-            rows.append((name, params, formats, stats["seconds"], wall, stats["peak_rss_gb"], result))
+            rows.append((name, params, formats, stats["seconds"], stats["cpu_s"], stats["peak_rss_gb"], result))
             print(f"{name}: done", file=sys.stderr)
     print(f"mode {args.mode}, {args.samples} validation samples")
-    print(f"| model | params (M) | formats | export s | process s | peak RSS (GB) | result |")
+    print("| model | params (M) | formats | export s (wall) | CPU s | peak RSS (GB) | result |")
     print("|---|---:|---|---:|---:|---:|---|")
-    for name, params, formats, secs, wall, rss, result in rows:
-        print(f"| {name} | {params / 1e6:.1f} | {formats} | {secs:.1f} | {wall:.1f} | {rss:.2f} | {result} |")
+    for name, params, formats, secs, cpu, rss, result in rows:
+        print(f"| {name} | {params / 1e6:.1f} | {formats} | {secs:.1f} | {cpu:.1f} | {rss:.2f} | {result} |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ The arithmetic (mode ``"exact"``)
   :class:`QuantLinear`, every folded convolution a :class:`QuantConv`.
 * Weights: ``w = s * W`` with ``W`` an integer in ``[-127, 127]`` (8 bits) and ``s = 2**-k`` a
   per-layer power of two, the smallest that fits the largest weight
-  (:func:`power_of_two_scale`). Bias: ``b = s * B`` with ``B`` an integer on the same grid.
+  (:func:`power_of_two_scale`); the layers that write the residual stream share the coarsest of
+  their scales (:func:`share_stream_scale`). Bias: ``b = s * B`` with ``B`` an integer on the same grid.
   Pruned zeros stay zeros (a fixed ``mask`` of the nonzeros at conversion).
 * Input: the first convolution sees the analog frame rounded to ``2**-INPUT_FRAC_BITS`` and
   clipped to ``[0, 1]`` (:func:`quantize_input`); exports state this input contract.
@@ -100,9 +101,12 @@ class _QuantWeights(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.register_buffer("mask", weight.detach() != 0)
+        # the scale is at least 2**scale_floor: layers that write the residual stream share one grid
+        self.register_buffer("scale_floor", torch.tensor(-1000.0))
 
     def scale(self) -> torch.Tensor:
-        return power_of_two_scale(self.weight * self.mask)
+        own = power_of_two_scale(self.weight * self.mask)
+        return torch.maximum(own, torch.pow(2.0, self.scale_floor).to(own))
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(w, b)`` on the layer's grid: ``w = s * W``, ``W`` integer in ``[-QMAX, QMAX]``, ``b = s * B``."""
@@ -217,10 +221,38 @@ def to_exact(model: nn.Module) -> nn.Module:
 
     walk(new, "")
     with torch.no_grad():
+        share_stream_scale(new)
         for lif in neurons_of(new).values():
             lif.decay_.copy_(_power_of_two_decay(lif.decay_))
             lif.threshold_.copy_(_grid_threshold(lif.threshold_))
     return new.train(training)
+
+
+# The layers whose outputs are summed into the residual stream (with the embedding's spikes).
+STREAM_WRITERS = ("embed.rpe", "blocks.*.attn.proj", "blocks.*.mlp.fc2", "blocks.*.attn.proj.u", "blocks.*.mlp.fc2.u")
+
+
+def share_stream_scale(model: nn.Module) -> dict[str, float]:
+    """Give every layer that writes the residual stream the coarsest of their scales.
+
+    The neurons that read the stream sum the outputs of all of them, on the finest of their grids;
+    with per-layer scales one layer with small weights makes that grid fine while the others make
+    the sums large, and a deep model then needs more than 24 bits (measured: ``sdt-8-512`` with
+    random weights, 2^26 at ``head.lif``). One shared scale keeps the stream on the grid of its
+    largest writer; the smaller writers keep fewer significant bits."""
+    import fnmatch
+
+    writers = {n: m for n, m in model.named_modules()
+               if isinstance(m, _QuantWeights) and any(fnmatch.fnmatchcase(n, p) for p in STREAM_WRITERS)}
+    if not writers:
+        return {}
+    with torch.no_grad():
+        for m in writers.values():
+            m.scale_floor.fill_(-1000.0)
+        top = max(float(torch.log2(m.scale())) for m in writers.values())
+        for m in writers.values():
+            m.scale_floor.fill_(top)
+    return {n: 2.0 ** top for n in writers}
 
 
 def is_exact(model: nn.Module) -> bool:
