@@ -201,6 +201,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{directory / CONFIG}: bad field 'structure': {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}") from None
+    model = _apply_quantize_mode(model, doc.get("meta", {}), directory)
     try:
         state = load_file(weights, device=str(map_location))
     except (SafetensorError, OSError) as err:
@@ -225,6 +226,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model.load_state_dict(state)
     model.to(map_location)
     return Checkpoint(model=model, path=directory, meta=doc.get("meta", {}))
+
+
+def _apply_quantize_mode(model: SpikingTransformer, meta: dict, directory: Path) -> SpikingTransformer:
+    """A checkpoint saved in the exact mode (``meta["quantize"] == "exact"``) holds quantised
+    modules: rebuild them before loading the weights."""
+    mode = meta.get("quantize", "float") if isinstance(meta, dict) else "float"
+    if mode == "float":
+        return model
+    if mode != "exact":
+        raise CheckpointError(f"{directory / CONFIG}: unknown quantisation mode {mode!r} in meta (known: float, exact)")
+    from .models.quantize import to_exact
+
+    return to_exact(model)
 
 
 def load_train_state(path: str | os.PathLike) -> dict | None:

@@ -222,7 +222,8 @@ def cmd_prune(args: argparse.Namespace) -> dict:
                               f"add --set data.{key}={getattr(ckpt.config, key)}")
     data = recipe.load_data(args.data_root, finetune=True, image_size=ckpt.config.image_size, timesteps=ckpt.config.timesteps)
     _, report = prune_model(ckpt.model, data, pcfg, ccfg, out=args.out, progress=not args.quiet,
-                            meta={**ckpt.meta, "parent": str(ckpt.path), **{f"prune_{k}": v for k, v in recipe.meta().items()}})
+                            meta={**ckpt.meta, "parent": str(ckpt.path), **{f"prune_{k}": v for k, v in recipe.meta().items()}},
+                            quantize=_quantize_config(args))
     if not args.json:
         acc = report["accuracy"]
         rows = [("method", report["method"]), ("compensation", report["compensation"])]
@@ -267,6 +268,56 @@ def _prune_parser(sub) -> None:
     add_data_args(p)
     p.set_defaults(data=None)  # None: the recipe's data set, digits without one
     p.add_argument("--out", default="runs/pruned", help="checkpoint folder of the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out (otherwise refused)")
+    _add_quantize_args(p)
+
+
+def _add_quantize_args(p) -> None:
+    p.add_argument("--quantize", choices=["float", "exact"], default="float",
+                   help="exact: quantise after pruning (8-bit power-of-two-scaled weights, integer-exact in float32 on "
+                        "every runtime) and fine-tune with straight-through gradients; the checkpoint records the mode")
+    p.add_argument("--quantize-epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (with --quantize exact)")
+
+
+def _quantize_config(args):
+    from .prune import QuantizeConfig
+
+    if args.quantize == "float":
+        return None
+    return QuantizeConfig(mode=args.quantize, epochs=args.quantize_epochs, seed=args.seed or 0, device=args.device)
+
+
+# ----------------------------------------------------------------------------- quantize
+@command("quantize")
+def cmd_quantize(args: argparse.Namespace) -> dict:
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .prune import QuantizeConfig, quantize_model
+
+    guard_out(args.out, {"checkpoint": args.checkpoint, "--data-root": args.data_root}, overwrite=args.overwrite, checkpoint=True)
+    qcfg = QuantizeConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    data = load_dataset(args.data, args.data_root, seed=args.seed, image_size=ckpt.config.image_size if args.data != "digits" else None,
+                        timesteps=ckpt.config.timesteps)
+    _, report = quantize_model(ckpt.model, data, qcfg, out=args.out, progress=not args.quiet,
+                               meta={**ckpt.meta, "parent": str(ckpt.path)})
+    if not args.json:
+        _print_table([("mode", report["mode"])] + [(f"accuracy {k.replace('_', ' ')}", f"{v:.4f}") for k, v in report["accuracy"].items()]
+                     + [("checkpoint", report.get("checkpoint"))])
+    return report
+
+
+def _quantize_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="fine-tune a checkpoint into the integer-exact mode (8-bit power-of-two-scaled weights)")
+    p.add_argument("checkpoint")
+    p.add_argument("--mode", choices=["exact"], default="exact")
+    p.add_argument("--epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (0: quantise only)")
+    p.add_argument("--lr", type=finite(minimum=0.0), default=5e-4)
+    p.add_argument("--batch-size", type=count(), default=64)
+    p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_data_args(p)
+    p.add_argument("--out", default="runs/exact", help="checkpoint folder of the exact-mode model")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out (otherwise refused)")
 
 
@@ -565,7 +616,7 @@ def _import_parser(sub) -> None:
     p.add_argument("--timesteps", type=int, default=4, help="steps the ONNX graph unrolls (default 4)")
 
 
-PARSERS = [_train_parser, _prune_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser,
+PARSERS = [_train_parser, _prune_parser, _quantize_parser, _export_parser, _run_parser, _targets_parser, _tune_parser, _bench_parser, _profile_parser,
            _import_parser]
 
 

@@ -3,6 +3,12 @@
 
 Everything is written into a temporary sibling directory, validated there, and renamed into place
 only when every artifact reproduces the folded PyTorch model: an error leaves nothing behind.
+
+Validation streams its samples in batches of ``VALIDATION_BATCH`` and keeps only what it compares
+(logits and the output spikes); every neuron is recorded only to localise a flip, on the first
+sample that has one. A model in the exact mode (:mod:`stdeploy.models.quantize`) is checked first
+(:func:`stdeploy.export.exact.check_exact`: every partial sum provably exact in float32) and must
+then reproduce PyTorch with no flip at all and bit-identical logits.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from ..files import exchange, finished_mode, fsync_dir, fsync_file, sha256_file
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
+from ..models.quantize import INPUT_FRAC_BITS, INPUT_RANGE, deployable, exact_layers, is_exact, quantize_input
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
 from .validate import Comparison, compare, record_neurons, require_agreement
@@ -35,6 +42,9 @@ VALIDATION_SAMPLES = 64
 # the rule each artifact is validated by: the tolerance of the runtime that runs it in validation
 ARTIFACT_TOLERANCE: dict[str, Tolerance] = {"nir": NIR_INTERPRETER, "nir.portable": NIR_INTERPRETER, "onnx": ONNXRUNTIME,
                                             "onnx.step": ONNXRUNTIME}
+# exact mode: no flip for any reason, logits bit-identical
+EXACT = Tolerance(logits_atol=0.0, spike_mismatches=0, max_flip_fraction=0.0)
+VALIDATION_BATCH = 16  # samples per validation batch: memory stays that of one batch at any sample count
 
 
 def validation_input(model: nn.Module, data=None, samples: int = VALIDATION_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, str]:
@@ -80,14 +90,17 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
         shutil.rmtree(leftover, ignore_errors=True)  # of an export that was killed (one export per --out at a time)
     t0 = time.perf_counter()
     model = model.eval()
-    folded = fold_batchnorm(model)
+    exact = is_exact(model)
+    folded = deployable(model)  # BatchNorm folded; in the exact mode the quantised values in plain modules
     x, labels, described = validation_input(model, data, samples)
-    with torch.no_grad():
-        orig_logits, orig_records = record_neurons(model, x)
-        ref_logits, records = record_neurons(folded, x)
-    ref_spikes = records["head.lif"]["spikes"]
-    folding = compare("batchnorm folding", orig_logits, orig_records["head.lif"]["spikes"], ref_logits, ref_spikes,
-                      orig_records, {k: v["spikes"] for k, v in records.items()})
+    if exact:
+        x = quantize_input(x)
+        described += f", rounded to the exact mode's input grid 2^-{INPUT_FRAC_BITS}"
+    checked = _check_exact(folded, spikformer) if exact else None
+    orig_logits, orig_spikes = stream_outputs(model, x)
+    ref_logits, ref_spikes = stream_outputs(folded, x)
+    folding = compare_streamed("batchnorm folding", model, x, orig_logits, orig_spikes, ref_logits, ref_spikes,
+                               lambda xb: {k: v["spikes"] for k, v in record_neurons(folded, xb)[1].items()})
     cfg = model.cfg
     manifest = {
         "format": FORMAT, "model": cfg.to_dict(), "timesteps": cfg.timesteps, "dt": 1.0, "source": source,
@@ -95,22 +108,32 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
                   "encoding": "direct: the same analog frame at every step"},
         "outputs": {"logits": ["batch", cfg.num_classes], "spikes": [cfg.timesteps, "batch", cfg.tokens, cfg.embed_dim]},
         "artifacts": {}, "validation": {"input": described, "reference": "PyTorch model with BatchNorm folded",
-                                        "reference_accuracy": _accuracy(ref_logits, labels), "results": {}},
+                                        "reference_accuracy": _accuracy(ref_logits, labels), "results": {},
+                                        "batch": VALIDATION_BATCH},
         "batchnorm_folding": folding.to_dict(),
+        "quantize": {"mode": "exact" if exact else "float"},
     }
-    # firing rates and input densities of the reference on the validation input: a check on a silent model means nothing
-    manifest["validation"]["activity"] = measure_activity(folded, x).to_dict()
+    # firing rates and input densities of the reference on the validation input (streamed): a check on a silent model means nothing
+    manifest["validation"]["activity"] = measure_activity(folded, [x[:, sl] for sl in _batches(x.shape[1])]).to_dict()
+    if exact:
+        manifest["input"]["contract"] = (f"exact mode: every input value a multiple of 2^-{INPUT_FRAC_BITS} in "
+                                         f"[{INPUT_RANGE[0]:g}, {INPUT_RANGE[1]:g}] (round and clip first)")
+        manifest["quantize"].update({"layers": exact_layers(model), "max_bits": max(v["bits"] for v in checked.values()),
+                                     "proof": "stdeploy.export.exact.check_exact: every partial sum below 2^24 grid units"})
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         comparisons: list[Comparison] = []
         if "nir" in formats:
-            comparisons += _export_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest, spikformer)
+            comparisons += _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer)
         if "onnx" in formats:
-            comparisons += _export_onnx(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
-        save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source})
+            comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
+        save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source,
+                                                        **({"quantize": "exact"} if exact else {})})
         manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference",
                                               "files": listed_files(tmp / "reference")}
-        require_agreement(comparisons, "export does not reproduce the PyTorch model (nothing written)", ARTIFACT_TOLERANCE)
+        # the exact mode promises more than the tolerance: no flip at all and bit-identical logits
+        tolerances = {k: EXACT for k in ARTIFACT_TOLERANCE} if exact else ARTIFACT_TOLERANCE
+        require_agreement(comparisons, "export does not reproduce the PyTorch model (nothing written)", tolerances)
         manifest["seconds"] = time.perf_counter() - t0
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable))
         for p in tmp.rglob("*"):  # flushed to disk before the directory is renamed into place
@@ -149,31 +172,42 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest, spikformer) -> list[Comparison]:
+def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer) -> list[Comparison]:
     from .nir_export import nir_stats, to_nir, write_nir
-    from .nir_interpreter import run_nir
+    from .nir_interpreter import load_graph, run_nir
     from .nir_portable import NIR_MIN_VERSION
 
     graph = to_nir(folded, spikformer=spikformer)
+    if manifest["quantize"]["mode"] == "exact":
+        graph.metadata["quantize"] = {k: v for k, v in manifest["quantize"].items() if k != "layers"}
+        graph.metadata["input_contract"] = manifest["input"]["contract"]
+        for node in graph.nodes.values():  # each weight node records its grid: weight = scale * an 8-bit integer
+            layer = manifest["quantize"]["layers"].get(getattr(node, "metadata", {}).get("module", ""))
+            if layer is not None:
+                node.metadata["quantize"] = layer
     path = write_nir(graph, tmp / "model.nir")
-    outs = run_nir(path, x)  # from the file, as a reader would
-    logits = outs["logits"].mean(0)
-    spikes = outs["spikes"]
-    spikes = spikes.unsqueeze(-2) if spikes.dim() == 3 else spikes.transpose(-1, -2)  # NIR tokens (D, N) or one token (D,); PyTorch's (N, D)
-    result = compare("nir", ref_logits, ref_spikes, logits, spikes, records)
+    stored = load_graph(path)  # from the file, as a reader would
+
+    def run(xb):
+        outs = run_nir(stored, xb)
+        sp = outs["spikes"]  # NIR tokens (D, N) or one token (D,); PyTorch's (N, D)
+        return outs["logits"].mean(0), (sp.unsqueeze(-2) if sp.dim() == 3 else sp.transpose(-1, -2))
+
+    logits, spikes = _stream(run, x)
+    result = compare_streamed("nir", folded, x, ref_logits, ref_spikes, logits, spikes, None)
     manifest["artifacts"]["nir"] = _artifact(path, stats=nir_stats(graph), lowerings=graph.metadata.get("lowerings"),
                                              layout="channel first: tokens (D, N)", dialect="stdeploy (read by the Lava target)",
                                              nir_min_version=NIR_MIN_VERSION)
     manifest["validation"]["results"]["nir"] = {**result.to_dict(), "accuracy": _accuracy(logits, labels)}
-    return [result] + _export_portable_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest)
+    return [result] + _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest)
 
 
-def _export_portable_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest) -> list[Comparison]:
+def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest) -> list[Comparison]:
     """``model.portable.nir``: the dialect other frameworks read (:mod:`.nir_portable`), checked
     with our interpreter from the file. A model it cannot express (Spikformer) gets no file and a
     manifest entry saying why, with a warning."""
     from .nir_export import nir_stats, write_nir
-    from .nir_interpreter import run_nir
+    from .nir_interpreter import load_graph, run_nir
     from .nir_portable import NIR_MIN_VERSION, READER_DT, to_portable_nir
 
     try:
@@ -185,11 +219,16 @@ def _export_portable_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels
         return []
     path = write_nir(graph, tmp / "model.portable.nir")
     dense = folded.cfg.stem == "dense"
-    outs = run_nir(path, x.flatten(2) if dense else x, record=True)
-    logits = outs["output"].reshape(x.shape[0], x.shape[1], -1).mean(0)
-    spikes = outs["head.lif"]
-    spikes = spikes.reshape(*spikes.shape[:3], -1).transpose(-1, -2)  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
-    result = compare("nir.portable", ref_logits, ref_spikes, logits, spikes, records)
+    stored = load_graph(path)  # from the file, as a reader would
+
+    def run(xb):
+        outs = run_nir(stored, xb.flatten(2) if dense else xb, record=True)
+        sp = outs["head.lif"]
+        return (outs["output"].reshape(xb.shape[0], xb.shape[1], -1).mean(0),
+                sp.reshape(*sp.shape[:3], -1).transpose(-1, -2))  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
+
+    logits, spikes = _stream(run, x)
+    result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes, None)
     manifest["artifacts"]["nir.portable"] = _artifact(
         path, stats=nir_stats(graph), dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
         input="the frame flattened in (C, H, W) order, (C*H*W,)" if dense else "the frame (C, H, W)",
@@ -200,18 +239,17 @@ def _export_portable_nir(folded, tmp, x, records, ref_logits, ref_spikes, labels
     return [result]
 
 
-def _export_onnx(folded, tmp, x, records, ref_logits, ref_spikes, labels, manifest, sparse) -> list[Comparison]:
-    from .onnx_export import export_onnx, export_onnx_streaming, probe_onnx, run_onnx, run_onnx_streaming
+def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse) -> list[Comparison]:
+    from .onnx_export import export_onnx, export_onnx_streaming, onnx_session, probe_onnx, run_onnx, run_onnx_streaming
 
     results, outputs = [], {}
     info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse)
     step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse)
     for key, path, meta, run in (("onnx", tmp / "model.onnx", info, run_onnx), ("onnx.step", tmp / "model.step.onnx", step, run_onnx_streaming)):
-        logits, spikes = outputs[key] = run(path, x)
-        layers = None
-        if bool((spikes != ref_spikes).any()):  # localise: every neuron's spikes from onnxruntime
-            layers = probe_onnx(folded, x)
-        result = compare(key, ref_logits, ref_spikes, logits, spikes, records, layers)
+        session = onnx_session(path)
+        logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x)
+        # localise a flip: every neuron's spikes from onnxruntime, on the first batch that has one
+        result = compare_streamed(key, folded, x, ref_logits, ref_spikes, logits, spikes, lambda xb: probe_onnx(folded, xb))
         keep = {k: meta[k] for k in ("opset", "exporter", "inputs", "outputs", "matmul_nodes", "sparse_initializers", "dense_file_bytes", "states") if k in meta}
         manifest["artifacts"][key] = _artifact(path, **keep)
         manifest["validation"]["results"][key] = {**result.to_dict(), "accuracy": _accuracy(logits, labels)}
@@ -220,3 +258,54 @@ def _export_onnx(folded, tmp, x, records, ref_logits, ref_spikes, labels, manife
     manifest["validation"]["streaming_vs_unrolled"] = {"spike_mismatches": int((us != ss).sum()),
                                                        "logits_max_abs_error": float((ul - sl).abs().max())}
     return results
+
+
+def _batches(n: int, size: int = VALIDATION_BATCH) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _stream(run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run(x_batch) -> (logits, spikes)`` over batches of ``x (T, B, ...)``, concatenated."""
+    parts = [run(x[:, sl]) for sl in _batches(x.shape[1])]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
+
+
+@torch.no_grad()
+def stream_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, head spikes)`` of ``model`` on ``x``, one batch at a time; no other neuron is kept."""
+    def run(xb):
+        kept = []
+        hook = model.head.lif.register_forward_hook(lambda m, inputs, out: kept.append(out))
+        try:
+            return model(xb), kept[0]
+        finally:
+            hook.remove()
+
+    return _stream(run, x)
+
+
+def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_logits, ref_spikes, logits, spikes,
+                     layer_spikes) -> Comparison:
+    """:func:`compare` on the whole input, localised on the first sample with a flip only: there every
+    neuron of ``reference`` is recorded and, with ``layer_spikes(x_sample)`` (the artifact's spikes by
+    layer), compared layer by layer (without it, at the output layer). Recording every neuron of
+    ``sdt-8-512`` takes about 150 MB per sample, so only that one sample is recorded."""
+    result = compare(artifact, ref_logits, ref_spikes, logits, spikes)
+    if not result.spike_mismatches:
+        return result
+    differs = (spikes != ref_spikes).flatten(2).any(-1).any(0)  # (B,): samples with a flipped output spike
+    j = int(differs.nonzero()[0, 0])
+    sl = slice(j, j + 1)
+    _, records = record_neurons(reference, x[:, sl])
+    layers = layer_spikes(x[:, sl]) if layer_spikes is not None else None
+    local = compare(artifact, ref_logits[sl], ref_spikes[:, sl], logits[sl], spikes[:, sl], records, layers)
+    result.flips, result.max_flip_distance = local.flips, local.max_flip_distance
+    result.flips = [{**f, "sample": j} for f in result.flips]
+    return result
+
+
+def _check_exact(folded: nn.Module, spikformer: str) -> dict:
+    from .exact import check_exact
+    from .nir_export import to_nir
+
+    return check_exact(to_nir(folded, spikformer=spikformer), folded.cfg.timesteps)

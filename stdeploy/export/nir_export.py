@@ -106,16 +106,18 @@ DISCRETISATION = (
 Converter = Callable[["GraphBuilder", str, nn.Module, list[str]], list[str]]
 
 
-def _join(prefix: str, name: str) -> str:
+def join_name(prefix: str, name: str) -> str:
+    """A child module's qualified name under ``prefix`` (``blocks.0`` + ``attn`` -> ``blocks.0.attn``)."""
     return f"{prefix}.{name}" if prefix else name
 
 
-def _f32(t: torch.Tensor) -> np.ndarray:
+def as_f32(t: torch.Tensor) -> np.ndarray:
     """A float32 numpy copy of a tensor (never a view of the caller's parameters)."""
     return t.detach().to("cpu", torch.float32).numpy().copy()
 
 
-def _weight_meta(weight: np.ndarray) -> dict:
+def weight_meta(weight: np.ndarray) -> dict:
+    """A weight node's metadata: its ``sparsity`` (fraction of zeros) and ``nonzeros`` count."""
     nonzeros = int(np.count_nonzero(weight))
     return {"sparsity": float(1.0 - nonzeros / weight.size), "nonzeros": nonzeros}
 
@@ -203,7 +205,7 @@ def _dense(b: GraphBuilder, name: str, weight: np.ndarray, bias: np.ndarray | No
     """A weight ``(out, in)``: kernel-1 Conv1d on tokens ``(in, N)``, Affine/Linear on ``(in,)``."""
     shape = b.input_shape(name, inputs)
     out_f, in_f = weight.shape
-    meta = {"module": name, **meta, **_weight_meta(weight)}
+    meta = {"module": name, **meta, **weight_meta(weight)}
     if len(shape) == 2 and shape[0] == in_f:
         node = nir.Conv1d(input_shape=shape[1], weight=np.ascontiguousarray(weight[:, :, None]), stride=1, padding=0,
                           dilation=1, groups=1, bias=bias if bias is not None else np.zeros(out_f, np.float32),
@@ -216,14 +218,14 @@ def _dense(b: GraphBuilder, name: str, weight: np.ndarray, bias: np.ndarray | No
 
 
 def _linear(b: GraphBuilder, name: str, m: nn.Linear, inputs: list[str]) -> list[str]:
-    return [_dense(b, name, _f32(m.weight), None if m.bias is None else _f32(m.bias), inputs, {})]
+    return [_dense(b, name, as_f32(m.weight), None if m.bias is None else as_f32(m.bias), inputs, {})]
 
 
 def _lowrank(b: GraphBuilder, name: str, m: LowRankLinear, inputs: list[str]) -> list[str]:
     """``u(v(x))``: two chained kernel-1 Conv1d nodes, ``v`` without bias, ``u`` with it."""
     meta = {"lowrank": True, "rank": int(m.rank), "in_features": int(m.in_features), "out_features": int(m.out_features)}
-    inner = _dense(b, _join(name, "v"), _f32(m.v.weight), None, inputs, {**meta, "factor": "v"})
-    return [_dense(b, _join(name, "u"), _f32(m.u.weight), None if m.u.bias is None else _f32(m.u.bias), [inner], {**meta, "factor": "u"})]
+    inner = _dense(b, join_name(name, "v"), as_f32(m.v.weight), None, inputs, {**meta, "factor": "v"})
+    return [_dense(b, join_name(name, "u"), as_f32(m.u.weight), None if m.u.bias is None else as_f32(m.u.bias), [inner], {**meta, "factor": "u"})]
 
 
 def _conv1d_node(b: GraphBuilder, name: str, conv: nn.Conv2d, inputs: list[str]) -> str:
@@ -233,14 +235,14 @@ def _conv1d_node(b: GraphBuilder, name: str, conv: nn.Conv2d, inputs: list[str])
     if c_in != conv.in_channels or (kh, ph, sh, dh) != (1, 0, 1, 1) or conv.padding_mode != "zeros":
         raise ShapeError(f"{name}: a sequence ({conv.in_channels}, L) needs a (1, k) zero-padded Conv2d, got kernel "
                          f"{tuple(conv.kernel_size)}, padding {tuple(conv.padding)} on {[c_in, length]}")
-    weight = np.ascontiguousarray(_f32(conv.weight)[:, :, 0, :])  # (out, in, k)
-    bias = _f32(conv.bias) if conv.bias is not None else np.zeros(conv.out_channels, np.float32)
+    weight = np.ascontiguousarray(as_f32(conv.weight)[:, :, 0, :])  # (out, in, k)
+    bias = as_f32(conv.bias) if conv.bias is not None else np.zeros(conv.out_channels, np.float32)
     node = nir.Conv1d(input_shape=length, weight=weight, stride=s, padding=p, dilation=d, groups=conv.groups, bias=bias,
-                      metadata={"module": name, "bias": conv.bias is not None, "sequence": True, **_weight_meta(weight)})
+                      metadata={"module": name, "bias": conv.bias is not None, "sequence": True, **weight_meta(weight)})
     return b.add(name, node, inputs, (conv.out_channels, (length + 2 * p - d * (k - 1) - 1) // s + 1))
 
 
-def _conv2d_node(b: GraphBuilder, name: str, conv: nn.Conv2d, inputs: list[str]) -> str:
+def conv2d_node(b: GraphBuilder, name: str, conv: nn.Conv2d, inputs: list[str]) -> str:
     shape = b.input_shape(name, inputs)
     if len(shape) == 2 and isinstance(conv.padding, tuple):  # a sequence (C, L): module docstring
         return _conv1d_node(b, name, conv, inputs)
@@ -257,20 +259,20 @@ def _conv2d_node(b: GraphBuilder, name: str, conv: nn.Conv2d, inputs: list[str])
         out_hw = (h, w)
     else:
         out_hw = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip((h, w), pad, conv.dilation, conv.kernel_size, conv.stride))
-    weight = _f32(conv.weight)
-    bias = _f32(conv.bias) if conv.bias is not None else np.zeros(conv.out_channels, np.float32)
+    weight = as_f32(conv.weight)
+    bias = as_f32(conv.bias) if conv.bias is not None else np.zeros(conv.out_channels, np.float32)
     node = nir.Conv2d(input_shape=(h, w), weight=weight, stride=tuple(conv.stride), padding=conv.padding if isinstance(conv.padding, str) else pad,
                       dilation=tuple(conv.dilation), groups=conv.groups, bias=bias,
-                      metadata={"module": name, "bias": conv.bias is not None, **_weight_meta(weight)})
+                      metadata={"module": name, "bias": conv.bias is not None, **weight_meta(weight)})
     return b.add(name, node, inputs, (conv.out_channels, *out_hw))
 
 
 def _conv2d(b: GraphBuilder, name: str, m: nn.Conv2d, inputs: list[str]) -> list[str]:
-    return [_conv2d_node(b, name, m, inputs)]
+    return [conv2d_node(b, name, m, inputs)]
 
 
 def _folded_conv(b: GraphBuilder, name: str, m: FoldedConv, inputs: list[str]) -> list[str]:
-    return [_conv2d_node(b, name, m.conv, inputs)]
+    return [conv2d_node(b, name, m.conv, inputs)]
 
 
 # Dim of the model's per-step tensor that holds channels, by rank of the NIR node shape:
@@ -295,8 +297,8 @@ def _lif(b: GraphBuilder, name: str, m: LIF, inputs: list[str], dt: float) -> li
         raise ShapeError(f"{name}: a {type(m).__name__} of {m.features} channels (channel_dim={m.channel_dim}) cannot map onto "
                          f"node shape {list(shape)}: the NIR layout puts channels first")
     per_channel = (-1,) + (1,) * (rank - 1)
-    d = _f32(m.decay)
-    theta = _f32(m.threshold)
+    d = as_f32(m.decay)
+    theta = as_f32(m.threshold)
     d_full = np.ascontiguousarray(np.broadcast_to(d.reshape(per_channel), shape))
     theta_full = np.ascontiguousarray(np.broadcast_to(theta.reshape(per_channel), shape))
     tau = dt / d_full.astype(np.float64)
@@ -324,28 +326,28 @@ def _maxpool(b: GraphBuilder, name: str, m: MaxPool, inputs: list[str]) -> list[
         c, length = shape
         ones = np.zeros((c, c, kw), np.float32)
         ones[np.arange(c), np.arange(c)] = 1.0  # not groups=c: NIR 1.0.8 types a grouped Conv1d's input as weight.shape[1]
-        summed = b.add(_join(name, "sum"), nir.Conv1d(input_shape=length, weight=ones, stride=kw, padding=0, dilation=1, groups=1,
+        summed = b.add(join_name(name, "sum"), nir.Conv1d(input_shape=length, weight=ones, stride=kw, padding=0, dilation=1, groups=1,
                                                       bias=np.zeros(c, np.float32), metadata={"module": name, "op": "sum pool"}),
                        inputs, (c, length // kw))
-        return [b.threshold(_join(name, "or"), [summed], 0.5, {"op": "or"})]
+        return [b.threshold(join_name(name, "or"), [summed], 0.5, {"op": "or"})]
     c, h, w = shape
-    summed = b.add(_join(name, "sum"), nir.SumPool2d(kernel_size=np.array([kh, kw]), stride=np.array([kh, kw]), padding=np.array([0, 0]),
+    summed = b.add(join_name(name, "sum"), nir.SumPool2d(kernel_size=np.array([kh, kw]), stride=np.array([kh, kw]), padding=np.array([0, 0]),
                                                      metadata={"module": name}), inputs, (c, h // kh, w // kw))
-    return [b.threshold(_join(name, "or"), [summed], 0.5, {"op": "or"})]
+    return [b.threshold(join_name(name, "or"), [summed], 0.5, {"op": "or"})]
 
 
-def _identity(b: GraphBuilder, name: str, m: nn.Module, inputs: list[str]) -> list[str]:
+def identity_node(b: GraphBuilder, name: str, m: nn.Module, inputs: list[str]) -> list[str]:
     return inputs
 
 
-def _sequential(b: GraphBuilder, name: str, m: nn.Sequential, inputs: list[str]) -> list[str]:
+def sequential_node(b: GraphBuilder, name: str, m: nn.Sequential, inputs: list[str]) -> list[str]:
     for child_name, child in m.named_children():
-        inputs = b.convert(_join(name, child_name), child, inputs)
+        inputs = b.convert(join_name(name, child_name), child, inputs)
     return inputs
 
 
 def _ones_linear(b: GraphBuilder, name: str, inputs: list[str], weight: np.ndarray, out_shape: tuple[int, ...], op: str) -> str:
-    return b.add(name, nir.Linear(weight=weight, metadata={"module": name, "op": op, **_weight_meta(weight)}), inputs, out_shape)
+    return b.add(name, nir.Linear(weight=weight, metadata={"module": name, "op": op, **weight_meta(weight)}), inputs, out_shape)
 
 
 # ----------------------------------------------------------------------------- model converters
@@ -354,13 +356,13 @@ def _transformer(b: GraphBuilder, name: str, m: SpikingTransformer, inputs: list
     x = [b.add(INPUT, nir.Input(input_type=np.array(cfg.input_shape)), [], tuple(cfg.input_shape))]
     if cfg.input_dims == 1:  # one-row image (C, 1, L) -> sequence (C, L)
         c, _, length = cfg.input_shape
-        x = [b.add(_join(INPUT, "sequence"), nir.Flatten(input_type=np.array(cfg.input_shape), start_dim=1, end_dim=2,
+        x = [b.add(join_name(INPUT, "sequence"), nir.Flatten(input_type=np.array(cfg.input_shape), start_dim=1, end_dim=2,
                                                          metadata={"module": name}), x, (c, length))]
-    x = b.convert(_join(name, "embed"), m.embed, x)
+    x = b.convert(join_name(name, "embed"), m.embed, x)
     for i, block in enumerate(m.blocks):
-        x = b.convert(_join(name, f"blocks.{i}"), block, x)
-    logits = b.convert(_join(name, "head"), m.head, x)
-    spikes = b.produced[_join(name, "head.lif")]
+        x = b.convert(join_name(name, f"blocks.{i}"), block, x)
+    logits = b.convert(join_name(name, "head"), m.head, x)
+    spikes = b.produced[join_name(name, "head.lif")]
     outputs = []
     for out_name, srcs in ((OUTPUT_LOGITS, logits), (OUTPUT_SPIKES, spikes)):
         shape = b.input_shape(out_name, srcs)
@@ -378,14 +380,14 @@ def _transformer(b: GraphBuilder, name: str, m: SpikingTransformer, inputs: list
 def _patch_embed(b: GraphBuilder, name: str, m: PatchEmbed, inputs: list[str]) -> list[str]:
     x = inputs
     for i, stage in enumerate(m.stages):
-        x = b.convert(_join(name, f"stages.{i}"), stage, x)
-    rpe = b.convert(_join(name, "rpe"), m.rpe, x)
+        x = b.convert(join_name(name, f"stages.{i}"), stage, x)
+    rpe = b.convert(join_name(name, "rpe"), m.rpe, x)
     tokens = []
     if all(len(b.shape(term)) == 2 for term in x + rpe):  # a sequence: (D, L) is already tokens (D, N)
         return x + rpe
     for term in x + rpe:  # x = p + rpe(p): each term flattened to (D, N), summed by its consumers
         c, h, w = b.shape(term)
-        tokens.append(b.add(_join(term, "flatten"), nir.Flatten(input_type=np.array([c, h, w]), start_dim=1, end_dim=-1,
+        tokens.append(b.add(join_name(term, "flatten"), nir.Flatten(input_type=np.array([c, h, w]), start_dim=1, end_dim=-1,
                                                                metadata={"module": name}), [term], (c, h * w)))
     return tokens
 
@@ -394,47 +396,47 @@ def _dense_embed(b: GraphBuilder, name: str, m: DenseEmbed, inputs: list[str]) -
     """The MLP stem: the frame flattened to a vector ``(C*H*W,)``, then Affine and LIF nodes on
     vectors (one token: the model's ``(N=1, D)`` is the vector ``(D,)``)."""
     c, h, w = b.input_shape(name, inputs)
-    x = [b.add(_join(name, "flatten"), nir.Flatten(input_type=np.array([c, h, w]), start_dim=0, end_dim=-1,
+    x = [b.add(join_name(name, "flatten"), nir.Flatten(input_type=np.array([c, h, w]), start_dim=0, end_dim=-1,
                                                    metadata={"module": name}), inputs, (c * h * w,))]
     for i, fc in enumerate(m.fcs):
-        x = b.convert(_join(name, f"fcs.{i}"), fc, x)
+        x = b.convert(join_name(name, f"fcs.{i}"), fc, x)
         if i < len(m.lifs):
-            x = b.convert(_join(name, f"lifs.{i}"), m.lifs[i], x)
+            x = b.convert(join_name(name, f"lifs.{i}"), m.lifs[i], x)
     return x
 
 
 def _embed_stage(b: GraphBuilder, name: str, m: EmbedStage, inputs: list[str]) -> list[str]:
-    x = b.convert(_join(name, "conv"), m.conv, inputs)
-    x = b.convert(_join(name, "lif"), m.lif, x)
-    return b.convert(_join(name, "pool"), m.pool, x)
+    x = b.convert(join_name(name, "conv"), m.conv, inputs)
+    x = b.convert(join_name(name, "lif"), m.lif, x)
+    return b.convert(join_name(name, "pool"), m.pool, x)
 
 
 def _block(b: GraphBuilder, name: str, m: Block, inputs: list[str]) -> list[str]:
-    x = inputs + b.convert(_join(name, "attn"), m.attn, inputs)  # x + attn(x)
-    return x + b.convert(_join(name, "mlp"), m.mlp, x)           # x + mlp(x)
+    x = inputs + b.convert(join_name(name, "attn"), m.attn, inputs)  # x + attn(x)
+    return x + b.convert(join_name(name, "mlp"), m.mlp, x)           # x + mlp(x)
 
 
 def _mlp(b: GraphBuilder, name: str, m: MLP, inputs: list[str]) -> list[str]:
     x = inputs
     for child in ("lif1", "fc1", "lif2", "fc2"):
-        x = b.convert(_join(name, child), getattr(m, child), x)
+        x = b.convert(join_name(name, child), getattr(m, child), x)
     return x
 
 
 def _spike_driven_attention(b: GraphBuilder, name: str, m: SpikeDrivenAttention, inputs: list[str]) -> list[str]:
-    s = b.convert(_join(name, "lif"), m.lif, inputs)
-    q = b.convert(_join(name, "q_lif"), m.q_lif, b.convert(_join(name, "q"), m.q, s))
-    k = b.convert(_join(name, "k_lif"), m.k_lif, b.convert(_join(name, "k"), m.k, s))
-    v = b.convert(_join(name, "v_lif"), m.v_lif, b.convert(_join(name, "v"), m.v, s))
+    s = b.convert(join_name(name, "lif"), m.lif, inputs)
+    q = b.convert(join_name(name, "q_lif"), m.q_lif, b.convert(join_name(name, "q"), m.q, s))
+    k = b.convert(join_name(name, "k_lif"), m.k_lif, b.convert(join_name(name, "k"), m.k, s))
+    v = b.convert(join_name(name, "v_lif"), m.v_lif, b.convert(join_name(name, "v"), m.v, s))
     b.require_spikes(name, q + k + v, "spike-driven attention (AND)")
     d, n = b.input_shape(name, q + k + v)
-    qk = b.spike_and(_join(name, "qk_and"), q + k)
-    total = _ones_linear(b, _join(name, "token_sum"), [qk], np.ones((d, 1, n), np.float32), (d, 1), "sum over tokens")
-    mask = b.convert(_join(name, "attn_lif"), m.attn_lif, [total])  # (D, 1) spikes
-    wide = _ones_linear(b, _join(name, "mask_broadcast"), mask, np.ones((d, n, 1), np.float32), (d, n), "broadcast over tokens")
+    qk = b.spike_and(join_name(name, "qk_and"), q + k)
+    total = _ones_linear(b, join_name(name, "token_sum"), [qk], np.ones((d, 1, n), np.float32), (d, 1), "sum over tokens")
+    mask = b.convert(join_name(name, "attn_lif"), m.attn_lif, [total])  # (D, 1) spikes
+    wide = _ones_linear(b, join_name(name, "mask_broadcast"), mask, np.ones((d, n, 1), np.float32), (d, n), "broadcast over tokens")
     b.require_spikes(name, mask, "spike-driven attention (AND)")
-    vm = b.threshold(_join(name, "v_and"), v + [wide], 1.5, {"op": "and"})  # v AND the broadcast mask
-    return b.convert(_join(name, "proj"), m.proj, [vm])
+    vm = b.threshold(join_name(name, "v_and"), v + [wide], 1.5, {"op": "and"})  # v AND the broadcast mask
+    return b.convert(join_name(name, "proj"), m.proj, [vm])
 
 
 def _spikformer_attention_exact(b: GraphBuilder, name: str, m: SpikformerAttention, inputs: list[str]) -> list[str]:
@@ -449,10 +451,10 @@ def _spikformer_attention_exact(b: GraphBuilder, name: str, m: SpikformerAttenti
     partial sum is a small multiple of it). Cost per block: ``H·dh²·N²`` extra neurons and the
     weight entries recorded in ``graph.metadata["lowerings"]``.
     """
-    s = b.convert(_join(name, "lif"), m.lif, inputs)
-    q = b.convert(_join(name, "q_lif"), m.q_lif, b.convert(_join(name, "q"), m.q, s))
-    k = b.convert(_join(name, "k_lif"), m.k_lif, b.convert(_join(name, "k"), m.k, s))
-    v = b.convert(_join(name, "v_lif"), m.v_lif, b.convert(_join(name, "v"), m.v, s))
+    s = b.convert(join_name(name, "lif"), m.lif, inputs)
+    q = b.convert(join_name(name, "q_lif"), m.q_lif, b.convert(join_name(name, "q"), m.q, s))
+    k = b.convert(join_name(name, "k_lif"), m.k_lif, b.convert(join_name(name, "k"), m.k, s))
+    v = b.convert(join_name(name, "v_lif"), m.v_lif, b.convert(join_name(name, "v"), m.v, s))
     b.require_spikes(name, q + k + v, "Spikformer attention (AND)")
     d, n = b.input_shape(name, q + k + v)
     heads, dh = m.heads, d // m.heads
@@ -472,18 +474,18 @@ def _spikformer_attention_exact(b: GraphBuilder, name: str, m: SpikformerAttenti
     first = len(b.nodes)
 
     def broadcast(src: list[str], operand: str, pick: np.ndarray, channel: np.ndarray) -> str:
-        wide = _ones_linear(b, _join(name, f"{operand}_tokens"), src, np.ascontiguousarray(np.broadcast_to(pick, (d, n * n, n))),
+        wide = _ones_linear(b, join_name(name, f"{operand}_tokens"), src, np.ascontiguousarray(np.broadcast_to(pick, (d, n * n, n))),
                             (d, n * n), "broadcast over token pairs")
         w = np.zeros((heads * dh * dh, d), np.float32)
         w[unit, head * dh + channel] = 1.0
-        return _dense(b, _join(name, f"{operand}_channels"), w, None, [wide], {"op": "broadcast over channel pairs"})
+        return _dense(b, join_name(name, f"{operand}_channels"), w, None, [wide], {"op": "broadcast over channel pairs"})
 
     operands = [broadcast(q, "q", pick_i, c), broadcast(k, "k", pick_j, c), broadcast(v, "v", pick_j, c2)]
-    product = b.threshold(_join(name, "qkv_and"), operands, 2.5, {"op": "and of three spikes"})
+    product = b.threshold(join_name(name, "qkv_and"), operands, 2.5, {"op": "and of three spikes"})
     w = np.zeros((d, heads * dh * dh), np.float32)
     w[head * dh + c2, unit] = scale
-    over_c = _dense(b, _join(name, "sum_c"), w, None, [product], {"op": "scaled sum over c"})
-    y = _ones_linear(b, _join(name, "sum_j"), [over_c], np.ascontiguousarray(np.broadcast_to(pick_i.T, (d, n, n * n))), (d, n), "sum over j")
+    over_c = _dense(b, join_name(name, "sum_c"), w, None, [product], {"op": "scaled sum over c"})
+    y = _ones_linear(b, join_name(name, "sum_j"), [over_c], np.ascontiguousarray(np.broadcast_to(pick_i.T, (d, n, n * n))), (d, n), "sum over j")
     added = list(b.nodes)[first:]
     weights = [b.nodes[a].weight for a in added if hasattr(b.nodes[a], "weight")]
     b.metadata.setdefault("lowerings", {})[name] = {
@@ -492,18 +494,18 @@ def _spikformer_attention_exact(b: GraphBuilder, name: str, m: SpikformerAttenti
         "extra_synapses": int(sum(w.size for w in weights)),
         "extra_nonzero_synapses": int(sum(np.count_nonzero(w) for w in weights)),
     }
-    a = b.convert(_join(name, "attn_lif"), m.attn_lif, [y])
-    return b.convert(_join(name, "proj"), m.proj, a)
+    a = b.convert(join_name(name, "attn_lif"), m.attn_lif, [y])
+    return b.convert(join_name(name, "proj"), m.proj, a)
 
 
 def _head(b: GraphBuilder, name: str, m: Head, inputs: list[str]) -> list[str]:
-    s = b.convert(_join(name, "lif"), m.lif, inputs)
+    s = b.convert(join_name(name, "lif"), m.lif, inputs)
     if len(b.input_shape(name, s)) == 1:  # one token (the dense stem): the mean over tokens is the identity
-        return b.convert(_join(name, "fc"), m.fc, s)
+        return b.convert(join_name(name, "fc"), m.fc, s)
     d, n = b.input_shape(name, s)
-    mean = _ones_linear(b, _join(name, "token_mean"), s, np.full((d, 1, n), 1.0 / n, np.float32), (d, 1), "mean over tokens")
-    flat = b.add(_join(name, "flatten"), nir.Flatten(input_type=np.array([d, 1]), start_dim=0, end_dim=-1, metadata={"module": name}), [mean], (d,))
-    return b.convert(_join(name, "fc"), m.fc, [flat])
+    mean = _ones_linear(b, join_name(name, "token_mean"), s, np.full((d, 1, n), 1.0 / n, np.float32), (d, 1), "mean over tokens")
+    flat = b.add(join_name(name, "flatten"), nir.Flatten(input_type=np.array([d, 1]), start_dim=0, end_dim=-1, metadata={"module": name}), [mean], (d,))
+    return b.convert(join_name(name, "fc"), m.fc, [flat])
 
 
 SPIKFORMER_REFUSAL = (
@@ -538,8 +540,8 @@ def default_converters(*, dt: float = 1.0, spikformer: str = "refuse") -> dict[t
         FoldedConv: _folded_conv,
         nn.Conv2d: _conv2d,
         MaxPool: _maxpool,
-        nn.Identity: _identity,
-        nn.Sequential: _sequential,
+        nn.Identity: identity_node,
+        nn.Sequential: sequential_node,
         LIF: lif,
         SLIF: lif,
         Block: _block,
@@ -568,7 +570,7 @@ def unsupported_modules(model: nn.Module, converters: Mapping[type, Converter]) 
             return
         if type(m) in _CONTAINERS and type(m) not in converters:
             for child_name, child in m.named_children():
-                visit(_join(name, child_name), child)
+                visit(join_name(name, child_name), child)
             return
         fn = converters.get(type(m))
         if fn is None:
@@ -579,7 +581,7 @@ def unsupported_modules(model: nn.Module, converters: Mapping[type, Converter]) 
             problems.append(f"{label}: {fn.reason}")
             return
         for child_name, child in m.named_children():
-            visit(_join(name, child_name), child)
+            visit(join_name(name, child_name), child)
 
     visit("", model)
     return problems

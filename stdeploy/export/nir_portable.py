@@ -85,8 +85,8 @@ from ..models.layers import Block, DenseEmbed, EmbedStage, Head, MaxPool, MLP, P
 from ..models.structure import LowRankLinear
 from ..models.transformer import SpikingTransformer
 from ..neurons import LIF, SLIF
-from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, _conv2d_node, _f32, _identity, _join,
-                         _sequential, _weight_meta, unsupported_modules)
+from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, conv2d_node, as_f32, identity_node, join_name,
+                         sequential_node, weight_meta, unsupported_modules)
 
 __all__ = ["to_portable_nir", "write_portable_nir", "portable_converters", "READER_DT", "NIR_MIN_VERSION", "OUTPUTS", "DIALECT", "OUTPUT"]
 
@@ -148,7 +148,7 @@ def _dense(b: GraphBuilder, name: str, weight: np.ndarray, bias: np.ndarray | No
     shape = b.input_shape(name, inputs)
     out_f, in_f = weight.shape
     bias_ = bias if bias is not None else np.zeros(out_f, np.float32)
-    meta = {"module": name, "bias": bias is not None, **meta, **_weight_meta(weight)}
+    meta = {"module": name, "bias": bias is not None, **meta, **weight_meta(weight)}
     if len(shape) == 3 and shape[0] == in_f:
         node = nir.Conv2d(input_shape=shape[1:], weight=np.ascontiguousarray(weight[:, :, None, None]), stride=(1, 1), padding=(0, 0),
                           dilation=(1, 1), groups=1, bias=bias_, metadata=meta)
@@ -170,21 +170,21 @@ def _collapse(b: GraphBuilder, name: str, terms: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- converters
 def _linear(b, name, m: nn.Linear, inputs):
-    return [_dense(b, name, _f32(m.weight), None if m.bias is None else _f32(m.bias), inputs, {})]
+    return [_dense(b, name, as_f32(m.weight), None if m.bias is None else as_f32(m.bias), inputs, {})]
 
 
 def _lowrank(b, name, m: LowRankLinear, inputs):
     meta = {"lowrank": True, "rank": int(m.rank)}
-    inner = _dense(b, _join(name, "v"), _f32(m.v.weight), None, inputs, {**meta, "factor": "v"})
-    return [_dense(b, _join(name, "u"), _f32(m.u.weight), None if m.u.bias is None else _f32(m.u.bias), [inner], {**meta, "factor": "u"})]
+    inner = _dense(b, join_name(name, "v"), as_f32(m.v.weight), None, inputs, {**meta, "factor": "v"})
+    return [_dense(b, join_name(name, "u"), as_f32(m.u.weight), None if m.u.bias is None else as_f32(m.u.bias), [inner], {**meta, "factor": "u"})]
 
 
 def _conv2d(b, name, m: nn.Conv2d, inputs):
-    return [_conv2d_node(b, name, m, inputs)]
+    return [conv2d_node(b, name, m, inputs)]
 
 
 def _folded_conv(b, name, m: FoldedConv, inputs):
-    return [_conv2d_node(b, name, m.conv, inputs)]
+    return [conv2d_node(b, name, m.conv, inputs)]
 
 
 def _pow2(a: np.ndarray) -> bool:
@@ -219,7 +219,7 @@ def _fold_thresholds(b: GraphBuilder, name: str, inputs: list[str], theta: np.nd
                 node.weight = node.weight * scale.reshape((-1,) + (1,) * (node.weight.ndim - 1))
                 node.bias = node.bias * scale
         else:
-            inputs = [_dense(b, _join(name, "threshold_scale"), np.diag(scale), None, inputs, {"op": "divide by the thresholds"})]
+            inputs = [_dense(b, join_name(name, "threshold_scale"), np.diag(scale), None, inputs, {"op": "divide by the thresholds"})]
         how = "exact: thresholds are powers of two" if exact else "not exact by construction: checked spike for spike on the check input"
         return np.ones_like(theta), inputs, f"folded into the incoming weights ({how})"
     warnings.warn(f"{name}: {reason}; readers that want one threshold per layer (snnTorch, SpikingJelly) will refuse it",
@@ -232,7 +232,7 @@ def _make_lif(dt: float, fold: str = "exact", keep: frozenset[str] = frozenset()
         shape = b.input_shape(name, inputs)
         if shape[0] != m.features or len(shape) not in (1, 3):
             raise ShapeError(f"{name}: a {type(m).__name__} of {m.features} channels cannot map onto node shape {list(shape)}")
-        d, theta = _f32(m.decay), _f32(m.threshold)
+        d, theta = as_f32(m.decay), as_f32(m.threshold)
         theta, inputs, folding = _fold_thresholds(b, name, inputs, theta, fold, keep)
         b.metadata.setdefault("threshold_folding", {})[name] = folding
         per_channel = (-1,) + (1,) * (len(shape) - 1)
@@ -247,7 +247,7 @@ def _make_lif(dt: float, fold: str = "exact", keep: frozenset[str] = frozenset()
             raise StdeployError(f"{name}: tau = dt/d with dt = {dt} does not round back ({', '.join(bad)})")
         node = nir.LIF(tau=tau, r=np.ones(shape, np.float32), v_leak=np.zeros(shape, np.float32),
                        v_threshold=np.nextafter(theta_full, np.float32(-np.inf)), v_reset=np.zeros(shape, np.float32),
-                       metadata={"module": name, "neuron": type(m).__name__, "decay": d, "theta": _f32(m.threshold),
+                       metadata={"module": name, "neuron": type(m).__name__, "decay": d, "theta": as_f32(m.threshold),
                                  "threshold_folding": folding})
         return [b.add(name, node, inputs, shape)]
 
@@ -258,48 +258,48 @@ def _make_stateless(dt: float):
     def maxpool(b: GraphBuilder, name: str, m: MaxPool, inputs: list[str]) -> list[str]:
         _spikes(b, name, inputs, "max-pool (OR)")
         c, h, w = b.input_shape(name, inputs)
-        summed = _channel_conv(b, _join(name, "sum"), inputs, (2, 2), (2, 2), (0, 0), (c, h // 2, w // 2), "2x2 sum pool")
-        return [_threshold_lif(b, _join(name, "or"), [summed], 0.5, {"op": "or"}, dt, 4)]
+        summed = _channel_conv(b, join_name(name, "sum"), inputs, (2, 2), (2, 2), (0, 0), (c, h // 2, w // 2), "2x2 sum pool")
+        return [_threshold_lif(b, join_name(name, "or"), [summed], 0.5, {"op": "or"}, dt, 4)]
 
     def attention(b: GraphBuilder, name: str, m: SpikeDrivenAttention, inputs: list[str]) -> list[str]:
-        s = b.convert(_join(name, "lif"), m.lif, inputs)
-        q = b.convert(_join(name, "q_lif"), m.q_lif, b.convert(_join(name, "q"), m.q, s))
-        k = b.convert(_join(name, "k_lif"), m.k_lif, b.convert(_join(name, "k"), m.k, s))
-        v = b.convert(_join(name, "v_lif"), m.v_lif, b.convert(_join(name, "v"), m.v, s))
+        s = b.convert(join_name(name, "lif"), m.lif, inputs)
+        q = b.convert(join_name(name, "q_lif"), m.q_lif, b.convert(join_name(name, "q"), m.q, s))
+        k = b.convert(join_name(name, "k_lif"), m.k_lif, b.convert(join_name(name, "k"), m.k, s))
+        v = b.convert(join_name(name, "v_lif"), m.v_lif, b.convert(join_name(name, "v"), m.v, s))
         _spikes(b, name, q + k + v, "spike-driven attention (AND)")
         shape = b.input_shape(name, q + k + v)
         if len(shape) != 3:
             raise ShapeError(f"{name}: spike-driven attention needs tokens (D, h, w), got {list(shape)}")
         d, h, w = shape
-        qk = _threshold_lif(b, _join(name, "qk_and"), q + k, 1.5, {"op": "and"}, dt, 2)
-        total = _channel_conv(b, _join(name, "token_sum"), [qk], (h, w), (1, 1), (0, 0), (d, 1, 1), "sum over tokens")
-        mask = b.convert(_join(name, "attn_lif"), m.attn_lif, [total])
-        wide = _channel_conv(b, _join(name, "mask_broadcast"), mask, (h, w), (1, 1), (h - 1, w - 1), (d, h, w), "broadcast over tokens")
-        vm = _threshold_lif(b, _join(name, "v_and"), v + [wide], 1.5, {"op": "and"}, dt, 2)
-        return b.convert(_join(name, "proj"), m.proj, [vm])
+        qk = _threshold_lif(b, join_name(name, "qk_and"), q + k, 1.5, {"op": "and"}, dt, 2)
+        total = _channel_conv(b, join_name(name, "token_sum"), [qk], (h, w), (1, 1), (0, 0), (d, 1, 1), "sum over tokens")
+        mask = b.convert(join_name(name, "attn_lif"), m.attn_lif, [total])
+        wide = _channel_conv(b, join_name(name, "mask_broadcast"), mask, (h, w), (1, 1), (h - 1, w - 1), (d, h, w), "broadcast over tokens")
+        vm = _threshold_lif(b, join_name(name, "v_and"), v + [wide], 1.5, {"op": "and"}, dt, 2)
+        return b.convert(join_name(name, "proj"), m.proj, [vm])
 
     return maxpool, attention
 
 
 def _embed_stage(b, name, m: EmbedStage, inputs):
-    x = b.convert(_join(name, "conv"), m.conv, inputs)
-    x = b.convert(_join(name, "lif"), m.lif, x)
-    return b.convert(_join(name, "pool"), m.pool, x)
+    x = b.convert(join_name(name, "conv"), m.conv, inputs)
+    x = b.convert(join_name(name, "lif"), m.lif, x)
+    return b.convert(join_name(name, "pool"), m.pool, x)
 
 
 def _patch_embed(b, name, m: PatchEmbed, inputs):
     x = inputs
     for i, stage in enumerate(m.stages):
-        x = b.convert(_join(name, f"stages.{i}"), stage, x)
-    return x + b.convert(_join(name, "rpe"), m.rpe, x)  # p + rpe(p): two terms, (D, h, w)
+        x = b.convert(join_name(name, f"stages.{i}"), stage, x)
+    return x + b.convert(join_name(name, "rpe"), m.rpe, x)  # p + rpe(p): two terms, (D, h, w)
 
 
 def _dense_embed(b, name, m: DenseEmbed, inputs):
     x = inputs
     for i, fc in enumerate(m.fcs):
-        x = b.convert(_join(name, f"fcs.{i}"), fc, x)
+        x = b.convert(join_name(name, f"fcs.{i}"), fc, x)
         if i < len(m.lifs):
-            x = b.convert(_join(name, f"lifs.{i}"), m.lifs[i], x)
+            x = b.convert(join_name(name, f"lifs.{i}"), m.lifs[i], x)
     return x
 
 
@@ -311,30 +311,30 @@ def _residual(b: GraphBuilder, terms: list[str]) -> list[str]:
 
 
 def _block(b, name, m: Block, inputs):
-    a = _residual(b, b.convert(_join(name, "attn"), m.attn, inputs))
-    x = _residual(b, _collapse(b, _join(name, "sum_attn"), inputs)) + a   # x + attn(x), two terms
-    f = _residual(b, b.convert(_join(name, "mlp"), m.mlp, x))
-    return _residual(b, _collapse(b, _join(name, "sum_mlp"), x)) + f     # x + mlp(x), two terms
+    a = _residual(b, b.convert(join_name(name, "attn"), m.attn, inputs))
+    x = _residual(b, _collapse(b, join_name(name, "sum_attn"), inputs)) + a   # x + attn(x), two terms
+    f = _residual(b, b.convert(join_name(name, "mlp"), m.mlp, x))
+    return _residual(b, _collapse(b, join_name(name, "sum_mlp"), x)) + f     # x + mlp(x), two terms
 
 
 def _mlp(b, name, m: MLP, inputs):
     x = inputs
     for child in ("lif1", "fc1", "lif2", "fc2"):
-        x = b.convert(_join(name, child), getattr(m, child), x)
+        x = b.convert(join_name(name, child), getattr(m, child), x)
     return x
 
 
 def _head(b, name, m: Head, inputs):
-    s = b.convert(_join(name, "lif"), m.lif, inputs)
+    s = b.convert(join_name(name, "lif"), m.lif, inputs)
     shape = b.input_shape(name, s)
-    weight, bias = _f32(m.fc.weight), _f32(m.fc.bias) if m.fc.bias is not None else np.zeros(m.fc.out_features, np.float32)
+    weight, bias = as_f32(m.fc.weight), as_f32(m.fc.bias) if m.fc.bias is not None else np.zeros(m.fc.out_features, np.float32)
     if len(shape) == 1:  # one token: the mean over tokens is the identity
-        return [_dense(b, _join(name, "fc"), weight, bias, s, {})]
+        return [_dense(b, join_name(name, "fc"), weight, bias, s, {})]
     d, h, w = shape
     full = np.ascontiguousarray(np.broadcast_to((weight / np.float32(h * w))[:, :, None, None], (*weight.shape, h, w)))
     node = nir.Conv2d(input_shape=(h, w), weight=full, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, bias=bias,
-                      metadata={"module": _join(name, "fc"), "op": "classifier over the mean of tokens (weight / N)"})
-    return [b.add(_join(name, "fc"), node, s, (weight.shape[0], 1, 1))]
+                      metadata={"module": join_name(name, "fc"), "op": "classifier over the mean of tokens (weight / N)"})
+    return [b.add(join_name(name, "fc"), node, s, (weight.shape[0], 1, 1))]
 
 
 def _make_transformer(output: str):
@@ -342,11 +342,11 @@ def _make_transformer(output: str):
         cfg = m.cfg
         in_shape = (cfg.in_channels * cfg.image_size ** 2,) if cfg.stem == "dense" else (cfg.in_channels, cfg.image_size, cfg.image_size)
         x = [b.add(INPUT, nir.Input(input_type=np.array(in_shape)), [], in_shape)]
-        x = _residual(b, b.convert(_join(name, "embed"), m.embed, x))
+        x = _residual(b, b.convert(join_name(name, "embed"), m.embed, x))
         for i, block in enumerate(m.blocks):
-            x = b.convert(_join(name, f"blocks.{i}"), block, x)
-        logits = b.convert(_join(name, "head"), m.head, x)
-        spikes = b.produced[_join(name, "head.lif")]
+            x = b.convert(join_name(name, f"blocks.{i}"), block, x)
+        logits = b.convert(join_name(name, "head"), m.head, x)
+        spikes = b.produced[join_name(name, "head.lif")]
         srcs = logits
         if output == "spikes":  # the classifier would dangle (NIR adds an Output for it): drop it
             srcs = spikes
@@ -380,8 +380,8 @@ def portable_converters(*, dt: float = READER_DT, output: str = "logits", fold: 
     maxpool, attention = _make_stateless(float(dt))
     return {
         SpikingTransformer: _make_transformer(output), PatchEmbed: _patch_embed, DenseEmbed: _dense_embed,
-        EmbedStage: _embed_stage, FoldedConv: _folded_conv, nn.Conv2d: _conv2d, MaxPool: maxpool, nn.Identity: _identity,
-        nn.Sequential: _sequential, LIF: lif, SLIF: lif, Block: _block, SpikeDrivenAttention: attention,
+        EmbedStage: _embed_stage, FoldedConv: _folded_conv, nn.Conv2d: _conv2d, MaxPool: maxpool, nn.Identity: identity_node,
+        nn.Sequential: sequential_node, LIF: lif, SLIF: lif, Block: _block, SpikeDrivenAttention: attention,
         SpikformerAttention: Refusal(SPIKFORMER_REFUSAL), MLP: _mlp, nn.Linear: _linear, LowRankLinear: _lowrank, Head: _head,
     }
 

@@ -205,7 +205,7 @@ def probe_onnx(model: nn.Module, x: torch.Tensor, opset: int | None = None) -> d
     outputs = ["logits"] + [f"spikes.{n}" for n in probe.names]
     proto = _to_proto(probe, (x[:, :2],), ["input"], outputs, {"input": 1, "logits": 0, **{o: 1 for o in outputs[1:]}},
                       lambda batch: ({1: batch},), opset=DEFAULT_OPSET if opset is None else opset, dynamo=False)
-    out = _session(proto.SerializeToString()).run(None, {"input": _numpy(x)})
+    out = onnx_session(proto.SerializeToString()).run(None, {"input": _numpy(x)})
     return {n: torch.from_numpy(o) for n, o in zip(probe.names, out[1:])}
 
 
@@ -577,7 +577,7 @@ def _validator(model: SpikingTransformer, run: Callable) -> Callable[[bytes], di
     """Run PyTorch and onnxruntime on seeded inputs at batch 1 and 3 (the graph was traced at 2)."""
 
     def validate(data: bytes) -> dict:
-        session = _session(data)
+        session = onnx_session(data)
         reference = _Unrolled(model)
         report = {}
         for x in _validation_inputs(model.cfg):
@@ -660,7 +660,7 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _session(model):
+def onnx_session(model):
     """An ``InferenceSession`` for a path, serialized bytes or an existing session."""
     import onnxruntime as ort
 
@@ -693,7 +693,7 @@ def _check_rank(x: np.ndarray, session, name: str, want: int, layout: str) -> No
 def run_onnx(model, x) -> tuple[torch.Tensor, torch.Tensor]:
     """Run an unrolled graph (path, bytes or session) on ``x (T, B, C, H, W)``:
     ``(logits (B, classes), spikes (T, B, N, D))`` as torch tensors."""
-    session = _session(model)
+    session = onnx_session(model)
     x = _numpy(x)
     _check_rank(x, session, "run_onnx", 5, "input (T, B, C, H, W)")
     logits, spikes = session.run(["logits", "spikes"], {"input": x})
@@ -704,7 +704,7 @@ def initial_states(model, batch: int) -> dict[str, np.ndarray]:
     """Zero membranes for a streaming graph (path, bytes or session), by input name (``state.*``)."""
     if not (isinstance(batch, int) and batch >= 1):
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    session = _session(model)
+    session = onnx_session(model)
     return {i.name: np.zeros([batch if not isinstance(d, int) else d for d in i.shape], dtype=np.float32)
             for i in session.get_inputs() if i.name.startswith(STATE_IN)}
 
@@ -713,7 +713,7 @@ def run_onnx_streaming(model, x) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed ``x (T, B, C, H, W)`` frame by frame through a streaming graph (path, bytes or
     session), carrying the membranes: ``(logits (B, classes), spikes (T, B, N, D))``, the logits
     averaged over the T steps."""
-    session = _session(model)
+    session = onnx_session(model)
     x = _numpy(x)
     _check_rank(x, session, "run_onnx_streaming", 5, "input (T, B, C, H, W)")
     states = initial_states(session, x.shape[1])

@@ -23,6 +23,7 @@ from .compensate import COMPENSATIONS, convert_neurons, recalibrate_bn
 from .counts import weight_counts
 from .dsp import DSPPruner
 from .l1p import L1Pruner, magnitude_masks
+from .qat import QuantizeConfig, quantize_model
 
 PRUNERS: dict[str, type[Pruner]] = {"l1p": L1Pruner, "dsp": DSPPruner}
 
@@ -111,13 +112,19 @@ def _gradual(pcfg: PruneConfig) -> bool:
 
 
 def prune_model(model: nn.Module, data, pcfg: PruneConfig, ccfg: CompensationConfig = CompensationConfig(),
-                out=None, progress: bool = True, meta: dict | None = None) -> tuple[nn.Module, dict]:
+                out=None, progress: bool = True, meta: dict | None = None,
+                quantize: QuantizeConfig | None = None) -> tuple[nn.Module, dict]:
     """Prune ``model`` in place following ``pcfg``, compensate following ``ccfg``; return the
     finalized model and a report (accuracies at every stage, parameters, per-layer detail).
-    With ``out``, the finalized model is saved there (report in its metadata, plus ``meta``)."""
+    With ``quantize`` (mode ``exact``), the finalized model is then quantised and fine-tuned
+    (:func:`stdeploy.prune.qat.quantize_model`) and that exact-mode copy is returned instead.
+    With ``out``, the final model is saved there (report in its metadata, plus ``meta``)."""
     t0 = time.perf_counter()
     pruner, stages = apply_pruning(model, data, pcfg, ccfg, progress)
-    report = compensate(model, pruner, data, ccfg, stages, out, progress)
+    report = compensate(model, pruner, data, ccfg, stages, None if quantize is not None and quantize.mode != "float" else out, progress)
+    if quantize is not None and quantize.mode != "float":
+        model, report["quantize"] = quantize_model(model, data, quantize, progress=progress)
+        meta = {**(meta or {}), "quantize": quantize.mode}
     report["seconds"] = time.perf_counter() - t0
     if out is not None:
         path = save_checkpoint(out, model, meta={**(meta or {}), "prune": report})
@@ -128,4 +135,4 @@ def prune_model(model: nn.Module, data, pcfg: PruneConfig, ccfg: CompensationCon
 
 __all__ = ["PruneConfig", "CompensationConfig", "prune_model", "apply_pruning", "compensate", "make_pruner", "PRUNERS", "METHODS", "COMPENSATIONS",
            "DEFAULT_LAYERS", "select_layers", "recalibrate_bn", "magnitude_masks", "L1Pruner", "DSPPruner",
-           "ALL_LAYERS", "LAYER_SCOPES", "layer_patterns", "weight_counts"]
+           "ALL_LAYERS", "LAYER_SCOPES", "layer_patterns", "weight_counts", "QuantizeConfig", "quantize_model"]

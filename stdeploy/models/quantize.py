@@ -1,0 +1,290 @@
+"""The integer-exact mode: weights, biases, thresholds and leaks on power-of-two grids, so that
+every sum a runtime computes is exact in float32 in any order.
+
+Why
+---
+Spiking networks are discontinuous: a membrane equal to its threshold in one runtime and one ulp
+below it in another flips a spike, and a deep model amplifies one flip into a large fraction of its
+output spikes (measured on ``sdt-8-512``: one flip at ``embed.stages.1.lif`` became 26% of the
+output spikes eight blocks later). Float runtimes order their sums differently, so float exports of
+deep models cannot be spike-exact. Sums of numbers on one grid ``q`` (integer multiples of a power of
+two) are exact in float32, in any order, while every partial sum stays below ``2**24 * q``; then
+PyTorch, onnxruntime, TVM and NIR readers produce the same spikes at any depth and batch.
+
+The arithmetic (mode ``"exact"``)
+---------------------------------
+* BatchNorm is folded first (:func:`~stdeploy.models.fold.fold_batchnorm`); every ``nn.Linear``
+  (also the two factors of a ``LowRankLinear`` and the head classifier) becomes a
+  :class:`QuantLinear`, every folded convolution a :class:`QuantConv`.
+* Weights: ``w = s * W`` with ``W`` an integer in ``[-127, 127]`` (8 bits) and ``s = 2**-k`` a
+  per-layer power of two, the smallest that fits the largest weight
+  (:func:`power_of_two_scale`); the layers that write the residual stream share the coarsest of
+  their scales (:func:`share_stream_scale`). Bias: ``b = s * B`` with ``B`` an integer on the same grid.
+  Pruned zeros stay zeros (a fixed ``mask`` of the nonzeros at conversion).
+* Input: the first convolution sees the analog frame rounded to ``2**-INPUT_FRAC_BITS`` and
+  clipped to ``[0, 1]`` (:func:`quantize_input`); exports state this input contract.
+* Neurons: the leak ``d`` is rounded to a power of two ``2**-j`` (``tau = 2`` gives ``d = 1/2``
+  exactly); the threshold to ``2**-THRESHOLD_FRAC_BITS``. sLIF neurons are frozen to LIF first.
+* Gradients: rounding is straight-through (identity gradient), so a model fine-tunes in this mode
+  with the usual surrogate gradients (quantisation-aware training).
+
+Why the membrane stays exact (the bound that :mod:`stdeploy.export.exact` checks)
+---------------------------------------------------------------------------------
+The membrane update is ``v = (1 - d) v + d x``. If every input ``x`` is a multiple of ``q`` and
+``d = 2**-j``, then ``(1 - d)`` and ``d`` are multiples of ``2**-j``, so after ``t`` steps ``v`` is a
+multiple of ``q * 2**(-j t)``: the leak adds ``j`` fractional bits per step, at most ``j * T``
+over a sample of ``T`` steps (a reset to 0 only removes bits). Since ``v`` is a convex combination
+of 0 and past inputs, ``|v| <= max |x|``. Hence with ``M = max |x|`` and ``theta`` on the grid too,
+every intermediate value (``(1-d) v``, ``d x``, their sum, ``x - v`` in NIR's form, ``v - theta``)
+is a multiple of ``q * 2**(-j T)`` bounded by ``2 M + theta``, and is exact in float32 when
+``(2 M + theta) / (q * 2**(-j T)) <= 2**24``. For ``T = 4`` and ``d = 1/2`` that leaves 19 bits
+for the input sums of a layer in units of its grid, e.g. 4096 binary inputs at weight 127.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError, UnsupportedPrimitive
+from ..neurons import LIF, neurons_of, to_lif
+from .fold import FoldedConv, fold_batchnorm
+
+__all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "QuantLinear", "QuantConv", "power_of_two_scale",
+           "quantize_input", "to_exact", "is_exact", "deployable", "check_mode"]
+
+MODES = ("float", "exact")
+WEIGHT_BITS = 8                # integer weights in [-127, 127]
+QMAX = 2 ** (WEIGHT_BITS - 1) - 1
+INPUT_FRAC_BITS = 8            # the analog input on a grid of 1/256, clipped to [0, 1]
+INPUT_RANGE = (0.0, 1.0)
+THRESHOLD_FRAC_BITS = 8        # thresholds on a grid of 1/256
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"unknown quantisation mode {mode!r}; known: {', '.join(MODES)}")
+    return mode
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity gradient (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def power_of_two_scale(w: torch.Tensor, bits: int = WEIGHT_BITS) -> torch.Tensor:
+    """The smallest ``s = 2**k`` (integer ``k``) with ``max|w| / s <= 2**(bits-1) - 1``; 1 for an all-zero ``w``.
+    Returned as a 0-d tensor without gradient."""
+    with torch.no_grad():
+        top = w.detach().abs().max().double()
+        if top == 0:
+            return torch.ones((), dtype=w.dtype, device=w.device)
+        k = math.ceil(math.log2(float(top) / (2 ** (bits - 1) - 1)))
+        return torch.tensor(2.0 ** k, dtype=w.dtype, device=w.device)
+
+
+def quantize_input(x: torch.Tensor) -> torch.Tensor:
+    """The exact mode's input contract: clip to ``[0, 1]`` and round to multiples of ``2**-INPUT_FRAC_BITS``
+    (digits, ``k/16``, are already on the grid)."""
+    n = 2 ** INPUT_FRAC_BITS
+    return torch.round(x.clamp(*INPUT_RANGE) * n) / n
+
+
+class _QuantWeights(nn.Module):
+    """Weight and bias parameters held in float, used as ``s * round(w / s)`` (straight-through)."""
+
+    def _init(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_buffer("mask", weight.detach() != 0)
+        # the scale is at least 2**scale_floor: layers that write the residual stream share one grid
+        self.register_buffer("scale_floor", torch.tensor(-1000.0))
+
+    def scale(self) -> torch.Tensor:
+        own = power_of_two_scale(self.weight * self.mask)
+        return torch.maximum(own, torch.pow(2.0, self.scale_floor).to(own))
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(w, b)`` on the layer's grid: ``w = s * W``, ``W`` integer in ``[-QMAX, QMAX]``, ``b = s * B``."""
+        s = self.scale()
+        w = torch.clamp(_ste_round(self.weight / s), -QMAX, QMAX) * s * self.mask
+        b = None if self.bias is None else _ste_round(self.bias / s) * s
+        return w, b
+
+    def integers(self) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """``(W, B, s)``: the integer weight and bias and the scale (for exports' metadata and tests)."""
+        with torch.no_grad():
+            w, b = self.quantized()
+            s = float(self.scale())
+            return torch.round(w / s), None if b is None else torch.round(b / s), s
+
+
+class QuantLinear(_QuantWeights):
+    """``y = x Wᵀ s + B s`` on the last dim (a ``nn.Linear`` in the exact mode)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._init(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.quantized()
+        return F.linear(x, w, b)
+
+    def frozen(self) -> nn.Linear:
+        w, b = self.quantized()
+        new = nn.Linear(self.in_features, self.out_features, bias=b is not None)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if b is not None:
+                new.bias.copy_(b)
+        return new.to(self.weight.device)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={WEIGHT_BITS}"
+
+
+class QuantConv(_QuantWeights):
+    """A folded 3x3 convolution in the exact mode, ``(T, B, C, H, W)`` with T and B merged;
+    ``quantize_input`` rounds the analog input (the first convolution only)."""
+
+    def __init__(self, folded: FoldedConv, quantize_input: bool = False):
+        super().__init__()
+        c = folded.conv
+        self.in_channels, self.out_channels = c.in_channels, c.out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation, self.groups = c.kernel_size, c.stride, c.padding, c.dilation, c.groups
+        self.quantize_input = quantize_input
+        self._init(c.weight, c.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantize_input:
+            x = quantize_input(x)
+        w, b = self.quantized()
+        y = F.conv2d(x.flatten(0, 1), w, b, self.stride, self.padding, self.dilation, self.groups)
+        return y.view(x.shape[0], x.shape[1], *y.shape[1:])
+
+    def frozen(self) -> FoldedConv:
+        w, b = self.quantized()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.groups, bias=b is not None)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if b is not None:
+                conv.bias.copy_(b)
+        return FoldedConv(conv.to(self.weight.device))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, bits={WEIGHT_BITS}, quantize_input={self.quantize_input}"
+
+
+def _power_of_two_decay(d: torch.Tensor) -> torch.Tensor:
+    j = torch.clamp(torch.round(-torch.log2(d.double())), min=1)
+    return (2.0 ** -j).to(d.dtype)
+
+
+def _grid_threshold(theta: torch.Tensor) -> torch.Tensor:
+    n = 2 ** THRESHOLD_FRAC_BITS
+    return torch.clamp(torch.round(theta.double() * n), min=1).div(n).to(theta.dtype)
+
+
+def to_exact(model: nn.Module) -> nn.Module:
+    """The exact-mode copy of a finalized ``model`` (the caller's model is not changed): BatchNorm
+    folded, every linear layer and convolution quantised, sLIF frozen to LIF, leaks rounded to
+    powers of two and thresholds to the threshold grid. The copy keeps ``model``'s training mode.
+
+    Raises :class:`ConfigError` when a pruning mask is still attached (finalize pruning first)."""
+    training = model.training
+    from torch.nn.utils import parametrize
+
+    attached = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if attached:
+        raise ConfigError(f"exact mode: pruning masks still attached at {', '.join(attached[:4])}; finalize pruning first")
+    if is_exact(model):
+        return copy.deepcopy(model)
+    new = to_lif(fold_batchnorm(model))  # a folded copy; to_lif swaps sLIF in place on it
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            fqn = f"{prefix}.{name}" if prefix else name
+            if type(child) is nn.Linear:
+                setattr(parent, name, QuantLinear(child))
+            elif isinstance(child, FoldedConv):
+                setattr(parent, name, QuantConv(child, quantize_input=fqn == "embed.stages.0.conv"))
+            elif isinstance(child, nn.Conv2d):
+                raise UnsupportedPrimitive(f"exact mode: {fqn} is a bare Conv2d; only folded convolutions are quantised")
+            else:
+                walk(child, fqn)
+
+    walk(new, "")
+    with torch.no_grad():
+        share_stream_scale(new)
+        for lif in neurons_of(new).values():
+            lif.decay_.copy_(_power_of_two_decay(lif.decay_))
+            lif.threshold_.copy_(_grid_threshold(lif.threshold_))
+    return new.train(training)
+
+
+# The layers whose outputs are summed into the residual stream (with the embedding's spikes).
+STREAM_WRITERS = ("embed.rpe", "blocks.*.attn.proj", "blocks.*.mlp.fc2", "blocks.*.attn.proj.u", "blocks.*.mlp.fc2.u")
+
+
+def share_stream_scale(model: nn.Module) -> dict[str, float]:
+    """Give every layer that writes the residual stream the coarsest of their scales.
+
+    The neurons that read the stream sum the outputs of all of them, on the finest of their grids;
+    with per-layer scales one layer with small weights makes that grid fine while the others make
+    the sums large, and a deep model then needs more than 24 bits (measured: ``sdt-8-512`` with
+    random weights, 2^26 at ``head.lif``). One shared scale keeps the stream on the grid of its
+    largest writer; the smaller writers keep fewer significant bits."""
+    import fnmatch
+
+    writers = {n: m for n, m in model.named_modules()
+               if isinstance(m, _QuantWeights) and any(fnmatch.fnmatchcase(n, p) for p in STREAM_WRITERS)}
+    if not writers:
+        return {}
+    with torch.no_grad():
+        for m in writers.values():
+            m.scale_floor.fill_(-1000.0)
+        top = max(float(torch.log2(m.scale())) for m in writers.values())
+        for m in writers.values():
+            m.scale_floor.fill_(top)
+    return {n: 2.0 ** top for n in writers}
+
+
+def is_exact(model: nn.Module) -> bool:
+    return any(isinstance(m, _QuantWeights) for m in model.modules())
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """An eval-mode copy in the plain folded form that exporters know (``nn.Linear``,
+    ``FoldedConv``) with the quantised values; a float model is folded as usual. The exact mode's
+    input rounding is not part of it: exports state the input contract instead."""
+    if not is_exact(model):
+        return fold_batchnorm(model)
+    new = copy.deepcopy(model).eval()
+
+    def walk(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (QuantLinear, QuantConv)):
+                setattr(parent, name, child.frozen())
+            else:
+                walk(child)
+
+    with torch.no_grad():
+        walk(new)
+    return new
+
+
+def exact_layers(model: nn.Module) -> dict[str, dict]:
+    """Per quantised layer: scale exponent and integer ranges (recorded in checkpoints and exports)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _QuantWeights):
+            w, b, s = m.integers()
+            out[name] = {"scale": s, "scale_exponent": int(round(math.log2(s))), "weight_int_max": int(w.abs().max()),
+                         "bias_int_max": None if b is None else int(b.abs().max())}
+    return out
