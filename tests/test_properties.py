@@ -195,10 +195,11 @@ def _mutate(root: Path, data) -> str:
 def test_corrupted_export_directory_is_loaded_or_refused(sources, data):
     d = _fresh(sources, "exp")
     what = _mutate(d, data)
-    results = {key: _library_ok(lambda: read_manifest(d, key), what) for key in ("onnx", "onnx.step", "nir", "reference")}
+    results = {key: _library_ok(lambda: read_manifest(d, key), what)
+               for key in ("onnx", "onnx.step", "nir", "nir.portable", "reference")}
     if what.startswith(("flip model", "truncate model", "delete model", "symlink model")):
         name = what.split()[1]
-        key = {"model.onnx": "onnx", "model.step.onnx": "onnx.step", "model.nir": "nir"}[name]
+        key = {"model.onnx": "onnx", "model.step.onnx": "onnx.step", "model.nir": "nir", "model.portable.nir": "nir.portable"}[name]
         assert not results[key], f"{what}: a changed artifact must be refused"
     if what.split()[1].startswith("reference/") and not what.startswith("retype"):
         assert not results["reference"], f"{what}: a changed reference file must be refused"

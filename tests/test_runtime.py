@@ -250,7 +250,7 @@ def test_changed_export_is_refused(export_dir, tmp_path):
     shutil.copytree(export_dir, exp)
     with open(exp / "model.step.onnx", "ab") as f:
         f.write(b"\0")
-    with pytest.raises(ValueError, match="model.step.onnx: .*the export manifest says"):
+    with pytest.raises(ValueError, match="model.step.onnx: .*the manifest says"):
         package(exp, "cpu", tmp_path / "b", samples=2)
     assert not (tmp_path / "b").exists()
 

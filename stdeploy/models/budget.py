@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ConfigError
 from .config import ModelConfig
 
@@ -39,27 +41,26 @@ class Estimate:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Closed-form parameter count of :class:`SpikingTransformer` for ``cfg`` (matches the module)."""
-    d, s, h = cfg.embed_dim, cfg.embed_stages, cfg.mlp_hidden
-    widths = [d // 2 ** (s - 1 - i) for i in range(s)]
-    ins = [cfg.in_channels] + widths[:-1]
-    neuron = 2 if cfg.neuron == "slif" else 0  # per-neuron threshold and leak
-    embed = sum(ci * co * 9 + 2 * co + neuron * co for ci, co in zip(ins, widths)) + d * d * 9 + 2 * d
-    attn = 4 * (d * d + 2 * d) + 5 * neuron * d
-    mlp = d * h + 2 * h + h * d + 2 * d + neuron * (h + d)
-    head = d * cfg.num_classes + cfg.num_classes + neuron * d
-    return embed + cfg.depth * (attn + mlp) + head
+    """Parameter count of :class:`SpikingTransformer` for ``cfg``, exact for every stem, family and
+    neuron: the model is built on PyTorch's ``meta`` device, which records shapes and allocates no
+    memory (so a config asking for terabytes costs nothing to count)."""
+    from .transformer import SpikingTransformer
+
+    with torch.device("meta"):
+        model = SpikingTransformer(cfg)
+    return int(sum(p.numel() for p in model.parameters()))
 
 
 def estimate(cfg: ModelConfig, batch: int = 1, training: bool = False) -> Estimate:
     d, s, n, t = cfg.embed_dim, cfg.embed_stages, cfg.tokens, cfg.timesteps
     size = cfg.image_size
     embed = 0
-    for i in range(s):
-        width = d // 2 ** (s - 1 - i)
-        embed += 4 * width * size * size  # conv, BN, membrane, spikes
+    height = 1 if cfg.input_dims == 1 else size
+    for i, width in enumerate(cfg.stage_widths):
+        embed += 4 * width * height * size  # conv, BN, membrane, spikes
         if i >= s - cfg.embed_pools:
             size //= 2
+            height = 1 if cfg.input_dims == 1 else size
     embed += 3 * d * n
     attn = 12 * d * n + (cfg.heads * n * n if cfg.family == "spikformer" else 0)
     mlp = 6 * cfg.mlp_hidden * n + 4 * d * n
