@@ -587,6 +587,20 @@ def unsupported_modules(model: nn.Module, converters: Mapping[type, Converter]) 
     return problems
 
 
+def convert_model(model: nn.Module, table: Mapping[type, Converter], what: str) -> "GraphBuilder":
+    """A :class:`GraphBuilder` that has converted ``model`` with the converter ``table``; every
+    module the table cannot convert is checked first and all of them reported in one
+    :class:`UnsupportedPrimitive` (``what`` names the dialect in the message)."""
+    problems = unsupported_modules(model, table)
+    if problems:
+        raise UnsupportedPrimitive(f"cannot export {type(model).__name__} to {what}: {len(problems)} unsupported module(s):\n  - "
+                                   + "\n  - ".join(problems))
+    b = GraphBuilder(converters=table)
+    with torch.no_grad():
+        b.convert("", model, [])
+    return b
+
+
 def to_nir(model: nn.Module, *, converters: Mapping[type, Converter] | None = None, dt: float = 1.0,
            spikformer: str = "refuse") -> nir.NIRGraph:
     """The NIR graph of a folded model (``stdeploy.models.fold.fold_batchnorm(model)``).
@@ -595,13 +609,7 @@ def to_nir(model: nn.Module, *, converters: Mapping[type, Converter] | None = No
     the settings of :func:`default_converters`. Raises one :class:`UnsupportedPrimitive` listing
     every module that cannot be exported. The model is only read, never changed."""
     table = {**default_converters(dt=dt, spikformer=spikformer), **(converters or {})}
-    problems = unsupported_modules(model, table)
-    if problems:
-        raise UnsupportedPrimitive(f"cannot export {type(model).__name__} to NIR: {len(problems)} unsupported module(s):\n  - "
-                                   + "\n  - ".join(problems))
-    b = GraphBuilder(converters=table)
-    with torch.no_grad():
-        b.convert("", model, [])
+    b = convert_model(model, table, "NIR")
     b.metadata.update({
         "producer": "stdeploy",
         "dt": float(dt),

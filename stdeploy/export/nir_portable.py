@@ -85,7 +85,7 @@ from ..models.layers import Block, DenseEmbed, EmbedStage, Head, MaxPool, MLP, P
 from ..models.structure import LowRankLinear
 from ..models.transformer import SpikingTransformer
 from ..neurons import LIF, SLIF
-from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, conv2d_node, as_f32, identity_node, join_name,
+from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, as_f32, conv2d_node, convert_model, identity_node, join_name,
                          sequential_node, weight_meta, unsupported_modules)
 
 __all__ = ["to_portable_nir", "write_portable_nir", "portable_converters", "READER_DT", "NIR_MIN_VERSION", "OUTPUTS", "DIALECT", "OUTPUT"]
@@ -437,13 +437,7 @@ def _first_flip(graph: nir.NIRGraph, outs: dict[str, torch.Tensor], records: dic
 
 def _build(model, output, dt, fold, keep, converters) -> nir.NIRGraph:
     table = {**portable_converters(dt=dt, output=output, fold=fold, keep=keep), **(converters or {})}
-    problems = unsupported_modules(model, table)
-    if problems:
-        raise UnsupportedPrimitive(f"cannot export {type(model).__name__} to portable NIR: {len(problems)} unsupported module(s):\n  - "
-                                   + "\n  - ".join(problems))
-    b = GraphBuilder(converters=table)
-    with torch.no_grad():
-        b.convert("", model, [])
+    b = convert_model(model, table, "portable NIR")
     b.metadata.update({
         "producer": "stdeploy", "dialect": DIALECT, "dt": float(dt), "nir_min_version": NIR_MIN_VERSION,
         "time_convention": TIME_CONVENTION, "input_encoding": "direct",  # the same analog frame at every step

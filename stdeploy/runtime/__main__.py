@@ -16,33 +16,28 @@ from .report import to_markdown
 from .run import run_bundle
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse names the flag in its one-line error)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
 
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    parse.__name__ = "integer"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stdeploy.runtime", description=__doc__.splitlines()[0])
     p.add_argument("bundle", help="bundle folder or .tar.gz written by `stdeploy package`")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object (last line of stdout)")
-    p.add_argument("--repeats", type=_positive, default=20, help="timed calls (batch) and timed sequences (streaming)")
-    p.add_argument("--warmup", type=_count, default=3, help="untimed calls before timing")
-    p.add_argument("--threads", type=_positive, default=None, help="onnxruntime intra-op threads (default: its own)")
+    p.add_argument("--repeats", type=_at_least(1), default=20, help="timed calls (batch) and timed sequences (streaming)")
+    p.add_argument("--warmup", type=_at_least(0), default=3, help="untimed calls before timing")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="onnxruntime intra-op threads (default: its own)")
     p.add_argument("--provider", default=None, help="onnxruntime execution provider (default: the bundle's first choice)")
     p.add_argument("--energy-seconds", type=float, default=1.0, help="how long to run while a power sensor counts")
     p.add_argument("--out", default=None, help="folder to write report.json and report.md into (created; must not be inside the bundle)")
