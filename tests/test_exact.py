@@ -22,6 +22,7 @@ from stdeploy.checkpoint import load_checkpoint, save_checkpoint
 from stdeploy.data import load_dataset
 from stdeploy.errors import UnsupportedPrimitive
 from stdeploy.export.exact import check_exact, grid_of
+from stdeploy.export.manifest import write_manifest
 from stdeploy.export.nir_export import to_nir
 from stdeploy.export.nir_interpreter import run_nir
 from stdeploy.export.onnx_export import export_onnx, run_onnx
@@ -87,7 +88,7 @@ def boundary_inputs(folded, images: torch.Tensor) -> tuple[torch.Tensor, int]:
 def write_dir(path, folded):
     path.mkdir(parents=True, exist_ok=True)
     export_onnx(folded, path / "model.onnx")
-    (path / "manifest.json").write_text(json.dumps({"artifacts": {"onnx": {"file": "model.onnx"}}}))
+    write_manifest(path, {"artifacts": {"onnx": {"file": "model.onnx"}}})  # sealed: size and sha256 recorded
     return path
 
 
@@ -106,7 +107,7 @@ def nir_outputs(graph, x):
 def runs(deep, digits, tmp_path_factory):
     """Both modes on the same boundary inputs: every runtime's logits and output spikes."""
     from stdeploy.targets.profiles import load_profile
-    from stdeploy.targets.tvm_target import TVMTarget
+    from stdeploy.targets.tvm.target import TVMTarget
 
     float_model = deployable(deep)
     images = torch.stack([digits.test[i][0] for i in range(BATCH)])
