@@ -17,7 +17,6 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from .. import timing as _timing
 from ..errors import ConfigError, StdeployError
 from ..tolerance import Tolerance
 from .profiles import DeviceProfile
@@ -92,8 +91,3 @@ def read_manifest(export_dir: str | Path, needs: str) -> tuple[Path, dict]:
     from ..export.manifest import read_manifest as sealed
     return sealed(export_dir, needs, error=TargetError)
 
-
-# The one timer lives in stdeploy.timing; these names stay importable from here for code written
-# before it (``median_time(fn, repeats)``: median seconds after one warm-up call; ``Timer``).
-median_time = _timing.median_time
-Timer = _timing.Timer

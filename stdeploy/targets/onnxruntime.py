@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..tolerance import ONNXRUNTIME
-from .base import RunResult, TargetError, Timer, read_manifest
+from ..timing import Timer
+from .base import RunResult, TargetError, read_manifest
 from .profiles import DeviceProfile
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import nir
 import numpy as np
 
-from ..base import RunResult, TargetError, Timer, read_manifest
+from ...timing import Timer
+from ..base import RunResult, TargetError, read_manifest
 from ..profiles import DeviceProfile
 from .lowering import lower
 from .mapping import mapping_report

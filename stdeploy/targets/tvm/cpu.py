@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ConfigError, ShapeError
-from ..base import RunResult, TargetError, Timer
+from ...timing import Timer
+from ..base import RunResult, TargetError
 from ..profiles import DeviceProfile
 from .database import TuningDatabaseError, apply_database, find_database, read_meta
 from .frontend import OnnxGraph, relax_module

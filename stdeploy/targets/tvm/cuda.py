@@ -39,7 +39,8 @@ import numpy as np
 
 from ...errors import ConfigError
 from ...files import atomic_write_text, sha256_file
-from ..base import RunResult, TargetError, Timer
+from ...timing import Timer
+from ..base import RunResult, TargetError
 from ..profiles import DeviceProfile, load_profile
 from .cpu import TVMRunnable, outputs_to_numpy
 from .cuda_artifacts import build_machine, export_library, find_module, load_cuda_artifact, record_built_files

@@ -51,7 +51,7 @@ from typing import Callable
 
 import numpy as np
 
-from ...base import median_time
+from ....timing import median_time
 from ....errors import ShapeError
 from ..frontend import load_onnx_graph, relax_module
 from ..host import host_cpu_name, usable_cores

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...base import median_time
+from ....timing import median_time
 from ...profiles import load_profile
 from ..host import cpu_target
 from .blas import blas_conv2d, blas_matmul, conv2d_nchw
