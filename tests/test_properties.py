@@ -266,7 +266,11 @@ def test_model_config_files_any_type(tmp_path, field, value, binary, data):
     else:
         p.write_text(f"[model]\nembed_dim = 16\nheads = 2\n{field} = {_toml(value)}\n" if field not in ("embed_dim", "heads")
                      else f"[model]\n{field} = {_toml(value)}\n")
-    _library_ok(lambda: load_config_file(p), (field, value))
+    loaded = _library_ok(lambda: load_config_file(p), (field, value))
+    if field == "unknown" and not binary:
+        assert not loaded, "an unknown config key must be refused"
+    if loaded:  # what loads is a valid config record
+        assert isinstance(load_config_file(p), ModelConfig)
 
 
 @settings(max_examples=30, **SETTINGS)
