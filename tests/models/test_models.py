@@ -7,7 +7,7 @@ from stdeploy.errors import ConfigError, ShapeError
 from stdeploy.models import PRESETS, ModelConfig, build_model, direct_encode, load_config_file, resolve_config
 from stdeploy.neurons import SLIF, neurons_of, to_slif
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["sdt-tiny", "spikformer-tiny"])

@@ -347,7 +347,7 @@ def test_sparse_cuda_benchmark_builds_kernels_for_a_gpu_it_runs_elsewhere(tmp_pa
 
     import tvm
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_cuda.py"
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "sparse_cuda.py"
     spec = importlib.util.spec_from_file_location("sparse_cuda", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

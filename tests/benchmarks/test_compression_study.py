@@ -12,7 +12,7 @@ from stdeploy.errors import ConfigError
 from stdeploy.models import build_model
 from stdeploy.train import evaluate
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compression_study.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compression_study.py"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

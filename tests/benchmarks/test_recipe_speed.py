@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_speed.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "recipe_speed.py"
 
 # tests/test_recipes.py TINY / TINY_DVS: seconds per step, image size 16 keeps 2x2 tokens after the pools
 TINY = ["--set", "model.embed_dim=16", "--set", "model.depth=1", "--set", "model.heads=2",

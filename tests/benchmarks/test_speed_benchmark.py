@@ -12,7 +12,7 @@ import torch
 from stdeploy.errors import InactiveModel
 from stdeploy.models import build_model, direct_encode
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
 @pytest.fixture(scope="module")
