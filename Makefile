@@ -4,13 +4,16 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stdeploy-installed
+WHEELHOUSE := $(VENV)/wheelhouse
+# the pinned packages a bundle for runtime $(1) installs on its device, e.g. numpy==2.3.5 onnxruntime==1.32.0
+PINS    = $$($(PY) -c "from stdeploy.package import runtime_versions as v; print(*(f'{k}=={x}' for k, x in v('$(1)').items()))")
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt stdeploy/install_lava.py
+$(STAMP): pyproject.toml constraints.txt stdeploy/install_lava.py Makefile
 	@command -v aarch64-linux-gnu-g++ >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		(apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null) || \
 		echo "note: install g++-aarch64-linux-gnu to cross-compile TVM host code for Jetson boards"; }
@@ -18,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt stdeploy/install_lava.py
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[lava,tvm,dev,interop]'
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps norse==1.1.0 spikingjelly==2.0.0
 	$(PY) -m stdeploy.install_lava
+	@# The wheels a device bundle's README installs (numpy + onnxruntime; numpy + TVM's runtime), kept
+	@# here so that the tests which play the device install them without a network (--no-index).
+	$(PY) -m pip download -q --disable-pip-version-check -c constraints.txt -d $(WHEELHOUSE) $(call PINS,onnxruntime)
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps -d $(WHEELHOUSE) $(call PINS,tvm)
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -4,6 +4,8 @@ Fixtures
 - ``digits_subset(n_train, n_test)``: scikit-learn's digits cut to the first images of each split
   (``dataclasses.replace`` of the loaded split; offline).
 - ``one_thread``: torch on one thread for the test, restored after (the machine is shared).
+- ``offline_pip``: pip arguments that install a device bundle's pinned packages with no network
+  (``--no-index --find-links .venv/wheelhouse``: the wheels ``make install`` downloads beside the venv).
 - ``trained_sdt``: sdt-tiny (LIF) trained two epochs on 480 digits, once per test run, with its
   spiking layers checked to fire; ``exported_sdt``: that model's export directory (NIR + ONNX +
   reference + manifest), validated on 64 test images, also once per run.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +97,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def offline_pip() -> list[str]:
+    wheelhouse = Path(sys.prefix) / "wheelhouse"
+    if not any(wheelhouse.glob("*.whl")):
+        why = f"no wheels in {wheelhouse} (`make install` downloads them; tests never use the network)"
+        pytest.fail(why, pytrace=False) if in_ci() else pytest.skip(why)
+    return ["--no-index", "--find-links", str(wheelhouse)]
 
 
 # ----------------------------------------------------------------------------- one trained sdt-tiny per run

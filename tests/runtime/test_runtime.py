@@ -302,7 +302,7 @@ def device_venv(tmp_path_factory):
     return venv
 
 
-def test_readme_commands_run_the_bundle_in_a_clean_venv(bundle, device_venv, tmp_path):
+def test_readme_commands_run_the_bundle_in_a_clean_venv(bundle, device_venv, offline_pip, tmp_path):
     root, _ = bundle
     device = tmp_path / "device"
     device.mkdir()
@@ -315,7 +315,7 @@ def test_readme_commands_run_the_bundle_in_a_clean_venv(bundle, device_venv, tmp
     env["PATH"] = f"{device_venv / 'bin'}:{env.get('PATH', '')}"
     install = shlex.split(block[0])
     assert install[:4] == ["python", "-m", "pip", "install"]
-    r = subprocess.run([python, *install[1:], "-q", "--disable-pip-version-check"], cwd=device, env=env,
+    r = subprocess.run([python, *install[1:], *offline_pip, "-q", "--disable-pip-version-check"], cwd=device, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     listed = subprocess.run([python, "-m", "pip", "list", "--format", "freeze"], env=env, capture_output=True, text=True).stdout
@@ -383,7 +383,7 @@ def tvm_bundle(export_dir, tmp_path_factory):
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, tmp_path_factory, tmp_path):
+def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, offline_pip, tmp_path_factory, tmp_path):
     """(b): numpy, apache-tvm and its FFI installed with --no-deps, libtvm_compiler.so deleted, no torch."""
     root, manifest = tvm_bundle
     assert manifest["runtime"] == "tvm" and set(manifest["models"].values()) == {"model.x86_64.so", "model.step.x86_64.so"}
@@ -398,7 +398,7 @@ def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, tmp_pa
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "TVM_USE_RUNTIME_LIB")}
     install = shlex.split(block[0])
     assert install[:5] == ["python", "-m", "pip", "install", "--no-deps"]
-    r = subprocess.run([python, *install[1:], "-q", "--disable-pip-version-check"], cwd=device, env=env,
+    r = subprocess.run([python, *install[1:], *offline_pip, "-q", "--disable-pip-version-check"], cwd=device, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
