@@ -14,17 +14,20 @@ export PYTHONUNBUFFERED := 1
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt stdeploy/install_lava.py Makefile
-	@command -v aarch64-linux-gnu-g++ >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-		(apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null) || \
-		echo "note: install g++-aarch64-linux-gnu to cross-compile TVM host code for Jetson boards"; }
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+		{ command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends g++-aarch64-linux-gnu qemu-user >/dev/null) || \
+		echo "note: install g++-aarch64-linux-gnu (TVM host code for Jetson boards) and qemu-user (runs it in the tests)"; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[lava,tvm,dev,interop]'
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps norse==1.1.0 spikingjelly==2.0.0
 	$(PY) -m stdeploy.install_lava
-	@# The wheels a device bundle's README installs (numpy + onnxruntime; numpy + TVM's runtime), kept
+	@# The wheels a device bundle's README installs (numpy + onnxruntime; numpy + TVM's runtime, also for aarch64), kept
 	@# here so that the tests which play the device install them without a network (--no-index).
 	$(PY) -m pip download -q --disable-pip-version-check -c constraints.txt -d $(WHEELHOUSE) $(call PINS,onnxruntime)
 	$(PY) -m pip download -q --disable-pip-version-check --no-deps -d $(WHEELHOUSE) $(call PINS,tvm)
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 \
+		--python-version 3.11 -d $(WHEELHOUSE)/aarch64 $(call PINS,tvm)
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -37,6 +37,7 @@ RUNTIMES = ("onnxruntime", "tvm")
 DEFAULT_SAMPLES = 32
 # The runner's source, shipped in every bundle (none of these imports torch).
 RUNNER_FILES = ("__init__.py", "errors.py", "files.py")
+NATIVE_RUNNER = "run_module.cc"  # TVM bundles: the C++ runner (runner/run_module.cc)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
@@ -125,14 +126,23 @@ def _is_bundle_archive(path: Path) -> bool:
         return False
 
 
-def _readme(name: str, versions: dict, profile, batch: int, timesteps: int, runtime: str = "onnxruntime") -> str:
+def _readme(name: str, versions: dict, profile, shape: tuple[int, ...], runtime: str = "onnxruntime", machine: str = "") -> str:
+    timesteps, batch = shape[0], shape[1]
     pins = " ".join(f"{k}=={v}" for k, v in versions.items())
     if runtime == "tvm":
         what = "two standalone TVM modules (untuned TVM code, no Python callbacks)"
         needs = "numpy + TVM's runtime, no torch, no TVM compiler"
         install = f"python -m pip install --no-deps {pins}"
         note = ("\nThe runner loads TVM's runtime library only (`TVM_USE_RUNTIME_LIB=1`): the wheel's "
-                "`tvm/lib/libtvm_compiler.so` may be deleted on the device.\n")
+                "`tvm/lib/libtvm_compiler.so` may be deleted on the device.\n\n"
+                "Without Python, `runner/run_module.cc` runs the unrolled module on TVM's runtime libraries alone "
+                "(`FFI` and `TVM`: the folders of the `tvm_ffi` and `tvm` packages of those wheels, for the device's architecture):\n\n"
+                "```\n"
+                f"g++ -std=c++17 -O2 -o run_module {name}/runner/run_module.cc -I$FFI/include -L$TVM/lib -L$FFI/lib -ltvm_runtime -ltvm_ffi\n"
+                f"LD_LIBRARY_PATH=$TVM/lib:$FFI/lib ./run_module {name}/model.{machine}.so input.f32 {','.join(map(str, shape))} out\n"
+                "```\n\n"
+                "`input.f32` is the raw float32 input (C order, the shape given); each output is written raw as "
+                "`out.<i>.f32` (0: logits, 1: output spikes) and its shape printed.\n")
     else:
         what, needs, install, note = "two ONNX graphs", "numpy + onnxruntime, no torch", f"python -m pip install {pins}", ""
     return f"""# Bundle {name}
@@ -203,7 +213,8 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         models.setdefault("step", None)
         np.savez_compressed(stage / "samples.npz", input=x.astype(np.float32), logits=logits.astype(np.float32),
                             spikes=spikes.astype(np.float32))
-        (stage / "README.md").write_text(_readme(name, versions, profile, x.shape[1], x.shape[0], runtime))
+        (stage / "README.md").write_text(_readme(name, versions, profile, tuple(x.shape), runtime,
+                                                 tvm_section["machine"] if tvm_section else ""))
         src = Path(__file__).resolve().parent
         runner = stage / "runner" / "stdeploy"
         (runner / "runtime").mkdir(parents=True)
@@ -211,10 +222,13 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
             shutil.copyfile(src / f, runner / f)
         for f in sorted((src / "runtime").glob("*.py")):
             shutil.copyfile(f, runner / "runtime" / f.name)
+        if runtime == "tvm":
+            shutil.copyfile(src / "runtime" / NATIVE_RUNNER, stage / "runner" / NATIVE_RUNNER)
         roles = {"model.onnx": "unrolled graph: input (T, B, C, H, W) -> logits (B, classes), spikes (T, B, N, D)",
                  "model.step.onnx": "one timestep: input (B, C, H, W), state.<neuron> -> logits_step, spikes_step, state_out.<neuron>",
                  "samples.npz": "input, expected logits and output spikes of the folded PyTorch reference",
-                 "README.md": "the two commands to run on the device"}
+                 "README.md": "the two commands to run on the device",
+                 f"runner/{NATIVE_RUNNER}": "C++ runner for a device without Python (TVM's runtime libraries only)"}
         if tvm_section is not None:
             for key, g in tvm_section["graphs"].items():
                 roles[g["file"]] = (f"standalone TVM module ({tvm_section['machine']}, {tvm_section['schedules']}) of the "

@@ -4,6 +4,8 @@ Fixtures
 - ``digits_subset(n_train, n_test)``: scikit-learn's digits cut to the first images of each split
   (``dataclasses.replace`` of the loaded split; offline).
 - ``one_thread``: torch on one thread for the test, restored after (the machine is shared).
+- ``require_installed(why)``: for a tool `make install` provides (a compiler, qemu, wheels): fails
+  where CI is set, skips elsewhere (the same rule as the optional backends below).
 - ``offline_pip``: pip arguments that install a device bundle's pinned packages with no network
   (``--no-index --find-links .venv/wheelhouse``: the wheels ``make install`` downloads beside the venv).
 - ``trained_sdt``: sdt-tiny (LIF) trained two epochs on 480 digits, once per test run, with its
@@ -99,12 +101,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def missing(why: str) -> None:
+    """Something `make install` provides is absent: a failure where CI is set, a skip elsewhere."""
+    if in_ci():
+        pytest.fail(f"{why}, and CI is set", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def require_installed():
+    """``missing`` for tests: ``require_installed("qemu-aarch64 is not installed (make installs qemu-user)")``."""
+    return missing
+
+
 @pytest.fixture(scope="session")
 def offline_pip() -> list[str]:
     wheelhouse = Path(sys.prefix) / "wheelhouse"
     if not any(wheelhouse.glob("*.whl")):
-        why = f"no wheels in {wheelhouse} (`make install` downloads them; tests never use the network)"
-        pytest.fail(why, pytrace=False) if in_ci() else pytest.skip(why)
+        missing(f"no wheels in {wheelhouse} (`make install` downloads them; tests never use the network)")
     return ["--no-index", "--find-links", str(wheelhouse)]
 
 

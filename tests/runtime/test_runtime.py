@@ -418,19 +418,20 @@ def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, offlin
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_aarch64_modules_need_only_tvm_runtime_and_libc(export_dir, tmp_path):
+def test_aarch64_modules_need_only_tvm_runtime_and_libc(exported_sdt, require_installed, tmp_path):
     """(c): cross-compiled for aarch64; every symbol the modules leave undefined is defined by TVM's
-    runtime libraries or the aarch64 C library; no Python symbol. (Running them needs an aarch64
-    Python with TVM's runtime: under qemu-user that is a whole aarch64 userland, not tried here.)"""
+    runtime libraries or the aarch64 C library; no Python symbol. Then the bundle executes: its C++
+    runner (runner/run_module.cc), cross-compiled against the aarch64 TVM wheels that `make`
+    keeps, runs the unrolled module under qemu-user on the bundle's samples, spike for spike."""
     compiler = "aarch64-linux-gnu-g++"
     if shutil.which(compiler) is None:
-        pytest.skip(f"{compiler} is not installed (make installs g++-aarch64-linux-gnu)")
+        require_installed(f"{compiler} is not installed (make installs g++-aarch64-linux-gnu)")
     profile = tmp_path / "arm64.toml"
     profile.write_text('kind = "cpu"\ndescription = "aarch64 Linux CPU"\n[tvm]\n'
                        'target = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
                        f'cross_compiler = "{compiler}"\n')
     out = tmp_path / "arm"
-    m = package(export_dir, str(profile), out, samples=1, runtime="tvm")
+    m = package(exported_sdt, str(profile), out, samples=2, runtime="tvm")  # the trained model: its outputs fire
     assert m["tvm"]["machine"] == "aarch64" and m["host_check"]["passed"] is None
     import tvm
     import tvm_ffi
@@ -452,6 +453,54 @@ def test_aarch64_modules_need_only_tvm_runtime_and_libc(export_dir, tmp_path):
         assert needed <= provided, f"{name}: undefined symbols nobody provides: {sorted(needed - provided)}"
     r = run_runner(out, "--check-only", cwd=tmp_path)  # x86-64 here: refused in one line, not crashed
     assert r.returncode == 2 and "built for aarch64, this machine is" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    _run_under_qemu(out, m, tmp_path, require_installed)
+
+
+def _aarch64_tvm_runtime(dest: Path, require_installed) -> tuple[Path, Path]:
+    """TVM's and tvm-ffi's aarch64 runtime libraries and tvm-ffi's headers, unpacked from the
+    wheels `make install` downloads to .venv/wheelhouse/aarch64 (no network here)."""
+    import zipfile
+
+    wheels = Path(sys.prefix) / "wheelhouse" / "aarch64"
+    found = {k: sorted(wheels.glob(f"{k}-*.whl")) for k in ("apache_tvm", "apache_tvm_ffi")}
+    if not all(found.values()):
+        require_installed(f"no aarch64 TVM wheels in {wheels} (`make install` downloads them)")
+    for wheel in (found["apache_tvm"][-1], found["apache_tvm_ffi"][-1]):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(dest, [n for n in z.namelist() if n in ("tvm/lib/libtvm_runtime.so", "tvm_ffi/lib/libtvm_ffi.so")
+                                or n.startswith(("tvm_ffi/include/"))])
+    return dest / "tvm", dest / "tvm_ffi"
+
+
+def _run_under_qemu(out: Path, manifest: dict, tmp_path: Path, require_installed) -> None:
+    qemu = shutil.which("qemu-aarch64")
+    if qemu is None:
+        require_installed("qemu-aarch64 is not installed (make installs qemu-user)")
+    tvm_dir, ffi_dir = _aarch64_tvm_runtime(tmp_path / "aarch64", require_installed)
+    runner = tmp_path / "run_module"
+    r = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-O1", "-o", str(runner), str(out / "runner" / "run_module.cc"),
+                        f"-I{ffi_dir / 'include'}", f"-L{tvm_dir / 'lib'}", f"-L{ffi_dir / 'lib'}", "-ltvm_runtime", "-ltvm_ffi"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    samples = np.load(out / "samples.npz")
+    x = samples["input"]
+    x.astype(np.float32).tofile(tmp_path / "input.f32")
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{tvm_dir / 'lib'}:{ffi_dir / 'lib'}", "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
+    r = subprocess.run([qemu, "-L", "/usr/aarch64-linux-gnu", str(runner), str(out / manifest["models"]["unrolled"]),
+                        str(tmp_path / "input.f32"), ",".join(map(str, x.shape)), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["output", "0", ",".join(map(str, samples["logits"].shape)),
+                                "output", "1", ",".join(map(str, samples["spikes"].shape))]
+    logits = np.fromfile(tmp_path / "out.0.f32", dtype=np.float32).reshape(samples["logits"].shape)
+    spikes = np.fromfile(tmp_path / "out.1.f32", dtype=np.float32).reshape(samples["spikes"].shape)
+    assert 0.02 < spikes.mean() < 0.98, "a silent or saturated output makes the comparison empty"
+    assert int((spikes != samples["spikes"]).sum()) == 0
+    np.testing.assert_allclose(logits, samples["logits"], atol=1e-4)
+    # the runner's own bad input: one line, not a crash
+    r = subprocess.run([qemu, "-L", "/usr/aarch64-linux-gnu", str(runner), str(out / manifest["models"]["unrolled"]),
+                        str(tmp_path / "input.f32"), "1,2,3", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "does not match shape" in r.stderr
 
 
 def test_runner_refuses_a_report_folder_inside_the_bundle(bundle, capsys):
