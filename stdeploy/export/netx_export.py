@@ -10,12 +10,13 @@ What netx can hold
 ------------------
 A chain: synaptic layer -> LIF -> synaptic layer -> LIF ... with one decay per layer. Of our
 models that is the dense stem (``mlp-tiny``) and the convolutional stem up to its position
-embedding, with ``depth = 0`` also the head (``conv-tiny``). The position embedding's residual
+embedding, with ``depth = 0`` also the head (``conv-tiny``). Pruned layers keep their zeros; a
+low-rank (DSP) layer is multiplied out into one dense weight. The position embedding's residual
 ``x + conv(x)`` reads the same spikes on both paths, so it is one convolution with the identity
 added to its centre tap (exact). A max-pool of spikes is a logical OR: a depthwise 2x2 stride-2
 convolution of ones into a memoryless CUBA population with ``vThMant = 0``. Anything else
-(attention blocks: spike products, residual adds around multi-layer branches; low-rank layers;
-per-neuron leaks of sLIF) is refused with :class:`UnsupportedPrimitive` naming the first module.
+(attention blocks: spike products, residual adds around multi-layer branches; per-neuron leaks
+of sLIF) is refused with :class:`UnsupportedPrimitive` naming the first module.
 ``part="stem"`` exports the stem alone (the conv stages up to their last LIF or pool) as a
 sub-network of any model, attention or not.
 
@@ -64,6 +65,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
+from ..models.structure import LowRankLinear
 from ..neurons import LIF
 
 __all__ = ["NETX_FILE", "NetxLayer", "NetxNetwork", "to_netx", "write_netx", "read_netx", "host_currents",
@@ -180,10 +182,15 @@ def _conv(m: nn.Module, name: str) -> nn.Conv2d:
     return conv
 
 
-def _linear(m: nn.Module, name: str) -> nn.Linear:
-    if type(m) is not nn.Linear:
-        raise UnsupportedPrimitive(f"{name}: {type(m).__name__} is not a dense layer netx can hold (low-rank or unfolded)")
-    return m
+def _linear(m: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(weight (out, in), bias (out,))`` in float64; a low-rank ``U V`` (DSP) is multiplied out
+    (netx has no low-rank layer; the product is then rounded to 8 bits like any weight)."""
+    if type(m) is nn.Linear and m.bias is not None:
+        return m.weight.detach().double().numpy(), m.bias.detach().double().numpy()
+    if isinstance(m, LowRankLinear) and m.u.bias is not None:
+        w = m.u.weight.detach().double() @ m.v.weight.detach().double()
+        return w.numpy(), m.u.bias.detach().double().numpy()
+    raise UnsupportedPrimitive(f"{name}: {type(m).__name__} is not a folded dense layer netx can hold (fold BatchNorm first)")
 
 
 def _out_hw(h: int, w: int, conv: nn.Conv2d) -> tuple[int, int]:
@@ -213,16 +220,14 @@ def to_netx(model: nn.Module, part: str = "model") -> NetxNetwork:
         pops = lifs + ([model.head.lif] if part == "model" else [])
         names = [f"embed.lifs.{i}" for i in range(len(lifs))] + (["head.lif"] if part == "model" else [])
         fc_names = [f"embed.fcs.{i}" for i in range(len(fcs))]
-        first = _linear(fcs[0], fc_names[0])
-        w0, b0 = first.weight.detach().double().numpy(), first.bias.detach().double().numpy()
+        w0, b0 = _linear(fcs[0], fc_names[0])
         d, theta = _lif_params(pops[0], names[0])
         enc = _encoder_linear(w0, b0, d, theta)
         layers.append(NetxLayer(name="input", kind="input", shape=(w0.shape[0],), vth=enc.pop("vth"),
                                 v_decay=int(round(DECAY_UNITY * d))))
         modules["input"] = [fc_names[0], names[0]]
         for i in range(1, len(pops)):
-            fc = _linear(fcs[i], fc_names[i])
-            w, b = fc.weight.detach().double().numpy(), fc.bias.detach().double().numpy()
+            w, b = _linear(fcs[i], fc_names[i])
             layers.append(_synaptic(f"dense{i}", "dense", w, b, pops[i], names[i], (w.shape[0],)))
             modules[f"dense{i}"] = [fc_names[i], names[i]]
     else:

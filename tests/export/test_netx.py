@@ -211,3 +211,21 @@ def test_netx_refusals(tmp_path, capsys):
         to_netx(fold_batchnorm(slif.eval()))
     with pytest.raises(ConfigError, match="8 signed bits"):
         NetxLayer("d", "dense", (2,), vth=10, v_decay=0, weight=np.array([[128, 0], [0, 1]]))
+
+
+def test_low_rank_layer_is_multiplied_out():
+    """A DSP (low-rank U·V) dense layer becomes one netx dense weight: rint(d V (U V) / theta)."""
+    from stdeploy.models.structure import LowRankLinear
+
+    torch.manual_seed(0)
+    model = build_model("mlp-tiny").eval()
+    fc = model.embed.fcs[1].linear
+    model.embed.fcs[1].linear = LowRankLinear.from_dense(fc, rank=8)
+    folded = fold_batchnorm(model)
+    lr = folded.embed.fcs[1]
+    assert isinstance(lr, LowRankLinear)
+    dense = to_netx(folded).layers[1]
+    w = (lr.u.weight.detach().double() @ lr.v.weight.detach().double()).numpy()
+    d, theta = 0.5, folded.head.lif.threshold.double().numpy()
+    assert np.array_equal(dense.weight, np.rint(d * dense.vth / theta[:, None] * w).astype(np.int64))
+    assert np.abs(dense.weight).max() == 127  # the scale fills the 8 bits
