@@ -332,6 +332,8 @@ def cmd_export(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.data, args.data_root, seed=0) if args.data else None
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if args.netx_part != "model" and "netx" not in formats:
+        raise ConfigError(f"--netx-part {args.netx_part} applies to --format netx, which --format {args.format} does not include")
     manifest = export_model(ckpt.model, args.out, formats, data=data, samples=None if args.all_samples else args.samples,
                             sparse_initializers=args.sparse_initializers, spikformer=args.spikformer, source=str(ckpt.path),
                             overwrite=args.overwrite, netx_part=args.netx_part)
