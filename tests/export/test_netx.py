@@ -159,10 +159,10 @@ def test_netx_runs_in_lava_spike_exact(digits_subset, tmp_path, one_thread):
 
 def test_conv_model_chain_and_file_round_trip(tmp_path):
     """conv-tiny: encoder conv on the host, conv, OR-pool, position embedding with the identity in
-    its centre tap; the file reads back to the same integers; the reference matches PyTorch's
-    head spikes on an untrained model where the two agree on most spikes."""
+    its centre tap; the file reads back to the same integers; the integer reference agrees with
+    PyTorch's head spikes (untrained, threshold 0.2 so that every layer fires: measured 0.991)."""
     torch.manual_seed(0)
-    model = fold_batchnorm(build_model("conv-tiny").eval())
+    model = fold_batchnorm(build_model("conv-tiny", threshold=0.2).eval())
     net = to_netx(model)
     assert [l.kind for l in net.layers] == ["input", "conv", "conv", "conv"] and net.depth == 3
     pool = net.layers[2]
@@ -172,14 +172,17 @@ def test_conv_model_chain_and_file_round_trip(tmp_path):
     for a, b in zip(net.layers, back.layers):
         assert (a.kind, a.shape, a.vth, a.v_decay, a.stride, a.padding, a.groups) == (b.kind, b.shape, b.vth, b.v_decay, b.stride, b.padding, b.groups)
         assert (a.weight is None and b.weight is None) or np.array_equal(a.weight, b.weight)
-    x = direct_encode(torch.rand(4, 1, 8, 8), 4)
-    spikes = model_spikes(back, loihi_reference(back, host_currents(back, x))[-1])
+    x = direct_encode(torch.rand(8, 1, 8, 8), 4)
+    layers = loihi_reference(back, host_currents(back, x))
+    spikes = model_spikes(back, layers[-1])
     kept = []
     hook = model.head.lif.register_forward_hook(lambda m, i, out: kept.append(out))
     with torch.no_grad():
         model(x)
     hook.remove()
-    assert spikes.shape == kept[0].shape
+    assert all(0.02 < float(s.mean()) < 0.5 for s in layers), [float(s.mean()) for s in layers]  # fires, not saturated
+    assert float(kept[0].mean()) > 0.05
+    assert float((spikes == kept[0]).float().mean()) >= MIN_TORCH_AGREEMENT
 
 
 def test_netx_refusals(tmp_path, capsys):
