@@ -26,8 +26,12 @@ The host's two ends (not netx layers; stored in the same file under ``host/``, w
   cannot take as spikes. The host computes the integer current of the first population per step,
   ``a = clip(rint(W_e x + b_e), -2**15, 2**15 - 1)`` (``W_e``, ``b_e`` already scaled, float32;
   ``op`` ``linear`` on the frame flattened in (C, H, W) order, or ``conv2d`` with the stored
-  stride/padding) and feeds it to the ``Input`` block (``inp`` port, shape in netx's (W, H, C)
-  order: transpose the (C, H, W) current).
+  stride/padding) and feeds it to the ``Input`` block's neuron, ``net.layers[0].neuron.a_in``
+  (shape in netx's (W, H, C) order: transpose the (C, H, W) current; :func:`netx_input_data`).
+  Not ``net.inp``: lava-dl 0.6's ``Input`` block never connects its ``inp`` port to its neuron,
+  and a network fed through it does not compile (lava-dl is archived; no fix will come).
+  Graded spikes into the first ``dense`` block are no way round either: Lava 0.10's bit-accurate
+  ``Dense`` model receives its input as booleans and loses graded values.
 * ``host/readout`` (whole models only): ``logits = mean over steps and tokens of the last layer's
   spikes @ weight.T + bias`` (float32), the model's linear classifier.
 
@@ -453,8 +457,8 @@ def readout_logits(net: NetxNetwork, spikes: np.ndarray) -> np.ndarray:
 
 
 def netx_input_data(currents: np.ndarray, steps: int) -> np.ndarray:
-    """One sample's currents ``(T, *shape)`` as the data of a Lava ``io.source.RingBuffer`` for the
-    netx ``inp`` port: netx's (W, H, C) order, time last, zeros after ``T``: ``(*reversed shape, steps)``."""
+    """One sample's currents ``(T, *shape)`` as the data of a Lava ``io.source.RingBuffer`` feeding
+    ``net.layers[0].neuron.a_in``: netx's (W, H, C) order, time last, zeros after ``T``: ``(*reversed shape, steps)``."""
     t_in = currents.shape[0]
     data = np.zeros((*currents.shape[1:][::-1], steps), np.int64)
     data[..., :t_in] = np.moveaxis(currents.transpose(0, *range(currents.ndim - 1, 0, -1)), 0, -1)
