@@ -31,7 +31,8 @@ The host's two ends (not netx layers; stored in the same file under ``host/``, w
   Not ``net.inp``: lava-dl 0.6's ``Input`` block never connects its ``inp`` port to its neuron,
   and a network fed through it does not compile (lava-dl is archived; no fix will come).
   Graded spikes into the first ``dense`` block are no way round either: Lava 0.10's bit-accurate
-  ``Dense`` model receives its input as booleans and loses graded values.
+  ``Dense`` model declares a 1-bit input port, and graded payloads sent to it came out as wrong
+  sums when tried (Loihi2SimCfg, ``fixed_pt``).
 * ``host/readout`` (whole models only): ``logits = mean over steps and tokens of the last layer's
   spikes @ weight.T + bias`` (float32), the model's linear classifier.
 
