@@ -1,6 +1,18 @@
 """Our NIR -> Lava lowering against lava-dl's netx on the same MLP-only spiking network.
 
     .venv/bin/python benchmarks/lava_netx.py [--steps 200 1000] [--seed 0] [--timeout 300]
+    .venv/bin/python benchmarks/lava_netx.py --trained [--samples 100] [--repeats 3]
+
+``--trained`` (the second part of issue #18's item 6): mlp-tiny trained on digits (2 epochs,
+seed 0, or ``--mlp-checkpoint``) exported with ``--format nir,netx``; the same stream of
+``--samples`` test digits (direct encoding, the samples back to back at batch 1, no reset between
+them: ``samples x T`` steps) runs through (a) our lowering of ``model.nir`` on the ``loihi2``
+(float) and ``loihi2-fixed`` profiles and (b) lava-dl netx loading ``netx.h5`` (host encoder
+currents into the input block's neuron), and netx's spikes are checked against the numpy Loihi
+reference (``stdeploy.export.netx_export.loihi_reference``, exact expected). Then the whole
+sdt-tiny (trained the same way, or ``--sdt-checkpoint``) on our lowering at batch 1 (float; netx
+cannot hold attention). Reported: steps/s (median of ``--repeats`` runs of ``lava_steps_s``, the
+``RunSteps`` wall time), spike agreement of the head's spikes over the stream, firing rates.
 
 The network (no attention, so lava-dl can express it): 64 spike inputs -> Dense 128 -> LIF/CUBA
 -> Dense 10 -> LIF/CUBA, fixed random integer weights (seeded), batch 1, a Bernoulli spike input.
@@ -292,18 +304,191 @@ def agreement(a: np.ndarray, b: np.ndarray) -> str:
     return f"{same:.4f} of (step, neuron) entries equal, {int((a != b).sum())} differ; counts {a.sum(0).astype(int).tolist()} vs {b.sum(0).astype(int).tolist()}"
 
 
+# ----------------------------------------------------------------------------- trained models (--trained)
+def netx_stream_child(h5: str, data_path: str, out_path: str) -> int:
+    """Child process: netx from the file, host currents into the input block's neuron, run, read, stop."""
+    from lava.lib.dl.netx import hdf5
+    from lava.magma.core.run_conditions import RunSteps
+    from lava.magma.core.run_configs import Loihi2SimCfg
+    from lava.proc.io.sink import RingBuffer as Sink
+    from lava.proc.io.source import RingBuffer as Source
+
+    def terminate(signum, frame):
+        raise SystemExit(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    data = np.load(data_path)
+    steps = data.shape[-1]
+    t0 = time.perf_counter()
+    net = hdf5.Network(net_config=h5)
+    source = Source(data=data)
+    sink = Sink(shape=net.out.shape, buffer=steps)
+    source.s_out.connect(net.layers[0].neuron.a_in)  # lava-dl 0.6's Input block leaves its inp unconnected
+    net.out.connect(sink.a_in)
+    started = False
+    try:
+        net.create_runtime(run_cfg=Loihi2SimCfg(select_tag="fixed_pt"))
+        started = True
+        t1 = time.perf_counter()
+        net.run(condition=RunSteps(num_steps=steps))
+        t2 = time.perf_counter()
+        out = sink.data.get()
+        t3 = time.perf_counter()
+    finally:
+        if started:
+            net.stop()
+    np.savez(out_path, spikes=np.moveaxis(out, -1, 0), timing=np.array([t1 - t0, t2 - t1, t3 - t2, steps]), table=np.array(str(net)))
+    return 0
+
+
+def _child(args: list[str], timeout_s: float) -> None:
+    proc = subprocess.Popen([sys.executable, __file__, *args], start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1"))
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        rc = None
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=grace)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        proc.wait()
+    if rc is None:
+        raise TimeoutError(f"netx run exceeded {timeout_s} s; its process group was ended")
+    if rc != 0:
+        raise RuntimeError(f"netx child failed with exit status {rc}")
+
+
+def _trained(preset: str, checkpoint: str | None, data):
+    import torch
+
+    from stdeploy.checkpoint import load_checkpoint
+    from stdeploy.models import build_model
+    from stdeploy.train import TrainConfig, train
+
+    if checkpoint:
+        return load_checkpoint(checkpoint).model.eval(), f"checkpoint {checkpoint}"
+    torch.manual_seed(0)
+    model = build_model(preset)
+    train(model, data, TrainConfig(epochs=2, batch_size=16, lr=5e-3), None, progress=False)
+    return model.eval(), "trained here: digits, 2 epochs, batch 16, lr 5e-3, seed 0"
+
+
+def _ours_stream(export_dir: Path, profile: str, x: np.ndarray, timeout_s: float) -> dict:
+    """Our lowering of ``model.nir`` on ``profile`` at batch 1; median timings of REPEATS runs on one worker."""
+    from stdeploy.targets.base import get_target
+    from stdeploy.targets.profiles import load_profile
+
+    runnable = get_target("lava").compile(export_dir, load_profile(profile), timeout_s=timeout_s)
+    runs = []
+    try:
+        runnable.run(x[:2])  # starts the worker (imports lava once)
+        for _ in range(REPEATS):
+            res = runnable.run(x)
+            info = res.info
+            runs.append({"build_s": info["lava_seconds"] - info["lava_steps_s"], "run_s": info["lava_steps_s"],
+                         "sim_steps": info["steps"], "call_s": res.seconds, "spikes": res.spikes})
+    finally:
+        runnable.close()
+    return _median(runs)
+
+
+def trained_main(args) -> int:
+    import torch
+
+    from stdeploy.data import load_dataset
+    from stdeploy.export.directory import export_model
+    from stdeploy.export.netx_export import host_currents, loihi_reference, model_spikes, netx_input_data, read_netx
+
+    torch.set_num_threads(1)
+    data = load_dataset("digits", seed=0)
+    n = min(args.samples, len(data.test))
+    images = torch.stack([data.test[i][0] for i in range(n)])               # (n, C, H, W)
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="lava-netx-trained-") as tmp:
+        tmp = Path(tmp)
+        mlp, how = _trained("mlp-tiny", args.mlp_checkpoint, data)
+        manifest = export_model(mlp, tmp / "mlp", ("nir", "netx"), data=data, samples=64)
+        t = mlp.cfg.timesteps
+        x = images.unsqueeze(0).expand(t, *images.shape).transpose(0, 1).reshape(n * t, 1, *images.shape[1:])  # (n*T, 1, C, H, W)
+        xs = x.numpy().astype(np.float32)
+        net = read_netx(tmp / "mlp" / "netx.h5")
+        cur = host_currents(net, x)                                         # (n*T, 1, *shape)
+        steps = n * t + net.depth
+        np.save(tmp / "data.npy", netx_input_data(cur[:, 0], steps))
+        runs = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            _child(["--netx-stream-child", str(tmp / "mlp" / "netx.h5"), str(tmp / "data.npy"), str(tmp / "out.npz")], args.timeout)
+            z = np.load(tmp / "out.npz")
+            build_s, run_s, read_s, sim = z["timing"]
+            runs.append({"build_s": float(build_s), "run_s": float(run_s), "read_s": float(read_s), "sim_steps": int(sim),
+                         "call_s": time.perf_counter() - t0, "spikes": z["spikes"].astype(np.float32)})
+        table = str(z["table"])
+        res = {"lava-dl netx (fixed_pt)": _median(runs)}
+        ref = loihi_reference(net, cur, steps=steps)
+        netx_raw = res["lava-dl netx (fixed_pt)"]["spikes"]
+        netx_spk = model_spikes(net, netx_raw[:, None].astype(np.uint8)).numpy()        # (n*T, 1, N, D)
+        for name, profile in (("ours float (loihi2)", "loihi2"), ("ours fixed (loihi2-fixed)", "loihi2-fixed")):
+            res[name] = _ours_stream(tmp / "mlp", profile, xs, args.timeout)
+        notes.append(f"mlp-tiny ({how}); export validation (64 test digits): {json.dumps({k: manifest['validation']['netx'][k] for k in ('spike_agreement', 'accuracy', 'firing_rates')})}; "
+                     f"reference accuracy {manifest['validation']['reference_accuracy']}")
+        notes.append(f"stream: {n} test digits x T={t} = {n * t} steps at batch 1 (+{net.depth} pipeline step(s) for netx); "
+                     f"input: analog pixels, mean {float(images.mean()):.3f}; netx layers' firing rates over the stream "
+                     f"{ {l.name: round(float(r[k:k + n * t].mean()), 4) for k, (l, r) in enumerate(zip(net.layers, ref))} }")
+        notes.append(f"netx (Lava) vs numpy Loihi integer reference, last layer over the stream: "
+                     f"{agreement_short(netx_raw, ref[-1][:, 0].astype(np.float32))}")
+        for name in ("ours float (loihi2)", "ours fixed (loihi2-fixed)"):
+            notes.append(f"head spikes, {name} vs netx: {agreement_short(res[name]['spikes'].reshape(n * t, -1), netx_spk.reshape(n * t, -1))}")
+        for name, r in res.items():
+            rows.append(("mlp-tiny", name, r["sim_steps"], r["build_s"], r["run_s"], r["sim_steps"] / r["run_s"], int(r["spikes"].sum()), r["call_s"]))
+
+        sdt, how = _trained("sdt-tiny", args.sdt_checkpoint, data)
+        manifest = export_model(sdt, tmp / "sdt", ("nir",), data=data, samples=64)
+        r = _ours_stream(tmp / "sdt", "loihi2", xs, args.timeout)
+        rows.append(("sdt-tiny", "ours float (loihi2)", r["sim_steps"], r["build_s"], r["run_s"], r["sim_steps"] / r["run_s"], int(r["spikes"].sum()), r["call_s"]))
+        act = manifest["validation"]["activity"]
+        notes.append(f"sdt-tiny ({how}), reference accuracy {manifest['validation']['reference_accuracy']}; firing rates on 64 test digits "
+                     f"{ {k: round(v, 4) for k, v in act['firing_rates'].items()} }; head spike rate over the stream {float(r['spikes'].mean()):.4f}")
+
+    print("netx network (mlp-tiny):\n" + table)
+    print("\n| model | path | Lava steps | build s | run s | steps/s | output spikes | whole call s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for model, name, st, b, rr, sps, nsp, c in rows:
+        print(f"| {model} | {name} | {st} | {b:.2f} | {rr:.3f} | {sps:.0f} | {nsp} | {c:.2f} |")
+    print()
+    for line in notes:
+        print("- " + line)
+    return 0
+
+
+def agreement_short(a: np.ndarray, b: np.ndarray) -> str:
+    return f"{float((a == b).mean()):.4f} of (step, neuron) entries equal, {int((a != b).sum())} differ; spikes {int(a.sum())} vs {int(b.sum())}"
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--netx-child"]:
         return netx_child(*argv[1:4])
+    if argv[:1] == ["--netx-stream-child"]:
+        return netx_stream_child(*argv[1:4])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[200, 1000])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per Lava run")
     ap.add_argument("--repeats", type=int, default=3, help="runs per path and S; timings are their median")
     ap.add_argument("--no-fixed", action="store_true", help="skip our fixed-point lowering")
+    ap.add_argument("--trained", action="store_true", help="trained mlp-tiny (netx export) vs our lowering, and sdt-tiny at batch 1")
+    ap.add_argument("--samples", type=int, default=100, help="--trained: test digits in the batch-1 stream")
+    ap.add_argument("--mlp-checkpoint", default=None, help="--trained: use this mlp-tiny checkpoint instead of training")
+    ap.add_argument("--sdt-checkpoint", default=None, help="--trained: use this sdt-tiny checkpoint instead of training")
     args = ap.parse_args(argv)
     global REPEATS
     REPEATS = max(1, args.repeats)
+    if args.trained:
+        return trained_main(args)
 
     import torch
 

@@ -332,9 +332,11 @@ def cmd_export(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.data, args.data_root, seed=0) if args.data else None
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if args.netx_part != "model" and "netx" not in formats:
+        raise ConfigError(f"--netx-part {args.netx_part} applies to --format netx, which --format {args.format} does not include")
     manifest = export_model(ckpt.model, args.out, formats, data=data, samples=None if args.all_samples else args.samples,
                             sparse_initializers=args.sparse_initializers, spikformer=args.spikformer, source=str(ckpt.path),
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, netx_part=args.netx_part)
     summary = {"out": args.out, "artifacts": {k: {kk: v.get(kk) for kk in ("file", "bytes", "dense_file_bytes") if kk in v}
                                               for k, v in manifest["artifacts"].items()},
                "validation": manifest["validation"], "batchnorm_folding": manifest["batchnorm_folding"]}
@@ -350,6 +352,10 @@ def cmd_export(args: argparse.Namespace) -> dict:
         if "streaming_vs_unrolled" in v:
             s_ = v["streaming_vs_unrolled"]
             print(f"  streaming vs unrolled ONNX: {s_['spike_mismatches']} spike mismatches, logits within {s_['logits_max_abs_error']:.2e}")
+        if "netx" in v:
+            n_, art = v["netx"], manifest["artifacts"]["netx"]
+            print(f"  netx       {art['file']:<16} {art['bytes']:>10} B  Loihi integer arithmetic (numpy) vs {n_['against']}: "
+                  f"{n_['spike_agreement']:.4f} of spikes agree" + (f", accuracy {n_['accuracy']}" if "accuracy" in n_ else ""))
         f = manifest["batchnorm_folding"]
         print(f"  BatchNorm folding vs original: {f['spike_mismatches']} output spike flips" + (f"; {_first_flip(f)}" if f["flips"] else ""))
     return summary
@@ -365,7 +371,9 @@ def _first_flip(result: dict) -> str:
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to NIR and ONNX (validated against PyTorch)")
     p.add_argument("checkpoint")
-    p.add_argument("--format", default="nir,onnx", help="comma-separated: nir, onnx")
+    p.add_argument("--format", default="nir,onnx", help="comma-separated: nir, onnx, netx (lava-dl netx HDF5; attention-free models)")
+    p.add_argument("--netx-part", choices=["model", "stem"], default="model",
+                   help="netx: the whole model (depth 0) or the stem alone as a sub-network")
     p.add_argument("--out", default="runs/export")
     p.add_argument("--sparse-initializers", action="store_true", help="write pruned ONNX weights as sparse initializers")
     p.add_argument("--spikformer", choices=["refuse", "exact"], default="refuse",

@@ -38,6 +38,7 @@ from .validate import Comparison, compare, record_neurons, require_agreement
 
 FORMAT = "stdeploy-export/1"
 FORMATS = ("nir", "onnx")
+OPTIONAL_FORMATS = ("netx",)  # asked for by name only: lava-dl netx holds attention-free chains (stdeploy.export.netx_export)
 VALIDATION_SAMPLES = 64
 # the rule each artifact is validated by: the tolerance of the runtime that runs it in validation
 ARTIFACT_TOLERANCE: dict[str, Tolerance] = {"nir": NIR_INTERPRETER, "nir.portable": NIR_INTERPRETER, "onnx": ONNXRUNTIME,
@@ -72,12 +73,12 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None
 
 def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, ...] | list[str] = FORMATS, *,
                  data=None, samples: int | None = VALIDATION_SAMPLES, sparse_initializers: bool = False,
-                 spikformer: str = "refuse", source: str | None = None, overwrite: bool = False) -> dict:
+                 spikformer: str = "refuse", source: str | None = None, overwrite: bool = False, netx_part: str = "model") -> dict:
     """Export ``model`` (a finalized, unfolded model) to the directory ``out`` and return the manifest.
     An existing non-empty ``out`` is replaced only with ``overwrite`` (atomically: swapped, then deleted)."""
-    unknown = sorted(set(formats) - set(FORMATS))
+    unknown = sorted(set(formats) - set(FORMATS + OPTIONAL_FORMATS))
     if unknown or not formats:
-        raise ConfigError(f"unknown export format(s) {unknown or formats}; known: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format(s) {unknown or formats}; known: {', '.join(FORMATS + OPTIONAL_FORMATS)}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export path {out} exists and is not a directory")
@@ -127,6 +128,8 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
             comparisons += _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer)
         if "onnx" in formats:
             comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
+        if "netx" in formats:
+            _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, netx_part)
         save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source,
                                                         **({"quantize": "exact"} if exact else {})})
         manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference",
@@ -237,6 +240,56 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
                 "nirtorch 2.6 with stdeploy.interop.nirtorch_map.node_map(graph)")
     manifest["validation"]["results"]["nir.portable"] = {**result.to_dict(), "accuracy": _accuracy(logits, labels)}
     return [result]
+
+
+def _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, part) -> None:
+    """``netx.h5`` (:mod:`.netx_export`): the spiking chain in lava-dl's netx format, 8-bit integer
+    weights. Validated with the numpy model of Loihi's integer arithmetic (the file read back)
+    against PyTorch: the spike agreement and accuracy are recorded under ``validation.netx``, not
+    held to the float tolerance (quantised). Refused before anything is written where netx cannot
+    hold the model."""
+    from .netx_export import NETX_FILE, host_currents, loihi_reference, model_spikes, read_netx, readout_logits, to_netx, write_netx
+
+    net = to_netx(folded, part)  # UnsupportedPrimitive names the first module netx cannot hold
+    path = write_netx(net, tmp / NETX_FILE)
+    stored = read_netx(path)  # from the file, as netx reads it
+    layers = loihi_reference(stored, host_currents(stored, x))
+    t_in = x.shape[0]  # layer k emits the model's steps at Lava steps k .. k + T - 1
+    rates = {layer.name: float(s[k:k + t_in].mean()) for k, (layer, s) in enumerate(zip(stored.layers, layers))}
+    if stored.readout is not None:
+        spikes = model_spikes(stored, layers[-1])
+        logits = torch.from_numpy(readout_logits(stored, layers[-1][stored.depth:]))
+        result = compare("netx", ref_logits, ref_spikes, logits, spikes)
+        checked = {"against": "PyTorch head.lif spikes and logits", "spike_mismatches": result.spike_mismatches,
+                   "spikes_total": result.spikes_total, "spike_agreement": 1 - result.spike_mismatches / max(1, result.spikes_total),
+                   "predictions_agree": result.predictions_agree, "accuracy": _accuracy(logits, labels)}
+    else:  # a stem sub-network: against the stem's last stage (spikes, pooled where it pools)
+        kept = []
+        last = folded.embed.stages[-1] if folded.cfg.stem == "conv" else folded.embed.lifs[-1]
+        hook = last.register_forward_hook(lambda m, i, out: kept.append(out))
+        try:
+            with torch.no_grad():
+                for sl in _batches(x.shape[1]):
+                    folded(x[:, sl])
+        finally:
+            hook.remove()
+        ref = torch.cat(kept, dim=1)
+        ours = torch.from_numpy(layers[-1][stored.depth:].astype(np.float32)).reshape(ref.shape)
+        mism = int((ours != ref).sum())
+        checked = {"against": "PyTorch spikes of the stem's last layer", "spike_mismatches": mism, "spikes_total": ref.numel(),
+                   "spike_agreement": 1 - mism / max(1, ref.numel())}
+    manifest["validation"]["netx"] = {**checked, "arithmetic": "numpy model of Loihi's CUBA integer equations (netx_export.loihi_reference)",
+                                      "firing_rates": rates, "firing_rates_over": "each layer's T model steps",
+                                      "reference_output_rate": float(ref_spikes.mean()) if stored.readout is not None else None}
+    manifest["artifacts"]["netx"] = _artifact(
+        path, part=stored.part, depth=stored.depth,
+        layers=[{"name": l.name, "type": l.kind, "shape": list(l.shape), "vThMant": l.vth, "vDecay": l.v_decay,
+                 "modules": net.modules.get(l.name, [])} for l in stored.layers],
+        load="lava.lib.dl.netx.hdf5.Network(net_config=path); Loihi2SimCfg(select_tag='fixed_pt')",
+        input="host/encoder: integer currents (T, *layer/0 shape) into net.layers[0].neuron.a_in (netx (W, H, C) order); "
+              "lava-dl 0.6's Input block leaves its inp port unconnected",
+        output=f"net.out: the last layer's spikes, the model's step t at Lava step t + {stored.depth}",
+        readout="host/readout: logits = mean over steps and tokens of the spikes @ weight.T + bias" if stored.readout is not None else None)
 
 
 def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse) -> list[Comparison]:
