@@ -3,7 +3,11 @@ with the reference -> time. ``stdeploy run``, ``bench`` and ``profile``, the dem
 benchmarks all go through it.
 
 The layer above targets and the profiler: it reads the artifacts through a target and the
-reference checkpoint through PyTorch, each once per export directory (:func:`load_reference`).
+reference once per export directory (:func:`load_reference`): the folded PyTorch checkpoint of our
+own exports (:class:`Reference`), or, for a directory written by ``stdeploy import`` (no
+checkpoint), the converted NIR graph run by our interpreter (:class:`GraphReference`). Both answer
+the same questions (time steps, input shape, outputs and firing rates on an input), so run, bench
+and profile have one path for both.
 Results are judged by the target's declared tolerance (:class:`stdeploy.tolerance.Tolerance`), the
 rule export validation applies too. Times are seconds of :mod:`stdeploy.timing`; a run's
 ``run_seconds`` sums the runtime's own calls (compilation, including lazy builds per batch size,
@@ -23,6 +27,7 @@ from .activity import SILENT_BELOW, rates_from_records
 from .checkpoint import load_checkpoint
 from .console import native_notes, show_progress
 from .errors import ConfigError
+from .export.nir_interpreter import load_graph, run_nir
 from .export.validate import Comparison, compare, record_neurons
 from .models import direct_encode
 from .models.config import ModelConfig
@@ -33,11 +38,21 @@ from .targets.base import Target, TargetError, get_target, read_manifest, target
 from .targets.profiles import DeviceProfile, load_profile
 from .timing import Timer
 
-__all__ = ["Compiled", "Reference", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
+__all__ = ["Compiled", "Reference", "GraphReference", "Evaluation", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
            "model_config", "profile_exports", "resolve_target", "run_export", "eval_images"]
 
 
 # ----------------------------------------------------------------------------- reference
+@dataclass(frozen=True)
+class Evaluation:
+    """The reference's outputs on one input ``(T, B, ...)``."""
+
+    logits: torch.Tensor                  # (B, classes)
+    spikes: torch.Tensor | None           # output spikes, (T, B, ...)
+    records: dict | None                  # per-LIF records that localise flips (record_neurons), or None
+    firing_rates: dict[str, float]        # per spiking layer, on this input
+
+
 @dataclass(frozen=True)
 class Reference:
     """The folded PyTorch model an export directory was validated against, loaded once."""
@@ -45,15 +60,107 @@ class Reference:
     export_dir: Path
     manifest: dict
     model: torch.nn.Module     # folded, in eval mode
+    name = "pytorch"           # how rows and reports name it
 
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
 
+    @property
+    def timesteps(self) -> int:
+        return self.cfg.timesteps
 
-def load_reference(export_dir: str | Path) -> Reference:
-    _, manifest = read_manifest(export_dir, "reference")
-    model = fold_batchnorm(load_checkpoint(Path(export_dir) / manifest["artifacts"]["reference"]["file"]).model).eval()
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.cfg.input_shape)
+
+    @property
+    def image_size(self) -> int | None:
+        return self.cfg.image_size
+
+    def fit_images(self, x_all: torch.Tensor, data_name: str = "the data") -> torch.Tensor:
+        """``x_all`` (B, C, H, W) when it matches the model's input, else :class:`ConfigError`."""
+        if tuple(x_all.shape[-3:]) != self.input_shape:
+            raise ConfigError(f"data {data_name} has inputs {tuple(x_all.shape[-3:])}, the exported model expects {self.input_shape}")
+        return x_all
+
+    def evaluate(self, x: torch.Tensor) -> Evaluation:
+        with torch.no_grad():
+            logits, records = record_neurons(self.model, x)
+        return Evaluation(logits, records["head.lif"]["spikes"], records, rates_from_records(records))
+
+    def target_spikes(self, spikes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A target's output spikes in the layout of the reference's ``like`` (ours: the same)."""
+        return spikes
+
+
+class _GraphLogits(torch.nn.Module):
+    """The converted NIR graph as a module for timing: ``(T, B, C, H, W) -> logits (B, F)``."""
+
+    def __init__(self, graph):
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_nir(self.graph, x)["logits"].flatten(2).mean(0)
+
+
+@dataclass(frozen=True)
+class GraphReference:
+    """The reference of a directory written by ``stdeploy import``: its ``model.nir`` (our dialect,
+    checked against the foreign graph at import) run by :func:`stdeploy.export.nir_interpreter.run_nir`.
+    Data whose samples hold as many values as the graph's Input are reshaped to it (digits' 8x8
+    images for a ``(64,)`` Input); other data are refused naming both shapes."""
+
+    export_dir: Path
+    manifest: dict
+    graph: object              # nir.NIRGraph
+    name = "nir-interpreter"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return _GraphLogits(self.graph)
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.manifest["timesteps"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.manifest["input"]["shape"][2:])
+
+    @property
+    def image_size(self) -> int | None:
+        c, h, w = self.input_shape
+        return h if h == w and h > 1 else None
+
+    def fit_images(self, x_all: torch.Tensor, data_name: str = "the data") -> torch.Tensor:
+        shape = tuple(x_all.shape[1:])
+        if shape == self.input_shape:
+            return x_all
+        graph_shape = self.manifest["input"].get("graph_shape", list(self.input_shape))
+        if x_all.dim() != 4 or int(np.prod(shape)) != int(np.prod(self.input_shape)):
+            raise ConfigError(f"--data {data_name}: samples of shape {list(shape)} ({int(np.prod(shape))} values) do not fit the "
+                              f"imported graph's Input {graph_shape} ({int(np.prod(self.input_shape))} values)")
+        return x_all.reshape(len(x_all), *self.input_shape)
+
+    def evaluate(self, x: torch.Tensor) -> Evaluation:
+        values = run_nir(self.graph, x, record=True)
+        spiking = [n for n, node in self.graph.nodes.items() if type(node).__name__ in ("LIF", "Threshold")]
+        return Evaluation(values["logits"].flatten(2).mean(0), values.get("spikes"), None,
+                          {n: float(values[n].mean()) for n in spiking})
+
+    def target_spikes(self, spikes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A target's output spikes (onnxruntime, TVM: ``(T, B, 1, F)``; Lava: ``(T, B, F)``) in the
+        interpreter's layout, that of ``like`` (a size mismatch is left for the comparison to refuse)."""
+        return spikes.reshape(like.shape) if spikes.numel() == like.numel() else spikes
+
+
+def load_reference(export_dir: str | Path) -> Reference | GraphReference:
+    path, manifest = read_manifest(export_dir, "reference")
+    if manifest["artifacts"]["reference"].get("kind") == "nir graph":  # written by `stdeploy import`
+        return GraphReference(Path(export_dir), manifest, load_graph(path))
+    model = fold_batchnorm(load_checkpoint(path).model).eval()
     return Reference(Path(export_dir), manifest, model)
 
 
@@ -131,18 +238,15 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
     (``within_tolerance``, ``tolerance_problems``)."""
     tgt, profile = resolve_target(target, device)
     reference = reference or load_reference(export_dir)
-    cfg = reference.cfg
     x_all, y_all = eval_images(data, limit)
-    if tuple(x_all.shape[-3:]) != cfg.input_shape:
-        raise ConfigError(f"data {data.name} has inputs {tuple(x_all.shape[-3:])}, the exported model expects "
-                          f"{cfg.input_shape}")
+    x_all = reference.fit_images(x_all, data.name)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch = min(batch_size, len(x_all))
     batches = {batch} | ({len(x_all) % batch} if len(x_all) % batch else set())
     compiled = compile_export(export_dir, tgt, profile, _target_options(target, profile, batch, options), tuple(batches))
     runnable = compiled.runnable
-    base = {"target": target, "device": profile.name, "export_dir": str(export_dir)}
+    base = {"target": target, "device": profile.name, "export_dir": str(export_dir), "reference": reference.name}
     if not compiled.can_run:  # e.g. a CUDA module built on a machine without a GPU
         return {**base, "ran": False, "reason": f"built for {profile.name}; running it needs that device",
                 "compile_seconds": compiled.seconds, "info": runnable.info}
@@ -155,17 +259,17 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
 
         starts = tqdm(starts, desc=f"{target} on {profile.name}", unit="batch")
     for i in starts:  # every batch size was built in compile_export: nothing compiles (or warns) here
-        x = direct_encode(x_all[i:i + batch], cfg.timesteps)
+        x = direct_encode(x_all[i:i + batch], reference.timesteps)
         res = runnable.run(x.numpy())
         run_s += res.seconds
-        with torch.no_grad():
-            ref_logits, records = record_neurons(reference.model, x)
-        for name, rate in rates_from_records(records).items():  # weighted by the batch's samples
+        ev = reference.evaluate(x)
+        ref_logits = ev.logits
+        for name, rate in ev.firing_rates.items():  # weighted by the batch's samples
             rate_sums[name] = rate_sums.get(name, 0.0) + rate * x.shape[1]
         logits = torch.as_tensor(np.asarray(res.logits))
-        if res.spikes is not None:
-            comparisons.append(compare(target, ref_logits, records["head.lif"]["spikes"], logits,
-                                       torch.as_tensor(np.asarray(res.spikes)), records))
+        if res.spikes is not None and ev.spikes is not None:
+            comparisons.append(compare(target, ref_logits, ev.spikes, logits,
+                                       reference.target_spikes(torch.as_tensor(np.asarray(res.spikes)), ev.spikes), ev.records))
         logits_all.append(logits)
         ref_logits_all.append(ref_logits)
     logits, ref_logits = torch.cat(logits_all), torch.cat(ref_logits_all)
@@ -297,8 +401,8 @@ def bench_export(export_dir: str | Path, targets: list[str], images: torch.Tenso
         if not ok:
             raise ConfigError(f"--gpu-energy: cannot measure GPU power here ({why})")
     reference = load_reference(export_dir)
-    x = direct_encode(images, reference.cfg.timesteps)
-    results = {"pytorch": pytorch_latency(reference, x, warmup=warmup, repeats=repeats, device=pytorch_device,
+    x = direct_encode(reference.fit_images(images), reference.timesteps)
+    results = {reference.name: pytorch_latency(reference, x, warmup=warmup, repeats=repeats, device=pytorch_device,
                                           gpu_energy=gpu_energy)}
     for name in targets:
         results[name] = latency(export_dir, name, x, device=device, warmup=warmup, repeats=repeats,
