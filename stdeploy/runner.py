@@ -27,18 +27,19 @@ from .activity import SILENT_BELOW, rates_from_records
 from .checkpoint import load_checkpoint
 from .console import native_notes, show_progress
 from .errors import ConfigError
-from .export.nir_interpreter import load_graph, run_nir
+from .export.nir_interpreter import EVALUATORS, EvalContext, int_tuple, load_graph, run_nir, topological_order
 from .export.validate import Comparison, compare, record_neurons
 from .models import direct_encode
 from .models.config import ModelConfig
 from .models.fold import fold_batchnorm
+from .neurons import LIF
 from .profile.latency import measure, module_times
 from .profile.report import assemble_report, variant_row
 from .targets.base import Target, TargetError, get_target, read_manifest, target_names, target_tolerance
 from .targets.profiles import DeviceProfile, load_profile
 from .timing import Timer
 
-__all__ = ["Compiled", "Reference", "GraphReference", "Evaluation", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
+__all__ = ["Compiled", "Reference", "GraphReference", "GraphModel", "GraphConfig", "Evaluation", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
            "model_config", "profile_exports", "resolve_target", "run_export", "eval_images"]
 
 
@@ -94,15 +95,136 @@ class Reference:
         return spikes
 
 
-class _GraphLogits(torch.nn.Module):
-    """The converted NIR graph as a module for timing: ``(T, B, C, H, W) -> logits (B, F)``."""
+@dataclass(frozen=True)
+class GraphConfig:
+    """What the run path reads of a model's config, for an imported graph."""
 
-    def __init__(self, graph):
+    timesteps: int
+    input_shape: tuple[int, ...]
+
+
+class _Node(torch.nn.Module):
+    """One NIR node evaluated by the interpreter's own evaluator."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x, ctx)
+
+
+class _LinearNode(torch.nn.Linear):
+    """A 2-D ``Affine``/``Linear`` node: an ``nn.Linear`` holding its weights (what the profiler
+    counts), evaluated by the interpreter's evaluator."""
+
+    def __init__(self, node):
+        w = np.asarray(node.weight, np.float32)
+        bias = getattr(node, "bias", None)
+        super().__init__(w.shape[1], w.shape[0], bias=bias is not None)
+        self.node = node
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(w))
+            if bias is not None:
+                self.bias.copy_(torch.as_tensor(np.asarray(bias, np.float32)))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x, ctx)
+
+
+class _Conv2dNode(torch.nn.Conv2d):
+    def __init__(self, node):
+        w = np.asarray(node.weight, np.float32)
+        pad = int_tuple(node.padding, 2)
+        super().__init__(w.shape[1] * int(node.groups), w.shape[0], w.shape[2:], int_tuple(node.stride, 2), pad,
+                         int_tuple(node.dilation, 2), int(node.groups), bias=True)
+        self.node = node
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(w))
+            self.bias.copy_(torch.as_tensor(np.broadcast_to(np.asarray(node.bias, np.float32), (w.shape[0],)).copy()))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x, ctx)
+
+
+class _LIFNode(LIF):
+    """A NIR ``LIF`` whose parameters vary per channel only: our :class:`stdeploy.neurons.LIF`
+    holding ``d = dt/tau`` and the threshold (what the profiler counts), evaluated by the
+    interpreter's evaluator on ``(T, B, *shape)``."""
+
+    def __init__(self, node, d: np.ndarray, thr: np.ndarray, channel_dim: int):
+        super().__init__(len(d), 2.0, 1.0, channel_dim)
+        self.node = node
+        with torch.no_grad():
+            self.decay_.copy_(torch.as_tensor(d))
+            self.threshold_.copy_(torch.as_tensor(thr))
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x.flatten(0, 1), ctx).reshape(x.shape)
+
+
+def _lif_node(node, shape: tuple[int, ...], dt: float) -> torch.nn.Module:
+    d = np.broadcast_to((dt / np.asarray(node.tau, np.float64)).astype(np.float32), shape)
+    thr = np.broadcast_to(np.asarray(node.v_threshold, np.float32), shape)
+    per_channel = all(np.all(a == a.reshape(shape[0], -1)[:, :1].reshape(shape[0], *[1] * (len(shape) - 1))) for a in (d, thr))
+    if not per_channel or not np.all(thr > 0):
+        return _Node(node)  # run as is; the profiler does not count it as a LIF
+    return _LIFNode(node, d.reshape(shape[0], -1)[:, 0].copy(), thr.reshape(shape[0], -1)[:, 0].copy(), -1 if len(shape) == 1 else 1)
+
+
+class GraphModel(torch.nn.Module):
+    """An imported directory's ``model.nir`` as a module, ``(T, B, C, H, W) -> logits (B, F)``:
+    the interpreter's schedule and evaluators (the same values as :func:`run_nir`), with every
+    2-D ``Affine``/``Linear`` an ``nn.Linear``, every ``Conv2d`` an ``nn.Conv2d`` and every LIF with
+    per-channel parameters our ``LIF``, so that timing and the profiler's counts see layers.
+    Submodules are named after their nodes (dots replaced by ``_``)."""
+
+    def __init__(self, graph, timesteps: int):
         super().__init__()
         self.graph = graph
+        self.dt = float(np.asarray(graph.metadata.get("dt", 1.0))) if isinstance(graph.metadata, dict) else 1.0
+        self.order = topological_order(graph)
+        self.into = {n: [a for a, b in graph.edges if b == n] for n in graph.nodes}
+        self.input = next(n for n, v in graph.nodes.items() if type(v).__name__ == "Input")
+        shape = tuple(int(d) for d in np.atleast_1d(graph.nodes[self.input].input_type["input"]))
+        self.cfg = GraphConfig(int(timesteps), shape)
+        with torch.no_grad():
+            shapes = {n: tuple(v.shape[2:]) for n, v in run_nir(graph, torch.zeros(1, 1, *shape), record=True).items()}
+        self.keys = {}
+        for name, node in graph.nodes.items():
+            kind = type(node).__name__
+            if kind in ("Input", "Output"):
+                continue
+            if kind in ("Affine", "Linear") and np.asarray(node.weight).ndim == 2:
+                mod = _LinearNode(node)
+            elif kind == "Conv2d":
+                mod = _Conv2dNode(node)
+            elif kind == "LIF":
+                mod = _lif_node(node, shapes[name], self.dt)
+            else:
+                mod = _Node(node)
+            self.keys[name] = name.replace(".", "_")
+            self.add_module(self.keys[name], mod)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_nir(self.graph, x)["logits"].flatten(2).mean(0)
+        T, B = int(x.shape[0]), int(x.shape[1])
+        ctx = EvalContext(T, B, self.dt, x.device)
+        values = {self.input: x.to(torch.float32).flatten(0, 1)}
+        for name in self.order:
+            if name == self.input:
+                continue
+            srcs = self.into[name]
+            acc = values[srcs[0]]
+            for src in srcs[1:]:  # sum in edge order, as the interpreter
+                acc = acc + values[src]
+            if name not in self.keys:  # an Output
+                values[name] = acc
+                continue
+            mod = getattr(self, self.keys[name])
+            values[name] = mod(acc.reshape(T, B, *acc.shape[1:]), ctx).flatten(0, 1) if isinstance(mod, LIF) else mod(acc, ctx)
+        return values["logits"].reshape(T, B, -1).mean(0)
 
 
 @dataclass(frozen=True)
@@ -115,11 +237,12 @@ class GraphReference:
     export_dir: Path
     manifest: dict
     graph: object              # nir.NIRGraph
+    model: GraphModel          # the same graph as a module (timing, the profiler's counts)
     name = "nir-interpreter"
 
     @property
-    def model(self) -> torch.nn.Module:
-        return _GraphLogits(self.graph)
+    def cfg(self) -> GraphConfig:
+        return self.model.cfg
 
     @property
     def timesteps(self) -> int:
@@ -159,7 +282,8 @@ class GraphReference:
 def load_reference(export_dir: str | Path) -> Reference | GraphReference:
     path, manifest = read_manifest(export_dir, "reference")
     if manifest["artifacts"]["reference"].get("kind") == "nir graph":  # written by `stdeploy import`
-        return GraphReference(Path(export_dir), manifest, load_graph(path))
+        graph = load_graph(path)
+        return GraphReference(Path(export_dir), manifest, graph, GraphModel(graph, int(manifest["timesteps"])))
     model = fold_batchnorm(load_checkpoint(path).model).eval()
     return Reference(Path(export_dir), manifest, model)
 
@@ -416,13 +540,14 @@ def profile_exports(exports: list[str | Path], data, targets: list[str], energy_
     """The profile report (:mod:`stdeploy.profile.report`) of ``exports``: counts and energy on the
     test split of ``data`` (the first ``samples``), latency of one batch per target. ``direct_input``:
     a real input repeated over T is charged ``"once"`` per sample (default) or ``"per_step"``."""
-    x_all, y_all = eval_images(data, samples)
+    images, y_all = eval_images(data, samples)
     profiles = {name: load_profile(name) for name in energy_profiles}
     variants = []
     for export in exports:
         reference = load_reference(export)
-        xb = direct_encode(x_all[:batch], reference.cfg.timesteps)
-        lat = {"pytorch": pytorch_latency(reference, xb, warmup=warmup, repeats=repeats, layers=False)}
+        x_all = reference.fit_images(images, data.name)
+        xb = direct_encode(x_all[:batch], reference.timesteps)
+        lat = {reference.name: pytorch_latency(reference, xb, warmup=warmup, repeats=repeats, layers=False)}
         for name in targets:
             row = latency(export, name, xb, warmup=warmup, repeats=repeats)
             if "skipped" in row and "info" in row:  # built for a device this machine lacks: no row
