@@ -111,6 +111,12 @@ def test_norse_graph_imports_with_its_time_step(tmp_path):
         graph = nt.to_nir(net, torch.zeros(64))
     path = tmp_path / "norse.nir"
     nir.write(path, graph)
+    # Norse 1.1's own reader takes dt only as an argument (default 1e-3) and never reads graph.metadata["dt"]: the limit
+    # behind "Norse needs its dt flag" (the README says it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = nt.from_nir(nir.NIRGraph(nodes=graph.nodes, edges=graph.edges, metadata={"dt": 1e-6}, type_check=False))
+    assert {m.dt for m in back.modules() if isinstance(m, nt.LIFBoxCell)} == {1e-3}
     with pytest.raises(UnsupportedPrimitive, match=r"dt/tau = 100 is outside \(0, 1\]"):
         import_nir(path, tmp_path / "bad", dt=1e-3)  # Norse writes tau = dt/tau_mem_inv = 1e-5
     assert not (tmp_path / "bad").exists()
@@ -277,3 +283,20 @@ def test_cli_refuses_bad_imported_directory_and_shape(imported_dir, tmp_path, ca
     assert main(["run", str(tmp_path / "g50"), "--target", "onnxruntime", "--limit", "4"]) == 2  # digits have 64 values
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data digits" in err[0] and "[50]" in err[0] and "Traceback" not in err[0]
+
+
+def test_cli_profile_imported(imported_dir, tmp_path, capsys):
+    """`stdeploy profile` counts the imported graph's layers (GraphModel: the interpreter's values, layers the profiler sees)."""
+    from stdeploy.models import direct_encode
+    from stdeploy.runner import load_reference
+
+    ref = load_reference(imported_dir)
+    x = direct_encode(digits(16).reshape(16, 64, 1, 1), T)
+    assert torch.equal(ref.model(x), ref.evaluate(x).logits)  # the module and the interpreter agree bit for bit
+    code, _ = cli_json(capsys, ["profile", str(imported_dir), "--targets", "onnxruntime", "--energy", "loihi2", "--limit", "32",
+                                "--batch", "16", "--repeats", "2", "--out", str(tmp_path / "report")])
+    assert code == 0
+    row = json.loads((tmp_path / "report" / "report.json").read_text())["variants"][0]
+    assert set(row["firing_rates"]) == {"1", "3"} and min(row["firing_rates"].values()) > 0.01
+    assert row["counts"]["sops"] > 0 and row["input_densities"]["2"] > 0 and row["accuracy"] > 0.7
+    assert set(row["latency"]) == {"nir-interpreter", "onnxruntime"} and row["energy"]["loihi2"]["joules_per_sample"] > 0
