@@ -188,12 +188,14 @@ def test_spikingjelly_graph_imports(tmp_path):
 
 # ----------------------------------------------------------------------------- run / bench on an imported directory
 def trained_snntorch_net():
-    """The snnTorch MLP trained for a few seconds on digits (BPTT, spike counts): it classifies and both layers fire."""
+    """The snnTorch MLP trained for a few seconds on digits' train split (BPTT, spike counts): it classifies the test
+    split that `stdeploy run` uses, and both layers fire."""
     import snntorch.utils
-    from sklearn.datasets import load_digits
 
-    data = load_digits()
-    x, y = torch.as_tensor(data.data[:1200] / 16.0, dtype=torch.float32), torch.as_tensor(data.target[:1200])
+    from stdeploy.data import load_dataset
+
+    x, y = load_dataset("digits").train.tensors
+    x = x.flatten(1)  # (1437, 64)
     net = snntorch_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(15):
