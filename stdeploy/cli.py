@@ -415,7 +415,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     return result
 
 
-_REFERENCE_LABEL = {"pytorch": "PyTorch", "nir-interpreter": "NIR graph"}  # the reference a run is compared with
+_REFERENCE_LABEL = {"pytorch": "PyTorch", "nir-graph": "NIR graph"}  # the reference a run is compared with
 
 
 def _run_parser(sub) -> None:
@@ -610,6 +610,10 @@ def cmd_import(args: argparse.Namespace) -> dict:
         spikes = f", {v['spike_mismatches']} of {v['spikes_total']} spikes differ" if "spikes_total" in v else ""
         print(f"imported {args.file} to {args.out} (dt {manifest['dt']:g} s, T {manifest['timesteps']}): model.onnx checked "
               f"against the graph{spikes}, values within {v['logits_max_abs_error']:.2e}")
+        n = manifest["validation"]["results"].get("nir")
+        if n is not None:  # model.nir: the graph in our dialect, the reference of run/bench/profile and what Lava lowers
+            print(f"  model.nir (our dialect) checked the same way: {n.get('spike_mismatches', 0)} spikes differ; "
+                  + ("; ".join(manifest.get("conversions", [])) or "nothing converted"))
     return {"out": args.out, "dt": manifest["dt"], "timesteps": manifest["timesteps"], "validation": manifest["validation"]}
 
 

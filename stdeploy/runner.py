@@ -238,7 +238,7 @@ class GraphReference:
     manifest: dict
     graph: object              # nir.NIRGraph
     model: GraphModel          # the same graph as a module (timing, the profiler's counts)
-    name = "nir-interpreter"
+    name = "nir-graph"
 
     @property
     def cfg(self) -> GraphConfig:

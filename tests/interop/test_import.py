@@ -253,7 +253,7 @@ def test_cli_run_imported(imported_dir, capsys, target):
     the graph run by our interpreter; spike-exact on every target, and the layers fire."""
     code, result = cli_json(capsys, ["run", str(imported_dir), "--target", target, "--limit", "48", "--batch-size", "48"])
     assert code == 0, capsys.readouterr().err
-    assert result["reference"] == "nir-interpreter" and result["samples"] == 48
+    assert result["reference"] == "nir-graph" and result["samples"] == 48
     assert result["spikes_total"] == T * 48 * 10 and result["spike_mismatches"] == 0 and result["within_tolerance"]
     assert set(result["firing_rates"]) == {"1", "3"} and min(result["firing_rates"].values()) > 0.01
     assert not result["silent_layers"]
@@ -265,7 +265,7 @@ def test_cli_bench_imported(imported_dir, capsys):
                                      "--repeats", "2"])
     assert code == 0
     rows = result["results"]
-    assert set(rows) == {"nir-interpreter", "onnxruntime"} and all(r["median_s"] > 0 for r in rows.values())
+    assert set(rows) == {"nir-graph", "onnxruntime"} and all(r["median_s"] > 0 for r in rows.values())
 
 
 def test_cli_refuses_bad_imported_directory_and_shape(imported_dir, tmp_path, capsys):
@@ -301,4 +301,4 @@ def test_cli_profile_imported(imported_dir, tmp_path, capsys):
     row = json.loads((tmp_path / "report" / "report.json").read_text())["variants"][0]
     assert set(row["firing_rates"]) == {"1", "3"} and min(row["firing_rates"].values()) > 0.01
     assert row["counts"]["sops"] > 0 and row["input_densities"]["2"] > 0 and row["accuracy"] > 0.7
-    assert set(row["latency"]) == {"nir-interpreter", "onnxruntime"} and row["energy"]["loihi2"]["joules_per_sample"] > 0
+    assert set(row["latency"]) == {"nir-graph", "onnxruntime"} and row["energy"]["loihi2"]["joules_per_sample"] > 0
