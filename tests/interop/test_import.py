@@ -164,7 +164,7 @@ def test_cli_import(snn_file, tmp_path, capsys):
     assert len(err) == 1 and "--dt" in err[0]
 
 
-def test_spikingjelly_graph_imports(tmp_path):
+def test_spikingjelly_graph_imports(tmp_path, capsys):
     from spikingjelly.activation_based import functional, layer, neuron
     from spikingjelly.activation_based.nir_exchange import export_to_nir
 
@@ -184,6 +184,11 @@ def test_spikingjelly_graph_imports(tmp_path):
     assert 0.02 < float(ref.mean()) < 0.9, "the SpikingJelly net must fire"
     got = torch.as_tensor(run_onnx(tmp_path / "imp", x)["spikes"][:, :, 0])
     assert int((got != ref).sum()) == 0
+    for target in ("onnxruntime",):  # a second exporter's file through `stdeploy run` (Lava: the snnTorch tests; ~10 s more here)
+        assert main(["run", str(tmp_path / "imp"), "--target", target, "--limit", "32", "--batch-size", "32", "--json", "--quiet"]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["spike_mismatches"] == 0 and result["spikes_total"] == T * 32 * 10
+        assert min(result["firing_rates"].values()) > 0.01
 
 
 # ----------------------------------------------------------------------------- run / bench on an imported directory
