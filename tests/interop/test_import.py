@@ -292,6 +292,26 @@ def test_cli_refuses_bad_imported_directory_and_shape(imported_dir, tmp_path, ca
     assert len(err) == 1 and "--data digits" in err[0] and "[50]" in err[0] and "Traceback" not in err[0]
 
 
+
+def test_lava_refuses_an_unfoldable_gain_by_name(tmp_path, capsys):
+    """r = 3 cannot be folded into the weights exactly: the import keeps it (onnxruntime runs it) and Lava's lowering
+    refuses that LIF by name, with exit status 2 and one line."""
+    graph = nir.NIRGraph(nodes={"in": nir.Input(input_type={"input": np.array([64])}),
+                                "fc": nir.Affine(weight=np.full((10, 64), 0.1, np.float32), bias=np.zeros(10, np.float32)),
+                                "lif": nir.LIF(tau=np.full(10, 2e-4), r=np.full(10, 3.0), v_leak=np.zeros(10), v_threshold=np.ones(10),
+                                               v_reset=np.zeros(10)),
+                                "out": nir.Output(output_type={"output": np.array([10])})},
+                         edges=[("in", "fc"), ("fc", "lif"), ("lif", "out")], metadata={"dt": 1e-4})
+    nir.write(tmp_path / "r3.nir", graph)
+    manifest = import_nir(tmp_path / "r3.nir", tmp_path / "r3", timesteps=T)
+    assert any(c.startswith("lif (LIF): r kept") for c in manifest["conversions"])
+    code, result = cli_json(capsys, ["run", str(tmp_path / "r3"), "--target", "onnxruntime", "--limit", "8"])
+    assert code == 0 and result["spike_mismatches"] == 0 and result["firing_rates"]["lif"] > 0.01
+    assert main(["run", str(tmp_path / "r3"), "--target", "lava", "--limit", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lif (LIF)" in err[0] and "r" in err[0]
+
+
 def test_cli_profile_imported(imported_dir, tmp_path, capsys):
     """`stdeploy profile` counts the imported graph's layers (GraphModel: the interpreter's values, layers the profiler sees)."""
     from stdeploy.models import direct_encode
