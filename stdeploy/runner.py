@@ -39,8 +39,9 @@ from .targets.base import Target, TargetError, get_target, read_manifest, target
 from .targets.profiles import DeviceProfile, load_profile
 from .timing import Timer
 
-__all__ = ["Compiled", "Reference", "GraphReference", "GraphModel", "GraphConfig", "Evaluation", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
-           "model_config", "profile_exports", "resolve_target", "run_export", "eval_images"]
+__all__ = ["Compiled", "Reference", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
+           "model_config", "profile_exports", "resolve_target", "run_export", "eval_images",
+           "GraphReference", "GraphModel", "GraphConfig", "Evaluation"]
 
 
 # ----------------------------------------------------------------------------- reference
