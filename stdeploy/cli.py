@@ -389,13 +389,14 @@ def _export_parser(sub) -> None:
 @command("run")
 def cmd_run(args: argparse.Namespace) -> dict:
     from .data import load_dataset
-    from .runner import model_config, run_export
+    from .runner import load_reference, run_export
 
-    cfg = model_config(args.export_dir)  # from the manifest; run_export loads the reference once
-    data = load_dataset(args.data, args.data_root, image_size=cfg.image_size if args.data != "digits" else None,
-                        timesteps=cfg.timesteps)
+    reference = load_reference(args.export_dir)  # a checkpoint, or the NIR graph of an imported directory; loaded once
+    data = load_dataset(args.data, args.data_root, image_size=reference.image_size if args.data != "digits" else None,
+                        timesteps=reference.timesteps)
     result = run_export(args.export_dir, args.target, args.device, data, batch_size=args.batch_size, limit=args.limit,
-                        progress=not args.quiet, options=_tvm_options(args) if args.target == "tvm" else None)
+                        progress=not args.quiet, options=_tvm_options(args) if args.target == "tvm" else None,
+                        reference=reference)
     if not args.json and not result["ran"]:
         print(f"{result['target']} ({result['device']}): {result['reason']}")
         for a in result["info"].get("artifacts", {}).values():
@@ -404,7 +405,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
             print(f"  {len(result['info']['kernels'])} CUDA kernels: {', '.join(result['info']['kernels'][:6])}, ...")
     elif not args.json:
         rows = [("target", f"{result['target']} ({result['device']})"), ("samples", result["samples"]),
-                ("accuracy", f"{result['accuracy']:.4f} (PyTorch {result['reference_accuracy']:.4f})")]
+                ("accuracy", f"{result['accuracy']:.4f} ({_REFERENCE_LABEL.get(result.get('reference'), 'PyTorch')} "
+                                             f"{result['reference_accuracy']:.4f})")]
         if "spike_mismatches" in result:
             rows.append(("output spikes", f"{result['spike_mismatches']} mismatches of {result['spikes_total']} "
                                           f"(agreement {result['spike_agreement']:.6f})"))
@@ -419,6 +421,9 @@ def cmd_run(args: argparse.Namespace) -> dict:
         rows.append(("tolerance", "within" if result["within_tolerance"] else "EXCEEDED: " + "; ".join(result["tolerance_problems"])))
         _print_table(rows)
     return result
+
+
+_REFERENCE_LABEL = {"pytorch": "PyTorch", "nir-graph": "NIR graph"}  # the reference a run is compared with
 
 
 def _run_parser(sub) -> None:
@@ -613,6 +618,10 @@ def cmd_import(args: argparse.Namespace) -> dict:
         spikes = f", {v['spike_mismatches']} of {v['spikes_total']} spikes differ" if "spikes_total" in v else ""
         print(f"imported {args.file} to {args.out} (dt {manifest['dt']:g} s, T {manifest['timesteps']}): model.onnx checked "
               f"against the graph{spikes}, values within {v['logits_max_abs_error']:.2e}")
+        n = manifest["validation"]["results"].get("nir")
+        if n is not None:  # model.nir: the graph in our dialect, the reference of run/bench/profile and what Lava lowers
+            print(f"  model.nir (our dialect) checked the same way: {n.get('spike_mismatches', 0)} spikes differ; "
+                  + ("; ".join(manifest.get("conversions", [])) or "nothing converted"))
     return {"out": args.out, "dt": manifest["dt"], "timesteps": manifest["timesteps"], "validation": manifest["validation"]}
 
 

@@ -3,7 +3,11 @@ with the reference -> time. ``stdeploy run``, ``bench`` and ``profile``, the dem
 benchmarks all go through it.
 
 The layer above targets and the profiler: it reads the artifacts through a target and the
-reference checkpoint through PyTorch, each once per export directory (:func:`load_reference`).
+reference once per export directory (:func:`load_reference`): the folded PyTorch checkpoint of our
+own exports (:class:`Reference`), or, for a directory written by ``stdeploy import`` (no
+checkpoint), the converted NIR graph run by our interpreter (:class:`GraphReference`). Both answer
+the same questions (time steps, input shape, outputs and firing rates on an input), so run, bench
+and profile have one path for both.
 Results are judged by the target's declared tolerance (:class:`stdeploy.tolerance.Tolerance`), the
 rule export validation applies too. Times are seconds of :mod:`stdeploy.timing`; a run's
 ``run_seconds`` sums the runtime's own calls (compilation, including lazy builds per batch size,
@@ -23,10 +27,12 @@ from .activity import SILENT_BELOW, rates_from_records
 from .checkpoint import load_checkpoint
 from .console import native_notes, show_progress
 from .errors import ConfigError
+from .export.nir_interpreter import EVALUATORS, EvalContext, int_tuple, load_graph, run_nir, topological_order
 from .export.validate import Comparison, compare, record_neurons
 from .models import direct_encode
 from .models.config import ModelConfig
 from .models.fold import fold_batchnorm
+from .neurons import LIF
 from .profile.latency import measure, module_times
 from .profile.report import assemble_report, variant_row
 from .targets.base import Target, TargetError, get_target, read_manifest, target_names, target_tolerance
@@ -34,10 +40,21 @@ from .targets.profiles import DeviceProfile, load_profile
 from .timing import Timer
 
 __all__ = ["Compiled", "Reference", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
-           "model_config", "profile_exports", "resolve_target", "run_export", "eval_images"]
+           "model_config", "profile_exports", "resolve_target", "run_export", "eval_images",
+           "GraphReference", "GraphModel", "GraphConfig", "Evaluation"]
 
 
 # ----------------------------------------------------------------------------- reference
+@dataclass(frozen=True)
+class Evaluation:
+    """The reference's outputs on one input ``(T, B, ...)``."""
+
+    logits: torch.Tensor                  # (B, classes)
+    spikes: torch.Tensor | None           # output spikes, (T, B, ...)
+    records: dict | None                  # per-LIF records that localise flips (record_neurons), or None
+    firing_rates: dict[str, float]        # per spiking layer, on this input
+
+
 @dataclass(frozen=True)
 class Reference:
     """The folded PyTorch model an export directory was validated against, loaded once."""
@@ -45,15 +62,230 @@ class Reference:
     export_dir: Path
     manifest: dict
     model: torch.nn.Module     # folded, in eval mode
+    name = "pytorch"           # how rows and reports name it
 
     @property
     def cfg(self) -> ModelConfig:
         return self.model.cfg
 
+    @property
+    def timesteps(self) -> int:
+        return self.cfg.timesteps
 
-def load_reference(export_dir: str | Path) -> Reference:
-    _, manifest = read_manifest(export_dir, "reference")
-    model = fold_batchnorm(load_checkpoint(Path(export_dir) / manifest["artifacts"]["reference"]["file"]).model).eval()
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.cfg.input_shape)
+
+    @property
+    def image_size(self) -> int | None:
+        return self.cfg.image_size
+
+    def fit_images(self, x_all: torch.Tensor, data_name: str = "the data") -> torch.Tensor:
+        """``x_all`` (B, C, H, W) when it matches the model's input, else :class:`ConfigError`."""
+        if tuple(x_all.shape[-3:]) != self.input_shape:
+            raise ConfigError(f"data {data_name} has inputs {tuple(x_all.shape[-3:])}, the exported model expects {self.input_shape}")
+        return x_all
+
+    def evaluate(self, x: torch.Tensor) -> Evaluation:
+        with torch.no_grad():
+            logits, records = record_neurons(self.model, x)
+        return Evaluation(logits, records["head.lif"]["spikes"], records, rates_from_records(records))
+
+    def target_spikes(self, spikes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A target's output spikes in the layout of the reference's ``like`` (ours: the same)."""
+        return spikes
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """What the run path reads of a model's config, for an imported graph."""
+
+    timesteps: int
+    input_shape: tuple[int, ...]
+
+
+class _Node(torch.nn.Module):
+    """One NIR node evaluated by the interpreter's own evaluator."""
+
+    def __init__(self, node):
+        super().__init__()
+        self.node = node
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x, ctx)
+
+
+class _LinearNode(torch.nn.Linear):
+    """A 2-D ``Affine``/``Linear`` node: an ``nn.Linear`` holding its weights (what the profiler
+    counts), evaluated by the interpreter's evaluator."""
+
+    def __init__(self, node):
+        w = np.asarray(node.weight, np.float32)
+        bias = getattr(node, "bias", None)
+        super().__init__(w.shape[1], w.shape[0], bias=bias is not None)
+        self.node = node
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(w))
+            if bias is not None:
+                self.bias.copy_(torch.as_tensor(np.asarray(bias, np.float32)))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x, ctx)
+
+
+class _Conv2dNode(torch.nn.Conv2d):
+    def __init__(self, node):
+        w = np.asarray(node.weight, np.float32)
+        pad = int_tuple(node.padding, 2)
+        super().__init__(w.shape[1] * int(node.groups), w.shape[0], w.shape[2:], int_tuple(node.stride, 2), pad,
+                         int_tuple(node.dilation, 2), int(node.groups), bias=True)
+        self.node = node
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(w))
+            self.bias.copy_(torch.as_tensor(np.broadcast_to(np.asarray(node.bias, np.float32), (w.shape[0],)).copy()))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x, ctx)
+
+
+class _LIFNode(LIF):
+    """A NIR ``LIF`` whose parameters vary per channel only: our :class:`stdeploy.neurons.LIF`
+    holding ``d = dt/tau`` and the threshold (what the profiler counts), evaluated by the
+    interpreter's evaluator on ``(T, B, *shape)``."""
+
+    def __init__(self, node, d: np.ndarray, thr: np.ndarray, channel_dim: int):
+        super().__init__(len(d), 2.0, 1.0, channel_dim)
+        self.node = node
+        with torch.no_grad():
+            self.decay_.copy_(torch.as_tensor(d))
+            self.threshold_.copy_(torch.as_tensor(thr))
+
+    def forward(self, x: torch.Tensor, ctx: EvalContext) -> torch.Tensor:
+        return EVALUATORS[type(self.node)](self.node, x.flatten(0, 1), ctx).reshape(x.shape)
+
+
+def _lif_node(node, shape: tuple[int, ...], dt: float) -> torch.nn.Module:
+    d = np.broadcast_to((dt / np.asarray(node.tau, np.float64)).astype(np.float32), shape)
+    thr = np.broadcast_to(np.asarray(node.v_threshold, np.float32), shape)
+    per_channel = all(np.all(a == a.reshape(shape[0], -1)[:, :1].reshape(shape[0], *[1] * (len(shape) - 1))) for a in (d, thr))
+    if not per_channel or not np.all(thr > 0):
+        return _Node(node)  # run as is; the profiler does not count it as a LIF
+    return _LIFNode(node, d.reshape(shape[0], -1)[:, 0].copy(), thr.reshape(shape[0], -1)[:, 0].copy(), -1 if len(shape) == 1 else 1)
+
+
+class GraphModel(torch.nn.Module):
+    """An imported directory's ``model.nir`` as a module, ``(T, B, C, H, W) -> logits (B, F)``:
+    the interpreter's schedule and evaluators (the same values as :func:`run_nir`), with every
+    2-D ``Affine``/``Linear`` an ``nn.Linear``, every ``Conv2d`` an ``nn.Conv2d`` and every LIF with
+    per-channel parameters our ``LIF``, so that timing and the profiler's counts see layers.
+    Submodules are named after their nodes (dots replaced by ``_``)."""
+
+    def __init__(self, graph, timesteps: int):
+        super().__init__()
+        self.graph = graph
+        self.dt = float(np.asarray(graph.metadata.get("dt", 1.0))) if isinstance(graph.metadata, dict) else 1.0
+        self.order = topological_order(graph)
+        self.into = {n: [a for a, b in graph.edges if b == n] for n in graph.nodes}
+        self.input = next(n for n, v in graph.nodes.items() if type(v).__name__ == "Input")
+        shape = tuple(int(d) for d in np.atleast_1d(graph.nodes[self.input].input_type["input"]))
+        self.cfg = GraphConfig(int(timesteps), shape)
+        with torch.no_grad():
+            shapes = {n: tuple(v.shape[2:]) for n, v in run_nir(graph, torch.zeros(1, 1, *shape), record=True).items()}
+        self.keys = {}
+        for name, node in graph.nodes.items():
+            kind = type(node).__name__
+            if kind in ("Input", "Output"):
+                continue
+            if kind in ("Affine", "Linear") and np.asarray(node.weight).ndim == 2:
+                mod = _LinearNode(node)
+            elif kind == "Conv2d":
+                mod = _Conv2dNode(node)
+            elif kind == "LIF":
+                mod = _lif_node(node, shapes[name], self.dt)
+            else:
+                mod = _Node(node)
+            self.keys[name] = name.replace(".", "_")
+            self.add_module(self.keys[name], mod)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, B = int(x.shape[0]), int(x.shape[1])
+        ctx = EvalContext(T, B, self.dt, x.device)
+        values = {self.input: x.to(torch.float32).flatten(0, 1)}
+        for name in self.order:
+            if name == self.input:
+                continue
+            srcs = self.into[name]
+            acc = values[srcs[0]]
+            for src in srcs[1:]:  # sum in edge order, as the interpreter
+                acc = acc + values[src]
+            if name not in self.keys:  # an Output
+                values[name] = acc
+                continue
+            mod = getattr(self, self.keys[name])
+            values[name] = mod(acc.reshape(T, B, *acc.shape[1:]), ctx).flatten(0, 1) if isinstance(mod, LIF) else mod(acc, ctx)
+        return values["logits"].reshape(T, B, -1).mean(0)
+
+
+@dataclass(frozen=True)
+class GraphReference:
+    """The reference of a directory written by ``stdeploy import``: its ``model.nir`` (our dialect,
+    checked against the foreign graph at import) run by :func:`stdeploy.export.nir_interpreter.run_nir`.
+    Data whose samples hold as many values as the graph's Input are reshaped to it (digits' 8x8
+    images for a ``(64,)`` Input); other data are refused naming both shapes."""
+
+    export_dir: Path
+    manifest: dict
+    graph: object              # nir.NIRGraph
+    model: GraphModel          # the same graph as a module (timing, the profiler's counts)
+    name = "nir-graph"
+
+    @property
+    def cfg(self) -> GraphConfig:
+        return self.model.cfg
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.manifest["timesteps"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.manifest["input"]["shape"][2:])
+
+    @property
+    def image_size(self) -> int | None:
+        c, h, w = self.input_shape
+        return h if h == w and h > 1 else None
+
+    def fit_images(self, x_all: torch.Tensor, data_name: str = "the data") -> torch.Tensor:
+        shape = tuple(x_all.shape[1:])
+        if shape == self.input_shape:
+            return x_all
+        graph_shape = self.manifest["input"].get("graph_shape", list(self.input_shape))
+        if x_all.dim() != 4 or int(np.prod(shape)) != int(np.prod(self.input_shape)):
+            raise ConfigError(f"--data {data_name}: samples of shape {list(shape)} ({int(np.prod(shape))} values) do not fit the "
+                              f"imported graph's Input {graph_shape} ({int(np.prod(self.input_shape))} values)")
+        return x_all.reshape(len(x_all), *self.input_shape)
+
+    def evaluate(self, x: torch.Tensor) -> Evaluation:
+        values = run_nir(self.graph, x, record=True)
+        spiking = [n for n, node in self.graph.nodes.items() if type(node).__name__ in ("LIF", "Threshold")]
+        return Evaluation(values["logits"].flatten(2).mean(0), values.get("spikes"), None,
+                          {n: float(values[n].mean()) for n in spiking})
+
+    def target_spikes(self, spikes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A target's output spikes (onnxruntime, TVM: ``(T, B, 1, F)``; Lava: ``(T, B, F)``) in the
+        interpreter's layout, that of ``like`` (a size mismatch is left for the comparison to refuse)."""
+        return spikes.reshape(like.shape) if spikes.numel() == like.numel() else spikes
+
+
+def load_reference(export_dir: str | Path) -> Reference | GraphReference:
+    path, manifest = read_manifest(export_dir, "reference")
+    if manifest["artifacts"]["reference"].get("kind") == "nir graph":  # written by `stdeploy import`
+        graph = load_graph(path)
+        return GraphReference(Path(export_dir), manifest, graph, GraphModel(graph, int(manifest["timesteps"])))
+    model = fold_batchnorm(load_checkpoint(path).model).eval()
     return Reference(Path(export_dir), manifest, model)
 
 
@@ -131,18 +363,15 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
     (``within_tolerance``, ``tolerance_problems``)."""
     tgt, profile = resolve_target(target, device)
     reference = reference or load_reference(export_dir)
-    cfg = reference.cfg
     x_all, y_all = eval_images(data, limit)
-    if tuple(x_all.shape[-3:]) != cfg.input_shape:
-        raise ConfigError(f"data {data.name} has inputs {tuple(x_all.shape[-3:])}, the exported model expects "
-                          f"{cfg.input_shape}")
+    x_all = reference.fit_images(x_all, data.name)
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch = min(batch_size, len(x_all))
     batches = {batch} | ({len(x_all) % batch} if len(x_all) % batch else set())
     compiled = compile_export(export_dir, tgt, profile, _target_options(target, profile, batch, options), tuple(batches))
     runnable = compiled.runnable
-    base = {"target": target, "device": profile.name, "export_dir": str(export_dir)}
+    base = {"target": target, "device": profile.name, "export_dir": str(export_dir), "reference": reference.name}
     if not compiled.can_run:  # e.g. a CUDA module built on a machine without a GPU
         return {**base, "ran": False, "reason": f"built for {profile.name}; running it needs that device",
                 "compile_seconds": compiled.seconds, "info": runnable.info}
@@ -155,17 +384,17 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
 
         starts = tqdm(starts, desc=f"{target} on {profile.name}", unit="batch")
     for i in starts:  # every batch size was built in compile_export: nothing compiles (or warns) here
-        x = direct_encode(x_all[i:i + batch], cfg.timesteps)
+        x = direct_encode(x_all[i:i + batch], reference.timesteps)
         res = runnable.run(x.numpy())
         run_s += res.seconds
-        with torch.no_grad():
-            ref_logits, records = record_neurons(reference.model, x)
-        for name, rate in rates_from_records(records).items():  # weighted by the batch's samples
+        ev = reference.evaluate(x)
+        ref_logits = ev.logits
+        for name, rate in ev.firing_rates.items():  # weighted by the batch's samples
             rate_sums[name] = rate_sums.get(name, 0.0) + rate * x.shape[1]
         logits = torch.as_tensor(np.asarray(res.logits))
-        if res.spikes is not None:
-            comparisons.append(compare(target, ref_logits, records["head.lif"]["spikes"], logits,
-                                       torch.as_tensor(np.asarray(res.spikes)), records))
+        if res.spikes is not None and ev.spikes is not None:
+            comparisons.append(compare(target, ref_logits, ev.spikes, logits,
+                                       reference.target_spikes(torch.as_tensor(np.asarray(res.spikes)), ev.spikes), ev.records))
         logits_all.append(logits)
         ref_logits_all.append(ref_logits)
     logits, ref_logits = torch.cat(logits_all), torch.cat(ref_logits_all)
@@ -297,8 +526,8 @@ def bench_export(export_dir: str | Path, targets: list[str], images: torch.Tenso
         if not ok:
             raise ConfigError(f"--gpu-energy: cannot measure GPU power here ({why})")
     reference = load_reference(export_dir)
-    x = direct_encode(images, reference.cfg.timesteps)
-    results = {"pytorch": pytorch_latency(reference, x, warmup=warmup, repeats=repeats, device=pytorch_device,
+    x = direct_encode(reference.fit_images(images), reference.timesteps)
+    results = {reference.name: pytorch_latency(reference, x, warmup=warmup, repeats=repeats, device=pytorch_device,
                                           gpu_energy=gpu_energy)}
     for name in targets:
         results[name] = latency(export_dir, name, x, device=device, warmup=warmup, repeats=repeats,
@@ -312,13 +541,14 @@ def profile_exports(exports: list[str | Path], data, targets: list[str], energy_
     """The profile report (:mod:`stdeploy.profile.report`) of ``exports``: counts and energy on the
     test split of ``data`` (the first ``samples``), latency of one batch per target. ``direct_input``:
     a real input repeated over T is charged ``"once"`` per sample (default) or ``"per_step"``."""
-    x_all, y_all = eval_images(data, samples)
+    images, y_all = eval_images(data, samples)
     profiles = {name: load_profile(name) for name in energy_profiles}
     variants = []
     for export in exports:
         reference = load_reference(export)
-        xb = direct_encode(x_all[:batch], reference.cfg.timesteps)
-        lat = {"pytorch": pytorch_latency(reference, xb, warmup=warmup, repeats=repeats, layers=False)}
+        x_all = reference.fit_images(images, data.name)
+        xb = direct_encode(x_all[:batch], reference.timesteps)
+        lat = {reference.name: pytorch_latency(reference, xb, warmup=warmup, repeats=repeats, layers=False)}
         for name in targets:
             row = latency(export, name, xb, warmup=warmup, repeats=repeats)
             if "skipped" in row and "info" in row:  # built for a device this machine lacks: no row

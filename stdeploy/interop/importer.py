@@ -1,29 +1,46 @@
-"""NIR in: a graph written by another framework's exporter -> an export directory onnxruntime runs.
+"""NIR in: a graph written by another framework's exporter -> an export directory that
+``stdeploy run``, ``bench`` and ``profile`` take on onnxruntime, TVM and Lava.
 
 ``import_nir(path, out, dt=None, timesteps=4)`` reads ``path``, checks every node before
 converting, and writes ``out/`` with:
 
-* ``model.nir``: the graph as read, with ``dt``, ``timesteps`` and the source in its metadata; it
-  is also the reference (no PyTorch checkpoint exists for a foreign graph);
-* ``model.onnx``: the graph unrolled over ``timesteps`` steps (input ``input`` ``(T, B, *input
-  shape)``; outputs ``logits`` ``(B, F)``, the Output node's values averaged over the steps, and,
-  when a LIF feeds the Output, ``spikes`` ``(T, B, 1, F)``);
-* ``manifest.json``: artifacts with sizes and sha256, ``dt``, the validation.
+* ``model.nir``: the graph converted into our dialect (:func:`to_dialect`, every rewrite exact),
+  with ``dt``, ``timesteps``, the source and the conversions in its metadata. It is the reference
+  (no PyTorch checkpoint exists for a foreign graph): the run path evaluates it with our NIR
+  interpreter (:func:`stdeploy.export.nir_interpreter.run_nir`), and Lava's lowering reads it;
+* ``model.onnx``: the graph unrolled over ``timesteps`` steps (input ``input`` ``(T, B, C, H, W)``:
+  the graph's Input shape padded with trailing 1s to three dims, as every target takes; outputs
+  ``logits`` ``(B, F)``, the Output node's values averaged over the steps, and, when LIFs feed the
+  Output, ``spikes`` ``(T, B, 1, F)``);
+* ``manifest.json``: artifacts with sizes and sha256, ``dt``, the input shape, the validation.
 
 Semantics (NIR's, discretised by forward Euler with step ``dt``): a ``LIF`` steps
 ``v = (1-d)*v + d*(r*I + v_leak)`` with ``d = dt/tau``, spikes where ``v > v_threshold`` and
 resets to ``v_reset``; edges into a node are summed. ``dt`` comes from ``graph.metadata["dt"]`` or
 the ``dt`` argument, and is refused when neither gives it (snnTorch 1.0 and Norse 1.1 write none;
 snnTorch's importer assumes 1e-4, Norse's 1e-3). What cannot run exactly is refused by name,
-all at once: node types without a conversion (``CubaLIF``, ``IF``, ``LI``, ``Delay``, ...),
-recurrent edges, and a LIF whose ``dt/tau`` is not in ``(0, 1]`` (the step would overshoot: Norse
-1.1's exporter writes ``tau = dt/tau_mem_inv`` for its own ``dt``, so its graphs need
-``dt = (Norse's dt)**2``, which this message says). Not detectable, so not refused: snnTorch writes
-its default subtract-reset ``Leaky`` as a reset-to-zero LIF without a mark; the graph runs with
-NIR's reset-to-``v_reset``.
+all at once: node types without a conversion (``CubaLIF``, ``IF``, ``LI``, ``Delay``,
+``AvgPool2d``, ...), recurrent edges, an Input of more than three dims, and a LIF whose ``dt/tau``
+is not in ``(0, 1]`` (the step would overshoot: Norse 1.1's exporter writes ``tau =
+dt/tau_mem_inv`` for its own ``dt``, so its graphs need ``dt = (Norse's dt)**2``, which this
+message says; Norse 1.1's ``from_nir`` reads no ``dt`` from a graph either, so its own reader needs
+the flag too). Not detectable, so not refused: snnTorch writes its default subtract-reset
+``Leaky`` as a reset-to-zero LIF without a mark; the graph runs with NIR's reset-to-``v_reset``.
 
-The ONNX graph is validated against the graph itself (:class:`GraphModule` in PyTorch) on seeded
-inputs in ``[0, 1)``: spikes must agree exactly and values within 1e-4, or nothing is written.
+Our dialect (what :func:`to_dialect` rewrites, each exact in float32):
+
+* the Input shape is padded to ``(C, H, W)`` with trailing 1s and a ``Flatten`` restores the
+  graph's own shape (targets take five-dimensional inputs);
+* a LIF's input gain ``r`` is folded into the incoming ``Affine``/``Linear`` rows and bias when
+  every ``r`` is a power of two (scaling by ``2**k`` commutes with float rounding) and each source
+  feeds that LIF only; otherwise ``r`` stays, the interpreter, onnxruntime and TVM run it, and
+  Lava's lowering refuses the LIF by name (as it refuses ``v_leak != 0`` and ``v_reset != 0``);
+* the Output node becomes ``logits`` (per-step values; the model's logits are their mean over
+  T), plus ``spikes`` with the same sources when LIFs feed it (the names Lava's runner reads).
+
+The ONNX graph is validated against the graph as read (:class:`GraphModule` in PyTorch) on seeded
+inputs in ``[0, 1)``, and so is ``model.nir`` run by the interpreter: spikes must agree exactly and
+values within 1e-4, or nothing is written.
 """
 
 from __future__ import annotations
@@ -42,14 +59,14 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, OutputMismatch, ShapeError, StdeployError, UnsupportedPrimitive
-from ..export.nir_interpreter import topological_order
+from ..export.nir_interpreter import run_nir, topological_order
 from ..files import sha256_file
 from .nirtorch_map import NirLIF, node_map
 
-__all__ = ["import_nir", "run_imported", "GraphModule", "read_foreign", "check_graph", "FORMAT", "SUPPORTED"]
+__all__ = ["import_nir", "to_dialect", "GraphModule", "read_foreign", "check_graph", "padded_shape", "FORMAT", "SUPPORTED"]
 
 FORMAT = "stdeploy-import/1"
-SUPPORTED = ("Input", "Output", "Affine", "Linear", "Conv1d", "Conv2d", "Flatten", "SumPool2d", "AvgPool2d", "Threshold", "LIF")
+SUPPORTED = ("Input", "Output", "Affine", "Linear", "Conv1d", "Conv2d", "Flatten", "SumPool2d", "Threshold", "LIF")
 VALIDATION_BATCH = 16
 ATOL = 1e-4
 
@@ -106,19 +123,89 @@ def check_graph(graph: nir.NIRGraph, dt: float) -> list[str]:
     outputs = [n for n, v in graph.nodes.items() if isinstance(v, nir.Output)]
     if len(inputs) != 1:
         problems.append(f"the graph has {len(inputs)} Input nodes ({', '.join(inputs) or 'none'}); one is needed")
+    elif len(_shape(graph.nodes[inputs[0]].input_type)) > 3:
+        problems.append(f"{inputs[0]} (Input): shape {list(_shape(graph.nodes[inputs[0]].input_type))} has more than three "
+                        "dims (C, H, W): targets take (T, B, C, H, W)")
     if len(outputs) != 1:
         problems.append(f"the graph has {len(outputs)} Output nodes ({', '.join(outputs) or 'none'}); one is needed")
     return problems
 
 
-class _AvgPool(nn.Module):
-    def __init__(self, node: nir.AvgPool2d):
-        super().__init__()
-        as2 = lambda v: tuple(int(i) for i in np.broadcast_to(np.atleast_1d(np.asarray(v)), (2,)))  # noqa: E731
-        self.pool = nn.AvgPool2d(as2(node.kernel_size), as2(node.stride), as2(node.padding))
+def padded_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Input shape as targets take it: ``(C, H, W)``, trailing 1s added (``(64,) -> (64, 1, 1)``)."""
+    return tuple(shape) + (1,) * (3 - len(shape))
 
-    def forward(self, x):
-        return self.pool(x)
+
+def _power_of_two(a) -> bool:
+    a = np.asarray(a, np.float64)
+    return bool(np.all((a > 0) & (np.frexp(a)[0] == 0.5)))
+
+
+def to_dialect(graph: nir.NIRGraph, dt: float, timesteps: int, source: str = "") -> tuple[nir.NIRGraph, list[str]]:
+    """The graph in our dialect (see the module docstring) and the list of what was converted or
+    kept; every rewrite is exact. New node objects replace changed ones: ``graph`` is not modified."""
+    nodes, edges, notes = dict(graph.nodes), list(graph.edges), []
+
+    def rename(old: str, new: str) -> None:
+        nonlocal edges
+        nodes[new] = nodes.pop(old)
+        edges = [(new if a == old else a, new if b == old else b) for a, b in edges]
+
+    def unique(name: str) -> str:
+        while name in nodes:
+            name += "_"
+        return name
+
+    in_name = next(n for n, v in nodes.items() if isinstance(v, nir.Input))
+    shape = _shape(nodes[in_name].input_type)
+    pad = padded_shape(shape)
+    if pad != shape:
+        flat = unique(f"{in_name}_flatten")
+        nodes[in_name] = nir.Input(input_type={"input": np.array(pad)})
+        nodes[flat] = nir.Flatten(input_type={"input": np.array(pad)}, start_dim=len(shape) - 1, end_dim=2)
+        edges = [(flat if a == in_name else a, b) for a, b in edges] + [(in_name, flat)]
+        notes.append(f"{in_name} (Input): {list(shape)} padded to {list(pad)}, {flat} (Flatten) restores it")
+    for name, node in graph.nodes.items():
+        if not isinstance(node, nir.LIF) or np.all(np.asarray(node.r) == 1):
+            continue
+        r = np.asarray(node.r, np.float64)
+        srcs = [a for a, b in edges if b == name]
+        why = None
+        if not _power_of_two(r):
+            why = "r is not a power of two: folding it into the weights would round"
+        elif r.ndim > 1 or not srcs or not all(isinstance(nodes[a], (nir.Affine, nir.Linear)) and np.asarray(nodes[a].weight).ndim == 2
+                                               and [b for c, b in edges if c == a] == [name] for a in srcs):
+            why = "its inputs are not 2-D Affine/Linear nodes that feed it alone"
+        if why:
+            notes.append(f"{name} (LIF): r kept ({why}); Lava's lowering refuses it")
+            continue
+        for a in srcs:
+            src = nodes[a]
+            w = np.asarray(src.weight)
+            gain = np.broadcast_to(r, (w.shape[0],)).astype(w.dtype)
+            if isinstance(src, nir.Affine):
+                nodes[a] = nir.Affine(weight=w * gain[:, None], bias=np.asarray(src.bias) * gain.astype(np.asarray(src.bias).dtype))
+            else:
+                nodes[a] = nir.Linear(weight=w * gain[:, None])
+        nodes[name] = nir.LIF(tau=node.tau, r=np.ones_like(np.asarray(node.r)), v_leak=node.v_leak, v_threshold=node.v_threshold,
+                              v_reset=node.v_reset)
+        notes.append(f"{name} (LIF): r = {np.unique(r).tolist()} folded into the rows of {', '.join(srcs)} (exact: powers of two)")
+    out_name = next(n for n, v in nodes.items() if isinstance(v, nir.Output))
+    feeders = [a for a, b in edges if b == out_name]
+    spiking = bool(feeders) and all(isinstance(nodes[a], nir.LIF) for a in feeders)
+    for want in ("logits", "spikes"):
+        if want in nodes and want != out_name:
+            rename(want, unique(f"{want}_node"))
+    if out_name != "logits":
+        rename(out_name, "logits")
+        notes.append(f"{out_name} (Output) renamed logits")
+    if spiking:
+        nodes["spikes"] = nir.Output(output_type=nodes["logits"].output_type)
+        edges += [(a, "spikes") for a in feeders]
+        notes.append("spikes (Output) added: the spikes of the Output's LIF sources")
+    meta = {**(graph.metadata if isinstance(graph.metadata, dict) else {}), "dt": dt, "timesteps": timesteps,
+            "imported_from": source, "conversions": "; ".join(notes) or "none"}
+    return nir.NIRGraph(nodes=nodes, edges=edges, metadata=meta, type_check=False), notes
 
 
 class GraphModule(nn.Module):
@@ -127,7 +214,7 @@ class GraphModule(nn.Module):
 
     def __init__(self, graph: nir.NIRGraph, dt: float, timesteps: int):
         super().__init__()
-        table = {**node_map(dt=dt), nir.AvgPool2d: _AvgPool}
+        table = node_map(dt=dt)
         self.order = [n for n in topological_order(graph) if not isinstance(graph.nodes[n], nir.Input)]
         self.input = next(n for n, v in graph.nodes.items() if isinstance(v, nir.Input))
         self.output = next(n for n, v in graph.nodes.items() if isinstance(v, nir.Output))
@@ -164,17 +251,17 @@ class GraphModule(nn.Module):
 
 
 def _export_onnx(module: GraphModule, path: Path) -> list[str]:
-    class _Onnx(nn.Module):
+    class _Onnx(nn.Module):  # input (T, B, C, H, W): the Input shape padded (see padded_shape)
         def __init__(self, m):
             super().__init__()
             self.m = m
 
         def forward(self, x):
-            logits, y = self.m(x)
+            logits, y = self.m(x.reshape(*x.shape[:2], *self.m.in_shape))
             return (logits, y.unsqueeze(2)) if self.m.spiking else (logits,)
 
     names = ["logits", "spikes"] if module.spiking else ["logits"]
-    x = torch.zeros(module.timesteps, 2, *module.in_shape)
+    x = torch.zeros(module.timesteps, 2, *padded_shape(module.in_shape))
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dynamo=False is deprecated but exact and quiet about the unrolled loop
@@ -184,28 +271,36 @@ def _export_onnx(module: GraphModule, path: Path) -> list[str]:
     return names
 
 
-def _validate(module: GraphModule, path: Path, seed: int = 0) -> dict:
+def _validate(module: GraphModule, path: Path, dialect: nir.NIRGraph, seed: int = 0) -> dict:
+    """``model.onnx`` (at ``path``) and the converted graph run by the interpreter, each against
+    the graph as read, on seeded noise: ``{"onnx": ..., "nir": ...}``; raises when either disagrees."""
     import onnxruntime as ort
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(module.timesteps, VALIDATION_BATCH, *module.in_shape, generator=g)
+    x = torch.rand(module.timesteps, VALIDATION_BATCH, *padded_shape(module.in_shape), generator=g)
     with torch.no_grad():
-        ref_logits, ref_values = module(x)
+        ref_logits, ref_values = module(x.reshape(*x.shape[:2], *module.in_shape))
+        nir_out = run_nir(dialect, x)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x.numpy()})))
-    result = {"input": f"uniform noise in [0, 1), seed {seed}, {VALIDATION_BATCH} samples, T = {module.timesteps}",
-              "reference": "the NIR graph itself (stdeploy.interop.importer.GraphModule)",
-              "logits_max_abs_error": float(np.abs(out["logits"] - ref_logits.numpy()).max())}
-    if module.spiking:
-        spikes = out["spikes"][:, :, 0]
-        result.update(spikes_total=int(spikes.size), spike_mismatches=int((spikes != ref_values.numpy()).sum()),
-                      reference_spikes=int(ref_values.sum()))
-    bad = result["logits_max_abs_error"] > ATOL or result.get("spike_mismatches", 0)
-    if bad:
-        raise OutputMismatch(f"the ONNX graph generated from the NIR graph disagrees with it (nothing written): {result}")
-    return result
+    runs = {"onnx": (out["logits"], out.get("spikes")),
+            "nir": (nir_out["logits"].flatten(2).mean(0).numpy(), nir_out["spikes"].numpy() if "spikes" in nir_out else None)}
+    results = {}
+    for name, (logits, spikes) in runs.items():
+        result = {"input": f"uniform noise in [0, 1), seed {seed}, {VALIDATION_BATCH} samples, T = {module.timesteps}",
+                  "reference": "the NIR graph as read (stdeploy.interop.importer.GraphModule)",
+                  "logits_max_abs_error": float(np.abs(logits - ref_logits.numpy()).max())}
+        if module.spiking:
+            spikes = spikes.reshape(ref_values.shape)
+            result.update(spikes_total=int(spikes.size), spike_mismatches=int((spikes != ref_values.numpy()).sum()),
+                          reference_spikes=int(ref_values.sum()))
+        if result["logits_max_abs_error"] > ATOL or result.get("spike_mismatches", 0):
+            what = "the ONNX graph generated from" if name == "onnx" else "the converted model.nir (our interpreter) and"
+            raise OutputMismatch(f"{what} the NIR graph disagree (nothing written): {result}")
+        results[name] = result
+    return results
 
 
 def import_nir(path: str | os.PathLike, out: str | os.PathLike, *, dt: float | None = None, timesteps: int = 4) -> dict:
@@ -230,23 +325,26 @@ def import_nir(path: str | os.PathLike, out: str | os.PathLike, *, dt: float | N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        meta = {**(graph.metadata if isinstance(graph.metadata, dict) else {}), "dt": dt, "timesteps": timesteps,
-                "imported_from": path.name}
-        nir.write(tmp / "model.nir", nir.NIRGraph(nodes=graph.nodes, edges=graph.edges, metadata=meta, type_check=False))
+        dialect, conversions = to_dialect(graph, dt, timesteps, path.name)
+        nir.write(tmp / "model.nir", dialect)
         outputs = _export_onnx(module, tmp / "model.onnx")
-        validation = _validate(module, tmp / "model.onnx")
+        validation = _validate(module, tmp / "model.onnx", nir.read(tmp / "model.nir"))
+        nir_file = {"file": "model.nir", "bytes": (tmp / "model.nir").stat().st_size, "sha256": sha256_file(tmp / "model.nir")}
         manifest = {
             "format": FORMAT, "source": str(path), "dt": dt, "timesteps": timesteps,
-            "input": {"name": "input", "shape": [timesteps, "batch", *module.in_shape]},
+            "input": {"name": "input", "shape": [timesteps, "batch", *padded_shape(module.in_shape)],
+                      "graph_shape": list(module.in_shape)},
             "outputs": {"logits": ["batch", "F: the Output node's values averaged over the steps"],
                         **({"spikes": [timesteps, "batch", 1, "F"]} if module.spiking else {})},
+            "conversions": conversions,
             "artifacts": {
-                "nir": {"file": "model.nir", "bytes": (tmp / "model.nir").stat().st_size, "sha256": sha256_file(tmp / "model.nir")},
+                "nir": nir_file,
                 "onnx": {"file": "model.onnx", "bytes": (tmp / "model.onnx").stat().st_size, "sha256": sha256_file(tmp / "model.onnx"),
                          "outputs": outputs},
-                "reference": {"file": "model.nir", "kind": "nir graph", "note": "no PyTorch checkpoint: the graph is the reference"},
+                "reference": {**nir_file, "kind": "nir graph",
+                              "note": "no PyTorch checkpoint: the graph, run by stdeploy's NIR interpreter, is the reference"},
             },
-            "validation": {"results": {"onnx": validation}},
+            "validation": {"results": validation},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, out)
@@ -254,48 +352,3 @@ def import_nir(path: str | os.PathLike, out: str | os.PathLike, *, dt: float | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def run_imported(export_dir: str | os.PathLike, target: str = "onnxruntime", device: str | None = None, data=None, *,
-                 batch_size: int = 64, limit: int | None = None) -> dict:
-    """Run an imported directory's ``model.onnx`` on ``target`` over the test split of ``data``
-    (images flattened when the graph takes vectors of as many values) and compare with the graph
-    itself (:class:`GraphModule` from ``model.nir``): spike mismatches and logits error. The
-    runner's hook for imported directories (``stdeploy run`` wants a PyTorch checkpoint)."""
-    from ..models import direct_encode
-    from ..targets.base import get_target
-    from ..targets.profiles import load_profile
-
-    export_dir = Path(export_dir)
-    manifest = json.loads((export_dir / "manifest.json").read_text())
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"{export_dir}: not a directory written by `stdeploy import`")
-    if data is None:
-        raise ConfigError("run_imported needs a data split")
-    graph = read_foreign(export_dir / "model.nir")
-    ref = GraphModule(graph, float(manifest["dt"]), int(manifest["timesteps"])).eval()
-    x_all, y_all = next(iter(torch.utils.data.DataLoader(data.test, batch_size=len(data.test))))
-    x_all, y_all = x_all[:limit], y_all[:limit]
-    if tuple(x_all.shape[1:]) != ref.in_shape:
-        if int(np.prod(x_all.shape[1:])) != int(np.prod(ref.in_shape)):
-            raise ShapeError(f"data {data.name} has inputs {tuple(x_all.shape[1:])}, the imported graph takes {ref.in_shape}")
-        x_all = x_all.reshape(len(x_all), *ref.in_shape)
-    runnable = get_target(target).compile(export_dir, load_profile(device or "cpu"))
-    logits, ref_logits, mismatches, total, seconds = [], [], 0, 0, 0.0
-    for i in range(0, len(x_all), batch_size):
-        x = direct_encode(x_all[i:i + batch_size], ref.timesteps) if x_all.dim() == 4 else \
-            x_all[i:i + batch_size].unsqueeze(0).expand(ref.timesteps, *x_all[i:i + batch_size].shape).contiguous()
-        res = runnable.run(x.numpy())
-        seconds += res.seconds
-        with torch.no_grad():
-            rl, rv = ref(x)
-        logits.append(torch.as_tensor(np.asarray(res.logits)))
-        ref_logits.append(rl)
-        if res.spikes is not None and ref.spiking:
-            spikes = torch.as_tensor(np.asarray(res.spikes))[:, :, 0]
-            mismatches += int((spikes != rv).sum())
-            total += rv.numel()
-    logits, ref_logits = torch.cat(logits), torch.cat(ref_logits)
-    return {"target": target, "samples": len(x_all), "spike_mismatches": mismatches, "spikes_total": total,
-            "logits_max_abs_error": float((logits - ref_logits).abs().max()),
-            "accuracy": float((logits.argmax(-1) == y_all).float().mean()), "run_seconds": seconds}

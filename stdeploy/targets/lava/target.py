@@ -85,7 +85,8 @@ class LavaRunnable:
                     acc = torch.from_numpy(r) if acc is None else acc + torch.from_numpy(r)
                 outputs[out_name] = acc
             logits = outputs["logits"].mean(dim=0).numpy() if "logits" in outputs else None
-            spikes = outputs["spikes"].transpose(-1, -2).numpy() if "spikes" in outputs else None
+            spikes = outputs.get("spikes")  # tokens (T, B, D, N) -> (T, B, N, D); per-neuron vectors (T, B, F) stay
+            spikes = None if spikes is None else (spikes.transpose(-1, -2) if spikes.dim() == 4 else spikes).numpy()
         info = {**self.info, **meta, "steps": timesteps + int(self.plan["depth"]), "outputs": {k: v.numpy() for k, v in outputs.items()}}
         return RunResult(logits=logits, spikes=spikes, seconds=t.seconds, info=info)
 
