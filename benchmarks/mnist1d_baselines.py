@@ -14,7 +14,7 @@ quarter of the cost). Both train with AdamW, a cosine schedule and the same batc
 ``--train-limit`` cuts the training split for a quick look. The gap between them is what spiking
 costs at this size; issue 21 lists the published baselines (logistic regression, MLP, GRU, CNN).
 
-``--jobs N`` trains N of the (seed, model) runs at once, each in its own process on one thread;
+``--jobs N`` trains N of the (seed, model) runs at once, each in its own process (``--threads``);
 the results are the same as one after the other (each run is seeded on its own), only the wall
 times differ: a run's ``seconds`` is its own wall time while it shared the cores. ``--md`` writes
 the Markdown table (per-seed accuracies, mean ± standard deviation, the gap, firing rates per
@@ -94,7 +94,8 @@ def load_data(args):
 
 
 def run_one(args, seed: int, kind: str, threads: int | None = None) -> dict:
-    """Train one model (``"spiking"`` or the twin) with one seed; its figures."""
+    """Train one model (``"spiking"`` or the twin) with one seed; its figures. With ``--save DIR``
+    the run checkpoints after every epoch to ``DIR/seed<seed>-<kind>`` (its history so far included)."""
     if threads:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # denormal floats can slow a CPU run of a small model by more than an order of magnitude
@@ -104,7 +105,8 @@ def run_one(args, seed: int, kind: str, threads: int | None = None) -> dict:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       seed=seed, device=args.device)
     t0 = time.perf_counter()
-    result = train(model, data, cfg, None, progress=not args.quiet and not threads)
+    out = Path(args.save) / f"seed{seed}-{kind}" if args.save else None
+    result = train(model, data, cfg, out, progress=not args.quiet and not threads)
     entry = {"test_accuracy": result.test_accuracy, "best_test_accuracy": max(h["test_accuracy"] for h in result.history),
              "history": [round(h["test_accuracy"], 4) for h in result.history],
              "params": params(model), "timesteps": model.cfg.timesteps, "epochs": result.epochs,
@@ -117,6 +119,18 @@ def run_one(args, seed: int, kind: str, threads: int | None = None) -> dict:
     print(f"seed {seed} {kind:<8} test {entry['test_accuracy']:.4f} (best {entry['best_test_accuracy']:.4f}) "
           f"params {entry['params']} T={entry['timesteps']} {entry['seconds']} s", flush=True)
     return entry
+
+
+def summarize(records: list[dict], twin: str) -> dict:
+    """Mean and standard deviation over the seeds of each model's test accuracy and of the paired
+    gap (spiking - twin, per seed)."""
+    summary = {}
+    for kind in ("spiking", twin):
+        m, s = mean_std([r[kind]["test_accuracy"] for r in records])
+        summary[kind] = {"mean": m, "std": s, "params": records[0][kind]["params"]}
+    gaps = [r["spiking"]["test_accuracy"] - r[twin]["test_accuracy"] for r in records]
+    summary["spiking_minus_twin"] = dict(zip(("mean", "std"), mean_std(gaps)))
+    return summary
 
 
 def machine() -> str:
@@ -140,20 +154,15 @@ def run(args) -> dict:
     if args.jobs > 1:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            futures = {job: pool.submit(run_one, args, *job, 1) for job in jobs}
+            futures = {job: pool.submit(run_one, args, *job, args.threads) for job in jobs}
             done = {job: f.result() for job, f in futures.items()}
     else:
         done = {job: run_one(args, *job) for job in jobs}
     records = [{"seed": seed, **{kind: done[seed, kind] for kind in kinds}} for seed in range(args.seeds)]
-    summary = {}
-    for kind in kinds:
-        m, s = mean_std([r[kind]["test_accuracy"] for r in records])
-        summary[kind] = {"mean": m, "std": s, "params": records[0][kind]["params"]}
-    gaps = [r["spiking"]["test_accuracy"] - r[args.twin]["test_accuracy"] for r in records]
-    summary["spiking_minus_twin"] = dict(zip(("mean", "std"), mean_std(gaps)))
+    summary = summarize(records, args.twin)
     return {"model": args.model, "twin": args.twin, "seeds": args.seeds, "epochs": args.epochs, "batch_size": args.batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "train_samples": len(data.train), "test_samples": len(data.test),
-            "threads": 1 if args.jobs > 1 else torch.get_num_threads(), "jobs": args.jobs,
+            "threads": args.threads if args.jobs > 1 else torch.get_num_threads(), "jobs": args.jobs,
             "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
             "command": "python benchmarks/mnist1d_baselines.py " + " ".join(args.argv),
             "summary": summary, "records": records}
@@ -200,14 +209,16 @@ def main(argv=None) -> int:
     ap.add_argument("--train-limit", type=int, default=None, help="only the first N training sequences (a quick look)")
     ap.add_argument("--cache", default=None, help="MNIST-1D cache folder (default: $STDEPLOY_CACHE_DIR/mnist1d or ~/.cache)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process on one thread")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each process under --jobs")
+    ap.add_argument("--save", default=None, help="folder for each run's checkpoint, written after every epoch")
     ap.add_argument("--out", default=None, help="JSON record of every seed (written atomically)")
     ap.add_argument("--md", default=None, help="Markdown table of the results (written atomically)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.seeds < 1 or args.epochs < 1 or args.jobs < 1:
-        print("mnist1d_baselines: --seeds, --epochs and --jobs must be >= 1", file=sys.stderr)
+    if args.seeds < 1 or args.epochs < 1 or args.jobs < 1 or args.threads < 1:
+        print("mnist1d_baselines: --seeds, --epochs, --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
     try:
         report = run(args)
