@@ -184,6 +184,13 @@ def markdown(report: dict) -> str:
                      + " | ".join(pct(r[kind]["test_accuracy"]) for r in recs)
                      + f" | {pct(s[kind]['mean'])} ± {pct(s[kind]['std'])} | "
                      + ", ".join(f"{r[kind]['seconds']:.0f}" for r in recs) + " |")
+    if all("history" in r[kind] for r in recs for kind in ("spiking", twin)):
+        epochs = len(recs[0]["spiking"]["history"])
+        lines += ["", "Test accuracy by epoch (mean over the seeds, %):", "",
+                  "| epoch | " + " | ".join(str(e + 1) for e in range(epochs)) + " |", "|---|" + "---|" * epochs]
+        for kind in ("spiking", twin):
+            lines.append(f"| {kind} | " + " | ".join(pct(statistics.mean(r[kind]["history"][e] for r in recs))
+                                                   for e in range(epochs)) + " |")
     gap = s["spiking_minus_twin"]
     lines += ["", f"Cost of spiking (spiking - {twin}, paired by seed): {gap['mean'] * 100:+.1f} ± {gap['std'] * 100:.1f} points.", "",
               f"Firing rates of the spiking model (mean spike probability per neuron and step, first {RATE_SAMPLES} test sequences):", "",
@@ -214,9 +221,22 @@ def main(argv=None) -> int:
     ap.add_argument("--save", default=None, help="folder for each run's checkpoint, written after every epoch")
     ap.add_argument("--out", default=None, help="JSON record of every seed (written atomically)")
     ap.add_argument("--md", default=None, help="Markdown table of the results (written atomically)")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only write --md from a record written by --out")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        if not args.md:
+            print("mnist1d_baselines: --render needs --md", file=sys.stderr)
+            return 2
+        try:
+            report = json.loads(Path(args.render).read_text())
+        except (OSError, ValueError) as err:
+            print(f"mnist1d_baselines: --render {args.render}: {err}", file=sys.stderr)
+            return 2
+        atomic_write_text(args.md, markdown(report))
+        print(f"table: {args.md}")
+        return 0
     if args.seeds < 1 or args.epochs < 1 or args.jobs < 1 or args.threads < 1:
         print("mnist1d_baselines: --seeds, --epochs, --jobs and --threads must be >= 1", file=sys.stderr)
         return 2

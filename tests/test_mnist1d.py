@@ -243,7 +243,8 @@ def test_baseline_table_states_every_seed_the_paired_gap_and_each_layers_rate(mo
     assert all(r > 0 for r in rates.values())
 
     def entry(acc, kind):
-        e = {"test_accuracy": acc, "params": 76234, "timesteps": 4 if kind == "spiking" else 1, "seconds": 12.0}
+        e = {"test_accuracy": acc, "params": 76234, "timesteps": 4 if kind == "spiking" else 1, "seconds": 12.0,
+             "history": [acc - 0.1, acc]}
         return {**e, "firing_rates": rates, "mean_firing_rate": sum(rates.values()) / len(rates)} if kind == "spiking" else e
 
     records = [{"seed": i, "spiking": entry(a, "spiking"), "relu": entry(b, "relu")}
@@ -258,6 +259,7 @@ def test_baseline_table_states_every_seed_the_paired_gap_and_each_layers_rate(mo
     assert "| spiking | 4 | 76,234 | 90.0 | 95.0 | 92.5 ± 3.5 | 12, 12 |" in table
     assert "| relu | 1 | 76,234 | 97.0 | 98.0 | 97.5 ± 0.7 |" in table
     assert "paired by seed): -5.0 ± 2.8 points" in table
+    assert "| spiking | 82.5 | 92.5 |" in table and "| relu | 87.5 | 97.5 |" in table   # by epoch, mean over seeds
     for name, rate in rates.items():
         assert f"| {name} | {rate:.3f} | {rate:.3f} |" in table
     assert "Command: `python x.py`" in table and "cores" in table
