@@ -15,8 +15,8 @@ quarter of the cost). Both train with AdamW, a cosine schedule and the same batc
 costs at this size; issue 21 lists the published baselines (logistic regression, MLP, GRU, CNN).
 
 ``--jobs N`` trains N of the (seed, model) runs at once, each in its own process (``--threads``);
-the results are the same as one after the other (each run is seeded on its own), only the wall
-times differ: a run's ``seconds`` is its own wall time while it shared the cores. ``--md`` writes
+the same runs as one after the other (each is seeded on its own; only float rounding can differ
+with the thread count); a run's ``seconds`` is its own wall time while it shared the cores. ``--md`` writes
 the Markdown table (per-seed accuracies, mean ± standard deviation, the gap, firing rates per
 layer, parameters, epochs, wall times, machine and command).
 """
