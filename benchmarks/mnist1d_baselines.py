@@ -3,7 +3,7 @@ trained the same way, several seeds; firing rates of the spiking model. Prints a
 a JSON record (atomically) with every seed's figures.
 
     .venv/bin/python benchmarks/mnist1d_baselines.py [--model sdt-1d-tiny] [--seeds 3] [--epochs 40]
-        [--batch-size 128] [--lr 2e-3] [--out runs/mnist1d-baselines.json]
+        [--batch-size 128] [--lr 2e-3] [--jobs 3] [--out runs/mnist1d-baselines.json] [--md table.md]
 
 The twin (``--twin relu``, the default) is the same network with every LIF replaced by a ReLU:
 the same layers and parameter count (an sLIF model's thresholds and leaks aside), the same
@@ -13,12 +13,22 @@ gives the same output at every step, so the twin runs at T = 1 (the same functio
 quarter of the cost). Both train with AdamW, a cosine schedule and the same batches (same seed);
 ``--train-limit`` cuts the training split for a quick look. The gap between them is what spiking
 costs at this size; issue 21 lists the published baselines (logistic regression, MLP, GRU, CNN).
+
+``--jobs N`` trains N of the (seed, model) runs at once, each in its own process (``--threads``);
+the same runs as one after the other (each is seeded on its own; only float rounding can differ
+with the thread count); a run's ``seconds`` is its own wall time while it shared the cores. ``--md`` writes
+the Markdown table (per-seed accuracies, mean ± standard deviation, the gap, firing rates per
+layer, parameters, epochs, wall times, machine and command).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
+import os
+import platform
 import statistics
 import sys
 import time
@@ -76,41 +86,122 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def run(args) -> dict:
+def load_data(args):
     data = load_dataset("mnist1d", args.cache)
     if args.train_limit:
         data = type(data)(**{**data.__dict__, "train": torch.utils.data.Subset(data.train, range(args.train_limit))})
-    records = []
-    for seed in range(args.seeds):
-        row = {"seed": seed}
-        for kind in ("spiking", args.twin):
-            torch.manual_seed(seed)
-            model = build_model(args.model) if kind == "spiking" else relu_twin(args.model)
-            cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                              seed=seed, device=args.device)
-            t0 = time.perf_counter()
-            result = train(model, data, cfg, None, progress=not args.quiet)
-            entry = {"test_accuracy": result.test_accuracy, "best_test_accuracy": max(h["test_accuracy"] for h in result.history),
-                     "params": params(model), "timesteps": model.cfg.timesteps, "epochs": result.epochs,
-                     "seconds": round(time.perf_counter() - t0, 1)}
-            if kind == "spiking":
-                rates = firing_rates(model, data.test)
-                entry["firing_rates"] = rates
-                entry["mean_firing_rate"] = statistics.mean(rates.values())
-                entry["silent_layers"] = [n for n, r in rates.items() if r == 0]
-            row[kind] = entry
-            print(f"seed {seed} {kind:<8} test {entry['test_accuracy']:.4f} (best {entry['best_test_accuracy']:.4f}) "
-                  f"params {entry['params']} T={entry['timesteps']} {entry['seconds']} s", flush=True)
-        records.append(row)
+    return data
+
+
+def run_one(args, seed: int, kind: str, threads: int | None = None) -> dict:
+    """Train one model (``"spiking"`` or the twin) with one seed; its figures. With ``--save DIR``
+    the run checkpoints after every epoch to ``DIR/seed<seed>-<kind>`` (its history so far included)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # denormal floats can slow a CPU run of a small model by more than an order of magnitude
+    data = load_data(args)
+    torch.manual_seed(seed)
+    model = build_model(args.model) if kind == "spiking" else relu_twin(args.model)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      seed=seed, device=args.device)
+    t0 = time.perf_counter()
+    out = Path(args.save) / f"seed{seed}-{kind}" if args.save else None
+    result = train(model, data, cfg, out, progress=not args.quiet and not threads)
+    entry = {"test_accuracy": result.test_accuracy, "best_test_accuracy": max(h["test_accuracy"] for h in result.history),
+             "history": [round(h["test_accuracy"], 4) for h in result.history],
+             "params": params(model), "timesteps": model.cfg.timesteps, "epochs": result.epochs,
+             "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
+    if kind == "spiking":
+        rates = firing_rates(model, data.test)
+        entry["firing_rates"] = rates
+        entry["mean_firing_rate"] = statistics.mean(rates.values())
+        entry["silent_layers"] = [n for n, r in rates.items() if r == 0]
+    print(f"seed {seed} {kind:<8} test {entry['test_accuracy']:.4f} (best {entry['best_test_accuracy']:.4f}) "
+          f"params {entry['params']} T={entry['timesteps']} {entry['seconds']} s", flush=True)
+    return entry
+
+
+def summarize(records: list[dict], twin: str) -> dict:
+    """Mean and standard deviation over the seeds of each model's test accuracy and of the paired
+    gap (spiking - twin, per seed)."""
     summary = {}
-    for kind in ("spiking", args.twin):
+    for kind in ("spiking", twin):
         m, s = mean_std([r[kind]["test_accuracy"] for r in records])
         summary[kind] = {"mean": m, "std": s, "params": records[0][kind]["params"]}
-    gaps = [r["spiking"]["test_accuracy"] - r[args.twin]["test_accuracy"] for r in records]
+    gaps = [r["spiking"]["test_accuracy"] - r[twin]["test_accuracy"] for r in records]
     summary["spiking_minus_twin"] = dict(zip(("mean", "std"), mean_std(gaps)))
+    return summary
+
+
+def machine() -> str:
+    """The CPU model and core count of this machine."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical cores"
+
+
+def run(args) -> dict:
+    data = load_data(args)
+    kinds = ("spiking", args.twin)
+    jobs = [(seed, kind) for kind in kinds for seed in range(args.seeds)]  # the long (spiking) runs first
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = {job: pool.submit(run_one, args, *job, args.threads) for job in jobs}
+            done = {job: f.result() for job, f in futures.items()}
+    else:
+        done = {job: run_one(args, *job) for job in jobs}
+    records = [{"seed": seed, **{kind: done[seed, kind] for kind in kinds}} for seed in range(args.seeds)]
+    summary = summarize(records, args.twin)
     return {"model": args.model, "twin": args.twin, "seeds": args.seeds, "epochs": args.epochs, "batch_size": args.batch_size,
             "lr": args.lr, "weight_decay": args.weight_decay, "train_samples": len(data.train), "test_samples": len(data.test),
-            "threads": torch.get_num_threads(), "summary": summary, "records": records}
+            "threads": args.threads if args.jobs > 1 else torch.get_num_threads(), "jobs": args.jobs,
+            "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
+            "command": "python benchmarks/mnist1d_baselines.py " + " ".join(args.argv),
+            "summary": summary, "records": records}
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table (module docstring)."""
+    twin, recs, s = report["twin"], report["records"], report["summary"]
+    pct = lambda x: f"{x * 100:.1f}"  # noqa: E731
+    lines = [f"# MNIST-1D dense baselines: {report['model']} and its {twin} twin", "",
+             f"{report['seeds']} seeds, {report['epochs']} epochs, batch {report['batch_size']}, AdamW lr {report['lr']} "
+             f"(weight decay {report['weight_decay']}), cosine schedule; {report['train_samples']} training / "
+             f"{report['test_samples']} test sequences. Test accuracy after the last epoch (%).", "",
+             "| model | T | params | " + " | ".join(f"seed {r['seed']}" for r in recs) + " | mean ± std | wall time per run (s) |",
+             "|---|---|---|" + "---|" * len(recs) + "---|---|"]
+    for kind in ("spiking", twin):
+        first = recs[0][kind]
+        lines.append(f"| {kind} | {first['timesteps']} | {first['params']:,} | "
+                     + " | ".join(pct(r[kind]["test_accuracy"]) for r in recs)
+                     + f" | {pct(s[kind]['mean'])} ± {pct(s[kind]['std'])} | "
+                     + ", ".join(f"{r[kind]['seconds']:.0f}" for r in recs) + " |")
+    if all("history" in r[kind] for r in recs for kind in ("spiking", twin)):
+        epochs = len(recs[0]["spiking"]["history"])
+        lines += ["", "Test accuracy by epoch (mean over the seeds, %):", "",
+                  "| epoch | " + " | ".join(str(e + 1) for e in range(epochs)) + " |", "|---|" + "---|" * epochs]
+        for kind in ("spiking", twin):
+            lines.append(f"| {kind} | " + " | ".join(pct(statistics.mean(r[kind]["history"][e] for r in recs))
+                                                   for e in range(epochs)) + " |")
+    gap = s["spiking_minus_twin"]
+    lines += ["", f"Cost of spiking (spiking - {twin}, paired by seed): {gap['mean'] * 100:+.1f} ± {gap['std'] * 100:.1f} points.", "",
+              f"Firing rates of the spiking model (mean spike probability per neuron and step, first {RATE_SAMPLES} test sequences):", "",
+              "| layer | " + " | ".join(f"seed {r['seed']}" for r in recs) + " |", "|---|" + "---|" * len(recs)]
+    for name in recs[0]["spiking"]["firing_rates"]:
+        lines.append(f"| {name} | " + " | ".join(f"{r['spiking']['firing_rates'][name]:.3f}" for r in recs) + " |")
+    lines.append("| mean | " + " | ".join(f"{r['spiking']['mean_firing_rate']:.3f}" for r in recs) + " |")
+    lines += ["", f"Machine: {report['machine']}; {report['jobs']} run(s) at once, "
+              f"{report['threads']} torch thread(s) each, on cores shared with other jobs (wall times are indicative). "
+              f"Whole command: {report['wall_seconds'] / 60:.0f} min.", "", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -125,13 +216,30 @@ def main(argv=None) -> int:
     ap.add_argument("--train-limit", type=int, default=None, help="only the first N training sequences (a quick look)")
     ap.add_argument("--cache", default=None, help="MNIST-1D cache folder (default: $STDEPLOY_CACHE_DIR/mnist1d or ~/.cache)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each process under --jobs")
+    ap.add_argument("--save", default=None, help="folder for each run's checkpoint, written after every epoch")
     ap.add_argument("--out", default=None, help="JSON record of every seed (written atomically)")
+    ap.add_argument("--md", default=None, help="Markdown table of the results (written atomically)")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only write --md from a record written by --out")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1:
-        print("mnist1d_baselines: --seeds and --epochs must be >= 1", file=sys.stderr)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        if not args.md:
+            print("mnist1d_baselines: --render needs --md", file=sys.stderr)
+            return 2
+        try:
+            report = json.loads(Path(args.render).read_text())
+        except (OSError, ValueError) as err:
+            print(f"mnist1d_baselines: --render {args.render}: {err}", file=sys.stderr)
+            return 2
+        atomic_write_text(args.md, markdown(report))
+        print(f"table: {args.md}")
+        return 0
+    if args.seeds < 1 or args.epochs < 1 or args.jobs < 1 or args.threads < 1:
+        print("mnist1d_baselines: --seeds, --epochs, --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
-    torch.set_flush_denormal(True)  # denormal floats can slow a CPU run of a small model by more than an order of magnitude
     try:
         report = run(args)
     except ConfigError as err:  # the library's errors are ValueErrors with one line
@@ -149,6 +257,9 @@ def main(argv=None) -> int:
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1))
         print(f"record: {args.out}")
+    if args.md:
+        atomic_write_text(args.md, markdown(report))
+        print(f"table: {args.md}")
     return 0
 
 

@@ -229,3 +229,37 @@ def test_tvm_cpu_runs_the_1d_preset_spike_exact(models, inputs, tmp_path):
     assert result.spikes.shape == (4, 8, 20, 64) and float(ref_spikes.mean()) > 0.01
     assert int((result.spikes != ref_spikes.numpy()).sum()) == 0
     np.testing.assert_allclose(result.logits, ref_logits.numpy(), rtol=0, atol=1e-5)
+
+
+def test_baseline_table_states_every_seed_the_paired_gap_and_each_layers_rate(models, mnist1d):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist1d_baselines.py"
+    spec = importlib.util.spec_from_file_location("mnist1d_baselines", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rates = script.firing_rates(models["sdt-1d-tiny"][0], mnist1d.test, samples=16)
+    assert all(r > 0 for r in rates.values())
+
+    def entry(acc, kind):
+        e = {"test_accuracy": acc, "params": 76234, "timesteps": 4 if kind == "spiking" else 1, "seconds": 12.0,
+             "history": [acc - 0.1, acc]}
+        return {**e, "firing_rates": rates, "mean_firing_rate": sum(rates.values()) / len(rates)} if kind == "spiking" else e
+
+    records = [{"seed": i, "spiking": entry(a, "spiking"), "relu": entry(b, "relu")}
+               for i, (a, b) in enumerate([(0.90, 0.97), (0.95, 0.98)])]
+    summary = script.summarize(records, "relu")
+    assert summary["spiking"]["mean"] == pytest.approx(0.925) and summary["spiking"]["std"] == pytest.approx(0.0354, abs=1e-4)
+    assert summary["spiking_minus_twin"]["mean"] == pytest.approx(-0.05)   # paired by seed: -0.07 and -0.03
+    report = {"model": "sdt-1d-tiny", "twin": "relu", "seeds": 2, "epochs": 3, "batch_size": 128, "lr": 2e-3,
+              "weight_decay": 0.0, "train_samples": 512, "test_samples": 64, "records": records, "summary": summary,
+              "machine": script.machine(), "jobs": 2, "threads": 1, "wall_seconds": 60.0, "command": "python x.py"}
+    table = script.markdown(report)
+    assert "| spiking | 4 | 76,234 | 90.0 | 95.0 | 92.5 ± 3.5 | 12, 12 |" in table
+    assert "| relu | 1 | 76,234 | 97.0 | 98.0 | 97.5 ± 0.7 |" in table
+    assert "paired by seed): -5.0 ± 2.8 points" in table
+    assert "| spiking | 82.5 | 92.5 |" in table and "| relu | 87.5 | 97.5 |" in table   # by epoch, mean over seeds
+    for name, rate in rates.items():
+        assert f"| {name} | {rate:.3f} | {rate:.3f} |" in table
+    assert "Command: `python x.py`" in table and "cores" in table
