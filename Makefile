@@ -33,8 +33,12 @@ $(STAMP): pyproject.toml constraints.txt stdeploy/install_lava.py Makefile
 demo: $(STAMP)
 	$(PY) -m stdeploy.demo
 
+# Two pytest-xdist workers, whole files each (module fixtures built once; tests/conftest.py shares
+# the session's trained model between workers and starts the heaviest files first). TEST_WORKERS=0
+# runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs

@@ -12,6 +12,10 @@ Fixtures
   spiking layers checked to fire; ``exported_sdt``: that model's export directory (NIR + ONNX +
   reference + manifest), validated on 64 test images, also once per run.
 
+Parallel runs (``make test`` runs ``pytest -n 2 --dist loadfile``, pytest-xdist): each file runs whole
+on one worker, so a module-scoped fixture is built once; a session fixture that trains is built by
+the first worker that needs it and loaded by the others (:func:`shared_across_workers`).
+
 Optional backends (``@pytest.mark.tvm``, ``@pytest.mark.lava``, e.g. ``pytestmark = pytest.mark.tvm``)
 - not installed: the test skips, except where ``CI`` is set (CI runs with ``CI=true``; ``make test``
   installs both): there a missing backend fails the test;
@@ -21,6 +25,7 @@ Optional backends (``@pytest.mark.tvm``, ``@pytest.mark.lava``, e.g. ``pytestmar
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import importlib.util
 import os
 import sys
@@ -122,6 +127,64 @@ def offline_pip() -> list[str]:
     return ["--no-index", "--find-links", str(wheelhouse)]
 
 
+# ----------------------------------------------------------------------------- work shared by xdist workers
+def xdist_shared_dir(tmp_path_factory) -> Path | None:
+    """The run's temporary folder that every pytest-xdist worker sees (``make test`` runs ``-n 2``), or
+    ``None`` in a plain run (one process: a session fixture is computed once anyway)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return None
+    return tmp_path_factory.getbasetemp().parent  # workers' basetemps are <run>/popen-gwN
+
+
+HEAVY_MARKERS = ("slow", "tvm", "lava")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker gets its share of the cores (usable cores // workers, at least
+    one) for torch and, unless set already, for the OpenMP/TVM pools of the processes it starts:
+    two workers each running two threads on two cores would fight over them."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None or workers is None:
+        return
+    share = max(1, len(os.sched_getaffinity(0)) // int(workers))
+    torch.set_num_threads(share)
+    for var in ("OMP_NUM_THREADS", "TVM_NUM_THREADS"):
+        os.environ.setdefault(var, str(share))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, files with the most ``slow``/``tvm``/``lava`` tests first (then the files with
+    the most tests), so the long files start early and the two workers finish together (``make test``
+    passes ``--no-loadscope-reorder`` so xdist keeps this order). A plain run keeps pytest's order."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
+    heavy: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        count[path] = count.get(path, 0) + 1
+        heavy[path] = heavy.get(path, 0) + any(item.get_closest_marker(m) for m in HEAVY_MARKERS)
+    rank = {path: i for i, path in enumerate(sorted(count, key=lambda p: (-heavy[p], -count[p])))}
+    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
+
+
+def shared_across_workers(tmp_path_factory, name: str, compute):
+    """``compute()`` once per test run: under pytest-xdist the first worker to ask computes it and
+    saves it (``torch.save``) in the run's shared folder under a file lock; the others wait and load
+    it. In a plain run, ``compute()`` is returned as is."""
+    shared = xdist_shared_dir(tmp_path_factory)
+    if shared is None:
+        return compute()
+    path = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.exists():
+            partial = shared / f"{name}.partial"
+            torch.save(compute(), partial)
+            partial.replace(path)  # a worker that dies mid-save leaves no half-written file
+        return torch.load(path, weights_only=True)
+
+
 # ----------------------------------------------------------------------------- one trained sdt-tiny per run
 def head_firing_rate(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Mean firing rate of every LIF of ``model`` on ``x`` (T, B, C, H, W)."""
@@ -133,7 +196,7 @@ def head_firing_rate(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float
 
 
 @pytest.fixture(scope="session")
-def trained_sdt(digits_subset):
+def trained_sdt(digits_subset, tmp_path_factory):
     """``(model, data)``: sdt-tiny trained two epochs (batch 16, lr 5e-3, seed 0) on 480 digits, about
     85% test accuracy; every spiking layer fires on the test images (checked here), so spike
     comparisons made with it mean something. Shared: tests must not modify it (clone it)."""
@@ -144,9 +207,15 @@ def trained_sdt(digits_subset):
     torch.set_num_threads(1)
     try:
         data = digits_subset(SDT_TRAIN_IMAGES, SDT_TEST_IMAGES)
-        torch.manual_seed(0)
+
+        def fit() -> dict:
+            torch.manual_seed(0)
+            model = build_model("sdt-tiny")
+            train(model, data, TrainConfig(epochs=2, batch_size=16, lr=5e-3), None, progress=False)
+            return model.state_dict()
+
         model = build_model("sdt-tiny")
-        train(model, data, TrainConfig(epochs=2, batch_size=16, lr=5e-3), None, progress=False)
+        model.load_state_dict(shared_across_workers(tmp_path_factory, "sdt-tiny.pt", fit))
         model.eval()
         images = torch.stack([data.test[i][0] for i in range(SDT_TEST_IMAGES)])
         rates = head_firing_rate(model, direct_encode(images, model.cfg.timesteps))
