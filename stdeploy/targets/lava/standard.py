@@ -1,0 +1,277 @@
+"""The NIR graph lowered to Lava's own standard processes, run as the chip runs: one sample at a
+time (batch 1), the samples of a call streamed back to back through one network.
+
+Contract
+--------
+:func:`lower_standard` turns a checked graph (:func:`.graph.analyse`) into a *standard plan*:
+plain, picklable data naming only processes that ship with lava-nc 0.10:
+
+* every ``LIF`` and ``Threshold`` node -> one ``lava.proc.lif.process.LIFReset`` population of
+  ``prod(shape)`` neurons (channel-first shapes flattened in C order, as NIR's ``Flatten``; so
+  reshapes cost nothing). A LIF with ``d = float32(dt/tau)``: ``du = 1`` (``u = a_in``), ``dv = d``,
+  ``vth = v_threshold``, ``bias_mant = d * b`` where ``b`` sums the biases of the synaptic terms:
+  Lava's ``v = v*(1-dv) + a_in + bias`` is NIR's ``v += d*(W x + b - v)`` when the incoming weights
+  are ``d * W``. A ``Threshold`` is ``du = dv = 1`` (``v = a_in + bias``: memoryless), ``vth =
+  threshold``. Lava's LIF takes scalar ``du``, ``dv``, ``vth``: populations whose values vary per
+  neuron (sLIF) are refused (:class:`~.graph.LavaUnsupported`), not approximated;
+* every synaptic node (``Conv2d``, ``Conv1d``, ``Linear``, ``Affine``, ``SumPool2d``) -> its exact
+  weight matrix ``(out, in)`` (the node applied to one-hot inputs: every entry is one weight, so the
+  unrolling is exact), held by ``lava.proc.dense.process.Dense`` or, at most
+  :data:`SPARSE_DENSITY` nonzeros (convolutions, token-wise layers, pruned layers),
+  ``lava.proc.sparse.process.Sparse``. Chains of synaptic nodes (the head's token mean then the
+  classifier) are composed into one matrix. A spike edge straight into a population (the residual
+  stream, the AND units) is an identity matrix (a synapse is the only way into a compartment);
+* where terms of different synaptic depth meet, the shorter term is delayed by the difference
+  (Loihi 2 holds 0-63 steps): a spike edge (an identity) becomes a ``DelaySparse`` with every
+  synapse delayed; a layer's matrix stays an undelayed ``Dense``/``Sparse`` fed by a *relay*
+  population (``LIFReset`` with ``du = dv = 1``, ``vth = 0.5``: spike in, spike out) behind a
+  delayed identity, one relay per source and lag. (Lava's float ``DelayDense``/``DelaySparse``
+  models expand their whole matrix once per delay value in every step: about 0.45 s a step for
+  sdt-tiny's 1024 x 1024 position-embedding convolution behind a 7-step delay. Loihi 2 could hold
+  those delays in the synapses; the relays cost neurons instead, and the resource report counts
+  them.) The graded input cannot be delayed (Lava's delayed synapses take binary spikes);
+* the input -> ``lava.proc.io.source.RingBuffer`` (graded: ``num_message_bits = 24`` on the first
+  synapses); every Output term -> ``lava.proc.io.sink.RingBuffer`` on a population's spikes or on a
+  synapse's graded output, whose bias (the classifier's) is added on the host.
+
+Delays and streaming
+--------------------
+A synapse delays by one step (``Dense`` sends the activation of the previous step); a population
+at latency ``L`` (synapses on its longest path from the input) receives frame ``f`` at simulation
+step ``f + 1 + L``. A call with ``B`` samples of ``T`` frames runs ``B*T + depth`` steps; every
+population resets ``u`` and ``v`` at the first frame of each sample (``LIFReset`` with
+``reset_interval = T``, ``reset_offset = (1 + L) mod T``), so the samples do not see each other
+and what the pipeline's fill steps integrate (biases) is discarded. A sink reads frame ``f`` at
+index ``f + latency``.
+
+Precision
+---------
+Lava's float models (``PyDenseModelFloat``, ``PySparseModelFloat``, ``PyLifResetModelFloat``)
+compute in float64, with ``d`` folded into the weights and the terms of a population summed by
+Lava in its own order; the reference interpreter computes in float32. A membrane within float32
+rounding of the threshold can therefore fire on one side and not the other (then the neuron's
+later steps differ too): spikes are compared with a tolerance
+(:data:`SPIKE_AGREEMENT`), logits with :data:`LOGITS_ATOL` where every spike agrees.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from ...export.nir_interpreter import EVALUATORS, EvalContext
+from .graph import NEURONS, SYNAPSES, VIEWS, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
+
+__all__ = ["SPARSE_DENSITY", "SPIKE_AGREEMENT", "LOGITS_ATOL", "MAX_DELAY", "GRADED_BITS", "LAVA_PROCESSES",
+           "lower_standard", "synaptic_matrix", "process_classes"]
+
+SPARSE_DENSITY = 0.25     # a weight matrix with at most this fraction of nonzeros is held by Sparse
+SPIKE_AGREEMENT = 0.999   # float mode: at least this fraction of output spikes equal to the float32 reference
+LOGITS_ATOL = 1e-4        # float mode: logits (float64 sums of float32 weights) within this of the reference
+MAX_DELAY = 63            # Loihi 2: 6-bit synaptic delays, 0-63 steps (Lava's PyDelayDenseModelBitAcc docstring)
+GRADED_BITS = 24          # num_message_bits of synapses fed by the (graded) input
+
+# plan kinds -> the Lava process class each becomes (module path, class name)
+LAVA_PROCESSES = {
+    "source": "lava.proc.io.source.RingBuffer",
+    "sink": "lava.proc.io.sink.RingBuffer",
+    "population": "lava.proc.lif.process.LIFReset",
+    "dense": "lava.proc.dense.process.Dense",
+    "sparse": "lava.proc.sparse.process.Sparse",
+    "delay_dense": "lava.proc.dense.process.DelayDense",
+    "delay_sparse": "lava.proc.sparse.process.DelaySparse",
+}
+
+
+def synaptic_matrix(node, in_shape: tuple[int, ...], dt: float = 1.0, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """The exact matrix ``W (out, in)`` and bias ``b (out,)`` of synaptic node ``node`` on a flat
+    input of ``prod(in_shape)`` (C order): ``node(x) = W @ x + b``. Found by applying the reference
+    evaluator, bias zeroed, to one-hot inputs (each output entry is one weight times 1: exact) in
+    chunks; ``b`` is the node on a zero input."""
+    n_in = int(np.prod(in_shape))
+    evaluate = EVALUATORS[type(node)]
+    unbiased = copy.copy(node)
+    if getattr(node, "bias", None) is not None:
+        unbiased.bias = np.zeros_like(np.asarray(node.bias, np.float32))
+    with torch.no_grad():
+        zero = torch.zeros((1, *in_shape))
+        b = evaluate(node, zero, EvalContext(1, 1, dt, torch.device("cpu")))[0].reshape(-1).numpy().astype(np.float64)
+        cols = []
+        for lo in range(0, n_in, chunk):
+            hi = min(n_in, lo + chunk)
+            eye = torch.zeros((hi - lo, n_in))
+            eye[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+            y = evaluate(unbiased, eye.reshape(hi - lo, *in_shape), EvalContext(1, hi - lo, dt, torch.device("cpu")))
+            cols.append(y.reshape(hi - lo, -1).numpy().astype(np.float64))
+    w = np.concatenate(cols, axis=0).T
+    return np.ascontiguousarray(w), b
+
+
+class _Term:
+    """A synaptic path into a population: a spiking (or input) source, a matrix and a bias."""
+
+    def __init__(self, src: str, weight: np.ndarray, bias: np.ndarray, nodes: list[str]):
+        self.src, self.weight, self.bias, self.nodes = src, weight, bias, nodes
+
+
+def _terms_of(info: GraphInfo, name: str, cache: dict) -> list[_Term]:
+    """The synaptic paths into node ``name`` (a population or an Output), chains composed."""
+    g = info.graph
+    out = []
+    for src, _reshape in info.terms[name]:
+        kind = node_kind(g.nodes[src])
+        size = int(np.prod(info.shapes[src]))
+        if kind in NEURONS or kind == "Input":
+            out.append(_Term(src, None, np.zeros(size), []))  # weight None: the identity
+            continue
+        if kind not in SYNAPSES:
+            raise LavaUnsupported(f"{name}: input {src} ({kind}) has no standard-process lowering")
+        if src not in cache:
+            inner = _terms_of(info, src, cache)
+            if len(inner) != 1:
+                raise LavaUnsupported(f"{src} ({kind}): a synaptic layer of a sum of {len(inner)} terms has no standard-process "
+                                      "lowering (Lava's Dense takes one input)")
+            t = inner[0]
+            in_src = info.terms[src][0]
+            in_shape = in_src[1] or info.shapes[in_src[0]]
+            w, b = synaptic_matrix(g.nodes[src], tuple(in_shape), info.dt)
+            cache[src] = _Term(t.src, w if t.weight is None else w @ t.weight, w @ t.bias + b, t.nodes + [src])
+        out.append(cache[src])
+    return out
+
+
+def _matrix(w: np.ndarray | None, scale: float = 1.0, size: int = 0, sparse: bool = False) -> dict:
+    """``scale * w`` as plan data (``w`` None: the identity of ``size``): dense, or sparse parts
+    (rows, cols, values) where it is sparse enough or ``sparse`` (delayed terms: Lava's float
+    ``DelayDense`` model expands its whole matrix once per delay in every step)."""
+    if w is None:
+        idx = np.arange(size, dtype=np.int64)
+        return {"format": "sparse", "shape": (size, size), "rows": idx, "cols": idx, "values": np.full(size, float(scale)),
+                "nnz": size} if size > 1 else {"format": "dense", "shape": (size, size), "values": np.full((size, size), float(scale)),
+                                               "nnz": size}
+    w = scale * w
+    nnz = int(np.count_nonzero(w))
+    if sparse or nnz <= SPARSE_DENSITY * w.size:
+        rows, cols = np.nonzero(w)
+        return {"format": "sparse", "shape": w.shape, "rows": rows.astype(np.int64), "cols": cols.astype(np.int64),
+                "values": w[rows, cols], "nnz": nnz}
+    return {"format": "dense", "shape": w.shape, "values": w, "nnz": nnz}
+
+
+def _relay(pops: list, synapses: list, latency: dict, src: str, lag: int, size: int) -> str:
+    """The relay population that repeats ``src``'s spikes ``lag`` steps later (made once per
+    ``(src, lag)``): an identity synapse delayed ``lag - 1`` steps into ``LIFReset`` neurons with
+    ``du = dv = 1``, ``vth = 0.5`` (``v = a_in``: a spike in, a spike out; exact)."""
+    name = f"relay:{src}:{lag}"
+    if name not in latency:
+        latency[name] = latency[src] + lag
+        pops.append({"name": name, "node_kind": "relay", "size": size, "shape": (size,), "latency": latency[name],
+                     "du": 1.0, "dv": 1.0, "vth": 0.5, "bias": np.zeros(size)})
+        m = _matrix(None, 1.0, size)
+        synapses.append({"name": f"identity:{src}->{name}", "kind": ("delay_" if lag > 1 else "") + m["format"], "src": src,
+                         "dst": name, "matrix": m, "delay": lag - 1, "nodes": [], "graded": False})
+    return name
+
+
+def lower_standard(graph_or_info, mode: str = "floating") -> dict:
+    """The standard plan of a NIR graph (or its :class:`~.graph.GraphInfo`): populations,
+    synapses (matrices, delays), the source and the sinks, with latencies; see the module
+    docstring. Only float mode (Lava's float64 models) is lowered here."""
+    if mode != "floating":
+        raise LavaUnsupported(f"the standard-process lowering runs Lava's float models only; mode {mode!r} is not lowered "
+                              "(use lowering = \"exact\" for the fixed-point mode)")
+    info = graph_or_info if isinstance(graph_or_info, GraphInfo) else analyse(graph_or_info)
+    g = info.graph
+    cache: dict[str, _Term] = {}
+    latency = {info.input: 0}
+    pops, synapses, problems = [], [], []
+    for name in info.order:
+        node, kind = g.nodes[name], node_kind(g.nodes[name])
+        if kind not in NEURONS:
+            continue
+        terms = _terms_of(info, name, cache)
+        size = int(np.prod(info.shapes[name]))
+        if kind == "LIF":
+            d = decay(node, info.dt).astype(np.float64).reshape(-1)
+            vth = np.asarray(node.v_threshold, np.float32).astype(np.float64).reshape(-1)
+            bad = [p for p, a in (("tau", d), ("v_threshold", vth)) if not uniform(a)]
+            if bad:
+                problems.append(f"{name} (LIF): {', '.join(bad)} vary per neuron; Lava's LIF takes one du, dv, vth per population")
+                continue
+            d0 = float(d[0])
+            params = {"du": 1.0, "dv": d0, "vth": float(vth[0]), "scale": d0}
+        else:
+            th = np.asarray(node.threshold, np.float64).reshape(-1)
+            if not uniform(th):
+                problems.append(f"{name} (Threshold): thresholds vary per neuron; Lava's LIF takes one vth per population")
+                continue
+            params = {"du": 1.0, "dv": 1.0, "vth": float(th[0]), "scale": 1.0}
+        latency[name] = max(latency[t.src] + 1 for t in terms)
+        bias = np.zeros(size)
+        for t in terms:
+            bias = bias + t.bias
+        pops.append({"name": name, "node_kind": kind, "size": size, "shape": info.shapes[name], "latency": latency[name],
+                     "du": params["du"], "dv": params["dv"], "vth": params["vth"], "bias": params["scale"] * bias})
+        for t in terms:
+            lag = latency[name] - 1 - latency[t.src]
+            graded = node_kind(g.nodes[t.src]) == "Input"
+            if lag > MAX_DELAY:
+                problems.append(f"{name}: term from {t.src} needs a delay of {lag} steps; Loihi 2 holds at most {MAX_DELAY}")
+                continue
+            if lag > 0 and graded:
+                problems.append(f"{name}: the graded input reaches it {lag} step(s) early; Lava's delayed synapses carry "
+                                "binary spikes only")
+                continue
+            src = t.src
+            if lag > 0 and t.nodes:  # a layer's matrix behind a delay: delay the spikes into a relay instead
+                src = _relay(pops, synapses, latency, t.src, lag, int(np.prod(info.shapes[t.src])))
+                lag = 0
+            m = _matrix(t.weight, params["scale"], size, sparse=lag > 0)
+            synapses.append({"name": f"{'+'.join(t.nodes) or 'identity'}:{src}->{name}", "kind": ("delay_" if lag > 0 else "")
+                             + m["format"], "src": src, "dst": name, "matrix": m, "delay": lag, "nodes": t.nodes,
+                             "graded": graded})
+    if problems:
+        raise LavaUnsupported("cannot lower the NIR graph to Lava's standard processes: " + f"{len(problems)} problem(s):\n  - "
+                              + "\n  - ".join(problems))
+    outputs: dict[str, list[dict]] = {}
+    for name in info.order:
+        if node_kind(g.nodes[name]) != "Output":
+            continue
+        outs = []
+        for i, t in enumerate(_terms_of(info, name, cache)):
+            if not t.nodes:  # a population's spikes (or the input) straight to the sink
+                outs.append({"sink": f"sink:{name}:{i}", "src": t.src, "synapse": None, "latency": latency[t.src],
+                             "size": int(np.prod(info.shapes[t.src])), "bias": None})
+                continue
+            syn = {"name": f"{'+'.join(t.nodes)}:{t.src}->{name}", "kind": None, "src": t.src, "dst": f"sink:{name}:{i}",
+                   "matrix": _matrix(t.weight), "delay": 0, "nodes": t.nodes, "graded": node_kind(g.nodes[t.src]) == "Input"}
+            syn["kind"] = syn["matrix"]["format"]
+            synapses.append(syn)
+            outs.append({"sink": f"sink:{name}:{i}", "src": t.src, "synapse": syn["name"], "latency": latency[t.src] + 1,
+                         "size": t.weight.shape[0], "bias": t.bias})
+        outputs[name] = outs
+    depth = max([p["latency"] for p in pops] + [o["latency"] for outs in outputs.values() for o in outs] + [0])
+    in_size = int(np.prod(info.shapes[info.input]))
+    return {"lowering": "standard", "mode": "float", "input": info.input, "in_shape": info.shapes[info.input],
+            "in_size": in_size, "populations": pops, "synapses": synapses, "outputs": outputs, "depth": depth,
+            "shapes": info.shapes, "dt": info.dt, "latency": latency}
+
+
+def process_classes(plan: dict) -> dict[str, int]:
+    """``{Lava process class path: count}`` that the standard plan builds."""
+    counts: dict[str, int] = {}
+
+    def add(kind: str) -> None:
+        counts[LAVA_PROCESSES[kind]] = counts.get(LAVA_PROCESSES[kind], 0) + 1
+
+    add("source")
+    for _ in plan["populations"]:
+        add("population")
+    for s in plan["synapses"]:
+        add(s["kind"])
+    for outs in plan["outputs"].values():
+        for _ in outs:
+            add("sink")
+    return counts

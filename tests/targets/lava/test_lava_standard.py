@@ -1,0 +1,162 @@
+"""The lava target's standard-process lowering (``[lava] lowering = "standard"``): Lava's own
+Dense/Sparse/DelaySparse, LIFReset and RingBuffer processes with Lava's float models, samples
+streamed one at a time (batch 1) as the chip runs.
+
+Every process class built in the worker must come from the ``lava`` package (for mlp-tiny,
+conv-tiny and the whole sdt-tiny: all of them, nothing simulation-only), and the output spikes must
+agree with the float32 reference interpreter on real digits (Lava's float models compute in
+float64: at least ``SPIKE_AGREEMENT`` of the spikes, measured: all of them), with every spiking
+layer firing (rates between 1e-3 and 0.9 on the same images).
+"""
+
+import dataclasses
+
+import nir
+import numpy as np
+import pytest
+import torch
+
+from stdeploy.activity import estimate_batchnorm, require_active
+from stdeploy.export.manifest import write_manifest
+from stdeploy.export.nir_export import to_nir, write_nir
+from stdeploy.export.nir_interpreter import EVALUATORS, EvalContext, run_nir
+from stdeploy.models import build_model, direct_encode
+from stdeploy.models.fold import fold_batchnorm
+from stdeploy.targets.lava.graph import LavaUnsupported
+from stdeploy.targets.lava.standard import LOGITS_ATOL, SPIKE_AGREEMENT, lower_standard, process_classes, synaptic_matrix
+from stdeploy.targets.lava.target import LavaTarget
+from stdeploy.targets.lava.worker import LavaWorker
+from stdeploy.targets.profiles import load_profile
+
+N_IMAGES = 4
+
+
+def write_export(path, graph: nir.NIRGraph):
+    path.mkdir(parents=True, exist_ok=True)
+    write_nir(graph, path / "model.nir")
+    write_manifest(path, {"artifacts": {"nir": {"file": "model.nir"}}})
+    return path
+
+
+def calibrated(preset: str, digits_full):
+    """A random-weight ``preset`` whose BatchNorm statistics are estimated on 64 digits with gain 2
+    (its LIFs then fire at 0.18-0.48, measured), folded; and ``N_IMAGES`` test digits encoded."""
+    torch.manual_seed(0)
+    model = build_model(preset)
+    xb = direct_encode(torch.stack([digits_full.train[i][0] for i in range(64)]), model.cfg.timesteps)
+    estimate_batchnorm(model, [xb], gain=2.0)
+    x = direct_encode(torch.stack([digits_full.test[i][0] for i in range(N_IMAGES)]), model.cfg.timesteps)
+    return to_nir(fold_batchnorm(model.eval())), x
+
+
+def reference_and_rates(graph, x):
+    """The reference's output spikes (T, B, D, N), logits, and every spiking node's firing rate."""
+    rec = run_nir(graph, x, record=True)
+    rates = {n: float(rec[n].mean()) for n, node in graph.nodes.items() if type(node).__name__ in ("LIF", "Threshold")}
+    return rec["spikes"].transpose(-1, -2).numpy(), rec["logits"].mean(dim=0).numpy(), rates
+
+
+def standard_profile():
+    profile = load_profile("loihi2-standard")
+    assert profile.lava["lowering"] == "standard" and profile.lava["mode"] == "floating"
+    return profile
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """One Lava worker for this module's runs (lava and torch imported once)."""
+    w = LavaWorker()
+    yield w
+    w.close()
+
+
+def check_run(export, graph, x, worker):
+    spikes, logits, rates = reference_and_rates(graph, x)
+    require_active(rates, what="reference")  # every spiking layer fires: the comparison means something
+    runnable = LavaTarget().compile(export, standard_profile())
+    runnable.worker = worker
+    r = runnable.run(x.numpy())
+    built = r.info["lava_processes_built"]
+    assert built and all(cls.startswith("lava.proc.") for cls in built), built
+    assert built == r.info["processes"]  # what the plan names is what the worker built
+    assert r.info["simulation_only"] == []
+    assert r.info["lava_models"] and all(m.startswith("lava.proc.") for m in r.info["lava_models"]), r.info["lava_models"]
+    assert r.spikes.shape == spikes.shape
+    agreement = float((r.spikes == spikes).mean())
+    assert agreement >= SPIKE_AGREEMENT, agreement
+    if agreement == 1.0:
+        np.testing.assert_allclose(r.logits, logits, rtol=0, atol=LOGITS_ATOL)
+    assert r.info["steps"] == N_IMAGES * x.shape[0] + r.info["depth"]  # streamed: batch 1, one sample after another
+    return r
+
+
+# ----------------------------------------------------------------------------- no Lava needed
+def test_synaptic_matrix_is_the_layer_exactly():
+    """A 3x3 convolution unrolled: every entry is a weight (or 0), and W x + b is the layer."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn((4, 2, 3, 3), generator=gen).numpy()
+    b = torch.randn(4, generator=gen).numpy()
+    node = nir.Conv2d(input_shape=(5, 5), weight=w, stride=1, padding=1, dilation=1, groups=1, bias=b)
+    m, bias = synaptic_matrix(node, (2, 5, 5), chunk=7)
+    assert m.shape == (4 * 25, 2 * 25)
+    assert set(np.unique(m[m != 0]).astype(np.float32)) <= set(w.reshape(-1))
+    # interior output (channel 0, row 2, col 2) sees all 18 weights; a corner sees 2*2*2 = 8
+    assert np.count_nonzero(m[12]) == 18 and np.count_nonzero(m[0]) == 8
+    x = torch.randn((1, 2, 5, 5), generator=gen)
+    ref = EVALUATORS[nir.Conv2d](node, x, EvalContext(1, 1, 1.0, torch.device("cpu")))[0].reshape(-1).numpy()
+    np.testing.assert_allclose(m @ x.reshape(-1).numpy().astype(np.float64) + bias, ref, rtol=0, atol=1e-5)
+
+
+def test_standard_plan_of_the_presets(digits_full):
+    """mlp-tiny and conv-tiny lower to Lava's classes only, with the latencies and resets of the chip's pipeline."""
+    graph, _ = calibrated("mlp-tiny", digits_full)
+    plan = lower_standard(graph)
+    assert process_classes(plan) == {"lava.proc.io.source.RingBuffer": 1, "lava.proc.lif.process.LIFReset": 2,
+                                     "lava.proc.dense.process.Dense": 3, "lava.proc.io.sink.RingBuffer": 2}
+    assert [p["latency"] for p in plan["populations"]] == [1, 2] and plan["depth"] == 3
+    first = next(s for s in plan["synapses"] if s["src"] == "input")
+    w = np.asarray(graph.nodes["embed.fcs.0"].weight, np.float64)
+    np.testing.assert_array_equal(first["matrix"]["values"], 0.5 * w)  # d = dt/tau = 1/2 folded into the weights
+    assert first["graded"] and plan["populations"][0]["dv"] == 0.5 and plan["populations"][0]["du"] == 1.0
+    conv, _ = calibrated("conv-tiny", digits_full)
+    cplan = lower_standard(conv)
+    assert set(process_classes(cplan)) <= {"lava.proc.io.source.RingBuffer", "lava.proc.lif.process.LIFReset",
+                                           "lava.proc.dense.process.Dense", "lava.proc.sparse.process.Sparse",
+                                           "lava.proc.sparse.process.DelaySparse", "lava.proc.io.sink.RingBuffer"}
+    head = [s for s in cplan["synapses"] if s["dst"] == "head.lif"]
+    assert sorted(s["delay"] for s in head) == [0, 0]  # the pool's spike edge: an identity synapse, in step with rpe
+
+
+def test_per_neuron_parameters_and_fixed_mode_are_refused():
+    lif = nir.LIF(tau=np.array([2.0, 3.0]), r=np.ones(2), v_leak=np.zeros(2), v_threshold=np.ones(2), v_reset=np.zeros(2))
+    graph = nir.NIRGraph(nodes={"input": nir.Input(np.array([2])), "fc": nir.Linear(np.eye(2, dtype=np.float32)), "lif": lif,
+                                "spikes": nir.Output(np.array([2]))},
+                         edges=[("input", "fc"), ("fc", "lif"), ("lif", "spikes")])
+    with pytest.raises(LavaUnsupported, match=r"lif \(LIF\): tau vary per neuron"):
+        lower_standard(graph)
+    with pytest.raises(LavaUnsupported, match="float models only"):
+        lower_standard(graph, "fixed")
+
+
+# ----------------------------------------------------------------------------- Lava runs
+@pytest.mark.lava
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("preset", ["mlp-tiny", "conv-tiny"])
+def test_presets_run_on_lava_standard_processes_only(preset, digits_full, tmp_path, one_thread, worker):
+    graph, x = calibrated(preset, digits_full)
+    r = check_run(write_export(tmp_path / preset, graph), graph, x, worker)
+    assert "lava.proc.lif.process.LIFReset" in r.info["lava_processes_built"]
+
+
+@pytest.mark.lava
+@pytest.mark.timeout(300)
+def test_sdt_tiny_runs_on_lava_standard_processes_only(exported_sdt, trained_sdt, one_thread, worker):
+    """The whole transformer (stem, attention's AND units, residual stream): Lava's processes only."""
+    model, data = trained_sdt
+    graph = nir.read(str(exported_sdt / "model.nir"))
+    x = direct_encode(torch.stack([data.test[i][0] for i in range(N_IMAGES)]), model.cfg.timesteps)
+    r = check_run(exported_sdt, graph, x, worker)
+    built = r.info["lava_processes_built"]
+    assert built["lava.proc.sparse.process.DelaySparse"] >= 1  # the residual branches were aligned
+    # 13 spiking nodes, plus 3 relays that repeat spikes later for the delayed rpe and proj terms
+    assert built["lava.proc.lif.process.LIFReset"] == 13 + 3
