@@ -60,8 +60,9 @@ import copy
 
 import numpy as np
 import torch
+from scipy import sparse
 
-from ...export.nir_interpreter import EVALUATORS, EvalContext
+from ...export.nir_interpreter import EVALUATORS, EvalContext, int_tuple
 from .graph import NEURONS, SYNAPSES, VIEWS, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
 
 __all__ = ["SPARSE_DENSITY", "SPIKE_AGREEMENT", "LOGITS_ATOL", "MAX_DELAY", "GRADED_BITS", "LAVA_PROCESSES",
@@ -85,28 +86,60 @@ LAVA_PROCESSES = {
 }
 
 
-def synaptic_matrix(node, in_shape: tuple[int, ...], dt: float = 1.0, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """The exact matrix ``W (out, in)`` and bias ``b (out,)`` of synaptic node ``node`` on a flat
-    input of ``prod(in_shape)`` (C order): ``node(x) = W @ x + b``. Found by applying the reference
-    evaluator, bias zeroed, to one-hot inputs (each output entry is one weight times 1: exact) in
-    chunks; ``b`` is the node on a zero input."""
+def synaptic_matrix(node, in_shape: tuple[int, ...], dt: float = 1.0, chunk: int = 512) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """The exact matrix ``W (out, in)`` (CSR, float64) and bias ``b (out,)`` of synaptic node
+    ``node`` on a flat input of ``prod(in_shape)`` (C order): ``node(x) = W @ x + b``. Found by
+    applying the reference evaluator, bias zeroed, to one-hot inputs (each output entry is one
+    weight times 1: exact) in chunks; ``b`` is the node on a zero input."""
     n_in = int(np.prod(in_shape))
     evaluate = EVALUATORS[type(node)]
+    if node_kind(node) == "Conv2d" and not isinstance(node.padding, (str, bytes)):
+        with torch.no_grad():
+            b = evaluate(node, torch.zeros((1, *in_shape)), EvalContext(1, 1, dt, torch.device("cpu")))
+        return _conv2d_matrix(node, in_shape, tuple(b.shape[1:])), b[0].reshape(-1).numpy().astype(np.float64)
     unbiased = copy.copy(node)
     if getattr(node, "bias", None) is not None:
         unbiased.bias = np.zeros_like(np.asarray(node.bias, np.float32))
+    rows, cols, vals = [], [], []
+    n_out = 0
     with torch.no_grad():
         zero = torch.zeros((1, *in_shape))
         b = evaluate(node, zero, EvalContext(1, 1, dt, torch.device("cpu")))[0].reshape(-1).numpy().astype(np.float64)
-        cols = []
         for lo in range(0, n_in, chunk):
             hi = min(n_in, lo + chunk)
             eye = torch.zeros((hi - lo, n_in))
             eye[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
             y = evaluate(unbiased, eye.reshape(hi - lo, *in_shape), EvalContext(1, hi - lo, dt, torch.device("cpu")))
-            cols.append(y.reshape(hi - lo, -1).numpy().astype(np.float64))
-    w = np.concatenate(cols, axis=0).T
-    return np.ascontiguousarray(w), b
+            y = y.reshape(hi - lo, -1).numpy()
+            n_out = y.shape[1]
+            i, o = np.nonzero(y)
+            rows.append(o)
+            cols.append(i + lo)
+            vals.append(y[i, o].astype(np.float64))
+    w = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_out, n_in))
+    return w, b
+
+
+def _conv2d_matrix(node, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> sparse.csr_matrix:
+    """A ``Conv2d``'s matrix built from its weights' indices (as :func:`synaptic_matrix` defines it;
+    one-hot evaluation of a wide convolution costs seconds)."""
+    w = np.asarray(node.weight, np.float32)
+    c_in, h, wd = in_shape
+    n_out_ch, oh, ow = out_shape
+    (sy, sx), (py, px), (dy, dx) = (int_tuple(node.stride, 2), int_tuple(node.padding, 2), int_tuple(node.dilation, 2))
+    groups = int(node.groups)
+    o, ci, ky, kx = np.nonzero(w)
+    val = w[o, ci, ky, kx].astype(np.float64)
+    cin_abs = (o // (n_out_ch // groups)) * (c_in // groups) + ci
+    oy, ox = np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij")
+    oy, ox = oy.reshape(1, -1), ox.reshape(1, -1)
+    iy = oy * sy - py + ky[:, None] * dy
+    ix = ox * sx - px + kx[:, None] * dx
+    ok = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < wd)
+    rows = (o[:, None] * (oh * ow) + oy * ow + ox)[ok]
+    cols = (cin_abs[:, None] * (h * wd) + iy * wd + ix)[ok]
+    vals = np.broadcast_to(val[:, None], ok.shape)[ok]
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(n_out_ch * oh * ow, c_in * h * wd))
 
 
 class _Term:
@@ -142,22 +175,18 @@ def _terms_of(info: GraphInfo, name: str, cache: dict) -> list[_Term]:
     return out
 
 
-def _matrix(w: np.ndarray | None, scale: float = 1.0, size: int = 0, sparse: bool = False) -> dict:
+def _matrix(w: sparse.csr_matrix | None, scale: float = 1.0, size: int = 0, sparse_: bool = False) -> dict:
     """``scale * w`` as plan data (``w`` None: the identity of ``size``): dense, or sparse parts
-    (rows, cols, values) where it is sparse enough or ``sparse`` (delayed terms: Lava's float
-    ``DelayDense`` model expands its whole matrix once per delay in every step)."""
-    if w is None:
-        idx = np.arange(size, dtype=np.int64)
-        return {"format": "sparse", "shape": (size, size), "rows": idx, "cols": idx, "values": np.full(size, float(scale)),
-                "nnz": size} if size > 1 else {"format": "dense", "shape": (size, size), "values": np.full((size, size), float(scale)),
-                                               "nnz": size}
-    w = scale * w
-    nnz = int(np.count_nonzero(w))
-    if sparse or nnz <= SPARSE_DENSITY * w.size:
-        rows, cols = np.nonzero(w)
-        return {"format": "sparse", "shape": w.shape, "rows": rows.astype(np.int64), "cols": cols.astype(np.int64),
-                "values": w[rows, cols], "nnz": nnz}
-    return {"format": "dense", "shape": w.shape, "values": w, "nnz": nnz}
+    (rows, cols, values) where it is sparse enough or ``sparse_`` is set."""
+    w = sparse.identity(size, format="csr") if w is None else w
+    w = (w * float(scale)).tocoo()
+    nnz = int(np.count_nonzero(w.data))
+    shape = tuple(int(n) for n in w.shape)
+    if sparse_ or nnz <= SPARSE_DENSITY * shape[0] * shape[1]:
+        keep = w.data != 0
+        return {"format": "sparse", "shape": shape, "rows": w.row[keep].astype(np.int64), "cols": w.col[keep].astype(np.int64),
+                "values": w.data[keep], "nnz": nnz}
+    return {"format": "dense", "shape": shape, "values": w.toarray(), "nnz": nnz}
 
 
 def _relay(pops: list, synapses: list, latency: dict, src: str, lag: int, size: int) -> str:
@@ -228,7 +257,7 @@ def lower_standard(graph_or_info, mode: str = "floating") -> dict:
             if lag > 0 and t.nodes:  # a layer's matrix behind a delay: delay the spikes into a relay instead
                 src = _relay(pops, synapses, latency, t.src, lag, int(np.prod(info.shapes[t.src])))
                 lag = 0
-            m = _matrix(t.weight, params["scale"], size, sparse=lag > 0)
+            m = _matrix(t.weight, params["scale"], size, sparse_=lag > 0)
             synapses.append({"name": f"{'+'.join(t.nodes) or 'identity'}:{src}->{name}", "kind": ("delay_" if lag > 0 else "")
                              + m["format"], "src": src, "dst": name, "matrix": m, "delay": lag, "nodes": t.nodes,
                              "graded": graded})

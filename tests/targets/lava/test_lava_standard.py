@@ -98,6 +98,7 @@ def test_synaptic_matrix_is_the_layer_exactly():
     b = torch.randn(4, generator=gen).numpy()
     node = nir.Conv2d(input_shape=(5, 5), weight=w, stride=1, padding=1, dilation=1, groups=1, bias=b)
     m, bias = synaptic_matrix(node, (2, 5, 5), chunk=7)
+    m = m.toarray()
     assert m.shape == (4 * 25, 2 * 25)
     assert set(np.unique(m[m != 0]).astype(np.float32)) <= set(w.reshape(-1))
     # interior output (channel 0, row 2, col 2) sees all 18 weights; a corner sees 2*2*2 = 8
