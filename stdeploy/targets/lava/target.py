@@ -39,10 +39,12 @@ from ..base import RunResult, TargetError, read_manifest
 from ..profiles import DeviceProfile
 from .lowering import lower
 from .mapping import mapping_report
+from .graph import LavaUnsupported
+from .resources import resource_report
 from .standard import LOGITS_ATOL, SPIKE_AGREEMENT, lower_standard, process_classes
 from .worker import LavaWorker, worker_env
 
-__all__ = ["LavaTarget", "LavaRunnable", "INSTALL_HINT", "DEFAULT_TIMEOUT_S", "LOWERINGS", "lava_import_check"]
+__all__ = ["LavaTarget", "LavaRunnable", "INSTALL_HINT", "DEFAULT_TIMEOUT_S", "LOWERINGS", "lava_import_check", "resources_of"]
 
 INSTALL_HINT = "pip install 'stdeploy[lava]' && python -m stdeploy.install_lava"
 DEFAULT_TIMEOUT_S = 120.0
@@ -120,6 +122,26 @@ class LavaRunnable:
         return RunResult(logits=logits, spikes=spikes, seconds=t.seconds, info=info)
 
 
+@functools.lru_cache(maxsize=8)
+def _standard_plan_of(path: str, mtime_ns: int, size: int):
+    """The standard plan of the NIR file at ``path`` (cached per file version: the exact
+    lowering's report needs it too), or the :class:`LavaUnsupported` that refuses it."""
+    try:
+        return lower_standard(nir.read(path))
+    except LavaUnsupported as err:
+        return err
+
+
+def resources_of(path: Path, limits: dict | None) -> dict:
+    """The Loihi 2 resource report (:mod:`.resources`) of ``model.nir`` at ``path`` as lowered to
+    Lava's standard processes, as a dict; ``{"error": ...}`` where that lowering refuses the graph."""
+    st = Path(path).stat()
+    plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size)
+    if isinstance(plan, LavaUnsupported):
+        return {"error": str(plan)}
+    return resource_report(plan, limits).to_dict()
+
+
 @functools.lru_cache(maxsize=1)
 def lava_import_check() -> tuple[bool, str]:
     """Import lava in a subprocess (importing it here would set multiprocessing's start method)."""
@@ -182,6 +204,7 @@ class LavaTarget:
                                             f" (float32: {'PyLifModelFloat' if lif_model == 'lava' else 'PyLifModelFloat32'})"),
             "depth": int(plan["depth"]), "processes": kinds, "timeout_s": timeout,
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
+            "resources": resources_of(path, profile.limits),
         }
         if mode == "fixed":
             info["quantisation"] = plan["quant"]
@@ -200,5 +223,6 @@ class LavaTarget:
             "depth": int(plan["depth"]), "processes": process_classes(plan), "simulation_only": [], "timeout_s": timeout,
             "tolerance": {"spike_agreement": SPIKE_AGREEMENT, "logits_atol": LOGITS_ATOL},
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
+            "resources": resource_report(plan, profile.limits).to_dict(),
         }
         return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)

@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from stdeploy.activity import estimate_batchnorm, require_active
+from stdeploy.errors import ConfigError
 from stdeploy.export.manifest import write_manifest
 from stdeploy.export.nir_export import to_nir, write_nir
 from stdeploy.export.nir_interpreter import EVALUATORS, EvalContext, run_nir
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.fold import fold_batchnorm
 from stdeploy.targets.lava.graph import LavaUnsupported
+from stdeploy.targets.lava.resources import resource_report
 from stdeploy.targets.lava.standard import LOGITS_ATOL, SPIKE_AGREEMENT, lower_standard, process_classes, synaptic_matrix
 from stdeploy.targets.lava.target import LavaTarget
 from stdeploy.targets.lava.worker import LavaWorker
@@ -161,3 +163,72 @@ def test_sdt_tiny_runs_on_lava_standard_processes_only(exported_sdt, trained_sdt
     assert built["lava.proc.sparse.process.DelaySparse"] >= 1  # the residual branches were aligned
     # 13 spiking nodes, plus 3 relays that repeat spikes later for the delayed rpe and proj terms
     assert built["lava.proc.lif.process.LIFReset"] == 13 + 3
+
+
+# ----------------------------------------------------------------------------- Loihi 2 resource report
+def tiny_graph():
+    """input (4) -fc1-> A (3) -fc2-> B (3); C (3) <- B and A (spike edges; A's one step late); C -fc3-> logits."""
+    w1 = np.array([[1, 0, 2, 0], [0, 3, 0, 0], [4, 5, 6, 7]], np.float32)   # 7 nonzeros, rows 2/1/4
+    w2 = np.array([[1, 1, 0], [0, 0, 0], [0, 1, 1]], np.float32)            # 4 nonzeros, columns 1/2/1
+    w3 = np.array([[1, 2, 3], [0, 4, 5]], np.float32)                       # 5 nonzeros, columns 1/2/2
+
+    def lif(n):
+        return nir.LIF(tau=np.full(n, 2.0), r=np.ones(n), v_leak=np.zeros(n), v_threshold=np.ones(n), v_reset=np.zeros(n))
+
+    nodes = {"input": nir.Input(np.array([4])), "fc1": nir.Linear(w1), "A": lif(3), "fc2": nir.Linear(w2), "B": lif(3),
+             "C": lif(3), "fc3": nir.Linear(w3), "logits": nir.Output(np.array([2])), "spikes": nir.Output(np.array([3]))}
+    edges = [("input", "fc1"), ("fc1", "A"), ("A", "fc2"), ("fc2", "B"), ("B", "C"), ("A", "C"), ("C", "fc3"),
+             ("fc3", "logits"), ("C", "spikes")]
+    return nir.NIRGraph(nodes=nodes, edges=edges)
+
+
+def test_resource_report_by_hand():
+    plan = lower_standard(tiny_graph())
+    rep = resource_report(plan, {"cores_per_chip": 128, "neurons_per_core": 8192, "synapses_per_core": 1000,
+                                 "synaptic_memory_bits_per_core": 8000, "fan_in_per_neuron": 64, "weight_bits": 8, "delay_bits": 6})
+    assert rep.assumed_limits == ()
+    got = {x.layer: (x.kind, x.neurons, x.synapses, x.synaptic_memory_bits, x.fan_in, x.fan_out, x.cores) for x in rep.layers}
+    assert got == {
+        # fc1's 7 weights; fan-out: 2 of fc2's columns reach a neuron of A at most (A's column 1), plus its identity to C
+        "A": ("LIF", 3, 7, 7 * 8, 4, 2 + 1, 1),
+        "B": ("LIF", 3, 4, 4 * 8, 2, 1, 1),
+        # one-to-one from B, and from A one step late (a DelaySparse: 6 delay bits per synapse)
+        "C": ("LIF", 3, 6, 6 * 8 + 3 * 6, 2, 2, 1),
+        "sink:logits:0": ("readout", 2, 5, 5 * 8, 3, 0, 1),
+    }
+    assert [x.layer for x in rep.layers] == ["A", "B", "C", "sink:logits:0"]  # latency order
+    assert (rep.neurons, rep.synapses, rep.synaptic_memory_bits, rep.cores, rep.chips) == (11, 22, 56 + 32 + 66 + 40, 4, 1)
+    assert rep.first_unfit is None and rep.unfit_reason is None
+    # 2 neurons a core: A, B, C take 2 cores each; a 5-core chip holds A and B, not C
+    small = resource_report(plan, {"cores_per_chip": 5, "neurons_per_core": 2})
+    assert [x.cores for x in small.layers] == [2, 2, 2, 1] and small.chips == 2
+    assert small.first_unfit == "C" and "cores 5-6" in small.unfit_reason
+    assert "synapses_per_core" in small.assumed_limits and "neurons_per_core" not in small.assumed_limits
+    # fan-in over the limit names the first such layer; memory binds where delays add bits
+    assert resource_report(plan, {"fan_in_per_neuron": 3}).first_unfit == "A"
+    assert resource_report(plan, {"synaptic_memory_bits_per_core": 60}).layers[2].cores == 2  # C: 66 bits
+    with pytest.raises(ConfigError, match="neurons_per_core must be a positive integer"):
+        resource_report(plan, {"neurons_per_core": 0})
+
+
+def test_resource_report_of_sdt_tiny(exported_sdt):
+    """The demo-size sdt-tiny (dense): counts checked by hand on three layers; it fits one chip."""
+    runnable = LavaTarget().compile(exported_sdt, load_profile("loihi2"))  # the exact lowering reports it too
+    rep = runnable.info["resources"]
+    layers = {x["layer"]: x for x in rep["layers"]}
+    graph = nir.read(str(exported_sdt / "model.nir"))
+    assert np.count_nonzero(graph.nodes["embed.stages.0.conv"].weight) == 32 * 9
+    # 32 x 8x8 neurons; a 3x3 kernel with zero padding 1 reaches (6*3 + 2*2)^2 = 484 inputs per channel
+    first = layers["embed.stages.0.lif"]
+    assert (first["neurons"], first["synapses"], first["synaptic_memory_bits"], first["fan_in"]) == (2048, 32 * 484, 32 * 484 * 8, 9)
+    fc1 = np.asarray(graph.nodes["blocks.0.mlp.fc1"].weight)[:, :, 0]
+    lif2 = layers["blocks.0.mlp.lif2"]
+    assert (lif2["neurons"], lif2["synapses"], lif2["fan_in"]) == (4096, np.count_nonzero(fc1) * 16, np.count_nonzero(fc1, axis=1).max())
+    # head.lif: the pool's spikes (a delayed identity), rpe (via a relay), proj (via a relay) and fc2
+    head = layers["head.lif"]
+    assert head["fan_in"] == 1 + 64 * 9 + 64 + 256
+    assert sum(x["kind"] == "relay" for x in rep["layers"]) == 3
+    assert rep["cores"] == sum(x["cores"] for x in rep["layers"]) and rep["chips"] == 1 and rep["first_unfit"] is None
+    assert rep["neurons"] == sum(x["neurons"] for x in rep["layers"]) and not rep["assumed_limits"]
+    print(f"sdt-tiny on Loihi 2: {rep['neurons']} neurons, {rep['synapses']} synapses, {rep['synaptic_memory_bits']} bits, "
+          f"{rep['cores']} cores")
