@@ -554,56 +554,65 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
 
     from lava.magma.core.run_conditions import RunSteps
     from lava.magma.core.run_configs import Loihi2SimCfg
-    from lava.proc.dense.models import PyDelayDenseModelFloat, PyDenseModelFloat
+    from lava.proc.dense import models as dense_models
     from lava.proc.dense.process import DelayDense, Dense
-    from lava.proc.io.sink import PyReceiveModelFloat
+    from lava.proc.io.sink import PyReceiveModelFixed, PyReceiveModelFloat
     from lava.proc.io.sink import RingBuffer as Sink
-    from lava.proc.io.source import PySendModelFloat
+    from lava.proc.io.source import PySendModelFixed, PySendModelFloat
     from lava.proc.io.source import RingBuffer as Source
-    from lava.proc.lif.models import PyLifResetModelFloat
+    from lava.proc.lif.models import PyLifResetModelBitAcc, PyLifResetModelFloat
     from lava.proc.lif.process import LIFReset
-    from lava.proc.sparse.models import PyDelaySparseModelFloat, PySparseModelFloat
+    from lava.proc.sparse import models as sparse_models
     from lava.proc.sparse.process import DelaySparse, Sparse
 
+    fixed = plan["mode"] == "fixed"
+    kind = "BitAcc" if fixed else "Float"  # Lava's bit-accurate or float models
+    dtype = np.int64 if fixed else np.float64
     timesteps, batch = int(x.shape[0]), int(x.shape[1])
     steps = batch * timesteps + int(plan["depth"])
     models: dict[AbstractProcess, type] = {}
     data = np.zeros((int(plan["in_size"]), steps), np.float64)
     # sample b's frame j at index b*T + j: the samples streamed back to back
     data[:, :batch * timesteps] = np.asarray(x, np.float64).transpose(1, 0, *range(2, x.ndim)).reshape(batch * timesteps, -1).T
+    if fixed:
+        data = np.rint(data * plan["input_scale"]).astype(np.int32)
     source = Source(data=data)
-    models[source] = PySendModelFloat
+    models[source] = PySendModelFixed if fixed else PySendModelFloat
     outs: dict[str, OutPort] = {plan["input"]: source.s_out}
     pops: dict[str, AbstractProcess] = {}
     for p in plan["populations"]:
-        proc = LIFReset(shape=(p["size"],), du=p["du"], dv=p["dv"], vth=p["vth"], bias_mant=np.asarray(p["bias"], np.float64),
+        bias = dict(bias_mant=np.asarray(p["bias_mant"], np.int32), bias_exp=np.asarray(p["bias_exp"], np.int32)) if fixed else \
+            dict(bias_mant=np.asarray(p["bias"], np.float64))
+        proc = LIFReset(shape=(p["size"],), du=p["du"], dv=p["dv"], vth=p["vth"], **bias,
                         reset_interval=timesteps, reset_offset=(1 + int(p["latency"])) % timesteps, name=p["name"])
-        models[proc] = PyLifResetModelFloat
+        models[proc] = PyLifResetModelBitAcc if fixed else PyLifResetModelFloat
         pops[p["name"]] = proc
         outs[p["name"]] = proc.s_out
     syn_out: dict[str, OutPort] = {}
     for s in plan["synapses"]:
         m = s["matrix"]
         if m["format"] == "sparse":
-            w = csr_matrix((np.asarray(m["values"], np.float64), (m["rows"], m["cols"])), shape=tuple(m["shape"]))
+            w = csr_matrix((np.asarray(m["values"], dtype), (m["rows"], m["cols"])), shape=tuple(m["shape"]))
         else:
-            w = np.asarray(m["values"], np.float64)
-        bits = 24 if s["graded"] else 0
+            w = np.asarray(m["values"], dtype)
+        params = {"num_message_bits": 24 if s["graded"] else 0}
+        if fixed:
+            params.update(weight_exp=int(s["weight_exp"]), num_weight_bits=8)
         if s["delay"] > 0:
             if m["format"] == "sparse":
                 delays = csr_matrix((np.full(len(m["rows"]), int(s["delay"]), dtype=int), (m["rows"], m["cols"])),
                                     shape=tuple(m["shape"]))
-                proc = DelaySparse(weights=w, delays=delays, num_message_bits=bits)
-                models[proc] = PyDelaySparseModelFloat
+                proc = DelaySparse(weights=w, delays=delays, **params)
+                models[proc] = getattr(sparse_models, f"PyDelaySparseModel{kind}")
             else:
-                proc = DelayDense(weights=w, delays=np.full(w.shape, int(s["delay"]), dtype=int), num_message_bits=bits)
-                models[proc] = PyDelayDenseModelFloat
+                proc = DelayDense(weights=w, delays=np.full(w.shape, int(s["delay"]), dtype=int), **params)
+                models[proc] = getattr(dense_models, f"PyDelayDenseModel{kind}")
         elif m["format"] == "sparse":
-            proc = Sparse(weights=w, num_message_bits=bits)
-            models[proc] = PySparseModelFloat
+            proc = Sparse(weights=w, **params)
+            models[proc] = getattr(sparse_models, f"PySparseModel{kind}")
         else:
-            proc = Dense(weights=w, num_message_bits=bits)
-            models[proc] = PyDenseModelFloat
+            proc = Dense(weights=w, **params)
+            models[proc] = getattr(dense_models, f"PyDenseModel{kind}")
         outs[s["src"]].connect(proc.s_in)
         if s["dst"] in pops:
             proc.a_out.connect(pops[s["dst"]].a_in)
@@ -615,7 +624,7 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
         for t in terms:
             sink = Sink(shape=(int(t["size"]),), buffer=steps)
             dumps[t["sink"]] = os.path.join(workdir, f"sink{len(dumps)}.npy")
-            models[sink] = sink_model(PyReceiveModelFloat, dumps[t["sink"]])
+            models[sink] = sink_model(PyReceiveModelFixed if fixed else PyReceiveModelFloat, dumps[t["sink"]])
             (syn_out[t["synapse"]] if t["synapse"] is not None else outs[t["src"]]).connect(sink.a_in)
             sinks.append(sink)
     classes = sorted({f"{type(p).__module__}.{type(p).__name__}" for p in models}

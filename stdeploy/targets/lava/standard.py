@@ -63,6 +63,7 @@ import torch
 from scipy import sparse
 
 from ...export.nir_interpreter import EVALUATORS, EvalContext, int_tuple
+from .fixed_point import quantise
 from .graph import NEURONS, SYNAPSES, VIEWS, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
 
 __all__ = ["SPARSE_DENSITY", "SPIKE_AGREEMENT", "LOGITS_ATOL", "MAX_DELAY", "GRADED_BITS", "LAVA_PROCESSES",
@@ -204,13 +205,17 @@ def _relay(pops: list, synapses: list, latency: dict, src: str, lag: int, size: 
     return name
 
 
-def lower_standard(graph_or_info, mode: str = "floating") -> dict:
+def lower_standard(graph_or_info, mode: str = "floating", weight_bits: int = 8) -> dict:
     """The standard plan of a NIR graph (or its :class:`~.graph.GraphInfo`): populations,
     synapses (matrices, delays), the source and the sinks, with latencies; see the module
-    docstring. Only float mode (Lava's float64 models) is lowered here."""
-    if mode != "floating":
-        raise LavaUnsupported(f"the standard-process lowering runs Lava's float models only; mode {mode!r} is not lowered "
-                              "(use lowering = \"exact\" for the fixed-point mode)")
+    docstring. ``mode = "fixed"``: the same network in Loihi's integers (:func:`to_fixed`)."""
+    if mode not in ("floating", "fixed"):
+        raise LavaUnsupported(f"the standard-process lowering takes mode 'floating' or 'fixed', got {mode!r}")
+    plan = _lower_float(graph_or_info)
+    return plan if mode == "floating" else to_fixed(plan, weight_bits)
+
+
+def _lower_float(graph_or_info) -> dict:
     info = graph_or_info if isinstance(graph_or_info, GraphInfo) else analyse(graph_or_info)
     g = info.graph
     cache: dict[str, _Term] = {}
@@ -304,3 +309,117 @@ def process_classes(plan: dict) -> dict[str, int]:
         for _ in outs:
             add("sink")
     return counts
+
+
+# ----------------------------------------------------------------------------- fixed point
+ACT_SHIFT = 6              # Lava's bit-accurate LIF: a_in and vth are MSB-aligned by << 6
+A_IN_MAX = 2 ** 15 - 1     # the bit-accurate LIF's a_in port is 16 bits wide: worst-case inputs stay below this
+INPUT_SCALE = 2 ** 8       # fixed mode: the (graded) input is sent as round(x * 256)
+BIAS_MAX = 4095 << 7       # Lava's bit-accurate LIF: bias_mant (13-bit signed) << bias_exp (3 bits, at most 7)
+VTH_MAX = 2 ** 12          # fixed mode: the integer threshold of a LIF population, lowered where inputs could overflow a_in
+
+
+def _lava_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, int, int]:
+    """Real weights ``w`` as Lava's bit-accurate synapses hold them: ``bits``-bit signed mantissas
+    ``k`` (:func:`~.fixed_point.quantise`) stored as ``k << t`` (``t = 9 - bits``: Lava clips to 8
+    bits of magnitude and, for mixed signs, drops ``t`` low bits) with ``weight_exp = e - t``;
+    returns ``(stored, weight_exp, e)``: ``w ~ stored * 2**weight_exp``."""
+    k, e = quantise(np.asarray(w, np.float64), bits)
+    t = 9 - bits
+    return (k.astype(np.int64) << t), int(e) - t, int(e)
+
+
+def _int_bias(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An integer bias as Lava's ``bias_mant`` (13-bit signed) ``<< bias_exp`` (0-7), per neuron."""
+    b = np.rint(np.asarray(b, np.float64)).astype(np.int64)
+    exp = np.zeros(b.shape, np.int64)
+    while np.any(np.abs(b >> exp) > 4095) and exp.max() < 7:
+        exp = np.where(np.abs(b >> exp) > 4095, exp + 1, exp)
+    mant = np.where(exp > 0, np.rint(b / 2.0 ** exp), b).astype(np.int64)
+    if np.any(np.abs(mant) > 4095):
+        raise LavaUnsupported("fixed point: a bias exceeds Lava's 13-bit mantissa << 7")
+    return mant, exp
+
+
+def _row_abs(m: dict) -> np.ndarray:
+    if m["format"] == "sparse":
+        return np.bincount(np.asarray(m["rows"]), weights=np.abs(np.asarray(m["values"], np.float64)), minlength=m["shape"][0])
+    return np.abs(np.asarray(m["values"], np.float64)).sum(axis=1)
+
+
+def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
+    """The float standard plan in Loihi's integers, for Lava's bit-accurate models
+    (``PyLifResetModelBitAcc``, ``PyDenseModelBitAcc``, ``PySparseModelBitAcc``,
+    ``PyDelaySparseModelBitAcc``):
+
+    * a LIF population's membrane is scaled by ``V / theta`` (``V``: :data:`VTH_MAX`, halved until
+      the worst-case input, the row sums of ``|W|``, fits the 16-bit ``a_in`` and the bias fits
+      :data:`BIAS_MAX`): ``vth = V``,
+      ``du = 4095`` (``u = a_in << 6``), ``dv = round(4096 d)``; the incoming matrices (``d W``)
+      times ``V / theta`` become ``weight_bits``-bit mantissas with one exponent per synaptic
+      process (Lava's ``weight_exp``: ``<< e`` or a floor ``>> -e``); the bias ``d b V / theta``
+      in membrane units (``<< 6``) plus one unit, so that exact ties fire as the reference's
+      ``v >= theta`` does;
+    * a Threshold or relay population counts spikes: integer weights kept, ``vth = floor(theta)``
+      (spike when the count exceeds it), ``dv = 4095`` (a residue below ``v / 4096`` remains:
+      counts times 64 never reach 4096 for fan-ins below 64);
+    * the input is sent as ``round(x * 256)``; a readout's sums reach the host as integers, scaled
+      back there.
+    """
+    if not 2 <= int(weight_bits) <= 8:
+        raise LavaUnsupported(f"fixed point: Lava's bit-accurate synapses hold 2-8-bit weights, got weight_bits={weight_bits}")
+    plan = {**plan, "mode": "fixed", "weight_bits": int(weight_bits), "input_scale": INPUT_SCALE,
+            "populations": [dict(p) for p in plan["populations"]], "synapses": [dict(s) for s in plan["synapses"]]}
+    into: dict[str, list[dict]] = {}
+    for s in plan["synapses"]:
+        s["matrix"] = dict(s["matrix"])
+        into.setdefault(s["dst"], []).append(s)
+    quant = {}
+    for p in plan["populations"]:
+        syns = into.get(p["name"], [])
+        in_scale = [1.0 / INPUT_SCALE if s["graded"] else 1.0 for s in syns]
+        if p["node_kind"] == "LIF":
+            theta = float(p["vth"])
+            bound = sum(_row_abs(s["matrix"]) * c for s, c in zip(syns, in_scale)) / theta
+            bound = float(np.max(bound, initial=0.0))
+            bias_bound = float(np.abs(np.asarray(p["bias"], np.float64)).max(initial=0.0)) / theta * (1 << ACT_SHIFT)
+            v = VTH_MAX
+            # 2% for the weights' rounding; the bias (in membrane units) within Lava's 13-bit mantissa << 7
+            while v > 1 and (v * bound * 1.02 > A_IN_MAX or v * bias_bound + 1 > BIAS_MAX):
+                v //= 2
+            factor = v / theta
+            dv = int(round(4096 * float(p["dv"])))
+            if not 0 <= dv <= 4095:
+                dv = 4095  # d = 1 (tau = dt): Loihi's 12-bit decay keeps v / 4096
+            bias = np.asarray(p["bias"], np.float64) * factor * (1 << ACT_SHIFT) + 1.0
+            p.update(du=4095, dv=dv, vth=int(v), scale_to_int=factor)
+        else:  # Threshold or relay: spike counts
+            for s in syns:
+                vals = np.asarray(s["matrix"]["values"], np.float64)
+                if s["graded"] or not np.all(vals == np.rint(vals)):
+                    raise LavaUnsupported(f"fixed point: {p['name']} ({p['node_kind']}) sums non-integer inputs; "
+                                          "only spike counts are lowered")
+            factor = 1.0
+            bias = np.asarray(p["bias"], np.float64)
+            if np.any(bias != 0):
+                raise LavaUnsupported(f"fixed point: {p['name']} ({p['node_kind']}) has a bias; only spike counts are lowered")
+            p.update(du=4095, dv=4095, vth=int(np.floor(float(p["vth"]))), scale_to_int=1.0)
+        p["bias_mant"], p["bias_exp"] = _int_bias(bias)
+        for s, c in zip(syns, in_scale):
+            stored, wexp, e = _lava_weights(np.asarray(s["matrix"]["values"], np.float64) * factor * c, int(weight_bits))
+            s["matrix"]["values"] = stored
+            s["weight_exp"] = wexp
+            quant[s["name"]] = {"exp": e, "weight_exp": wexp, "mantissa_max": int(np.abs(stored).max(initial=0))}
+    for outs in plan["outputs"].values():
+        for t in outs:
+            if t["synapse"] is None:
+                continue
+            s = next(x for x in plan["synapses"] if x["name"] == t["synapse"])
+            c = 1.0 / INPUT_SCALE if s["graded"] else 1.0
+            stored, wexp, e = _lava_weights(np.asarray(s["matrix"]["values"], np.float64) * c, int(weight_bits))
+            s["matrix"]["values"] = stored
+            s["weight_exp"] = 0  # exact integer sums to the host, scaled there
+            t["scale"] = 2.0 ** wexp
+            quant[s["name"]] = {"exp": e, "weight_exp": 0, "host_scale": 2.0 ** wexp, "mantissa_max": int(np.abs(stored).max(initial=0))}
+    plan["quant"] = quant
+    return plan

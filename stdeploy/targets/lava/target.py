@@ -109,7 +109,9 @@ class LavaRunnable:
                 acc = None
                 for term in terms:  # in edge order
                     r = records[term["sink"]][:, idx + int(term["latency"])]          # (size, T, B)
-                    r = np.moveaxis(r, 0, -1)
+                    r = np.moveaxis(r, 0, -1).astype(np.float64)
+                    if term.get("scale") is not None:  # fixed point: a readout's integer sums
+                        r = r * float(term["scale"])
                     if term["bias"] is not None:
                         r = r + np.asarray(term["bias"], np.float64)
                     acc = r if acc is None else acc + r
@@ -215,14 +217,20 @@ class LavaTarget:
         """``[lava] lowering = "standard"``: Lava's own processes only (:mod:`.standard`)."""
         if stall_s or record:
             raise TargetError("lava: stall_s and record are options of the exact lowering, not of lowering = 'standard'")
-        plan = lower_standard(graph, mode)
+        bits = int((profile.lava or {}).get("weight_bits", 8))
+        plan = lower_standard(graph, mode, weight_bits=bits)
+        fixed = mode == "fixed"
         info = {
-            "target": "lava", "file": str(path), "mode": mode, "weight_bits": None, "lowering": "standard",
-            "run_config": "Loihi2SimCfg (Lava's float models: PyDenseModelFloat, PySparseModelFloat, PyLifResetModelFloat; "
-                          "float64), batch 1, samples streamed",
+            "target": "lava", "file": str(path), "mode": mode, "weight_bits": bits if fixed else None, "lowering": "standard",
+            "run_config": "Loihi2SimCfg (" + ("Lava's bit-accurate models: PyDenseModelBitAcc, PySparseModelBitAcc, "
+                                              "PyDelaySparseModelBitAcc, PyLifResetModelBitAcc" if fixed else
+                                              "Lava's float models: PyDenseModelFloat, PySparseModelFloat, PyLifResetModelFloat; "
+                                              "float64") + "), batch 1, samples streamed",
             "depth": int(plan["depth"]), "processes": process_classes(plan), "simulation_only": [], "timeout_s": timeout,
             "tolerance": {"spike_agreement": SPIKE_AGREEMENT, "logits_atol": LOGITS_ATOL},
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
             "resources": resource_report(plan, profile.limits).to_dict(),
         }
+        if fixed:
+            info["quantisation"] = plan["quant"]
         return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)
