@@ -4,7 +4,8 @@ time (batch 1), the samples of a call streamed back to back through one network.
 Contract
 --------
 :func:`lower_standard` turns a checked graph (:func:`.graph.analyse`) into a *standard plan*:
-plain, picklable data naming only processes that ship with lava-nc 0.10:
+plain, picklable data naming only processes that ship with lava-nc 0.10 (float mode below; fixed
+mode at the end):
 
 * every ``LIF`` and ``Threshold`` node -> one ``lava.proc.lif.process.LIFReset`` population of
   ``prod(shape)`` neurons (channel-first shapes flattened in C order, as NIR's ``Flatten``; so
@@ -52,6 +53,14 @@ Lava in its own order; the reference interpreter computes in float32. A membrane
 rounding of the threshold can therefore fire on one side and not the other (then the neuron's
 later steps differ too): spikes are compared with a tolerance
 (:data:`SPIKE_AGREEMENT`), logits with :data:`LOGITS_ATOL` where every spike agrees.
+
+``mode = "fixed"`` (:func:`to_fixed`): the same processes with Lava's bit-accurate models
+(``PyLifResetModelBitAcc``, ``PyDenseModelBitAcc``, ``PySparseModelBitAcc``,
+``PyDelaySparseModelBitAcc``, fixed-point RingBuffers): 8-bit weight mantissas with one exponent
+per synaptic process, 12-bit decays, integer thresholds and biases, the input sent as
+``round(x * 256)``. Its spikes differ from the float reference where 8-bit weights round a
+membrane across its threshold (the same floor as the exact lowering's fixed mode, see
+:mod:`.fixed_point`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,12 @@ runtime in ``finally`` (with a limit, as ``stop()`` itself can hang after a fail
 group if its parent dies, and is kept between runs (lava and torch imported once; ``close()`` or
 ``with`` ends it); after any failure the next run starts a fresh one.
 
-Tolerance: floating mode is spike-exact with logits within float32 rounding of the host-side mean
+``[lava] lowering = "standard"`` (profiles ``loihi2-standard``, ``loihi2-standard-fixed``) lowers
+to Lava's own processes instead (:mod:`.standard`): batch 1, the samples streamed, Lava's float
+(float64) or bit-accurate models; its tolerance is in that module. Every compile's info carries
+``resources``, the Loihi 2 resource report of the standard lowering (:mod:`.resources`).
+
+Tolerance (exact lowering): floating mode is spike-exact with logits within float32 rounding of the host-side mean
 over T; fixed mode keeps at least ``fixed_spike_agreement`` of the output spikes equal to float
 mode with 8-bit weights (see :mod:`.fixed_point`).
 """
