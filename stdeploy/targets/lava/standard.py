@@ -75,13 +75,15 @@ from ...export.nir_interpreter import EVALUATORS, EvalContext, int_tuple
 from .fixed_point import quantise
 from .graph import NEURONS, SYNAPSES, VIEWS, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
 
-__all__ = ["SPARSE_DENSITY", "SPIKE_AGREEMENT", "LOGITS_ATOL", "MAX_DELAY", "GRADED_BITS", "LAVA_PROCESSES",
-           "lower_standard", "synaptic_matrix", "process_classes"]
+__all__ = ["SPARSE_DENSITY", "SPIKE_AGREEMENT", "LOGITS_ATOL", "MAX_DELAY", "MAX_SYNAPSES_PER_LAYER", "GRADED_BITS",
+           "LAVA_PROCESSES", "ACT_SHIFT", "A_IN_MAX", "INPUT_SCALE", "BIAS_MAX", "VTH_MAX", "lower_standard", "to_fixed",
+           "synaptic_matrix", "process_classes"]
 
 SPARSE_DENSITY = 0.25     # a weight matrix with at most this fraction of nonzeros is held by Sparse
 SPIKE_AGREEMENT = 0.999   # float mode: at least this fraction of output spikes equal to the float32 reference
 LOGITS_ATOL = 1e-4        # float mode: logits (float64 sums of float32 weights) within this of the reference
 MAX_DELAY = 63            # Loihi 2: 6-bit synaptic delays, 0-63 steps (Lava's PyDelayDenseModelBitAcc docstring)
+MAX_SYNAPSES_PER_LAYER = 50_000_000  # a layer unrolled past this is refused (the matrices live in memory, 16 B a synapse)
 GRADED_BITS = 24          # num_message_bits of synapses fed by the (graded) input
 
 # plan kinds -> the Lava process class each becomes (module path, class name)
@@ -123,11 +125,18 @@ def synaptic_matrix(node, in_shape: tuple[int, ...], dt: float = 1.0, chunk: int
             y = y.reshape(hi - lo, -1).numpy()
             n_out = y.shape[1]
             i, o = np.nonzero(y)
+            _check_size(sum(len(v) for v in vals) + len(i), node)
             rows.append(o)
             cols.append(i + lo)
             vals.append(y[i, o].astype(np.float64))
     w = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_out, n_in))
     return w, b
+
+
+def _check_size(synapses: int, node) -> None:
+    if synapses > MAX_SYNAPSES_PER_LAYER:
+        raise LavaUnsupported(f"{node_kind(node)} layer: more than {MAX_SYNAPSES_PER_LAYER:,} synapses when unrolled "
+                              f"({synapses:,}); too large for the standard lowering's matrices")
 
 
 def _conv2d_matrix(node, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> sparse.csr_matrix:
@@ -139,6 +148,7 @@ def _conv2d_matrix(node, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) 
     (sy, sx), (py, px), (dy, dx) = (int_tuple(node.stride, 2), int_tuple(node.padding, 2), int_tuple(node.dilation, 2))
     groups = int(node.groups)
     o, ci, ky, kx = np.nonzero(w)
+    _check_size(len(o) * oh * ow, node)
     val = w[o, ci, ky, kx].astype(np.float64)
     cin_abs = (o // (n_out_ch // groups)) * (c_in // groups) + ci
     oy, ox = np.meshgrid(np.arange(oh), np.arange(ow), indexing="ij")
