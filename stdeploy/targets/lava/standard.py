@@ -246,6 +246,7 @@ def _lower_float(graph_or_info) -> dict:
             continue
         terms = _terms_of(info, name, cache)
         size = int(np.prod(info.shapes[name]))
+        latency[name] = max(latency[t.src] + 1 for t in terms)  # set before any refusal: later nodes need it to be listed
         if kind == "LIF":
             d = decay(node, info.dt).astype(np.float64).reshape(-1)
             vth = np.asarray(node.v_threshold, np.float32).astype(np.float64).reshape(-1)
@@ -261,7 +262,6 @@ def _lower_float(graph_or_info) -> dict:
                 problems.append(f"{name} (Threshold): thresholds vary per neuron; Lava's LIF takes one vth per population")
                 continue
             params = {"du": 1.0, "dv": 1.0, "vth": float(th[0]), "scale": 1.0}
-        latency[name] = max(latency[t.src] + 1 for t in terms)
         bias = np.zeros(size)
         for t in terms:
             bias = bias + t.bias
