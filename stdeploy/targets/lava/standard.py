@@ -225,12 +225,16 @@ def _relay(pops: list, synapses: list, latency: dict, src: str, lag: int, size: 
 
 
 def lower_standard(graph_or_info, mode: str = "floating", weight_bits: int = 8) -> dict:
-    """The standard plan of a NIR graph (or its :class:`~.graph.GraphInfo`): populations,
+    """The standard plan of a NIR graph (or its :class:`~.graph.GraphInfo`, or a float standard
+    plan to convert): populations,
     synapses (matrices, delays), the source and the sinks, with latencies; see the module
     docstring. ``mode = "fixed"``: the same network in Loihi's integers (:func:`to_fixed`)."""
     if mode not in ("floating", "fixed"):
         raise LavaUnsupported(f"the standard-process lowering takes mode 'floating' or 'fixed', got {mode!r}")
-    plan = _lower_float(graph_or_info)
+    if isinstance(graph_or_info, dict) and graph_or_info.get("lowering") == "standard":  # an already-lowered float plan
+        plan = graph_or_info
+    else:
+        plan = _lower_float(graph_or_info)
     return plan if mode == "floating" else to_fixed(plan, weight_bits)
 
 
@@ -387,8 +391,12 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
     """
     if not 2 <= int(weight_bits) <= 8:
         raise LavaUnsupported(f"fixed point: Lava's bit-accurate synapses hold 2-8-bit weights, got weight_bits={weight_bits}")
+    if plan.get("mode") != "float":
+        raise LavaUnsupported(f"to_fixed takes a float standard plan, got mode {plan.get('mode')!r}")
+    # copies all the way down to what changes: the float plan (possibly cached) stays as it was
     plan = {**plan, "mode": "fixed", "weight_bits": int(weight_bits), "input_scale": INPUT_SCALE,
-            "populations": [dict(p) for p in plan["populations"]], "synapses": [dict(s) for s in plan["synapses"]]}
+            "populations": [dict(p) for p in plan["populations"]], "synapses": [dict(s) for s in plan["synapses"]],
+            "outputs": {k: [dict(t) for t in v] for k, v in plan["outputs"].items()}}
     into: dict[str, list[dict]] = {}
     for s in plan["synapses"]:
         s["matrix"] = dict(s["matrix"])

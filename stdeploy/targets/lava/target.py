@@ -129,7 +129,7 @@ class LavaRunnable:
         return RunResult(logits=logits, spikes=spikes, seconds=t.seconds, info=info)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)
 def _standard_plan_of(path: str, mtime_ns: int, size: int):
     """The standard plan of the NIR file at ``path`` (cached per file version: the exact
     lowering's report needs it too), or the :class:`LavaUnsupported` that refuses it."""
@@ -223,7 +223,12 @@ class LavaTarget:
         if stall_s or record:
             raise TargetError("lava: stall_s and record are options of the exact lowering, not of lowering = 'standard'")
         bits = int((profile.lava or {}).get("weight_bits", 8))
-        plan = lower_standard(graph, mode, weight_bits=bits)
+        st = Path(path).stat()
+        plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size)  # float; cached (the resource report's too)
+        if isinstance(plan, LavaUnsupported):
+            raise plan
+        if mode != "floating":
+            plan = lower_standard(plan, mode, weight_bits=bits)
         fixed = mode == "fixed"
         info = {
             "target": "lava", "file": str(path), "mode": mode, "weight_bits": bits if fixed else None, "lowering": "standard",
