@@ -129,6 +129,22 @@ class LavaRunnable:
         return RunResult(logits=logits, spikes=spikes, seconds=t.seconds, info=info)
 
 
+_OURS = {"synapse": "Synapse", "dendrite": "Dendrite", "delay": "Delay", "stall": "Stall"}
+
+
+def _simulation_only(plan: dict) -> list[str]:
+    """The exact lowering's processes of ours (``stdeploy.targets.lava.processes``), which exist
+    only in simulation: ``{class: count}`` as sorted ``"class x count"`` strings."""
+    counts: dict[str, int] = {}
+    for spec in plan["procs"]:
+        name = _OURS.get(spec["kind"])
+        if spec["kind"] == "lif" and spec["params"].get("per_neuron"):
+            name = "LIFPerNeuron"
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return [f"stdeploy.targets.lava.processes.{k} x {v}" for k, v in sorted(counts.items())]
+
+
 @functools.lru_cache(maxsize=2)
 def _standard_plan_of(path: str, mtime_ns: int, size: int):
     """The standard plan of the NIR file at ``path`` (cached per file version: the exact
@@ -210,6 +226,7 @@ class LavaTarget:
             "run_config": "Loihi2SimCfg" + (" (fixed point: PyLifModelBitAcc + integer synapses)" if mode == "fixed" else
                                             f" (float32: {'PyLifModelFloat' if lif_model == 'lava' else 'PyLifModelFloat32'})"),
             "depth": int(plan["depth"]), "processes": kinds, "timeout_s": timeout,
+            "simulation_only": _simulation_only(plan), "lowering": "exact",
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
             "resources": resources_of(path, profile.limits),
         }

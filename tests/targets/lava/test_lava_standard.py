@@ -241,6 +241,8 @@ def test_resource_report_by_hand():
 def test_resource_report_of_sdt_tiny(exported_sdt):
     """The demo-size sdt-tiny (dense): counts checked by hand on three layers; it fits one chip."""
     runnable = LavaTarget().compile(exported_sdt, load_profile("loihi2"))  # the exact lowering reports it too
+    sim_only = runnable.info["simulation_only"]  # the exact lowering's own processes are named as such
+    assert any(".Synapse x " in p for p in sim_only) and all(p.startswith("stdeploy.targets.lava.processes.") for p in sim_only)
     rep = runnable.info["resources"]
     layers = {x["layer"]: x for x in rep["layers"]}
     graph = nir.read(str(exported_sdt / "model.nir"))
