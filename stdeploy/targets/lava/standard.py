@@ -73,7 +73,7 @@ from scipy import sparse
 
 from ...export.nir_interpreter import EVALUATORS, EvalContext, int_tuple
 from .fixed_point import quantise
-from .graph import NEURONS, SYNAPSES, VIEWS, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
+from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
 
 __all__ = ["SPARSE_DENSITY", "SPIKE_AGREEMENT", "LOGITS_ATOL", "MAX_DELAY", "MAX_SYNAPSES_PER_LAYER", "GRADED_BITS",
            "LAVA_PROCESSES", "ACT_SHIFT", "A_IN_MAX", "INPUT_SCALE", "BIAS_MAX", "VTH_MAX", "lower_standard", "to_fixed",
