@@ -37,6 +37,10 @@ Ours, where Lava has nothing that fits:
 
 Every multi-input process has one InPort per term (``in0``, ``in1``, ...); its model class is made
 per number of ports by :func:`model_class`.
+
+:func:`run_standard_plan` builds a standard plan (:mod:`.standard`) from Lava's processes and
+models only (``Dense``, ``Sparse``, ``DelaySparse``, ``LIFReset``, the RingBuffers; float or
+bit-accurate models), none of the above; :func:`serve` picks it by the plan's ``lowering``.
 """
 
 from __future__ import annotations
