@@ -13,8 +13,10 @@ mode at the end):
   ``vth = v_threshold``, ``bias_mant = d * b`` where ``b`` sums the biases of the synaptic terms:
   Lava's ``v = v*(1-dv) + a_in + bias`` is NIR's ``v += d*(W x + b - v)`` when the incoming weights
   are ``d * W``. A ``Threshold`` is ``du = dv = 1`` (``v = a_in + bias``: memoryless), ``vth =
-  threshold``. Lava's LIF takes scalar ``du``, ``dv``, ``vth``: populations whose values vary per
-  neuron (sLIF) are refused (:class:`~.graph.LavaUnsupported`), not approximated;
+  threshold``. Lava's LIF takes scalar ``du``, ``dv``, ``vth``: per-neuron thresholds (the pruned
+  models' sLIF compensation) are folded into the rows (``d / theta_i``, ``vth = 1``: the membrane
+  in units of its threshold); per-neuron leaks are refused (:class:`~.graph.LavaUnsupported`), not
+  approximated;
 * every synaptic node (``Conv2d``, ``Conv1d``, ``Linear``, ``Affine``, ``SumPool2d``) -> its exact
   weight matrix ``(out, in)`` (the node applied to one-hot inputs: every entry is one weight, so the
   unrolling is exact), held by ``lava.proc.dense.process.Dense`` or, at most
@@ -195,11 +197,12 @@ def _terms_of(info: GraphInfo, name: str, cache: dict) -> list[_Term]:
     return out
 
 
-def _matrix(w: sparse.csr_matrix | None, scale: float = 1.0, size: int = 0, sparse_: bool = False) -> dict:
-    """``scale * w`` as plan data (``w`` None: the identity of ``size``): dense, or sparse parts
+def _matrix(w: sparse.csr_matrix | None, scale: float | np.ndarray = 1.0, size: int = 0, sparse_: bool = False) -> dict:
+    """``scale * w`` (``scale`` a scalar or one factor per row) as plan data (``w`` None: the
+    identity of ``size``): dense, or sparse parts
     (rows, cols, values) where it is sparse enough or ``sparse_`` is set."""
     w = sparse.identity(size, format="csr") if w is None else w
-    w = (w * float(scale)).tocoo()
+    w = (sparse.diags(np.asarray(scale, np.float64)) @ w if np.ndim(scale) else w * float(scale)).tocoo()
     nnz = int(np.count_nonzero(w.data))
     shape = tuple(int(n) for n in w.shape)
     if sparse_ or nnz <= SPARSE_DENSITY * shape[0] * shape[1]:
@@ -254,12 +257,17 @@ def _lower_float(graph_or_info) -> dict:
         if kind == "LIF":
             d = decay(node, info.dt).astype(np.float64).reshape(-1)
             vth = np.asarray(node.v_threshold, np.float32).astype(np.float64).reshape(-1)
-            bad = [p for p, a in (("tau", d), ("v_threshold", vth)) if not uniform(a)]
-            if bad:
-                problems.append(f"{name} (LIF): {', '.join(bad)} vary per neuron; Lava's LIF takes one du, dv, vth per population")
+            if not uniform(d):
+                problems.append(f"{name} (LIF): tau varies per neuron; Lava's LIF takes one du, dv per population")
                 continue
             d0 = float(d[0])
-            params = {"du": 1.0, "dv": d0, "vth": float(vth[0]), "scale": d0}
+            if uniform(vth):
+                params = {"du": 1.0, "dv": d0, "vth": float(vth[0]), "scale": d0}
+            else:  # per-neuron thresholds: the membrane in units of theta_i (rows scaled by d / theta_i), vth = 1
+                if np.any(vth <= 0):
+                    problems.append(f"{name} (LIF): thresholds <= 0")
+                    continue
+                params = {"du": 1.0, "dv": d0, "vth": 1.0, "scale": d0 / vth}
         else:
             th = np.asarray(node.threshold, np.float64).reshape(-1)
             if not uniform(th):
@@ -352,15 +360,19 @@ def _lava_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, int, int]:
     return (k.astype(np.int64) << t), int(e) - t, int(e)
 
 
-def _int_bias(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _int_bias(b: np.ndarray, name: str = "") -> tuple[np.ndarray, np.ndarray]:
     """An integer bias as Lava's ``bias_mant`` (13-bit signed) ``<< bias_exp`` (0-7), per neuron."""
     b = np.rint(np.asarray(b, np.float64)).astype(np.int64)
     exp = np.zeros(b.shape, np.int64)
-    while np.any(np.abs(b >> exp) > 4095) and exp.max() < 7:
-        exp = np.where(np.abs(b >> exp) > 4095, exp + 1, exp)
-    mant = np.where(exp > 0, np.rint(b / 2.0 ** exp), b).astype(np.int64)
+    def over(e):  # the rounded mantissa does not fit 13 bits (and a larger exponent is left)
+        return (np.abs(np.rint(b / 2.0 ** e)) > 4095) & (e < 7)
+
+    while np.any(over(exp)):
+        exp = np.where(over(exp), exp + 1, exp)
+    mant = np.rint(b / 2.0 ** exp).astype(np.int64)
     if np.any(np.abs(mant) > 4095):
-        raise LavaUnsupported("fixed point: a bias exceeds Lava's 13-bit mantissa << 7")
+        raise LavaUnsupported(f"fixed point: {name}: a bias of {int(np.abs(b).max()):,} membrane units (vth << 6 = 64) "
+                              f"exceeds Lava's 13-bit mantissa << 7 ({BIAS_MAX:,}) even at vth = 1; not lowered")
     return mant, exp
 
 
@@ -431,7 +443,7 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
             if np.any(bias != 0):
                 raise LavaUnsupported(f"fixed point: {p['name']} ({p['node_kind']}) has a bias; only spike counts are lowered")
             p.update(du=4095, dv=4095, vth=int(np.floor(float(p["vth"]))), scale_to_int=1.0)
-        p["bias_mant"], p["bias_exp"] = _int_bias(bias)
+        p["bias_mant"], p["bias_exp"] = _int_bias(bias, f"{p['name']} ({p['node_kind']})")
         for s, c in zip(syns, in_scale):
             stored, wexp, e = _lava_weights(np.asarray(s["matrix"]["values"], np.float64) * factor * c, int(weight_bits))
             s["matrix"]["values"] = stored

@@ -142,7 +142,7 @@ def test_per_neuron_parameters_and_wide_weights_are_refused():
     graph = nir.NIRGraph(nodes={"input": nir.Input(np.array([2])), "fc": nir.Linear(np.eye(2, dtype=np.float32)), "lif": lif,
                                 "spikes": nir.Output(np.array([2]))},
                          edges=[("input", "fc"), ("fc", "lif"), ("lif", "spikes")])
-    with pytest.raises(LavaUnsupported, match=r"lif \(LIF\): tau vary per neuron"):
+    with pytest.raises(LavaUnsupported, match=r"lif \(LIF\): tau varies per neuron"):
         lower_standard(graph)
     # every such population is listed at once, the layers after it too
     graph2 = nir.NIRGraph(nodes={**graph.nodes, "fc2": nir.Linear(np.eye(2, dtype=np.float32)), "lif2": lif,
@@ -150,6 +150,12 @@ def test_per_neuron_parameters_and_wide_weights_are_refused():
                           edges=[("input", "fc"), ("fc", "lif"), ("lif", "fc2"), ("fc2", "lif2"), ("lif2", "spikes")])
     with pytest.raises(LavaUnsupported, match=r"2 problem\(s\)(.|\n)*lif \(LIF\)(.|\n)*lif2 \(LIF\)"):
         lower_standard(graph2)
+    # per-neuron thresholds (sLIF compensation) are folded into the rows: d / theta_i, vth = 1
+    graph.nodes["lif"] = nir.LIF(tau=np.full(2, 2.0), r=np.ones(2), v_leak=np.zeros(2), v_threshold=np.array([0.5, 2.0]),
+                                 v_reset=np.zeros(2))
+    folded = lower_standard(graph)
+    assert folded["populations"][0]["vth"] == 1.0
+    np.testing.assert_array_equal(np.asarray(folded["synapses"][0]["matrix"]["values"]), [[1.0, 0.0], [0.0, 0.25]])
     graph.nodes["lif"] = nir.LIF(tau=np.full(2, 2.0), r=np.ones(2), v_leak=np.zeros(2), v_threshold=np.ones(2), v_reset=np.zeros(2))
     with pytest.raises(LavaUnsupported, match="2-8-bit weights"):
         lower_standard(graph, "fixed", weight_bits=12)
