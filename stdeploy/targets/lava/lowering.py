@@ -1,6 +1,6 @@
 """The NIR graph lowered to a Lava plan (:func:`lower`), and the float mode's lowering.
 
-Lowering (channel-first node shapes as in the NIR export, plus a leading batch dim) node shapes as in the NIR export, plus a leading batch dim)
+Lowering (channel-first node shapes as in the NIR export, plus a leading batch dim)
 ----------------------------------------------------------------------------------
 * ``Input``      -> ``lava.proc.io.source.RingBuffer`` holding ``x`` over ``T + depth`` steps.
 * ``LIF``        -> ``lava.proc.lif.process.LIF`` with ``du = 1`` (``u = a_in``), ``dv = d =
@@ -25,7 +25,8 @@ Lowering (channel-first node shapes as in the NIR export, plus a leading batch d
   the buffer to a file on the last step: ``Var.get`` sends arrays element by element, 10 s for one
   32-sample run); the terms are summed on the host in edge order, each read at its own latency.
 
-Why Lava's own Dense, Sparse and Conv are not used: they have no batch dimension (``Dense`` maps a
+Why this lowering does not use Lava's own Dense, Sparse and Conv (:mod:`.standard` does, as the
+other lowering, ``[lava] lowering = "standard"``, at batch 1 and within a float tolerance): they have no batch dimension (``Dense`` maps a
 vector ``(in,)``, ``Conv`` one ``(W, H, C)`` image), so a batch would need one process per sample
 or block-diagonal matrices over ``B*N`` tokens; their float models compute in float64 in their own
 summation order, which cannot reproduce PyTorch's float32 bits (exactness is the float mode's

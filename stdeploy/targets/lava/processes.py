@@ -37,6 +37,10 @@ Ours, where Lava has nothing that fits:
 
 Every multi-input process has one InPort per term (``in0``, ``in1``, ...); its model class is made
 per number of ports by :func:`model_class`.
+
+:func:`run_standard_plan` builds a standard plan (:mod:`.standard`) from Lava's processes and
+models only (``Dense``, ``Sparse``, ``DelaySparse``, ``LIFReset``, the RingBuffers; float or
+bit-accurate models), none of the above; :func:`serve` picks it by the plan's ``lowering``.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from lava.proc.lif.process import LIF
 from ...export import nir_interpreter as ref
 
 __all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "model_class", "sink_model", "run_plan",
-           "serve", "main"]
+           "run_standard_plan", "serve", "main"]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -544,6 +548,111 @@ def run_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
     return records
 
 
+def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
+    """Build a standard plan (:func:`stdeploy.targets.lava.standard.lower_standard`) from Lava's own
+    processes and float models only, stream the ``B`` samples of ``x`` ``(T, B, *input shape)`` one
+    after another through it (``B*T + depth`` steps on ``Loihi2SimCfg``) and return each sink's
+    record ``(size, steps)``, plus ``__classes__``: the module and class of every process built and
+    of its model (the sinks' models are Lava's ``PyReceiveModelFloat`` plus a save of the buffer)."""
+    from scipy.sparse import csr_matrix
+
+    from lava.magma.core.run_conditions import RunSteps
+    from lava.magma.core.run_configs import Loihi2SimCfg
+    from lava.proc.dense import models as dense_models
+    from lava.proc.dense.process import DelayDense, Dense
+    from lava.proc.io.sink import PyReceiveModelFixed, PyReceiveModelFloat
+    from lava.proc.io.sink import RingBuffer as Sink
+    from lava.proc.io.source import PySendModelFixed, PySendModelFloat
+    from lava.proc.io.source import RingBuffer as Source
+    from lava.proc.lif.models import PyLifResetModelBitAcc, PyLifResetModelFloat
+    from lava.proc.lif.process import LIFReset
+    from lava.proc.sparse import models as sparse_models
+    from lava.proc.sparse.process import DelaySparse, Sparse
+
+    fixed = plan["mode"] == "fixed"
+    kind = "BitAcc" if fixed else "Float"  # Lava's bit-accurate or float models
+    dtype = np.int64 if fixed else np.float64
+    timesteps, batch = int(x.shape[0]), int(x.shape[1])
+    steps = batch * timesteps + int(plan["depth"])
+    models: dict[AbstractProcess, type] = {}
+    data = np.zeros((int(plan["in_size"]), steps), np.float64)
+    # sample b's frame j at index b*T + j: the samples streamed back to back
+    data[:, :batch * timesteps] = np.asarray(x, np.float64).transpose(1, 0, *range(2, x.ndim)).reshape(batch * timesteps, -1).T
+    if fixed:
+        data = np.rint(data * plan["input_scale"]).astype(np.int32)
+    source = Source(data=data)
+    models[source] = PySendModelFixed if fixed else PySendModelFloat
+    outs: dict[str, OutPort] = {plan["input"]: source.s_out}
+    pops: dict[str, AbstractProcess] = {}
+    for p in plan["populations"]:
+        bias = dict(bias_mant=np.asarray(p["bias_mant"], np.int32), bias_exp=np.asarray(p["bias_exp"], np.int32)) if fixed else \
+            dict(bias_mant=np.asarray(p["bias"], np.float64))
+        proc = LIFReset(shape=(p["size"],), du=p["du"], dv=p["dv"], vth=p["vth"], **bias,
+                        reset_interval=timesteps, reset_offset=(1 + int(p["latency"])) % timesteps, name=p["name"])
+        models[proc] = PyLifResetModelBitAcc if fixed else PyLifResetModelFloat
+        pops[p["name"]] = proc
+        outs[p["name"]] = proc.s_out
+    syn_out: dict[str, OutPort] = {}
+    for s in plan["synapses"]:
+        m = s["matrix"]
+        if m["format"] == "sparse":
+            w = csr_matrix((np.asarray(m["values"], dtype), (m["rows"], m["cols"])), shape=tuple(m["shape"]))
+        else:
+            w = np.asarray(m["values"], dtype)
+        params = {"num_message_bits": 24 if s["graded"] else 0}
+        if fixed:
+            params.update(weight_exp=int(s["weight_exp"]), num_weight_bits=8)
+        if s["delay"] > 0:
+            if m["format"] == "sparse":
+                delays = csr_matrix((np.full(len(m["rows"]), int(s["delay"]), dtype=int), (m["rows"], m["cols"])),
+                                    shape=tuple(m["shape"]))
+                proc = DelaySparse(weights=w, delays=delays, **params)
+                models[proc] = getattr(sparse_models, f"PyDelaySparseModel{kind}")
+            else:
+                proc = DelayDense(weights=w, delays=np.full(w.shape, int(s["delay"]), dtype=int), **params)
+                models[proc] = getattr(dense_models, f"PyDelayDenseModel{kind}")
+        elif m["format"] == "sparse":
+            proc = Sparse(weights=w, **params)
+            models[proc] = getattr(sparse_models, f"PySparseModel{kind}")
+        else:
+            proc = Dense(weights=w, **params)
+            models[proc] = getattr(dense_models, f"PyDenseModel{kind}")
+        outs[s["src"]].connect(proc.s_in)
+        if s["dst"] in pops:
+            proc.a_out.connect(pops[s["dst"]].a_in)
+        else:
+            syn_out[s["name"]] = proc.a_out
+    dumps: dict[str, str] = {}
+    sinks = []
+    for out_name, terms in plan["outputs"].items():
+        for t in terms:
+            sink = Sink(shape=(int(t["size"]),), buffer=steps)
+            dumps[t["sink"]] = os.path.join(workdir, f"sink{len(dumps)}.npy")
+            models[sink] = sink_model(PyReceiveModelFixed if fixed else PyReceiveModelFloat, dumps[t["sink"]])
+            (syn_out[t["synapse"]] if t["synapse"] is not None else outs[t["src"]]).connect(sink.a_in)
+            sinks.append(sink)
+    classes = sorted({f"{type(p).__module__}.{type(p).__name__}" for p in models}
+                     | {f"model:{(m.__mro__[1] if m.__name__.startswith('_Dump') else m).__module__}."
+                        f"{(m.__mro__[1] if m.__name__.startswith('_Dump') else m).__name__}" for m in models.values()})
+    anchor = sinks[0]
+    try:
+        t0 = time.perf_counter()
+        anchor.create_runtime(run_cfg=Loihi2SimCfg(exception_proc_model_map=models))
+        t1 = time.perf_counter()
+        anchor.run(condition=RunSteps(num_steps=steps))
+        t2 = time.perf_counter()
+        records = {name: np.load(path) for name, path in dumps.items()}
+    finally:
+        _stop(anchor)
+    counts: dict[str, int] = {}
+    for proc in models:
+        key = f"{type(proc).__module__}.{type(proc).__name__}"
+        counts[key] = counts.get(key, 0) + 1
+    records["__classes__"] = np.array([f"{k}={v}" for k, v in sorted(counts.items())] + [c for c in classes if c.startswith("model:")])
+    records["__timing__"] = np.array([t1 - t0, t2 - t1, steps], np.float64)
+    return records
+
+
 def _stop(proc: AbstractProcess, limit_s: float = 5.0) -> None:
     """``proc.stop()``, which can hang after a process model failed: give it ``limit_s``, then
     leave the rest to the parent, which ends the whole process group."""
@@ -598,7 +707,8 @@ def serve(status_fd: int) -> int:
                     plans[req["plan"]] = pickle.load(f)
             x = np.load(req["x"])
             t0 = time.perf_counter()
-            records = run_plan(plans[req["plan"]], x, req["dir"])
+            plan = plans[req["plan"]]
+            records = (run_standard_plan if plan.get("lowering") == "standard" else run_plan)(plan, x, req["dir"])
             records["__lava_seconds__"] = np.float64(time.perf_counter() - t0)
             np.savez(req["out"], **records)
         except BaseException:

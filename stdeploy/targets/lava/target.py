@@ -17,7 +17,12 @@ runtime in ``finally`` (with a limit, as ``stop()`` itself can hang after a fail
 group if its parent dies, and is kept between runs (lava and torch imported once; ``close()`` or
 ``with`` ends it); after any failure the next run starts a fresh one.
 
-Tolerance: floating mode is spike-exact with logits within float32 rounding of the host-side mean
+``[lava] lowering = "standard"`` (profiles ``loihi2-standard``, ``loihi2-standard-fixed``) lowers
+to Lava's own processes instead (:mod:`.standard`): batch 1, the samples streamed, Lava's float
+(float64) or bit-accurate models; its tolerance is in that module. Every compile's info carries
+``resources``, the Loihi 2 resource report of the standard lowering (:mod:`.resources`).
+
+Tolerance (exact lowering): floating mode is spike-exact with logits within float32 rounding of the host-side mean
 over T; fixed mode keeps at least ``fixed_spike_agreement`` of the output spikes equal to float
 mode with 8-bit weights (see :mod:`.fixed_point`).
 """
@@ -39,12 +44,16 @@ from ..base import RunResult, TargetError, read_manifest
 from ..profiles import DeviceProfile
 from .lowering import lower
 from .mapping import mapping_report
+from .graph import LavaUnsupported
+from .resources import resource_report
+from .standard import LOGITS_ATOL, SPIKE_AGREEMENT, lower_standard, process_classes
 from .worker import LavaWorker, worker_env
 
-__all__ = ["LavaTarget", "LavaRunnable", "INSTALL_HINT", "DEFAULT_TIMEOUT_S", "lava_import_check"]
+__all__ = ["LavaTarget", "LavaRunnable", "INSTALL_HINT", "DEFAULT_TIMEOUT_S", "LOWERINGS", "lava_import_check", "resources_of"]
 
 INSTALL_HINT = "pip install 'stdeploy[lava]' && python -m stdeploy.install_lava"
 DEFAULT_TIMEOUT_S = 120.0
+LOWERINGS = ("exact", "standard")  # [lava] lowering: our exact float32 processes, or Lava's own standard processes
 
 
 @dataclass
@@ -74,6 +83,8 @@ class LavaRunnable:
             raise TargetError(f"lava: expected input (T, B, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         timesteps = int(x.shape[0])
+        if self.plan.get("lowering") == "standard":
+            return self._run_standard(x)
         with Timer() as t:
             records, meta = self.worker.run(self.plan, x, self.timeout_s)
             outputs = {}
@@ -89,6 +100,70 @@ class LavaRunnable:
             spikes = None if spikes is None else (spikes.transpose(-1, -2) if spikes.dim() == 4 else spikes).numpy()
         info = {**self.info, **meta, "steps": timesteps + int(self.plan["depth"]), "outputs": {k: v.numpy() for k, v in outputs.items()}}
         return RunResult(logits=logits, spikes=spikes, seconds=t.seconds, info=info)
+
+
+    def _run_standard(self, x: np.ndarray) -> RunResult:
+        """The standard plan: the samples streamed one after another; sample ``b``'s frame ``j`` is
+        read from each sink at index ``b*T + j + latency``, plus the term's host-side bias."""
+        timesteps, batch = int(x.shape[0]), int(x.shape[1])
+        with Timer() as t:
+            records, meta = self.worker.run(self.plan, x, self.timeout_s)
+            classes = [str(c) for c in records.pop("__classes__")]
+            idx = (np.arange(batch)[None, :] * timesteps + np.arange(timesteps)[:, None])  # (T, B)
+            outputs = {}
+            for out_name, terms in self.plan["outputs"].items():
+                acc = None
+                for term in terms:  # in edge order
+                    r = records[term["sink"]][:, idx + int(term["latency"])]          # (size, T, B)
+                    r = np.moveaxis(r, 0, -1).astype(np.float64)
+                    if term.get("scale") is not None:  # fixed point: a readout's integer sums
+                        r = r * float(term["scale"])
+                    if term["bias"] is not None:
+                        r = r + np.asarray(term["bias"], np.float64)
+                    acc = r if acc is None else acc + r
+                outputs[out_name] = acc.reshape(timesteps, batch, *self.plan["shapes"][out_name]).astype(np.float32)
+            logits = outputs["logits"].mean(axis=0) if "logits" in outputs else None
+            spikes = np.swapaxes(outputs["spikes"], -1, -2) if "spikes" in outputs else None
+        built = {c.split("=")[0]: int(c.split("=")[1]) for c in classes if not c.startswith("model:")}
+        info = {**self.info, **meta, "steps": batch * timesteps + int(self.plan["depth"]), "outputs": outputs,
+                "lava_processes_built": built, "lava_models": sorted(c[len("model:"):] for c in classes if c.startswith("model:"))}
+        return RunResult(logits=logits, spikes=spikes, seconds=t.seconds, info=info)
+
+
+_OURS = {"synapse": "Synapse", "dendrite": "Dendrite", "delay": "Delay", "stall": "Stall"}
+
+
+def _simulation_only(plan: dict) -> list[str]:
+    """The exact lowering's processes of ours (``stdeploy.targets.lava.processes``), which exist
+    only in simulation: ``{class: count}`` as sorted ``"class x count"`` strings."""
+    counts: dict[str, int] = {}
+    for spec in plan["procs"]:
+        name = _OURS.get(spec["kind"])
+        if spec["kind"] == "lif" and spec["params"].get("per_neuron"):
+            name = "LIFPerNeuron"
+        if name is not None:
+            counts[name] = counts.get(name, 0) + 1
+    return [f"stdeploy.targets.lava.processes.{k} x {v}" for k, v in sorted(counts.items())]
+
+
+@functools.lru_cache(maxsize=2)
+def _standard_plan_of(path: str, mtime_ns: int, size: int):
+    """The standard plan of the NIR file at ``path`` (cached per file version: the exact
+    lowering's report needs it too), or the :class:`LavaUnsupported` that refuses it."""
+    try:
+        return lower_standard(nir.read(path))
+    except LavaUnsupported as err:
+        return err
+
+
+def resources_of(path: Path, limits: dict | None) -> dict:
+    """The Loihi 2 resource report (:mod:`.resources`) of ``model.nir`` at ``path`` as lowered to
+    Lava's standard processes, as a dict; ``{"error": ...}`` where that lowering refuses the graph."""
+    st = Path(path).stat()
+    plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size)
+    if isinstance(plan, LavaUnsupported):
+        return {"error": str(plan)}
+    return resource_report(plan, limits).to_dict()
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,13 +195,13 @@ class LavaTarget:
         return lava_import_check()
 
     def compile(self, export_dir: Path, profile: DeviceProfile, *, timeout_s: float | None = None, lif_model: str = "float32",
-                stall_s: float = 0.0, record: bool = False, **options) -> LavaRunnable:
+                stall_s: float = 0.0, record: bool = False, lowering: str | None = None, **options) -> LavaRunnable:
         """Lower ``model.nir`` of ``export_dir`` for ``profile`` (``[lava] mode``, ``weight_bits``,
         ``timeout_s``; ``[limits]`` for the core-mapping report). ``lif_model="lava"`` runs float
         LIFs with Lava's own float64 model instead of ours (to measure it); ``stall_s`` adds a
         process that sleeps that long in every step (a testing aid for the timeout path)."""
         if options:
-            raise TargetError(f"lava: unknown compile option(s) {sorted(options)}; known: timeout_s, lif_model, stall_s, record")
+            raise TargetError(f"lava: unknown compile option(s) {sorted(options)}; known: timeout_s, lif_model, stall_s, record, lowering")
         path, _ = read_manifest(export_dir, "nir")
         try:
             graph = nir.read(str(path))
@@ -138,6 +213,11 @@ class LavaTarget:
         timeout = float(timeout_s if timeout_s is not None else lava.get("timeout_s", DEFAULT_TIMEOUT_S))
         if not timeout > 0:
             raise TargetError(f"lava: timeout_s must be > 0, got {timeout}")
+        lowering = str(lowering if lowering is not None else lava.get("lowering", "exact"))
+        if lowering not in LOWERINGS:
+            raise TargetError(f"lava: lowering must be one of {LOWERINGS}, got {lowering!r} ([lava] lowering in the profile)")
+        if lowering == "standard":
+            return self._compile_standard(graph, path, profile, mode, timeout, stall_s=stall_s, record=record)
         plan = lower(graph, mode, weight_bits=bits, lif_model=lif_model, stall_s=stall_s, record=record)
         kinds: dict[str, int] = {}
         for spec in plan["procs"]:
@@ -147,8 +227,38 @@ class LavaTarget:
             "run_config": "Loihi2SimCfg" + (" (fixed point: PyLifModelBitAcc + integer synapses)" if mode == "fixed" else
                                             f" (float32: {'PyLifModelFloat' if lif_model == 'lava' else 'PyLifModelFloat32'})"),
             "depth": int(plan["depth"]), "processes": kinds, "timeout_s": timeout,
+            "simulation_only": _simulation_only(plan), "lowering": "exact",
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
+            "resources": resources_of(path, profile.limits),
         }
         if mode == "fixed":
+            info["quantisation"] = plan["quant"]
+        return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)
+
+    def _compile_standard(self, graph, path, profile: DeviceProfile, mode: str, timeout: float, *, stall_s: float,
+                          record: bool) -> LavaRunnable:
+        """``[lava] lowering = "standard"``: Lava's own processes only (:mod:`.standard`)."""
+        if stall_s or record:
+            raise TargetError("lava: stall_s and record are options of the exact lowering, not of lowering = 'standard'")
+        bits = int((profile.lava or {}).get("weight_bits", 8))
+        st = Path(path).stat()
+        plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size)  # float; cached (the resource report's too)
+        if isinstance(plan, LavaUnsupported):
+            raise plan
+        if mode != "floating":
+            plan = lower_standard(plan, mode, weight_bits=bits)
+        fixed = mode == "fixed"
+        info = {
+            "target": "lava", "file": str(path), "mode": mode, "weight_bits": bits if fixed else None, "lowering": "standard",
+            "run_config": "Loihi2SimCfg (" + ("Lava's bit-accurate models: PyDenseModelBitAcc, PySparseModelBitAcc, "
+                                              "PyDelaySparseModelBitAcc, PyLifResetModelBitAcc" if fixed else
+                                              "Lava's float models: PyDenseModelFloat, PySparseModelFloat, PyLifResetModelFloat; "
+                                              "float64") + "), batch 1, samples streamed",
+            "depth": int(plan["depth"]), "processes": process_classes(plan), "simulation_only": [], "timeout_s": timeout,
+            "tolerance": {"spike_agreement": SPIKE_AGREEMENT, "logits_atol": LOGITS_ATOL},
+            "mapping": mapping_report(graph, plan["shapes"], profile.limits),
+            "resources": resource_report(plan, profile.limits).to_dict(),
+        }
+        if fixed:
             info["quantisation"] = plan["quant"]
         return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)
