@@ -45,8 +45,9 @@ Low-rank (DSP) layers: merged, then quantised
 ---------------------------------------------
 Quantising DSP's two factors separately puts ``u(v(x))`` on the product of two layer grids
 (``s_u s_v``, far finer than a dense layer's ``s``), and the residual stream that ``fc2.u`` writes
-inherits it: on a 4-block ``sdt`` (D = 32, rank 8) the checker refuses ``head.lif``, whose
-membrane updates exceed 2^24 grid units (``tests/export/test_exact.py``). Rounding the inner activation back to a coarse
+inherits it: on the DSP-30 form of a 4-block ``sdt`` (D = 32) with separately quantised ``fc2``
+factors the checker refuses the stream's readers from ``blocks.1.mlp.lif1`` on (2^24.5 to 2^25.6
+grid units at ``head.lif``; ``tests/export/test_exact.py``). Rounding the inner activation back to a coarse
 grid would be exact but changes the function by a second rounding per layer. The exact mode instead
 merges the factors into the dense ``W = U V`` (computed in float64) and quantises that like any
 linear layer: one 8-bit grid, one scale, the same bound as a dense layer. What it costs: the
