@@ -46,6 +46,7 @@ ARTIFACT_TOLERANCE: dict[str, Tolerance] = {"nir": NIR_INTERPRETER, "nir.portabl
 # exact mode: no flip for any reason, logits bit-identical
 EXACT = Tolerance(logits_atol=0.0, spike_mismatches=0, max_flip_fraction=0.0)
 VALIDATION_BATCH = 16  # samples per validation batch: memory stays that of one batch at any sample count
+RECORDING_BATCH = 4    # samples per batch where every node's output is kept (the portable NIR file's check)
 
 
 def validation_input(model: nn.Module, data=None, samples: int = VALIDATION_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, str]:
@@ -235,7 +236,7 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
         return (outs["output"].reshape(xb.shape[0], xb.shape[1], -1).mean(0),
                 sp.reshape(*sp.shape[:3], -1).transpose(-1, -2))  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
 
-    logits, spikes = _stream(run, x)
+    logits, spikes = _stream(run, x, RECORDING_BATCH)  # record=True keeps every node's output of a batch
     result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes, None)
     manifest["artifacts"]["nir.portable"] = _artifact(
         path, stats=nir_stats(graph), dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
@@ -272,9 +273,9 @@ def _batches(n: int, size: int = VALIDATION_BATCH) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _stream(run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``run(x_batch) -> (logits, spikes)`` over batches of ``x (T, B, ...)``, concatenated."""
-    parts = [run(x[:, sl]) for sl in _batches(x.shape[1])]
+def _stream(run, x: torch.Tensor, size: int = VALIDATION_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run(x_batch) -> (logits, spikes)`` over batches of ``size`` samples of ``x (T, B, ...)``, concatenated."""
+    parts = [run(x[:, sl]) for sl in _batches(x.shape[1], size)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
 
 
