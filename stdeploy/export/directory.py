@@ -31,6 +31,7 @@ from ..files import exchange, finished_mode, fsync_dir, fsync_file, sha256_file
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
+from ..neurons import neurons_of
 from ..models.quantize import INPUT_FRAC_BITS, INPUT_RANGE, deployable, exact_layers, is_exact, quantize_input
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
@@ -46,6 +47,7 @@ ARTIFACT_TOLERANCE: dict[str, Tolerance] = {"nir": NIR_INTERPRETER, "nir.portabl
 # exact mode: no flip for any reason, logits bit-identical
 EXACT = Tolerance(logits_atol=0.0, spike_mismatches=0, max_flip_fraction=0.0)
 VALIDATION_BATCH = 16  # samples per validation batch: memory stays that of one batch at any sample count
+RECORDING_BATCH = 4    # samples per batch where every node's output is kept (the portable NIR file's check)
 
 
 def validation_input(model: nn.Module, data=None, samples: int = VALIDATION_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, str]:
@@ -97,9 +99,10 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     if exact:
         x = quantize_input(x)
         described += f", rounded to the exact mode's input grid 2^-{INPUT_FRAC_BITS}"
-    checked = _check_exact(folded, spikformer) if exact else None
+    exact_graph, checked = _check_exact(folded, spikformer) if exact else (None, None)
     orig_logits, orig_spikes = stream_outputs(model, x)
-    ref_logits, ref_spikes = stream_outputs(folded, x)
+    # the reference's outputs and its firing rates / input densities in one streamed pass
+    ref_logits, ref_spikes, activity = _reference_pass(folded, x)
     folding = compare_streamed("batchnorm folding", model, x, orig_logits, orig_spikes, ref_logits, ref_spikes,
                                lambda xb: {k: v["spikes"] for k, v in record_neurons(folded, xb)[1].items()})
     cfg = model.cfg
@@ -115,7 +118,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
         "quantize": {"mode": "exact" if exact else "float"},
     }
     # firing rates and input densities of the reference on the validation input (streamed): a check on a silent model means nothing
-    manifest["validation"]["activity"] = measure_activity(folded, [x[:, sl] for sl in _batches(x.shape[1])]).to_dict()
+    manifest["validation"]["activity"] = activity.to_dict()
     if exact:
         manifest["input"]["contract"] = (f"exact mode: every input value a multiple of 2^-{INPUT_FRAC_BITS} in "
                                          f"[{INPUT_RANGE[0]:g}, {INPUT_RANGE[1]:g}] (round and clip first)")
@@ -125,7 +128,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     try:
         comparisons: list[Comparison] = []
         if "nir" in formats:
-            comparisons += _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer)
+            comparisons += _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer, exact_graph)
         if "onnx" in formats:
             comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
         if "netx" in formats:
@@ -175,12 +178,13 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer) -> list[Comparison]:
+def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer, graph=None) -> list[Comparison]:
+    """``graph``: the model's NIR graph when already converted (the exact mode's check), else converted here."""
     from .nir_export import nir_stats, to_nir, write_nir
     from .nir_interpreter import load_graph, run_nir
     from .nir_portable import NIR_MIN_VERSION
 
-    graph = to_nir(folded, spikformer=spikformer)
+    graph = to_nir(folded, spikformer=spikformer) if graph is None else graph
     if manifest["quantize"]["mode"] == "exact":
         graph.metadata["quantize"] = {k: v for k, v in manifest["quantize"].items() if k != "layers"}
         graph.metadata["input_contract"] = manifest["input"]["contract"]
@@ -213,8 +217,13 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
     from .nir_interpreter import load_graph, run_nir
     from .nir_portable import NIR_MIN_VERSION, READER_DT, to_portable_nir
 
+    # per-neuron thresholds folded where the spikes stay, checked on the first validation batch (the
+    # artifact is then validated on every sample); a model whose every layer has one threshold has
+    # nothing to fold, and its graph is built without the check (the same graph: "uniform" everywhere)
+    uniform = all(bool(torch.all(lif.threshold == lif.threshold.reshape(-1)[0])) for lif in neurons_of(folded).values())
     try:
-        graph = to_portable_nir(folded, fold="checked", check_input=x)  # per-neuron thresholds folded where the spikes stay
+        graph = (to_portable_nir(folded, fold="exact") if uniform else
+                 to_portable_nir(folded, fold="checked", check_input=x[:, :VALIDATION_BATCH]))
     except UnsupportedPrimitive as err:
         reason = str(err).splitlines()[-1].strip(" -")
         warnings.warn(f"model.portable.nir not written: {reason}", stacklevel=3)
@@ -230,7 +239,7 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
         return (outs["output"].reshape(xb.shape[0], xb.shape[1], -1).mean(0),
                 sp.reshape(*sp.shape[:3], -1).transpose(-1, -2))  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
 
-    logits, spikes = _stream(run, x)
+    logits, spikes = _stream(run, x, RECORDING_BATCH)  # record=True keeps every node's output of a batch
     result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes, None)
     manifest["artifacts"]["nir.portable"] = _artifact(
         path, stats=nir_stats(graph), dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
@@ -317,9 +326,9 @@ def _batches(n: int, size: int = VALIDATION_BATCH) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _stream(run, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``run(x_batch) -> (logits, spikes)`` over batches of ``x (T, B, ...)``, concatenated."""
-    parts = [run(x[:, sl]) for sl in _batches(x.shape[1])]
+def _stream(run, x: torch.Tensor, size: int = VALIDATION_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run(x_batch) -> (logits, spikes)`` over batches of ``size`` samples of ``x (T, B, ...)``, concatenated."""
+    parts = [run(x[:, sl]) for sl in _batches(x.shape[1], size)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
 
 
@@ -357,8 +366,25 @@ def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_l
     return result
 
 
-def _check_exact(folded: nn.Module, spikformer: str) -> dict:
+def _check_exact(folded: nn.Module, spikformer: str) -> tuple[nir.NIRGraph, dict]:
+    """The NIR graph (converted once: the NIR export reuses it) and its proven bounds."""
     from .exact import check_exact
     from .nir_export import to_nir
 
-    return check_exact(to_nir(folded, spikformer=spikformer), folded.cfg.timesteps)
+    graph = to_nir(folded, spikformer=spikformer)
+    return graph, check_exact(graph, folded.cfg.timesteps)
+
+
+@torch.no_grad()
+def _reference_pass(folded: nn.Module, x: torch.Tensor):
+    """``(logits, head spikes, activity)`` of the reference on ``x``, streamed in validation batches:
+    :func:`stream_outputs` and :func:`~stdeploy.activity.measure_activity` in one pass."""
+    logits, spikes = [], []
+    hooks = [folded.register_forward_hook(lambda m, inputs, out: logits.append(out)),
+             folded.head.lif.register_forward_hook(lambda m, inputs, out: spikes.append(out))]
+    try:
+        activity = measure_activity(folded, (x[:, sl] for sl in _batches(x.shape[1])))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(logits), torch.cat(spikes, dim=1), activity

@@ -169,7 +169,7 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
                 continue
             if not (np.all(np.asarray(node.r) == 1) and np.all(np.asarray(node.v_leak) == 0) and np.all(np.asarray(node.v_reset) == 0)):
                 problems.append(f"{label}: exact check knows LIF with r = 1, v_leak = 0, v_reset = 0 only")
-            j = int(round(-math.log2(float(d.max()))))
+            j = int(round(-math.log2(float(d.min()))))  # the smallest leak adds the most bits per step
             theta = np.asarray((node.metadata or {}).get("theta", node.v_threshold), np.float64)
             grid = min(x.grid, grid_of(theta)) * 2.0 ** (-j * T)
             membrane = Bound(min(x.lo, 0.0), max(x.hi, 0.0), grid)

@@ -14,8 +14,9 @@ PyTorch, onnxruntime, TVM and NIR readers produce the same spikes at any depth a
 The arithmetic (mode ``"exact"``)
 ---------------------------------
 * BatchNorm is folded first (:func:`~stdeploy.models.fold.fold_batchnorm`); every ``nn.Linear``
-  (also the two factors of a ``LowRankLinear`` and the head classifier) becomes a
-  :class:`QuantLinear`, every folded convolution a :class:`QuantConv`.
+  (also the head classifier) becomes a :class:`QuantLinear`, every folded convolution a
+  :class:`QuantConv`. A low-rank (DSP) ``LowRankLinear`` is merged first (:func:`merge_low_rank`):
+  its dense product ``U V`` becomes one :class:`QuantLinear` (see "Low-rank layers" below).
 * Weights: ``w = s * W`` with ``W`` an integer in ``[-127, 127]`` (8 bits) and ``s = 2**-k`` a
   per-layer power of two, the smallest that fits the largest weight
   (:func:`power_of_two_scale`); the layers that write the residual stream share the coarsest of
@@ -39,6 +40,21 @@ every intermediate value (``(1-d) v``, ``d x``, their sum, ``x - v`` in NIR's fo
 is a multiple of ``q * 2**(-j T)`` bounded by ``2 M + theta``, and is exact in float32 when
 ``(2 M + theta) / (q * 2**(-j T)) <= 2**24``. For ``T = 4`` and ``d = 1/2`` that leaves 19 bits
 for the input sums of a layer in units of its grid, e.g. 4096 binary inputs at weight 127.
+
+Low-rank (DSP) layers: merged, then quantised
+---------------------------------------------
+Quantising DSP's two factors separately puts ``u(v(x))`` on the product of two layer grids
+(``s_u s_v``, far finer than a dense layer's ``s``), and the residual stream that ``fc2.u`` writes
+inherits it: on the DSP-30 form of a 4-block ``sdt`` (D = 32) with separately quantised ``fc2``
+factors the checker refuses the stream's readers from ``blocks.1.mlp.lif1`` on (2^24.5 to 2^25.6
+grid units at ``head.lif``; ``tests/export/test_exact.py``). Rounding the inner activation back to a coarse
+grid would be exact but changes the function by a second rounding per layer. The exact mode instead
+merges the factors into the dense ``W = U V`` (computed in float64) and quantises that like any
+linear layer: one 8-bit grid, one scale, the same bound as a dense layer. What it costs: the
+exported and fine-tuned layer is dense, ``in * out`` parameters and multiply-adds per token instead
+of ``rank * (in + out)`` (DSP's saving on those layers is given back: e.g. ``sdt-tiny``'s ``fc1``,
+64 -> 256, at rank 16 holds 16,384 instead of 5,120 weights); a checkpoint saved in the exact mode
+records no low-rank structure, and quantisation-aware fine-tuning updates the dense weight.
 """
 
 from __future__ import annotations
@@ -53,9 +69,10 @@ from torch.nn import functional as F
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..neurons import LIF, neurons_of, to_lif
 from .fold import FoldedConv, fold_batchnorm
+from .structure import LowRankLinear
 
 __all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "QuantLinear", "QuantConv", "power_of_two_scale",
-           "quantize_input", "to_exact", "is_exact", "deployable", "check_mode"]
+           "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode"]
 
 MODES = ("float", "exact")
 WEIGHT_BITS = 8                # integer weights in [-127, 127]
@@ -191,9 +208,20 @@ def _grid_threshold(theta: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(theta.double() * n), min=1).div(n).to(theta.dtype)
 
 
+def merge_low_rank(m: LowRankLinear) -> nn.Linear:
+    """The dense ``nn.Linear`` with weight ``U V`` (product in float64) and ``u``'s bias: the same
+    function as ``m`` up to float32 rounding of the product, ``in * out`` parameters."""
+    dense = nn.Linear(m.in_features, m.out_features, bias=m.u.bias is not None)
+    with torch.no_grad():
+        dense.weight.copy_((m.u.weight.double() @ m.v.weight.double()).to(dense.weight.dtype))
+        if m.u.bias is not None:
+            dense.bias.copy_(m.u.bias)
+    return dense.to(m.u.weight.device)
+
+
 def to_exact(model: nn.Module) -> nn.Module:
     """The exact-mode copy of a finalized ``model`` (the caller's model is not changed): BatchNorm
-    folded, every linear layer and convolution quantised, sLIF frozen to LIF, leaks rounded to
+    folded, low-rank layers merged (:func:`merge_low_rank`), every linear layer and convolution quantised, sLIF frozen to LIF, leaks rounded to
     powers of two and thresholds to the threshold grid. The copy keeps ``model``'s training mode.
 
     Raises :class:`ConfigError` when a pruning mask is still attached (finalize pruning first)."""
@@ -212,6 +240,8 @@ def to_exact(model: nn.Module) -> nn.Module:
             fqn = f"{prefix}.{name}" if prefix else name
             if type(child) is nn.Linear:
                 setattr(parent, name, QuantLinear(child))
+            elif isinstance(child, LowRankLinear):
+                setattr(parent, name, QuantLinear(merge_low_rank(child)))
             elif isinstance(child, FoldedConv):
                 setattr(parent, name, QuantConv(child, quantize_input=fqn == "embed.stages.0.conv"))
             elif isinstance(child, nn.Conv2d):
@@ -229,7 +259,7 @@ def to_exact(model: nn.Module) -> nn.Module:
 
 
 # The layers whose outputs are summed into the residual stream (with the embedding's spikes).
-STREAM_WRITERS = ("embed.rpe", "blocks.*.attn.proj", "blocks.*.mlp.fc2", "blocks.*.attn.proj.u", "blocks.*.mlp.fc2.u")
+STREAM_WRITERS = ("embed.rpe", "blocks.*.attn.proj", "blocks.*.mlp.fc2")
 
 
 def share_stream_scale(model: nn.Module) -> dict[str, float]:

@@ -21,6 +21,40 @@ compartment). AND/OR units count spikes exactly (weight 1, ``vth = floor(thresho
 is quantised to ``2**-8``; layers feeding the readout are graded integers with a real scale
 applied on the host.
 
+Exact-mode graphs: the model's own integers, no re-quantisation
+---------------------------------------------------------------
+A graph exported in the exact mode (graph metadata ``quantize.mode == "exact"``, see
+:mod:`stdeploy.models.quantize`) already holds 8-bit integer weights on power-of-two grids,
+thresholds on ``2**-8``, leaks ``d = 2**-j`` and an input on ``2**-8``. :func:`lower_fixed` then
+maps those integers onto Loihi's arithmetic exactly instead of normalising and re-quantising:
+
+* Each LIF population gets one unit ``G``, the membrane grid that
+  :func:`stdeploy.export.exact.check_exact` proves (the finest grid of its input terms, biases
+  and threshold, refined by ``j`` bits per step over ``T`` steps). Lava's ``v`` holds
+  ``64 v / G``: ``a_in = d x / G`` (an integer: ``x`` is a multiple of ``q`` and ``d q >= G``),
+  which Lava shifts ``<< 6``; ``du = 4095`` (``u = a_in << 6`` each step), ``dv = 4096 d``.
+* The decay ``sign(v (4096 - dv)) (|v (4096 - dv)| >> 12)`` rounds toward zero; it is exact because
+  ``(1 - d) v`` is a multiple of ``G`` at every step of a sample (the same grid argument), so no
+  membrane is ever odd where Lava halves it. Membranes start at 0 (synapses send nothing before
+  their data) and reset to 0.
+* Lava spikes on ``v > vth << 6``; the model on ``v >= theta``. Both ``v / G`` and ``theta / G`` are
+  integers, so ``vth = theta / G - 1`` is the same rule, with no bias.
+* Every synaptic layer into a population keeps its integer weights ``W`` (8 bits) with the layer's
+  power of two ``d s sigma_in / G`` as Loihi's ``weight_exp`` (``<< e``, ``e >= 0``), its bias
+  ``B d s / G``; spike edges straight in become one-to-one layers with weight ``d / G`` (a power
+  of two). Layers feeding the readout keep the power-of-two grid of their weights (e.g. the token
+  mean's ``1/N`` is weight 1 at scale ``1/N``), so the host's logits are exact too.
+* Range: Lava's ``u = a_in << 6`` wraps beyond 24 bits and ``v`` clips there. Clipping above is
+  harmless (such a membrane is over the threshold in both arithmetics and both reset it to 0), so
+  a population is exact for every input when ``64 d max|x| / G`` and ``64 |min x| / G`` (the
+  proven bounds) stay below ``2**23``: six bits fewer than float32's 2^24 that the export's check
+  allows. Where the proven worst case exceeds it (the first layer, whose analog input adds 8
+  fractional bits: 2^19.5 grid units in ``sdt-tiny``) the plan says so per population
+  (``plan["quant"][name]``: ``unit``, ``register_bits``, ``proven``) and a warning names it:
+  spikes are then exact for inputs whose actual sums fit (the tests check theirs on the
+  reference). A layer whose integers would need re-quantising and a readout that would need
+  Lava's floor shift are refused by name (:class:`~.graph.LavaUnsupported`), never rounded.
+
 Measured (sdt-tiny, 360 digits test images, 8-bit weights): 93.9% of the head's output spikes
 equal float mode, accuracy 97.5% (float 97.2%), predictions agree on 99.7%; per-neuron sLIF
 89.6%, 83.6% (float 84.7%). That is the 8-bit weights' floor, not the pipeline's: the same
@@ -32,21 +66,28 @@ training.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
+from ...errors import UnsupportedPrimitive
+from ...export.exact import Bound, check_exact
+from ...models.quantize import INPUT_FRAC_BITS, INPUT_RANGE
 from ...export.nir_interpreter import int_tuple
 from ..base import TargetError
 from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_kind
 from .plan import Plan, add_outputs, conn, lif_params
 
 __all__ = ["FIXED_VTH", "FIXED_INPUT_FRAC_BITS", "DECAY_UNITY", "GRADED_MAX", "op_spec", "weight_and_bias", "row_factor",
-           "quantise", "row_abs_sum", "lower_fixed"]
+           "quantise", "row_abs_sum", "exact_membranes", "lower_fixed"]
 
 FIXED_VTH = 2 ** 12            # fixed mode: integer threshold of a (normalised) LIF population, lowered where inputs could overflow
 FIXED_INPUT_FRAC_BITS = 8      # fixed mode: the input is quantised to 2**-8 steps
 DECAY_UNITY = 4096             # Loihi's 12-bit decays: dv = round(4096 * d)
 GRADED_MAX = 2 ** 23 - 1       # fixed mode: graded values (readout layers) stay within 24-bit payloads
+ACT_SHIFT = 6                  # Lava's bit-accurate LIF: a_in << 6 and vth << 6 (MSB alignment)
+UV_MAX = 2 ** 23 - 1           # Lava's bit-accurate LIF: 24-bit signed u and v
+VTH_MAX = 2 ** 17 - 1          # Lava's bit-accurate LIF: 17-bit vth
 
 
 def op_spec(node, kind: str) -> dict:
@@ -113,11 +154,90 @@ def row_abs_sum(q: np.ndarray | None, op: dict) -> float:
     return float(np.abs(q).max(initial=0.0))
 
 
+def exact_membranes(graph) -> dict[str, dict] | None:
+    """For a graph exported in the exact mode (graph metadata ``quantize.mode == "exact"``): per
+    LIF node, its membrane's proven bound and grid (``{"lo", "hi", "grid"}`` from
+    :func:`~stdeploy.export.exact.check_exact`); ``None`` for other graphs. A graph that claims the
+    exact mode but fails the check is refused. ``quantize.input_frac_bits`` (default
+    ``INPUT_FRAC_BITS``, 8) is the input contract's grid ``2**-bits`` the bounds assume."""
+    meta = graph.metadata if isinstance(graph.metadata, dict) else {}
+    q = meta.get("quantize")
+    if not (isinstance(q, dict) and q.get("mode") == "exact"):
+        return None
+    frac = q.get("input_frac_bits", INPUT_FRAC_BITS)
+    if not isinstance(frac, (int, np.integer)) or not 0 <= int(frac) <= INPUT_FRAC_BITS:
+        raise LavaUnsupported(f"graph metadata quantize.input_frac_bits must be an integer in [0, {INPUT_FRAC_BITS}], got {frac!r}")
+    try:
+        report = check_exact(graph, input_bound=Bound(*INPUT_RANGE, 2.0 ** -int(frac)))
+    except UnsupportedPrimitive as err:
+        raise LavaUnsupported(f"lava fixed mode: the graph says it is exact, but {err}") from None
+    return {k[: -len(".membrane")]: v for k, v in report.items() if k.endswith(".membrane")}
+
+
+def _theta(node) -> np.ndarray:
+    """The model's threshold (``v >= theta``) per neuron: ``v_threshold`` raised by the float32 ulp
+    the export took off (the metadata's ``theta``, per channel, is the same value)."""
+    return np.nextafter(np.asarray(node.v_threshold, np.float32), np.float32(np.inf)).astype(np.float64)
+
+
+def _exact_lif(name: str, node, info: GraphInfo, membrane: dict) -> dict:
+    """The population of an exact-mode LIF: unit ``G`` (the proven membrane grid), ``alpha = d / G``,
+    and whether the proven input range fits Loihi's registers (``proven``)."""
+    d = decay(node, info.dt).astype(np.float64)
+    grid, lo, hi = float(membrane["grid"]), float(membrane["lo"]), float(membrane["hi"])
+    theta = _theta(node)
+    t_units = theta / grid
+    if not np.all(t_units == np.rint(t_units)):
+        raise LavaUnsupported(f"{name}: threshold is not on the membrane grid 2^{math.log2(grid):.0f}")
+    dv = d * DECAY_UNITY
+    if not np.all(dv == np.rint(dv)):
+        raise LavaUnsupported(f"{name}: leak {np.unique(d)[:3]} is not a multiple of 1/{DECAY_UNITY}")
+    # u = (d x / G) << 6 must not wrap; v must not clip below (clipping above is harmless: such a v
+    # is over the threshold in both arithmetics, and both reset it to 0)
+    u_units = (2 ** ACT_SHIFT) * float(d.max()) * max(abs(lo), abs(hi)) / grid
+    v_units = (2 ** ACT_SHIFT) * abs(lo) / grid
+    need = max(u_units, v_units, 1.0)
+    alpha = np.broadcast_to(d / grid, info.shapes[name])
+    vth = np.minimum(t_units - 1, VTH_MAX).astype(np.int64)  # v/G > theta/G - 1  <=>  v >= theta (both integers)
+    lif = {"du": DECAY_UNITY - 1, "dv": np.rint(dv).astype(np.int64), "vth": vth, "bias": 0}
+    return {"alpha": alpha, "count": False, "lif": lif, "vth": None,
+            "exact": {"unit": grid, "register_bits": round(math.log2(need) + 1, 2), "proven": need <= UV_MAX}}
+
+
+def _exact_quantise(a: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, int]:
+    """``quantise`` for an exact graph, which must not round: ``a = q * 2**e`` exactly."""
+    q, e = quantise(a, bits)
+    if not np.array_equal(q * 2.0 ** e, a):
+        raise LavaUnsupported(f"{name}: exact mode: its integers do not fit {bits}-bit mantissas with one power-of-two "
+                              "exponent (the export's weights are not on one power-of-two grid)")
+    return q, e
+
+
+def _pow2_grid(w: np.ndarray, bits: int, name: str) -> float:
+    """The scale of a graded layer of an exact graph: the coarsest power of two on whose grid
+    every weight is an integer of at most ``bits`` bits."""
+    from ...export.exact import grid_of
+
+    grid = grid_of(w)
+    if math.isinf(grid):
+        return 1.0
+    top = float(np.abs(w).max()) / grid
+    qmax = 2 ** (bits - 1) - 1
+    if top > qmax:
+        raise LavaUnsupported(f"{name}: exact mode: its weights need {math.ceil(math.log2(top + 1)) + 1} bits on their grid, "
+                              f"more than weight_bits = {bits}")
+    return grid
+
+
 def lower_fixed(info: GraphInfo, bits: int) -> Plan:
-    """The fixed-mode plan of an analysed graph with ``bits``-bit weight mantissas."""
+    """The fixed-mode plan of an analysed graph with ``bits``-bit weight mantissas (for an
+    exact-mode graph: its own integers, see the module docstring)."""
     if not 2 <= int(bits) <= 16:
         raise TargetError(f"lava fixed mode: weight_bits must be in [2, 16], got {bits}")
     g, plan = info.graph, Plan("fixed")
+    membranes = exact_membranes(g)
+    exact = membranes is not None
+    requant = _exact_quantise if exact else (lambda a, b, _name: quantise(a, b))
     scale: dict[str, float] = {}                # graded integer process -> real value of one unit
     bound: dict[str, float] = {}                # graded integer process -> largest |value| it can send
     pops: dict[str, dict] = {}                  # population -> {"alpha": per neuron, "count": bool}
@@ -166,7 +286,9 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
         if name in pops:
             return pops[name]
         node, shape = g.nodes[name], info.shapes[name]
-        if node_kind(node) == "LIF":
+        if exact and node_kind(node) == "LIF":
+            pops[name] = _exact_lif(name, node, info, membranes[name])
+        elif node_kind(node) == "LIF":
             # v_int = v * 64*V / theta, theta = v_threshold raised by the float32 ulp the export took off
             # (the model's "spike when v >= theta"). Lava spikes on v_int > 64*vth with vth = V; a bias of
             # one unit per step (at most 1/d units, 8e-6 theta) makes ties (counts times d landing exactly
@@ -217,11 +339,17 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
         w, b = weight_and_bias(node, kind, shape)
         op = op_spec(node, kind)
         if target is None:  # graded output: integer mantissas, a real scale; shifted right to stay in 24 bits
-            s = float(np.abs(w).max(initial=0.0)) / (2 ** (bits - 1) - 1) if w is not None else 1.0
-            s = s or 1.0
+            if exact:  # the weights' own power-of-two grid: integers kept as they are
+                s = 1.0 if w is None else _pow2_grid(w, bits, name)
+            else:
+                s = float(np.abs(w).max(initial=0.0)) / (2 ** (bits - 1) - 1) if w is not None else 1.0
+                s = s or 1.0
             q = None if w is None else np.rint(w / s)
             worst = row_abs_sum(q, op) * max(bound[src] for src in srcs) + float(np.abs(b).max(initial=0.0)) / (s * sigma_in)
             shift = max(0, math.ceil(math.log2(worst / GRADED_MAX))) if worst > GRADED_MAX else 0
+            if exact and (shift or not np.array_equal(np.rint(b / (s * sigma_in)), b / (s * sigma_in))):
+                raise LavaUnsupported(f"{name}: exact mode: the readout's integers would need rounding (worst case "
+                                      f"2^{math.log2(worst):.1f} units, Loihi's payload holds 2^23)")
             exp, sigma_out, post = -shift, s * sigma_in * 2.0 ** shift, None
             bias = np.rint(b / sigma_out)
             bound[pname] = worst / 2.0 ** shift
@@ -231,13 +359,15 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
             if alpha_out is None:
                 raise LavaUnsupported(f"{name} -> {target}: shapes do not match for fixed point")
             if w is None:  # SumPool2d: integer window sums, then an elementwise factor
-                q, exp = quantise(alpha_out * sigma_in, bits)
+                q, exp = requant(alpha_out * sigma_in, bits, name)
                 post, bias = q, np.rint(alpha_out * b)
                 q = None
             else:
                 fac = row_factor(alpha_out, kind, w, shape, name)
-                q, exp = quantise(fac * w * sigma_in, bits)
+                q, exp = requant(fac * w * sigma_in, bits, name)
                 post, bias = None, np.rint(alpha_out * b)
+            if exact and not np.array_equal(bias, alpha_out * b):
+                raise LavaUnsupported(f"{name}: exact mode: its bias is not an integer in the membrane's units")
             sigma_out = None
         if post is not None:
             op = {**op, "post": post}
@@ -277,16 +407,24 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
                     sname = f"{src}@{name}"
                     if sname not in plan.by_name:
                         alpha = np.asarray(pop["alpha"], np.float64) * scale[src]
-                        q, exp = quantise(alpha, bits)
+                        q, exp = requant(alpha, bits, sname)
                         plan.add({"name": sname, "kind": "synapse", "shape": shape, "in_shape": shape,
                                   "inputs": [conn(src, reshape)],
                                   "params": {"op_spec": {"op": "scale", "weight": q}, "exp": int(exp), "bias": None}})
                         plan.quant[sname] = {"exp": int(exp), "weight_max": int(np.abs(q).max(initial=0)), "scale": None}
                     conns.append(conn(sname, None))
             lif = pop["lif"]
+            if pop.get("exact"):
+                plan.quant[name] = pop["exact"]
             plan.add({"name": name, "kind": "lif", "shape": shape, "inputs": conns, "params": lif_params(lif, int)})
             scale[name] = bound[name] = 1.0
         elif kind == "Output":
             srcs = [(source(src, name), reshape) for src, reshape in info.terms[name]]
             add_outputs(plan, info, name, srcs, scales={s: scale[s] for s, _ in srcs})
+    unproven = [n for n, p in pops.items() if p.get("exact") and not p["exact"]["proven"]]
+    if unproven:
+        warnings.warn(f"lava fixed mode, exact graph: the proven input range of {', '.join(unproven)} needs more than "
+                      f"Loihi's 24-bit u and v ({', '.join(str(pops[n]['exact']['register_bits']) for n in unproven)} bits); "
+                      "spikes are exact for inputs whose membrane inputs stay within 24 bits, beyond that u wraps "
+                      "(plan quantisation: register_bits, proven)", stacklevel=4)
     return plan
