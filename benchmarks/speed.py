@@ -13,7 +13,11 @@ model's do (a random model with fresh statistics is silent: its kernels would be
 
 Activity is part of every row: each variant's firing rates (min-max over its LIFs) and the input
 density of its spike-fed layers are measured on the benchmark batch and printed next to the
-times, and a variant whose spiking layers are silent (rate < ``ACTIVE[0]``) or saturated
+times, and per layer in a second table (input density of every Linear/Conv2d, firing rate of every
+LIF, per variant). A third table lists, for the default path ("tvm tuned"), each spike-adaptive
+kernel's density threshold, whether it was measured by this build or read from the crossover
+cache (``--crossover-cache``, default ``OUT/crossovers.json``), and how many calls took the gather
+kernel and how many BLAS in the timed runs, and a variant whose spiking layers are silent (rate < ``ACTIVE[0]``) or saturated
 (> ``ACTIVE[1]``) is refused, naming the layers. Runtimes: PyTorch eager, onnxruntime, TVM
 untuned (all TIR, no schedule), TVM with BLAS matmuls/convolutions and MetaSchedule-tuned TIR
 ("tvm tuned, BLAS conv"), the same with the spike-adaptive convolution ("tvm tuned", the default;
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -168,6 +173,11 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                 row["sparse_layers"] = len(sparse)
             reps = max(3, args.repeats // 4) if path == "tvm untuned" else args.repeats
             row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps)
+            if path == "tvm tuned":  # the spike kernels' thresholds and the paths their calls took (live counters)
+                build = runnable.info["builds"][str(x.shape[1])]
+                row["thresholds"] = [{"op": key, "weight": e["weight"], "max_density": e["max_density"], "source": e["threshold"],
+                                      "calls": dict(e["calls"])} for key in ("spike_conv", "spike_matmul") for e in build.get(key, [])]
+                row["crossover_cache"] = build.get("crossover_cache")
         rows.append(row)
         print(f"[{name}] {variant}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
               + f"; spike mismatches {row['exact']}; {activity.summary()}", flush=True)
@@ -224,6 +234,35 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def activity_markdown(rows: list[dict]) -> str:
+    """Per layer: input density of each Linear/Conv2d (``in``) and firing rate of each LIF
+    (``rate``), one column per variant, on the benchmark batch."""
+    names: dict[str, str] = {}
+    for r in rows:
+        for layer in r["activity"]["input_densities"]:
+            names.setdefault(layer, "in")
+        for layer in r["activity"]["firing_rates"]:
+            names.setdefault(layer, "rate")
+    lines = ["| layer | what | " + " | ".join(r["variant"] for r in rows) + " |", "|---|---|" + "---:|" * len(rows)]
+    for layer, what in names.items():
+        key = "input_densities" if what == "in" else "firing_rates"
+        cells = [f"{r['activity'][key][layer]:.3f}" if layer in r["activity"][key] else "-" for r in rows]
+        label = "input density" + (" (real-valued)" if layer in rows[0]["activity"].get("real_inputs", []) else "") if what == "in" else "firing rate"
+        lines.append(f"| {layer} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def thresholds_markdown(rows: list[dict]) -> str:
+    """The spike-adaptive kernels of the default path: threshold, its source, the calls per path."""
+    lines = ["| variant | kernel | weight | threshold (max density) | source | gather calls | BLAS calls |",
+             "|---|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        for t in r.get("thresholds", []):
+            lines.append(f"| {r['variant']} | {t['op']} | {'x'.join(map(str, t['weight']))} | {t['max_density']:.3f} | "
+                         f"{t['source']} | {t['calls']['gather']} | {t['calls']['blas']} |")
+    return "\n".join(lines)
+
+
 def lowrank_markdown(rows: list[dict]) -> str:
     lines = ["| variant | layer | in x out | rank | dense ms | U·V ms | speedup | limit | fraction |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -268,6 +307,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="runs/bench-speed")
+    ap.add_argument("--machine-note", default="", help="said after the machine in the header (e.g. that it was shared)")
+    ap.add_argument("--crossover-cache", default=None,
+                    help="folder of the spike kernels' threshold cache (STDEPLOY_CACHE_DIR for the builds; default OUT/cache)")
     args = ap.parse_args()
     try:
         return run(args)
@@ -279,6 +321,8 @@ def main() -> int:
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.crossover_cache = args.crossover_cache or str(out / "cache")
+    os.environ["STDEPLOY_CACHE_DIR"] = args.crossover_cache   # one threshold cache for every build of the run
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
     tables, lowrank = {}, []
@@ -310,11 +354,19 @@ def run(args) -> int:
         tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned)
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
-    text = [f"Machine: {machine()}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
+    note = f" ({args.machine_note})" if args.machine_note else ""
+    text = [f"Machine: {machine()}{note}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
     for name, rows in tables.items():
         text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows)}\n")
         paths = {p: v for r in rows for p, v in r["paths"].items()}
         text.append("TVM paths: " + "; ".join(f"{k}: {v}" for k, v in paths.items()) + "\n")
+        text.append(f"#### {name}: activity per layer (benchmark batch)\n\n{activity_markdown(rows)}\n")
+        caches = [r["crossover_cache"] for r in rows if r.get("crossover_cache")]
+        measured, reused = sum(c["measured"] for c in caches), sum(c["reused"] for c in caches)
+        text.append(f"#### {name}: spike-kernel thresholds of the default path (\"tvm tuned\")\n\n"
+                    f"Thresholds measured by these builds: {measured}, read from the crossover cache: {reused} "
+                    f"({caches[0]['path'] if caches else 'no cache'}). Calls: the warm-up and timed runs of the row.\n\n"
+                    f"{thresholds_markdown(rows)}\n")
     text.append(f"### DSP layers: two BLAS matmuls vs the dense one\n\n{lowrank_markdown(lowrank)}\n")
     report = "\n".join(text)
     print(report)
