@@ -212,8 +212,12 @@ def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| variant | MACs/batch | FLOP limit | input density | firing rates | " + " | ".join(PATHS)
+def markdown(rows: list[dict], tuned: bool = True) -> str:
+    """The speed table; ``tuned=False`` (``--tune-trials 0``): the "tvm tuned" columns ran untuned
+    TIR around the external kernels and are headed so."""
+    names = PATHS if tuned else [p.replace("tvm tuned", "tvm untuned-TIR") if p != "tvm untuned" else "tvm untuned (all TIR)"
+                                 for p in PATHS]
+    head = ("| variant | MACs/batch | FLOP limit | input density | firing rates | " + " | ".join(names)
             + " |\n|---|---:|---:|---:|---:|" + "---:|" * len(PATHS))
     lines = [head]
     for r in rows:
@@ -357,7 +361,7 @@ def run(args) -> int:
     note = f" ({args.machine_note})" if args.machine_note else ""
     text = [f"Machine: {machine()}{note}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
     for name, rows in tables.items():
-        text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows)}\n")
+        text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows, args.tune_trials > 0)}\n")
         paths = {p: v for r in rows for p, v in r["paths"].items()}
         text.append("TVM paths: " + "; ".join(f"{k}: {v}" for k, v in paths.items()) + "\n")
         text.append(f"#### {name}: activity per layer (benchmark batch)\n\n{activity_markdown(rows)}\n")
