@@ -155,13 +155,19 @@ def test_adaptive_matmul_picks_the_path_by_density(target):
 
 # --- stable thresholds: one statistic, pinned threads, measured once per (shape, CPU, threads) ---
 
-def _cache_setup(tmp_path, target):
-    """A conv, the key of its threshold on this machine, and an empty cache file path."""
-    from stdeploy.targets.tvm.database import CrossoverCache
-
+@pytest.fixture(scope="module")
+def conv_key(target):
+    """A conv's weight and the key of its threshold on this machine (one compile for the module)."""
     w = np.random.default_rng(3).normal(size=(16, 8, 3, 3)).astype(np.float32)
     _, conv = spike.adaptive_conv((4, 8, 6, 6), w, (1, 1, 1, 1), target, max_density=0.5)   # given: nothing timed
-    key = spike.crossover_key(conv, "spikeconv", spike.runtime_threads(), spike.blas_threads())
+    assert conv.threshold_source == "given" and conv.crossover is None
+    return w, spike.crossover_key(conv, "spikeconv", spike.runtime_threads(), spike.blas_threads())
+
+
+def _cache_setup(tmp_path, conv_key):
+    from stdeploy.targets.tvm.database import CrossoverCache
+
+    w, key = conv_key
     return w, key, tmp_path / "crossovers.json", CrossoverCache
 
 
@@ -172,13 +178,13 @@ def _entry(max_density, threads=1):
                      statistic="median", warmup=2, repeats=7, threads=threads, blas_threads=threads)
 
 
-def test_cached_threshold_is_reused_and_decides_deterministically(tmp_path, target):
+def test_cached_threshold_is_reused_and_decides_deterministically(tmp_path, target, conv_key):
     """A threshold in the cache for this shape, CPU and thread count is used as is (nothing is
     timed: the cache counts no measurement), and the path each density takes follows from it."""
     import tvm
     import tvm_ffi
 
-    w, key, path, Cache = _cache_setup(tmp_path, target)
+    w, key, path, Cache = _cache_setup(tmp_path, conv_key)
     first = Cache(path)
     first.put(key, _entry(0.3))
     assert first.save() and path.exists()
@@ -197,10 +203,10 @@ def test_cached_threshold_is_reused_and_decides_deterministically(tmp_path, targ
             np.testing.assert_allclose(out.numpy(), conv2d_nchw(x, w, (1, 1), (1, 1, 1, 1)), rtol=0, atol=2e-5)
 
 
-def test_cache_for_another_cpu_or_thread_count_is_not_used(tmp_path, target):
+def test_cache_for_another_cpu_or_thread_count_is_not_used(tmp_path, target, conv_key):
     import dataclasses
 
-    w, key, path, Cache = _cache_setup(tmp_path, target)
+    w, key, path, Cache = _cache_setup(tmp_path, conv_key)
     cache = Cache(path)
     cache.put(dataclasses.replace(key, cpu="Some Other CPU"), _entry(0.123))
     cache.put(dataclasses.replace(key, threads=key.threads + 1), _entry(0.456, key.threads + 1))
@@ -218,12 +224,12 @@ def test_cache_for_another_cpu_or_thread_count_is_not_used(tmp_path, target):
     ('{"format": "someone-else/3", "entries": []}', "not a stdeploy crossover cache"),
     (None, "max_density"),                                  # a valid file with one out-of-range entry
 ])
-def test_corrupt_or_foreign_cache_is_ignored_by_name_and_left_alone(tmp_path, target, text, why):
+def test_corrupt_or_foreign_cache_is_ignored_by_name_and_left_alone(tmp_path, target, conv_key, text, why):
     import json
 
     from stdeploy.targets.tvm.database import CROSSOVER_FORMAT
 
-    w, key, path, Cache = _cache_setup(tmp_path, target)
+    w, key, path, Cache = _cache_setup(tmp_path, conv_key)
     if text is None:
         import dataclasses
 
