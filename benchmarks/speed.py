@@ -283,11 +283,14 @@ def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
     return data, base
 
 
-def build_variants(base, calibrate=None) -> dict:
-    """Dense and pruned copies of ``base``; ``calibrate(model)``, when given, re-estimates each
-    pruned copy's BatchNorm statistics (pruning changes what every layer sees)."""
+def build_variants(base, calibrate=None, names: tuple[str, ...] | None = None) -> dict:
+    """Dense and pruned copies of ``base`` (those in ``names``, default all; dense always, first);
+    ``calibrate(model)``, when given, re-estimates each pruned copy's BatchNorm statistics
+    (pruning changes what every layer sees)."""
     models = {}
     for name, spec in VARIANTS:
+        if names is not None and name != "dense" and name not in names:
+            continue
         m = clone_model(base)
         models[name] = m if spec is None else prune(m, *spec)
         if spec is not None and calibrate is not None:
@@ -311,10 +314,18 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="runs/bench-speed")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset of {','.join(n for n, _ in VARIANTS)} (dense is always run); default all")
     ap.add_argument("--machine-note", default="", help="said after the machine in the header (e.g. that it was shared)")
     ap.add_argument("--crossover-cache", default=None,
                     help="folder of the spike kernels' threshold cache (STDEPLOY_CACHE_DIR for the builds; default OUT/cache)")
     args = ap.parse_args()
+    if args.variants is not None:
+        known = [n for n, _ in VARIANTS]
+        args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        unknown = [v for v in args.variants if v not in known]
+        if unknown:
+            ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     try:
         return run(args)
     except InactiveModel as err:  # a silent or saturated model: its timings would mean nothing
@@ -339,7 +350,7 @@ def run(args) -> int:
         def recalibrate(model):  # one-shot pruning leaves the attention LIFs near silent (rate < 0.01)
             estimate_batchnorm(model, (direct_encode(train_x[i:i + 64], base.cfg.timesteps) for i in range(0, len(train_x), 64)))
 
-        models = build_variants(base, recalibrate)
+        models = build_variants(base, recalibrate, args.variants)
         tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False)
         lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
     if args.large:
@@ -354,7 +365,7 @@ def run(args) -> int:
                                        for _ in range(args.bn_batches)), gain=args.bn_gain)
 
         calibrate(big)
-        big_models = build_variants(big, calibrate)
+        big_models = build_variants(big, calibrate, args.variants)
         tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned)
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
