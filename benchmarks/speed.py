@@ -62,6 +62,7 @@ VARIANTS = [("dense", None), ("l1p-90", ("l1p", 0.90)), ("l1p-95", ("l1p", 0.95)
             ("dsp-30", ("dsp", 0.30)), ("dsp-10", ("dsp", 0.10))]
 ACTIVE = (0.01, 0.5)  # every LIF of every benchmarked variant must fire at a rate inside these bounds
 PATHS = ["pytorch", "onnxruntime", "tvm untuned", "tvm tuned, BLAS conv", "tvm tuned", "tvm tuned + sparse"]
+TVM_PATH_KEYS = {"untuned": "tvm untuned", "blas-conv": "tvm tuned, BLAS conv", "default": "tvm tuned", "sparse": "tvm tuned + sparse"}
 
 
 def prune(model, method: str, ratio: float):
@@ -163,6 +164,8 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                    "tvm tuned + sparse": {"sparse": "auto", "database": db if args.tune_trials > 0 else None}}
         if not skip_untuned:
             configs["tvm untuned"] = {"kernels": "tir", "schedule": "untuned", "sparse": "off"}
+        if args.tvm_paths is not None:
+            configs = {k: v for k, v in configs.items() if k in args.tvm_paths}
         for path, opts in configs.items():
             runnable = TVMTarget().compile(dirs[variant], profile, batch_size=x.shape[1], **opts)
             result = runnable.run(xn)
@@ -316,6 +319,8 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench-speed")
     ap.add_argument("--variants", default=None,
                     help=f"comma-separated subset of {','.join(n for n, _ in VARIANTS)} (dense is always run); default all")
+    ap.add_argument("--tvm-paths", default=None,
+                    help=f"comma-separated subset of the TVM columns ({', '.join(f'{k}: {v!r}' for k, v in TVM_PATH_KEYS.items())}); default all")
     ap.add_argument("--machine-note", default="", help="said after the machine in the header (e.g. that it was shared)")
     ap.add_argument("--crossover-cache", default=None,
                     help="folder of the spike kernels' threshold cache (STDEPLOY_CACHE_DIR for the builds; default OUT/cache)")
@@ -326,6 +331,12 @@ def main() -> int:
         unknown = [v for v in args.variants if v not in known]
         if unknown:
             ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.tvm_paths is not None:
+        keys = [v.strip() for v in args.tvm_paths.split(",") if v.strip()]
+        unknown = [v for v in keys if v not in TVM_PATH_KEYS]
+        if unknown:
+            ap.error(f"--tvm-paths: unknown {', '.join(unknown)}; known: {', '.join(TVM_PATH_KEYS)}")
+        args.tvm_paths = tuple(TVM_PATH_KEYS[k] for k in keys)
     try:
         return run(args)
     except InactiveModel as err:  # a silent or saturated model: its timings would mean nothing
