@@ -13,7 +13,11 @@ model's do (a random model with fresh statistics is silent: its kernels would be
 
 Activity is part of every row: each variant's firing rates (min-max over its LIFs) and the input
 density of its spike-fed layers are measured on the benchmark batch and printed next to the
-times, and a variant whose spiking layers are silent (rate < ``ACTIVE[0]``) or saturated
+times, and per layer in a second table (input density of every Linear/Conv2d, firing rate of every
+LIF, per variant). A third table lists, for the default path ("tvm tuned"), each spike-adaptive
+kernel's density threshold, whether it was measured by this build or read from the crossover
+cache (``--crossover-cache``, default ``OUT/crossovers.json``), and how many calls took the gather
+kernel and how many BLAS in the timed runs, and a variant whose spiking layers are silent (rate < ``ACTIVE[0]``) or saturated
 (> ``ACTIVE[1]``) is refused, naming the layers. Runtimes: PyTorch eager, onnxruntime, TVM
 untuned (all TIR, no schedule), TVM with BLAS matmuls/convolutions and MetaSchedule-tuned TIR
 ("tvm tuned, BLAS conv"), the same with the spike-adaptive convolution ("tvm tuned", the default;
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -57,6 +62,7 @@ VARIANTS = [("dense", None), ("l1p-90", ("l1p", 0.90)), ("l1p-95", ("l1p", 0.95)
             ("dsp-30", ("dsp", 0.30)), ("dsp-10", ("dsp", 0.10))]
 ACTIVE = (0.01, 0.5)  # every LIF of every benchmarked variant must fire at a rate inside these bounds
 PATHS = ["pytorch", "onnxruntime", "tvm untuned", "tvm tuned, BLAS conv", "tvm tuned", "tvm tuned + sparse"]
+TVM_PATH_KEYS = {"untuned": "tvm untuned", "blas-conv": "tvm tuned, BLAS conv", "default": "tvm tuned", "sparse": "tvm tuned + sparse"}
 
 
 def prune(model, method: str, ratio: float):
@@ -158,6 +164,8 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                    "tvm tuned + sparse": {"sparse": "auto", "database": db if args.tune_trials > 0 else None}}
         if not skip_untuned:
             configs["tvm untuned"] = {"kernels": "tir", "schedule": "untuned", "sparse": "off"}
+        if args.tvm_paths is not None:
+            configs = {k: v for k, v in configs.items() if k in args.tvm_paths}
         for path, opts in configs.items():
             runnable = TVMTarget().compile(dirs[variant], profile, batch_size=x.shape[1], **opts)
             result = runnable.run(xn)
@@ -168,6 +176,11 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                 row["sparse_layers"] = len(sparse)
             reps = max(3, args.repeats // 4) if path == "tvm untuned" else args.repeats
             row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps)
+            if path == "tvm tuned":  # the spike kernels' thresholds and the paths their calls took (live counters)
+                build = runnable.info["builds"][str(x.shape[1])]
+                row["thresholds"] = [{"op": key, "weight": e["weight"], "max_density": e["max_density"], "source": e["threshold"],
+                                      "calls": dict(e["calls"])} for key in ("spike_conv", "spike_matmul") for e in build.get(key, [])]
+                row["crossover_cache"] = build.get("crossover_cache")
         rows.append(row)
         print(f"[{name}] {variant}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
               + f"; spike mismatches {row['exact']}; {activity.summary()}", flush=True)
@@ -202,8 +215,12 @@ def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ("| variant | MACs/batch | FLOP limit | input density | firing rates | " + " | ".join(PATHS)
+def markdown(rows: list[dict], tuned: bool = True) -> str:
+    """The speed table; ``tuned=False`` (``--tune-trials 0``): the "tvm tuned" columns ran untuned
+    TIR around the external kernels and are headed so."""
+    names = PATHS if tuned else [p.replace("tvm tuned", "tvm untuned-TIR") if p != "tvm untuned" else "tvm untuned (all TIR)"
+                                 for p in PATHS]
+    head = ("| variant | MACs/batch | FLOP limit | input density | firing rates | " + " | ".join(names)
             + " |\n|---|---:|---:|---:|---:|" + "---:|" * len(PATHS))
     lines = [head]
     for r in rows:
@@ -224,6 +241,35 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def activity_markdown(rows: list[dict]) -> str:
+    """Per layer: input density of each Linear/Conv2d (``in``) and firing rate of each LIF
+    (``rate``), one column per variant, on the benchmark batch."""
+    names: dict[str, str] = {}
+    for r in rows:
+        for layer in r["activity"]["input_densities"]:
+            names.setdefault(layer, "in")
+        for layer in r["activity"]["firing_rates"]:
+            names.setdefault(layer, "rate")
+    lines = ["| layer | what | " + " | ".join(r["variant"] for r in rows) + " |", "|---|---|" + "---:|" * len(rows)]
+    for layer, what in names.items():
+        key = "input_densities" if what == "in" else "firing_rates"
+        cells = [f"{r['activity'][key][layer]:.3f}" if layer in r["activity"][key] else "-" for r in rows]
+        label = "input density" + (" (real-valued)" if layer in rows[0]["activity"].get("real_inputs", []) else "") if what == "in" else "firing rate"
+        lines.append(f"| {layer} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def thresholds_markdown(rows: list[dict]) -> str:
+    """The spike-adaptive kernels of the default path: threshold, its source, the calls per path."""
+    lines = ["| variant | kernel | weight | threshold (max density) | source | gather calls | BLAS calls |",
+             "|---|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        for t in r.get("thresholds", []):
+            lines.append(f"| {r['variant']} | {t['op']} | {'x'.join(map(str, t['weight']))} | {t['max_density']:.3f} | "
+                         f"{t['source']} | {t['calls']['gather']} | {t['calls']['blas']} |")
+    return "\n".join(lines)
+
+
 def lowrank_markdown(rows: list[dict]) -> str:
     lines = ["| variant | layer | in x out | rank | dense ms | U·V ms | speedup | limit | fraction |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -240,11 +286,14 @@ def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
     return data, base
 
 
-def build_variants(base, calibrate=None) -> dict:
-    """Dense and pruned copies of ``base``; ``calibrate(model)``, when given, re-estimates each
-    pruned copy's BatchNorm statistics (pruning changes what every layer sees)."""
+def build_variants(base, calibrate=None, names: tuple[str, ...] | None = None) -> dict:
+    """Dense and pruned copies of ``base`` (those in ``names``, default all; dense always, first);
+    ``calibrate(model)``, when given, re-estimates each pruned copy's BatchNorm statistics
+    (pruning changes what every layer sees)."""
     models = {}
     for name, spec in VARIANTS:
+        if names is not None and name != "dense" and name not in names:
+            continue
         m = clone_model(base)
         models[name] = m if spec is None else prune(m, *spec)
         if spec is not None and calibrate is not None:
@@ -268,7 +317,26 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="runs/bench-speed")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated subset of {','.join(n for n, _ in VARIANTS)} (dense is always run); default all")
+    ap.add_argument("--tvm-paths", default=None,
+                    help=f"comma-separated subset of the TVM columns ({', '.join(f'{k}: {v!r}' for k, v in TVM_PATH_KEYS.items())}); default all")
+    ap.add_argument("--machine-note", default="", help="said after the machine in the header (e.g. that it was shared)")
+    ap.add_argument("--crossover-cache", default=None,
+                    help="folder of the spike kernels' threshold cache (STDEPLOY_CACHE_DIR for the builds; default OUT/cache)")
     args = ap.parse_args()
+    if args.variants is not None:
+        known = [n for n, _ in VARIANTS]
+        args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+        unknown = [v for v in args.variants if v not in known]
+        if unknown:
+            ap.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    if args.tvm_paths is not None:
+        keys = [v.strip() for v in args.tvm_paths.split(",") if v.strip()]
+        unknown = [v for v in keys if v not in TVM_PATH_KEYS]
+        if unknown:
+            ap.error(f"--tvm-paths: unknown {', '.join(unknown)}; known: {', '.join(TVM_PATH_KEYS)}")
+        args.tvm_paths = tuple(TVM_PATH_KEYS[k] for k in keys)
     try:
         return run(args)
     except InactiveModel as err:  # a silent or saturated model: its timings would mean nothing
@@ -279,6 +347,8 @@ def main() -> int:
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    args.crossover_cache = args.crossover_cache or str(out / "cache")
+    os.environ["STDEPLOY_CACHE_DIR"] = args.crossover_cache   # one threshold cache for every build of the run
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
     tables, lowrank = {}, []
@@ -291,7 +361,7 @@ def run(args) -> int:
         def recalibrate(model):  # one-shot pruning leaves the attention LIFs near silent (rate < 0.01)
             estimate_batchnorm(model, (direct_encode(train_x[i:i + 64], base.cfg.timesteps) for i in range(0, len(train_x), 64)))
 
-        models = build_variants(base, recalibrate)
+        models = build_variants(base, recalibrate, args.variants)
         tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False)
         lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
     if args.large:
@@ -306,15 +376,23 @@ def run(args) -> int:
                                        for _ in range(args.bn_batches)), gain=args.bn_gain)
 
         calibrate(big)
-        big_models = build_variants(big, calibrate)
+        big_models = build_variants(big, calibrate, args.variants)
         tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned)
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
-    text = [f"Machine: {machine()}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
+    note = f" ({args.machine_note})" if args.machine_note else ""
+    text = [f"Machine: {machine()}{note}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
     for name, rows in tables.items():
-        text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows)}\n")
+        text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows, args.tune_trials > 0)}\n")
         paths = {p: v for r in rows for p, v in r["paths"].items()}
         text.append("TVM paths: " + "; ".join(f"{k}: {v}" for k, v in paths.items()) + "\n")
+        text.append(f"#### {name}: activity per layer (benchmark batch)\n\n{activity_markdown(rows)}\n")
+        caches = [r["crossover_cache"] for r in rows if r.get("crossover_cache")]
+        measured, reused = sum(c["measured"] for c in caches), sum(c["reused"] for c in caches)
+        text.append(f"#### {name}: spike-kernel thresholds of the default path (\"tvm tuned\")\n\n"
+                    f"Thresholds measured by these builds: {measured}, read from the crossover cache: {reused} "
+                    f"({caches[0]['path'] if caches else 'no cache'}). Calls: the warm-up and timed runs of the row.\n\n"
+                    f"{thresholds_markdown(rows)}\n")
     text.append(f"### DSP layers: two BLAS matmuls vs the dense one\n\n{lowrank_markdown(lowrank)}\n")
     report = "\n".join(text)
     print(report)

@@ -1,7 +1,8 @@
 """The one timer: wall time of a call, warm-up then timed repeats, median / p90.
 
 Torch-free (standard library and numpy only), so targets, the profiler and the benchmarks share it.
-Every figure is in seconds of ``time.perf_counter``. Where a call only *launches* work on an
+Every figure is in seconds of ``time.perf_counter``. Candidates that are compared with each other
+(:func:`time_candidates`) are timed with one statistic, the median, interleaved round by round. Where a call only *launches* work on an
 accelerator (CUDA), pass ``sync`` (e.g. ``torch.cuda.synchronize``): it runs before the clock
 starts and before it stops, so a timed call ends when the device is done.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["Timer", "Timing", "median_time", "percentile", "time_calls"]
+__all__ = ["Timer", "Timing", "median_time", "percentile", "time_calls", "time_candidates"]
 
 
 class Timer:
@@ -75,3 +76,25 @@ def time_calls(fn: Callable[[], object], warmup: int = 3, repeats: int = 20, syn
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     """Median seconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
     return time_calls(fn, warmup, repeats).median_s
+
+
+def time_candidates(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> dict[str, Timing]:
+    """One :class:`Timing` per candidate, every one by the same rule, for choosing between them:
+    each candidate is called ``warmup`` times untimed, then ``repeats`` rounds each call every
+    candidate once, in turn (so a busy spell of the machine hits all of them alike). Compare the
+    ``median_s`` of the results: the statistic is the same for every candidate."""
+    if not fns:
+        raise ConfigError("time_candidates needs at least one candidate")
+    if not isinstance(warmup, int) or not isinstance(repeats, int) or warmup < 0 or repeats < 1:
+        raise ConfigError(f"warmup must be >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: Timing(warmup=warmup, repeats=repeats, median_s=statistics.median(ts), p90_s=percentile(ts, 90),
+                         min_s=min(ts)) for name, ts in times.items()}

@@ -30,7 +30,7 @@ from ...errors import ConfigError, ShapeError
 from ...timing import Timer
 from ..base import RunResult, TargetError
 from ..profiles import DeviceProfile
-from .database import TuningDatabaseError, apply_database, find_database, read_meta
+from .database import CrossoverCache, TuningDatabaseError, apply_database, crossover_cache_path, find_database, read_meta
 from .frontend import OnnxGraph, relax_module
 from .kernels.routing import route_to_external_kernels
 from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
@@ -66,9 +66,12 @@ class PreparedModule:
     info: dict = field(default_factory=dict)
 
 
-def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = CpuOptions()) -> PreparedModule:
+def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = CpuOptions(),
+                       crossovers: CrossoverCache | None = None) -> PreparedModule:
     """The Relax module of ``graph`` at ``batch``, rewritten per ``options`` and through Relax's
-    zero pipeline: the exact module that both tuning and running compile."""
+    zero pipeline: the exact module that both tuning and running compile. ``crossovers``: the
+    cache of the spike kernels' density thresholds (read, extended and saved; default: the one
+    :func:`~.database.crossover_cache_path` gives for the graph's folder)."""
     tvm = load_tvm()
     from tvm import relax
 
@@ -83,13 +86,21 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         mod, report = rewrite_sparse_matmuls(mod, target, decide)
         info["sparse"] = report
     if options.kernels in ("blas", "blas-dense"):
-        mod, done = route_to_external_kernels(mod, spike_target=target if options.kernels == "blas" else None)
+        if crossovers is None and options.kernels == "blas":
+            crossovers = CrossoverCache(crossover_cache_path(Path(graph.path).parent))
+        mod, done = route_to_external_kernels(mod, spike_target=target if options.kernels == "blas" else None,
+                                              crossovers=crossovers)
         info["offloaded"] = [f"{o.op} {list(o.shape)}" for o in done]
         for op, key, _ in SPIKE_OPS:
             spike = [o for o in done if o.op == op]
             if spike:  # ``calls`` is the kernel's live counter: dumped after a run it says which path ran
                 info[key] = [{"weight": list(o.shape), "max_density": round(o.kernel.max_density, 3), "calls": o.kernel.stats,
-                              "compile_seconds": round(o.kernel.compile_seconds, 3)} for o in spike]
+                              "compile_seconds": round(o.kernel.compile_seconds, 3),
+                              "threshold": o.kernel.threshold_source,
+                              **({"crossover": o.kernel.crossover.to_dict()} if o.kernel.crossover else {})} for o in spike]
+        if any(o.kernel is not None for o in done) and crossovers is not None:
+            crossovers.save()
+            info["crossover_cache"] = crossovers.summary()
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)
@@ -102,12 +113,16 @@ def sparse_layers_of(info: dict) -> tuple[int, ...]:
 
 
 def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: int, *, schedule: str = "auto",
-                kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None) -> tuple[object, dict]:
+                kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
+                crossover_cache: str | os.PathLike | None = None) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
     ``schedule``: ``auto`` (the tuning database when one exists for this batch, else
-    untuned TIR around the BLAS kernels), ``tuned`` (a database is required), ``untuned``."""
+    untuned TIR around the BLAS kernels), ``tuned`` (a database is required), ``untuned``.
+    ``crossover_cache``: the file of the spike kernels' density thresholds (default
+    :func:`~.database.crossover_cache_path` of ``export_dir``); ``info["crossover_cache"]`` says
+    how many were measured and how many reused, each ``info["spike_*"]`` entry which."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -127,7 +142,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers))
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers),
+                                  CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:
         try:

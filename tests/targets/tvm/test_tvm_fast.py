@@ -157,3 +157,34 @@ def test_untuned_tir_matches_blas(tuned):
     plain = TVMTarget().compile(d, load_profile("cpu"), kernels="tir", schedule="untuned", sparse="off").run(x)
     assert plain.info["path"] == "untuned TIR"
     np.testing.assert_array_equal(plain.spikes, reference(x, w1, w2)[1])
+
+
+def test_second_build_reads_the_crossover_cache(tmp_path, monkeypatch):
+    """The spike kernels' density thresholds are measured by the first build of a shape and read
+    back by the next (the build info says which, and counts), in ``EXPORT_DIR/tuning/`` by
+    default or ``$STDEPLOY_CACHE_DIR/tvm/``; the module's outputs are PyTorch's either way."""
+    from stdeploy.targets.tvm.database import CROSSOVERS
+
+    monkeypatch.delenv("STDEPLOY_CACHE_DIR", raising=False)
+    d, w1, w2 = tiny_export(tmp_path / "e")
+    x = (np.random.default_rng(2).random((T, B, 1, 2, 2)) < 0.5).astype(np.float32)
+    logits, spikes = reference(x, w1, w2)
+    assert 0 < spikes.mean() < 1                                   # the layer fires, not saturated
+
+    def build():
+        runnable = TVMTarget().compile(d, load_profile("cpu"), batch_size=B, schedule="untuned", sparse="off")
+        result = runnable.run(x)
+        np.testing.assert_array_equal(result.spikes, spikes)
+        np.testing.assert_allclose(result.logits, logits, rtol=0, atol=1e-5)
+        return runnable.info["builds"][str(B)]
+
+    first, second = build(), build()
+    assert first["crossover_cache"] == {"path": str(d / "tuning" / CROSSOVERS), "measured": 2, "reused": 0}
+    assert second["crossover_cache"] == {"path": str(d / "tuning" / CROSSOVERS), "measured": 0, "reused": 2}
+    assert [e["threshold"] for e in first["spike_matmul"]] == ["measured"] * 2
+    assert [e["threshold"] for e in second["spike_matmul"]] == ["cached"] * 2
+    assert [e["max_density"] for e in second["spike_matmul"]] == [e["max_density"] for e in first["spike_matmul"]]
+    assert second["spike_matmul"][0]["crossover"]["statistic"] == "median"
+    monkeypatch.setenv("STDEPLOY_CACHE_DIR", str(tmp_path / "cache"))
+    third = build()                                                # another cache: measured there
+    assert third["crossover_cache"]["measured"] == 2 and (tmp_path / "cache" / "tvm" / CROSSOVERS).is_file()

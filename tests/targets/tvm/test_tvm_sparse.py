@@ -270,6 +270,7 @@ def test_measured_choice_against_the_spike_kernel(onnx_module, cpu_target):
     _, report = rewrite_sparse_matmuls(mod, cpu_target, decide)
     timed = [r for r in report if "sparse_ms" in r]
     assert timed and all(r["gather_ms"] > 0 for r in timed)
+    assert all(r["timing"].startswith("median of 2 after 1, interleaved") for r in timed)   # one rule for all three
     for r in timed:
         assert r["chosen"] == ("sparse" if r["sparse_ms"] < min(r["dense_ms"], r["gather_ms"]) else "dense")
 

@@ -151,3 +151,127 @@ def test_adaptive_matmul_picks_the_path_by_density(target):
         run(tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
         assert mm.stats[path] == before[path] + 1, (density, mm.stats)
         np.testing.assert_allclose(out.numpy(), x @ w, rtol=0, atol=2e-5)
+
+
+# --- stable thresholds: one statistic, pinned threads, measured once per (shape, CPU, threads) ---
+
+@pytest.fixture(scope="module")
+def conv_key(target):
+    """A conv's weight and the key of its threshold on this machine (one compile for the module)."""
+    w = np.random.default_rng(3).normal(size=(16, 8, 3, 3)).astype(np.float32)
+    _, conv = spike.adaptive_conv((4, 8, 6, 6), w, (1, 1, 1, 1), target, max_density=0.5)   # given: nothing timed
+    assert conv.threshold_source == "given" and conv.crossover is None
+    return w, spike.crossover_key(conv, "spikeconv", spike.runtime_threads(), spike.blas_threads())
+
+
+def _cache_setup(tmp_path, conv_key):
+    from stdeploy.targets.tvm.database import CrossoverCache
+
+    w, key = conv_key
+    return w, key, tmp_path / "crossovers.json", CrossoverCache
+
+
+def _entry(max_density, threads=1):
+    from stdeploy.targets.tvm.database import Crossover
+
+    return Crossover(max_density=max_density, fixed_s=1e-4, busy_s=2e-4, dense_s=3e-4, calibration_density=0.25,
+                     statistic="median", warmup=2, repeats=7, threads=threads, blas_threads=threads)
+
+
+def test_cached_threshold_is_reused_and_decides_deterministically(tmp_path, target, conv_key):
+    """A threshold in the cache for this shape, CPU and thread count is used as is (nothing is
+    timed: the cache counts no measurement), and the path each density takes follows from it."""
+    import tvm
+    import tvm_ffi
+
+    w, key, path, Cache = _cache_setup(tmp_path, conv_key)
+    first = Cache(path)
+    first.put(key, _entry(0.3))
+    assert first.save() and path.exists()
+    for _ in range(2):                               # two builds, the same choice
+        cache = Cache(path)
+        name, conv = spike.adaptive_conv((4, 8, 6, 6), w, (1, 1, 1, 1), target, crossovers=cache)
+        assert (conv.max_density, conv.threshold_source, cache.measured, cache.reused) == (0.3, "cached", 0, 1)
+        run, wt = tvm_ffi.get_global_func(name), tvm.runtime.tensor(w)
+        rng = np.random.default_rng(4)
+        for density, path_taken in ((0.2, "gather"), (0.45, "blas"), (0.2, "gather")):
+            x = (rng.random((4, 8, 6, 6)) < density).astype(np.float32)
+            out = tvm.runtime.tensor(np.zeros((4, 16, 6, 6), np.float32))
+            before = dict(conv.stats)
+            run(tvm.runtime.tensor(x), wt, out)
+            assert conv.stats[path_taken] == before[path_taken] + 1, (density, conv.stats)
+            np.testing.assert_allclose(out.numpy(), conv2d_nchw(x, w, (1, 1), (1, 1, 1, 1)), rtol=0, atol=2e-5)
+
+
+def test_cache_for_another_cpu_or_thread_count_is_not_used(tmp_path, target, conv_key):
+    import dataclasses
+
+    w, key, path, Cache = _cache_setup(tmp_path, conv_key)
+    cache = Cache(path)
+    cache.put(dataclasses.replace(key, cpu="Some Other CPU"), _entry(0.123))
+    cache.put(dataclasses.replace(key, threads=key.threads + 1), _entry(0.456, key.threads + 1))
+    cache.put(dataclasses.replace(key, kernel_version=key.kernel_version + 1), _entry(0.789))
+    cache.save()
+    cache = Cache(path)
+    _, conv = spike.adaptive_conv((4, 8, 6, 6), w, (1, 1, 1, 1), target, crossovers=cache)
+    assert conv.threshold_source == "measured" and (cache.measured, cache.reused) == (1, 0)
+    assert conv.crossover.threads == key.threads and conv.max_density == conv.crossover.max_density
+    assert cache.save() and len(Cache(path).entries) == 4   # the new one added, the others kept
+
+
+@pytest.mark.parametrize("text,why", [
+    ("{not json", "not a readable JSON"),
+    ('{"format": "someone-else/3", "entries": []}', "not a stdeploy crossover cache"),
+    (None, "max_density"),                                  # a valid file with one out-of-range entry
+])
+def test_corrupt_or_foreign_cache_is_ignored_by_name_and_left_alone(tmp_path, target, conv_key, text, why):
+    import json
+
+    from stdeploy.targets.tvm.database import CROSSOVER_FORMAT
+
+    w, key, path, Cache = _cache_setup(tmp_path, conv_key)
+    if text is None:
+        import dataclasses
+
+        entry = {"key": dataclasses.asdict(key), "crossover": {**_entry(0.3).to_dict(), "max_density": 7.0}}
+        text = json.dumps({"format": CROSSOVER_FORMAT, "entries": [entry]})
+    path.write_text(text)
+    with pytest.warns(UserWarning, match=f"crossover cache ignored: {path}.*{why}"):
+        cache = Cache(path)
+    assert cache.entries == {} and why in cache.problem
+    _, conv = spike.adaptive_conv((4, 8, 6, 6), w, (1, 1, 1, 1), target, crossovers=cache)
+    assert conv.threshold_source == "measured"              # never trusted: measured again
+    assert cache.save() is False and path.read_text() == text
+    assert "ignored" in cache.summary()
+
+
+def test_every_candidate_is_timed_by_the_same_rule(target):
+    """``time_candidates``: each candidate gets the same warm-up and the same interleaved rounds,
+    and one statistic (the median); the crossover is built from those medians at pinned threads."""
+    from stdeploy.timing import time_candidates
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timings = time_candidates(fns, warmup=2, repeats=3)
+    assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 3
+    assert {(t.warmup, t.repeats) for t in timings.values()} == {(2, 3)}
+    w = np.random.default_rng(5).normal(size=(8, 4, 3, 3)).astype(np.float32)
+    _, conv = spike.adaptive_conv((2, 4, 5, 5), w, (1, 1, 1, 1), target)
+    c = conv.crossover
+    assert (c.statistic, c.warmup, c.repeats) == ("median", spike.CALIBRATION_WARMUP, spike.CALIBRATION_REPEATS)
+    assert c.threads == spike.runtime_threads() and conv.threshold_source == "measured"
+    assert min(c.fixed_s, c.busy_s, c.dense_s) > 0
+
+
+def test_pinned_threads_sets_and_restores_the_counts():
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(2, user_api="blas"):
+        tvm_before = spike.runtime_threads()
+        assert spike.blas_threads() == 2
+        with spike.pinned_threads(1, 1):
+            assert (spike.runtime_threads(), spike.blas_threads()) == (1, 1)
+        assert (spike.runtime_threads(), spike.blas_threads()) == (tvm_before, 2)
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        with spike.pinned_threads(0):
+            pass

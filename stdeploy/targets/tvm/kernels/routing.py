@@ -8,7 +8,8 @@
 by ``R.call_dps_packed`` calls of the BLAS packed functions of :mod:`.blas`, or, given
 ``spike_target`` (the CPU target the gather kernels compile for), by the spike-adaptive kernels of
 :mod:`.spike` for every matmul and every stride-1 convolution (accumulate-only while the input is
-mostly zeros, BLAS otherwise). Everything else (LIF recurrences, pooling, reductions) stays TVM
+mostly zeros, BLAS otherwise; their density thresholds read from, or measured into, the
+``crossovers`` cache: :class:`~stdeploy.targets.tvm.database.CrossoverCache`). Everything else (LIF recurrences, pooling, reductions) stays TVM
 code. Operators that do not fit (symbolic shapes, grouped or dilated convolutions, non-constant
 weights) are left to TVM and not listed in the result.
 """
@@ -37,13 +38,16 @@ def _ints(values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, spike_target: dict | None = None):
+def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, spike_target: dict | None = None,
+                              crossovers=None):
     """``(new_mod, [Offloaded, ...])``: ``mod`` with its constant-weight matmuls and plain NCHW
     convolutions turned into calls of the BLAS packed functions (registered on first use).
     With ``spike_target`` (the CPU target), stride-1 convolutions and matmuls become
     :func:`.spike.adaptive_conv` / ``adaptive_matmul`` calls instead: the
     accumulate-only kernel while the input is mostly zeros (spikes), BLAS otherwise (ops
     ``spike-conv2d``, ``spike-matmul``).
+    ``crossovers`` (a :class:`~stdeploy.targets.tvm.database.CrossoverCache`, optional) supplies
+    thresholds measured before and keeps the new ones (the caller saves it).
     Operators that do not fit (dynamic shapes, grouped or dilated convolutions, non-constant
     weights) are left to TVM and not listed."""
     import tvm
@@ -75,7 +79,8 @@ def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, 
             if matmul and call.op == op_matmul and len(weight.value.shape) == 2:
                 x_shape = static_out(call.args[0])
                 if spike_target is not None and x_shape is not None and len(x_shape) >= 2:
-                    name, mm = spike.adaptive_matmul(x_shape, weight.value.numpy(), spike_target)
+                    name, mm = spike.adaptive_matmul(x_shape, weight.value.numpy(), spike_target,
+                                                          crossovers=crossovers)
                     done.append(Offloaded("spike-matmul", _ints(weight.value.shape), out, mm))
                     return relax.call_dps_packed(name, relax.Tuple(list(call.args)), out_ty=call.ty)
                 done.append(Offloaded("matmul", _ints(weight.value.shape), out))
@@ -89,7 +94,8 @@ def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, 
                 x_shape = static_out(call.args[0])
                 if spike_target is not None and x_shape is not None and spike.applicable(
                         x_shape, _ints(weight.value.shape), stride, padding):
-                    name, conv = spike.adaptive_conv(x_shape, weight.value.numpy(), padding, spike_target)
+                    name, conv = spike.adaptive_conv(x_shape, weight.value.numpy(), padding, spike_target,
+                                                     crossovers=crossovers)
                     done.append(Offloaded("spike-conv2d", _ints(weight.value.shape), out, conv))
                     return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)
                 name = register_packed(conv_packed_name(stride, padding), blas_conv2d(stride, padding))

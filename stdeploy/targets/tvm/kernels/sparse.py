@@ -51,12 +51,12 @@ from typing import Callable
 
 import numpy as np
 
-from ....timing import median_time
+from ....timing import time_candidates
 from ....errors import ShapeError
 from ..frontend import load_onnx_graph, relax_module
 from ..host import host_cpu_name, usable_cores
 from ..sdk import load_tvm
-from .spike import SpikeMatmul
+from .spike import SpikeMatmul, blas_threads, pinned_threads, runtime_threads
 
 __all__ = ["CSRWeight", "csr_from_dense", "sparse_matmul_kernel", "kernel_arrays", "CompiledSparseMatmul",
            "default_cpu_target", "rewrite_sparse_matmuls", "measured_choice", "MeasuredChoice", "density_choice",
@@ -362,6 +362,12 @@ class CompiledSparseMatmul:
         self._lib["main"](xt, *self._arrays, self._out)
         return self._out.numpy().reshape(shape)
 
+    def bound(self, x: np.ndarray) -> Callable[[], None]:
+        """A call of the kernel on ``x`` with nothing else in it (no copy in or out): what is timed."""
+        xt, _ = self._bind_x(x)
+        run, arrays, out = self._lib["main"], self._arrays, self._out
+        return lambda: run(xt, *arrays, out)
+
     def seconds(self, x: np.ndarray, repeats: int = 3) -> float:
         """Minimum wall time of one kernel call over ``repeats`` calls, after one warm-up call."""
         xt, _ = self._bind_x(x)
@@ -396,12 +402,16 @@ class MeasuredChoice:
     (OpenBLAS: what the dense CPU path uses) and, with ``spike_kernels``, also the spike-input
     gather kernel that the default CPU path runs instead of BLAS for mostly-zero inputs
     (:class:`stdeploy.targets.tvm.kernels.spike.SpikeMatmul`): the sparse kernel must beat the faster
-    of the two. The times are kept in ``records`` by layer index and copied into
+    of the two. Every candidate is timed by the same rule (:func:`stdeploy.timing.time_candidates`:
+    ``warmup`` untimed calls each, then ``repeats`` interleaved rounds, median) with the thread
+    counts pinned (:func:`.spike.pinned_threads`: TVM's pool and BLAS as the module runs them).
+    The times are kept in ``records`` by layer index and copied into
     :func:`rewrite_sparse_matmuls`'s report."""
 
     target: object = None
     min_sparsity: float = 0.5
-    repeats: int = 3
+    repeats: int = 5
+    warmup: int = 1
     seed: int = 0
     spike_kernels: bool = False
     records: dict = field(default_factory=dict)
@@ -425,22 +435,26 @@ class MeasuredChoice:
         m = int(np.prod(x_shape[:-1], dtype=np.int64))
         x = (np.random.default_rng(self.seed).random((m, k)) < 0.2).astype(np.float32)
         kernel = CompiledSparseMatmul(csr_from_dense(w), m, self.target)
-        sparse_s = kernel.seconds(x, self.repeats)
-        dense_s = _dense_seconds(x, np.ascontiguousarray(w, dtype=np.float32), self.repeats)
-        record.update(sparse_ms=round(sparse_s * 1e3, 4), dense_ms=round(dense_s * 1e3, 4),
-                      kernel_compile_s=round(kernel.compile_seconds, 3))
+        wd = np.ascontiguousarray(w, dtype=np.float32)
+        dense_out = x @ wd
+        candidates = {"sparse": kernel.bound(x), "dense": lambda: np.matmul(x, wd, out=dense_out)}
         if self.spike_kernels:
             tvm = load_tvm()
             gather = SpikeMatmul((m, k), np.asarray(w, dtype=np.float32), self.target)
             xt, out = tvm.runtime.tensor(x), tvm.runtime.tensor(np.zeros((m, w.shape[1]), np.float32))
-            gather_s = median_time(lambda: gather(xt, out), self.repeats)
-            record["gather_ms"] = round(gather_s * 1e3, 4)
+            candidates["gather"] = lambda: gather(xt, out)
+        threads, blas = runtime_threads(), blas_threads()
+        with pinned_threads(threads, blas):
+            timings = time_candidates(candidates, self.warmup, self.repeats)
+        record.update({f"{name}_ms": round(t.median_s * 1e3, 4) for name, t in timings.items()})
+        record.update(kernel_compile_s=round(kernel.compile_seconds, 3),
+                      timing=f"median of {self.repeats} after {self.warmup}, interleaved; threads {threads}, BLAS {blas}")
         # decided on the recorded figures themselves, so the report always explains the choice
         # (the unrounded times could differ where the rounded ones tie)
         return record["sparse_ms"] < min(record["dense_ms"], record.get("gather_ms", float("inf")))
 
 
-def measured_choice(target=None, min_sparsity: float = 0.5, repeats: int = 3, spike_kernels: bool = False) -> MeasuredChoice:
+def measured_choice(target=None, min_sparsity: float = 0.5, repeats: int = 5, spike_kernels: bool = False) -> MeasuredChoice:
     """The default ``decide`` for :func:`rewrite_sparse_matmuls` on a CPU target: see :class:`MeasuredChoice`."""
     return MeasuredChoice(target=target, min_sparsity=min_sparsity, repeats=repeats, spike_kernels=spike_kernels)
 

@@ -20,6 +20,16 @@ cross as ``max_density``, and every call estimates its input's density (fraction
 values, from :data:`SAMPLE_IMAGES` images or :data:`SAMPLE_ROWS` rows) and runs the kernel up to
 that threshold, BLAS above it; ``stats`` counts each path.
 
+The measurement is made stable: the three candidates are timed by one rule
+(:func:`stdeploy.timing.time_candidates`: :data:`CALIBRATION_WARMUP` untimed calls each, then
+:data:`CALIBRATION_REPEATS` interleaved rounds, median) with the thread count pinned
+(:func:`pinned_threads`: TVM's pool, numpy's BLAS and torch, when loaded, all at the count the
+module runs with; restored afterwards), and done once per (shape, CPU model, LLVM CPU, TVM and
+BLAS thread counts, :data:`KERNEL_VERSION`): given a :class:`~stdeploy.targets.tvm.database.CrossoverCache`, a
+threshold measured before is read back instead of measured again. Each kernel records where its
+threshold came from (``threshold_source``: ``measured``, ``cached`` or ``given``) and the
+measurement (``crossover``).
+
 Exact for any input values (zeros skipped, the rest multiplied); the sum runs in (tap, channel)
 order, which differs from PyTorch's, so a membrane within float32 rounding of its threshold can
 flip as with any other kernel (the tests compare spikes with PyTorch).
@@ -28,17 +38,22 @@ flip as with any other kernel (the tests compare spikes with PyTorch).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import statistics
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ....timing import median_time
+from ....timing import time_candidates
 from ...profiles import load_profile
+from ..database import Crossover, CrossoverCache, CrossoverKey, cpu_model
 from ..host import cpu_target
+from ..sdk import load_tvm
 from .blas import blas_conv2d, blas_matmul, conv2d_nchw
 
 CHANNEL_TILE = 64       # output channels kept in registers at once (8 AVX2 vectors)
@@ -46,6 +61,9 @@ PARTS = 8               # parallel tasks per call (images are split between them
 SAMPLE_IMAGES = 16      # images whose nonzeros estimate a convolution call's density
 SAMPLE_ROWS = 256       # rows whose nonzeros estimate a matmul call's density
 CALIBRATION_DENSITY = 0.25
+CALIBRATION_WARMUP = 2  # untimed calls of each candidate before the crossover is timed
+CALIBRATION_REPEATS = 7  # interleaved timed rounds; the median of each candidate is compared
+KERNEL_VERSION = 1      # part of a cached crossover's key: raise it when a gather kernel changes
 
 
 def applicable(x_shape: tuple, w_shape: tuple, stride: tuple, padding: tuple, groups: int = 1) -> bool:
@@ -154,6 +172,8 @@ class SpikeConv(_GatherKernel):
     target: object
     stats: dict = field(default_factory=lambda: {"gather": 0, "blas": 0})
     max_density: float = field(default=1.0, init=False)   # set by adaptive_conv
+    threshold_source: str = field(default="", init=False)   # measured, cached or given (adaptive_conv)
+    crossover: Crossover | None = field(default=None, init=False)  # the measurement behind max_density
 
     def __post_init__(self):
         self._build(gather_conv_kernel(self.x_shape, self.weight.shape, self.padding), self.weight.transpose(2, 3, 1, 0))
@@ -213,6 +233,8 @@ class SpikeMatmul(_GatherKernel):
     target: object
     stats: dict = field(default_factory=lambda: {"gather": 0, "blas": 0})
     max_density: float = field(default=1.0, init=False)   # set by adaptive_matmul
+    threshold_source: str = field(default="", init=False)   # measured, cached or given (adaptive_matmul)
+    crossover: Crossover | None = field(default=None, init=False)  # the measurement behind max_density
 
     def __post_init__(self):
         k, n = self.weight.shape
@@ -221,11 +243,13 @@ class SpikeMatmul(_GatherKernel):
         self.out_shape = (*self.x_shape[:-1], n)
 
 
-def adaptive_matmul(x_shape: tuple, weight: np.ndarray, target, max_density: float | None = None):
+def adaptive_matmul(x_shape: tuple, weight: np.ndarray, target, max_density: float | None = None,
+                    crossovers: CrossoverCache | None = None, threads: int | None = None):
     """:func:`adaptive_conv` for a linear layer ``x (..., K) @ weight (K, N)``: the gather kernel
-    up to the density threshold (measured when ``max_density`` is None), a BLAS matmul above."""
+    up to the density threshold (``max_density``, else read from ``crossovers`` or measured), a
+    BLAS matmul above."""
     mm = SpikeMatmul(tuple(int(v) for v in x_shape), np.asarray(weight, dtype=np.float32), target)
-    return _adaptive(mm, blas_matmul, max_density, "spikematmul")
+    return _adaptive(mm, blas_matmul, max_density, "spikematmul", crossovers, threads)
 
 
 def density(x: np.ndarray, unit: int, sample: int) -> float:
@@ -236,51 +260,149 @@ def density(x: np.ndarray, unit: int, sample: int) -> float:
     return np.count_nonzero(flat) / flat.size
 
 
-def crossover(kernel, blas, x_shape: tuple, seed: int = 0) -> float:
+def runtime_threads() -> int:
+    """Threads of TVM's runtime pool now: what a compiled module runs with."""
+    import tvm_ffi
+
+    load_tvm()
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
+def blas_threads() -> int:
+    """Threads of numpy's BLAS now (threadpoolctl's view; 0 when threadpoolctl is not installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return 0
+    return max((int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"), default=0)
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int, blas: int | None = None):
+    """Within the block TVM's thread pool runs ``threads`` threads, numpy's BLAS (through
+    threadpoolctl) and torch's intra-op pool (where torch is already imported) ``blas`` threads
+    (default: ``threads``); each is restored to what it was afterwards. Without threadpoolctl
+    BLAS keeps its own count, with a warning."""
+    import tvm_ffi
+
+    blas = threads if blas is None or blas < 1 else blas
+    for name, value in (("threads", threads), ("blas", blas)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    config = tvm_ffi.get_global_func("runtime.config_threadpool")
+    tvm_before = runtime_threads()
+    torch = sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch is not None else None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+        warnings.warn("threadpoolctl is not installed: numpy's BLAS keeps the threads OMP_NUM_THREADS gave it "
+                      "while kernels are timed", stacklevel=3)
+    limits = None
+    config(0, threads)
+    try:
+        if threadpool_limits is not None:
+            limits = threadpool_limits(blas, user_api="blas")
+        if torch is not None:
+            torch.set_num_threads(blas)
+        yield threads
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+        if torch is not None:
+            torch.set_num_threads(torch_before)
+        config(0, tvm_before)
+
+
+def crossover(kernel, blas, x_shape: tuple, threads: int | None = None, blas_count: int | None = None,
+              seed: int = 0) -> Crossover:
     """The input density up to which ``kernel(x)`` is faster than ``blas(x)`` on ``x_shape``
     (both take a TVM tensor and write their output), measured: the kernel's time is linear in
     the nonzeros, so two points (0% and :data:`CALIBRATION_DENSITY` ones) against BLAS's
-    (density-independent) time give it. 1.0 where the kernel wins even on dense input (e.g. one
-    input channel), 0.0 where BLAS always wins."""
+    (density-independent) time give it. ``max_density`` 1.0 where the kernel wins even on dense
+    input (e.g. one input channel), 0.0 where BLAS always wins. The three are timed alike
+    (:func:`stdeploy.timing.time_candidates`, median) with TVM's pool at ``threads`` threads and
+    BLAS at ``blas_count`` (defaults: as they are now, :func:`runtime_threads`,
+    :func:`blas_threads`: what the module runs with), pinned while timing."""
     import tvm
 
+    threads = runtime_threads() if threads is None else int(threads)
+    blas_count = blas_threads() if blas_count is None else int(blas_count)
     rng = np.random.default_rng(seed)
     x0 = tvm.runtime.tensor(np.zeros(x_shape, np.float32))
     x1 = tvm.runtime.tensor((rng.random(x_shape) < CALIBRATION_DENSITY).astype(np.float32))
-    fixed = median_time(lambda: kernel(x0))
-    busy = median_time(lambda: kernel(x1))
-    dense = median_time(lambda: blas(x1))
+    with pinned_threads(threads, blas_count):
+        t = time_candidates({"fixed": lambda: kernel(x0), "busy": lambda: kernel(x1), "dense": lambda: blas(x1)},
+                            CALIBRATION_WARMUP, CALIBRATION_REPEATS)
+    fixed, busy, dense = t["fixed"].median_s, t["busy"].median_s, t["dense"].median_s
     if dense <= fixed:
-        return 0.0
-    if busy <= fixed:
-        return 1.0
-    return min(1.0, CALIBRATION_DENSITY * (dense - fixed) / (busy - fixed))
+        max_density = 0.0
+    elif busy <= fixed:
+        max_density = 1.0
+    else:
+        max_density = min(1.0, CALIBRATION_DENSITY * (dense - fixed) / (busy - fixed))
+    return Crossover(max_density=max_density, fixed_s=fixed, busy_s=busy, dense_s=dense,
+                     calibration_density=CALIBRATION_DENSITY, statistic="median", warmup=CALIBRATION_WARMUP,
+                     repeats=CALIBRATION_REPEATS, threads=threads, blas_threads=blas_count)
+
+
+def crossover_key(kernel, kind: str, threads: int, blas_count: int) -> CrossoverKey:
+    """The cache key of ``kernel``'s threshold (a :class:`SpikeConv` or :class:`SpikeMatmul`)."""
+    target = kernel.target
+    if isinstance(target, dict):
+        mcpu = str(target.get("mcpu", ""))
+    else:
+        mcpu = str(load_tvm().target.Target(target).attrs.get("mcpu", ""))
+    return CrossoverKey(kind=kind, x_shape=kernel.x_shape, w_shape=tuple(int(v) for v in kernel.weight.shape),
+                        padding=tuple(int(v) for v in getattr(kernel, "padding", ())), cpu=cpu_model(), mcpu=mcpu,
+                        threads=threads, blas_threads=blas_count, kernel_version=KERNEL_VERSION)
 
 
 _ids = itertools.count()
 _live: list = []   # the SpikeConv / SpikeMatmul kernels, alive as long as their packed functions are registered
 
 
-def adaptive_conv(x_shape: tuple, weight: np.ndarray, padding: tuple, target, max_density: float | None = None):
+def adaptive_conv(x_shape: tuple, weight: np.ndarray, padding: tuple, target, max_density: float | None = None,
+                  crossovers: CrossoverCache | None = None, threads: int | None = None):
     """``(name, SpikeConv)``: a packed function ``(x, w, out)`` registered under ``name`` that runs
     the gather kernel when at most ``max_density`` of ``x`` is nonzero (estimated on a sample of
-    images) and im2col + BLAS otherwise. ``max_density=None`` measures the crossover on this shape
-    (:func:`crossover`). ``SpikeConv.max_density`` holds the threshold used and
-    ``SpikeConv.stats`` counts the calls of each path."""
+    images) and im2col + BLAS otherwise. ``max_density=None``: the threshold of this shape is read
+    from ``crossovers`` when it holds one for this CPU and ``threads`` (default: TVM's pool,
+    :func:`runtime_threads`), else measured (:func:`crossover`) and added to it.
+    ``SpikeConv.max_density`` holds the threshold used, ``threshold_source`` where it came from
+    and ``SpikeConv.stats`` counts the calls of each path."""
     conv = SpikeConv(tuple(int(v) for v in x_shape), np.asarray(weight, dtype=np.float32), tuple(padding), target)
     blas = blas_conv2d((1, 1), conv.padding)
-    return _adaptive(conv, blas, max_density, "spikeconv")
+    return _adaptive(conv, blas, max_density, "spikeconv", crossovers, threads)
 
 
-def _adaptive(kernel, blas, max_density: float | None, kind: str):
+def _adaptive(kernel, blas, max_density: float | None, kind: str, crossovers: CrossoverCache | None = None,
+              threads: int | None = None):
     """Register the packed function ``(x, w, out)`` that picks ``kernel`` or ``blas`` by density."""
     import tvm
     import tvm_ffi
 
-    if max_density is None:
-        w = tvm.runtime.tensor(kernel.weight)
-        out = tvm.runtime.tensor(np.zeros(kernel.out_shape, np.float32))
-        max_density = crossover(lambda x: kernel(x, out), lambda x: blas(x, w, out), kernel.x_shape)
+    if max_density is not None:
+        if not 0.0 <= float(max_density) <= 1.0:
+            raise ValueError(f"max_density must lie in [0, 1], got {max_density}")
+        kernel.threshold_source = "given"
+    else:
+        threads = runtime_threads() if threads is None else int(threads)
+        blas_count = blas_threads()
+        key = crossover_key(kernel, kind, threads, blas_count)
+        found = crossovers.get(key) if crossovers is not None else None
+        if found is not None:
+            kernel.threshold_source = "cached"
+        else:
+            w = tvm.runtime.tensor(kernel.weight)
+            out = tvm.runtime.tensor(np.zeros(kernel.out_shape, np.float32))
+            found = crossover(lambda x: kernel(x, out), lambda x: blas(x, w, out), kernel.x_shape, threads, blas_count)
+            kernel.threshold_source = "measured"
+            if crossovers is not None:
+                crossovers.put(key, found)
+        kernel.crossover = found
+        max_density = found.max_density
     kernel.max_density = float(max_density)
 
     def run(x, w, out) -> None:
@@ -313,7 +435,10 @@ def _main(argv=None) -> None:
     for x_shape, w_shape, densities in cases:
         w = np.random.default_rng(0).standard_normal(w_shape).astype(np.float32)
         name, conv = adaptive_conv(x_shape, w, (1, 1, 1, 1), target)
-        print(f"  x {x_shape} w {w_shape}: measured crossover {conv.max_density:.0%} ones")
+        c = conv.crossover
+        print(f"  x {x_shape} w {w_shape}: measured crossover {conv.max_density:.0%} ones (median of {c.repeats}, "
+              f"{c.threads} threads: gather {c.fixed_s * 1e3:.3f} ms empty, {c.busy_s * 1e3:.3f} ms at "
+              f"{c.calibration_density:.0%}; BLAS {c.dense_s * 1e3:.3f} ms)")
         for d in densities:
             x = (np.random.default_rng(1).random(x_shape) < d).astype(np.float32)
             ref = conv2d_nchw(x, w, (1, 1), (1, 1, 1, 1))
