@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 
-SCHEDULES = "TVM default schedules (untuned TIR), no Python callbacks"
+SCHEDULES = "spike-adaptive TIR kernels for matmul/conv2d (schedules.py) + TVM default schedules elsewhere, no Python callbacks"
 
 
 def _static_inputs(model, batch: int) -> list[tuple[str, list[int]]]:
@@ -68,6 +68,7 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
         raise ConfigError(f"--runtime tvm needs apache-tvm on this build machine: pip install 'stdeploy[tvm]' ({err})") from err
     from .cuda_artifacts import elf_machine
     from .frontend import densify_sparse_initializers
+    from .schedules import standalone_module
 
     if profile.kind != "cpu":
         raise ConfigError(f"--runtime tvm --device {profile.name}: only cpu profiles for now; a {profile.kind} bundle needs the "
@@ -92,6 +93,7 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
         with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
             warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
             mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
+        mod, routed = standalone_module(mod, target)
         ex = tvm.compile(mod, target=tvm.target.Target(target))
         name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
         lib = stage / name
@@ -99,5 +101,6 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
         if elf_machine(lib) != machine:
             raise ConfigError(f"{lib}: built for {elf_machine(lib)}, expected {machine}")
         section["graphs"][key] = {"file": name, "batch": b, "inputs": [[n, s] for n, s in inputs],
-                                  "outputs": [o.name for o in model.graph.output]}
+                                  "outputs": [o.name for o in model.graph.output],
+                                  "tir_kernels": [f"{r.op} {list(r.weight)}" for r in routed]}
     return section
