@@ -183,6 +183,16 @@ def max_density(op: str, fan_out: int) -> float:
     return min(1.0, max(0.0, (fan_out - COMPACT_COST) / (GATHER_COST[op] * fan_out)))
 
 
+SERIAL_MACS = 1 << 21   # multiply-adds (dense count) below which a kernel runs in one part, no thread launch
+
+
+def _parts(units: int, macs: int) -> int:
+    """Parallel parts of a kernel over ``units`` rows or images doing ``macs`` dense multiply-adds:
+    one (a serial loop) for small calls such as a batch-1 step, where waking the thread pool costs
+    more than the work, else up to :data:`PARTS`."""
+    return 1 if macs < SERIAL_MACS else min(PARTS, units)
+
+
 def _tile(o: int) -> int:
     """Output channels per register tile: all up to :data:`CHANNEL_TILE`, else the largest
     power-of-two divisor up to it (1 when ``o`` is odd: correct, just not vectorised)."""
@@ -207,7 +217,8 @@ def adaptive_matmul_kernel(x_shape: tuple, k: int, n: int, limit: float):
     y_shape = (*x_shape[:-1], n)
     ot = _tile(n)
     tiles = n // ot
-    parts = min(PARTS, m)
+    parts = _parts(m, m * k * n)
+    loop = T.parallel if parts > 1 else T.serial
     per = math.ceil(m / parts)
     rb = ROW_BLOCK
     limit = float(limit)
@@ -219,7 +230,7 @@ def adaptive_matmul_kernel(x_shape: tuple, k: int, n: int, limit: float):
         yn = T.match_buffer(yh, y_shape, "float32")
         x = T.decl_buffer((m, k), "float32", data=xn.data)
         y = T.decl_buffer((m, n), "float32", data=yn.data)
-        for part in T.parallel(parts):
+        for part in loop(parts):
             nnz = T.alloc_buffer((1,), "int32")
             cnt = T.alloc_buffer((1,), "int32")
             idx = T.alloc_buffer((k + 1,), "int32")
@@ -291,7 +302,8 @@ def adaptive_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, limit: 
     ph, pw = ho + kh - 1, wo + kw - 1          # the padded grid: input (r, q) at (r + top, q + left)
     ot = _tile(o)
     tiles = o // ot
-    parts = min(PARTS, n)
+    parts = _parts(n, n * ho * wo * kh * kw * c * o)
+    loop = T.parallel if parts > 1 else T.serial
     per = math.ceil(n / parts)
     pb = _block(wo)
     limit = float(limit)
@@ -300,7 +312,7 @@ def adaptive_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, limit: 
     def adaptive_conv(x: T.Buffer((n, c, h, w), "float32"), wt: T.Buffer((kh, kw, c, o), "float32"),
                       y: T.Buffer((n, o, ho, wo), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for part in T.parallel(parts):
+        for part in loop(parts):
             nnz = T.alloc_buffer((1,), "int32")
             cnt = T.alloc_buffer((ph, pw), "int32")          # nonzero channels of each input pixel
             idx = T.alloc_buffer((ph, pw, c + 1), "int32")   # their indices (+1: the branch-free write)
