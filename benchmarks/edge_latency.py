@@ -1,6 +1,7 @@
 """Edge latency as a device sees it: batch 32 over whole sequences and batch 1 one timestep at a
-time (the step graph, membranes carried), for onnxruntime and the standalone (untuned) TVM
-modules, each from a bundle run by the torch-free runner.
+time (the step graph, membranes carried), for onnxruntime and the standalone TVM modules
+(adaptive TIR kernels compiled in, :mod:`stdeploy.targets.tvm.schedules`), each from a bundle run
+by the torch-free runner.
 
     .venv/bin/python benchmarks/edge_latency.py [--export DIR] [--epochs 2] [--threads 1] [--no-tvm] [--out runs/edge-latency]
 
@@ -76,7 +77,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=32, help="batch of the whole-sequence timing")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (a small device: 1)")
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--no-tvm", action="store_true", help="skip the standalone TVM modules (about a minute to compile)")
+    ap.add_argument("--no-tvm", action="store_true", help="skip the standalone TVM modules (minutes to compile)")
     ap.add_argument("--no-inprocess", action="store_true", help="skip TVM's in-process path (stdeploy run --target tvm)")
     ap.add_argument("--out", default="runs/edge-latency")
     args = ap.parse_args()
@@ -91,15 +92,17 @@ def main() -> int:
     reports = {}
     for runtime in ["onnxruntime"] + ([] if args.no_tvm else ["tvm"]):
         bundle = out / f"bundle-{runtime}"
-        package(export, "cpu", bundle, data=data, samples=args.samples, runtime=runtime, overwrite=True)
+        manifest = package(export, "cpu", bundle, data=data, samples=args.samples, runtime=runtime, overwrite=True)
         reports[runtime] = run_bundle(bundle, out / f"report-{runtime}", args.repeats, args.threads)
+        if runtime == "tvm":
+            tir = {k: g.get("tir_kernels", []) for k, g in manifest["tvm"]["graphs"].items()}
     rep = reports["onnxruntime"]
     print(f"{rep['host']['processor']}, {rep['host']['cpus']} CPUs; each bundle run by its own runner without torch, "
           f"threads {args.threads or 'default'}")
     print(f"\n{'runtime':<62} {'batch':>5} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9}  throughput")
     for runtime, rep in reports.items():
         rt, c = rep["runtime"], rep["check"]
-        name = f"{rt['name']} {rt['version']}" + (" standalone untuned module" if runtime == "tvm" else "")
+        name = f"{rt['name']} {rt['version']}" + (" standalone module" if runtime == "tvm" else "")
         b, s = rep["latency"]["batch"], rep["latency"]["streaming"]
         print(f"{name + ', whole sequence (T=%d)' % b['timesteps']:<62} {b['batch']:>5} {b['p50_s'] * 1e3:>9.3f} "
               f"{b['p90_s'] * 1e3:>9.3f} {b['p99_s'] * 1e3:>9.3f}  {b['samples_per_s']:.0f} samples/s")
@@ -120,9 +123,11 @@ def main() -> int:
         print(f"{'':<62} {t['path']}; {mism}/{expected.size} spike mismatches; no step graph, so no streaming row")
         reports_inprocess = t
     if "tvm" in reports:
+        print(f"\nstandalone TVM kernels (the density choice inside each, per call): "
+              + "; ".join(f"{k}: " + ", ".join(v) for k, v in tir.items()))
         o, t = reports["onnxruntime"]["latency"], reports["tvm"]["latency"]
-        print(f"\nstandalone TVM / onnxruntime: {t['batch']['p50_s'] / o['batch']['p50_s']:.1f}x at batch {o['batch']['batch']}, "
-              f"{t['streaming']['p50_s'] / o['streaming']['p50_s']:.1f}x per streaming step at batch 1")
+        print(f"standalone TVM / onnxruntime: {t['batch']['p50_s'] / o['batch']['p50_s']:.2f}x at batch {o['batch']['batch']}, "
+              f"{t['streaming']['p50_s'] / o['streaming']['p50_s']:.2f}x per streaming step at batch 1")
     if not args.no_inprocess:
         print(f"tvm in-process / onnxruntime: {reports_inprocess['median_s'] / reports['onnxruntime']['latency']['batch']['p50_s']:.2f}x "
               f"at batch {reports_inprocess['batch']}")

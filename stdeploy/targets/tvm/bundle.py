@@ -5,18 +5,21 @@ bundle's batch, the step graph at batch 1 for streaming), is compiled with ``tvm
 profile's llvm target (``mcpu`` from the profile, else this host's CPU; an ``mtriple`` such as
 ``aarch64-linux-gnu`` cross-compiles with the profile's ``[tvm].cross_compiler``), and written
 with ``export_library`` as one shared library per graph. Nothing in them calls back into Python:
-every operator is TVM-generated code with TVM's default schedules (**untuned**), so TVM's runtime
-alone loads and runs them (``TVM_USE_RUNTIME_LIB=1``, no ``libtvm_compiler``).
+every operator is TVM-generated code (:mod:`.schedules`): matmuls with a constant weight and
+stride-1 convolutions run the adaptive TIR kernels (the density choice between gather loops over
+the nonzero inputs and dense register-blocked loops made inside the kernel, per call), the rest
+(LIF recurrences, batch norm, pooling) is Relax's default lowering with its elementwise loops
+vectorised. TVM's runtime alone loads and runs them (``TVM_USE_RUNTIME_LIB=1``, no
+``libtvm_compiler``). The manifest lists each graph's TIR kernels and the density up to which
+each runs its gather loops.
 
 The target's ``mcpu`` is the profile's, else this build machine's CPU (as ``stdeploy run`` does):
 a module built on an AVX-512 host needs an AVX-512 device. For another x86-64 device, give its
 ``mcpu`` in the profile (``"x86-64"`` for any); the manifest records the target.
 
-What these modules are *not*: the fast CPU path of ``stdeploy run --target tvm``. That path
-dispatches matmuls and convolutions to BLAS and to spike-skipping kernels through Python
-callbacks registered at run time, so it cannot be exported. Untuned TVM code is far slower than
-onnxruntime on the CPU (about 90x for sdt-tiny's step graph at batch 1 on the 2-core VM); the
-runtime report gives the figure measured on the device.
+What these modules are *not*: the in-process CPU path of ``stdeploy run --target tvm``, which
+dispatches to BLAS and decides densities through Python callbacks registered at run time, so it
+cannot be exported. ``benchmarks/edge_latency.py`` times both against onnxruntime.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from ...errors import ConfigError
 
-SCHEDULES = "TVM default schedules (untuned TIR), no Python callbacks"
+SCHEDULES = "spike-adaptive TIR kernels for matmul/conv2d (schedules.py) + TVM default schedules elsewhere, no Python callbacks"
 
 
 def _static_inputs(model, batch: int) -> list[tuple[str, list[int]]]:
@@ -68,6 +71,7 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
         raise ConfigError(f"--runtime tvm needs apache-tvm on this build machine: pip install 'stdeploy[tvm]' ({err})") from err
     from .cuda_artifacts import elf_machine
     from .frontend import densify_sparse_initializers
+    from .schedules import standalone_module
 
     if profile.kind != "cpu":
         raise ConfigError(f"--runtime tvm --device {profile.name}: only cpu profiles for now; a {profile.kind} bundle needs the "
@@ -92,6 +96,7 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
         with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
             warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
             mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
+        mod, routed = standalone_module(mod, target)
         ex = tvm.compile(mod, target=tvm.target.Target(target))
         name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
         lib = stage / name
@@ -99,5 +104,6 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
         if elf_machine(lib) != machine:
             raise ConfigError(f"{lib}: built for {elf_machine(lib)}, expected {machine}")
         section["graphs"][key] = {"file": name, "batch": b, "inputs": [[n, s] for n, s in inputs],
-                                  "outputs": [o.name for o in model.graph.output]}
+                                  "outputs": [o.name for o in model.graph.output],
+                                  "tir_kernels": [f"{r.op} {list(r.weight)} gather up to {r.max_density:.0%} ones" for r in routed]}
     return section
