@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels import spike
+from .kernels.routing import rewrite_functions
 
 __all__ = ["Routed", "route_to_tir_kernels", "standalone_module"]
 
@@ -97,11 +98,7 @@ def route_to_tir_kernels(mod):
                 return relax.call_tir(gvar, [call.args[0], relax.const(wt)], call.ty)
             return call
 
-    rewriter = _Rewrite(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get(), done
+    return rewrite_functions(mod, _Rewrite(mod)), done
 
 
 VECTOR = 16             # float32 lanes the elementwise loops are vectorised in (one AVX-512 register)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from . import spike
 from .blas import MATMUL, blas_conv2d, blas_matmul, conv_packed_name, register_packed
 
-__all__ = ["Offloaded", "route_to_external_kernels"]
+__all__ = ["Offloaded", "rewrite_functions", "route_to_external_kernels"]
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,15 @@ def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, 
                 return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)
             return call
 
-    rewriter = _Rewrite(mod)
+    return rewrite_functions(mod, _Rewrite(mod)), done
+
+
+def rewrite_functions(mod, rewriter):
+    """``mod`` with every Relax function passed through ``rewriter`` (a ``relax.PyExprMutator``
+    built on ``mod``); the other functions (TIR) are kept as they are."""
+    from tvm import relax
+
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get(), done
+    return rewriter.builder_.get()
