@@ -309,6 +309,11 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     results, outputs = [], {}
     info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse)
     step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse)
+    if manifest["quantize"]["mode"] == "exact":  # the input contract travels with the ONNX files too
+        for path in (tmp / "model.onnx", tmp / "model.step.onnx"):
+            _stamp_onnx(path, {"stdeploy.quantize": "exact", "stdeploy.input_contract": manifest["input"]["contract"],
+                               "stdeploy.input_range": json.dumps(manifest["quantize"]["input_range"]),
+                               "stdeploy.input_frac_bits": str(manifest["quantize"]["input_frac_bits"])})
     for key, path, meta, run in (("onnx", tmp / "model.onnx", info, run_onnx), ("onnx.step", tmp / "model.step.onnx", step, run_onnx_streaming)):
         session = onnx_session(path)
         logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x)
@@ -322,6 +327,17 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     manifest["validation"]["streaming_vs_unrolled"] = {"spike_mismatches": int((us != ss).sum()),
                                                        "logits_max_abs_error": float((ul - sl).abs().max())}
     return results
+
+
+def _stamp_onnx(path: Path, props: dict[str, str]) -> None:
+    """Add ``props`` to the ONNX file's ``metadata_props`` (external tensor data, if any, untouched)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
 def _batches(n: int, size: int = VALIDATION_BATCH) -> list[slice]:

@@ -190,6 +190,11 @@ def test_mnist1d_exact_export_and_onnxruntime_run(model1d, mnist1d, tmp_path, on
         res = manifest["validation"]["results"][key]
         assert res["spike_mismatches"] == 0 and res["logits_max_abs_error"] == 0.0, (key, res)
     assert min(manifest["validation"]["activity"]["firing_rates"].values()) > 0
+    import onnx
+
+    for name in ("model.onnx", "model.step.onnx"):  # the contract travels with the ONNX files
+        props = {p.key: p.value for p in onnx.load(str(tmp_path / "export" / name), load_external_data=False).metadata_props}
+        assert json.loads(props["stdeploy.input_range"]) == [SIGNED.lo, SIGNED.hi] and props["stdeploy.input_frac_bits"] == "8"
     out = run_export(tmp_path / "export", "onnxruntime", data=mnist1d, limit=64)
     assert out["within_tolerance"] and out["spike_mismatches"] == 0 and out["logits_max_abs_error"] == 0.0
     assert out["input_contract"]["contract"] == SIGNED.to_dict() and out["input_contract"]["values"] == 64 * 40
@@ -223,7 +228,8 @@ def test_lava_fits_the_finest_input_grid_or_refuses(model1d):
     assert fitted.frac_bits < 8 and SIGNED.lo <= fitted.lo < 0 < fitted.hi <= SIGNED.hi
     assert all(v["proven"] for v in plan["quant"].values() if "proven" in v)
     source = next(p for p in plan["procs"] if p["kind"] == "source")
-    assert source["inv_scale"] == 2.0 ** fitted.frac_bits and source["clip"] == [fitted.lo, fitted.hi]
+    assert source["inv_scale"] == 2.0 ** fitted.frac_bits
+    assert source["contracts"] == [[SIGNED.lo, SIGNED.hi, 256.0], [fitted.lo, fitted.hi, 2.0 ** fitted.frac_bits]]
     # one bit finer does not fit: the choice is the finest
     finer = InputContract.covering(fitted.lo, fitted.hi, fitted.frac_bits + 1, unit=False)
     with pytest.warns(UserWarning, match=rf"2\^-{fitted.frac_bits} in"):
@@ -258,12 +264,12 @@ def test_lava_fixed_point_runs_signed_inputs_exactly(model1d, mnist1d, tmp_path)
     fitted = InputContract.from_dict(runnable.info["input_contract"])
     raw = torch.stack([mnist1d.test[i][0] for i in range(2)])
     assert float(raw.min()) < 0
-    x = direct_encode(fitted.apply(raw), 4)
+    x = direct_encode(fitted.apply(SIGNED.apply(raw)), 4)  # what the run path feeds the reference
     with torch.no_grad():
         logits, records = record_neurons(deployable(exact), x)
     rates = {k: float(v["spikes"].mean()) for k, v in records.items()}
     assert min(rates.values()) > 0, rates
     with runnable:
-        res = runnable.run(direct_encode(raw, 4).numpy())  # the source clips and rounds to the fitted grid itself
+        res = runnable.run(direct_encode(raw, 4).numpy())  # the source applies both contracts itself, in the same order
     spikes = records["head.lif"]["spikes"].numpy()
     assert int((res.spikes != spikes).sum()) == 0 and np.array_equal(res.logits, logits.numpy())

@@ -8,8 +8,9 @@ Lava's ``Dense`` does), and the sinks of every Output node. :meth:`Plan.add` ali
 inputs: a shorter path passes a delay line tap, so every process sees the inputs of model step
 ``t`` at simulation step ``t + latency``; a synapse starts computing at its input latency.
 
-Input grid (fixed mode): the ``source`` sends ``rint(clip(x, *clip) * inv_scale)``; for an
-exact-mode graph ``input_contract`` (``{"lo", "hi", "frac_bits"}``) is the grid and range that
+Input grid (fixed mode): the ``source`` sends ``rint(x * inv_scale)``; for an exact-mode graph it
+first applies ``contracts`` in order (``[lo, hi, 2**frac_bits]``: clip, round): the export's input
+contract, then ``input_contract`` (``{"lo", "hi", "frac_bits"}``), the grid and range that
 :func:`.fixed_point.fit_input_contract` chose (the graph's own, or the finest coarser grid on
 which every population fits Loihi's 24-bit registers), and the target reports it
 (``info["input_contract"]``) so callers feed the reference the same inputs.
