@@ -219,8 +219,9 @@ def fit_input_contract(info: GraphInfo) -> tuple[InputContract, dict[str, dict]]
     over = {n: v for n, v in (first or {}).items() if v > UV_MAX}
     raise LavaUnsupported("lava fixed mode, exact graph: no input grid fits Loihi's 24-bit u and v: on the graph's own grid "
                           f"2^-{own.frac_bits} " + ", ".join(f"{n} needs {math.log2(v) + 1:.1f} bits" for n, v in over.items())
-                          + "; every grid down to 2^0 still overflows (the range is not set by the input: requantise the model "
-                          "with smaller weights, or run lava mode = \"floating\")")
+                          + "; every grid down to 2^0 still overflows (an input range this wide, or a population whose range does not "
+                          "depend on the input: quantise with a narrower --input-range or smaller weights, or run lava "
+                          "mode = \"floating\")")
 
 
 def _theta(node) -> np.ndarray:
