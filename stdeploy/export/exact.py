@@ -170,6 +170,7 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
     bounds: dict[str, Bound] = {}
     report: dict[str, dict] = {}
     problems: list[str] = []
+    analog: set[str] = set()  # nodes that see the analog input before any spike: their bounds scale with the contract
 
     def need(label: str, bound: Bound, magnitude: float | None = None, what: str = "partial sums") -> None:
         bits = bound.bits(magnitude)
@@ -182,7 +183,11 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
         label = _label(name, node)
         if isinstance(node, nir.Input):
             bounds[name] = inp
+            analog.add(name)
             continue
+        if any(s in analog for s in into[name]):
+            analog.add(name)
+            label += " [analog input]"
         srcs = [bounds[s] for s in into[name]]
         if not srcs:
             problems.append(f"{label}: no incoming edge")
@@ -203,8 +208,10 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
             out = Bound(x.lo * k if x.lo < 0 else 0.0, x.hi * k if x.hi > 0 else 0.0, x.grid)
         elif isinstance(node, nir.Threshold):
             out = Bound(0.0, 1.0, 1.0)
+            analog.discard(name)
         elif isinstance(node, nir.LIF):
             out = Bound(0.0, 1.0, 1.0)
+            analog.discard(name)  # spikes out
             d = (dt / np.asarray(node.tau, np.float64)).astype(np.float32).astype(np.float64)
             mant, _ = np.frexp(d)
             if not (np.all(mant == 0.5) and np.all(d < 1)):
@@ -233,6 +240,9 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
                 problems.append(f"{label}: the mean over T = {T} steps is not exact (T must be a power of two)")
             need(label, out, T * out.magnitude, f"sums over the {T} steps")
     if problems:
+        hint = ("\n  (a layer marked [analog input] scales with the input contract: a coarser grid or a narrower range, "
+                "stdeploy quantize --input-frac-bits N / --input-range LO,HI, takes bits off it)"
+                if any("[analog input]" in p for p in problems) else "")
         raise UnsupportedPrimitive("not exactly representable in float32 (exact mode): " + str(len(problems))
-                                   + " problem(s):\n  - " + "\n  - ".join(problems))
+                                   + " problem(s):\n  - " + "\n  - ".join(problems) + hint)
     return report
