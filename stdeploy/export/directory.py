@@ -32,7 +32,7 @@ from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
 from ..neurons import neurons_of
-from ..models.quantize import deployable, exact_layers, input_contract_of, is_exact
+from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, is_exact
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
 from .validate import Comparison, compare, record_neurons, require_agreement
@@ -96,7 +96,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     exact = is_exact(model)
     folded = deployable(model)  # BatchNorm folded; in the exact mode the quantised values in plain modules
     x, labels, described = validation_input(model, data, samples)
-    contract = input_contract_of(model) if exact else None
+    contract = (input_contract_of(model) or InputContract()) if exact else None
     if contract is not None:
         x = contract.apply(x)
         described += f", clipped to [{contract.lo:g}, {contract.hi:g}] and rounded to 2^-{contract.frac_bits} (the input contract)"

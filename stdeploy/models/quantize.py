@@ -30,6 +30,9 @@ The arithmetic (mode ``"exact"``)
   (``input_contract``), the export's manifest and NIR metadata, and the export's proof assumes it.
   Inputs outside the range are clipped, not refused: the model was fine-tuned with the same clip,
   and runs count the clipped values (see :func:`stdeploy.runner.run_export`).
+* Head: the mean over ``N`` tokens is ``1/N`` times a sum, not dyadic unless ``N`` is a power of
+  two; for other ``N`` (``sdt-1d-tiny``: 20) :func:`power_of_two_token_mean` makes it the sum times
+  ``2**-ceil(log2 N)`` and moves ``2**k / N`` into the classifier's weight before it is quantised.
 * Neurons: the leak ``d`` is rounded to a power of two ``2**-j`` (``tau = 2`` gives ``d = 1/2``
   exactly); the threshold to ``2**-THRESHOLD_FRAC_BITS``. sLIF neurons are frozen to LIF first.
 * Gradients: rounding is straight-through (identity gradient), so a model fine-tunes in this mode
@@ -69,6 +72,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -173,8 +177,6 @@ class InputContract:
         n = 2 ** self.frac_bits
         if isinstance(x, torch.Tensor):
             return torch.round(x.clamp(self.lo, self.hi) * n) / n
-        import numpy as np
-
         return np.rint(np.clip(x, self.lo, self.hi) * n) / n
 
 
