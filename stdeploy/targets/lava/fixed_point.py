@@ -178,13 +178,16 @@ def exact_membranes(graph, contract: InputContract | None = None) -> dict[str, d
 
 def _register_units(node, info: GraphInfo, membrane: dict) -> float:
     """The largest magnitude, in Lava's units (``64 v / G``), that a population's ``u`` (the input
-    ``a_in << 6``) or ``v`` (below zero) can reach over its proven input range; exact while <= 2^23 - 1.
-    ``v`` above the threshold clips harmlessly (both arithmetics fire and reset it)."""
+    ``a_in << 6``), ``v`` (below zero) or threshold (``vth << 6``) can reach over its proven input
+    range; exact while <= 2^23 - 1. ``v`` above the threshold clips harmlessly (both arithmetics fire
+    and reset it)."""
     d = decay(node, info.dt).astype(np.float64)
     grid, lo, hi = float(membrane["grid"]), float(membrane["lo"]), float(membrane["hi"])
     u_units = (2 ** ACT_SHIFT) * float(d.max()) * max(abs(lo), abs(hi)) / grid
     v_units = (2 ** ACT_SHIFT) * abs(lo) / grid
-    return max(u_units, v_units, 1.0)
+    # vth = theta / G - 1 must fit Lava's 17-bit vth (vth << 6 within 24 bits), or the threshold would be cut
+    vth_units = (2 ** ACT_SHIFT) * (float(_theta(node).max()) / grid - 1)
+    return max(u_units, v_units, vth_units, 1.0)
 
 
 def fit_input_contract(info: GraphInfo) -> tuple[InputContract, dict[str, dict]] | None:
