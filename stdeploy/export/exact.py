@@ -176,7 +176,7 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
         bits = bound.bits(magnitude)
         if bits > limit_bits:
             problems.append(f"{label}: {what} reach 2^{bits:.1f} grid units (grid 2^{math.log2(bound.grid):.0f}), "
-                            f"over the 2^{limit_bits} that float32 holds exactly")
+                            f"over the 2^{limit_bits} that float32 holds exactly" + (" [analog input]" if name in analog else ""))
 
     for name in topological_order(graph):
         node = graph.nodes[name]
@@ -185,9 +185,8 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
             bounds[name] = inp
             analog.add(name)
             continue
-        if any(s in analog for s in into[name]):
-            analog.add(name)
-            label += " [analog input]"
+        if any(s in analog and not isinstance(graph.nodes[s], (nir.LIF, nir.Threshold)) for s in into[name]):
+            analog.add(name)  # a LIF's membrane sees the analog values, its output is spikes
         srcs = [bounds[s] for s in into[name]]
         if not srcs:
             problems.append(f"{label}: no incoming edge")
@@ -208,10 +207,8 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
             out = Bound(x.lo * k if x.lo < 0 else 0.0, x.hi * k if x.hi > 0 else 0.0, x.grid)
         elif isinstance(node, nir.Threshold):
             out = Bound(0.0, 1.0, 1.0)
-            analog.discard(name)
         elif isinstance(node, nir.LIF):
             out = Bound(0.0, 1.0, 1.0)
-            analog.discard(name)  # spikes out
             d = (dt / np.asarray(node.tau, np.float64)).astype(np.float32).astype(np.float64)
             mant, _ = np.frexp(d)
             if not (np.all(mant == 0.5) and np.all(d < 1)):
