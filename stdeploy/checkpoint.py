@@ -119,7 +119,7 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, meta: 
             "structure": structure_of(model),
             "weights": WEIGHTS,
             "weights_sha256": sha256_file(tmp / WEIGHTS),
-            "meta": meta or {},
+            "meta": {**(meta or {}), **_input_contract_meta(model)},
         }
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True))
         for p in tmp.iterdir():
@@ -236,9 +236,21 @@ def _apply_quantize_mode(model: SpikingTransformer, meta: dict, directory: Path)
         return model
     if mode != "exact":
         raise CheckpointError(f"{directory / CONFIG}: unknown quantisation mode {mode!r} in meta (known: float, exact)")
-    from .models.quantize import to_exact
+    from .models.quantize import InputContract, to_exact
 
-    return to_exact(model)
+    try:  # the exact mode's input contract (checkpoints without one: images, [0, 1] on 2^-8)
+        contract = InputContract.from_dict(meta.get("input_contract"), f"{directory / CONFIG}: meta.input_contract")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return to_exact(model, contract)
+
+
+def _input_contract_meta(model: torch.nn.Module) -> dict:
+    """``{"input_contract": {...}}`` for an exact-mode model (its input layer's contract), else ``{}``."""
+    from .models.quantize import input_contract_of
+
+    contract = input_contract_of(model)
+    return {} if contract is None else {"input_contract": contract.to_dict()}
 
 
 def load_train_state(path: str | os.PathLike) -> dict | None:

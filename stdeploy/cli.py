@@ -272,11 +272,34 @@ def _prune_parser(sub) -> None:
     _add_quantize_args(p)
 
 
+def input_range(text: str) -> tuple[float, float]:
+    """An argparse type: ``LO,HI``, two finite numbers with ``LO < HI`` (the exact mode's input range)."""
+    import math
+
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"expected two finite numbers LO < HI, got {text!r}")
+    return lo, hi
+
+
+def _add_input_contract_args(p) -> None:
+    p.add_argument("--input-range", type=input_range, default=None, metavar="LO,HI",
+                   help="exact mode: the input contract's range, e.g. -4.5,4.5 (default: the training split's smallest and "
+                        "largest value, rounded outward to the grid; [0,1] for images); inputs outside are clipped")
+    p.add_argument("--input-frac-bits", type=count(0), default=8,
+                   help="exact mode: the input contract's grid 2^-N (default 8)")
+
+
 def _add_quantize_args(p) -> None:
     p.add_argument("--quantize", choices=["float", "exact"], default="float",
                    help="exact: quantise after pruning (8-bit power-of-two-scaled weights, integer-exact in float32 on "
                         "every runtime) and fine-tune with straight-through gradients; the checkpoint records the mode")
     p.add_argument("--quantize-epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (with --quantize exact)")
+    _add_input_contract_args(p)
 
 
 def _quantize_config(args):
@@ -284,7 +307,8 @@ def _quantize_config(args):
 
     if args.quantize == "float":
         return None
-    return QuantizeConfig(mode=args.quantize, epochs=args.quantize_epochs, seed=args.seed or 0, device=args.device)
+    return QuantizeConfig(mode=args.quantize, epochs=args.quantize_epochs, seed=args.seed or 0, device=args.device,
+                          input_range=args.input_range, input_frac_bits=args.input_frac_bits)
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -295,7 +319,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
     from .prune import QuantizeConfig, quantize_model
 
     guard_out(args.out, {"checkpoint": args.checkpoint, "--data-root": args.data_root}, overwrite=args.overwrite, checkpoint=True)
-    qcfg = QuantizeConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device)
+    qcfg = QuantizeConfig(mode=args.mode, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          input_range=args.input_range, input_frac_bits=args.input_frac_bits)
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.data, args.data_root, seed=args.seed, image_size=ckpt.config.image_size if args.data != "digits" else None,
                         timesteps=ckpt.config.timesteps)
@@ -303,8 +328,12 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
                                meta={**ckpt.meta, "parent": str(ckpt.path)})
     if not args.json:
         _print_table([("mode", report["mode"])] + [(f"accuracy {k.replace('_', ' ')}", f"{v:.4f}") for k, v in report["accuracy"].items()]
-                     + [("checkpoint", report.get("checkpoint"))])
+                     + [("input contract", _contract_text(report.get("input_contract"))), ("checkpoint", report.get("checkpoint"))])
     return report
+
+
+def _contract_text(c: dict | None) -> str:
+    return "-" if not c else f"[{c['lo']:g}, {c['hi']:g}] on 2^-{c['frac_bits']}"
 
 
 def _quantize_parser(sub) -> None:
@@ -317,6 +346,7 @@ def _quantize_parser(sub) -> None:
     p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_data_args(p)
+    _add_input_contract_args(p)
     p.add_argument("--out", default="runs/exact", help="checkpoint folder of the exact-mode model")
     p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out (otherwise refused)")
 

@@ -41,7 +41,7 @@ from .timing import Timer
 
 __all__ = ["Compiled", "Reference", "bench_export", "compile_export", "latency", "list_targets", "load_reference",
            "model_config", "profile_exports", "resolve_target", "run_export", "eval_images",
-           "GraphReference", "GraphModel", "GraphConfig", "Evaluation"]
+           "GraphReference", "GraphModel", "GraphConfig", "Evaluation", "apply_input_contract"]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -371,7 +371,10 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
     batches = {batch} | ({len(x_all) % batch} if len(x_all) % batch else set())
     compiled = compile_export(export_dir, tgt, profile, _target_options(target, profile, batch, options), tuple(batches))
     runnable = compiled.runnable
+    x_all, contract_report = apply_input_contract(x_all, reference.manifest, runnable.info)
     base = {"target": target, "device": profile.name, "export_dir": str(export_dir), "reference": reference.name}
+    if contract_report is not None:
+        base["input_contract"] = contract_report
     if not compiled.can_run:  # e.g. a CUDA module built on a machine without a GPU
         return {**base, "ran": False, "reason": f"built for {profile.name}; running it needs that device",
                 "compile_seconds": compiled.seconds, "info": runnable.info}
@@ -425,6 +428,30 @@ def run_export(export_dir: str | Path, target: str, device: str | Path | None = 
     result["within_tolerance"] = not problems
     result["tolerance_problems"] = problems
     return result
+
+
+def apply_input_contract(x_all: torch.Tensor, manifest: dict, info: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+    """The inputs an exact-mode export runs on: ``x_all`` clipped to the export's input contract's
+    range and rounded to its grid (:func:`stdeploy.export.exact.manifest_input_contract`), then to
+    the target's own where it declares a coarser one (``info["input_contract"]``: Lava fixed
+    point), so that the reference and the target see the same values. Values outside the range
+    are clipped, never refused; the report counts them (``values_clipped`` of ``values``).
+    A float export: ``(x_all, None)``."""
+    from .export.exact import manifest_input_contract
+    from .models.quantize import InputContract
+
+    contract = manifest_input_contract(manifest)
+    if contract is None:
+        return x_all, None
+    clipped = int(((x_all < contract.lo) | (x_all > contract.hi)).sum())
+    x = contract.apply(x_all)
+    own = (info or {}).get("input_contract")
+    target = None if own is None else InputContract.from_dict(own, "target input_contract")
+    if target is not None and target != contract:
+        x = target.apply(x)
+    return x, {"contract": contract.to_dict(), "target_contract": None if target is None else target.to_dict(),
+               "values": int(x_all.numel()), "values_clipped": clipped,
+               "values_off_grid": int((x != x_all).sum()) - clipped}
 
 
 def _merge(artifact: str, parts: list[Comparison], result: dict) -> Comparison:

@@ -32,7 +32,7 @@ from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
 from ..neurons import neurons_of
-from ..models.quantize import INPUT_FRAC_BITS, INPUT_RANGE, deployable, exact_layers, is_exact, quantize_input
+from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, is_exact
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
 from .validate import Comparison, compare, record_neurons, require_agreement
@@ -96,10 +96,11 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     exact = is_exact(model)
     folded = deployable(model)  # BatchNorm folded; in the exact mode the quantised values in plain modules
     x, labels, described = validation_input(model, data, samples)
-    if exact:
-        x = quantize_input(x)
-        described += f", rounded to the exact mode's input grid 2^-{INPUT_FRAC_BITS}"
-    exact_graph, checked = _check_exact(folded, spikformer) if exact else (None, None)
+    contract = (input_contract_of(model) or InputContract()) if exact else None
+    if contract is not None:
+        x = contract.apply(x)
+        described += f", clipped to [{contract.lo:g}, {contract.hi:g}] and rounded to 2^-{contract.frac_bits} (the input contract)"
+    exact_graph, checked = _check_exact(folded, spikformer, contract) if exact else (None, None)
     orig_logits, orig_spikes = stream_outputs(model, x)
     # the reference's outputs and its firing rates / input densities in one streamed pass
     ref_logits, ref_spikes, activity = _reference_pass(folded, x)
@@ -120,9 +121,10 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     # firing rates and input densities of the reference on the validation input (streamed): a check on a silent model means nothing
     manifest["validation"]["activity"] = activity.to_dict()
     if exact:
-        manifest["input"]["contract"] = (f"exact mode: every input value a multiple of 2^-{INPUT_FRAC_BITS} in "
-                                         f"[{INPUT_RANGE[0]:g}, {INPUT_RANGE[1]:g}] (round and clip first)")
-        manifest["quantize"].update({"layers": exact_layers(model), "max_bits": max(v["bits"] for v in checked.values()),
+        from .exact import contract_metadata
+
+        manifest["input"]["contract"] = contract.describe()
+        manifest["quantize"].update({**contract_metadata(contract), "layers": exact_layers(model), "max_bits": max(v["bits"] for v in checked.values()),
                                      "proof": "stdeploy.export.exact.check_exact: every partial sum below 2^24 grid units"})
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -307,6 +309,11 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     results, outputs = [], {}
     info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse)
     step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse)
+    if manifest["quantize"]["mode"] == "exact":  # the input contract travels with the ONNX files too
+        for path in (tmp / "model.onnx", tmp / "model.step.onnx"):
+            _stamp_onnx(path, {"stdeploy.quantize": "exact", "stdeploy.input_contract": manifest["input"]["contract"],
+                               "stdeploy.input_range": json.dumps(manifest["quantize"]["input_range"]),
+                               "stdeploy.input_frac_bits": str(manifest["quantize"]["input_frac_bits"])})
     for key, path, meta, run in (("onnx", tmp / "model.onnx", info, run_onnx), ("onnx.step", tmp / "model.step.onnx", step, run_onnx_streaming)):
         session = onnx_session(path)
         logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x)
@@ -320,6 +327,17 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     manifest["validation"]["streaming_vs_unrolled"] = {"spike_mismatches": int((us != ss).sum()),
                                                        "logits_max_abs_error": float((ul - sl).abs().max())}
     return results
+
+
+def _stamp_onnx(path: Path, props: dict[str, str]) -> None:
+    """Add ``props`` to the ONNX file's ``metadata_props`` (external tensor data, if any, untouched)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
 
 
 def _batches(n: int, size: int = VALIDATION_BATCH) -> list[slice]:
@@ -366,12 +384,14 @@ def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_l
     return result
 
 
-def _check_exact(folded: nn.Module, spikformer: str) -> tuple[nir.NIRGraph, dict]:
-    """The NIR graph (converted once: the NIR export reuses it) and its proven bounds."""
-    from .exact import check_exact
+def _check_exact(folded: nn.Module, spikformer: str, contract) -> tuple[nir.NIRGraph, dict]:
+    """The NIR graph (converted once: the NIR export reuses it) and its bounds, proven over the
+    input ``contract`` (:class:`~stdeploy.models.quantize.InputContract`)."""
+    from .exact import check_exact, contract_metadata
     from .nir_export import to_nir
 
     graph = to_nir(folded, spikformer=spikformer)
+    graph.metadata["quantize"] = {"mode": "exact", **contract_metadata(contract)}
     return graph, check_exact(graph, folded.cfg.timesteps)
 
 

@@ -4,7 +4,12 @@ partial sum, computed from the weights of the NIR graph, against float32's 24-bi
 Each node's values are tracked as an interval ``[lo, hi]`` and a grid ``q`` (every value is an
 integer multiple of ``q``, a power of two), walking the graph in topological order:
 
-* ``Input``: the exact mode's input contract, ``[0, 1]`` on a grid of ``2**-INPUT_FRAC_BITS``.
+* ``Input``: the exact mode's input contract (:class:`~stdeploy.models.quantize.InputContract`),
+  read from the graph's metadata by :func:`graph_input_contract` (``quantize.input_range`` and
+  ``quantize.input_frac_bits``; default ``[0, 1]`` on ``2**-INPUT_FRAC_BITS``). A signed range
+  ``[lo, hi]`` (standardised data, ``lo < 0``) is bounded like any other: each term ``w x`` lies
+  between ``min(w lo, w hi)`` and ``max(w lo, w hi)``, so a negative weight's worst case comes
+  from ``lo`` where a positive one's comes from ``hi``.
 * Edges summed into a node: intervals add, the grid is the finest of the terms.
 * ``Conv1d``/``Conv2d``/``Linear``/``Affine``: for each output unit, every term ``w * x`` with
   ``x`` in ``[lo, hi]`` lies in ``[min(w lo, w hi), max(w lo, w hi)]``. Whatever order a runtime
@@ -35,10 +40,11 @@ import nir
 import numpy as np
 
 from ..errors import UnsupportedPrimitive
-from ..models.quantize import INPUT_FRAC_BITS, INPUT_RANGE
+from ..models.quantize import InputContract
 from .nir_interpreter import topological_order
 
-__all__ = ["EXACT_BITS", "Bound", "grid_of", "check_exact"]
+__all__ = ["EXACT_BITS", "Bound", "grid_of", "check_exact", "graph_input_contract", "manifest_input_contract",
+           "contract_metadata"]
 
 EXACT_BITS = 24  # float32's significand: integers up to 2**24 (in units of the grid) are exact
 
@@ -59,6 +65,41 @@ class Bound:
         if m == 0 or math.isinf(self.grid):
             return 0.0
         return math.log2(m / self.grid)
+
+
+def contract_metadata(contract: InputContract) -> dict:
+    """The input contract as graph metadata entries under ``quantize`` (flat, as NIR files store them)."""
+    return {"input_frac_bits": contract.frac_bits, "input_range": [contract.lo, contract.hi]}
+
+
+def graph_input_contract(graph: nir.NIRGraph) -> InputContract:
+    """The input contract an exact graph states in ``metadata["quantize"]`` (:func:`contract_metadata`);
+    a graph without one: ``[0, 1]`` on ``2**-INPUT_FRAC_BITS`` (the images' contract). A malformed
+    entry raises :class:`UnsupportedPrimitive` naming it."""
+    meta = graph.metadata if isinstance(graph.metadata, dict) else {}
+    return _contract_of(meta.get("quantize") if isinstance(meta.get("quantize"), dict) else {}, "graph metadata")
+
+
+def manifest_input_contract(manifest: dict) -> InputContract | None:
+    """The input contract of an exact-mode export directory's manifest (``quantize``, written by
+    :func:`contract_metadata`; an exact export without one: ``[0, 1]`` on ``2**-INPUT_FRAC_BITS``),
+    ``None`` for a float export."""
+    q = manifest.get("quantize") if isinstance(manifest, dict) else None
+    if not (isinstance(q, dict) and q.get("mode") == "exact"):
+        return None
+    return _contract_of(q, "manifest")
+
+
+def _contract_of(q: dict, where: str) -> InputContract:
+    default = InputContract()
+    frac, rng = q.get("input_frac_bits", default.frac_bits), q.get("input_range", (default.lo, default.hi))
+    try:
+        lo, hi = (float(v) for v in np.asarray(rng, np.float64).reshape(-1))
+        if isinstance(frac, (bool, np.bool_)) or not isinstance(frac, (int, np.integer)):
+            raise ValueError(f"input_frac_bits must be an integer, got {frac!r}")
+        return InputContract(lo, hi, int(frac))
+    except (ValueError, TypeError) as err:
+        raise UnsupportedPrimitive(f"{where} quantize.input_range / input_frac_bits: {err}") from None
 
 
 def grid_of(values) -> float:
@@ -109,7 +150,8 @@ def _linear_rows(w):
 def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_bound: Bound | None = None,
                 limit_bits: int = EXACT_BITS) -> dict[str, dict]:
     """Check that every partial sum of ``graph`` is exactly representable in float32 for any input
-    that meets the exact mode's contract; returns ``{node: {"lo", "hi", "grid", "bits"}}``.
+    that meets the exact mode's contract (``input_bound``, else the graph's own,
+    :func:`graph_input_contract`); returns ``{node: {"lo", "hi", "grid", "bits"}}``.
 
     Raises :class:`UnsupportedPrimitive` listing every node whose bound exceeds ``2**limit_bits``
     grid units, whose leak is not a power of two, or whose type it does not know."""
@@ -118,26 +160,33 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
     if T < 1:
         raise UnsupportedPrimitive("exact check: the number of timesteps is unknown (graph metadata 'timesteps')")
     dt = float(np.asarray(meta.get("dt", 1.0)))
-    inp = input_bound or Bound(INPUT_RANGE[0], INPUT_RANGE[1], 2.0 ** -INPUT_FRAC_BITS)
+    if input_bound is None:
+        contract = graph_input_contract(graph)
+        input_bound = Bound(contract.lo, contract.hi, contract.grid)
+    inp = input_bound
     into: dict[str, list[str]] = {n: [] for n in graph.nodes}
     for src, dst in graph.edges:
         into[dst].append(src)
     bounds: dict[str, Bound] = {}
     report: dict[str, dict] = {}
     problems: list[str] = []
+    analog: set[str] = set()  # nodes that see the analog input before any spike: their bounds scale with the contract
 
     def need(label: str, bound: Bound, magnitude: float | None = None, what: str = "partial sums") -> None:
         bits = bound.bits(magnitude)
         if bits > limit_bits:
             problems.append(f"{label}: {what} reach 2^{bits:.1f} grid units (grid 2^{math.log2(bound.grid):.0f}), "
-                            f"over the 2^{limit_bits} that float32 holds exactly")
+                            f"over the 2^{limit_bits} that float32 holds exactly" + (" [analog input]" if name in analog else ""))
 
     for name in topological_order(graph):
         node = graph.nodes[name]
         label = _label(name, node)
         if isinstance(node, nir.Input):
             bounds[name] = inp
+            analog.add(name)
             continue
+        if any(s in analog and not isinstance(graph.nodes[s], (nir.LIF, nir.Threshold)) for s in into[name]):
+            analog.add(name)  # a LIF's membrane sees the analog values, its output is spikes
         srcs = [bounds[s] for s in into[name]]
         if not srcs:
             problems.append(f"{label}: no incoming edge")
@@ -188,6 +237,9 @@ def check_exact(graph: nir.NIRGraph, timesteps: int | None = None, *, input_boun
                 problems.append(f"{label}: the mean over T = {T} steps is not exact (T must be a power of two)")
             need(label, out, T * out.magnitude, f"sums over the {T} steps")
     if problems:
+        hint = ("\n  (a layer marked [analog input] scales with the input contract: a coarser grid or a narrower range, "
+                "stdeploy quantize --input-frac-bits N / --input-range LO,HI, takes bits off it)"
+                if any("[analog input]" in p for p in problems) else "")
         raise UnsupportedPrimitive("not exactly representable in float32 (exact mode): " + str(len(problems))
-                                   + " problem(s):\n  - " + "\n  - ".join(problems))
+                                   + " problem(s):\n  - " + "\n  - ".join(problems) + hint)
     return report

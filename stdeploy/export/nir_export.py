@@ -503,7 +503,7 @@ def _head(b: GraphBuilder, name: str, m: Head, inputs: list[str]) -> list[str]:
     if len(b.input_shape(name, s)) == 1:  # one token (the dense stem): the mean over tokens is the identity
         return b.convert(join_name(name, "fc"), m.fc, s)
     d, n = b.input_shape(name, s)
-    mean = _ones_linear(b, join_name(name, "token_mean"), s, np.full((d, 1, n), 1.0 / n, np.float32), (d, 1), "mean over tokens")
+    mean = _ones_linear(b, join_name(name, "token_mean"), s, np.full((d, 1, n), m.token_factor(n), np.float32), (d, 1), "mean over tokens")
     flat = b.add(join_name(name, "flatten"), nir.Flatten(input_type=np.array([d, 1]), start_dim=0, end_dim=-1, metadata={"module": name}), [mean], (d,))
     return b.convert(join_name(name, "fc"), m.fc, [flat])
 

@@ -331,7 +331,7 @@ def _head(b, name, m: Head, inputs):
     if len(shape) == 1:  # one token: the mean over tokens is the identity
         return [_dense(b, join_name(name, "fc"), weight, bias, s, {})]
     d, h, w = shape
-    full = np.ascontiguousarray(np.broadcast_to((weight / np.float32(h * w))[:, :, None, None], (*weight.shape, h, w)))
+    full = np.ascontiguousarray(np.broadcast_to((weight * np.float32(m.token_factor(h * w)))[:, :, None, None], (*weight.shape, h, w)))
     node = nir.Conv2d(input_shape=(h, w), weight=full, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, bias=bias,
                       metadata={"module": join_name(name, "fc"), "op": "classifier over the mean of tokens (weight / N)"})
     return [b.add(join_name(name, "fc"), node, s, (weight.shape[0], 1, 1))]

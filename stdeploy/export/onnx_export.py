@@ -173,7 +173,7 @@ class _Unrolled(nn.Module):
         for block in m.blocks:
             x = block(x)
         spikes = m.head.lif(x)  # (T, B, N, D)
-        return m.head.fc(spikes.mean(dim=2)).mean(dim=0), spikes
+        return m.head.fc(m.head.reduce_tokens(spikes, 2)).mean(dim=0), spikes
 
 
 class _Probe(nn.Module):
@@ -311,7 +311,7 @@ def _step_spikformer_attention(step: _Step, m: SpikformerAttention, x):  # (B, N
 
 def _step_head(step: _Step, m: Head, x):  # (B, N, D) -> per-step logits (B, classes)
     step.head_spikes = step(m.lif, x)
-    return m.fc(step.head_spikes.mean(dim=1))
+    return m.fc(m.reduce_tokens(step.head_spikes, 1))
 
 
 _LEAVES = (nn.Linear, LowRankLinear, FoldedConv, LIF, MaxPool, nn.Identity)  # their children need no rule

@@ -201,12 +201,25 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """LIF, mean over tokens, linear classifier, mean over time: ``(T, B, N, D) -> (B, classes)``."""
+    """LIF, mean over tokens, linear classifier, mean over time: ``(T, B, N, D) -> (B, classes)``.
+
+    ``token_scale``: None (the mean, ``1/N``), or the factor on the sum over tokens that replaces
+    it: the exact mode sets a power of two for a token count that is not one (``1/N`` is not
+    exact in float32; :func:`stdeploy.models.quantize.to_exact` moves ``2^k/N`` into ``fc``).
+    Exporters take the factor from :meth:`token_factor`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.lif = make_neuron(cfg, cfg.embed_dim)
         self.fc = nn.Linear(cfg.embed_dim, cfg.num_classes)
+        self.token_scale: float | None = None
+
+    def token_factor(self, n: int) -> float:
+        """The weight of each of ``n`` tokens in the reduction the classifier reads."""
+        return 1.0 / n if self.token_scale is None else self.token_scale
+
+    def reduce_tokens(self, s, dim: int):
+        return s.mean(dim=dim) if self.token_scale is None else s.sum(dim=dim) * self.token_scale
 
     def forward(self, x):
-        return self.fc(self.lif(x).mean(dim=2)).mean(dim=0)
+        return self.fc(self.reduce_tokens(self.lif(x), 2)).mean(dim=0)

@@ -22,8 +22,17 @@ The arithmetic (mode ``"exact"``)
   (:func:`power_of_two_scale`); the layers that write the residual stream share the coarsest of
   their scales (:func:`share_stream_scale`). Bias: ``b = s * B`` with ``B`` an integer on the same grid.
   Pruned zeros stay zeros (a fixed ``mask`` of the nonzeros at conversion).
-* Input: the first convolution sees the analog frame rounded to ``2**-INPUT_FRAC_BITS`` and
-  clipped to ``[0, 1]`` (:func:`quantize_input`); exports state this input contract.
+* Input: the layer that reads the analog input (``embed.stages.0.conv``, or ``embed.fcs.0`` of a
+  dense stem) sees it clipped to the range ``[lo, hi]`` and rounded to ``2**-frac_bits`` (the
+  model's :class:`InputContract`; default ``[0, 1]`` on ``2**-INPUT_FRAC_BITS`` for images, a signed
+  range for standardised data such as MNIST-1D, derived from the training split by
+  :meth:`InputContract.covering` or given). The contract is recorded in the checkpoint's meta
+  (``input_contract``), the export's manifest and NIR metadata, and the export's proof assumes it.
+  Inputs outside the range are clipped, not refused: the model was fine-tuned with the same clip,
+  and runs count the clipped values (see :func:`stdeploy.runner.run_export`).
+* Head: the mean over ``N`` tokens is ``1/N`` times a sum, not dyadic unless ``N`` is a power of
+  two; for other ``N`` (``sdt-1d-tiny``: 20) :func:`power_of_two_token_mean` makes it the sum times
+  ``2**-ceil(log2 N)`` and moves ``2**k / N`` into the classifier's weight before it is quantised.
 * Neurons: the leak ``d`` is rounded to a power of two ``2**-j`` (``tau = 2`` gives ``d = 1/2``
   exactly); the threshold to ``2**-THRESHOLD_FRAC_BITS``. sLIF neurons are frozen to LIF first.
 * Gradients: rounding is straight-through (identity gradient), so a model fine-tunes in this mode
@@ -61,7 +70,9 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -72,7 +83,8 @@ from .fold import FoldedConv, fold_batchnorm
 from .structure import LowRankLinear
 
 __all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "QuantLinear", "QuantConv", "power_of_two_scale",
-           "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode"]
+           "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode",
+           "InputContract", "INPUT_LAYERS", "input_contract_of", "with_input_contract", "power_of_two_token_mean"]
 
 MODES = ("float", "exact")
 WEIGHT_BITS = 8                # integer weights in [-127, 127]
@@ -86,6 +98,86 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ConfigError(f"unknown quantisation mode {mode!r}; known: {', '.join(MODES)}")
     return mode
+
+
+INPUT_FRAC_BITS_MAX = 16       # finer input grids than 2**-16 are refused (and Lava's source sends 24-bit integers)
+INPUT_LAYERS = ("embed.stages.0.conv", "embed.fcs.0")  # the layer that reads the analog input: conv stem, dense stem
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What an exact-mode model accepts: every input value a multiple of ``2**-frac_bits`` in
+    ``[lo, hi]`` (model units, the data set's own scale). ``lo`` and ``hi`` lie on the grid, so
+    clipping then rounding (:meth:`apply`) stays in range. The export's proof
+    (:func:`stdeploy.export.exact.check_exact`) bounds every partial sum over this range."""
+
+    lo: float = 0.0
+    hi: float = 1.0
+    frac_bits: int = INPUT_FRAC_BITS
+
+    def __post_init__(self):
+        if isinstance(self.frac_bits, bool) or not isinstance(self.frac_bits, int) or not 0 <= self.frac_bits <= INPUT_FRAC_BITS_MAX:
+            raise ConfigError(f"input contract: frac_bits must be an integer in [0, {INPUT_FRAC_BITS_MAX}], got {self.frac_bits!r}")
+        for key in ("lo", "hi"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"input contract: {key} must be a finite number, got {v!r}")
+            object.__setattr__(self, key, float(v))
+            if float(v) * 2 ** self.frac_bits != round(float(v) * 2 ** self.frac_bits):
+                raise ConfigError(f"input contract: {key} = {v!r} is not a multiple of the grid 2^-{self.frac_bits}; "
+                                  "use InputContract.covering(lo, hi, frac_bits)")
+        if not self.lo < self.hi:
+            raise ConfigError(f"input contract: the range [{self.lo:g}, {self.hi:g}] is empty (lo must be below hi)")
+        if max(abs(self.lo), abs(self.hi)) * 2 ** self.frac_bits > 2 ** 24:
+            raise ConfigError(f"input contract: [{self.lo:g}, {self.hi:g}] on 2^-{self.frac_bits} needs more than float32's "
+                              "24 bits; use a coarser grid")
+
+    @property
+    def grid(self) -> float:
+        return 2.0 ** -self.frac_bits
+
+    @property
+    def signed(self) -> bool:
+        return self.lo < 0
+
+    @classmethod
+    def covering(cls, lo: float, hi: float, frac_bits: int = INPUT_FRAC_BITS, *, unit: bool = True) -> "InputContract":
+        """The smallest contract on ``2**-frac_bits`` that holds ``[lo, hi]`` (rounded outward to
+        the grid); with ``unit``, a range inside ``[0, 1]`` gives ``[0, 1]``, the images' contract."""
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ConfigError(f"input contract: the range [{lo}, {hi}] is not finite")
+        if unit and lo >= 0 and hi <= 1:
+            lo, hi = 0.0, 1.0
+        n = 2 ** frac_bits
+        lo, hi = math.floor(lo * n) / n, math.ceil(hi * n) / n
+        return cls(lo, hi if hi > lo else lo + 1.0 / n, frac_bits)
+
+    @classmethod
+    def from_dict(cls, d, where: str = "input contract") -> "InputContract":
+        """From ``{"lo", "hi", "frac_bits"}`` (checkpoint meta, manifest, NIR metadata); ``None``: the default."""
+        if d is None:
+            return cls()
+        if not isinstance(d, dict) or set(d) != {"lo", "hi", "frac_bits"}:
+            raise ConfigError(f"{where}: must be {{\"lo\", \"hi\", \"frac_bits\"}}, got {d!r}")
+        try:
+            return cls(d["lo"], d["hi"], d["frac_bits"])
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"exact mode: every input value a multiple of 2^-{self.frac_bits} in [{self.lo:g}, {self.hi:g}] "
+                "(values outside are clipped, then rounded to the grid)")
+
+    def apply(self, x):
+        """``x`` clipped to ``[lo, hi]`` and rounded to the grid (half to even); a torch tensor or a numpy array."""
+        n = 2 ** self.frac_bits
+        if isinstance(x, torch.Tensor):
+            return torch.round(x.clamp(self.lo, self.hi) * n) / n
+        return np.rint(np.clip(x, self.lo, self.hi) * n) / n
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -104,11 +196,10 @@ def power_of_two_scale(w: torch.Tensor, bits: int = WEIGHT_BITS) -> torch.Tensor
         return torch.tensor(2.0 ** k, dtype=w.dtype, device=w.device)
 
 
-def quantize_input(x: torch.Tensor) -> torch.Tensor:
-    """The exact mode's input contract: clip to ``[0, 1]`` and round to multiples of ``2**-INPUT_FRAC_BITS``
-    (digits, ``k/16``, are already on the grid)."""
-    n = 2 ** INPUT_FRAC_BITS
-    return torch.round(x.clamp(*INPUT_RANGE) * n) / n
+def quantize_input(x: torch.Tensor, contract: InputContract | None = None) -> torch.Tensor:
+    """The exact mode's input contract applied to ``x`` (default: clip to ``[0, 1]`` and round to
+    multiples of ``2**-INPUT_FRAC_BITS``; digits, ``k/16``, are already on that grid)."""
+    return (contract or InputContract()).apply(x)
 
 
 class _QuantWeights(nn.Module):
@@ -120,6 +211,7 @@ class _QuantWeights(nn.Module):
         self.register_buffer("mask", weight.detach() != 0)
         # the scale is at least 2**scale_floor: layers that write the residual stream share one grid
         self.register_buffer("scale_floor", torch.tensor(-1000.0))
+        self.input_contract: InputContract | None = None  # the layer that reads the analog input: its contract
 
     def scale(self) -> torch.Tensor:
         own = power_of_two_scale(self.weight * self.mask)
@@ -149,6 +241,8 @@ class QuantLinear(_QuantWeights):
         self._init(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_contract is not None:
+            x = self.input_contract.apply(x)
         w, b = self.quantized()
         return F.linear(x, w, b)
 
@@ -167,19 +261,22 @@ class QuantLinear(_QuantWeights):
 
 class QuantConv(_QuantWeights):
     """A folded 3x3 convolution in the exact mode, ``(T, B, C, H, W)`` with T and B merged;
-    ``quantize_input`` rounds the analog input (the first convolution only)."""
+    ``quantize_input`` applies the input contract to the analog input (the first convolution only;
+    ``input_contract``, default :class:`InputContract`)."""
 
-    def __init__(self, folded: FoldedConv, quantize_input: bool = False):
+    def __init__(self, folded: FoldedConv, quantize_input: bool = False, input_contract: InputContract | None = None):
         super().__init__()
         c = folded.conv
         self.in_channels, self.out_channels = c.in_channels, c.out_channels
         self.kernel_size, self.stride, self.padding, self.dilation, self.groups = c.kernel_size, c.stride, c.padding, c.dilation, c.groups
         self.quantize_input = quantize_input
         self._init(c.weight, c.bias)
+        if quantize_input:
+            self.input_contract = input_contract or InputContract()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantize_input:
-            x = quantize_input(x)
+        if self.input_contract is not None:
+            x = self.input_contract.apply(x)
         w, b = self.quantized()
         y = F.conv2d(x.flatten(0, 1), w, b, self.stride, self.padding, self.dilation, self.groups)
         return y.view(x.shape[0], x.shape[1], *y.shape[1:])
@@ -195,7 +292,7 @@ class QuantConv(_QuantWeights):
         return FoldedConv(conv.to(self.weight.device))
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, bits={WEIGHT_BITS}, quantize_input={self.quantize_input}"
+        return f"{self.in_channels}, {self.out_channels}, bits={WEIGHT_BITS}, input_contract={self.input_contract}"
 
 
 def _power_of_two_decay(d: torch.Tensor) -> torch.Tensor:
@@ -219,10 +316,28 @@ def merge_low_rank(m: LowRankLinear) -> nn.Linear:
     return dense.to(m.u.weight.device)
 
 
-def to_exact(model: nn.Module) -> nn.Module:
+def power_of_two_token_mean(model: nn.Module) -> None:
+    """For a token count ``N`` that is not a power of two: the head's mean over tokens becomes the
+    sum times ``2**-k`` (``k = ceil(log2 N)``), and ``fc``'s weight is multiplied by ``2**k / N``
+    (float64) before it is quantised, so the function is unchanged and every value stays dyadic
+    (``1/N`` is not: ``sdt-1d-tiny``'s 20 tokens put the logits on a 2^-37 grid)."""
+    from .layers import Head
+
+    head, n = getattr(model, "head", None), int(getattr(model.cfg, "tokens", 1))
+    if not isinstance(head, Head) or n <= 1 or n & (n - 1) == 0 or type(head.fc) is not nn.Linear:
+        return
+    k = math.ceil(math.log2(n))
+    with torch.no_grad():
+        head.fc.weight.copy_((head.fc.weight.double() * (2.0 ** k / n)).to(head.fc.weight.dtype))
+    head.token_scale = 2.0 ** -k
+
+
+def to_exact(model: nn.Module, input_contract: InputContract | None = None) -> nn.Module:
     """The exact-mode copy of a finalized ``model`` (the caller's model is not changed): BatchNorm
     folded, low-rank layers merged (:func:`merge_low_rank`), every linear layer and convolution quantised, sLIF frozen to LIF, leaks rounded to
-    powers of two and thresholds to the threshold grid. The copy keeps ``model``'s training mode.
+    powers of two and thresholds to the threshold grid; the layer that reads the input applies
+    ``input_contract`` (default :class:`InputContract`: ``[0, 1]`` on ``2**-8``; an exact
+    ``model`` keeps its own unless one is given). The copy keeps ``model``'s training mode.
 
     Raises :class:`ConfigError` when a pruning mask is still attached (finalize pruning first)."""
     training = model.training
@@ -232,18 +347,22 @@ def to_exact(model: nn.Module) -> nn.Module:
     if attached:
         raise ConfigError(f"exact mode: pruning masks still attached at {', '.join(attached[:4])}; finalize pruning first")
     if is_exact(model):
-        return copy.deepcopy(model)
+        return copy.deepcopy(model) if input_contract is None else with_input_contract(model, input_contract)
+    contract = input_contract or InputContract()
     new = to_lif(fold_batchnorm(model))  # a folded copy; to_lif swaps sLIF in place on it
+    power_of_two_token_mean(new)
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             fqn = f"{prefix}.{name}" if prefix else name
             if type(child) is nn.Linear:
                 setattr(parent, name, QuantLinear(child))
+                if fqn in INPUT_LAYERS:
+                    getattr(parent, name).input_contract = contract
             elif isinstance(child, LowRankLinear):
                 setattr(parent, name, QuantLinear(merge_low_rank(child)))
             elif isinstance(child, FoldedConv):
-                setattr(parent, name, QuantConv(child, quantize_input=fqn == "embed.stages.0.conv"))
+                setattr(parent, name, QuantConv(child, quantize_input=fqn in INPUT_LAYERS, input_contract=contract))
             elif isinstance(child, nn.Conv2d):
                 raise UnsupportedPrimitive(f"exact mode: {fqn} is a bare Conv2d; only folded convolutions are quantised")
             else:
@@ -256,6 +375,27 @@ def to_exact(model: nn.Module) -> nn.Module:
             lif.decay_.copy_(_power_of_two_decay(lif.decay_))
             lif.threshold_.copy_(_grid_threshold(lif.threshold_))
     return new.train(training)
+
+
+def input_contract_of(model: nn.Module) -> InputContract | None:
+    """The input contract of an exact-mode ``model`` (None for a float model)."""
+    for name, m in model.named_modules():
+        if isinstance(m, _QuantWeights) and m.input_contract is not None:
+            return m.input_contract
+    return None
+
+
+def with_input_contract(model: nn.Module, contract: InputContract) -> nn.Module:
+    """A copy of the exact-mode ``model`` whose input layer applies ``contract`` (weights unchanged)."""
+    if not is_exact(model):
+        raise ConfigError("an input contract belongs to an exact-mode model; quantise it first (to_exact)")
+    new = copy.deepcopy(model)
+    layers = [m for n, m in new.named_modules() if isinstance(m, _QuantWeights) and n in INPUT_LAYERS]
+    if not layers:
+        raise UnsupportedPrimitive(f"exact mode: no input layer ({', '.join(INPUT_LAYERS)}) to hold an input contract")
+    for m in layers:
+        m.input_contract = contract
+    return new
 
 
 # The layers whose outputs are summed into the residual stream (with the embedding's spikes).

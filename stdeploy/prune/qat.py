@@ -3,8 +3,14 @@
 ``quantize_model(model, data, QuantizeConfig(...))`` folds BatchNorm, quantises (8-bit weights on a
 per-layer power-of-two grid, grid biases and thresholds, power-of-two leak), fine-tunes with
 straight-through gradients and returns the exact-mode model with the test accuracy at every stage.
-A saved checkpoint records ``meta["quantize"] = "exact"``; :func:`stdeploy.checkpoint.load_checkpoint`
-rebuilds the quantised modules from it.
+A saved checkpoint records ``meta["quantize"] = "exact"`` and the input contract
+(``meta["input_contract"]``); :func:`stdeploy.checkpoint.load_checkpoint` rebuilds the quantised
+modules from it.
+
+The input contract (:class:`~stdeploy.models.quantize.InputContract`): ``input_range`` given, or
+derived from the training split (its smallest and largest value, rounded outward to the grid
+``2**-input_frac_bits``; data inside ``[0, 1]``, such as images, get ``[0, 1]``). Standardised
+data (MNIST-1D: about -4.2 to 4.1) thus get a signed range instead of being clipped to ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from torch import nn
 
 from ..checkpoint import TRAIN_STATE, save_checkpoint
 from ..errors import ConfigError
-from ..models.quantize import check_mode, exact_layers, to_exact
+from ..models.quantize import INPUT_FRAC_BITS, InputContract, check_mode, exact_layers, input_contract_of, is_exact, to_exact
 from ..train import TrainConfig, evaluate, train
 
 
@@ -28,14 +34,43 @@ class QuantizeConfig:
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"
+    input_range: tuple[float, float] | None = None  # the input contract's range; None: the training split's, rounded outward
+    input_frac_bits: int = INPUT_FRAC_BITS           # the input contract's grid 2**-input_frac_bits
 
     def __post_init__(self):
         check_mode(self.mode)
+        if self.input_range is not None:
+            if not (isinstance(self.input_range, (tuple, list)) and len(self.input_range) == 2):
+                raise ConfigError(f"input range must be (lo, hi), got {self.input_range!r}")
+            InputContract.covering(*self.input_range, self.input_frac_bits, unit=False)  # validates
+        else:
+            InputContract(0.0, 1.0, self.input_frac_bits)  # validates the grid
         if not (isinstance(self.epochs, int) and self.epochs >= 0):
             raise ConfigError(f"quantisation fine-tune epochs must be an integer >= 0, got {self.epochs!r}")
 
+    def input_contract(self, model: nn.Module, data) -> InputContract:
+        """The contract for ``model``: the given range, an exact model's own, or the training split's."""
+        if self.input_range is not None:
+            return InputContract.covering(*self.input_range, self.input_frac_bits, unit=False)
+        if is_exact(model) and input_contract_of(model) is not None:
+            return input_contract_of(model)
+        lo, hi = data_range(data.train)
+        return InputContract.covering(lo, hi, self.input_frac_bits)
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed, device=self.device)
+
+
+def data_range(split, batch_size: int = 1024) -> tuple[float, float]:
+    """The smallest and largest input value of a data split of ``(x, label)`` samples."""
+    import torch
+
+    lo, hi = float("inf"), float("-inf")
+    for x, _ in torch.utils.data.DataLoader(split, batch_size=batch_size):
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    if lo > hi:
+        raise ConfigError("the training split is empty: no input range to derive")
+    return lo, hi
 
 
 def quantize_model(model: nn.Module, data, qcfg: QuantizeConfig = QuantizeConfig(), out=None, progress: bool = True,
@@ -48,12 +83,14 @@ def quantize_model(model: nn.Module, data, qcfg: QuantizeConfig = QuantizeConfig
     stages = {"float": evaluate(model, data.test, T, device=device)}
     if qcfg.mode == "float":
         return model, {"mode": "float", "accuracy": stages}
-    q = to_exact(model).to(device)
+    contract = qcfg.input_contract(model, data)
+    q = to_exact(model, contract).to(device)
     stages["quantized"] = evaluate(q, data.test, T, device=device)
     if qcfg.epochs > 0:
         train(q, data, qcfg.train_config(), None, progress=progress)
         stages["quantized_finetuned"] = evaluate(q, data.test, T, device=device)
     report = {"mode": qcfg.mode, "accuracy": stages, "config": asdict(qcfg), "layers": exact_layers(q),
+              "input_contract": contract.to_dict(),
               "seconds": time.perf_counter() - t0}
     if out is not None:
         path = save_checkpoint(out, q, meta={**(meta or {}), "quantize": qcfg.mode, "quantize_report": report})

@@ -345,15 +345,17 @@ def exact_graph(model, input_frac_bits: int | None = None):
 def test_lava_fixed_point_uses_the_models_integers(deep):
     """The fixed-point plan of an exact graph keeps the model's 8-bit integers (no re-quantisation);
     with the default 8-bit input contract the first layer's proven range needs more than Loihi's
-    24-bit registers (named in a warning and in the plan), with a 4-bit input grid every layer fits."""
+    24-bit registers, so the plan takes the finest input grid that fits (2^-5, said in a warning and
+    in the plan's input_contract); with a 4-bit input grid every layer fits as it is."""
     from stdeploy.targets.lava.lowering import lower
 
     exact = to_exact(deep).eval()
-    with pytest.warns(UserWarning, match=r"embed\.stages\.0\.lif needs more than Loihi"):
+    with pytest.warns(UserWarning, match=r"inputs are rounded to 2\^-5 in \[0, 1\]"):
         plan = lower(exact_graph(deployable(exact)), "fixed", weight_bits=8)
+    assert plan["input_contract"] == {"lo": 0.0, "hi": 1.0, "frac_bits": 5}
     pops = {k: v for k, v in plan["quant"].items() if "proven" in v}
     assert len(pops) == 2 + 4 * 7 + 1
-    assert [k for k, v in pops.items() if not v["proven"]] == ["embed.stages.0.lif"]
+    assert all(v["proven"] for v in pops.values())
     by_name = {p["name"]: p for p in plan["procs"]}
     conv = by_name["embed.stages.0.conv@embed.stages.0.lif"]["params"]
     W, B, s = exact.embed.stages[0].conv.integers()
@@ -365,6 +367,7 @@ def test_lava_fixed_point_uses_the_models_integers(deep):
     assert all(p["dv"] == 2048 and p["du"] == 4095 and p["bias"] == 0 for p in lifs)  # d = 1/2, u = a_in << 6
     plan4 = lower(exact_graph(deployable(exact), input_frac_bits=4), "fixed", weight_bits=8)
     assert all(v["proven"] for v in plan4["quant"].values() if "proven" in v)
+    assert plan4["input_contract"] == {"lo": 0.0, "hi": 1.0, "frac_bits": 4}  # the graph's own grid fits: kept
 
 
 @pytest.mark.lava

@@ -71,15 +71,15 @@ import warnings
 import numpy as np
 
 from ...errors import UnsupportedPrimitive
-from ...export.exact import Bound, check_exact
-from ...models.quantize import INPUT_FRAC_BITS, INPUT_RANGE
+from ...export.exact import Bound, check_exact, graph_input_contract
+from ...models.quantize import InputContract
 from ...export.nir_interpreter import int_tuple
 from ..base import TargetError
 from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_kind
 from .plan import Plan, add_outputs, conn, lif_params
 
 __all__ = ["FIXED_VTH", "FIXED_INPUT_FRAC_BITS", "DECAY_UNITY", "GRADED_MAX", "op_spec", "weight_and_bias", "row_factor",
-           "quantise", "row_abs_sum", "exact_membranes", "lower_fixed"]
+           "quantise", "row_abs_sum", "exact_membranes", "fit_input_contract", "lower_fixed"]
 
 FIXED_VTH = 2 ** 12            # fixed mode: integer threshold of a (normalised) LIF population, lowered where inputs could overflow
 FIXED_INPUT_FRAC_BITS = 8      # fixed mode: the input is quantised to 2**-8 steps
@@ -154,24 +154,77 @@ def row_abs_sum(q: np.ndarray | None, op: dict) -> float:
     return float(np.abs(q).max(initial=0.0))
 
 
-def exact_membranes(graph) -> dict[str, dict] | None:
-    """For a graph exported in the exact mode (graph metadata ``quantize.mode == "exact"``): per
-    LIF node, its membrane's proven bound and grid (``{"lo", "hi", "grid"}`` from
-    :func:`~stdeploy.export.exact.check_exact`); ``None`` for other graphs. A graph that claims the
-    exact mode but fails the check is refused. ``quantize.input_frac_bits`` (default
-    ``INPUT_FRAC_BITS``, 8) is the input contract's grid ``2**-bits`` the bounds assume."""
+def _is_exact_graph(graph) -> bool:
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
     q = meta.get("quantize")
-    if not (isinstance(q, dict) and q.get("mode") == "exact"):
+    return isinstance(q, dict) and q.get("mode") == "exact"
+
+
+def exact_membranes(graph, contract: InputContract | None = None) -> dict[str, dict] | None:
+    """For a graph exported in the exact mode (graph metadata ``quantize.mode == "exact"``): per
+    LIF node, its membrane's proven bound and grid (``{"lo", "hi", "grid"}`` from
+    :func:`~stdeploy.export.exact.check_exact`) for inputs on ``contract`` (default: the graph's
+    own, :func:`~stdeploy.export.exact.graph_input_contract`); ``None`` for other graphs. A graph
+    that claims the exact mode but fails the check is refused."""
+    if not _is_exact_graph(graph):
         return None
-    frac = q.get("input_frac_bits", INPUT_FRAC_BITS)
-    if not isinstance(frac, (int, np.integer)) or not 0 <= int(frac) <= INPUT_FRAC_BITS:
-        raise LavaUnsupported(f"graph metadata quantize.input_frac_bits must be an integer in [0, {INPUT_FRAC_BITS}], got {frac!r}")
     try:
-        report = check_exact(graph, input_bound=Bound(*INPUT_RANGE, 2.0 ** -int(frac)))
+        contract = contract or graph_input_contract(graph)
+        report = check_exact(graph, input_bound=Bound(contract.lo, contract.hi, contract.grid))
     except UnsupportedPrimitive as err:
         raise LavaUnsupported(f"lava fixed mode: the graph says it is exact, but {err}") from None
     return {k[: -len(".membrane")]: v for k, v in report.items() if k.endswith(".membrane")}
+
+
+def _register_units(node, info: GraphInfo, membrane: dict) -> float:
+    """The largest magnitude, in Lava's units (``64 v / G``), that a population's ``u`` (the input
+    ``a_in << 6``), ``v`` (below zero) or threshold (``vth << 6``) can reach over its proven input
+    range; exact while <= 2^23 - 1. ``v`` above the threshold clips harmlessly (both arithmetics fire
+    and reset it)."""
+    d = decay(node, info.dt).astype(np.float64)
+    grid, lo, hi = float(membrane["grid"]), float(membrane["lo"]), float(membrane["hi"])
+    u_units = (2 ** ACT_SHIFT) * float(d.max()) * max(abs(lo), abs(hi)) / grid
+    v_units = (2 ** ACT_SHIFT) * abs(lo) / grid
+    # vth = theta / G - 1 must fit Lava's 17-bit vth (vth << 6 within 24 bits), or the threshold would be cut
+    vth_units = (2 ** ACT_SHIFT) * (float(_theta(node).max()) / grid - 1)
+    return max(u_units, v_units, vth_units, 1.0)
+
+
+def fit_input_contract(info: GraphInfo) -> tuple[InputContract, dict[str, dict]] | None:
+    """The input grid of an exact graph on Loihi's 24-bit registers: ``(contract, membranes)``
+    with the finest grid ``2**-k`` (``k`` down from the graph's own ``frac_bits``) on which every
+    population's proven range fits (:func:`_register_units`); ``None`` for a graph that is not exact.
+
+    The analog first layer's membrane grid is the input grid times its weights' grid refined by
+    the leak's ``T`` bits, so each bit off the input grid takes one bit off its register need (the
+    4-block test model: 2^26.5 units at the default 2^-8, within 2^23 at 2^-4). A coarser grid keeps
+    the range inside the graph's own (``[ceil(lo 2^k), floor(hi 2^k)] / 2^k``), so inputs on it are
+    also on the graph's contract and the reference sees them unchanged. Where no grid fits (a
+    population past the first whose range does not depend on the input), the graph is refused
+    (:class:`~.graph.LavaUnsupported`) naming each population and its register bits: never run
+    with ``u`` wrapping."""
+    g = info.graph
+    if not _is_exact_graph(g):
+        return None
+    own = graph_input_contract(g)
+    first: dict[str, float] | None = None
+    for k in range(own.frac_bits, -1, -1):
+        n = 2 ** k
+        lo, hi = math.ceil(own.lo * n) / n, math.floor(own.hi * n) / n
+        if not lo < hi:
+            break
+        contract = own if k == own.frac_bits else InputContract(lo, hi, k)
+        membranes = exact_membranes(g, contract)
+        need = {name: _register_units(g.nodes[name], info, m) for name, m in membranes.items()}
+        first = first or need
+        if all(v <= UV_MAX for v in need.values()):
+            return contract, membranes
+    over = {n: v for n, v in (first or {}).items() if v > UV_MAX}
+    raise LavaUnsupported("lava fixed mode, exact graph: no input grid fits Loihi's 24-bit u and v: on the graph's own grid "
+                          f"2^-{own.frac_bits} " + ", ".join(f"{n} needs {math.log2(v) + 1:.1f} bits" for n, v in over.items())
+                          + "; every grid down to 2^0 still overflows (an input range this wide, or a population whose range does not "
+                          "depend on the input: quantise with a narrower --input-range or smaller weights, or run lava "
+                          "mode = \"floating\")")
 
 
 def _theta(node) -> np.ndarray:
@@ -184,7 +237,7 @@ def _exact_lif(name: str, node, info: GraphInfo, membrane: dict) -> dict:
     """The population of an exact-mode LIF: unit ``G`` (the proven membrane grid), ``alpha = d / G``,
     and whether the proven input range fits Loihi's registers (``proven``)."""
     d = decay(node, info.dt).astype(np.float64)
-    grid, lo, hi = float(membrane["grid"]), float(membrane["lo"]), float(membrane["hi"])
+    grid = float(membrane["grid"])
     theta = _theta(node)
     t_units = theta / grid
     if not np.all(t_units == np.rint(t_units)):
@@ -194,9 +247,7 @@ def _exact_lif(name: str, node, info: GraphInfo, membrane: dict) -> dict:
         raise LavaUnsupported(f"{name}: leak {np.unique(d)[:3]} is not a multiple of 1/{DECAY_UNITY}")
     # u = (d x / G) << 6 must not wrap; v must not clip below (clipping above is harmless: such a v
     # is over the threshold in both arithmetics, and both reset it to 0)
-    u_units = (2 ** ACT_SHIFT) * float(d.max()) * max(abs(lo), abs(hi)) / grid
-    v_units = (2 ** ACT_SHIFT) * abs(lo) / grid
-    need = max(u_units, v_units, 1.0)
+    need = _register_units(node, info, membrane)
     alpha = np.broadcast_to(d / grid, info.shapes[name])
     vth = np.minimum(t_units - 1, VTH_MAX).astype(np.int64)  # v/G > theta/G - 1  <=>  v >= theta (both integers)
     lif = {"du": DECAY_UNITY - 1, "dv": np.rint(dv).astype(np.int64), "vth": vth, "bias": 0}
@@ -235,8 +286,17 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
     if not 2 <= int(bits) <= 16:
         raise TargetError(f"lava fixed mode: weight_bits must be in [2, 16], got {bits}")
     g, plan = info.graph, Plan("fixed")
-    membranes = exact_membranes(g)
-    exact = membranes is not None
+    fitted = fit_input_contract(info)
+    exact = fitted is not None
+    contract, membranes = fitted if exact else (None, None)
+    if exact:
+        plan.input_contract = contract.to_dict()
+        own = graph_input_contract(g)
+        if contract != own:
+            warnings.warn(f"lava fixed mode, exact graph: inputs are rounded to 2^-{contract.frac_bits} in "
+                          f"[{contract.lo:g}, {contract.hi:g}] on this target (the export's contract is 2^-{own.frac_bits}: "
+                          "its first layer would need more than Loihi's 24-bit u); spikes are exact for the inputs so "
+                          "rounded (plan input_contract)", stacklevel=4)
     requant = _exact_quantise if exact else (lambda a, b, _name: quantise(a, b))
     scale: dict[str, float] = {}                # graded integer process -> real value of one unit
     bound: dict[str, float] = {}                # graded integer process -> largest |value| it can send
@@ -390,7 +450,13 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
 
     for name in info.order:
         node, kind, shape = g.nodes[name], node_kind(g.nodes[name]), info.shapes[name]
-        if kind == "Input":
+        if kind == "Input" and exact:  # the fitted contract: clipped to its range, integers on its grid
+            own = graph_input_contract(g)  # applied first, so that inputs already on it are not rounded twice
+            plan.add({"name": name, "kind": "source", "shape": shape, "inv_scale": 2.0 ** contract.frac_bits,
+                      "contracts": [[c.lo, c.hi, 2.0 ** c.frac_bits] for c in (own, contract)]})
+            scale[name] = contract.grid
+            bound[name] = max(abs(contract.lo), abs(contract.hi)) / contract.grid
+        elif kind == "Input":
             plan.add({"name": name, "kind": "source", "shape": shape, "inv_scale": 2.0 ** FIXED_INPUT_FRAC_BITS})
             scale[name] = 2.0 ** -FIXED_INPUT_FRAC_BITS
             bound[name] = 2.0 ** FIXED_INPUT_FRAC_BITS  # inputs assumed in [-1, 1] (images in [0, 1])
@@ -422,9 +488,6 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
             srcs = [(source(src, name), reshape) for src, reshape in info.terms[name]]
             add_outputs(plan, info, name, srcs, scales={s: scale[s] for s, _ in srcs})
     unproven = [n for n, p in pops.items() if p.get("exact") and not p["exact"]["proven"]]
-    if unproven:
-        warnings.warn(f"lava fixed mode, exact graph: the proven input range of {', '.join(unproven)} needs more than "
-                      f"Loihi's 24-bit u and v ({', '.join(str(pops[n]['exact']['register_bits']) for n in unproven)} bits); "
-                      "spikes are exact for inputs whose membrane inputs stay within 24 bits, beyond that u wraps "
-                      "(plan quantisation: register_bits, proven)", stacklevel=4)
+    if unproven:  # fit_input_contract chose a grid on which every population is proven
+        raise TargetError(f"lava fixed mode, exact graph: {', '.join(unproven)} unproven on the fitted input grid")
     return plan

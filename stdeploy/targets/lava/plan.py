@@ -7,6 +7,13 @@ synaptic layers on its longest path from the input: each synaptic layer delays b
 Lava's ``Dense`` does), and the sinks of every Output node. :meth:`Plan.add` aligns a process's
 inputs: a shorter path passes a delay line tap, so every process sees the inputs of model step
 ``t`` at simulation step ``t + latency``; a synapse starts computing at its input latency.
+
+Input grid (fixed mode): the ``source`` sends ``rint(x * inv_scale)``; for an exact-mode graph it
+first applies ``contracts`` in order (``[lo, hi, 2**frac_bits]``: clip, round): the export's input
+contract, then ``input_contract`` (``{"lo", "hi", "frac_bits"}``), the grid and range that
+:func:`.fixed_point.fit_input_contract` chose (the graph's own, or the finest coarser grid on
+which every population fits Loihi's 24-bit registers), and the target reports it
+(``info["input_contract"]``) so callers feed the reference the same inputs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class Plan:
         self.latency: dict[str, int] = {}
         self.outputs: dict[str, list[dict]] = {}     # Output node -> its sinks {sink, latency, scale}
         self.quant: dict[str, dict] = {}             # fixed mode: per synaptic process, exponent and scale
+        self.input_contract: dict | None = None      # fixed mode, exact graph: the input grid and range the source applies
 
     def add(self, spec: dict) -> dict:
         """Append ``spec`` after aligning its inputs (inserting delay taps); returns the spec."""
@@ -66,7 +74,8 @@ class Plan:
 
     def to_dict(self, **extra) -> dict:
         depth = max(self.latency.values(), default=0)
-        return {"mode": self.mode, "procs": self.procs, "depth": depth, "outputs": self.outputs, **extra}
+        return {"mode": self.mode, "procs": self.procs, "depth": depth, "outputs": self.outputs,
+                "input_contract": self.input_contract, **extra}
 
 
 def conn(src: str, reshape) -> dict:

@@ -486,6 +486,9 @@ def run_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
         if kind == "source":
             data = np.zeros((*full, steps), np.float64)
             data[..., :timesteps] = np.moveaxis(x, 0, -1)
+            for lo, hi, inv in (spec.get("contracts") or []) if mode == "fixed" else []:
+                # an exact graph: the export's input contract, then the grid this target runs (fixed_point.fit_input_contract)
+                data[..., :timesteps] = np.rint(np.clip(data[..., :timesteps], lo, hi) * inv) / inv
             if mode == "fixed":
                 data = np.rint(data * spec["inv_scale"]).astype(np.int32)
             proc = Source(data=data)

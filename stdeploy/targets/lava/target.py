@@ -233,6 +233,8 @@ class LavaTarget:
         }
         if mode == "fixed":
             info["quantisation"] = plan["quant"]
+            if plan.get("input_contract") is not None:  # an exact graph: the input grid this target runs on
+                info["input_contract"] = plan["input_contract"]
         return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)
 
     def _compile_standard(self, graph, path, profile: DeviceProfile, mode: str, timeout: float, *, stall_s: float,
