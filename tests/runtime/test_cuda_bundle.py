@@ -43,11 +43,13 @@ def _tvm_dirs() -> tuple[Path, Path]:
 
 
 def _gpu_here() -> bool:
-    """Whether a CUDA GPU is visible to TVM's runtime, asked in a fresh process (no stand-in driver)."""
-    code = "from stdeploy.runtime.tvm_rt import cuda_unavailable; print(cuda_unavailable() is None)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
-    return r.stdout.strip().endswith("True")
+    """Whether a CUDA GPU is visible to TVM (a real driver is always preferred to the stand-in)."""
+    import tvm
+
+    from stdeploy.targets.tvm.cuda_standin_driver import ensure_tvm_cuda_runtime
+
+    ensure_tvm_cuda_runtime()
+    return bool(tvm.cuda(0).exist)
 
 
 @pytest.fixture(scope="module")

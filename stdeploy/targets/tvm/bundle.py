@@ -1,4 +1,5 @@
-"""Standalone TVM CPU modules for a bundle: the export's two ONNX graphs compiled by TVM alone.
+"""Standalone TVM modules for a bundle: the export's two ONNX graphs compiled by TVM alone, for a cpu
+profile's CPU (below) or, for a cuda profile, with the GPU's kernels (:func:`build_cuda_modules`).
 
 Each graph goes through TVM's Relax ONNX frontend at a static shape (the unrolled graph at the
 bundle's batch, the step graph at batch 1 for streaming), is compiled with ``tvm.compile`` for the
