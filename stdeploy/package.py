@@ -219,9 +219,11 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         stage.mkdir()
         tvm_section = None
         if runtime == "tvm":
+            from .console import native_notes
             from .targets.tvm.bundle import build_tvm_modules
 
-            tvm_section = build_tvm_modules(unrolled, step, profile, int(x.shape[1]), stage)
+            with native_notes():  # TVM's C++ warnings: each known one said once, the rest passed on
+                tvm_section = build_tvm_modules(unrolled, step, profile, int(x.shape[1]), stage)
             models = {k: g["file"] for k, g in tvm_section["graphs"].items()}
         else:
             shutil.copyfile(unrolled, stage / "model.onnx")
