@@ -56,16 +56,15 @@ static ffi::Function global(const char* name) {
   return *f;
 }
 
-// A copy of `t` on `dev` (the CUDA input going in, a CUDA output coming back).
-static Tensor copy_to(const Tensor& t, DLDevice dev) {
-  const DLTensor* dl = t.GetDLTensorPtr();
-  std::vector<int64_t> dims(dl->shape, dl->shape + dl->ndim);
-  Tensor out = dev.device_type == kDLCPU
-                   ? Tensor::FromNDAlloc(HostAlloc(), ffi::Shape(dims), dl->dtype, dev)
-                   : global("runtime.TVMTensorAllocWithScope")(ffi::Shape(dims), dl->dtype, dev, ffi::Optional<ffi::String>())
-                         .cast<Tensor>();
-  global("runtime.TVMTensorCopyFromTo")(t, out);
-  return out;
+// The float32 host data `input` as a new tensor on the GPU (TVM's runtime copies and synchronises).
+static Tensor to_gpu(const std::vector<float>& input, const std::vector<int64_t>& dims) {
+  DLDevice gpu{kDLCUDA, 0};
+  Tensor x = global("runtime.TVMTensorAllocWithScope")(ffi::Shape(dims), DLDataType{kDLFloat, 32, 1}, gpu,
+                                                       ffi::Optional<ffi::String>())
+                 .cast<Tensor>();
+  global("runtime.TVMTensorCopyFromBytes")(x, static_cast<void*>(const_cast<float*>(input.data())),
+                                           static_cast<int64_t>(input.size() * sizeof(float)));
+  return x;
 }
 
 // Opens TVM's CUDA runtime and checks GPU 0 exists; prints and returns its name.
@@ -83,20 +82,23 @@ static std::string open_cuda() {
   return gpu;
 }
 
-static void write_output(const Tensor& device_tensor, const std::string& prefix, int index) {
+static void write_output(const Tensor& t, const std::string& prefix, int index) {
   size_t count = 1;
   std::string shape;
-  Tensor t = device_tensor.GetDLTensorPtr()->device.device_type == kDLCPU ? device_tensor
-                                                                           : copy_to(device_tensor, DLDevice{kDLCPU, 0});
   const DLTensor* dl = t.GetDLTensorPtr();
-  if (dl->device.device_type != kDLCPU || dl->dtype.code != kDLFloat || dl->dtype.bits != 32)
-    throw std::runtime_error("output " + std::to_string(index) + " is not a float32 host tensor");
+  const bool host = dl->device.device_type == kDLCPU, gpu = dl->device.device_type == kDLCUDA;
+  if (!(host || gpu) || dl->dtype.code != kDLFloat || dl->dtype.bits != 32)
+    throw std::runtime_error("output " + std::to_string(index) + " is not a float32 host or GPU tensor");
   for (int i = 0; i < dl->ndim; ++i) {
     count *= static_cast<size_t>(dl->shape[i]);
     shape += (i ? "," : "") + std::to_string(dl->shape[i]);
   }
   std::vector<float> data(count);
-  std::memcpy(data.data(), static_cast<const char*>(dl->data) + dl->byte_offset, count * sizeof(float));
+  if (host) {
+    std::memcpy(data.data(), static_cast<const char*>(dl->data) + dl->byte_offset, count * sizeof(float));
+  } else {  // a GPU output: TVM's runtime copies it back and synchronises
+    global("runtime.TVMTensorCopyToBytes")(t, static_cast<void*>(data.data()), static_cast<int64_t>(count * sizeof(float)));
+  }
   std::ofstream out(prefix + "." + std::to_string(index) + ".f32", std::ios::binary);
   out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(count * sizeof(float)));
   if (!out) throw std::runtime_error("cannot write " + prefix + "." + std::to_string(index) + ".f32");
@@ -127,10 +129,10 @@ int main(int argc, char** argv) {
     } else {
       vm->GetFunction("vm_initialization").value()(cpu, 0, pooled);
     }
-    DLDevice host{kDLCPU, 0};
-    Tensor x = Tensor::FromNDAlloc(HostAlloc(), ffi::Shape(dims), DLDataType{kDLFloat, 32, 1}, host);
+    DLDevice dev{kDLCPU, 0};
+    Tensor x = Tensor::FromNDAlloc(HostAlloc(), ffi::Shape(dims), DLDataType{kDLFloat, 32, 1}, dev);
     std::memcpy(x.data_ptr(), input.data(), count * sizeof(float));
-    if (where == "cuda") x = copy_to(x, DLDevice{kDLCUDA, 0});
+    if (where == "cuda") x = to_gpu(input, dims);
     ffi::Any result = vm->GetFunction("main").value()(x);
     if (auto single = result.try_cast<Tensor>()) {
       write_output(*single, argv[4], 0);
