@@ -692,7 +692,7 @@ def _package_parser(sub) -> None:
     p.add_argument("export_dir")
     p.add_argument("--device", required=True, help="device profile name or .toml path (kind cpu or cuda)")
     p.add_argument("--out", required=True, help="bundle folder (NAME.tar.gz with --archive)")
-    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime, or tvm: standalone untuned TVM modules (cpu profiles)")
+    p.add_argument("--runtime", default="onnxruntime", help="onnxruntime, or tvm: standalone TVM modules (cpu profiles; cuda profiles: with the GPU's kernels)")
     p.add_argument("--archive", action="store_true", help="write one .tar.gz instead of a folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--samples", type=count(), default=32, help="sample inputs (also the batch timed on the device)")

@@ -1,7 +1,8 @@
 """``stdeploy package``: an export directory -> a bundle one device needs, and nothing else.
 
 For an onnxruntime device (a profile of kind ``cpu`` or ``cuda``) the bundle holds the unrolled and
-the step ONNX graphs (with ``runtime="tvm"``, cpu profiles: standalone TVM modules of both instead,
+the step ONNX graphs (with ``runtime="tvm"``: standalone TVM modules of both instead, for a cpu
+profile's CPU or, for a cuda profile, with the GPU's kernels and the profile's host code,
 :mod:`stdeploy.targets.tvm.bundle`), sample inputs with the reference's expected output spikes and logits
 (``samples.npz``, no pickles), the torch-free runner's source (``runner/``), a README with the two
 commands to run on the device, and ``manifest.json`` sealing every file (size, sha256). Its format
@@ -9,7 +10,10 @@ is :mod:`stdeploy.runtime.bundle`.
 
 The expected outputs come from the folded PyTorch reference the export was validated against. The
 bundle is checked here before it is written, with the same runner the device uses: if onnxruntime
-on this host does not reproduce them within the bundle's tolerance, nothing is written.
+on this host does not reproduce them within the bundle's tolerance, nothing is written. TVM modules
+for another machine, or for a CUDA GPU this host lacks, cannot run here: they are checked by the
+build (ELF machine, kernels, the GPU code's arch) and sealed by hash, and ``host_check.skipped``
+says why they were not run.
 
 Where: into a temporary sibling of ``out``, verified, then renamed into place (or written as one
 ``.tar.gz`` with ``archive=True``). An existing non-empty ``out`` is refused unless ``overwrite``,
@@ -126,10 +130,27 @@ def _is_bundle_archive(path: Path) -> bool:
         return False
 
 
-def _readme(name: str, versions: dict, profile, shape: tuple[int, ...], runtime: str = "onnxruntime", machine: str = "") -> str:
+def _readme(name: str, versions: dict, profile, shape: tuple[int, ...], runtime: str = "onnxruntime", machine: str = "",
+            arch: str = "") -> str:
     timesteps, batch = shape[0], shape[1]
     pins = " ".join(f"{k}=={v}" for k, v in versions.items())
-    if runtime == "tvm":
+    if runtime == "tvm" and arch:
+        what = f"two TVM modules with CUDA kernels for {arch} and {machine} host code"
+        needs = "numpy + TVM's runtime with its CUDA library, no torch, no TVM compiler"
+        install = f"python -m pip install --no-deps {pins}"
+        note = ("\nThe modules run on the GPU only (`tvm.cuda()`): TVM's CUDA runtime library "
+                "(`tvm/lib/libtvm_runtime_cuda.so` of the wheel) needs the NVIDIA driver's `libcuda.so.1` and CUDA 13's "
+                "`libcudart.so.13` on the loader path. Where either or the GPU is missing the runner refuses "
+                "(exit 2, one line saying which); it never falls back to the CPU. The report names the GPU that ran.\n\n"
+                "Without Python, `runner/run_module.cc` runs the unrolled module on TVM's runtime libraries alone "
+                "(`FFI` and `TVM`: the folders of the `tvm_ffi` and `tvm` packages of those wheels, for the device's architecture):\n\n"
+                "```\n"
+                f"g++ -std=c++17 -O2 -o run_module {name}/runner/run_module.cc -I$FFI/include -L$TVM/lib -L$FFI/lib -ltvm_runtime -ltvm_ffi -ldl\n"
+                f"LD_LIBRARY_PATH=$TVM/lib:$FFI/lib ./run_module {name}/model.{machine}.so input.f32 {','.join(map(str, shape))} out cuda\n"
+                "```\n\n"
+                "`input.f32` is the raw float32 input (C order, the shape given); each output is written raw as "
+                "`out.<i>.f32` (0: logits, 1: output spikes) and its shape printed.\n")
+    elif runtime == "tvm":
         what = "two standalone TVM modules (untuned TVM code, no Python callbacks)"
         needs = "numpy + TVM's runtime, no torch, no TVM compiler"
         install = f"python -m pip install --no-deps {pins}"
@@ -180,9 +201,6 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
     if profile.kind == "lava":
         raise ConfigError(f"--device {profile.name}: a Lava simulation profile; bundles run on onnxruntime or TVM "
                           f"devices (profiles of kind cpu or cuda)")
-    if runtime == "tvm" and profile.kind != "cpu":
-        raise ConfigError(f"--runtime tvm --device {profile.name}: TVM bundles are built for cpu profiles only so far (a "
-                          f"{profile.kind} bundle needs its GPU module too); use --runtime onnxruntime")
     _check_out(out, archive, overwrite)
     _, manifest = read_manifest(export_dir, "onnx")
     unrolled = _export_artifact(export_dir, manifest, "onnx")
@@ -201,9 +219,11 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         stage.mkdir()
         tvm_section = None
         if runtime == "tvm":
+            from .console import native_notes
             from .targets.tvm.bundle import build_tvm_modules
 
-            tvm_section = build_tvm_modules(unrolled, step, profile, int(x.shape[1]), stage)
+            with native_notes():  # TVM's C++ warnings: each known one said once, the rest passed on
+                tvm_section = build_tvm_modules(unrolled, step, profile, int(x.shape[1]), stage)
             models = {k: g["file"] for k, g in tvm_section["graphs"].items()}
         else:
             shutil.copyfile(unrolled, stage / "model.onnx")
@@ -214,7 +234,8 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
         np.savez_compressed(stage / "samples.npz", input=x.astype(np.float32), logits=logits.astype(np.float32),
                             spikes=spikes.astype(np.float32))
         (stage / "README.md").write_text(_readme(name, versions, profile, tuple(x.shape), runtime,
-                                                 tvm_section["machine"] if tvm_section else ""))
+                                                 tvm_section["machine"] if tvm_section else "",
+                                                 tvm_section.get("arch", "") if tvm_section else ""))
         src = Path(__file__).resolve().parent
         runner = stage / "runner" / "stdeploy"
         (runner / "runtime").mkdir(parents=True)
@@ -233,13 +254,17 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
             for key, g in tvm_section["graphs"].items():
                 roles[g["file"]] = (f"standalone TVM module ({tvm_section['machine']}, {tvm_section['schedules']}) of the "
                                     f"{key} graph at batch {g['batch']}")
+                if tvm_section.get("device") == "cuda":
+                    roles[g["file"]] = (f"TVM module of the {key} graph at batch {g['batch']}: CUDA kernels "
+                                        f"({', '.join(g['device_code'])}) and {tvm_section['machine']} host code")
         files = {}
         for p in sorted(q for q in stage.rglob("*") if q.is_file()):
             rel = p.relative_to(stage).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p),
                           "role": roles.get(rel, "runner source (numpy + the bundle's runtime, no torch)")}
         bundle_manifest = {
-            "format": fmt.FORMAT, "runtime": runtime, "providers": PROVIDERS[profile.kind] if runtime == "onnxruntime" else ["cpu"],
+            "format": fmt.FORMAT, "runtime": runtime,
+            "providers": PROVIDERS[profile.kind] if runtime == "onnxruntime" else [tvm_section.get("device", "cpu")],
             "device": {"name": profile.name, "kind": profile.kind, "description": profile.description},
             "model": manifest.get("model", {}), "timesteps": int(x.shape[0]), "batch": int(x.shape[1]),
             "input": manifest.get("input"), "outputs": manifest.get("outputs"),
@@ -251,7 +276,7 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
             "files": files,
         }
         (stage / fmt.MANIFEST).write_text(json.dumps(bundle_manifest, indent=2) + "\n")
-        host = _host_check(stage)
+        host, skipped = _host_check(stage)
         if host is not None and not host["passed"]:
             bad = "; ".join(f"{g['graph']}: {g.get('spike_mismatches', '?')} spike mismatches, logits within "
                             f"{g.get('logits_max_abs_error', float('nan')):.2e}" for g in host["graphs"] if not g["passed"])
@@ -266,8 +291,7 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
             _replace_dir(stage, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {**bundle_manifest, "out": str(out), "host_check": host or {"passed": None, "graphs": [],
-                                                                        "skipped": "built for another machine; run it there"}}
+    return {**bundle_manifest, "out": str(out), "host_check": host or {"passed": None, "graphs": [], "skipped": skipped}}
 
 
 def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -276,19 +300,24 @@ def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _host_check(stage: Path) -> dict | None:
-    """The device's own check, run here on the staged bundle (verifies it as a device would); None
-    for TVM modules built for another machine (they are verified by hash only until run there)."""
+def _host_check(stage: Path) -> tuple[dict | None, str]:
+    """``(the device's own check, "")``, run here on the staged bundle (verifies it as a device
+    would), or ``(None, why not)`` for TVM modules built for another machine or for a CUDA GPU
+    where none is here (they are verified by hash, and by the build's own checks, until run there)."""
     from .runtime import ort
     from .runtime.run import check, open_sessions
-    from .runtime.tvm_rt import host_machine
+    from .runtime.tvm_rt import cuda_unavailable, host_machine
 
     b = fmt.read_bundle(stage)
     if b.runtime == "tvm":
         if b.tvm["machine"] != host_machine():
-            return None
-        return check(b, open_sessions(b), b.load_samples())
-    return check(b, ort.Sessions(b, "CPUExecutionProvider"), b.load_samples())
+            return None, f"built for {b.tvm['machine']} (this machine is {host_machine()}); run it there"
+        if b.tvm.get("device") == "cuda":
+            why = cuda_unavailable()
+            if why:
+                return None, f"not run here: {why}; run it on the device"
+        return check(b, open_sessions(b), b.load_samples()), ""
+    return check(b, ort.Sessions(b, "CPUExecutionProvider"), b.load_samples()), ""
 
 
 def runtime_versions(runtime: str) -> dict:

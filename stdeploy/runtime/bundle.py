@@ -39,6 +39,7 @@ MAX_MANIFEST_BYTES = 4 << 20        # a manifest is a few KB; refuse to parse an
 MAX_ARCHIVE_BYTES = 4 << 30         # unpacked size guard for .tar.gz bundles
 SAMPLE_ARRAYS = ("input", "logits", "spikes")
 RUNTIMES = ("onnxruntime", "tvm")
+TVM_DEVICES = ("cpu", "cuda")       # where a TVM bundle's modules run (manifest tvm.device)
 
 
 class BundleError(StdeployError):
@@ -245,6 +246,10 @@ def _tvm_section(manifest: dict, where: str, unrolled: str, step: str | None) ->
     tvm = _require(manifest, "tvm", dict, where)
     _require(tvm, "machine", str, f"{where}: tvm")
     _require(tvm, "target", dict, f"{where}: tvm")
+    if tvm.get("device", "cpu") not in TVM_DEVICES:  # absent: a cpu bundle
+        raise BundleError(f"{where}: tvm.device is {tvm.get('device')!r}, this runner runs {', '.join(TVM_DEVICES)}")
+    if tvm.get("device") == "cuda" and not str(tvm.get("arch", "")).startswith("sm_"):
+        raise BundleError(f"{where}: tvm.arch must name the GPU architecture the kernels were built for (sm_87, ...)")
     graphs = _require(tvm, "graphs", dict, f"{where}: tvm")
     for key, name in (("unrolled", unrolled), ("step", step)):
         if name is None:

@@ -113,7 +113,8 @@ def open_sessions(bundle: Bundle, provider: str | None = None, threads: int | No
     :func:`stdeploy.runtime.ort.choose_provider`) or TVM's runtime (its CPU; no provider choice)."""
     if bundle.runtime == "tvm":
         if provider:
-            raise BundleError(f"--provider {provider}: a TVM bundle runs its modules on the CPU; --provider is for onnxruntime bundles")
+            raise BundleError(f"--provider {provider}: a TVM bundle runs its modules on the device it was built for "
+                              f"({bundle.tvm.get('device', 'cpu')}); --provider is for onnxruntime bundles")
         from . import tvm_rt
 
         return tvm_rt.Sessions(bundle, threads)
@@ -149,7 +150,8 @@ def run_bundle(bundle: Bundle, *, provider: str | None = None, warmup: int = 3, 
     report["latency"] = {"batch": batch_latency(sessions, x, warmup, repeats)}
     if sessions.step is not None:
         report["latency"]["streaming"] = streaming_latency(sessions, x, min(warmup, 1) if warmup else 0, repeats)
-    sensor, reasons = sensors.find_sensor(provider if sessions.runtime_name == "onnxruntime" else "CPU", sysfs)
+    on_gpu = sessions.runtime_name == "tvm" and provider.startswith("cuda")  # a TVM CUDA bundle: the GPU's sensors
+    sensor, reasons = sensors.find_sensor(provider if sessions.runtime_name == "onnxruntime" else "CUDA" if on_gpu else "CPU", sysfs)
     if sensor is None:
         report["energy"] = {"sensor": "none", "looked_for": reasons}
     else:

@@ -226,7 +226,7 @@ def test_package_refuses_bad_out_and_profiles(export_dir, tmp_path, capsys):
         ([str(export_dir), "--device", "cpu", "--out", str(busy)], "exists and is not empty; pass --overwrite"),
         ([str(export_dir), "--device", "cpu", "--out", str(busy), "--overwrite"], "not a bundle; --overwrite only replaces"),
         ([str(export_dir), "--device", "loihi2", "--out", str(tmp_path / "x")], "Lava simulation profile"),
-        ([str(export_dir), "--device", "jetson-orin-nano", "--runtime", "tvm", "--out", str(tmp_path / "x")], "--runtime tvm"),
+        ([str(export_dir), "--device", "jetson-orin-nano", "--runtime", "tensorrt", "--out", str(tmp_path / "x")], "--runtime 'tensorrt'"),
         ([str(export_dir), "--device", "cpu", "--archive", "--out", str(tmp_path / "x")], "name it NAME.tar.gz"),
         ([str(tmp_path / "nope"), "--device", "cpu", "--out", str(tmp_path / "x")], "export directory not found"),
     ]:

@@ -1,4 +1,5 @@
-"""Standalone TVM CPU modules for a bundle: the export's two ONNX graphs compiled by TVM alone.
+"""Standalone TVM modules for a bundle: the export's two ONNX graphs compiled by TVM alone, for a cpu
+profile's CPU (below) or, for a cuda profile, with the GPU's kernels (:func:`build_cuda_modules`).
 
 Each graph goes through TVM's Relax ONNX frontend at a static shape (the unrolled graph at the
 bundle's batch, the step graph at batch 1 for streaming), is compiled with ``tvm.compile`` for the
@@ -73,9 +74,11 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
     from .frontend import densify_sparse_initializers
     from .schedules import standalone_module
 
+    if profile.kind == "cuda":
+        return build_cuda_modules(unrolled, step, profile, batch, stage)
     if profile.kind != "cpu":
-        raise ConfigError(f"--runtime tvm --device {profile.name}: only cpu profiles for now; a {profile.kind} bundle needs the "
-                          f"GPU module in the bundle too (use --runtime onnxruntime)")
+        raise ConfigError(f"--runtime tvm --device {profile.name}: a {profile.kind} profile; TVM bundles are built for cpu "
+                          f"and cuda profiles")
     target = _target(profile)
     machine = machine_of(target)
     fcompile = None
@@ -106,4 +109,71 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
         section["graphs"][key] = {"file": name, "batch": b, "inputs": [[n, s] for n, s in inputs],
                                   "outputs": [o.name for o in model.graph.output],
                                   "tir_kernels": [f"{r.op} {list(r.weight)} gather up to {r.max_density:.0%} ones" for r in routed]}
+    return section
+
+
+CUDA_SCHEDULES = "dlight default GPU schedules, kernels compiled by nvcc (SASS for the profile's arch plus its PTX), no fast math"
+
+
+def build_cuda_modules(unrolled: Path, step: Path | None, profile, batch: int, stage: Path) -> dict:
+    """Compile the graphs for a cuda ``profile`` into ``stage`` (``model.<machine>.so``,
+    ``model.step.<machine>.so``, ``<machine>`` the profile's host: ``aarch64`` for a Jetson,
+    cross-compiled with ``[tvm].cross_compiler``); return the manifest's ``tvm`` section.
+
+    Each library holds the host code (the Relax VM's program) and the CUDA module of its kernels
+    (:func:`~.cuda.compile_relax_for_cuda`: dlight's default schedules, nvcc, no fast math), and
+    TVM's runtime with its CUDA library (``libtvm_runtime_cuda``: the NVIDIA driver and CUDA 13's
+    ``libcudart``) runs it on ``tvm.cuda()``. Before anything is written each library is checked:
+    its ELF machine, every kernel name in it, and its embedded GPU code
+    (:func:`~.cuda_artifacts.embedded_cuda_code`) holding SASS for the profile's ``arch``. A
+    library for this machine is also loaded back (kernels listed by the loaded CUDA module). No
+    kernel runs here: without a GPU the build uses the stand-in driver (:mod:`.cuda_standin_driver`).
+    """
+    try:
+        import onnx
+        import tvm
+        from tvm.relax.frontend import onnx as rx_onnx
+    except ImportError as err:
+        raise ConfigError(f"--runtime tvm needs apache-tvm on this build machine: pip install 'stdeploy[tvm]' ({err})") from err
+    from tvm.support import cc
+
+    from .cuda import compile_relax_for_cuda, cuda_profile, triple_machine
+    from .cuda_artifacts import build_machine, elf_machine, embedded_cuda_code, find_module
+    from .cuda_standin_driver import ensure_tvm_cuda_runtime
+    from .frontend import densify_sparse_initializers
+
+    device, host, cross = cuda_profile(profile)
+    driver = ensure_tvm_cuda_runtime()
+    machine = triple_machine(host)
+    target = tvm.target.Target(device, host=host)
+    arch = str(device["arch"])
+    section = {"version": tvm.__version__, "device": "cuda", "arch": arch, "target": device, "host": host,
+               "machine": machine, "schedules": CUDA_SCHEDULES, "build_driver": driver, "graphs": {}}
+    for key, path, b in (("unrolled", unrolled, batch), ("step", step, 1)):
+        if path is None:
+            continue
+        model, _ = densify_sparse_initializers(onnx.load(str(path)))
+        inputs = _static_inputs(model, b)
+        with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
+            warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
+            mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
+        executable, kernels, nvcc = compile_relax_for_cuda(mod, target, arch, fast_math=False, what=str(path))
+        name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
+        lib = stage / name
+        ex_kwargs = {"fcompile": cc.cross_compiler(cross)} if cross else {}
+        executable.export_library(str(lib), **ex_kwargs)
+        if elf_machine(lib) != machine:
+            raise ConfigError(f"{lib}: built for {elf_machine(lib)}, expected {machine}")
+        data = lib.read_bytes()
+        missing = [k for k in kernels if k.encode() not in data]
+        code = embedded_cuda_code(lib)
+        if missing or not any(c["kind"] == "SASS" and c["arch"] == arch for c in code):
+            raise ConfigError(f"{lib}: the library lacks kernels {missing[:5]} or SASS for {arch} (has {code})")
+        if machine == build_machine():  # loadable here (the stand-in driver suffices to load, not to run)
+            cuda_module = find_module(tvm.runtime.load_module(str(lib)), "cuda")
+            if cuda_module is None or not all(cuda_module.implements_function(k) for k in kernels):
+                raise ConfigError(f"{lib}: loaded back, its CUDA module lacks kernels the build compiled")
+        section["graphs"][key] = {"file": name, "batch": b, "inputs": [[n, s] for n, s in inputs],
+                                  "outputs": [o.name for o in model.graph.output], "kernels": kernels,
+                                  "device_code": [f"{c['arch']} {c['kind']}" for c in code], "nvcc": nvcc}
     return section

@@ -50,7 +50,7 @@ from .kernels.sparse import density_choice, rewrite_sparse_matmuls
 from .sdk import load_tvm, runtime_only
 
 __all__ = ["GPU_RULES", "CudaRunnable", "build_cuda_artifact", "cuda_compile", "cuda_build", "cuda_profile", "artifact_key",
-           "schedule_gpu", "nvcc_compiler", "kernel_names", "triple_machine"]
+           "schedule_gpu", "nvcc_compiler", "kernel_names", "triple_machine", "compile_relax_for_cuda"]
 
 GPU_RULES = ("Matmul", "GEMV", "Reduction", "GeneralReduction", "Fallback")  # dlight rules, tried in this order
 
@@ -218,6 +218,30 @@ def schedule_gpu(mod, target):
         pipeline = relax.get_default_pipeline(target) if hasattr(relax, "get_default_pipeline") else relax.get_pipeline("default")
         mod = pipeline(mod)  # the rest of the CUDA pipeline: already-scheduled kernels are kept
     return mod, [type(r).__name__ for r in rules]
+
+
+def compile_relax_for_cuda(mod, target, arch: str, fast_math: bool, what: str) -> tuple[object, list[str], dict]:
+    """One Relax module (any functions, any inputs) through :func:`schedule_gpu` and ``tvm.compile``
+    for ``target`` (device plus the profile's host), its kernels compiled by :func:`nvcc_compiler`.
+    Returns ``(executable, kernel names, nvcc log without the sources)``; TVM's failures become
+    :class:`TargetError` naming ``what`` (the file being built). The CUDA runtime must be loaded
+    (:func:`~.cuda_standin_driver.ensure_tvm_cuda_runtime`) for the kernels to be compiled in."""
+    tvm = load_tvm()
+    log: dict = {}
+    with _build_lock:
+        try:
+            lowered, _ = schedule_gpu(mod, target)
+            with nvcc_compiler(arch, fast_math, log), target:
+                executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+        except TargetError:
+            raise
+        except Exception as err:  # TVM's errors carry the useful text; name what was being built
+            hint = " (a kernel without a GPU schedule: add a dlight rule)" if "did you forget to bind" in str(err) else ""
+            raise TargetError(f"{what}: TVM cannot build it for {target}{hint}: {str(err).splitlines()[0]}") from err
+    kernels = kernel_names("\n".join(log.get("sources", [])))
+    if find_module(executable.mod, "cuda") is None or not kernels:
+        raise TargetError(f"{what}: the CUDA build holds no compiled CUDA kernels (is TVM's CUDA runtime loaded?)")
+    return executable, kernels, {k: v for k, v in log.items() if k != "sources"}
 
 
 def kernel_names(source: str) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import struct
 import tempfile
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from .cuda_standin_driver import ensure_tvm_cuda_runtime
 from .sdk import load_tvm
 
 __all__ = ["ELF_MACHINES", "elf_machine", "build_machine", "find_module", "export_library", "load_cuda_artifact",
-           "record_built_files"]
+           "record_built_files", "FATBIN_MAGIC", "embedded_cuda_code"]
 
 ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv"}
 
@@ -47,6 +48,41 @@ def elf_machine(path: str | os.PathLike) -> str:
         raise TargetError(f"{path}: not an ELF file")
     code = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
     return ELF_MACHINES.get(code, f"EM_{code}")
+
+
+FATBIN_MAGIC = 0xBA55ED50  # an nvcc fat binary: header (magic u32, version u16, header size u16, size u64), then entries
+_FATBIN_KINDS = {1: "PTX", 2: "SASS"}  # entry kind: 1 PTX text (compute_XY), 2 a cubin ELF image (sm_XY)
+
+
+def embedded_cuda_code(path: str | os.PathLike) -> list[dict]:
+    """The GPU code inside a compiled library: for every nvcc fat binary embedded in the file (TVM
+    keeps it in the library's serialized CUDA module), each entry's ``kind`` (``"SASS"``: machine
+    code for one GPU; ``"PTX"``: text that newer GPUs compile when loading), ``arch``
+    (``"sm_87"`` / ``"compute_87"``), ``bytes`` (as stored; PTX may be compressed) and
+    ``compressed``. Read from the bytes alone, so a library for another machine (an aarch64
+    Jetson library on x86-64) can be checked. An empty list: no fat binary in the file."""
+    data = Path(path).read_bytes()
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    found, at = [], data.find(magic)
+    while at >= 0:
+        if at + 16 <= len(data):
+            _, version, header, size = struct.unpack_from("<IHHQ", data, at)
+            end = at + header + size
+            if version == 1 and header == 16 and end <= len(data):
+                p = at + header
+                while p + 32 <= end:
+                    kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, p)
+                    if kind not in _FATBIN_KINDS or entry_header < 32 or p + entry_header + payload > end:
+                        break
+                    arch, = struct.unpack_from("<I", data, p + 28)
+                    unpacked, = struct.unpack_from("<Q", data, p + 56) if entry_header >= 64 else (0,)
+                    found.append({"kind": _FATBIN_KINDS[kind], "arch": f"{'sm' if kind == 2 else 'compute'}_{arch}",
+                                  "bytes": int(payload), "compressed": unpacked != 0})  # the unpacked size is set when compressed
+                    p += entry_header + payload
+                at = data.find(magic, end)
+                continue
+        at = data.find(magic, at + 4)
+    return found
 
 
 def build_machine() -> str:
