@@ -158,8 +158,14 @@ def test_cli_selection(study):
     assert len(full.seeds) == 5 and len(full.settings) == 6 and len(full.variants) == 4 and full.budgets == (5, 20)
     assert parse("--seeds", "3").seeds == (0, 1, 2) and parse("--seed-list", "0,3").seeds == (0, 3)
     assert parse("--settings", "l1p95,dsp5", "--budgets", "5", "--families", "spikformer-tiny").settings == ("l1p95", "dsp5")
-    with pytest.raises(ConfigError, match="unknown setting 'l1p90'"):
-        parse("--settings", "l1p90")
+    with pytest.raises(ConfigError, match="unknown setting 'l1p80'"):
+        parse("--settings", "l1p80")
+    m1d = parse("--data", "mnist1d", "--settings", "l1p90,dsp30")   # MNIST-1D: its 1-D preset, the milder ratios known
+    assert (m1d.data, m1d.families, m1d.settings, m1d.protocol()["data"]) == ("mnist1d", ("sdt-1d-tiny",), ("l1p90", "dsp30"), "mnist1d")
+    assert parse("--data", "mnist1d", "--families", "spikformer-1d-tiny").families == ("spikformer-1d-tiny",)
+    with pytest.raises(ConfigError, match="unknown family 'sdt-tiny' for --data mnist1d; known: sdt-1d-tiny"):
+        parse("--data", "mnist1d", "--families", "sdt-tiny")
+    assert full.settings == study.DEFAULT_SETTINGS and full.data == "digits"   # the digits grid unchanged by the new ratios
     assert study.main(["--variants", "plif", "--out", "/nonexistent-never-created"]) == 2
     assert parse().device == "cpu" and parse("--device", "cuda").device == "cuda"
     assert "device" not in full.protocol()  # cells trained on a GPU pair with CPU cells of the same protocol
