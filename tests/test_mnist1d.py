@@ -390,3 +390,20 @@ def test_an_export_without_portable_nir_loads_and_lavas_vectors_meet_the_referen
     tokens = torch.zeros(4, 2, 20, 32)
     assert ref.target_spikes(torch.ones(4, 2, 20, 32), tokens).shape == tokens.shape
     assert ref.target_spikes(torch.ones(4, 2, 640), tokens).shape == (4, 2, 640)   # not reshaped: the comparison refuses it
+
+
+def test_baseline_script_twins_of_the_conv_and_mlp_1d_presets():
+    import importlib.util
+    from pathlib import Path
+
+    from stdeploy.neurons import neurons_of
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist1d_baselines.py"
+    spec = importlib.util.spec_from_file_location("mnist1d_baselines", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name in SMALL_1D:
+        twin = script.relu_twin(name)
+        assert not neurons_of(twin) and twin.cfg.timesteps == 1
+        assert script.params(twin) == script.params(build_model(name))
+        assert twin.eval()(direct_encode(torch.randn(3, 1, 1, 40), 1)).shape == (3, 10)
