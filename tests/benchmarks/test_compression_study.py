@@ -183,3 +183,17 @@ def test_committed_results_hold_each_cell_once(study):
     assert not dupes, f"cells recorded more than once: {dupes}"
     assert len(keys) == 480 == len({k[0] for k in keys}) * len({k[1] for k in keys}) * len({k[2] for k in keys}) \
         * len({k[3] for k in keys}) * len({k[4] for k in keys})
+
+
+def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(study):
+    """The committed MNIST-1D slice (``--data mnist1d``): one record per cell, all of one MNIST-1D
+    protocol, and every sLIF cell paired with the LIF cell of the same seed, setting and budget."""
+    path = SCRIPT.parent / "results" / "compression-study-mnist1d" / study.RESULTS
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = [study.cell_key(r) for r in lines]
+    assert lines and len(keys) == len(set(keys)), "a cell recorded more than once"
+    assert {json.dumps(r["protocol"], sort_keys=True) for r in lines} == {json.dumps(lines[0]["protocol"], sort_keys=True)}
+    assert lines[0]["protocol"]["data"] == "mnist1d" and {r["family"] for r in lines} == {"sdt-1d-tiny"}
+    base = {(f, s, st, b) for f, s, st, v, b in keys if v == study.BASELINE}
+    assert all((f, s, st, b) in base for f, s, st, v, b in keys), "an sLIF cell without its LIF pair"
+    assert all(0 < rate for r in lines for rate in r["firing_rate"].values()), "a silent layer after the fine-tune"
