@@ -1,10 +1,18 @@
-"""Compression study on digits (issue #8, parts 1-2): does sLIF compensation beat plain LIF after
-heavy pruning, and which intrinsic parameter (threshold, leak) does the work?
+"""Compression study on digits (issue #8, parts 1-2) or MNIST-1D (issue #21, item 4): does sLIF
+compensation beat plain LIF after heavy pruning, and which intrinsic parameter (threshold, leak)
+does the work?
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compression_study.py [--out runs/compression-study]
         [--families sdt-tiny,spikformer-tiny] [--seeds 5 | --seed-list 0,3] [--settings l1p95,dsp5]
         [--variants lif,slif-thr,slif-leak,slif-both] [--budgets 5,20] [--dense-epochs 15]
-        [--penalty-epochs 2] [--quick] [--report-only]
+        [--penalty-epochs 2] [--data digits|mnist1d] [--quick] [--report-only]
+
+``--data mnist1d`` runs the same protocol on MNIST-1D (4,000 / 1,000 sequences, generated offline
+by the mnist1d package; default family ``sdt-1d-tiny``). The grid also knows ``l1p90`` and
+``dsp30`` (the milder ratios of a first slice) and the control ``l1p0``: the L1-penalised model
+with nothing cut, BN recalibrated and fine-tuned like every other setting, so a variant's gain
+there is not compensation of pruning (an undertrained dense model can gain from the extra epochs
+and, with sLIF, from the extra intrinsic parameters). The default settings stay the six below.
 
 The grid: model families x seeds x settings (L1P at 95/98/99 % sparsity, DSP at 20/10/5 % of the
 block parameters) x fine-tune variants (``lif``: weights only; ``slif-thr``, ``slif-leak``,
@@ -62,14 +70,20 @@ from stdeploy.train import TrainConfig, param_groups, train  # noqa: E402
 
 # ----------------------------------------------------------------------------- the grid
 FAMILIES = ("sdt-tiny", "spikformer-tiny")
+DATA_FAMILIES = {"digits": FAMILIES, "mnist1d": ("sdt-1d-tiny", "spikformer-1d-tiny")}  # presets per --data, default first
+KNOWN_FAMILIES = tuple(f for fams in DATA_FAMILIES.values() for f in fams)
 SETTINGS: dict[str, PruneConfig] = {
+    "l1p0": PruneConfig(method="l1p", sparsity=0.0),   # the control: the same pipeline with nothing cut
+    "l1p90": PruneConfig(method="l1p", sparsity=0.90),
     "l1p95": PruneConfig(method="l1p", sparsity=0.95),
     "l1p98": PruneConfig(method="l1p", sparsity=0.98),
     "l1p99": PruneConfig(method="l1p", sparsity=0.99),
+    "dsp30": PruneConfig(method="dsp", param_ratio=0.30),
     "dsp20": PruneConfig(method="dsp", param_ratio=0.20),
     "dsp10": PruneConfig(method="dsp", param_ratio=0.10),
     "dsp5": PruneConfig(method="dsp", param_ratio=0.05),
 }
+DEFAULT_SETTINGS = ("l1p95", "l1p98", "l1p99", "dsp20", "dsp10", "dsp5")  # the digits grid
 METHOD_PENALTY = {"l1p": DEFAULT_L1, "dsp": DEFAULT_GROUP}  # neither depends on the target ratio
 
 
@@ -99,7 +113,7 @@ RESULTS, REPORT, SUMMARY = "results.jsonl", "report.md", "summary.json"
 class StudyConfig:
     families: tuple[str, ...] = FAMILIES
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    settings: tuple[str, ...] = tuple(SETTINGS)
+    settings: tuple[str, ...] = DEFAULT_SETTINGS
     variants: tuple[str, ...] = tuple(VARIANTS)
     budgets: tuple[int, ...] = (5, 20)    # fine-tune epochs; each its own run and cosine schedule
     dense_epochs: int = 15
@@ -108,16 +122,22 @@ class StudyConfig:
     lr: float = 1e-3                       # fine-tune and penalty lr of the weights (CompensationConfig's default)
     intrinsic_lr_scale: float = 20.0       # sLIF threshold / leak lr = lr x this
     batch_size: int = 64
-    data: str = "digits"                   # a label of the data (the split is fixed: seed 0)
+    data: str = "digits"                   # "digits" or "mnist1d" (each split is fixed: seed 0 / the canonical arguments);
+                                           # a run on a cut of them labels it, e.g. "digits[:160,:80]"
     device: str = "cpu"                    # where training runs (cpu, cuda); cuda trains in fp32 (no AMP, no TF32)
 
     def __post_init__(self):
         problems = []
-        for kind, chosen, known in (("family", self.families, FAMILIES), ("setting", self.settings, SETTINGS),
+        data = self.data.split("[", 1)[0]  # a label: "digits", or "digits[:160,:80]" for a cut (tests)
+        if data not in DATA_FAMILIES:
+            problems.append(f"unknown data {self.data!r}; known: {', '.join(DATA_FAMILIES)}")
+        families = DATA_FAMILIES.get(data, KNOWN_FAMILIES)
+        for kind, chosen, known in (("family", self.families, families), ("setting", self.settings, SETTINGS),
                                     ("variant", self.variants, VARIANTS)):
             bad = [c for c in chosen if c not in known]
             if bad:
-                problems.append(f"unknown {kind} {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+                where = f" for --data {self.data}" if kind == "family" else ""
+                problems.append(f"unknown {kind} {', '.join(map(repr, bad))}{where}; known: {', '.join(known)}")
             if not chosen:
                 problems.append(f"no {kind} selected")
         if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
@@ -388,7 +408,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
     existing = load_records(results)
     check_protocol(existing, cfg, results)
     done = {cell_key(r) for r in existing}
-    data = data if data is not None else load_dataset("digits")
+    data = data if data is not None else load_dataset(cfg.data)
     new: list[dict] = []
     for family in cfg.families:
         for seed in cfg.seeds:
@@ -448,7 +468,7 @@ def summarize(records: list[dict]) -> dict:
     dense model and after pruning / recalibration, and paired per-seed differences of every
     variant against ``lif`` (same seed, same pruned model)."""
     groups = []
-    for family in _order((r["family"] for r in records), FAMILIES):
+    for family in _order((r["family"] for r in records), KNOWN_FAMILIES):
         for setting in _order((r["setting"] for r in records if r["family"] == family), SETTINGS):
             for budget in sorted({r["budget"] for r in records if r["family"] == family and r["setting"] == setting}):
                 sel = [r for r in records if r["family"] == family and r["setting"] == setting and r["budget"] == budget]
@@ -487,11 +507,13 @@ def _pct(ms: dict) -> str:
 def to_markdown(summary: dict) -> str:
     groups = summary["groups"]
     variants = _order((v for g in groups for v in g["variants"]), VARIANTS)
-    lines = ["# Compression study: sLIF compensation vs LIF on digits", "",
+    protocol = summary["protocol"] if isinstance(summary["protocol"], dict) else {}
+    data = {"digits": "digits", "mnist1d": "MNIST-1D"}.get(protocol.get("data"), "several data sets")
+    lines = [f"# Compression study: sLIF compensation vs LIF on {data}", "",
              f"{summary['records']} cells; protocol: `{json.dumps(summary['protocol'], sort_keys=True)}`.",
              "Accuracies in %, mean ± std over seeds. *after recal*: pruned, BatchNorm statistics recalibrated, "
              "before any fine-tuning (the start of every variant).", ""]
-    for family in _order((g["family"] for g in groups), FAMILIES):
+    for family in _order((g["family"] for g in groups), KNOWN_FAMILIES):
         fam = [g for g in groups if g["family"] == family]
         lines += [f"## {family}", "", "| setting | block params left | budget | seeds | dense | after prune | after recal | "
                   + " | ".join(variants) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(variants)]
@@ -533,7 +555,7 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
 
     paths = []
     groups = summary["groups"]
-    families = _order((g["family"] for g in groups), FAMILIES)
+    families = _order((g["family"] for g in groups), KNOWN_FAMILIES)
     methods = _order((g["method"] for g in groups), ("l1p", "dsp"))
     variants = _order((r["variant"] for r in records), VARIANTS)
     budgets = sorted({g["budget"] for g in groups})
@@ -676,15 +698,19 @@ def _ints(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--out", default=None, help="output folder (default runs/compression-study, or runs/compression-study-quick)")
-    ap.add_argument("--families", type=_names, default=None, help=f"comma-separated presets (default {','.join(FAMILIES)})")
+    ap.add_argument("--families", type=_names, default=None,
+                    help=f"comma-separated presets (default {','.join(FAMILIES)}; with --data mnist1d {DATA_FAMILIES['mnist1d'][0]})")
+    ap.add_argument("--data", choices=tuple(DATA_FAMILIES), default=None, help="digits (default) or mnist1d")
     seeds = ap.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 5)")
     seeds.add_argument("--seed-list", type=_ints, default=None, help="explicit seeds, e.g. 0,3")
-    ap.add_argument("--settings", type=_names, default=None, help=f"comma-separated (default {','.join(SETTINGS)})")
+    ap.add_argument("--settings", type=_names, default=None,
+                    help=f"comma-separated, of {','.join(SETTINGS)} (default {','.join(DEFAULT_SETTINGS)})")
     ap.add_argument("--variants", type=_names, default=None, help=f"comma-separated (default {','.join(VARIANTS)})")
     ap.add_argument("--budgets", type=_ints, default=None, help="fine-tune epochs, comma-separated (default 5,20)")
     ap.add_argument("--dense-epochs", type=int, default=None, help="dense training epochs (default 15)")
     ap.add_argument("--penalty-epochs", type=int, default=None, help="L1 / group penalty epochs before pruning (default 2)")
+    ap.add_argument("--dense-lr", type=float, default=None, help="lr of the dense training (default 2e-3)")
     ap.add_argument("--lr", type=float, default=None, help="fine-tune lr of the weights (default 1e-3)")
     ap.add_argument("--intrinsic-lr-scale", type=float, default=None, help="sLIF threshold/leak lr = lr x this (default 20)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -698,8 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     base = {**asdict(StudyConfig()), **(QUICK if args.quick else {})}
+    if args.data is not None and args.data != base["data"]:
+        base.update(data=args.data, families=DATA_FAMILIES[args.data][:1])
     given = {"families": args.families, "settings": args.settings, "variants": args.variants, "budgets": args.budgets,
-             "dense_epochs": args.dense_epochs, "penalty_epochs": args.penalty_epochs, "lr": args.lr,
+             "dense_epochs": args.dense_epochs, "penalty_epochs": args.penalty_epochs, "lr": args.lr, "dense_lr": args.dense_lr,
              "intrinsic_lr_scale": args.intrinsic_lr_scale, "device": args.device,
              "seeds": tuple(range(args.seeds)) if args.seeds is not None else args.seed_list}
     return StudyConfig(**{**base, **{k: v for k, v in given.items() if v is not None}})

@@ -14,6 +14,10 @@ quarter of the cost). Both train with AdamW, a cosine schedule and the same batc
 ``--train-limit`` cuts the training split for a quick look. The gap between them is what spiking
 costs at this size; issue 21 lists the published baselines (logistic regression, MLP, GRU, CNN).
 
+``--model`` takes any 1-D preset: ``sdt-1d-tiny`` (the default), ``spikformer-1d-tiny``, and the
+conv- and MLP-only ``conv-1d-tiny`` and ``mlp-1d-tiny`` (their twins: the same stem and head with
+ReLUs). Each run writes its own record and table; the README's table gathers them.
+
 ``--jobs N`` trains N of the (seed, model) runs at once, each in its own process (``--threads``);
 the same runs as one after the other (each is seeded on its own; only float rounding can differ
 with the thread count); a run's ``seconds`` is its own wall time while it shared the cores. ``--md`` writes

@@ -92,7 +92,11 @@ class Reference:
         return Evaluation(logits, records["head.lif"]["spikes"], records, rates_from_records(records))
 
     def target_spikes(self, spikes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A target's output spikes in the layout of the reference's ``like`` (ours: the same)."""
+        """A target's output spikes in the layout of the reference's ``like`` (ours: the same, but
+        for Lava's per-neuron vectors ``(T, B, F)`` of a one-token model (the MLP stem), whose
+        reference is ``(T, B, 1, F)``: the token axis is put back)."""
+        if spikes.dim() == 3 and like.dim() == 4 and like.shape[2] == 1:
+            return spikes.unsqueeze(2)
         return spikes
 
 

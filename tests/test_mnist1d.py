@@ -263,3 +263,147 @@ def test_baseline_table_states_every_seed_the_paired_gap_and_each_layers_rate(mo
     for name, rate in rates.items():
         assert f"| {name} | {rate:.3f} | {rate:.3f} |" in table
     assert "Command: `python x.py`" in table and "cores" in table
+
+
+# ----------------------------------------------------------------------------- the conv/MLP-only 1-D presets
+SMALL_1D = ["conv-1d-tiny", "mlp-1d-tiny"]
+
+
+def test_conv_and_mlp_1d_presets_build_and_match_their_files():
+    from pathlib import Path
+
+    from stdeploy.models import load_config_file
+
+    root = Path(__file__).resolve().parents[1] / "models"
+    for name in SMALL_1D:
+        cfg = PRESETS[name]
+        assert load_config_file(root / f"{name}.toml") == cfg
+        assert (cfg.depth, cfg.input_dims, cfg.input_shape) == (0, 1, (1, 1, 40))
+        model = build_model(name)
+        assert not model.blocks
+        x = torch.randn(4, 3, 1, 1, 40, requires_grad=True)
+        model(x).sum().backward()
+        assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    conv = build_model("conv-1d-tiny")
+    assert [tuple(c.kernel_size) for c in conv.embed.modules() if isinstance(c, torch.nn.Conv2d)] == [(1, 5), (1, 3), (1, 3)]
+    assert conv.embed(torch.randn(4, 2, 1, 1, 40)).shape == (4, 2, 20, 32)   # 20 positions, D = 32
+    mlp = build_model("mlp-1d-tiny")
+    assert [(fc.linear.in_features, fc.linear.out_features) for fc in mlp.embed.fcs] == [(40, 64), (64, 128)]
+    assert mlp.embed(torch.randn(4, 2, 1, 1, 40)).shape == (4, 2, 1, 128)    # one token: the 40 values
+    assert {n: sum(p.numel() for p in build_model(n).parameters()) for n in SMALL_1D} == {"conv-1d-tiny": 6826, "mlp-1d-tiny": 12426}
+
+
+@pytest.fixture(scope="module")
+def small_models(mnist1d):
+    """conv-1d-tiny and mlp-1d-tiny trained 2 epochs on the 512-sequence subset, then folded."""
+    out = {}
+    for name in SMALL_1D:
+        torch.manual_seed(0)
+        model = build_model(name)
+        before = evaluate(model, mnist1d.test, 4)
+        result = train(model, mnist1d, TrainConfig(epochs=2, batch_size=32, lr=5e-3), None, progress=False)
+        out[name] = (fold_batchnorm(model), before, result)
+    return out
+
+
+@pytest.mark.parametrize("name", SMALL_1D)
+def test_conv_and_mlp_1d_train_fire_and_run_spike_exact_on_onnxruntime_and_nir(name, small_models, inputs, tmp_path):
+    model, before, result = small_models[name]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.test_accuracy > max(0.2, before + 0.05), (name, before, result.test_accuracy)
+    rates = _fires(model, inputs)
+    assert rates and all(r > 0.005 for r in rates.values()), f"a silent layer makes the comparison meaningless: {rates}"
+    with torch.no_grad():
+        ref_logits, ref_spikes = _Unrolled(model.eval())(inputs)
+    tokens = 20 if name == "conv-1d-tiny" else 1
+    assert ref_spikes.shape == (4, N_TEST, tokens, model.cfg.embed_dim) and float(ref_spikes.mean()) > 0.005
+    export_onnx(model, tmp_path / "model.onnx")
+    logits, spikes = run_onnx(tmp_path / "model.onnx", inputs)
+    assert spike_mismatches(ref_spikes, spikes) == 0
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    graph = nir.read(write_nir(to_nir(model), tmp_path / "model.nir"))   # NIR's own reader, type-checked
+    assert "Conv2d" not in {type(n).__name__ for n in graph.nodes.values()}
+    out = run_nir(graph, inputs)
+    nir_spikes = out["spikes"].transpose(-1, -2) if tokens > 1 else out["spikes"].unsqueeze(-2)   # (D, N) / (D,) -> (N, D)
+    assert spike_mismatches(ref_spikes, nir_spikes) == 0
+    torch.testing.assert_close(out["logits"].mean(dim=0), ref_logits, rtol=0, atol=1e-5)
+
+
+def test_portable_nir_takes_the_1d_mlp_and_refuses_the_1d_conv_stem(small_models, inputs):
+    from stdeploy.errors import UnsupportedPrimitive
+    from stdeploy.export.nir_portable import to_portable_nir
+
+    mlp = small_models["mlp-1d-tiny"][0]
+    graph = to_portable_nir(mlp)
+    assert tuple(graph.nodes["input"].input_type["input"]) == (40,)
+    out = run_nir(graph, inputs.flatten(2), record=True)
+    with torch.no_grad():
+        ref_logits, ref_spikes = _Unrolled(mlp.eval())(inputs)
+    assert float(ref_spikes.mean()) > 0.005
+    assert spike_mismatches(ref_spikes, out["head.lif"].unsqueeze(-2)) == 0
+    torch.testing.assert_close(out["output"].mean(dim=0), ref_logits, rtol=0, atol=1e-5)
+    with pytest.raises(UnsupportedPrimitive, match="1-D .sequence. convolution stem is not in the portable dialect"):
+        to_portable_nir(small_models["conv-1d-tiny"][0])
+
+
+@pytest.mark.lava
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", ["mlp-1d-tiny"])   # conv-1d-tiny's layers are sdt-1d-tiny's stem (Lava test above); ~20 s a run
+def test_lava_float_mode_runs_the_conv_and_mlp_1d_presets_exactly(name, small_models, inputs, tmp_path):
+    from stdeploy.export.manifest import write_manifest
+    from stdeploy.targets.lava.target import LavaTarget
+    from stdeploy.targets.profiles import load_profile
+
+    ok, why = LavaTarget().available()
+    assert ok, why
+    model = small_models[name][0]
+    write_nir(to_nir(model), tmp_path / "model.nir")
+    write_manifest(tmp_path, {"artifacts": {"nir": {"file": "model.nir"}}})
+    x = inputs[:, :6]
+    result = LavaTarget().compile(tmp_path, load_profile("loihi2")).run(x.numpy())
+    with torch.no_grad():
+        _, ref_spikes = _Unrolled(model.eval())(x)
+    ref = ref_spikes.numpy()
+    if name == "mlp-1d-tiny":   # one token: Lava's spikes are per-neuron vectors (T, B, F)
+        ref = ref[:, :, 0]
+    assert result.spikes.shape == ref.shape and ref.mean() > 0.005
+    assert int((result.spikes != ref).sum()) == 0
+
+
+def test_an_export_without_portable_nir_loads_and_lavas_vectors_meet_the_reference(tmp_path):
+    """A 1-D conv model's export records ``nir.portable`` as not written (and why): its manifest
+    must still load for ``run``; Lava's per-neuron vectors of the one-token MLP are compared with
+    the reference's ``(T, B, 1, F)``."""
+    from stdeploy.export.manifest import Manifest, ManifestError
+    from stdeploy.runner import Reference
+
+    def parse(entry):
+        return Manifest.parse(json.dumps({"artifacts": {"nir.portable": entry}}).encode(), tmp_path / "manifest.json")
+
+    assert "nir.portable" not in parse({"file": None, "not_written": "embed: a 1-D (sequence) convolution stem ..."}).artifacts
+    for bad in ({"file": None}, {"file": None, "not_written": 3}, {"file": None, "not_written": "x", "sha256": "0" * 64}):
+        with pytest.raises(ManifestError, match="artifacts.nir.portable.file must be a non-empty string"):
+            parse(bad)
+    ref = Reference(tmp_path, {}, build_model("mlp-1d-tiny").eval())
+    like = torch.zeros(4, 2, 1, 128)
+    assert ref.target_spikes(torch.ones(4, 2, 128), like).shape == like.shape
+    tokens = torch.zeros(4, 2, 20, 32)
+    assert ref.target_spikes(torch.ones(4, 2, 20, 32), tokens).shape == tokens.shape
+    assert ref.target_spikes(torch.ones(4, 2, 640), tokens).shape == (4, 2, 640)   # not reshaped: the comparison refuses it
+
+
+def test_baseline_script_twins_of_the_conv_and_mlp_1d_presets():
+    import importlib.util
+    from pathlib import Path
+
+    from stdeploy.neurons import neurons_of
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist1d_baselines.py"
+    spec = importlib.util.spec_from_file_location("mnist1d_baselines", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name in SMALL_1D:
+        twin = script.relu_twin(name)
+        assert not neurons_of(twin) and twin.cfg.timesteps == 1
+        assert script.params(twin) == script.params(build_model(name))
+        assert twin.eval()(direct_encode(torch.randn(3, 1, 1, 40), 1)).shape == (3, 10)

@@ -91,6 +91,8 @@ class Manifest:
             if not isinstance(entry, dict):
                 raise error(f"{where} must be an object, got {type(entry).__name__}; {REBUILD}")
             file = entry.get("file")
+            if file is None and isinstance(entry.get("not_written"), str) and set(entry) == {"file", "not_written"}:
+                continue  # an artifact the export did not write, and why (model.portable.nir of a Spikformer): nothing to load
             if not isinstance(file, str) or not file:
                 raise error(f"{where}.file must be a non-empty string, got {file!r}; {REBUILD}")
             files = entry.get("files", {})

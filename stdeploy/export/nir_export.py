@@ -393,11 +393,12 @@ def _patch_embed(b: GraphBuilder, name: str, m: PatchEmbed, inputs: list[str]) -
 
 
 def _dense_embed(b: GraphBuilder, name: str, m: DenseEmbed, inputs: list[str]) -> list[str]:
-    """The MLP stem: the frame flattened to a vector ``(C*H*W,)``, then Affine and LIF nodes on
-    vectors (one token: the model's ``(N=1, D)`` is the vector ``(D,)``)."""
-    c, h, w = b.input_shape(name, inputs)
-    x = [b.add(join_name(name, "flatten"), nir.Flatten(input_type=np.array([c, h, w]), start_dim=0, end_dim=-1,
-                                                   metadata={"module": name}), inputs, (c * h * w,))]
+    """The MLP stem: the frame flattened to a vector ``(C*H*W,)`` (a sequence, already ``(C, L)``:
+    ``(C*L,)``), then Affine and LIF nodes on vectors (one token: the model's ``(N=1, D)`` is the
+    vector ``(D,)``)."""
+    shape = tuple(b.input_shape(name, inputs))
+    x = [b.add(join_name(name, "flatten"), nir.Flatten(input_type=np.array(shape), start_dim=0, end_dim=-1,
+                                                   metadata={"module": name}), inputs, (int(np.prod(shape)),))]
     for i, fc in enumerate(m.fcs):
         x = b.convert(join_name(name, f"fcs.{i}"), fc, x)
         if i < len(m.lifs):

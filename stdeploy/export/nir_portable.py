@@ -63,6 +63,9 @@ Primitives and layout (every one read by snnTorch, SpikingJelly, Norse and nirto
   mean over the T steps), or the head LIF's spikes (``output="spikes"``), not both (nirtorch 2.6
   hangs on a graph with two Output nodes).
 * Spikformer's ``Q·Kᵀ·V`` is refused (no product of two activations in NIR).
+* Sequences (``cfg.input_dims == 1``, MNIST-1D): the MLP stem takes the ``C*L`` values as a
+  vector like any frame; a convolutional sequence stem is refused (a ``Conv2d`` with a ``(1, k)``
+  kernel fails NIR 1.0.8's type check; ``model.nir`` holds it as ``Conv1d``).
 
 ``metadata["nir_min_version"]`` is :data:`NIR_MIN_VERSION` (``v_reset`` on ``LIF`` is read from
 nir 1.0.6 on; sinabs and Rockpool pin nir <= 1.0.4, whose ``nir.read`` rejects it).
@@ -340,7 +343,12 @@ def _head(b, name, m: Head, inputs):
 def _make_transformer(output: str):
     def convert(b: GraphBuilder, name: str, m: SpikingTransformer, inputs: list[str]) -> list[str]:
         cfg = m.cfg
-        in_shape = (cfg.in_channels * cfg.image_size ** 2,) if cfg.stem == "dense" else (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if cfg.input_dims == 1 and cfg.stem == "conv":
+            raise UnsupportedPrimitive(f"{join_name(name, 'embed')}: a 1-D (sequence) convolution stem is not in the portable "
+                                       "dialect (its Conv2d with a (1, k) kernel is mistyped by NIR's type check); model.nir "
+                                       "holds it as Conv1d")
+        c, h, w = cfg.input_shape  # (C, S, S) images, (C, 1, L) sequences
+        in_shape = (c * h * w,) if cfg.stem == "dense" else (c, h, w)
         x = [b.add(INPUT, nir.Input(input_type=np.array(in_shape)), [], in_shape)]
         x = _residual(b, b.convert(join_name(name, "embed"), m.embed, x))
         for i, block in enumerate(m.blocks):

@@ -32,6 +32,12 @@ PRESETS: dict[str, ModelConfig] = {
     # mlp-tiny: the 64 pixels -> 32 -> LIF -> 64 -> LIF -> 10.
     "conv-tiny": ModelConfig(family="sdt", name="conv-tiny", **{**_TINY, "depth": 0, "embed_dim": 32}),
     "mlp-tiny": ModelConfig(family="sdt", name="mlp-tiny", stem="dense", **{**_TINY, "depth": 0, "embed_pools": 0}),
+    # Their MNIST-1D twins (sequences of 40). conv-1d-tiny: the sdt-1d-tiny stem at half width
+    # (conv k5 1 -> 32, conv k3 32 -> 32, max-pool 2 -> 20 positions, conv k3 position embedding),
+    # no block; mlp-1d-tiny: the 40 values -> 64 -> LIF -> 128 -> LIF -> 10.
+    "conv-1d-tiny": ModelConfig(family="sdt", name="conv-1d-tiny", **{**_SEQ_1D, "depth": 0, "embed_dim": 32, "embed_widths": (32, 32)}),
+    "mlp-1d-tiny": ModelConfig(family="sdt", name="mlp-1d-tiny", stem="dense",
+                               **{**_SEQ_1D, "depth": 0, "embed_pools": 0, "embed_dim": 128, "embed_widths": (64, 128), "embed_kernel": 3}),
 }
 DEFAULT_PRESET = "sdt-tiny"
 

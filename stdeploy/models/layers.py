@@ -97,15 +97,16 @@ class PatchEmbed(nn.Module):
 
 class DenseEmbed(nn.Module):
     """The MLP stem (``cfg.stem == "dense"``): the frame flattened in ``(C, H, W)`` order into one
-    token, then ``embed_stages`` linear-BN layers with a LIF between them (widths as the conv
-    stages': ``D/2^(s-1), ..., D``). Output: real-valued tokens ``(T, B, 1, D)``; with
-    ``depth = 0`` the head's LIF and classifier complete a plain spiking MLP."""
+    token (``C * 1 * L`` values for a sequence), then ``embed_stages`` linear-BN layers with a LIF
+    between them (widths as the conv stages': ``cfg.stage_widths``, by default ``D/2^(s-1), ..., D``).
+    Output: real-valued tokens ``(T, B, 1, D)``; with ``depth = 0`` the head's LIF and classifier
+    complete a plain spiking MLP."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        s = cfg.embed_stages
-        widths = [cfg.embed_dim // 2 ** (s - 1 - i) for i in range(s)]
-        ins = [cfg.in_channels * cfg.image_size * cfg.image_size] + widths[:-1]
+        widths = list(cfg.stage_widths)
+        c, h, w = cfg.input_shape
+        ins = [c * h * w] + widths[:-1]
         self.fcs = nn.ModuleList(LinearBN(i, o) for i, o in zip(ins, widths))
         self.lifs = nn.ModuleList(make_neuron(cfg, w) for w in widths[:-1])
 

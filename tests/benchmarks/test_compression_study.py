@@ -158,8 +158,14 @@ def test_cli_selection(study):
     assert len(full.seeds) == 5 and len(full.settings) == 6 and len(full.variants) == 4 and full.budgets == (5, 20)
     assert parse("--seeds", "3").seeds == (0, 1, 2) and parse("--seed-list", "0,3").seeds == (0, 3)
     assert parse("--settings", "l1p95,dsp5", "--budgets", "5", "--families", "spikformer-tiny").settings == ("l1p95", "dsp5")
-    with pytest.raises(ConfigError, match="unknown setting 'l1p90'"):
-        parse("--settings", "l1p90")
+    with pytest.raises(ConfigError, match="unknown setting 'l1p80'"):
+        parse("--settings", "l1p80")
+    m1d = parse("--data", "mnist1d", "--settings", "l1p90,dsp30")   # MNIST-1D: its 1-D preset, the milder ratios known
+    assert (m1d.data, m1d.families, m1d.settings, m1d.protocol()["data"]) == ("mnist1d", ("sdt-1d-tiny",), ("l1p90", "dsp30"), "mnist1d")
+    assert parse("--data", "mnist1d", "--families", "spikformer-1d-tiny").families == ("spikformer-1d-tiny",)
+    with pytest.raises(ConfigError, match="unknown family 'sdt-tiny' for --data mnist1d; known: sdt-1d-tiny"):
+        parse("--data", "mnist1d", "--families", "sdt-tiny")
+    assert full.settings == study.DEFAULT_SETTINGS and full.data == "digits"   # the digits grid unchanged by the new ratios
     assert study.main(["--variants", "plif", "--out", "/nonexistent-never-created"]) == 2
     assert parse().device == "cpu" and parse("--device", "cuda").device == "cuda"
     assert "device" not in full.protocol()  # cells trained on a GPU pair with CPU cells of the same protocol
@@ -177,3 +183,17 @@ def test_committed_results_hold_each_cell_once(study):
     assert not dupes, f"cells recorded more than once: {dupes}"
     assert len(keys) == 480 == len({k[0] for k in keys}) * len({k[1] for k in keys}) * len({k[2] for k in keys}) \
         * len({k[3] for k in keys}) * len({k[4] for k in keys})
+
+
+def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(study):
+    """The committed MNIST-1D slice (``--data mnist1d``): one record per cell, all of one MNIST-1D
+    protocol, and every sLIF cell paired with the LIF cell of the same seed, setting and budget."""
+    path = SCRIPT.parent / "results" / "compression-study-mnist1d" / study.RESULTS
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = [study.cell_key(r) for r in lines]
+    assert lines and len(keys) == len(set(keys)), "a cell recorded more than once"
+    assert {json.dumps(r["protocol"], sort_keys=True) for r in lines} == {json.dumps(lines[0]["protocol"], sort_keys=True)}
+    assert lines[0]["protocol"]["data"] == "mnist1d" and {r["family"] for r in lines} == {"sdt-1d-tiny"}
+    base = {(f, s, st, b) for f, s, st, v, b in keys if v == study.BASELINE}
+    assert all((f, s, st, b) in base for f, s, st, v, b in keys), "an sLIF cell without its LIF pair"
+    assert all(0 < rate for r in lines for rate in r["firing_rate"].values()), "a silent layer after the fine-tune"
