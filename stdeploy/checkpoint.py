@@ -234,11 +234,11 @@ def _apply_quantize_mode(model: SpikingTransformer, meta: dict, directory: Path)
     mode = meta.get("quantize", "float") if isinstance(meta, dict) else "float"
     if mode == "float":
         return model
-    if mode != "exact":
-        raise CheckpointError(f"{directory / CONFIG}: unknown quantisation mode {mode!r} in meta (known: float, exact)")
+    if mode not in ("exact", "loihi2"):
+        raise CheckpointError(f"{directory / CONFIG}: unknown quantisation mode {mode!r} in meta (known: float, exact, loihi2)")
     from .models.quantize import to_exact
 
-    return to_exact(model)
+    return to_exact(model, mode)
 
 
 def load_train_state(path: str | os.PathLike) -> dict | None:

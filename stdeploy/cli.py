@@ -273,10 +273,12 @@ def _prune_parser(sub) -> None:
 
 
 def _add_quantize_args(p) -> None:
-    p.add_argument("--quantize", choices=["float", "exact"], default="float",
+    p.add_argument("--quantize", choices=["float", "exact", "loihi2"], default="float",
                    help="exact: quantise after pruning (8-bit power-of-two-scaled weights, integer-exact in float32 on "
-                        "every runtime) and fine-tune with straight-through gradients; the checkpoint records the mode")
-    p.add_argument("--quantize-epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (with --quantize exact)")
+                        "every runtime) and fine-tune with straight-through gradients; loihi2: the same plus Loihi 2's integer "
+                        "constraints (input grid 2^-4, fixed exponents, integer thresholds), so Lava fixed point and netx run "
+                        "the trained integers; the checkpoint records the mode")
+    p.add_argument("--quantize-epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (with --quantize exact or loihi2)")
 
 
 def _quantize_config(args):
@@ -310,7 +312,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict:
 def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="fine-tune a checkpoint into the integer-exact mode (8-bit power-of-two-scaled weights)")
     p.add_argument("checkpoint")
-    p.add_argument("--mode", choices=["exact"], default="exact")
+    p.add_argument("--mode", choices=["exact", "loihi2"], default="exact",
+                   help="exact (integer-exact on every runtime) or loihi2 (exact plus Loihi 2's integer constraints)")
     p.add_argument("--epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (0: quantise only)")
     p.add_argument("--lr", type=finite(minimum=0.0), default=5e-4)
     p.add_argument("--batch-size", type=count(), default=64)

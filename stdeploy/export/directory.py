@@ -32,7 +32,7 @@ from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
 from ..neurons import neurons_of
-from ..models.quantize import INPUT_FRAC_BITS, INPUT_RANGE, deployable, exact_layers, is_exact, quantize_input
+from ..models.quantize import INPUT_FRAC_BITS, INPUT_RANGE, deployable, exact_layers, input_frac_bits, is_exact, quant_mode, quantize_input
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
 from .validate import Comparison, compare, record_neurons, require_agreement
@@ -96,9 +96,10 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     exact = is_exact(model)
     folded = deployable(model)  # BatchNorm folded; in the exact mode the quantised values in plain modules
     x, labels, described = validation_input(model, data, samples)
+    frac_bits = input_frac_bits(model) if exact else INPUT_FRAC_BITS  # loihi2 mode: 2^-4
     if exact:
-        x = quantize_input(x)
-        described += f", rounded to the exact mode's input grid 2^-{INPUT_FRAC_BITS}"
+        x = quantize_input(x, frac_bits)
+        described += f", rounded to the exact mode's input grid 2^-{frac_bits}"
     exact_graph, checked = _check_exact(folded, spikformer) if exact else (None, None)
     orig_logits, orig_spikes = stream_outputs(model, x)
     # the reference's outputs and its firing rates / input densities in one streamed pass
@@ -115,12 +116,13 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
                                         "reference_accuracy": _accuracy(ref_logits, labels), "results": {},
                                         "batch": VALIDATION_BATCH},
         "batchnorm_folding": folding.to_dict(),
-        "quantize": {"mode": "exact" if exact else "float"},
+        "quantize": {"mode": quant_mode(model)},
     }
     # firing rates and input densities of the reference on the validation input (streamed): a check on a silent model means nothing
     manifest["validation"]["activity"] = activity.to_dict()
     if exact:
-        manifest["input"]["contract"] = (f"exact mode: every input value a multiple of 2^-{INPUT_FRAC_BITS} in "
+        manifest["quantize"]["input_frac_bits"] = frac_bits
+        manifest["input"]["contract"] = (f"{quant_mode(model)} mode: every input value a multiple of 2^-{frac_bits} in "
                                          f"[{INPUT_RANGE[0]:g}, {INPUT_RANGE[1]:g}] (round and clip first)")
         manifest["quantize"].update({"layers": exact_layers(model), "max_bits": max(v["bits"] for v in checked.values()),
                                      "proof": "stdeploy.export.exact.check_exact: every partial sum below 2^24 grid units"})
@@ -132,9 +134,9 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
         if "onnx" in formats:
             comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
         if "netx" in formats:
-            _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, netx_part)
+            _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, netx_part)  # loihi2: the model's integers
         save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source,
-                                                        **({"quantize": "exact"} if exact else {})})
+                                                        **({"quantize": quant_mode(model)} if exact else {})})
         manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference",
                                               "files": listed_files(tmp / "reference")}
         # the exact mode promises more than the tolerance: no flip at all and bit-identical logits
@@ -185,7 +187,7 @@ def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikfo
     from .nir_portable import NIR_MIN_VERSION
 
     graph = to_nir(folded, spikformer=spikformer) if graph is None else graph
-    if manifest["quantize"]["mode"] == "exact":
+    if manifest["quantize"]["mode"] != "float":
         graph.metadata["quantize"] = {k: v for k, v in manifest["quantize"].items() if k != "layers"}
         graph.metadata["input_contract"] = manifest["input"]["contract"]
         for node in graph.nodes.values():  # each weight node records its grid: weight = scale * an 8-bit integer
@@ -259,7 +261,8 @@ def _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, part)
     hold the model."""
     from .netx_export import NETX_FILE, host_currents, loihi_reference, model_spikes, read_netx, readout_logits, to_netx, write_netx
 
-    net = to_netx(folded, part)  # UnsupportedPrimitive names the first module netx cannot hold
+    quantize = manifest["quantize"] if manifest["quantize"]["mode"] == "loihi2" else None
+    net = to_netx(folded, part, quantize=quantize)  # UnsupportedPrimitive names the first module netx cannot hold
     path = write_netx(net, tmp / NETX_FILE)
     stored = read_netx(path)  # from the file, as netx reads it
     layers = loihi_reference(stored, host_currents(stored, x))

@@ -3,7 +3,10 @@
 ``quantize_model(model, data, QuantizeConfig(...))`` folds BatchNorm, quantises (8-bit weights on a
 per-layer power-of-two grid, grid biases and thresholds, power-of-two leak), fine-tunes with
 straight-through gradients and returns the exact-mode model with the test accuracy at every stage.
-A saved checkpoint records ``meta["quantize"] = "exact"``; :func:`stdeploy.checkpoint.load_checkpoint`
+``QuantizeConfig(mode="loihi2")`` adds Loihi 2's constraints (input grid 2^-4, fixed per-layer
+exponents, integer thresholds in units of each population's current; see
+:mod:`stdeploy.models.quantize`), so Lava's fixed point and lava-dl netx run the trained integers.
+A saved checkpoint records ``meta["quantize"] = "exact"`` (or ``"loihi2"``); :func:`stdeploy.checkpoint.load_checkpoint`
 rebuilds the quantised modules from it.
 """
 
@@ -22,7 +25,7 @@ from ..train import TrainConfig, evaluate, train
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    mode: str = "exact"            # "exact" (integer-exact deployment) or "float" (nothing to do)
+    mode: str = "exact"            # "exact" (integer-exact deployment), "loihi2" (exact plus Loihi's integer constraints) or "float"
     epochs: int = 3                # quantisation-aware fine-tune epochs (0: quantise only)
     lr: float = 5e-4
     batch_size: int = 64
@@ -48,7 +51,7 @@ def quantize_model(model: nn.Module, data, qcfg: QuantizeConfig = QuantizeConfig
     stages = {"float": evaluate(model, data.test, T, device=device)}
     if qcfg.mode == "float":
         return model, {"mode": "float", "accuracy": stages}
-    q = to_exact(model).to(device)
+    q = to_exact(model, qcfg.mode).to(device)
     stages["quantized"] = evaluate(q, data.test, T, device=device)
     if qcfg.epochs > 0:
         train(q, data, qcfg.train_config(), None, progress=progress)
