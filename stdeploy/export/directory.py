@@ -265,8 +265,10 @@ def _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, part)
     net = to_netx(folded, part, quantize=quantize)  # UnsupportedPrimitive names the first module netx cannot hold
     path = write_netx(net, tmp / NETX_FILE)
     stored = read_netx(path)  # from the file, as netx reads it
-    layers = loihi_reference(stored, host_currents(stored, x))
-    t_in = x.shape[0]  # layer k emits the model's steps at Lava steps k .. k + T - 1
+    t_in = x.shape[0]
+    # loihi2 mode: each layer reset at its first step of a sample (hdf5.Network(reset_interval=T)), so that
+    # what it integrates of its bias before its first input arrives is discarded, as in the model
+    layers = loihi_reference(stored, host_currents(stored, x), reset_interval=t_in if stored.exact else None)  # layer k emits the model's steps at Lava steps k .. k + T - 1
     rates = {layer.name: float(s[k:k + t_in].mean()) for k, (layer, s) in enumerate(zip(stored.layers, layers))}
     if stored.readout is not None:
         spikes = model_spikes(stored, layers[-1])
@@ -290,6 +292,12 @@ def _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, part)
         mism = int((ours != ref).sum())
         checked = {"against": "PyTorch spikes of the stem's last layer", "spike_mismatches": mism, "spikes_total": ref.numel(),
                    "spike_agreement": 1 - mism / max(1, ref.numel())}
+    if stored.exact and checked["spike_mismatches"]:  # loihi2 mode: the model's own integers, so nothing may differ
+        from ..errors import OutputMismatch
+
+        raise OutputMismatch(f"netx (loihi2 mode): {checked['spike_mismatches']} of {checked['spikes_total']} spikes differ from "
+                             "PyTorch; the integers should be the model's own (nothing written)")
+    checked["exact"] = stored.exact
     manifest["validation"]["netx"] = {**checked, "arithmetic": "numpy model of Loihi's CUBA integer equations (netx_export.loihi_reference)",
                                       "firing_rates": rates, "firing_rates_over": "each layer's T model steps",
                                       "reference_output_rate": float(ref_spikes.mean()) if stored.readout is not None else None}

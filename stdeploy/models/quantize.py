@@ -102,7 +102,7 @@ from .structure import LowRankLinear
 __all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "QuantLinear", "QuantConv", "power_of_two_scale",
            "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode",
            "LOIHI2_INPUT_FRAC_BITS", "LOIHI2_FRACTION_BITS", "LOIHI2_DECAY_BITS", "quant_mode", "input_frac_bits",
-           "loihi2_units", "loihi2_threshold"]
+           "loihi2_units", "loihi2_threshold", "loihi2_unit"]
 
 MODES = ("float", "exact", "loihi2")
 WEIGHT_BITS = 8                # integer weights in [-127, 127]
@@ -427,6 +427,21 @@ def loihi2_units(model: nn.Module, timesteps: int | None = None) -> dict[str, to
         for n in reached(x0, q, lifs):
             s_in[n] = min(s_in[n], grid[q])
     return {n: lif.decay.detach().double() * s_in[n] for n, lif in lifs.items()}
+
+
+def loihi2_unit(theta, d, timesteps: int):
+    """The current unit ``U`` per neuron (float64 array) of a loihi2-mode population, read back
+    from its thresholds ``theta = (vth + 2**(-j (T-1))) U``: an odd multiple of ``U 2**(-j (T-1))``,
+    so ``U`` is ``theta``'s lowest set bit times ``2**(j (T-1))`` (what the Lava lowering and the
+    netx export use; :func:`loihi2_units` is what the model was built with)."""
+    import numpy as np
+
+    theta = np.asarray(theta, np.float64)
+    mant, exp = np.frexp(np.abs(theta))
+    m = (mant * 2.0 ** 53).astype(np.uint64)
+    low = np.log2((m & (~m + np.uint64(1))).astype(np.float64))
+    grid = np.where(theta != 0, np.power(2.0, exp - 53 + low), np.inf)
+    return grid / np.power(2.0, np.log2(np.asarray(d, np.float64)) * (timesteps - 1))
 
 
 def _to_loihi2(model: nn.Module) -> None:

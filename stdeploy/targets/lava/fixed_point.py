@@ -86,7 +86,7 @@ import numpy as np
 
 from ...errors import UnsupportedPrimitive
 from ...export.exact import Bound, check_exact
-from ...models.quantize import INPUT_FRAC_BITS, INPUT_RANGE
+from ...models.quantize import INPUT_FRAC_BITS, INPUT_RANGE, loihi2_unit
 from ...export.nir_interpreter import int_tuple
 from ..base import TargetError
 from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_kind
@@ -218,16 +218,6 @@ def _exact_lif(name: str, node, info: GraphInfo, membrane: dict) -> dict:
     lif = {"du": DECAY_UNITY - 1, "dv": np.rint(dv).astype(np.int64), "vth": vth, "bias": 0}
     return {"alpha": alpha, "count": False, "lif": lif, "vth": None,
             "exact": {"unit": grid, "register_bits": round(math.log2(need) + 1, 2), "proven": need <= UV_MAX}}
-
-
-def loihi2_unit(theta: np.ndarray, d: np.ndarray, timesteps: int) -> np.ndarray:
-    """The current unit ``U`` (per neuron) of a loihi2-mode population, read back from its
-    thresholds ``theta = (vth + 2**(-j (T-1))) U`` (an odd multiple of ``U 2**(-j (T-1))``)."""
-    from ...export.exact import grid_of
-
-    frac = np.power(2.0, np.log2(np.asarray(d, np.float64)) * (timesteps - 1))
-    grids = np.array([grid_of([t]) for t in np.asarray(theta, np.float64).reshape(-1)]).reshape(np.shape(theta))
-    return np.broadcast_to(grids / frac, np.shape(theta))
 
 
 def _loihi2_lif(name: str, node, info: GraphInfo, membrane: dict, timesteps: int) -> dict:
