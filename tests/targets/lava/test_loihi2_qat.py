@@ -67,3 +67,22 @@ def test_loihi2_finetune_keeps_exponents_and_checkpoint(loihi2_sdt, trained_sdt,
     x = direct_encode(torch.stack([data.test[i][0] for i in range(4)]), q.cfg.timesteps)
     with torch.no_grad():
         assert torch.equal(back.model.eval()(x), q.eval()(x))
+
+
+def test_cli_quantize_loihi2_and_refusals(trained_sdt, tmp_path, capsys, one_thread):
+    """``stdeploy quantize --mode loihi2`` records the mode; an unknown mode is refused with exit 2."""
+    import json
+
+    from stdeploy.checkpoint import save_checkpoint
+    from stdeploy.cli import main
+
+    model, _ = trained_sdt
+    save_checkpoint(tmp_path / "ck", model)
+    assert main(["quantize", str(tmp_path / "ck"), "--mode", "loihi2", "--epochs", "0", "--out", str(tmp_path / "q"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "loihi2" and report["accuracy"]["quantized"] > 0.5
+    assert quant_mode(load_checkpoint(tmp_path / "q").model) == "loihi2"
+    with pytest.raises(SystemExit) as exit_:  # argparse's own refusal: exit 2, usage and one error line
+        main(["quantize", str(tmp_path / "ck"), "--mode", "loihi3", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "loihi3" in err.splitlines()[-1] and "Traceback" not in err and not (tmp_path / "bad").exists()
