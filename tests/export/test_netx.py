@@ -121,10 +121,14 @@ def loihi2_netx_against_our_lava(model, data, tmp_path):
     manifest = export_model(q, tmp_path / "loihi2", ("nir", "netx"), data=data, samples=8)
     check = manifest["validation"]["netx"]
     assert check["exact"] and check["spike_mismatches"] == 0, check  # the file's integers, in numpy, equal PyTorch
+    own = {"lo": 0.0, "hi": 1.0, "frac_bits": 4}  # the mode's default input contract, in the manifest next to the mode
+    assert manifest["quantize"]["mode"] == "loihi2" and manifest["quantize"]["input_range"] == [0.0, 1.0], manifest["quantize"]
+    assert manifest["quantize"]["input_frac_bits"] == 4
     assert all(0.02 < r < 0.9 for r in check["firing_rates"].values()), check
     x = direct_encode(torch.stack([data.test[i][0] for i in range(8)]), q.cfg.timesteps)  # digits: on the 2^-4 grid
     with LavaTarget().compile(tmp_path / "loihi2", load_profile("loihi2-fixed")) as runnable:
         ours = runnable.run(x.numpy()).spikes
+        assert runnable.info["input_contract"] == own  # Lava keeps a loihi2 graph's own grid (no refit, no re-quantising)
     kept = []
     hook = q.head.lif.register_forward_hook(lambda m, i, out: kept.append(out))
     with torch.no_grad():

@@ -16,7 +16,8 @@ import torch
 from stdeploy.checkpoint import load_checkpoint
 from stdeploy.errors import ConfigError
 from stdeploy.models import direct_encode
-from stdeploy.models.quantize import (LOIHI2_INPUT_FRAC_BITS, loihi2_unit, loihi2_units, quant_mode, to_exact)
+from stdeploy.models.quantize import (LOIHI2_INPUT_FRAC_BITS, InputContract, input_contract_of, loihi2_unit, loihi2_units, quant_mode,
+                                      to_exact)
 from stdeploy.neurons import neurons_of
 from stdeploy.prune import QuantizeConfig, quantize_model
 
@@ -64,9 +65,31 @@ def test_loihi2_finetune_keeps_exponents_and_checkpoint(loihi2_sdt, trained_sdt,
     assert all(torch.equal(l.threshold, thresholds[n]) for n, l in neurons_of(q).items())
     back = load_checkpoint(tmp_path / "ck")
     assert back.meta["quantize"] == "loihi2" and quant_mode(back.model) == "loihi2"
+    # the mode's default contract (digits: [0, 1] on 2^-4) is recorded next to the mode and restored
+    assert back.meta["input_contract"] == {"lo": 0.0, "hi": 1.0, "frac_bits": LOIHI2_INPUT_FRAC_BITS}
+    assert input_contract_of(back.model) == input_contract_of(q) == InputContract(0.0, 1.0, LOIHI2_INPUT_FRAC_BITS)
     x = direct_encode(torch.stack([data.test[i][0] for i in range(4)]), q.cfg.timesteps)
     with torch.no_grad():
         assert torch.equal(back.model.eval()(x), q.eval()(x))
+
+
+def test_loihi2_input_contract_kept_if_it_fits_else_refused(trained_sdt, loihi2_sdt):
+    """The loihi2 mode's grid is its default input contract; a given contract on a coarser grid is
+    kept (the first population's unit follows it), a finer one is refused by name, and the mode is
+    a keyword (a mode string in the contract's place is refused, not misread)."""
+    model, _ = trained_sdt
+    q, _ = loihi2_sdt
+    assert input_contract_of(q) == InputContract(0.0, 1.0, LOIHI2_INPUT_FRAC_BITS)
+    coarse = to_exact(model, InputContract(-1.0, 1.0, 3), mode="loihi2")
+    assert input_contract_of(coarse) == InputContract(-1.0, 1.0, 3) and quant_mode(coarse) == "loihi2"
+    s0 = float(coarse.embed.stages[0].conv.scale())
+    assert torch.all(loihi2_units(coarse)["embed.stages.0.lif"] == 0.5 * s0 * 2.0 ** -3)
+    with pytest.raises(ConfigError, match=r"input contract grid 2\^-8 is finer than Loihi 2's 2\^-4.*--input-frac-bits"):
+        to_exact(model, InputContract(0.0, 1.0, 8), mode="loihi2")
+    with pytest.raises(ConfigError, match="thresholds are in units of its input grid 2\\^-4"):
+        to_exact(q, InputContract(0.0, 1.0, 3), mode="loihi2")  # the trained thresholds belong to 2^-4
+    with pytest.raises(ConfigError, match="mode="):
+        to_exact(model, "loihi2")
 
 
 def test_cli_quantize_loihi2_and_refusals(trained_sdt, tmp_path, capsys, one_thread):
@@ -82,6 +105,10 @@ def test_cli_quantize_loihi2_and_refusals(trained_sdt, tmp_path, capsys, one_thr
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "loihi2" and report["accuracy"]["quantized"] > 0.5
     assert quant_mode(load_checkpoint(tmp_path / "q").model) == "loihi2"
+    assert main(["quantize", str(tmp_path / "ck"), "--mode", "loihi2", "--input-frac-bits", "8", "--epochs", "0",
+                 "--out", str(tmp_path / "fine")]) == 2  # finer than Loihi's grid: refused by name, nothing written
+    err = capsys.readouterr().err.strip()
+    assert "--input-frac-bits" in err and "2^-8" in err and "Traceback" not in err and not (tmp_path / "fine").exists()
     with pytest.raises(SystemExit) as exit_:  # argparse's own refusal: exit 2, usage and one error line
         main(["quantize", str(tmp_path / "ck"), "--mode", "loihi3", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip()
