@@ -82,8 +82,8 @@ trained integers as they are. On top of the exact mode:
   longer follows the weights during fine-tuning; mantissas saturate at ``+-127``. A layer's grid is
   then a property of the model, and so is every population's current unit.
 * Integer thresholds in units of the current: the population fed (directly, summed) by layers of
-  grid ``s_in`` (``s * 2**-4`` for a layer on the analog input, the weight scale ``s`` for a layer
-  on spikes; spike edges have grid 1) receives Loihi currents ``a_in = d x / U`` with ``U = d s_in``
+  grid ``s_in`` (``s`` times the input contract's grid, ``2**-4`` by default, for a layer on the
+  analog input, the weight scale ``s`` for a layer on spikes; spike edges have grid 1) receives Loihi currents ``a_in = d x / U`` with ``U = d s_in``
   (the 8-bit mantissas themselves: ``a_in = W s + B``). Loihi spikes on ``v > vth`` for an integer
   ``vth`` (Lava's ``v > vth << 6``), the model on ``v >= theta``; the two agree for every membrane
   when ``theta = (vth + 2**(-j (T-1))) U`` (:func:`loihi2_threshold`), because the membrane is a
@@ -371,12 +371,12 @@ def power_of_two_token_mean(model: nn.Module) -> None:
     head.token_scale = 2.0 ** -k
 
 
-def default_input_contract(mode: str = "exact", input_range: tuple[float, float] | None = None) -> InputContract:
-    """A mode's input contract when none is given: ``input_range`` (default ``[0, 1]``, the images')
-    rounded outward to the mode's grid, ``2**-INPUT_FRAC_BITS`` in the exact mode and
-    ``2**-LOIHI2_INPUT_FRAC_BITS`` in the loihi2 mode."""
+def default_input_contract(mode: str = "exact") -> InputContract:
+    """A mode's input contract when none is given: ``[0, 1]`` (the images') on the mode's grid,
+    ``2**-INPUT_FRAC_BITS`` in the exact mode and ``2**-LOIHI2_INPUT_FRAC_BITS`` in the loihi2 mode
+    (:class:`~stdeploy.prune.QuantizeConfig` derives the range from the training split instead)."""
     frac = LOIHI2_INPUT_FRAC_BITS if check_mode(mode) == "loihi2" else INPUT_FRAC_BITS
-    return InputContract.covering(*(input_range or INPUT_RANGE), frac)
+    return InputContract(*INPUT_RANGE, frac)
 
 
 def to_exact(model: nn.Module, input_contract: InputContract | None = None, mode: str = "exact") -> nn.Module:
