@@ -14,6 +14,13 @@ sdt-tiny (trained the same way, or ``--sdt-checkpoint``) on our lowering at batc
 cannot hold attention). Reported: steps/s (median of ``--repeats`` runs of ``lava_steps_s``, the
 ``RunSteps`` wall time), spike agreement of the head's spikes over the stream, firing rates.
 
+``--trained --loihi2``: the same mlp-tiny quantised with ``--quantize loihi2`` (no fine-tune), so
+that netx holds the model's own integers in Loihi's units (:mod:`stdeploy.export.netx_export`);
+netx is loaded with ``reset_interval = T`` (each layer resets at its first step of a sample: the
+stream is ``samples`` separate samples), our fixed point runs the same samples as one batch
+(separate samples too), and the head spikes of netx, ours and the numpy reference (with the same
+resets) are compared: 0 differ is expected (same integer arithmetic). The sdt-tiny part is skipped.
+
 The network (no attention, so lava-dl can express it): 64 spike inputs -> Dense 128 -> LIF/CUBA
 -> Dense 10 -> LIF/CUBA, fixed random integer weights (seeded), batch 1, a Bernoulli spike input.
 
@@ -305,7 +312,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- trained models (--trained)
-def netx_stream_child(h5: str, data_path: str, out_path: str) -> int:
+def netx_stream_child(h5: str, data_path: str, out_path: str, reset_interval: str | None = None) -> int:
     """Child process: netx from the file, host currents into the input block's neuron, run, read, stop."""
     from lava.lib.dl.netx import hdf5
     from lava.magma.core.run_conditions import RunSteps
@@ -320,7 +327,7 @@ def netx_stream_child(h5: str, data_path: str, out_path: str) -> int:
     data = np.load(data_path)
     steps = data.shape[-1]
     t0 = time.perf_counter()
-    net = hdf5.Network(net_config=h5)
+    net = hdf5.Network(net_config=h5, reset_interval=int(reset_interval) if reset_interval else None)
     source = Source(data=data)
     sink = Sink(shape=net.out.shape, buffer=steps)
     source.s_out.connect(net.layers[0].neuron.a_in)  # lava-dl 0.6's Input block leaves its inp unconnected
@@ -411,6 +418,10 @@ def trained_main(args) -> int:
     with tempfile.TemporaryDirectory(prefix="lava-netx-trained-") as tmp:
         tmp = Path(tmp)
         mlp, how = _trained("mlp-tiny", args.mlp_checkpoint, data)
+        if args.loihi2:
+            from stdeploy.models.quantize import to_exact
+
+            mlp, how = to_exact(mlp, mode="loihi2").eval(), how + "; quantised in the loihi2 mode (no fine-tune)"
         manifest = export_model(mlp, tmp / "mlp", ("nir", "netx"), data=data, samples=64)
         t = mlp.cfg.timesteps
         x = images.unsqueeze(0).expand(t, *images.shape).transpose(0, 1).reshape(n * t, 1, *images.shape[1:])  # (n*T, 1, C, H, W)
@@ -422,17 +433,24 @@ def trained_main(args) -> int:
         runs = []
         for _ in range(REPEATS):
             t0 = time.perf_counter()
-            _child(["--netx-stream-child", str(tmp / "mlp" / "netx.h5"), str(tmp / "data.npy"), str(tmp / "out.npz")], args.timeout)
+            _child(["--netx-stream-child", str(tmp / "mlp" / "netx.h5"), str(tmp / "data.npy"), str(tmp / "out.npz")]
+                   + ([str(t)] if args.loihi2 else []), args.timeout)
             z = np.load(tmp / "out.npz")
             build_s, run_s, read_s, sim = z["timing"]
             runs.append({"build_s": float(build_s), "run_s": float(run_s), "read_s": float(read_s), "sim_steps": int(sim),
                          "call_s": time.perf_counter() - t0, "spikes": z["spikes"].astype(np.float32)})
         table = str(z["table"])
         res = {"lava-dl netx (fixed_pt)": _median(runs)}
-        ref = loihi_reference(net, cur, steps=steps)
+        ref = loihi_reference(net, cur, steps=steps, reset_interval=t if args.loihi2 else None)
         netx_raw = res["lava-dl netx (fixed_pt)"]["spikes"]
         netx_spk = model_spikes(net, netx_raw[:, None].astype(np.uint8)).numpy()        # (n*T, 1, N, D)
-        for name, profile in (("ours float (loihi2)", "loihi2"), ("ours fixed (loihi2-fixed)", "loihi2-fixed")):
+        if args.loihi2:  # separate samples: ours as one batch of n, reordered into the stream's (n*T, 1, N, D)
+            name = f"ours fixed (loihi2-fixed), batch {n}"
+            xb = xs.reshape(n, t, *xs.shape[2:]).transpose(1, 0, *range(2, xs.ndim))  # (T, n, C, H, W)
+            res[name] = _ours_stream(tmp / "mlp", "loihi2-fixed", np.ascontiguousarray(xb), args.timeout)
+            sp = res[name]["spikes"]
+            res[name]["spikes"] = sp.reshape(t, n, -1).transpose(1, 0, 2).reshape(n * t, 1, 1, -1)
+        for name, profile in (() if args.loihi2 else (("ours float (loihi2)", "loihi2"), ("ours fixed (loihi2-fixed)", "loihi2-fixed"))):
             res[name] = _ours_stream(tmp / "mlp", profile, xs, args.timeout)
         notes.append(f"mlp-tiny ({how}); export validation (64 test digits): {json.dumps({k: manifest['validation']['netx'][k] for k in ('spike_agreement', 'accuracy', 'firing_rates')})}; "
                      f"reference accuracy {manifest['validation']['reference_accuracy']}")
@@ -441,11 +459,13 @@ def trained_main(args) -> int:
                      f"{ {l.name: round(float(r[k:k + n * t].mean()), 4) for k, (l, r) in enumerate(zip(net.layers, ref))} }")
         notes.append(f"netx (Lava) vs numpy Loihi integer reference, last layer over the stream: "
                      f"{agreement_short(netx_raw, ref[-1][:, 0].astype(np.float32))}")
-        for name in ("ours float (loihi2)", "ours fixed (loihi2-fixed)"):
+        for name in [k for k in res if k.startswith("ours")]:
             notes.append(f"head spikes, {name} vs netx: {agreement_short(res[name]['spikes'].reshape(n * t, -1), netx_spk.reshape(n * t, -1))}")
         for name, r in res.items():
             rows.append(("mlp-tiny", name, r["sim_steps"], r["build_s"], r["run_s"], r["sim_steps"] / r["run_s"], int(r["spikes"].sum()), r["call_s"]))
 
+        if args.loihi2:
+            return _print_trained(table, rows, notes)
         sdt, how = _trained("sdt-tiny", args.sdt_checkpoint, data)
         manifest = export_model(sdt, tmp / "sdt", ("nir",), data=data, samples=64)
         r = _ours_stream(tmp / "sdt", "loihi2", xs, args.timeout)
@@ -454,6 +474,10 @@ def trained_main(args) -> int:
         notes.append(f"sdt-tiny ({how}), reference accuracy {manifest['validation']['reference_accuracy']}; firing rates on 64 test digits "
                      f"{ {k: round(v, 4) for k, v in act['firing_rates'].items()} }; head spike rate over the stream {float(r['spikes'].mean()):.4f}")
 
+    return _print_trained(table, rows, notes)
+
+
+def _print_trained(table: str, rows: list, notes: list) -> int:
     print("netx network (mlp-tiny):\n" + table)
     print("\n| model | path | Lava steps | build s | run s | steps/s | output spikes | whole call s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -473,7 +497,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--netx-child"]:
         return netx_child(*argv[1:4])
     if argv[:1] == ["--netx-stream-child"]:
-        return netx_stream_child(*argv[1:4])
+        return netx_stream_child(*argv[1:5])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[200, 1000])
     ap.add_argument("--seed", type=int, default=0)
@@ -484,6 +508,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--samples", type=int, default=100, help="--trained: test digits in the batch-1 stream")
     ap.add_argument("--mlp-checkpoint", default=None, help="--trained: use this mlp-tiny checkpoint instead of training")
     ap.add_argument("--sdt-checkpoint", default=None, help="--trained: use this sdt-tiny checkpoint instead of training")
+    ap.add_argument("--loihi2", action="store_true", help="--trained: mlp-tiny in the loihi2 mode; netx against our fixed point, exact")
     args = ap.parse_args(argv)
     global REPEATS
     REPEATS = max(1, args.repeats)

@@ -234,15 +234,21 @@ def _apply_quantize_mode(model: SpikingTransformer, meta: dict, directory: Path)
     mode = meta.get("quantize", "float") if isinstance(meta, dict) else "float"
     if mode == "float":
         return model
-    if mode != "exact":
-        raise CheckpointError(f"{directory / CONFIG}: unknown quantisation mode {mode!r} in meta (known: float, exact)")
+    if mode not in ("exact", "loihi2"):
+        raise CheckpointError(f"{directory / CONFIG}: unknown quantisation mode {mode!r} in meta (known: float, exact, loihi2)")
     from .models.quantize import InputContract, to_exact
 
-    try:  # the exact mode's input contract (checkpoints without one: images, [0, 1] on 2^-8)
-        contract = InputContract.from_dict(meta.get("input_contract"), f"{directory / CONFIG}: meta.input_contract")
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
-    return to_exact(model, contract)
+    # the input contract (checkpoints without one: the mode's default, [0, 1] on 2^-8, or on 2^-4 in the loihi2 mode)
+    contract = None
+    if meta.get("input_contract") is not None:
+        try:
+            contract = InputContract.from_dict(meta["input_contract"], f"{directory / CONFIG}: meta.input_contract")
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+    try:
+        return to_exact(model, contract, mode=mode)
+    except ConfigError as err:  # e.g. a loihi2 checkpoint whose contract is finer than Loihi's grid
+        raise CheckpointError(f"{directory / CONFIG}: {err}") from None
 
 
 def _input_contract_meta(model: torch.nn.Module) -> dict:

@@ -288,17 +288,19 @@ def input_range(text: str) -> tuple[float, float]:
 
 def _add_input_contract_args(p) -> None:
     p.add_argument("--input-range", type=input_range, default=None, metavar="LO,HI",
-                   help="exact mode: the input contract's range, e.g. -4.5,4.5 (default: the training split's smallest and "
+                   help="exact/loihi2 mode: the input contract's range, e.g. -4.5,4.5 (default: the training split's smallest and "
                         "largest value, rounded outward to the grid; [0,1] for images); inputs outside are clipped")
-    p.add_argument("--input-frac-bits", type=count(0), default=8,
-                   help="exact mode: the input contract's grid 2^-N (default 8)")
+    p.add_argument("--input-frac-bits", type=count(0), default=None,
+                   help="exact/loihi2 mode: the input contract's grid 2^-N (default 8; loihi2: 4, and no finer)")
 
 
 def _add_quantize_args(p) -> None:
-    p.add_argument("--quantize", choices=["float", "exact"], default="float",
+    p.add_argument("--quantize", choices=["float", "exact", "loihi2"], default="float",
                    help="exact: quantise after pruning (8-bit power-of-two-scaled weights, integer-exact in float32 on "
-                        "every runtime) and fine-tune with straight-through gradients; the checkpoint records the mode")
-    p.add_argument("--quantize-epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (with --quantize exact)")
+                        "every runtime) and fine-tune with straight-through gradients; loihi2: the same plus Loihi 2's integer "
+                        "constraints (input grid 2^-4, fixed exponents, integer thresholds), so Lava fixed point and netx run "
+                        "the trained integers; the checkpoint records the mode and the input contract")
+    p.add_argument("--quantize-epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (with --quantize exact or loihi2)")
     _add_input_contract_args(p)
 
 
@@ -339,7 +341,8 @@ def _contract_text(c: dict | None) -> str:
 def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="fine-tune a checkpoint into the integer-exact mode (8-bit power-of-two-scaled weights)")
     p.add_argument("checkpoint")
-    p.add_argument("--mode", choices=["exact"], default="exact")
+    p.add_argument("--mode", choices=["exact", "loihi2"], default="exact",
+                   help="exact (integer-exact on every runtime) or loihi2 (exact plus Loihi 2's integer constraints)")
     p.add_argument("--epochs", type=count(0), default=3, help="quantisation-aware fine-tune epochs (0: quantise only)")
     p.add_argument("--lr", type=finite(minimum=0.0), default=5e-4)
     p.add_argument("--batch-size", type=count(), default=64)

@@ -32,7 +32,7 @@ from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
 from ..neurons import neurons_of
-from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, is_exact
+from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, is_exact, quant_mode
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
 from .validate import Comparison, compare, record_neurons, require_agreement
@@ -100,7 +100,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     if contract is not None:
         x = contract.apply(x)
         described += f", clipped to [{contract.lo:g}, {contract.hi:g}] and rounded to 2^-{contract.frac_bits} (the input contract)"
-    exact_graph, checked = _check_exact(folded, spikformer, contract) if exact else (None, None)
+    exact_graph, checked = _check_exact(folded, spikformer, contract, quant_mode(model)) if exact else (None, None)
     orig_logits, orig_spikes = stream_outputs(model, x)
     # the reference's outputs and its firing rates / input densities in one streamed pass
     ref_logits, ref_spikes, activity = _reference_pass(folded, x)
@@ -116,7 +116,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
                                         "reference_accuracy": _accuracy(ref_logits, labels), "results": {},
                                         "batch": VALIDATION_BATCH},
         "batchnorm_folding": folding.to_dict(),
-        "quantize": {"mode": "exact" if exact else "float"},
+        "quantize": {"mode": quant_mode(model)},
     }
     # firing rates and input densities of the reference on the validation input (streamed): a check on a silent model means nothing
     manifest["validation"]["activity"] = activity.to_dict()
@@ -134,9 +134,9 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
         if "onnx" in formats:
             comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
         if "netx" in formats:
-            _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, netx_part)
+            _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, netx_part)  # loihi2: the model's integers
         save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source,
-                                                        **({"quantize": "exact"} if exact else {})})
+                                                        **({"quantize": quant_mode(model)} if exact else {})})
         manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference",
                                               "files": listed_files(tmp / "reference")}
         # the exact mode promises more than the tolerance: no flip at all and bit-identical logits
@@ -187,7 +187,7 @@ def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikfo
     from .nir_portable import NIR_MIN_VERSION
 
     graph = to_nir(folded, spikformer=spikformer) if graph is None else graph
-    if manifest["quantize"]["mode"] == "exact":
+    if manifest["quantize"]["mode"] != "float":
         graph.metadata["quantize"] = {k: v for k, v in manifest["quantize"].items() if k != "layers"}
         graph.metadata["input_contract"] = manifest["input"]["contract"]
         for node in graph.nodes.values():  # each weight node records its grid: weight = scale * an 8-bit integer
@@ -223,8 +223,10 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
     # artifact is then validated on every sample); a model whose every layer has one threshold has
     # nothing to fold, and its graph is built without the check (the same graph: "uniform" everywhere)
     uniform = all(bool(torch.all(lif.threshold == lif.threshold.reshape(-1)[0])) for lif in neurons_of(folded).values())
+    # a quantised model promises exactness: its thresholds are folded only where that is exact (powers of two);
+    # a checked fold can pass the first batch and flip later (loihi2-mode L1P-90 sdt-tiny: 20 output spikes at sample 21)
     try:
-        graph = (to_portable_nir(folded, fold="exact") if uniform else
+        graph = (to_portable_nir(folded, fold="exact") if uniform or manifest["quantize"]["mode"] != "float" else
                  to_portable_nir(folded, fold="checked", check_input=x[:, :VALIDATION_BATCH]))
     except UnsupportedPrimitive as err:
         reason = str(err).splitlines()[-1].strip(" -")
@@ -261,11 +263,14 @@ def _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, part)
     hold the model."""
     from .netx_export import NETX_FILE, host_currents, loihi_reference, model_spikes, read_netx, readout_logits, to_netx, write_netx
 
-    net = to_netx(folded, part)  # UnsupportedPrimitive names the first module netx cannot hold
+    quantize = manifest["quantize"] if manifest["quantize"]["mode"] == "loihi2" else None
+    net = to_netx(folded, part, quantize=quantize)  # UnsupportedPrimitive names the first module netx cannot hold
     path = write_netx(net, tmp / NETX_FILE)
     stored = read_netx(path)  # from the file, as netx reads it
-    layers = loihi_reference(stored, host_currents(stored, x))
-    t_in = x.shape[0]  # layer k emits the model's steps at Lava steps k .. k + T - 1
+    t_in = x.shape[0]
+    # loihi2 mode: each layer reset at its first step of a sample (hdf5.Network(reset_interval=T)), so that
+    # what it integrates of its bias before its first input arrives is discarded, as in the model
+    layers = loihi_reference(stored, host_currents(stored, x), reset_interval=t_in if stored.exact else None)  # layer k emits the model's steps at Lava steps k .. k + T - 1
     rates = {layer.name: float(s[k:k + t_in].mean()) for k, (layer, s) in enumerate(zip(stored.layers, layers))}
     if stored.readout is not None:
         spikes = model_spikes(stored, layers[-1])
@@ -289,6 +294,12 @@ def _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, part)
         mism = int((ours != ref).sum())
         checked = {"against": "PyTorch spikes of the stem's last layer", "spike_mismatches": mism, "spikes_total": ref.numel(),
                    "spike_agreement": 1 - mism / max(1, ref.numel())}
+    if stored.exact and checked["spike_mismatches"]:  # loihi2 mode: the model's own integers, so nothing may differ
+        from ..errors import OutputMismatch
+
+        raise OutputMismatch(f"netx (loihi2 mode): {checked['spike_mismatches']} of {checked['spikes_total']} spikes differ from "
+                             "PyTorch; the integers should be the model's own (nothing written)")
+    checked["exact"] = stored.exact
     manifest["validation"]["netx"] = {**checked, "arithmetic": "numpy model of Loihi's CUBA integer equations (netx_export.loihi_reference)",
                                       "firing_rates": rates, "firing_rates_over": "each layer's T model steps",
                                       "reference_output_rate": float(ref_spikes.mean()) if stored.readout is not None else None}
@@ -309,9 +320,9 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     results, outputs = [], {}
     info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse)
     step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse)
-    if manifest["quantize"]["mode"] == "exact":  # the input contract travels with the ONNX files too
+    if manifest["quantize"]["mode"] != "float":  # the input contract travels with the ONNX files too (exact, loihi2)
         for path in (tmp / "model.onnx", tmp / "model.step.onnx"):
-            _stamp_onnx(path, {"stdeploy.quantize": "exact", "stdeploy.input_contract": manifest["input"]["contract"],
+            _stamp_onnx(path, {"stdeploy.quantize": manifest["quantize"]["mode"], "stdeploy.input_contract": manifest["input"]["contract"],
                                "stdeploy.input_range": json.dumps(manifest["quantize"]["input_range"]),
                                "stdeploy.input_frac_bits": str(manifest["quantize"]["input_frac_bits"])})
     for key, path, meta, run in (("onnx", tmp / "model.onnx", info, run_onnx), ("onnx.step", tmp / "model.step.onnx", step, run_onnx_streaming)):
@@ -384,14 +395,14 @@ def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_l
     return result
 
 
-def _check_exact(folded: nn.Module, spikformer: str, contract) -> tuple[nir.NIRGraph, dict]:
+def _check_exact(folded: nn.Module, spikformer: str, contract, mode: str = "exact") -> tuple[nir.NIRGraph, dict]:
     """The NIR graph (converted once: the NIR export reuses it) and its bounds, proven over the
     input ``contract`` (:class:`~stdeploy.models.quantize.InputContract`)."""
     from .exact import check_exact, contract_metadata
     from .nir_export import to_nir
 
     graph = to_nir(folded, spikformer=spikformer)
-    graph.metadata["quantize"] = {"mode": "exact", **contract_metadata(contract)}
+    graph.metadata["quantize"] = {"mode": mode, **contract_metadata(contract)}
     return graph, check_exact(graph, folded.cfg.timesteps)
 
 

@@ -81,11 +81,11 @@ def graph_input_contract(graph: nir.NIRGraph) -> InputContract:
 
 
 def manifest_input_contract(manifest: dict) -> InputContract | None:
-    """The input contract of an exact-mode export directory's manifest (``quantize``, written by
-    :func:`contract_metadata`; an exact export without one: ``[0, 1]`` on ``2**-INPUT_FRAC_BITS``),
-    ``None`` for a float export."""
+    """The input contract of an exact-mode (``exact`` or ``loihi2``) export directory's manifest
+    (``quantize``, written by :func:`contract_metadata`; an exact export without one: ``[0, 1]`` on
+    ``2**-INPUT_FRAC_BITS``), ``None`` for a float export."""
     q = manifest.get("quantize") if isinstance(manifest, dict) else None
-    if not (isinstance(q, dict) and q.get("mode") == "exact"):
+    if not (isinstance(q, dict) and q.get("mode") in ("exact", "loihi2")):
         return None
     return _contract_of(q, "manifest")
 

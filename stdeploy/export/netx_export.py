@@ -53,6 +53,24 @@ Lava's 16-bit ``a_in`` (row sums of |w| plus |bias| <= 2**15 - 1). Differences f
 model: weight and current rounding, Loihi's truncating decay and its strict ``v > vth`` (ours
 ``v >= theta``); the export reports the spike agreement on its validation input.
 
+Loihi 2 mode models: the trained integers, spike-exact
+------------------------------------------------------
+A model quantised with ``--quantize loihi2`` (:mod:`stdeploy.models.quantize`; ``to_netx(...,
+quantize={"mode": "loihi2", ...})``) is not re-scaled or re-rounded: each population's unit is its
+current unit ``U = d s_in``, read back from its threshold ``theta = (vth + 2**(-j (T-1))) U``
+(:func:`stdeploy.models.quantize.loihi2_unit`, which the Lava lowering uses too), so ``vThMant = vth``,
+weights ``d w / U`` (the layer's 8-bit mantissas) and biases ``d b / U`` are integers that the
+export checks (exactly, never rounded) and refuses by name where they do not fit netx
+(``|w| <= 127``, ``|bias| <= 4095``, one threshold per layer: sLIF's per-neuron thresholds are
+refused). The host encoder's currents ``d (w x + b) / U`` are integers for inputs on the model's
+input contract (the manifest's ``quantize.input_range`` / ``input_frac_bits``; the mode's default
+grid ``2**-4``), which the encoder records (``encoder["input_contract"]``). This is the arithmetic of our Lava fixed-point lowering of the same model (Loihi's
+units there too), so the two give the same spikes; on Lava, load the network with
+``hdf5.Network(net_config=..., reset_interval=T)`` to run samples back to back as separate
+samples (each layer's ``u`` and ``v`` reset at its first step of a sample, which also discards
+what a layer integrates of its bias before its first input arrives). The export's own check then
+demands 0 spike mismatches against PyTorch.
+
 Timing: a chain of ``L`` layers after the input block emits the model's step ``t`` at Lava step
 ``t + L`` (``depth`` in the file's ``host`` attributes); run ``T + depth`` steps with zero current
 after the ``T`` input steps.
@@ -70,6 +88,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
+from ..models.quantize import loihi2_unit
 from ..models.structure import LowRankLinear
 from ..neurons import LIF
 
@@ -131,6 +150,7 @@ class NetxNetwork:
     readout: dict | None = None       # {"weight", "bias"} (floats) or None (a sub-network)
     part: str = "model"
     modules: dict = field(default_factory=dict)   # netx layer -> our module names it holds
+    exact: bool = False               # loihi2 mode: the model's integers (spike-exact against it), not re-rounded
 
     def __post_init__(self):
         if not self.layers or self.layers[0].kind != "input" or any(l.kind == "input" for l in self.layers[1:]):
@@ -167,7 +187,35 @@ def _scale(d: float, theta: np.ndarray, w: np.ndarray, b: np.ndarray, per_row_in
     return max(1, int(math.floor(min(limits))))
 
 
-def _synaptic(name: str, kind: str, w: np.ndarray, b: np.ndarray, lif, lif_name: str, shape, **geom) -> NetxLayer:
+def _loihi2_params(lif: nn.Module, name: str, timesteps: int) -> tuple[float, float, int]:
+    """``(d, U, vth)`` of a loihi2-mode population (module docstring); refuses what netx cannot hold."""
+    d, theta = _lif_params(lif, name)
+    unit = loihi2_unit(theta, np.full_like(theta, d), timesteps)
+    frac = 2.0 ** (math.log2(d) * (timesteps - 1))
+    vth = theta / unit - frac
+    if not (np.all(vth == np.rint(vth)) and np.all(vth >= 0)):
+        raise UnsupportedPrimitive(f"{name}: thresholds are not Loihi integers (vth + 2^-j(T-1)) U: quantise with --quantize loihi2")
+    if not (np.all(unit == unit[0]) and np.all(vth == vth[0])):
+        raise UnsupportedPrimitive(f"{name}: per-neuron thresholds (sLIF); a netx CUBA layer has one vThMant")
+    return d, float(unit[0]), int(vth[0])
+
+
+def _loihi2_integers(name: str, a: np.ndarray, limit: int, what: str) -> np.ndarray:
+    q = np.rint(a)
+    if not np.array_equal(q, a):
+        raise UnsupportedPrimitive(f"{name}: loihi2 mode: {what} are not integers in the population's current unit")
+    if float(np.abs(q).max(initial=0.0)) > limit:
+        raise UnsupportedPrimitive(f"{name}: loihi2 mode: {what} reach {int(np.abs(q).max()):,}, beyond netx's |{what}| <= {limit}")
+    return q.astype(np.int64)
+
+
+def _synaptic(name: str, kind: str, w: np.ndarray, b: np.ndarray, lif, lif_name: str, shape, timesteps: int = 0, **geom) -> NetxLayer:
+    if timesteps:  # loihi2 mode: the model's own integers
+        d, unit, vth = _loihi2_params(lif, lif_name, timesteps)
+        q = _loihi2_integers(name, d * w / unit, WEIGHT_MAX, "weights")
+        bias = _loihi2_integers(name, d * b / unit, BIAS_MAX, "bias")
+        return NetxLayer(name=name, kind=kind, shape=tuple(shape), vth=vth, v_decay=int(round(DECAY_UNITY * d)),
+                         weight=q, bias=bias if np.any(bias) else None, **geom)
     d, theta = _lif_params(lif, lif_name)
     fan_in = int(np.prod(w.shape[1:]))
     v = _scale(d, theta, w, b, fan_in)
@@ -203,10 +251,13 @@ def _out_hw(h: int, w: int, conv: nn.Conv2d) -> tuple[int, int]:
     return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
 
-def to_netx(model: nn.Module, part: str = "model") -> NetxNetwork:
+def to_netx(model: nn.Module, part: str = "model", quantize: dict | None = None) -> NetxNetwork:
     """The netx chain of a folded (BatchNorm-free) model: the whole model (``depth = 0``) or its
     stem (``part="stem"``). Raises :class:`UnsupportedPrimitive` naming the first module netx
-    cannot hold."""
+    cannot hold. ``quantize`` (the export manifest's ``quantize``) with ``mode == "loihi2"``: the
+    model's own integers in Loihi's units, exactly (module docstring)."""
+    loihi2 = isinstance(quantize, dict) and quantize.get("mode") == "loihi2"
+    T = int(model.cfg.timesteps) if loihi2 else 0
     if part not in PARTS:
         raise ConfigError(f"--netx-part must be one of {', '.join(PARTS)}, got {part!r}")
     cfg = model.cfg
@@ -227,13 +278,13 @@ def to_netx(model: nn.Module, part: str = "model") -> NetxNetwork:
         fc_names = [f"embed.fcs.{i}" for i in range(len(fcs))]
         w0, b0 = _linear(fcs[0], fc_names[0])
         d, theta = _lif_params(pops[0], names[0])
-        enc = _encoder_linear(w0, b0, d, theta)
+        enc = _encoder_loihi2("linear", w0, b0, pops[0], names[0], T) if loihi2 else _encoder_linear(w0, b0, d, theta)
         layers.append(NetxLayer(name="input", kind="input", shape=(w0.shape[0],), vth=enc.pop("vth"),
                                 v_decay=int(round(DECAY_UNITY * d))))
         modules["input"] = [fc_names[0], names[0]]
         for i in range(1, len(pops)):
             w, b = _linear(fcs[i], fc_names[i])
-            layers.append(_synaptic(f"dense{i}", "dense", w, b, pops[i], names[i], (w.shape[0],)))
+            layers.append(_synaptic(f"dense{i}", "dense", w, b, pops[i], names[i], (w.shape[0],), timesteps=T))
             modules[f"dense{i}"] = [fc_names[i], names[i]]
     else:
         if cfg.input_dims != 2:
@@ -249,12 +300,13 @@ def to_netx(model: nn.Module, part: str = "model") -> NetxNetwork:
             geom = {"stride": tuple(conv.stride), "padding": tuple(conv.padding), "groups": int(conv.groups)}
             if i == 0:
                 d, theta = _lif_params(stage.lif, lname)
-                enc = _encoder_conv(w, b, d, theta, **geom)
+                enc = (_encoder_loihi2("conv2d", w, b, stage.lif, lname, T, **geom) if loihi2
+                       else _encoder_conv(w, b, d, theta, **geom))
                 layers.append(NetxLayer(name="input", kind="input", shape=shape, vth=enc.pop("vth"),
                                         v_decay=int(round(DECAY_UNITY * d))))
                 modules["input"] = [cname, lname]
             else:
-                layers.append(_synaptic(f"conv{i}", "conv", w, b, stage.lif, lname, shape, **geom))
+                layers.append(_synaptic(f"conv{i}", "conv", w, b, stage.lif, lname, shape, timesteps=T, **geom))
                 modules[f"conv{i}"] = [cname, lname]
             if not isinstance(stage.pool, nn.Identity):
                 kh, kw = stage.pool.kernel
@@ -272,14 +324,35 @@ def to_netx(model: nn.Module, part: str = "model") -> NetxNetwork:
             for c in range(w.shape[0]):
                 w[c, c, kh // 2, kw // 2] += 1.0
             shape = (w.shape[0], h, w_)
-            layers.append(_synaptic("conv_rpe", "conv", w, b, model.head.lif, "head.lif", shape,
+            layers.append(_synaptic("conv_rpe", "conv", w, b, model.head.lif, "head.lif", shape, timesteps=T,
                                     stride=(1, 1), padding=tuple(conv.padding), groups=1))
             modules["conv_rpe"] = ["embed.rpe", "embed (residual x + rpe(x))", "head.lif"]
     readout = None
     if part == "model":
         fc = model.head.fc
         readout = {"weight": fc.weight.detach().float().numpy(), "bias": fc.bias.detach().float().numpy()}
-    return NetxNetwork(layers=tuple(layers), encoder=enc, readout=readout, part=part, modules=modules)
+    if loihi2:  # the input contract the integer currents assume (the manifest's, a loihi2 model's own)
+        from .exact import manifest_input_contract
+
+        enc["input_contract"] = manifest_input_contract({"quantize": quantize}).to_dict()
+    return NetxNetwork(layers=tuple(layers), encoder=enc, readout=readout, part=part, modules=modules,
+                       exact=loihi2)
+
+
+def _encoder_loihi2(op: str, w: np.ndarray, b: np.ndarray, lif, name: str, timesteps: int, stride=(1, 1), padding=(0, 0),
+                    groups: int = 1) -> dict:
+    """The host encoder of a loihi2-mode model: ``d (w x + b) / U``, integers for inputs on the
+    mode's grid (weights and bias on the layer's grid times ``d / U``, exact in float32)."""
+    if groups != 1:
+        raise UnsupportedPrimitive(f"{name}: a grouped first convolution is not exported to netx")
+    d, unit, vth = _loihi2_params(lif, name, timesteps)
+    f = d / unit
+    enc = {"op": op, "weight": (f * w).astype(np.float32), "bias": (f * b).astype(np.float32), "vth": vth}
+    if not (np.array_equal(enc["weight"].astype(np.float64), f * w) and np.array_equal(enc["bias"].astype(np.float64), f * b)):
+        raise UnsupportedPrimitive(f"{name}: loihi2 mode: the encoder's weights are not exact in float32")
+    if op == "conv2d":
+        enc.update(stride=list(stride), padding=list(padding))
+    return enc
 
 
 def _encoder_linear(w: np.ndarray, b: np.ndarray, d: float, theta: np.ndarray) -> dict:
@@ -344,6 +417,7 @@ def write_netx(net: NetxNetwork, path: str | Path) -> Path:
         host = f.create_group("host")
         host.attrs["part"] = net.part
         host.attrs["depth"] = net.depth
+        host.attrs["exact"] = net.exact
         host.attrs["contract"] = ("current of layer/0 per step: clip(rint(encoder(x)), -32768, 32767); logits (whole "
                                   "models): mean over steps and tokens of the last layer's spikes @ readout/weight.T + readout/bias")
         enc = host.create_group("encoder")
@@ -393,7 +467,8 @@ def read_netx(path: str | Path) -> NetxNetwork:
                 enc[k] = [int(s) for s in e[k][()]]
         readout = {k: h["readout"][k][()] for k in ("weight", "bias")} if "readout" in h else None
         part = str(h.attrs["part"])
-    return NetxNetwork(layers=tuple(layers), encoder=enc, readout=readout, part=part)
+        exact = bool(h.attrs.get("exact", False))
+    return NetxNetwork(layers=tuple(layers), encoder=enc, readout=readout, part=part, exact=exact)
 
 
 # ----------------------------------------------------------------------------- host ends and the integer reference
@@ -414,10 +489,13 @@ def _decay(v: np.ndarray, dv: int) -> np.ndarray:
     return np.sign(p) * (np.abs(p) >> 12)
 
 
-def loihi_reference(net: NetxNetwork, currents: np.ndarray, steps: int | None = None) -> list[np.ndarray]:
+def loihi_reference(net: NetxNetwork, currents: np.ndarray, steps: int | None = None,
+                    reset_interval: int | None = None) -> list[np.ndarray]:
     """Every layer's spikes ``(S, B, *shape)`` (uint8) for ``S = steps`` (default ``T + depth``)
     Lava steps, the input layer fed ``currents (T, B, *shape)`` then zeros: Loihi's CUBA integer
-    equations of the module docstring, in numpy (no Lava)."""
+    equations of the module docstring, in numpy (no Lava). ``reset_interval = R``: layer ``k``
+    sets ``u`` and ``v`` to 0 before integrating at steps ``k, k + R, ...`` (netx's
+    ``hdf5.Network(reset_interval=R)``, Lava's ``LIFReset``)."""
     t_in, batch = currents.shape[:2]
     steps = t_in + net.depth if steps is None else steps
     u = [np.zeros((batch, *l.shape), np.int64) for l in net.layers]
@@ -427,6 +505,9 @@ def loihi_reference(net: NetxNetwork, currents: np.ndarray, steps: int | None = 
     for t in range(steps):
         now = []
         for k, layer in enumerate(net.layers):
+            if reset_interval and t >= k and (t - k) % reset_interval == 0:
+                u[k][...] = 0
+                v[k][...] = 0
             if layer.kind == "input":
                 a = currents[t] if t < t_in else np.zeros_like(u[k])
             elif layer.kind == "dense":

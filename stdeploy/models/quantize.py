@@ -64,6 +64,38 @@ exported and fine-tuned layer is dense, ``in * out`` parameters and multiply-add
 of ``rank * (in + out)`` (DSP's saving on those layers is given back: e.g. ``sdt-tiny``'s ``fc1``,
 64 -> 256, at rank 16 holds 16,384 instead of 5,120 weights); a checkpoint saved in the exact mode
 records no low-rank structure, and quantisation-aware fine-tuning updates the dense weight.
+
+The Loihi 2 mode (mode ``"loihi2"``): the exact arithmetic plus Loihi's integer constraints
+---------------------------------------------------------------------------------------------
+One arithmetic, not two: a ``loihi2`` model is an exact-mode model (the same modules, the same
+straight-through rounding, the same float32 proof) whose integers are also the ones Lava's
+bit-accurate LIF (``PyLifModelBitAcc``) and lava-dl netx hold, so that fixed-point Lava runs the
+trained integers as they are. On top of the exact mode:
+
+* Input grid ``2**-LOIHI2_INPUT_FRAC_BITS`` (4 bits; the digits' own ``k/16``): the mode's default
+  :class:`InputContract` is its range (``[0, 1]``, or the training split's) on that grid
+  (:func:`default_input_contract`); with 8 fractional input bits the analog first layer's membrane
+  needs more than Loihi's 24-bit ``u``/``v``. A given contract is kept if its grid is ``2**-4`` or
+  coarser and refused by name otherwise; the contract is the only carrier of range and grid here
+  as in the exact mode (checkpoint meta ``input_contract`` next to ``quantize``, manifest, metadata).
+* Per-layer exponents are fixed at conversion (:func:`to_exact` ``mode="loihi2"``): ``s`` no
+  longer follows the weights during fine-tuning; mantissas saturate at ``+-127``. A layer's grid is
+  then a property of the model, and so is every population's current unit.
+* Integer thresholds in units of the current: the population fed (directly, summed) by layers of
+  grid ``s_in`` (``s`` times the input contract's grid, ``2**-4`` by default, for a layer on the
+  analog input, the weight scale ``s`` for a layer on spikes; spike edges have grid 1) receives Loihi currents ``a_in = d x / U`` with ``U = d s_in``
+  (the 8-bit mantissas themselves: ``a_in = W s + B``). Loihi spikes on ``v > vth`` for an integer
+  ``vth`` (Lava's ``v > vth << 6``), the model on ``v >= theta``; the two agree for every membrane
+  when ``theta = (vth + 2**(-j (T-1))) U`` (:func:`loihi2_threshold`), because the membrane is a
+  multiple of ``U 2**(-j (T-1))`` at every step of a sample (``d = 2**-j``). Thresholds are rounded
+  to that form once at conversion (buffers; they do not train).
+* Lava holds the membrane in units of ``U / 64`` (``a_in << 6``): the decay
+  ``sign(v') (|v'| >> 12)`` is exact while ``j (T - 1) <= LOIHI2_FRACTION_BITS`` (6), checked at
+  conversion; 12-bit decays need ``j <= 12``.
+:func:`loihi2_units` finds each population's ``s_in`` from the model's structure (which quantised
+layers reach which neurons; a probe with NaN outputs, one layer at a time, so values never
+matter). The Lava fixed-point lowering and the netx export read the unit back from the threshold
+(``grid(theta) 2**(j (T-1))``) and refuse a graph whose integers do not fit, never rounding.
 """
 
 from __future__ import annotations
@@ -84,14 +116,19 @@ from .structure import LowRankLinear
 
 __all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "QuantLinear", "QuantConv", "power_of_two_scale",
            "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode",
-           "InputContract", "INPUT_LAYERS", "input_contract_of", "with_input_contract", "power_of_two_token_mean"]
+           "InputContract", "INPUT_LAYERS", "input_contract_of", "with_input_contract", "power_of_two_token_mean",
+           "LOIHI2_INPUT_FRAC_BITS", "LOIHI2_FRACTION_BITS", "LOIHI2_DECAY_BITS", "quant_mode",
+           "default_input_contract", "check_input_contract", "loihi2_units", "loihi2_threshold", "loihi2_unit"]
 
-MODES = ("float", "exact")
+MODES = ("float", "exact", "loihi2")
 WEIGHT_BITS = 8                # integer weights in [-127, 127]
 QMAX = 2 ** (WEIGHT_BITS - 1) - 1
 INPUT_FRAC_BITS = 8            # the analog input on a grid of 1/256, clipped to [0, 1]
 INPUT_RANGE = (0.0, 1.0)
 THRESHOLD_FRAC_BITS = 8        # thresholds on a grid of 1/256
+LOIHI2_INPUT_FRAC_BITS = 4     # loihi2 mode: the analog input on a grid of 1/16 (the first layer fits 24-bit u, v)
+LOIHI2_FRACTION_BITS = 6       # loihi2 mode: Lava's a_in << 6, the membrane's fractional bits below one current unit
+LOIHI2_DECAY_BITS = 12         # loihi2 mode: Loihi's 12-bit decays, dv = 4096 d
 
 
 def check_mode(mode: str) -> str:
@@ -214,6 +251,8 @@ class _QuantWeights(nn.Module):
         self.input_contract: InputContract | None = None  # the layer that reads the analog input: its contract
 
     def scale(self) -> torch.Tensor:
+        if getattr(self, "fixed_scale", False):  # loihi2 mode: the exponent fixed at conversion (scale_floor)
+            return torch.pow(2.0, self.scale_floor).to(self.weight.dtype)
         own = power_of_two_scale(self.weight * self.mask)
         return torch.maximum(own, torch.pow(2.0, self.scale_floor).to(own))
 
@@ -332,14 +371,31 @@ def power_of_two_token_mean(model: nn.Module) -> None:
     head.token_scale = 2.0 ** -k
 
 
-def to_exact(model: nn.Module, input_contract: InputContract | None = None) -> nn.Module:
+def default_input_contract(mode: str = "exact") -> InputContract:
+    """A mode's input contract when none is given: ``[0, 1]`` (the images') on the mode's grid,
+    ``2**-INPUT_FRAC_BITS`` in the exact mode and ``2**-LOIHI2_INPUT_FRAC_BITS`` in the loihi2 mode
+    (:class:`~stdeploy.prune.QuantizeConfig` derives the range from the training split instead)."""
+    frac = LOIHI2_INPUT_FRAC_BITS if check_mode(mode) == "loihi2" else INPUT_FRAC_BITS
+    return InputContract(*INPUT_RANGE, frac)
+
+
+def to_exact(model: nn.Module, input_contract: InputContract | None = None, mode: str = "exact") -> nn.Module:
     """The exact-mode copy of a finalized ``model`` (the caller's model is not changed): BatchNorm
     folded, low-rank layers merged (:func:`merge_low_rank`), every linear layer and convolution quantised, sLIF frozen to LIF, leaks rounded to
     powers of two and thresholds to the threshold grid; the layer that reads the input applies
-    ``input_contract`` (default :class:`InputContract`: ``[0, 1]`` on ``2**-8``; an exact
-    ``model`` keeps its own unless one is given). The copy keeps ``model``'s training mode.
+    ``input_contract`` (default :func:`default_input_contract` of the mode: ``[0, 1]`` on ``2**-8``,
+    or on ``2**-4`` in the loihi2 mode; an exact ``model`` keeps its own unless one is given). The
+    copy keeps ``model``'s training mode. ``mode="loihi2"`` adds Loihi's constraints (module
+    docstring): an input grid no finer than ``2**-4``, exponents fixed, thresholds on
+    :func:`loihi2_threshold`'s form.
 
-    Raises :class:`ConfigError` when a pruning mask is still attached (finalize pruning first)."""
+    Raises :class:`ConfigError` when a pruning mask is still attached (finalize pruning first), and
+    in the loihi2 mode when a leak does not fit Loihi's 12-bit decay exactly."""
+    if mode not in ("exact", "loihi2"):
+        raise ConfigError(f"to_exact: mode must be exact or loihi2, got {mode!r}")
+    if input_contract is not None and not isinstance(input_contract, InputContract):
+        raise ConfigError(f"to_exact: input_contract must be an InputContract, got {input_contract!r} "
+                          "(the quantisation mode is the keyword mode=...)")
     training = model.training
     from torch.nn.utils import parametrize
 
@@ -347,8 +403,18 @@ def to_exact(model: nn.Module, input_contract: InputContract | None = None) -> n
     if attached:
         raise ConfigError(f"exact mode: pruning masks still attached at {', '.join(attached[:4])}; finalize pruning first")
     if is_exact(model):
-        return copy.deepcopy(model) if input_contract is None else with_input_contract(model, input_contract)
-    contract = input_contract or InputContract()
+        if quant_mode(model) != mode:
+            raise ConfigError(f"to_exact: the model is already quantised in the {quant_mode(model)} mode, not {mode}")
+        own = input_contract_of(model)
+        if input_contract is None or input_contract == own:
+            return copy.deepcopy(model)
+        if mode == "loihi2" and own is not None and input_contract.frac_bits != own.frac_bits:
+            raise ConfigError(f"to_exact: loihi2 mode: the model's thresholds are in units of its input grid "
+                              f"2^-{own.frac_bits}; a contract on 2^-{input_contract.frac_bits} needs quantising the float "
+                              "model again")
+        return with_input_contract(model, input_contract)
+    contract = input_contract or default_input_contract(mode)
+    check_input_contract(contract, mode)
     new = to_lif(fold_batchnorm(model))  # a folded copy; to_lif swaps sLIF in place on it
     power_of_two_token_mean(new)
 
@@ -374,6 +440,8 @@ def to_exact(model: nn.Module, input_contract: InputContract | None = None) -> n
         for lif in neurons_of(new).values():
             lif.decay_.copy_(_power_of_two_decay(lif.decay_))
             lif.threshold_.copy_(_grid_threshold(lif.threshold_))
+    if mode == "loihi2":
+        _to_loihi2(new)
     return new.train(training)
 
 
@@ -458,3 +526,109 @@ def exact_layers(model: nn.Module) -> dict[str, dict]:
             out[name] = {"scale": s, "scale_exponent": int(round(math.log2(s))), "weight_int_max": int(w.abs().max()),
                          "bias_int_max": None if b is None else int(b.abs().max())}
     return out
+
+
+# ----------------------------------------------------------------------------- the loihi2 mode
+def quant_mode(model: nn.Module) -> str:
+    """``"float"``, ``"exact"`` or ``"loihi2"`` (the exact arithmetic with Loihi's constraints)."""
+    layers = [m for m in model.modules() if isinstance(m, _QuantWeights)]
+    if not layers:
+        return "float"
+    return "loihi2" if all(getattr(m, "fixed_scale", False) for m in layers) else "exact"
+
+
+def check_input_contract(contract: InputContract, mode: str) -> InputContract:
+    """``contract`` if it fits ``mode``, else :class:`ConfigError` naming it. The exact mode takes
+    any contract; the loihi2 mode holds inputs on ``2**-LOIHI2_INPUT_FRAC_BITS`` or a coarser grid:
+    a finer one multiplies the analog first layer's currents, in units of its threshold's unit, past
+    what Loihi's 24-bit ``u`` and ``v`` hold (the range itself is proven by the Lava lowering and
+    the netx export, which refuse by name what does not fit)."""
+    if check_mode(mode) == "loihi2" and contract.frac_bits > LOIHI2_INPUT_FRAC_BITS:
+        raise ConfigError(f"loihi2 mode: input contract grid 2^-{contract.frac_bits} is finer than Loihi 2's "
+                          f"2^-{LOIHI2_INPUT_FRAC_BITS} (the first layer's membrane would outgrow 24-bit u, v); "
+                          f"use --input-frac-bits {LOIHI2_INPUT_FRAC_BITS} or less")
+    return contract
+
+
+def loihi2_threshold(theta: torch.Tensor, unit: torch.Tensor, decay: torch.Tensor, timesteps: int) -> torch.Tensor:
+    """``(vth + 2**(-j (T-1))) U`` with the integer ``vth >= 0`` nearest to ``theta / U``: spiking on
+    ``v >= `` it is Loihi's ``v > vth`` (in units of ``U``) for every membrane on the grid
+    ``U 2**(-j (T-1))`` (``d = 2**-j``; see the module docstring)."""
+    th, u, d = theta.double(), unit.double(), decay.double()
+    frac = torch.pow(2.0, torch.log2(d) * (timesteps - 1))  # 2**(-j (T-1))
+    vth = torch.clamp(torch.round(th / u - frac), min=0)
+    return ((vth + frac) * u).to(theta.dtype)
+
+
+def loihi2_units(model: nn.Module, timesteps: int | None = None) -> dict[str, torch.Tensor]:
+    """Per LIF population (fully qualified name): its current unit ``U = d * s_in`` per neuron,
+    where ``s_in`` is the finest grid of the quantised layers whose outputs reach the population's
+    input (``s * 2**-frac_bits`` of the input contract for a layer that reads the analog input) and 1 for spike
+    edges. Found structurally: one forward pass per quantised layer with that layer's output
+    replaced by NaN (NaN crosses every weight, zero or not, and never crosses a spike), plus one
+    with a NaN input to find the layers that read it."""
+    cfg = model.cfg
+    T = timesteps or cfg.timesteps
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, _QuantWeights)}
+    lifs = neurons_of(model)
+    device = next(model.parameters()).device
+    x0 = torch.zeros((T, 1, *cfg.input_shape), device=device)
+
+    def reached(run_input, replace: str | None, watch: dict[str, nn.Module]) -> set[str]:
+        hit: set[str] = set()
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hit.add(n) if torch.isnan(args[0]).any() else None)
+                   for n, m in watch.items()]
+        if replace is not None:
+            handles.append(quant[replace].register_forward_hook(lambda mod, args, out: torch.full_like(out, float("nan"))))
+        training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(run_input)
+        finally:
+            model.train(training)
+            for h in handles:
+                h.remove()
+        return hit
+
+    analog = reached(torch.full_like(x0, float("nan")), None, quant)
+    contract = input_contract_of(model) or default_input_contract("loihi2")
+    grid = {n: float(m.scale()) * (contract.grid if n in analog else 1.0) for n, m in quant.items()}
+    s_in = {n: 1.0 for n in lifs}
+    for q in quant:
+        for n in reached(x0, q, lifs):
+            s_in[n] = min(s_in[n], grid[q])
+    return {n: lif.decay.detach().double() * s_in[n] for n, lif in lifs.items()}
+
+
+def loihi2_unit(theta, d, timesteps: int):
+    """The current unit ``U`` per neuron (float64 array) of a loihi2-mode population, read back
+    from its thresholds ``theta = (vth + 2**(-j (T-1))) U``: an odd multiple of ``U 2**(-j (T-1))``,
+    so ``U`` is ``theta``'s lowest set bit times ``2**(j (T-1))`` (what the Lava lowering and the
+    netx export use; :func:`loihi2_units` is what the model was built with)."""
+    import numpy as np
+
+    theta = np.asarray(theta, np.float64)
+    mant, exp = np.frexp(np.abs(theta))
+    m = (mant * 2.0 ** 53).astype(np.uint64)
+    low = np.log2((m & (~m + np.uint64(1))).astype(np.float64))
+    grid = np.where(theta != 0, np.power(2.0, exp - 53 + low), np.inf)
+    return grid / np.power(2.0, np.log2(np.asarray(d, np.float64)) * (timesteps - 1))
+
+
+def _to_loihi2(model: nn.Module) -> None:
+    """Fix every quantised layer's exponent and put every threshold on Loihi's integer form."""
+    T = model.cfg.timesteps
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _QuantWeights):
+                m.scale_floor.fill_(float(torch.log2(m.scale())))
+                m.fixed_scale = True
+        for name, lif in neurons_of(model).items():
+            j = torch.round(-torch.log2(lif.decay.double()))
+            if float(j.max()) > LOIHI2_DECAY_BITS or float(j.max()) * (T - 1) > LOIHI2_FRACTION_BITS:
+                raise ConfigError(f"loihi2 mode: {name}: leak 2^-{int(j.max())} over T = {T} steps needs "
+                                  f"{int(j.max()) * (T - 1)} fractional membrane bits, Loihi's LIF has {LOIHI2_FRACTION_BITS} "
+                                  f"(and {LOIHI2_DECAY_BITS}-bit decays)")
+        for name, unit in loihi2_units(model, T).items():
+            lif = neurons_of(model)[name]
+            lif.threshold_.copy_(loihi2_threshold(lif.threshold_, unit, lif.decay_, T))

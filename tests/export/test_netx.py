@@ -52,7 +52,7 @@ CHILD = textwrap.dedent("""
     for job in json.load(open(sys.argv[1])):
         data = np.load(job["data"])
         steps = data.shape[-1]
-        net = hdf5.Network(net_config=job["h5"])
+        net = hdf5.Network(net_config=job["h5"], reset_interval=job.get("reset_interval"))
         source = Source(data=data)
         source.s_out.connect(net.layers[0].neuron.a_in)  # lava-dl 0.6's Input block leaves inp unconnected
         sinks = [Sink(shape=layer.out.shape, buffer=steps) for layer in net.layers]
@@ -108,6 +108,49 @@ def stream(currents: np.ndarray, depth: int) -> np.ndarray:
     return s
 
 
+def loihi2_netx_against_our_lava(model, data, tmp_path):
+    """``(job, check)`` for a loihi2-quantised copy of the trained ``model``: ``check(layers)``
+    asserts 0 differing spikes at the head between lava-dl netx (the job: 8 test digits back to
+    back, ``reset_interval = T``), our Lava fixed-point run (profile ``loihi2-fixed``, Lava's
+    bit-accurate LIF in Loihi's units) and PyTorch, every layer firing."""
+    from stdeploy.models.quantize import to_exact
+    from stdeploy.targets.lava.target import LavaTarget
+    from stdeploy.targets.profiles import load_profile
+
+    q = to_exact(model.eval(), mode="loihi2").eval()
+    manifest = export_model(q, tmp_path / "loihi2", ("nir", "netx"), data=data, samples=8)
+    check = manifest["validation"]["netx"]
+    assert check["exact"] and check["spike_mismatches"] == 0, check  # the file's integers, in numpy, equal PyTorch
+    own = {"lo": 0.0, "hi": 1.0, "frac_bits": 4}  # the mode's default input contract, in the manifest next to the mode
+    assert manifest["quantize"]["mode"] == "loihi2" and manifest["quantize"]["input_range"] == [0.0, 1.0], manifest["quantize"]
+    assert manifest["quantize"]["input_frac_bits"] == 4
+    assert all(0.02 < r < 0.9 for r in check["firing_rates"].values()), check
+    x = direct_encode(torch.stack([data.test[i][0] for i in range(8)]), q.cfg.timesteps)  # digits: on the 2^-4 grid
+    with LavaTarget().compile(tmp_path / "loihi2", load_profile("loihi2-fixed")) as runnable:
+        ours = runnable.run(x.numpy()).spikes
+        assert runnable.info["input_contract"] == own  # Lava keeps a loihi2 graph's own grid (no refit, no re-quantising)
+    kept = []
+    hook = q.head.lif.register_forward_hook(lambda m, i, out: kept.append(out))
+    with torch.no_grad():
+        q(x)
+    hook.remove()
+    assert np.array_equal(ours, kept[0].numpy().reshape(ours.shape)), "our Lava fixed point differs from PyTorch"
+    net = read_netx(tmp_path / "loihi2" / "netx.h5")
+    T = q.cfg.timesteps
+    cur = stream(host_currents(net, x), net.depth)
+    assert int(np.abs(cur).max()) < 2 ** 15  # no current clipped on the host
+    np.save(tmp_path / "loihi2.npy", netx_input_data(cur[:, 0], cur.shape[0]))
+    job = {"h5": str(tmp_path / "loihi2" / "netx.h5"), "data": str(tmp_path / "loihi2.npy"), "out": str(tmp_path / "loihi2.npz"),
+           "reset_interval": T}
+
+    def check_layers(layers):
+        got = layers[-1][net.depth:net.depth + 8 * T].reshape(8, T, -1).transpose(1, 0, 2).reshape(ours.shape)  # (T, B, n)
+        assert 0.02 < got.mean() < 0.9, got.mean()
+        assert np.array_equal(got, ours), f"netx: {int((got != ours).sum())} of {got.size} spikes differ from our Lava run"
+
+    return job, check_layers
+
+
 def random_chain(seed: int = 0) -> NetxNetwork:
     """Asymmetric kernels, stride, groups, uneven padding, biases, a flatten into dense; rates 25-60%."""
     rng = np.random.default_rng(seed)
@@ -124,7 +167,9 @@ def random_chain(seed: int = 0) -> NetxNetwork:
 @pytest.mark.lava
 def test_netx_runs_in_lava_spike_exact(digits_subset, tmp_path, one_thread):
     """A trained mlp-tiny exported with ``--format netx`` (the file listed in the sealed manifest)
-    and a random conv chain: lava-dl netx equals the Loihi integer reference at every layer."""
+    and a random conv chain: lava-dl netx equals the Loihi integer reference at every layer. The
+    same mlp-tiny quantised with ``--quantize loihi2``: netx equals our Lava fixed-point run, which
+    equals PyTorch (:func:`loihi2_netx_against_our_lava`)."""
     data = digits_subset(480, 16)
     torch.manual_seed(0)
     model = build_model("mlp-tiny")
@@ -147,7 +192,9 @@ def test_netx_runs_in_lava_spike_exact(digits_subset, tmp_path, one_thread):
         np.save(tmp_path / f"{name}.npy", netx_input_data(c[:, 0], c.shape[0] + (n.depth if name == "chain" else 0)))
         jobs.append({"h5": str(h5), "data": str(tmp_path / f"{name}.npy"), "out": str(tmp_path / f"{name}.npz")})
         refs.append(loihi_reference(read_netx(h5), c, steps=c.shape[0] + (n.depth if name == "chain" else 0)))
-    lava = run_netx_in_lava(jobs, tmp_path)
+    loihi2_job, check_loihi2 = loihi2_netx_against_our_lava(model, data, tmp_path)  # shares this training and Lava child
+    lava = run_netx_in_lava(jobs + [loihi2_job], tmp_path)
+    check_loihi2(lava[-1])
     for name, ref, got in zip(("mlp", "chain"), refs, lava):
         assert len(got) == len(ref)
         for k, (r, g) in enumerate(zip(ref, got)):
@@ -232,3 +279,4 @@ def test_low_rank_layer_is_multiplied_out():
     d, theta = 0.5, folded.head.lif.threshold.double().numpy()
     assert np.array_equal(dense.weight, np.rint(d * dense.vth / theta[:, None] * w).astype(np.int64))
     assert np.abs(dense.weight).max() == 127  # the scale fills the 8 bits
+

@@ -55,6 +55,20 @@ maps those integers onto Loihi's arithmetic exactly instead of normalising and r
   reference). A layer whose integers would need re-quantising and a readout that would need
   Lava's floor shift are refused by name (:class:`~.graph.LavaUnsupported`), never rounded.
 
+Loihi 2 mode graphs (``quantize.mode == "loihi2"``): Loihi's units, netx's arithmetic
+-------------------------------------------------------------------------------------
+A model quantised with ``--quantize loihi2`` (:mod:`stdeploy.models.quantize`) has thresholds
+``theta = (vth + 2**(-j (T-1))) U`` with an integer ``vth`` and ``U = d s_in``, the current unit of
+the population. Its populations are lowered in that unit instead of the proven grid ``G``
+(:func:`_loihi2_lif`): ``U = grid(theta) 2**(j (T-1))`` read back from the thresholds,
+``a_in = d x / U`` (the layers' 8-bit mantissas themselves, exponent 0 where the population's
+layer has the grid ``s_in``), Lava's ``vth`` is that integer ``vth`` (``v > vth << 6``), and the
+membrane keeps ``6`` fractional bits below ``U`` (``a_in << 6``), which hold every membrane of a
+sample exactly while ``j (T-1) <= 6``. This is the arithmetic of lava-dl netx's CUBA layers, so a
+netx export of the same model (:mod:`stdeploy.export.netx_export`) gives the same spikes. A
+loihi2 graph whose thresholds are not of that form, whose proven range exceeds the 24-bit
+registers, or whose ``vth`` exceeds 17 bits is refused by name (no warning, no wrap).
+
 Measured (sdt-tiny, 360 digits test images, 8-bit weights): 93.9% of the head's output spikes
 equal float mode, accuracy 97.5% (float 97.2%), predictions agree on 99.7%; per-neuron sLIF
 89.6%, 83.6% (float 84.7%). That is the 8-bit weights' floor, not the pipeline's: the same
@@ -72,7 +86,7 @@ import numpy as np
 
 from ...errors import UnsupportedPrimitive
 from ...export.exact import Bound, check_exact, graph_input_contract
-from ...models.quantize import InputContract
+from ...models.quantize import InputContract, loihi2_unit
 from ...export.nir_interpreter import int_tuple
 from ..base import TargetError
 from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_kind
@@ -157,12 +171,17 @@ def row_abs_sum(q: np.ndarray | None, op: dict) -> float:
 def _is_exact_graph(graph) -> bool:
     meta = graph.metadata if isinstance(graph.metadata, dict) else {}
     q = meta.get("quantize")
-    return isinstance(q, dict) and q.get("mode") == "exact"
+    return isinstance(q, dict) and q.get("mode") in ("exact", "loihi2")
+
+
+def _graph_mode(graph) -> str:
+    """``"exact"``, ``"loihi2"`` (the exact arithmetic in Loihi's units) or ``"float"``."""
+    return graph.metadata["quantize"]["mode"] if _is_exact_graph(graph) else "float"
 
 
 def exact_membranes(graph, contract: InputContract | None = None) -> dict[str, dict] | None:
-    """For a graph exported in the exact mode (graph metadata ``quantize.mode == "exact"``): per
-    LIF node, its membrane's proven bound and grid (``{"lo", "hi", "grid"}`` from
+    """For a graph exported in the exact mode (graph metadata ``quantize.mode`` ``"exact"`` or
+    ``"loihi2"``): per LIF node, its membrane's proven bound and grid (``{"lo", "hi", "grid"}`` from
     :func:`~stdeploy.export.exact.check_exact`) for inputs on ``contract`` (default: the graph's
     own, :func:`~stdeploy.export.exact.graph_input_contract`); ``None`` for other graphs. A graph
     that claims the exact mode but fails the check is refused."""
@@ -202,11 +221,17 @@ def fit_input_contract(info: GraphInfo) -> tuple[InputContract, dict[str, dict]]
     also on the graph's contract and the reference sees them unchanged. Where no grid fits (a
     population past the first whose range does not depend on the input), the graph is refused
     (:class:`~.graph.LavaUnsupported`) naming each population and its register bits: never run
-    with ``u`` wrapping."""
+    with ``u`` wrapping.
+
+    A loihi2-mode graph keeps its own contract (its grid already fits Loihi, and its thresholds
+    are integers in units of that grid): the trained integers are never re-quantised, and
+    :func:`_loihi2_lif` refuses by name a population whose proven range does not fit."""
     g = info.graph
     if not _is_exact_graph(g):
         return None
     own = graph_input_contract(g)
+    if _graph_mode(g) == "loihi2":
+        return own, exact_membranes(g, own)
     first: dict[str, float] | None = None
     for k in range(own.frac_bits, -1, -1):
         n = 2 ** k
@@ -249,10 +274,39 @@ def _exact_lif(name: str, node, info: GraphInfo, membrane: dict) -> dict:
     # is over the threshold in both arithmetics, and both reset it to 0)
     need = _register_units(node, info, membrane)
     alpha = np.broadcast_to(d / grid, info.shapes[name])
-    vth = np.minimum(t_units - 1, VTH_MAX).astype(np.int64)  # v/G > theta/G - 1  <=>  v >= theta (both integers)
+    if float(np.max(t_units - 1, initial=0)) > VTH_MAX:
+        raise LavaUnsupported(f"{name}: threshold of {int(np.max(t_units)) - 1:,} membrane units exceeds Lava's 17-bit vth")
+    vth = (t_units - 1).astype(np.int64)  # v/G > theta/G - 1  <=>  v >= theta (both integers)
     lif = {"du": DECAY_UNITY - 1, "dv": np.rint(dv).astype(np.int64), "vth": vth, "bias": 0}
     return {"alpha": alpha, "count": False, "lif": lif, "vth": None,
             "exact": {"unit": grid, "register_bits": round(math.log2(need) + 1, 2), "proven": need <= UV_MAX}}
+
+
+def _loihi2_lif(name: str, node, info: GraphInfo, membrane: dict, timesteps: int) -> dict:
+    """The population of a loihi2-mode LIF in its current unit ``U`` (module docstring)."""
+    d = np.broadcast_to(decay(node, info.dt).astype(np.float64), np.shape(node.v_threshold))
+    j = -np.log2(d)
+    if not np.all(j == np.rint(j)) or float(j.max()) * (timesteps - 1) > 6:
+        raise LavaUnsupported(f"{name}: loihi2 mode needs leaks 2^-j with j (T-1) <= 6 (Lava's 6 fractional membrane bits)")
+    theta = _theta(node)
+    unit = loihi2_unit(theta, d, timesteps)
+    frac = np.power(2.0, -j * (timesteps - 1))
+    vth = theta / unit - frac
+    if not np.all(vth == np.rint(vth)) or np.any(vth < 0):
+        raise LavaUnsupported(f"{name}: loihi2 mode: thresholds are not (vth + 2^-j(T-1)) U with an integer vth")
+    if float(vth.max()) > VTH_MAX:
+        raise LavaUnsupported(f"{name}: loihi2 mode: vth {int(vth.max()):,} exceeds Lava's 17-bit vth")
+    lo, hi = float(membrane["lo"]), float(membrane["hi"])
+    u_units = (2 ** ACT_SHIFT) * float((d / unit).max()) * max(abs(lo), abs(hi))
+    v_units = (2 ** ACT_SHIFT) * abs(lo) / float(unit.min())
+    need = max(u_units, v_units, 1.0)
+    if need > UV_MAX:
+        raise LavaUnsupported(f"{name}: loihi2 mode: the proven membrane range needs 2^{math.log2(need):.1f} units, more than "
+                              "Loihi's 24-bit u and v hold")
+    lif = {"du": DECAY_UNITY - 1, "dv": np.rint(d * DECAY_UNITY).astype(np.int64), "vth": np.rint(vth).astype(np.int64), "bias": 0}
+    alpha = np.broadcast_to((d / unit).reshape(np.shape(node.v_threshold)), info.shapes[name])
+    return {"alpha": alpha, "count": False, "lif": lif, "vth": None,
+            "exact": {"unit": float(unit.min()), "register_bits": round(math.log2(need) + 1, 2), "proven": True, "mode": "loihi2"}}
 
 
 def _exact_quantise(a: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, int]:
@@ -289,6 +343,7 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
     fitted = fit_input_contract(info)
     exact = fitted is not None
     contract, membranes = fitted if exact else (None, None)
+    loihi2 = _graph_mode(g) == "loihi2"
     if exact:
         plan.input_contract = contract.to_dict()
         own = graph_input_contract(g)
@@ -346,7 +401,9 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
         if name in pops:
             return pops[name]
         node, shape = g.nodes[name], info.shapes[name]
-        if exact and node_kind(node) == "LIF":
+        if loihi2 and node_kind(node) == "LIF":
+            pops[name] = _loihi2_lif(name, node, info, membranes[name], int(g.metadata.get("timesteps", 0)))
+        elif exact and node_kind(node) == "LIF":
             pops[name] = _exact_lif(name, node, info, membranes[name])
         elif node_kind(node) == "LIF":
             # v_int = v * 64*V / theta, theta = v_threshold raised by the float32 ulp the export took off
