@@ -143,9 +143,10 @@ def out_spikes(model, x):
 
 
 def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_untuned: bool,
-              prep_s: dict | None = None) -> list[dict]:
-    """Export, check and time every variant on every path; ``prep_s``: seconds each variant took to
-    prepare (pruning, BatchNorm estimation), kept with the row's stage times."""
+              prep_s: dict | None = None, on_row=None) -> list[dict]:
+    """Export, check and time every variant on every path, one variant after the other (dense
+    first); ``prep_s``: seconds each variant took to prepare (pruning, BatchNorm estimation), kept
+    with the row's stage times; ``on_row(rows)``, when given, is called after each finished row."""
     profile = load_profile("cpu")
     db = out / f"tuning-{name}"
     ort = get_target("onnxruntime")
@@ -159,6 +160,7 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
         activities[variant] = measure_activity(model, x)
         require_active(activities[variant].firing_rates, *ACTIVE, what=f"{name} {variant}")
         stages[variant]["reference + activity"] = time.perf_counter() - t0
+    xn = x.numpy()
     for variant, model in models.items():
         dirs[variant] = out / name / variant
         t0 = time.perf_counter()
@@ -166,13 +168,11 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                      overwrite=True)  # its own run folder, rerun
         stages[variant]["export"] = time.perf_counter() - t0
         print(f"[{name}] {variant}: exported in {stages[variant]['export']:.0f} s", flush=True)
-    if args.tune_trials > 0:
-        t0 = time.perf_counter()
-        summary = tune(dirs["dense"], profile, batch_size=x.shape[1], trials_per_task=args.tune_trials, sparse="off", database=db)
-        print(f"[{name}] tuned {len(summary['tasks'])} tasks, {summary['new_trials']} new trials in "
-              f"{time.perf_counter() - t0:.0f} s ({db})", flush=True)
-    xn = x.numpy()
-    for variant, model in models.items():
+        if variant == "dense" and args.tune_trials > 0:  # one database for every variant (the TIR tasks are the same)
+            t0 = time.perf_counter()
+            summary = tune(dirs["dense"], profile, batch_size=x.shape[1], trials_per_task=args.tune_trials, sparse="off", database=db)
+            print(f"[{name}] tuned {len(summary['tasks'])} tasks, {summary['new_trials']} new trials in "
+                  f"{time.perf_counter() - t0:.0f} s ({db})", flush=True)
         model, ref, activity = model.eval(), refs[variant], activities[variant]
         rates = list(activity.firing_rates.values())
         row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {}, "stage_s": stages[variant],
@@ -216,14 +216,22 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                                       "calls": dict(e["calls"])} for key in ("spike_conv", "spike_matmul") for e in build.get(key, [])]
                 row["crossover_cache"] = build.get("crossover_cache")
         rows.append(row)
+        derive(rows)
+        if on_row is not None:
+            on_row(rows)
         print(f"[{name}] {variant}: " + ", ".join(f"{column_name(k, args.tune_trials > 0)} {v:.2f} ms" for k, v in row["ms"].items())
               + f"; spike mismatches {row['exact']}; {activity.summary()}", flush=True)
+    return rows
+
+
+def derive(rows: list[dict]) -> None:
+    """Each row's FLOP limit, ratio to onnxruntime on the dense row and speedup over the dense row
+    on the same path (the first row is the dense model), in place."""
     dense = rows[0]
     for row in rows:
         row["limit"] = dense["macs"] / row["macs"]
         row["vs_ort_dense"] = {p: row["ms"][p] / dense["ms"]["onnxruntime"] for p in row["ms"]}
-        row["speedup"] = {p: dense["ms"][p] / row["ms"][p] for p in row["ms"]}
-    return rows
+        row["speedup"] = {p: dense["ms"][p] / row["ms"][p] for p in row["ms"] if p in dense["ms"]}
 
 
 def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
@@ -336,6 +344,50 @@ def lowrank_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages (how busy the machine was), or "n/a" where the system has none."""
+    try:
+        return "/".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def report(tables: dict, lowrank: list[dict], args, load_start: str, unfinished: str = "") -> str:
+    """The markdown report: header (machine, load averages, command), then per table the speed
+    table, its TVM paths, seconds per stage, activity per layer and spike-kernel thresholds;
+    ``unfinished``, when given, says what had not run yet (a partial report)."""
+    note = f" ({args.machine_note})" if args.machine_note else ""
+    text = [f"Machine: {machine()}{note}; load average (1/5/15 min) {load_start} at the start, {load_average()} when written. "
+            f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
+    if unfinished:
+        text.append(f"**Partial report**: {unfinished}\n")
+    tuned = args.tune_trials > 0
+    for name, rows in tables.items():
+        pruned = "" if all(r["variant"] == "dense" for r in rows) else f", pruned variants: one-shot, scope {args.scope}"
+        text.append(f"### {name}, batch {args.batch if name == 'sdt-tiny' else args.large_batch}{pruned}\n\n{markdown(rows, tuned)}\n")
+        paths = {p: v for r in rows for p, v in r["paths"].items()}
+        text.append("TVM paths: " + "; ".join(f"{column_name(k, tuned)}: {v}" for k, v in paths.items()) + "\n")
+        text.append(f"#### {name}: seconds per stage\n\n{stages_markdown(rows, tuned)}\n")
+        text.append(f"#### {name}: activity per layer (benchmark batch)\n\n{activity_markdown(rows)}\n")
+        caches = [r["crossover_cache"] for r in rows if r.get("crossover_cache")]
+        measured, reused = sum(c["measured"] for c in caches), sum(c["reused"] for c in caches)
+        text.append(f"#### {name}: spike-kernel thresholds of the default path (\"{column_name('tvm tuned', tuned)}\")\n\n"
+                    f"Thresholds measured by these builds: {measured}, read from the crossover cache: {reused} "
+                    f"({caches[0]['path'] if caches else 'no cache'}). Calls: the warm-up and timed runs of the row.\n\n"
+                    f"{thresholds_markdown(rows)}\n")
+    if lowrank:
+        text.append(f"### DSP layers: two BLAS matmuls vs the dense one\n\n{lowrank_markdown(lowrank)}\n")
+    return "\n".join(text)
+
+
+def write_report(out: Path, tables: dict, lowrank: list[dict], args, load_start: str, unfinished: str = "") -> None:
+    """``OUT/speed.md`` and ``OUT/speed.json`` (rewritten after every row, so an interrupted run
+    leaves what it measured, marked partial)."""
+    (out / "speed.md").write_text(report(tables, lowrank, args, load_start, unfinished))
+    (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args), "machine": machine(),
+                                                "partial": unfinished or None}, indent=1, default=str))
+
+
 def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
     data = load_dataset("digits")
     torch.manual_seed(seed)
@@ -425,6 +477,11 @@ def run(args) -> int:
     os.environ["STDEPLOY_CACHE_DIR"] = args.crossover_cache   # one threshold cache for every build of the run
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
+    load_start = load_average()
+
+    def partial(name: str, total: int):
+        return lambda rows: write_report(out, {**tables, name: rows}, lowrank, args, load_start,
+                                         f"{name}: {len(rows)} of {total} variants finished")
     tables, lowrank = {}, []
     if not args.no_small:
         data, base = small_models(0, args.epochs)
@@ -437,7 +494,8 @@ def run(args) -> int:
 
         prep: dict = {}
         models = build_variants(base, recalibrate, args.variants, args.scope, prep, "sdt-tiny")
-        tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False, prep_s=prep)
+        tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False, prep_s=prep,
+                                       on_row=partial("sdt-tiny", len(models)))
         lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
     if args.large:
         torch.manual_seed(0)
@@ -457,32 +515,12 @@ def run(args) -> int:
               f"{prep['dense']['batchnorm']:.0f} s",
               flush=True)
         big_models = build_variants(big, calibrate, args.variants, args.scope, prep, "sdt-8-512")
-        tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned, prep_s=prep)
+        tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned, prep_s=prep,
+                                        on_row=partial("sdt-8-512", len(big_models)))
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
-    note = f" ({args.machine_note})" if args.machine_note else ""
-    text = [f"Machine: {machine()}{note}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
-    tuned = args.tune_trials > 0
-    for name, rows in tables.items():
-        pruned = "" if all(r["variant"] == "dense" for r in rows) else f", pruned variants: one-shot, scope {args.scope}"
-        text.append(f"### {name}, batch {args.batch if name == 'sdt-tiny' else args.large_batch}{pruned}\n\n{markdown(rows, tuned)}\n")
-        paths = {p: v for r in rows for p, v in r["paths"].items()}
-        text.append("TVM paths: " + "; ".join(f"{column_name(k, tuned)}: {v}" for k, v in paths.items()) + "\n")
-        text.append(f"#### {name}: seconds per stage\n\n{stages_markdown(rows, tuned)}\n")
-        text.append(f"#### {name}: activity per layer (benchmark batch)\n\n{activity_markdown(rows)}\n")
-        caches = [r["crossover_cache"] for r in rows if r.get("crossover_cache")]
-        measured, reused = sum(c["measured"] for c in caches), sum(c["reused"] for c in caches)
-        text.append(f"#### {name}: spike-kernel thresholds of the default path (\"{column_name('tvm tuned', tuned)}\")\n\n"
-                    f"Thresholds measured by these builds: {measured}, read from the crossover cache: {reused} "
-                    f"({caches[0]['path'] if caches else 'no cache'}). Calls: the warm-up and timed runs of the row.\n\n"
-                    f"{thresholds_markdown(rows)}\n")
-    if lowrank:
-        text.append(f"### DSP layers: two BLAS matmuls vs the dense one\n\n{lowrank_markdown(lowrank)}\n")
-    report = "\n".join(text)
-    print(report)
-    (out / "speed.md").write_text(report)
-    (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args), "machine": machine()},
-                                               indent=1, default=str))
+    write_report(out, tables, lowrank, args, load_start)
+    print(report(tables, lowrank, args, load_start))
     print(f"finished in {time.perf_counter() - t_start:.0f} s; {out / 'speed.md'}")
     return 0
 
