@@ -220,7 +220,7 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
         if on_row is not None:
             on_row(rows)
         print(f"[{name}] {variant}: " + ", ".join(f"{column_name(k, args.tune_trials > 0)} {v:.2f} ms" for k, v in row["ms"].items())
-              + f"; spike mismatches {row['exact']}; {activity.summary()}", flush=True)
+              + f"; spike mismatches { {column_name(k, args.tune_trials > 0): v for k, v in row['exact'].items()} }; {activity.summary()}", flush=True)
     return rows
 
 
