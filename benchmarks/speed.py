@@ -7,16 +7,25 @@ DSP at 30/10% of block parameters (one-shot: masks / truncated SVD, no fine-tune
 depend on accuracy; each pruned copy's BatchNorm statistics are re-estimated on 512 training
 images, since one-shot pruning leaves the attention LIFs near silent). Table 2 (``--large``): an sdt-8-512-class model on 32x32 inputs with
 random weights, where block matmuls dominate; its BatchNorm statistics are estimated layer by
-layer over ``--bn-batches`` batches (cumulative average, normalised std ``--bn-gain``), for the
-dense model and again for each pruned variant, so that its spiking layers fire as a trained
-model's do (a random model with fresh statistics is silent: its kernels would be timed on zeros).
+layer over ``--bn-batches`` batches of ``--bn-batch-size`` random images (cumulative average,
+normalised std ``--bn-gain``), for the dense model and again for each pruned variant, so that its
+spiking layers fire as a trained model's do (a random model with fresh statistics is silent: its
+kernels would be timed on zeros). ``--scope`` picks how pruned variants spend their budget: one
+magnitude (L1P) or rank (DSP) budget over all block layers (``global``, the default) or each layer
+alike (``layer``). Global L1P-90 on the random-weight sdt-8-512 removes every weight of all 8
+``mlp.fc2`` layers (the pruner warns), so its table uses ``--scope layer``.
+
+Each table is followed by the seconds every stage took per variant (pruning, BatchNorm
+estimation, export with its validation on ``--export-samples`` samples, each path's build and its
+check + timing), so that a run can be sized before it is started.
 
 Activity is part of every row: each variant's firing rates (min-max over its LIFs) and the input
 density of its spike-fed layers are measured on the benchmark batch and printed next to the
 times, and per layer in a second table (input density of every Linear/Conv2d, firing rate of every
-LIF, per variant). A third table lists, for the default path ("tvm tuned"), each spike-adaptive
+LIF, per variant). A third table lists, for the default path ("tvm tuned"; "tvm untuned-TIR" with
+``--tune-trials 0``, as every "tvm tuned ..." column, legend and heading), each spike-adaptive
 kernel's density threshold, whether it was measured by this build or read from the crossover
-cache (``--crossover-cache``, default ``OUT/crossovers.json``), and how many calls took the gather
+cache (``--crossover-cache``, default ``OUT/cache``), and how many calls took the gather
 kernel and how many BLAS in the timed runs, and a variant whose spiking layers are silent (rate < ``ACTIVE[0]``) or saturated
 (> ``ACTIVE[1]``) is refused, naming the layers. Runtimes: PyTorch eager, onnxruntime, TVM
 untuned (all TIR, no schedule), TVM with BLAS matmuls/convolutions and MetaSchedule-tuned TIR
@@ -65,8 +74,11 @@ PATHS = ["pytorch", "onnxruntime", "tvm untuned", "tvm tuned, BLAS conv", "tvm t
 TVM_PATH_KEYS = {"untuned": "tvm untuned", "blas-conv": "tvm tuned, BLAS conv", "default": "tvm tuned", "sparse": "tvm tuned + sparse"}
 
 
-def prune(model, method: str, ratio: float):
-    cfg = PruneConfig(method="l1p", sparsity=ratio) if method == "l1p" else PruneConfig(method="dsp", param_ratio=ratio)
+def prune(model, method: str, ratio: float, scope: str = "global"):
+    """One-shot L1P masks or DSP factors; ``scope``: one magnitude/rank budget over all block layers
+    (``global``) or each layer alike (``layer``)."""
+    cfg = (PruneConfig(method="l1p", sparsity=ratio, scope=scope) if method == "l1p"
+           else PruneConfig(method="dsp", param_ratio=ratio, scope=scope))
     pruner = make_pruner(cfg)
     pruner.prepare(model)
     pruner.step(model, 1.0)
@@ -130,35 +142,51 @@ def out_spikes(model, x):
     return spikes[0].numpy()
 
 
-def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_untuned: bool) -> list[dict]:
+def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_untuned: bool,
+              prep_s: dict | None = None, on_row=None) -> list[dict]:
+    """Export, check and time every variant on every path, one variant after the other (dense
+    first); ``prep_s``: seconds each variant took to prepare (pruning, BatchNorm estimation), kept
+    with the row's stage times; ``on_row(rows)``, when given, is called after each finished row."""
     profile = load_profile("cpu")
     db = out / f"tuning-{name}"
     ort = get_target("onnxruntime")
     rows = []
     dirs = {}
-    for variant, model in models.items():
-        dirs[variant] = out / name / variant
-        export_model(model, dirs[variant], ("onnx",), data=None, samples=8, overwrite=True)  # its own run folder, rerun
-    if args.tune_trials > 0:
+    stages = {variant: dict((prep_s or {}).get(variant, {})) for variant in models}  # seconds per stage (printed, speed.json)
+    refs, activities = {}, {}
+    for variant, model in models.items():  # every variant's activity is checked before anything is exported or timed
         t0 = time.perf_counter()
-        summary = tune(dirs["dense"], profile, batch_size=x.shape[1], trials_per_task=args.tune_trials, sparse="off", database=db)
-        print(f"[{name}] tuned {len(summary['tasks'])} tasks, {summary['new_trials']} new trials in "
-              f"{time.perf_counter() - t0:.0f} s ({db})", flush=True)
+        refs[variant] = out_spikes(model.eval(), x)
+        activities[variant] = measure_activity(model, x)
+        require_active(activities[variant].firing_rates, *ACTIVE, what=f"{name} {variant}")
+        stages[variant]["reference + activity"] = time.perf_counter() - t0
     xn = x.numpy()
     for variant, model in models.items():
-        model = model.eval()
-        ref = out_spikes(model, x)
-        activity = measure_activity(model, x)
-        require_active(activity.firing_rates, *ACTIVE, what=f"{name} {variant}")
+        dirs[variant] = out / name / variant
+        t0 = time.perf_counter()
+        export_model(model, dirs[variant], ("onnx",), data=None, samples=getattr(args, "export_samples", 8),
+                     overwrite=True)  # its own run folder, rerun
+        stages[variant]["export"] = time.perf_counter() - t0
+        print(f"[{name}] {variant}: exported in {stages[variant]['export']:.0f} s", flush=True)
+        if variant == "dense" and args.tune_trials > 0:  # one database for every variant (the TIR tasks are the same)
+            t0 = time.perf_counter()
+            summary = tune(dirs["dense"], profile, batch_size=x.shape[1], trials_per_task=args.tune_trials, sparse="off", database=db)
+            print(f"[{name}] tuned {len(summary['tasks'])} tasks, {summary['new_trials']} new trials in "
+                  f"{time.perf_counter() - t0:.0f} s ({db})", flush=True)
+        model, ref, activity = model.eval(), refs[variant], activities[variant]
         rates = list(activity.firing_rates.values())
-        row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {},
+        row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {}, "stage_s": stages[variant],
                "activity": {**activity.to_dict(), "firing_min": min(rates), "firing_max": max(rates),
                             "output_spikes": int(ref.sum())}}
+        t0 = time.perf_counter()
         with torch.no_grad():
             row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats)
+        stages[variant]["time pytorch"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         ort_run = ort.compile(dirs[variant], profile)
         row["ms"]["onnxruntime"] = 1e3 * timed(ort_run.run, xn, args.warmup, args.repeats)
         row["exact"]["onnxruntime"] = int(np.count_nonzero(ort_run.run(xn).spikes != ref))
+        stages[variant]["onnxruntime"] = time.perf_counter() - t0
         configs = {"tvm tuned, BLAS conv": {"kernels": "blas-dense", "sparse": "off", "database": db if args.tune_trials > 0 else None},
                    "tvm tuned": {"sparse": "off", "database": db if args.tune_trials > 0 else None},
                    "tvm tuned + sparse": {"sparse": "auto", "database": db if args.tune_trials > 0 else None}}
@@ -167,7 +195,10 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
         if args.tvm_paths is not None:
             configs = {k: v for k, v in configs.items() if k in args.tvm_paths}
         for path, opts in configs.items():
+            t0 = time.perf_counter()
             runnable = TVMTarget().compile(dirs[variant], profile, batch_size=x.shape[1], **opts)
+            stages[variant][f"build {path}"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             result = runnable.run(xn)
             row["exact"][path] = int(np.count_nonzero(result.spikes != ref))
             row["paths"][path] = runnable.info["path"]
@@ -176,20 +207,31 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                 row["sparse_layers"] = len(sparse)
             reps = max(3, args.repeats // 4) if path == "tvm untuned" else args.repeats
             row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps)
+            stages[variant][f"run {path}"] = time.perf_counter() - t0
+            print(f"[{name}] {variant}: {column_name(path, args.tune_trials > 0)} built in {stages[variant][f'build {path}']:.0f} s, "
+                  f"checked and timed in {stages[variant][f'run {path}']:.0f} s", flush=True)
             if path == "tvm tuned":  # the spike kernels' thresholds and the paths their calls took (live counters)
                 build = runnable.info["builds"][str(x.shape[1])]
                 row["thresholds"] = [{"op": key, "weight": e["weight"], "max_density": e["max_density"], "source": e["threshold"],
                                       "calls": dict(e["calls"])} for key in ("spike_conv", "spike_matmul") for e in build.get(key, [])]
                 row["crossover_cache"] = build.get("crossover_cache")
         rows.append(row)
-        print(f"[{name}] {variant}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["ms"].items())
-              + f"; spike mismatches {row['exact']}; {activity.summary()}", flush=True)
+        derive(rows)
+        if on_row is not None:
+            on_row(rows)
+        print(f"[{name}] {variant}: " + ", ".join(f"{column_name(k, args.tune_trials > 0)} {v:.2f} ms" for k, v in row["ms"].items())
+              + f"; spike mismatches { {column_name(k, args.tune_trials > 0): v for k, v in row['exact'].items()} }; {activity.summary()}", flush=True)
+    return rows
+
+
+def derive(rows: list[dict]) -> None:
+    """Each row's FLOP limit, ratio to onnxruntime on the dense row and speedup over the dense row
+    on the same path (the first row is the dense model), in place."""
     dense = rows[0]
     for row in rows:
         row["limit"] = dense["macs"] / row["macs"]
         row["vs_ort_dense"] = {p: row["ms"][p] / dense["ms"]["onnxruntime"] for p in row["ms"]}
-        row["speedup"] = {p: dense["ms"][p] / row["ms"][p] for p in row["ms"]}
-    return rows
+        row["speedup"] = {p: dense["ms"][p] / row["ms"][p] for p in row["ms"] if p in dense["ms"]}
 
 
 def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
@@ -215,11 +257,17 @@ def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
     return rows
 
 
+def column_name(path: str, tuned: bool = True) -> str:
+    """What a path's column, legend and headings are called: with ``tuned=False`` (``--tune-trials
+    0``) the "tvm tuned ..." paths ran untuned TIR around the external kernels and are named so."""
+    if tuned:
+        return path
+    return "tvm untuned (all TIR)" if path == "tvm untuned" else path.replace("tvm tuned", "tvm untuned-TIR")
+
+
 def markdown(rows: list[dict], tuned: bool = True) -> str:
-    """The speed table; ``tuned=False`` (``--tune-trials 0``): the "tvm tuned" columns ran untuned
-    TIR around the external kernels and are headed so."""
-    names = PATHS if tuned else [p.replace("tvm tuned", "tvm untuned-TIR") if p != "tvm untuned" else "tvm untuned (all TIR)"
-                                 for p in PATHS]
+    """The speed table, columns named by :func:`column_name`."""
+    names = [column_name(p, tuned) for p in PATHS]
     head = ("| variant | MACs/batch | FLOP limit | input density | firing rates | " + " | ".join(names)
             + " |\n|---|---:|---:|---:|---:|" + "---:|" * len(PATHS))
     lines = [head]
@@ -270,12 +318,74 @@ def thresholds_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def stages_markdown(rows: list[dict], tuned: bool = True) -> str:
+    """Wall-clock seconds of each stage per variant: pruning, BatchNorm estimation, export (with
+    its validation), PyTorch timing, onnxruntime compile + check + timing, and per TVM path the
+    build and the check + timing (warm-up and repeats)."""
+    stages: list[str] = []
+    for r in rows:
+        for k in r["stage_s"]:
+            if k not in stages:
+                stages.append(k)
+    names = [(" ".join([k.split(" ", 1)[0], column_name(k.split(" ", 1)[1], tuned)])
+              if k.startswith(("build ", "run ")) else k) for k in stages]
+    lines = ["| variant | " + " | ".join(names) + " | total |", "|---|" + "---:|" * (len(stages) + 1)]
+    for r in rows:
+        cells = [f"{r['stage_s'][k]:.0f}" if k in r["stage_s"] else "-" for k in stages]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {sum(r['stage_s'].values()):.0f} |")
+    return "\n".join(lines)
+
+
 def lowrank_markdown(rows: list[dict]) -> str:
     lines = ["| variant | layer | in x out | rank | dense ms | U·V ms | speedup | limit | fraction |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['layer']} | {r['in']}x{r['out']} | {r['rank']} | {r['dense_ms']:.3f} | "
                      f"{r['lowrank_ms']:.3f} | {r['speedup']:.2f}x | {r['limit']:.2f}x | {r['fraction']:.0%} |")
     return "\n".join(lines)
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (how busy the machine was), or "n/a" where the system has none."""
+    try:
+        return "/".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def report(tables: dict, lowrank: list[dict], args, load_start: str, unfinished: str = "") -> str:
+    """The markdown report: header (machine, load averages, command), then per table the speed
+    table, its TVM paths, seconds per stage, activity per layer and spike-kernel thresholds;
+    ``unfinished``, when given, says what had not run yet (a partial report)."""
+    note = f" ({args.machine_note})" if args.machine_note else ""
+    text = [f"Machine: {machine()}{note}; load average (1/5/15 min) {load_start} at the start, {load_average()} when written. "
+            f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
+    if unfinished:
+        text.append(f"**Partial report**: {unfinished}\n")
+    tuned = args.tune_trials > 0
+    for name, rows in tables.items():
+        pruned = "" if all(r["variant"] == "dense" for r in rows) else f", pruned variants: one-shot, scope {args.scope}"
+        text.append(f"### {name}, batch {args.batch if name == 'sdt-tiny' else args.large_batch}{pruned}\n\n{markdown(rows, tuned)}\n")
+        paths = {p: v for r in rows for p, v in r["paths"].items()}
+        text.append("TVM paths: " + "; ".join(f"{column_name(k, tuned)}: {v}" for k, v in paths.items()) + "\n")
+        text.append(f"#### {name}: seconds per stage\n\n{stages_markdown(rows, tuned)}\n")
+        text.append(f"#### {name}: activity per layer (benchmark batch)\n\n{activity_markdown(rows)}\n")
+        caches = [r["crossover_cache"] for r in rows if r.get("crossover_cache")]
+        measured, reused = sum(c["measured"] for c in caches), sum(c["reused"] for c in caches)
+        text.append(f"#### {name}: spike-kernel thresholds of the default path (\"{column_name('tvm tuned', tuned)}\")\n\n"
+                    f"Thresholds measured by these builds: {measured}, read from the crossover cache: {reused} "
+                    f"({caches[0]['path'] if caches else 'no cache'}). Calls: the warm-up and timed runs of the row.\n\n"
+                    f"{thresholds_markdown(rows)}\n")
+    if lowrank:
+        text.append(f"### DSP layers: two BLAS matmuls vs the dense one\n\n{lowrank_markdown(lowrank)}\n")
+    return "\n".join(text)
+
+
+def write_report(out: Path, tables: dict, lowrank: list[dict], args, load_start: str, unfinished: str = "") -> None:
+    """``OUT/speed.md`` and ``OUT/speed.json`` (rewritten after every row, so an interrupted run
+    leaves what it measured, marked partial)."""
+    (out / "speed.md").write_text(report(tables, lowrank, args, load_start, unfinished))
+    (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args), "machine": machine(),
+                                                "partial": unfinished or None}, indent=1, default=str))
 
 
 def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
@@ -286,19 +396,27 @@ def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
     return data, base
 
 
-def build_variants(base, calibrate=None, names: tuple[str, ...] | None = None) -> dict:
-    """Dense and pruned copies of ``base`` (those in ``names``, default all; dense always, first);
-    ``calibrate(model)``, when given, re-estimates each pruned copy's BatchNorm statistics
-    (pruning changes what every layer sees)."""
+def build_variants(base, calibrate=None, names: tuple[str, ...] | None = None, scope: str = "global",
+                   stage_s: dict | None = None, label: str = "") -> dict:
+    """Dense and pruned copies of ``base`` (those in ``names``, default all; dense always, first),
+    pruned with ``scope`` (see :func:`prune`); ``calibrate(model)``, when given, re-estimates each
+    pruned copy's BatchNorm statistics (pruning changes what every layer sees). ``stage_s``, when
+    given, receives each variant's seconds of pruning and BatchNorm estimation."""
     models = {}
     for name, spec in VARIANTS:
         if names is not None and name != "dense" and name not in names:
             continue
+        t0 = time.perf_counter()
         m = clone_model(base)
-        models[name] = m if spec is None else prune(m, *spec)
+        models[name] = m if spec is None else prune(m, *spec, scope=scope)
+        t1 = time.perf_counter()
         if spec is not None and calibrate is not None:
             calibrate(models[name])
         models[name].eval()
+        if stage_s is not None and spec is not None:
+            stage_s[name] = {"prune": t1 - t0, "batchnorm": time.perf_counter() - t1}
+            print(f"[{label}] {name}: pruned ({scope}) in {t1 - t0:.0f} s, BatchNorm estimated in "
+                  f"{time.perf_counter() - t1:.0f} s", flush=True)
     return models
 
 
@@ -311,9 +429,14 @@ def main() -> int:
     ap.add_argument("--no-small", action="store_true", help="skip the sdt-tiny table (with --large: that table only)")
     ap.add_argument("--large-batch", type=int, default=4)
     ap.add_argument("--large-untuned", action="store_true", help="also time untuned TVM on the large model (minutes)")
-    ap.add_argument("--bn-batches", type=int, default=8, help="large model: batches of 8 random images for BatchNorm statistics")
+    ap.add_argument("--bn-batches", type=int, default=8, help="large model: batches of random images for BatchNorm statistics")
+    ap.add_argument("--bn-batch-size", type=int, default=8, help="large model: random images per BatchNorm estimation batch")
+    ap.add_argument("--export-samples", type=int, default=8, help="validation samples of each variant's export")
     ap.add_argument("--bn-gain", type=float, default=1.25,
                     help="large model: std of each normalised BatchNorm output (1.25: LIF rates about 0.06-0.27 on sdt-8-512)")
+    ap.add_argument("--scope", choices=("global", "layer"), default="global",
+                    help="pruned variants: one magnitude/rank budget over all block layers (global) or each layer alike "
+                         "(layer; global L1P-90 on random-weight sdt-8-512 removes every weight of its mlp.fc2 layers)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="runs/bench-speed")
@@ -325,6 +448,9 @@ def main() -> int:
     ap.add_argument("--crossover-cache", default=None,
                     help="folder of the spike kernels' threshold cache (STDEPLOY_CACHE_DIR for the builds; default OUT/cache)")
     args = ap.parse_args()
+    for flag in ("batch", "large_batch", "bn_batches", "bn_batch_size", "export_samples", "repeats"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.variants is not None:
         known = [n for n, _ in VARIANTS]
         args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -351,6 +477,11 @@ def run(args) -> int:
     os.environ["STDEPLOY_CACHE_DIR"] = args.crossover_cache   # one threshold cache for every build of the run
     torch.set_flush_denormal(True)
     t_start = time.perf_counter()
+    load_start = load_average()
+
+    def partial(name: str, total: int):
+        return lambda rows: write_report(out, {**tables, name: rows}, lowrank, args, load_start,
+                                         f"{name}: {len(rows)} of {total} variants finished")
     tables, lowrank = {}, []
     if not args.no_small:
         data, base = small_models(0, args.epochs)
@@ -361,8 +492,10 @@ def run(args) -> int:
         def recalibrate(model):  # one-shot pruning leaves the attention LIFs near silent (rate < 0.01)
             estimate_batchnorm(model, (direct_encode(train_x[i:i + 64], base.cfg.timesteps) for i in range(0, len(train_x), 64)))
 
-        models = build_variants(base, recalibrate, args.variants)
-        tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False)
+        prep: dict = {}
+        models = build_variants(base, recalibrate, args.variants, args.scope, prep, "sdt-tiny")
+        tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False, prep_s=prep,
+                                       on_row=partial("sdt-tiny", len(models)))
         lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
     if args.large:
         torch.manual_seed(0)
@@ -372,33 +505,22 @@ def run(args) -> int:
 
         def calibrate(model):  # BatchNorm statistics over many batches of random images, layer by layer
             g = torch.Generator().manual_seed(1)
-            estimate_batchnorm(model, (direct_encode(torch.rand(8, 3, 32, 32, generator=g), big.cfg.timesteps)
+            estimate_batchnorm(model, (direct_encode(torch.rand(args.bn_batch_size, 3, 32, 32, generator=g), big.cfg.timesteps)
                                        for _ in range(args.bn_batches)), gain=args.bn_gain)
 
+        t0 = time.perf_counter()
         calibrate(big)
-        big_models = build_variants(big, calibrate, args.variants)
-        tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned)
+        prep = {"dense": {"batchnorm": time.perf_counter() - t0}}
+        print(f"[sdt-8-512] dense: BatchNorm estimated over {args.bn_batches} batches of {args.bn_batch_size} in "
+              f"{prep['dense']['batchnorm']:.0f} s",
+              flush=True)
+        big_models = build_variants(big, calibrate, args.variants, args.scope, prep, "sdt-8-512")
+        tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned, prep_s=prep,
+                                        on_row=partial("sdt-8-512", len(big_models)))
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
-    note = f" ({args.machine_note})" if args.machine_note else ""
-    text = [f"Machine: {machine()}{note}. Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n"]
-    for name, rows in tables.items():
-        text.append(f"### {name}, batch {rows[0] and (args.batch if name == 'sdt-tiny' else args.large_batch)}\n\n{markdown(rows, args.tune_trials > 0)}\n")
-        paths = {p: v for r in rows for p, v in r["paths"].items()}
-        text.append("TVM paths: " + "; ".join(f"{k}: {v}" for k, v in paths.items()) + "\n")
-        text.append(f"#### {name}: activity per layer (benchmark batch)\n\n{activity_markdown(rows)}\n")
-        caches = [r["crossover_cache"] for r in rows if r.get("crossover_cache")]
-        measured, reused = sum(c["measured"] for c in caches), sum(c["reused"] for c in caches)
-        text.append(f"#### {name}: spike-kernel thresholds of the default path (\"tvm tuned\")\n\n"
-                    f"Thresholds measured by these builds: {measured}, read from the crossover cache: {reused} "
-                    f"({caches[0]['path'] if caches else 'no cache'}). Calls: the warm-up and timed runs of the row.\n\n"
-                    f"{thresholds_markdown(rows)}\n")
-    text.append(f"### DSP layers: two BLAS matmuls vs the dense one\n\n{lowrank_markdown(lowrank)}\n")
-    report = "\n".join(text)
-    print(report)
-    (out / "speed.md").write_text(report)
-    (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args), "machine": machine()},
-                                               indent=1, default=str))
+    write_report(out, tables, lowrank, args, load_start)
+    print(report(tables, lowrank, args, load_start))
     print(f"finished in {time.perf_counter() - t_start:.0f} s; {out / 'speed.md'}")
     return 0
 

@@ -43,3 +43,31 @@ def test_estimated_batchnorm_makes_the_models_fire(speed):
     a = measure_activity(model, direct_encode(torch.rand(4, 1, 8, 8), 4))
     require_active(a.firing_rates, *speed.ACTIVE)
     assert 0 < a.spike_input_density < 0.5
+
+
+def test_scope_layer_prunes_every_block_layer_alike(speed):
+    """``--scope layer``: each block linear keeps its own 10% (global L1P-90 can empty a whole layer:
+    on random-weight sdt-8-512 every mlp.fc2)."""
+    torch.manual_seed(0)
+    model = speed.prune(build_model("sdt-tiny"), "l1p", 0.9, scope="layer")
+    from stdeploy.prune.base import DEFAULT_LAYERS, select_layers
+
+    layers = select_layers(model, DEFAULT_LAYERS)
+    assert len(layers) == 6
+    for name, layer in layers.items():
+        w = layer.weight
+        assert int(torch.count_nonzero(w)) == w.numel() - round(0.9 * w.numel()), name
+
+
+def test_untuned_runs_never_say_tuned(speed):
+    """With ``--tune-trials 0`` no column, legend or stage heading names a path "tuned"."""
+    paths = {p: speed.column_name(p, tuned=False) for p in speed.PATHS}
+    assert not any("tvm tuned" in name for name in paths.values())
+    assert paths["tvm tuned"] == "tvm untuned-TIR" and speed.column_name("tvm tuned", tuned=True) == "tvm tuned"
+    row = {"variant": "dense", "macs": 10, "limit": 1.0, "ms": {"onnxruntime": 2.0, "tvm tuned": 1.0},
+           "vs_ort_dense": {"onnxruntime": 1.0, "tvm tuned": 0.5}, "speedup": {}, "exact": {},
+           "activity": {"spike_input_density": 0.1, "firing_min": 0.05, "firing_max": 0.2},
+           "stage_s": {"export": 3.0, "build tvm tuned": 4.0, "run tvm tuned": 1.0}}
+    table, stages = speed.markdown([row], tuned=False), speed.stages_markdown([row], tuned=False)
+    assert "tvm tuned" not in table and "tvm tuned" not in stages
+    assert "| build tvm untuned-TIR |" in stages and "| dense | 3 | 4 | 1 | 8 |" in stages
