@@ -23,7 +23,7 @@ Reported, for the benchmark batch:
   every pruned layer pinned to one kernel (``gather``: the path before the skip-zero kernels;
   ``skip-zero``);
 * spike mismatches of every runner against PyTorch on the batch;
-* where the time goes: the Relax VM's per-call times (its instrument hook) of the default TVM module, dense and
+* where the time goes: the Relax VM's per-call CPU times (its instrument hook) of the default TVM module, dense and
   sparse, grouped into the weight layers' kernels and the rest (LIF recurrences, BatchNorm,
   pooling, attention products: what pruning cannot remove), and the bound that rest puts on
   the whole-model speed-up (dense time / the sparse model's time outside the weight kernels).
@@ -157,9 +157,10 @@ def interleaved(runners: dict, x: np.ndarray, warmup: int, repeats: int) -> dict
                 "wall_min_ms": min(wall[k]) * 1e3} for k in runners}
 
 
-def vm_profile(runnable, x: np.ndarray, batch: int, repeats: int = 3) -> list[dict]:
-    """Per-call wall time of the default TVM module (``runnable``'s build options) by callee name,
-    through the Relax VM's instrument hook: mean ms per model call over ``repeats`` calls after one."""
+def vm_profile(runnable, x: np.ndarray, batch: int, repeats: int = 10) -> list[dict]:
+    """Per-call process CPU time of the default TVM module (``runnable``'s build options) by callee
+    name, through the Relax VM's instrument hook: mean ms per model call over ``repeats`` calls after
+    one. CPU time, not wall time: on a shared machine a call's wall time is mostly preemption."""
     import tvm
     from tvm import relax
 
@@ -171,10 +172,10 @@ def vm_profile(runnable, x: np.ndarray, batch: int, repeats: int = 3) -> list[di
     def instrument(func, name, before_run, ret, *args):
         name = str(name)
         if before_run:
-            start[name] = time.perf_counter()
+            start[name] = time.process_time()
         else:
             r = rows.setdefault(name, {"name": name, "us": 0.0, "calls": 0})
-            r["us"] += (time.perf_counter() - start[name]) * 1e6 / repeats
+            r["us"] += (time.process_time() - start[name]) * 1e6 / repeats
             r["calls"] += 1
         return 0
 
@@ -328,7 +329,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {k['op']} | {'x'.join(map(str, k['weight']))} | {k['max_density']:.3f} | {k['source']} | "
                      + ", ".join(f"{p} {n}" for p, n in k["calls"].items()) + " |")
     s = r["profile_split"]
-    lines += ["", "Where the time goes (Relax VM instrument: wall ms per model call, mean of 3, by callee; default module):", "",
+    lines += ["", "Where the time goes (Relax VM instrument: process CPU ms per model call, mean of 10, by callee; default module):", "",
               "| model | total | weight-layer kernels | everything else |", "|---|---:|---:|---:|"]
     for k in ("dense", "sparse"):
         lines.append(f"| {k} | {s[k]['total_ms']:.2f} | {s[k]['weight_kernels_ms']:.2f} | {s[k]['rest_ms']:.2f} |")
