@@ -14,9 +14,10 @@ plus a fixed cost for reading ``x`` and writing ``y``.
 * :func:`skipzero_matmul_kernel`: ``x (..., K) -> y (..., N)``; for each row of ``x``, its
   nonzeros are compacted (branch-free, ascending ``k``), then each adds its weight row's nonzeros.
 * :func:`skipzero_conv_kernel`: NCHW / OIHW, stride 1, ``groups = 1``, padding below the kernel
-  size (as :func:`.spike.applicable`); per image the input is compacted to per-pixel lists of
-  nonzero channels exactly as in the gather convolution, then each output pixel sums, tap by
-  tap and listed channel by listed channel, the nonzero weights of row ``(i, j, c)``.
+  size (as :func:`.spike.applicable`); only the weight rows ``(i, j, c)`` with a nonzero are
+  visited, and only the input channels they use are read: per image each such channel is
+  compacted to its nonzero pixels, then for each row (tap, then channel) each nonzero pixel adds
+  the row's nonzero weights to the output pixel the tap maps it to.
 
 Arithmetic: each output sums its terms in the same order as the gather kernels (tap, then input
 channel / feature ascending), one fused multiply-add each, and a skipped term is one whose weight
@@ -55,7 +56,7 @@ __all__ = ["MIN_WEIGHT_ZEROS", "KERNEL_VERSION", "RowCSR", "rows_from_dense", "z
            "adaptive_matmul", "adaptive_conv"]
 
 MIN_WEIGHT_ZEROS = 0.5   # weights with fewer zeros than this keep the gather kernel alone
-KERNEL_VERSION = 1       # part of a cached crossover's key: raise it when a kernel here changes
+KERNEL_VERSION = 2       # part of a cached crossover's key: raise it when a kernel here changes
 PARTS = spike.PARTS      # parallel tasks per call (rows or images are split between them)
 
 
@@ -172,58 +173,59 @@ def skipzero_matmul_kernel(x_shape: tuple, k: int, n: int, nnz: int):
     return skipzero_matmul
 
 
-def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int):
-    """The TIR PrimFunc ``(x (N, C, H, W), ptr (KH*KW*C + 1), cols (nnz), vals (nnz), y (N, O, HO, WO))``;
-    weight row ``(i * KW + j) * C + c`` holds the nonzero ``W[:, c, i, j]``."""
+def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, live: int, channels: int):
+    """The TIR PrimFunc ``(x (N, C, H, W), ptr (KH*KW*C + 1), cols (nnz), vals (nnz), rows (live),
+    chans (channels), y (N, O, HO, WO))``; weight row ``(i * KW + j) * C + c`` holds the nonzero
+    ``W[:, c, i, j]``, ``rows`` lists the rows with any nonzero (ascending), ``chans`` the input
+    channels that appear in them. Per image: each listed channel is compacted to its nonzero
+    pixels (ascending); then for each listed row, i.e. tap then channel, each nonzero pixel of
+    that channel adds the row's nonzero weights to the output pixel the tap maps it to. Per output
+    the terms come in tap order, then channel order: the gather kernel's order."""
     from tvm.script import tirx as T
 
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = (int(v) for v in w_shape)
     top, left, _, _ = (int(v) for v in padding)
     ho, wo = spike._conv_out_hw(x_shape, w_shape, padding)
-    ph, pw = ho + kh - 1, wo + kw - 1
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
     rows = kh * kw * c
-    p = max(1, nnz)
+    p, lr, lc = max(1, nnz), max(1, live), max(1, channels)
 
     @T.prim_func
     def skipzero_conv(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((rows + 1,), "int32"),
                       cols: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
+                      live_rows: T.Buffer((lr,), "int32"), chans: T.Buffer((lc,), "int32"),
                       y: T.Buffer((n, o, ho, wo), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for part in T.parallel(parts):
-            cnt = T.alloc_buffer((ph, pw), "int32")
-            idx = T.alloc_buffer((ph, pw, c + 1), "int32")
-            val = T.alloc_buffer((ph, pw, c + 1), "float32")
-            img = T.alloc_buffer((ho * wo, o), "float32")   # one output image, channels-last
-            for r in range(ph):
-                for q in range(pw):
-                    cnt[r, q] = 0
+            cnt = T.alloc_buffer((c,), "int32")               # nonzero pixels of each channel
+            pix = T.alloc_buffer((c, h * w + 1), "int32")     # their indices (+1: the branch-free write)
+            pval = T.alloc_buffer((c, h * w + 1), "float32")
             for b in range(part * per, T.min(n, part * per + per)):
-                for r in range(h):
-                    for q in range(w):
-                        cnt[r + top, q + left] = 0
-                for ch in range(c):
+                for li in range(channels):
+                    cnt[chans[li]] = 0
                     for r in range(h):
                         for q in range(w):
-                            idx[r + top, q + left, cnt[r + top, q + left]] = ch
-                            val[r + top, q + left, cnt[r + top, q + left]] = x[b, ch, r, q]
-                            cnt[r + top, q + left] = cnt[r + top, q + left] + T.Cast("int32", x[b, ch, r, q] != T.float32(0))
-                for px in range(ho * wo):
-                    for v in T.vectorized(o):
-                        img[px, v] = T.float32(0)
-                for r in range(ho):
-                    for q in range(wo):
-                        for i in range(kh):
-                            for j in range(kw):
-                                for kk in range(cnt[r + i, q + j]):
-                                    for e in range(ptr[(i * kw + j) * c + idx[r + i, q + j, kk]],
-                                                   ptr[(i * kw + j) * c + idx[r + i, q + j, kk] + 1]):
-                                        img[r * wo + q, cols[e]] = img[r * wo + q, cols[e]] + val[r + i, q + j, kk] * vals[e]
+                            pix[chans[li], cnt[chans[li]]] = r * w + q
+                            pval[chans[li], cnt[chans[li]]] = x[b, chans[li], r, q]
+                            cnt[chans[li]] = cnt[chans[li]] + T.Cast("int32", x[b, chans[li], r, q] != T.float32(0))
                 for v in range(o):
-                    for px in range(ho * wo):
-                        y[b, v, px // wo, px % wo] = img[px, v]
+                    for r in range(ho):
+                        for q in T.vectorized(wo):
+                            y[b, v, r, q] = T.float32(0)
+                for l in range(live):
+                    for k in range(cnt[live_rows[l] % c]):
+                        if (pix[live_rows[l] % c, k] // w + top >= live_rows[l] // c // kw
+                                and pix[live_rows[l] % c, k] // w + top - live_rows[l] // c // kw < ho
+                                and pix[live_rows[l] % c, k] % w + left >= live_rows[l] // c % kw
+                                and pix[live_rows[l] % c, k] % w + left - live_rows[l] // c % kw < wo):
+                            for e in range(ptr[live_rows[l]], ptr[live_rows[l] + 1]):
+                                y[b, cols[e], pix[live_rows[l] % c, k] // w + top - live_rows[l] // c // kw,
+                                  pix[live_rows[l] % c, k] % w + left - live_rows[l] // c % kw] = (
+                                    y[b, cols[e], pix[live_rows[l] % c, k] // w + top - live_rows[l] // c // kw,
+                                      pix[live_rows[l] % c, k] % w + left - live_rows[l] // c % kw]
+                                    + pval[live_rows[l] % c, k] * vals[e])
 
     return skipzero_conv
 
@@ -235,7 +237,7 @@ def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: in
 class _SkipZeroKernel:
     """A PrimFunc compiled for the CPU target with its weight's :class:`RowCSR` arrays bound."""
 
-    def _build(self, func, csr: RowCSR) -> None:
+    def _build(self, func, csr: RowCSR, extra: list | None = None) -> None:
         tvm = load_tvm()
         t0 = time.perf_counter()
         self._fn = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(self.target))["main"]
@@ -244,6 +246,7 @@ class _SkipZeroKernel:
         pad = lambda a, dtype: a if a.size else np.zeros(1, dtype)  # noqa: E731 (an empty weight: one dummy entry)
         self._arrays = [tvm.runtime.tensor(csr.ptr), tvm.runtime.tensor(pad(csr.cols, np.int32)),
                         tvm.runtime.tensor(pad(csr.vals, np.float32))]
+        self._arrays += [tvm.runtime.tensor(pad(a, np.int32)) for a in (extra or [])]
 
     def __call__(self, x, out) -> None:
         """``x``, ``out``: TVM tensors of the compiled shapes."""
@@ -282,9 +285,12 @@ class SkipZeroConv(_SkipZeroKernel):
         if not spike.applicable(self.x_shape, self.weight.shape, (1, 1), self.padding):
             raise ShapeError(f"skip-zero conv: x {self.x_shape}, W {self.weight.shape}, padding {self.padding}: "
                              f"only stride 1, groups 1, padding below the kernel size")
-        o = self.weight.shape[0]
+        o, c = self.weight.shape[:2]
         csr = rows_from_dense(self.weight.transpose(2, 3, 1, 0).reshape(-1, o))
-        self._build(skipzero_conv_kernel(self.x_shape, self.weight.shape, self.padding, csr.nnz), csr)
+        live = np.flatnonzero(np.diff(csr.ptr)).astype(np.int32)          # rows with a nonzero, ascending
+        chans = np.unique(live % c).astype(np.int32)
+        self._build(skipzero_conv_kernel(self.x_shape, self.weight.shape, self.padding, csr.nnz, live.size, chans.size),
+                    csr, [live, chans])
         self.out_shape = (self.x_shape[0], o, *spike._conv_out_hw(self.x_shape, self.weight.shape, self.padding))
 
 
