@@ -423,3 +423,44 @@ def adaptive_conv(x_shape: tuple, weight: np.ndarray, padding: tuple, target, cr
     gather = spike.SpikeConv(x_shape, weight, padding, target)
     return _adaptive(gather, SkipZeroConv(x_shape, weight, padding, target), blas_conv2d((1, 1), padding), "conv",
                      crossovers, threads)
+
+
+def _main(argv=None) -> None:
+    """``python -m stdeploy.targets.tvm.kernels.skipzero``: the skip-zero and gather convolutions
+    on the pruned sdt-tiny's two spike-fed convolution shapes (random weights at the given weight
+    density, random spikes at the given input density), process CPU time, median of interleaved calls."""
+    import argparse
+    import statistics
+
+    import tvm
+
+    from ...profiles import load_profile
+    from ..host import cpu_target
+
+    parser = argparse.ArgumentParser(description="skip-zero vs gather convolution (CPU time)")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    target = cpu_target(load_profile("cpu"))
+    rng = np.random.default_rng(0)
+    # (x shape, weight shape, weight density, input density): benchmarks/results/sparse_speed.md's layers
+    for x_shape, w_shape, wd, d in (((128, 32, 8, 8), (64, 32, 3, 3), 0.0059, 0.077),
+                                    ((128, 64, 4, 4), (64, 64, 3, 3), 0.0015, 0.098)):
+        w = rng.normal(size=w_shape).astype(np.float32) * (rng.random(w_shape) < wd)
+        x = (rng.random(x_shape) < d).astype(np.float32)
+        skip, gather = SkipZeroConv(x_shape, w, (1, 1, 1, 1), target), spike.SpikeConv(x_shape, w, (1, 1, 1, 1), target)
+        xt = tvm.runtime.tensor(x)
+        outs = [tvm.runtime.tensor(np.zeros(skip.out_shape, np.float32)) for _ in range(2)]
+        times: dict[str, list[float]] = {"skip-zero": [], "gather": []}
+        for _ in range(args.repeats + 2):
+            for (name, kernel), out in zip((("skip-zero", skip), ("gather", gather)), outs):
+                c0 = time.process_time()
+                kernel(xt, out)
+                times[name].append(time.process_time() - c0)
+        same = np.array_equal(outs[0].numpy(), outs[1].numpy())
+        s, g = (statistics.median(times[k][2:]) * 1e3 for k in ("skip-zero", "gather"))
+        print(f"x {x_shape} w {w_shape} weight density {np.mean(w != 0):.4f}, input density {np.mean(x != 0):.3f}: "
+              f"skip-zero {s:.3f} ms, gather {g:.3f} ms CPU (x{g / s:.2f}); bit-identical {same}")
+
+
+if __name__ == "__main__":
+    _main()
