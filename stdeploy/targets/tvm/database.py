@@ -156,11 +156,15 @@ def _int_tuple(value, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+# gather kernels (kernels.spike) and skip-zero kernels (kernels.skipzero), convolution and matmul
+CROSSOVER_KINDS = ("spikeconv", "spikematmul", "skipzeroconv", "skipzeromatmul")
+
+
 @dataclass(frozen=True)
 class CrossoverKey:
     """What a crossover threshold depends on: a threshold is reused only where all of it is equal."""
 
-    kind: str                     # "spikeconv" or "spikematmul"
+    kind: str                     # one of CROSSOVER_KINDS
     x_shape: tuple[int, ...]      # the layer's input (NCHW, or (..., K))
     w_shape: tuple[int, ...]      # its weight (OIHW, or (K, N))
     padding: tuple[int, ...]      # (top, left, bottom, right); () for a matmul
@@ -169,10 +173,13 @@ class CrossoverKey:
     threads: int                  # threads of TVM's pool while timing (and running)
     blas_threads: int             # threads of numpy's BLAS while timing (0: unknown, no threadpoolctl)
     kernel_version: int           # spike.KERNEL_VERSION: a changed kernel is measured again
+    weights: str = ""             # skip-zero kernels: digest of the weight's zero pattern (kernels.skipzero.zero_pattern)
 
     def __post_init__(self):
-        if self.kind not in ("spikeconv", "spikematmul"):
-            raise CrossoverCacheError(f"key.kind: expected spikeconv or spikematmul, got {self.kind!r}")
+        if self.kind not in CROSSOVER_KINDS:
+            raise CrossoverCacheError(f"key.kind: expected one of {', '.join(CROSSOVER_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.weights, str):
+            raise CrossoverCacheError(f"key.weights: expected a string, got {self.weights!r}")
         for name in ("x_shape", "w_shape", "padding"):
             object.__setattr__(self, name, _int_tuple(getattr(self, name), f"key.{name}"))
         for name in ("cpu", "mcpu"):

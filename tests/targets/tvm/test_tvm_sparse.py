@@ -263,8 +263,9 @@ def test_measured_choice_records_both_times(onnx_module, cpu_target):
 
 
 def test_measured_choice_against_the_spike_kernel(onnx_module, cpu_target):
-    """On the default CPU path the dense alternative is BLAS or the spike-input gather kernel,
-    whichever is faster: the sparse kernel is chosen only where it beats both."""
+    """On the default CPU path the dense alternative is BLAS, the spike-input gather kernel or (for
+    a pruned weight) the kernel that skips zero inputs and weights, whichever is fastest: the
+    sparse kernel is chosen only where it beats all of them."""
     mod, _, _ = onnx_module
     decide = measured_choice(cpu_target, min_sparsity=0.5, repeats=2, spike_kernels=True)
     _, report = rewrite_sparse_matmuls(mod, cpu_target, decide)
@@ -272,7 +273,9 @@ def test_measured_choice_against_the_spike_kernel(onnx_module, cpu_target):
     assert timed and all(r["gather_ms"] > 0 for r in timed)
     assert all(r["timing"].startswith("median of 2 after 1, interleaved") for r in timed)   # one rule for all three
     for r in timed:
-        assert r["chosen"] == ("sparse" if r["sparse_ms"] < min(r["dense_ms"], r["gather_ms"]) else "dense")
+        others = [r["dense_ms"], r["gather_ms"], r.get("skipzero_ms", float("inf"))]   # skip-zero: pruned weights
+        assert r["chosen"] == ("sparse" if r["sparse_ms"] < min(others) else "dense")
+        assert ("skipzero_ms" in r) == (r["sparsity"] >= 0.5)
 
 
 def test_rewrite_handles_vector_and_matrix_inputs(cpu_target):

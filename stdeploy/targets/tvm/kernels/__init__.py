@@ -6,6 +6,8 @@ operators of a spiking transformer on the CPU:
 * :mod:`.blas`: matmul and im2col convolution with numpy's BLAS on zero-copy views of TVM buffers;
 * :mod:`.spike`: accumulate-only gather kernels (TIR) for inputs that are mostly zeros (spikes),
   switching to BLAS above a measured density;
+* :mod:`.skipzero`: kernels (TIR) that skip zero inputs and zero weights, for pruned layers fed
+  spikes, chosen per call against the gather kernel and BLAS;
 * :mod:`.sparse`: a CSR kernel (TIR, CPU and CUDA schedules) for pruned constant weights;
 * :mod:`.routing`: :func:`~.routing.route_to_external_kernels`, the Relax rewrite that sends
   constant-weight matmuls and NCHW convolutions to the BLAS or spike kernels.

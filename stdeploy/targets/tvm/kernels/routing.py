@@ -9,7 +9,10 @@ by ``R.call_dps_packed`` calls of the BLAS packed functions of :mod:`.blas`, or,
 ``spike_target`` (the CPU target the gather kernels compile for), by the spike-adaptive kernels of
 :mod:`.spike` for every matmul and every stride-1 convolution (accumulate-only while the input is
 mostly zeros, BLAS otherwise; their density thresholds read from, or measured into, the
-``crossovers`` cache: :class:`~stdeploy.targets.tvm.database.CrossoverCache`). Everything else (LIF recurrences, pooling, reductions) stays TVM
+``crossovers`` cache: :class:`~stdeploy.targets.tvm.database.CrossoverCache`); where the constant
+weight is pruned (at least :data:`.skipzero.MIN_WEIGHT_ZEROS` zeros) the packed function also holds
+the kernel of :mod:`.skipzero` that skips zero weights as well, and picks among the three per call
+(the ``Offloaded.kernel`` is then a :class:`.skipzero.AdaptiveSparse`). Everything else (LIF recurrences, pooling, reductions) stays TVM
 code. Operators that do not fit (symbolic shapes, grouped or dilated convolutions, non-constant
 weights) are left to TVM and not listed in the result.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import spike
+from . import skipzero, spike
 from .blas import MATMUL, blas_conv2d, blas_matmul, conv_packed_name, register_packed
 
 __all__ = ["Offloaded", "rewrite_functions", "route_to_external_kernels"]
@@ -31,7 +34,7 @@ class Offloaded:
     op: str        # "matmul", "conv2d", "spike-matmul" or "spike-conv2d"
     shape: tuple   # weight shape
     out: tuple     # output shape
-    kernel: object = None   # spike-*: its SpikeConv / SpikeMatmul (call statistics in .stats)
+    kernel: object = None   # spike-*: its SpikeConv / SpikeMatmul / skipzero.AdaptiveSparse (call statistics in .stats)
 
 
 def _ints(values) -> tuple[int, ...]:
@@ -79,8 +82,9 @@ def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, 
             if matmul and call.op == op_matmul and len(weight.value.shape) == 2:
                 x_shape = static_out(call.args[0])
                 if spike_target is not None and x_shape is not None and len(x_shape) >= 2:
-                    name, mm = spike.adaptive_matmul(x_shape, weight.value.numpy(), spike_target,
-                                                          crossovers=crossovers)
+                    w = weight.value.numpy()
+                    adaptive = skipzero.adaptive_matmul if skipzero.applies(w) else spike.adaptive_matmul
+                    name, mm = adaptive(x_shape, w, spike_target, crossovers=crossovers)
                     done.append(Offloaded("spike-matmul", _ints(weight.value.shape), out, mm))
                     return relax.call_dps_packed(name, relax.Tuple(list(call.args)), out_ty=call.ty)
                 done.append(Offloaded("matmul", _ints(weight.value.shape), out))
@@ -94,8 +98,9 @@ def route_to_external_kernels(mod, *, matmul: bool = True, conv2d: bool = True, 
                 x_shape = static_out(call.args[0])
                 if spike_target is not None and x_shape is not None and spike.applicable(
                         x_shape, _ints(weight.value.shape), stride, padding):
-                    name, conv = spike.adaptive_conv(x_shape, weight.value.numpy(), padding, spike_target,
-                                                     crossovers=crossovers)
+                    w = weight.value.numpy()
+                    adaptive = skipzero.adaptive_conv if skipzero.applies(w) else spike.adaptive_conv
+                    name, conv = adaptive(x_shape, w, padding, spike_target, crossovers=crossovers)
                     done.append(Offloaded("spike-conv2d", _ints(weight.value.shape), out, conv))
                     return relax.call_dps_packed(name, relax.Tuple(list(call.args[:2])), out_ty=call.ty)
                 name = register_packed(conv_packed_name(stride, padding), blas_conv2d(stride, padding))

@@ -56,6 +56,7 @@ from ....errors import ShapeError
 from ..frontend import load_onnx_graph, relax_module
 from ..host import host_cpu_name, usable_cores
 from ..sdk import load_tvm
+from .skipzero import SkipZeroMatmul, applies as skipzero_applies
 from .spike import SpikeMatmul, blas_threads, pinned_threads, runtime_threads
 
 __all__ = ["CSRWeight", "csr_from_dense", "sparse_matmul_kernel", "kernel_arrays", "CompiledSparseMatmul",
@@ -401,8 +402,9 @@ class MeasuredChoice:
     sparse kernel, timed on the real shape (spikes as input), beats numpy's dense ``x @ W``
     (OpenBLAS: what the dense CPU path uses) and, with ``spike_kernels``, also the spike-input
     gather kernel that the default CPU path runs instead of BLAS for mostly-zero inputs
-    (:class:`stdeploy.targets.tvm.kernels.spike.SpikeMatmul`): the sparse kernel must beat the faster
-    of the two. Every candidate is timed by the same rule (:func:`stdeploy.timing.time_candidates`:
+    (:class:`stdeploy.targets.tvm.kernels.spike.SpikeMatmul`) and, where the weight has at least
+    :data:`.skipzero.MIN_WEIGHT_ZEROS` zeros, the kernel that skips zero inputs and weights
+    (:class:`.skipzero.SkipZeroMatmul`): the sparse kernel must beat the fastest of them. Every candidate is timed by the same rule (:func:`stdeploy.timing.time_candidates`:
     ``warmup`` untimed calls each, then ``repeats`` interleaved rounds, median) with the thread
     counts pinned (:func:`.spike.pinned_threads`: TVM's pool and BLAS as the module runs them).
     The times are kept in ``records`` by layer index and copied into
@@ -443,6 +445,9 @@ class MeasuredChoice:
             gather = SpikeMatmul((m, k), np.asarray(w, dtype=np.float32), self.target)
             xt, out = tvm.runtime.tensor(x), tvm.runtime.tensor(np.zeros((m, w.shape[1]), np.float32))
             candidates["gather"] = lambda: gather(xt, out)
+            if skipzero_applies(w):  # routing would offer the skip-zero kernel for this weight too
+                skip = SkipZeroMatmul((m, k), np.asarray(w, dtype=np.float32), self.target)
+                candidates["skipzero"] = lambda: skip(xt, out)
         threads, blas = runtime_threads(), blas_threads()
         with pinned_threads(threads, blas):
             timings = time_candidates(candidates, self.warmup, self.repeats)
@@ -451,7 +456,8 @@ class MeasuredChoice:
                       timing=f"median of {self.repeats} after {self.warmup}, interleaved; threads {threads}, BLAS {blas}")
         # decided on the recorded figures themselves, so the report always explains the choice
         # (the unrounded times could differ where the rounded ones tie)
-        return record["sparse_ms"] < min(record["dense_ms"], record.get("gather_ms", float("inf")))
+        return record["sparse_ms"] < min(record["dense_ms"], record.get("gather_ms", float("inf")),
+                                         record.get("skipzero_ms", float("inf")))
 
 
 def measured_choice(target=None, min_sparsity: float = 0.5, repeats: int = 5, spike_kernels: bool = False) -> MeasuredChoice:
