@@ -502,9 +502,10 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def _write(path: Path, proto: onnx.ModelProto) -> None:
+def _write(path: Path, data: bytes) -> None:
+    """``data`` (a serialised ModelProto: what ``onnx.save_model`` writes) to ``path``, atomically."""
     try:
-        atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     except OSError as err:
         raise OSError(err.errno, f"cannot write ONNX model to {path}: {err.strerror or err}", str(err.filename or path)) from err
 
@@ -520,13 +521,14 @@ def _finish(proto: onnx.ModelProto, model: SpikingTransformer, path: str | os.Pa
     onnx.helper.set_model_props(proto, meta)
     dense_bytes = proto.ByteSize()
     sparse = _sparsify(proto, sparse_min_zeros) if sparse_initializers else []
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
+    data = proto.SerializeToString()  # once: checked, validated and written as these bytes
     if len(data) >= 2**31:
         raise StdeployError(f"{kind} ONNX model is {len(data)} bytes, over protobuf's 2 GiB limit (external data is not supported yet)")
+    onnx.checker.check_model(data)
     validation = validate(data) if validate is not None else None
     path = Path(path)
-    _write(path, proto)
+    _write(path, data)
+    del data
     g = proto.graph
     ops = Counter(n.op_type for n in g.node)
     info = {
