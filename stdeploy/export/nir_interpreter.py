@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeError, UnsupportedPrimitive
 
-__all__ = ["run_nir", "load_graph", "topological_order", "SUPPORTED", "EVALUATORS", "EvalContext", "Evaluator", "int_tuple"]
+__all__ = ["run_nir", "load_graph", "topological_order", "channel_diagonal", "SUPPORTED", "EVALUATORS", "EvalContext", "Evaluator", "int_tuple"]
 
 
 def load_graph(graph_or_path: nir.NIRGraph | str | os.PathLike) -> nir.NIRGraph:
@@ -140,7 +140,7 @@ def _conv1d(node: nir.Conv1d, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     return F.conv1d(x, w, c.tensor(node.bias), stride, padding, dilation, int(node.groups))
 
 
-def _channel_diagonal(weight: np.ndarray, groups: int = 1) -> bool:
+def channel_diagonal(weight: np.ndarray, groups: int = 1) -> bool:
     """A square, ungrouped ``Conv2d`` weight ``(C, C, kh, kw)`` that is zero wherever the output
     channel differs from the input channel (the portable dialect's identity, sum-pool, token-sum
     and broadcast nodes)."""
@@ -154,7 +154,7 @@ def _channel_diagonal(weight: np.ndarray, groups: int = 1) -> bool:
 def _conv2d(node: nir.Conv2d, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     stride, padding, dilation = int_tuple(node.stride, 2), int_tuple(node.padding, 2), int_tuple(node.dilation, 2)
     weight = np.asarray(node.weight)
-    if _channel_diagonal(weight, int(node.groups)):
+    if channel_diagonal(weight, int(node.groups)):
         # each output channel reads its own input channel only: a depthwise convolution with the
         # diagonal kernels computes the same nonzero products without the C-1 zero ones per term
         # (C times fewer operations; the portable sdt-8-512 graph's broadcasts cost about 1 GMAC

@@ -72,6 +72,7 @@ onnxruntime densifies them at load and runs them exactly; ``onnx.checker.check_m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -388,13 +389,24 @@ def _state_shapes(model: SpikingTransformer) -> dict[str, tuple[int, ...]]:
 # Export
 
 
+@contextlib.contextmanager
+def _removing(handle):
+    """Remove a hook ``handle`` when the block ends, however it ends."""
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
 def _to_proto(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
               batch_dims: dict[str, int], dynamic_shapes: Callable, *, opset: int, dynamo: bool) -> onnx.ModelProto:
     """Trace ``module`` on ``args`` and return the ModelProto (nothing is written to disk).
     ``batch_dims``: the batch dim of every input and output by name; ``dynamic_shapes(dim)``:
     torch.export's spec of the same for ``args`` (varargs grouped in one tuple)."""
     module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    seen: list[tuple[torch.Size, ...]] = []  # the output shapes of the traced call (no second forward for them)
+    hook = module.register_forward_hook(lambda m, inputs, out: seen.append(tuple(o.shape for o in out)))
+    with torch.no_grad(), warnings.catch_warnings(), _removing(hook):
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # the LIF's channel check is a Python bool
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*feature will be removed.*")
@@ -413,8 +425,9 @@ def _to_proto(module: nn.Module, args: tuple, input_names: list[str], output_nam
                               dynamic_axes={n: {d: BATCH} for n, d in batch_dims.items()}, opset_version=opset,
                               do_constant_folding=True)
             proto = onnx.load_from_string(f.getvalue())
-        outputs = module(*args)
-    _set_output_shapes(proto, {n: tuple(o.shape) for n, o in zip(output_names, outputs)}, batch_dims)
+        # TorchScript traces one real call (concrete shapes); torch.export traces symbolic ones
+        shapes = seen[0] if len(seen) == 1 and not dynamo else tuple(o.shape for o in module(*args))
+    _set_output_shapes(proto, {n: tuple(sh) for n, sh in zip(output_names, shapes)}, batch_dims)
     return proto
 
 
