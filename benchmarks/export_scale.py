@@ -6,13 +6,14 @@ its layers fire), is saved as a checkpoint, and is exported by ``stdeploy export
 child process that reports its own peak resident memory (``resource.getrusage``). Spikformer
 models export to ONNX only (NIR refuses Q·Kᵀ·V by default). Usage::
 
-    python benchmarks/export_scale.py [--models sdt-tiny,spikformer-4-384,sdt-8-512] [--mode float|exact]
+    python benchmarks/export_scale.py [--models sdt-tiny,spikformer-4-384,sdt-8-512] [--mode float|exact] [--samples 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,7 @@ def main() -> None:
                 raise SystemExit(f"{name}: preparing the checkpoint failed:\n{prep.stderr[-2000:]}")
             params = int(prep.stdout.strip().splitlines()[-1])
             formats = "onnx" if name.startswith("spikformer") else "nir,onnx"
+            load_before = os.getloadavg()[0]
             t0 = time.perf_counter()
             run = subprocess.run([sys.executable, "-c", EXPORT, "export", str(ck), "--out", str(out), "--format", formats,
                                   "--samples", str(args.samples), "--quiet"], capture_output=True, text=True)
@@ -77,13 +79,23 @@ def main() -> None:
             except (IndexError, json.JSONDecodeError):
                 stats = {"rc": run.returncode, "seconds": wall, "cpu_s": float("nan"), "peak_rss_gb": float("nan")}
             result = "ok" if stats["rc"] == 0 else run.stderr.strip().splitlines()[-1][:120] if run.stderr.strip() else f"exit {run.returncode}"
-            rows.append((name, params, formats, stats["seconds"], stats["cpu_s"], stats["peak_rss_gb"], result))
+            load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+            rows.append((name, params, formats, stats["seconds"], stats["cpu_s"], stats["peak_rss_gb"], load, result))
             print(f"{name}: done", file=sys.stderr)
-    print(f"mode {args.mode}, {args.samples} validation samples")
-    print("| model | params (M) | formats | export s (wall) | CPU s | peak RSS (GB) | result |")
-    print("|---|---:|---|---:|---:|---:|---|")
-    for name, params, formats, secs, cpu, rss, result in rows:
-        print(f"| {name} | {params / 1e6:.1f} | {formats} | {secs:.1f} | {cpu:.1f} | {rss:.2f} | {result} |")
+    print(f"mode {args.mode}, {args.samples} validation samples; {_machine()}")
+    print("| model | params (M) | formats | export s (wall) | CPU s | peak RSS (GB) | load average (start-end) | result |")
+    print("|---|---:|---|---:|---:|---:|---|---|")
+    for name, params, formats, secs, cpu, rss, load, result in rows:
+        print(f"| {name} | {params / 1e6:.1f} | {formats} | {secs:.1f} | {cpu:.1f} | {rss:.2f} | {load} | {result} |")
+
+
+def _machine() -> str:
+    """The CPU model and core count (``/proc/cpuinfo``): what the figures were measured on."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ only when every artifact reproduces the folded PyTorch model: an error leaves no
 
 Validation streams its samples in batches of ``VALIDATION_BATCH`` and keeps only what it compares
 (logits and the output spikes); every neuron is recorded only to localise a flip, on the first
-sample that has one. A model in the exact mode (:mod:`stdeploy.models.quantize`) is checked first
+sample that has one. Each artifact is validated once, from its file: the ONNX files on every
+sample with a first batch of one (the batch dimension, traced at 2, stays dynamic), the NIR files
+by the interpreter, which frees each node's output once read (the portable file's ``head.lif``
+kept as well). A model in the exact mode (:mod:`stdeploy.models.quantize`) is checked first
 (:func:`stdeploy.export.exact.check_exact`: every partial sum provably exact in float32) and must
 then reproduce PyTorch with no flip at all and bit-identical logits.
 """
@@ -47,7 +50,6 @@ ARTIFACT_TOLERANCE: dict[str, Tolerance] = {"nir": NIR_INTERPRETER, "nir.portabl
 # exact mode: no flip for any reason, logits bit-identical
 EXACT = Tolerance(logits_atol=0.0, spike_mismatches=0, max_flip_fraction=0.0)
 VALIDATION_BATCH = 16  # samples per validation batch: memory stays that of one batch at any sample count
-RECORDING_BATCH = 4    # samples per batch where every node's output is kept (the portable NIR file's check)
 
 
 def validation_input(model: nn.Module, data=None, samples: int = VALIDATION_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, str]:
@@ -233,20 +235,22 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
         warnings.warn(f"model.portable.nir not written: {reason}", stacklevel=3)
         manifest["artifacts"]["nir.portable"] = {"file": None, "not_written": reason}
         return []
+    stats = nir_stats(graph)
     path = write_nir(graph, tmp / "model.portable.nir")
+    del graph  # the file is what is validated: one copy of the weights in memory, not two
     dense = folded.cfg.stem == "dense"
     stored = load_graph(path)  # from the file, as a reader would
 
     def run(xb):
-        outs = run_nir(stored, xb.flatten(2) if dense else xb, record=True)
+        outs = run_nir(stored, xb.flatten(2) if dense else xb, record=["head.lif"])
         sp = outs["head.lif"]
         return (outs["output"].reshape(xb.shape[0], xb.shape[1], -1).mean(0),
                 sp.reshape(*sp.shape[:3], -1).transpose(-1, -2))  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
 
-    logits, spikes = _stream(run, x, RECORDING_BATCH)  # record=True keeps every node's output of a batch
+    logits, spikes = _stream(run, x)  # the interpreter keeps the output and head.lif, frees the rest as it goes
     result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes, None)
     manifest["artifacts"]["nir.portable"] = _artifact(
-        path, stats=nir_stats(graph), dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
+        path, stats=stats, dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
         input="the frame flattened in (C, H, W) order, (C*H*W,)" if dense else "the frame (C, H, W)",
         output="per-step logits; the model's logits are their mean over T",
         readers="snnTorch 1.0 and SpikingJelly 2.0 at their defaults, Norse 1.1 with dt = metadata['dt'], "
@@ -318,8 +322,11 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     from .onnx_export import export_onnx, export_onnx_streaming, onnx_session, probe_onnx, run_onnx, run_onnx_streaming
 
     results, outputs = [], {}
-    info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse)
-    step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse)
+    # the exporters' own check (PyTorch and onnxruntime on seeded batches of 1 and 3, with a session
+    # of its own) is left to the validation below, which runs every sample from the written file
+    # and starts with a batch of 1: the batch stays dynamic (traced at 2) at 1 and at 15-16
+    info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse, validate=False)
+    step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse, validate=False)
     if manifest["quantize"]["mode"] != "float":  # the input contract travels with the ONNX files too (exact, loihi2)
         for path in (tmp / "model.onnx", tmp / "model.step.onnx"):
             _stamp_onnx(path, {"stdeploy.quantize": manifest["quantize"]["mode"], "stdeploy.input_contract": manifest["input"]["contract"],
@@ -327,7 +334,7 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
                                "stdeploy.input_frac_bits": str(manifest["quantize"]["input_frac_bits"])})
     for key, path, meta, run in (("onnx", tmp / "model.onnx", info, run_onnx), ("onnx.step", tmp / "model.step.onnx", step, run_onnx_streaming)):
         session = onnx_session(path)
-        logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x)
+        logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x, first=1)
         # localise a flip: every neuron's spikes from onnxruntime, on the first batch that has one
         result = compare_streamed(key, folded, x, ref_logits, ref_spikes, logits, spikes, lambda xb: probe_onnx(folded, xb))
         keep = {k: meta[k] for k in ("opset", "exporter", "inputs", "outputs", "matmul_nodes", "sparse_initializers", "dense_file_bytes", "states") if k in meta}
@@ -351,13 +358,18 @@ def _stamp_onnx(path: Path, props: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def _batches(n: int, size: int = VALIDATION_BATCH) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def _batches(n: int, size: int = VALIDATION_BATCH, first: int | None = None) -> list[slice]:
+    """Slices of ``n`` samples in batches of ``size``; with ``first``, the first batch has ``first``
+    samples and the next one the rest of the first ``size``."""
+    if first is None or first >= min(n, size):
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    return [slice(0, first), slice(first, min(size, n))] + _batches(n, size)[1:]
 
 
-def _stream(run, x: torch.Tensor, size: int = VALIDATION_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """``run(x_batch) -> (logits, spikes)`` over batches of ``size`` samples of ``x (T, B, ...)``, concatenated."""
-    parts = [run(x[:, sl]) for sl in _batches(x.shape[1], size)]
+def _stream(run, x: torch.Tensor, size: int = VALIDATION_BATCH, first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``run(x_batch) -> (logits, spikes)`` over batches of ``size`` samples of ``x (T, B, ...)``
+    (the first of ``first`` samples, see :func:`_batches`), concatenated."""
+    parts = [run(x[:, sl]) for sl in _batches(x.shape[1], size, first)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
 
 

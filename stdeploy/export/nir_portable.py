@@ -89,7 +89,7 @@ from ..models.structure import LowRankLinear
 from ..models.transformer import SpikingTransformer
 from ..neurons import LIF, SLIF
 from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, as_f32, conv2d_node, convert_model, identity_node, join_name,
-                         sequential_node, weight_meta, unsupported_modules)
+                         sequential_node, weight_meta, unsupported_modules, write_graph_file)
 
 __all__ = ["to_portable_nir", "write_portable_nir", "portable_converters", "READER_DT", "NIR_MIN_VERSION", "OUTPUTS", "DIALECT", "OUTPUT"]
 
@@ -417,7 +417,7 @@ def to_portable_nir(model: nn.Module, *, output: str = "logits", dt: float = REA
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = _build(model, output, dt, fold, frozenset(keep), converters)
-            bad = _first_flip(graph, run_nir(graph, x, record=True), records)
+            bad = _first_flip(graph, run_nir(graph, x, record=[n for n in records if n in graph.nodes]), records)
             if bad is None:
                 break
             if not str(graph.metadata["threshold_folding"].get(bad, "")).startswith("folded"):
@@ -479,7 +479,7 @@ def write_portable_nir(graph: nir.NIRGraph, path, *, nir_version: str | None = N
             raise UnsupportedPrimitive(f"nir {nir_version} has no LIF.v_reset, and {', '.join(bad)} reset(s) to a nonzero value")
 
     def write(tmp):
-        nir.write(tmp, graph)
+        write_graph_file(tmp, graph)
         if nir_version is None:
             return
         with h5py.File(tmp, "r+") as f:

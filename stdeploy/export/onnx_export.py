@@ -72,6 +72,7 @@ onnxruntime densifies them at load and runs them exactly; ``onnx.checker.check_m
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -388,13 +389,24 @@ def _state_shapes(model: SpikingTransformer) -> dict[str, tuple[int, ...]]:
 # Export
 
 
+@contextlib.contextmanager
+def _removing(handle):
+    """Remove a hook ``handle`` when the block ends, however it ends."""
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
 def _to_proto(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
               batch_dims: dict[str, int], dynamic_shapes: Callable, *, opset: int, dynamo: bool) -> onnx.ModelProto:
     """Trace ``module`` on ``args`` and return the ModelProto (nothing is written to disk).
     ``batch_dims``: the batch dim of every input and output by name; ``dynamic_shapes(dim)``:
     torch.export's spec of the same for ``args`` (varargs grouped in one tuple)."""
     module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    seen: list[tuple[torch.Size, ...]] = []  # the output shapes of the traced call (no second forward for them)
+    hook = module.register_forward_hook(lambda m, inputs, out: seen.append(tuple(o.shape for o in out)))
+    with torch.no_grad(), warnings.catch_warnings(), _removing(hook):
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # the LIF's channel check is a Python bool
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message=".*feature will be removed.*")
@@ -413,8 +425,9 @@ def _to_proto(module: nn.Module, args: tuple, input_names: list[str], output_nam
                               dynamic_axes={n: {d: BATCH} for n, d in batch_dims.items()}, opset_version=opset,
                               do_constant_folding=True)
             proto = onnx.load_from_string(f.getvalue())
-        outputs = module(*args)
-    _set_output_shapes(proto, {n: tuple(o.shape) for n, o in zip(output_names, outputs)}, batch_dims)
+        # TorchScript traces one real call (concrete shapes); torch.export traces symbolic ones
+        shapes = seen[0] if len(seen) == 1 and not dynamo else tuple(o.shape for o in module(*args))
+    _set_output_shapes(proto, {n: tuple(sh) for n, sh in zip(output_names, shapes)}, batch_dims)
     return proto
 
 
@@ -502,9 +515,10 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def _write(path: Path, proto: onnx.ModelProto) -> None:
+def _write(path: Path, data: bytes) -> None:
+    """``data`` (a serialised ModelProto: what ``onnx.save_model`` writes) to ``path``, atomically."""
     try:
-        atomic_write(path, lambda tmp: onnx.save_model(proto, tmp))
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     except OSError as err:
         raise OSError(err.errno, f"cannot write ONNX model to {path}: {err.strerror or err}", str(err.filename or path)) from err
 
@@ -520,13 +534,14 @@ def _finish(proto: onnx.ModelProto, model: SpikingTransformer, path: str | os.Pa
     onnx.helper.set_model_props(proto, meta)
     dense_bytes = proto.ByteSize()
     sparse = _sparsify(proto, sparse_min_zeros) if sparse_initializers else []
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
+    data = proto.SerializeToString()  # once: checked, validated and written as these bytes
     if len(data) >= 2**31:
         raise StdeployError(f"{kind} ONNX model is {len(data)} bytes, over protobuf's 2 GiB limit (external data is not supported yet)")
+    onnx.checker.check_model(data)
     validation = validate(data) if validate is not None else None
     path = Path(path)
-    _write(path, proto)
+    _write(path, data)
+    del data
     g = proto.graph
     ops = Counter(n.op_type for n in g.node)
     info = {

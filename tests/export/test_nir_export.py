@@ -436,3 +436,56 @@ def test_dense_stem_matches_pytorch():
         assert ref.mean() > 0.02, name
         assert torch.equal(out[name], ref), name
     torch.testing.assert_close(out[OUTPUT_LOGITS].mean(0), logits, rtol=0, atol=1e-5)
+
+
+def test_run_nir_frees_what_it_does_not_return_and_diagonal_convs_are_exact(trained, tmp_path):
+    """``record=[names]`` returns those nodes and the Output, bit-identical to ``record=True``; the
+    channel-diagonal Conv2d nodes of the portable graph (identity sums, token sums, broadcasts),
+    run as depthwise convolutions, give the dense convolution's bits on the recorded inputs; and
+    ``write_nir``'s node-by-node file is the one ``nir.write`` writes."""
+    import warnings
+
+    import h5py
+    import torch.nn.functional as F
+
+    from stdeploy.errors import ConfigError
+    from stdeploy.export.nir_interpreter import EVALUATORS, EvalContext, channel_diagonal, int_tuple
+    from stdeploy.export.nir_portable import to_portable_nir
+
+    model, x = trained
+    x = x[:, :8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sLIF thresholds kept unfolded warn
+        graph = to_portable_nir(fold_batchnorm(model))
+    full = run_nir(graph, x, record=True)
+    some = run_nir(graph, x, record=["head.lif"])
+    assert set(some) == {"head.lif", "output"}
+    assert 0.02 < float(full["head.lif"].mean()) < 0.5  # the head fires: the comparison means something
+    assert torch.equal(some["head.lif"], full["head.lif"]) and torch.equal(some["output"], full["output"])
+    with pytest.raises(ConfigError, match="no.such"):
+        run_nir(graph, x, record=["no.such"])
+
+    diagonal = [n for n, node in graph.nodes.items() if isinstance(node, nir.Conv2d) and channel_diagonal(node.weight, int(node.groups))]
+    ops = {graph.nodes[n].metadata.get("op") for n in diagonal}
+    assert {"sum over tokens", "broadcast over tokens", "residual sum (identity)"} <= ops, ops
+    ctx = EvalContext(x.shape[0], x.shape[1], float(graph.metadata["dt"]), x.device)
+    for name in diagonal:
+        node = graph.nodes[name]
+        inp = sum(full[src] for src, dst in graph.edges if dst == name).flatten(0, 1)
+        dense = F.conv2d(inp, torch.from_numpy(node.weight), torch.from_numpy(node.bias), int_tuple(node.stride, 2),
+                         int_tuple(node.padding, 2), int_tuple(node.dilation, 2), 1)
+        assert torch.equal(EVALUATORS[nir.Conv2d](node, inp, ctx), dense), name
+
+    def same(a, b, at=""):
+        assert set(a) == set(b), at
+        for k in a:
+            if isinstance(a[k], h5py.Group):
+                same(a[k], b[k], f"{at}/{k}")
+            else:
+                assert a[k].dtype == b[k].dtype and a[k].compression == b[k].compression, f"{at}/{k}"
+                assert np.array_equal(a[k][()], b[k][()]), f"{at}/{k}"
+
+    nir.write(tmp_path / "nir.nir", graph)
+    write_nir(graph, tmp_path / "ours.nir")
+    with h5py.File(tmp_path / "nir.nir") as a, h5py.File(tmp_path / "ours.nir") as b:
+        same(a, b)
