@@ -137,6 +137,19 @@ def xdist_shared_dir(tmp_path_factory) -> Path | None:
 
 
 HEAVY_MARKERS = ("slow", "tvm", "lava")
+# The files that cost most, with roughly their seconds on one `make test` worker (2-core machine;
+# from a run's --durations): started first, longest first, so that the two workers finish together.
+# The other files follow by their count of slow/tvm/lava tests. Add a file here when it grows past
+# a minute; the figures only order the files.
+FILE_SECONDS = {
+    "tests/runtime/test_runtime.py": 250,
+    "tests/targets/tvm/test_tvm_fast.py": 220,
+    "tests/export/test_exact.py": 200,
+    "tests/targets/tvm/test_tvm_target.py": 150,
+    "tests/test_train.py": 110,
+    "tests/targets/lava/test_lava_target.py": 110,
+    "tests/test_mnist1d.py": 110,
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -153,9 +166,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, files with the most ``slow``/``tvm``/``lava`` tests first (then the files with
-    the most tests), so the long files start early and the two workers finish together (``make test``
-    passes ``--no-loadscope-reorder`` so xdist keeps this order). A plain run keeps pytest's order."""
+    """Under pytest-xdist, the files of :data:`FILE_SECONDS` first, longest first, then the files with
+    the most ``slow``/``tvm``/``lava`` tests (then the files with the most tests), so the long files
+    start early and the two workers finish together (``make test`` passes ``--no-loadscope-reorder``
+    so xdist keeps this order). A plain run keeps pytest's order."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         return
     heavy: dict[str, int] = {}
@@ -164,7 +178,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = item.nodeid.split("::")[0]
         count[path] = count.get(path, 0) + 1
         heavy[path] = heavy.get(path, 0) + any(item.get_closest_marker(m) for m in HEAVY_MARKERS)
-    rank = {path: i for i, path in enumerate(sorted(count, key=lambda p: (-heavy[p], -count[p])))}
+    rank = {path: i for i, path in enumerate(sorted(count, key=lambda p: (-FILE_SECONDS.get(p, 0), -heavy[p], -count[p])))}
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
 
 
