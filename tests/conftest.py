@@ -155,7 +155,14 @@ FILE_SECONDS = {
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker gets its share of the cores (usable cores // workers, at least
     one) for torch and, unless set already, for the OpenMP/TVM pools of the processes it starts:
-    two workers each running two threads on two cores would fight over them."""
+    two workers each running two threads on two cores would fight over them.
+
+    In every run, TVM's thread pool is told not to pin threads (``TVM_BIND_THREADS=0``, unless set):
+    by default the pool pins the thread that starts it to one core, so a test process (both xdist
+    workers: core 0) and everything it runs or starts afterwards would share that one core, and
+    :func:`stdeploy.targets.tvm.host.cpu_target` (``num-cores`` from the affinity) would change
+    mid-run, giving a tuning database another key than the one it was written under."""
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if os.environ.get("PYTEST_XDIST_WORKER") is None or workers is None:
         return
