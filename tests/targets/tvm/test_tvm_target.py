@@ -23,7 +23,8 @@ from stdeploy.export.manifest import write_manifest
 from stdeploy.data import load_dataset
 from stdeploy.errors import ConfigError
 from stdeploy.export.onnx_export import export_onnx
-from stdeploy.models import direct_encode
+from stdeploy.export.validate import record_neurons
+from stdeploy.models import build_model, direct_encode
 from stdeploy.models.fold import fold_batchnorm
 from stdeploy.targets.base import REGISTRY, Target, TargetError, get_target
 from stdeploy.targets.profiles import DeviceProfile, load_profile
@@ -37,6 +38,7 @@ from stdeploy.train import TrainConfig, train
 pytestmark = pytest.mark.tvm
 
 TEST_IMAGES = 32
+TIMESTEPS = 2  # the shared sdt-tiny's weights at T = 2: TVM's builds unroll every step, two keep the membrane's carry
 LOGITS_ATOL = 1e-4
 EM_X86_64, EM_AARCH64 = 62, 183
 CROSS_COMPILER = "aarch64-linux-gnu-g++"
@@ -62,15 +64,20 @@ def elf_machine_code(path) -> int:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, trained_sdt):
     """The run's shared sdt-tiny (conftest: trained briefly on 480 digits, two epochs, about 85% test
-    accuracy, about 20% of the head neurons spiking), folded and exported, with 32 test images and
-    the PyTorch outputs."""
+    accuracy, about 20% of the head neurons spiking) with its weights at T = 2 (its first two steps,
+    checked here), folded and exported, with 32 test images and the PyTorch outputs."""
     model, data = trained_sdt
-    folded = fold_batchnorm(model).eval()
+    short = build_model("sdt-tiny", timesteps=TIMESTEPS)
+    short.load_state_dict(model.state_dict())
+    folded = fold_batchnorm(short).eval()
     export_dir = tmp_path_factory.mktemp("export")
     export_onnx(folded, export_dir / "model.onnx")
     write_export_dir(export_dir)
     images = torch.stack([data.test[i][0] for i in range(TEST_IMAGES)])
     x = direct_encode(images, folded.cfg.timesteps)  # (T, 32, 1, 8, 8)
+    with torch.no_grad():  # direct encoding: the T = 2 model is the trained model's first two steps
+        preset = record_neurons(fold_batchnorm(model).eval(), direct_encode(images, model.cfg.timesteps))[1]["head.lif"]["spikes"]
+        assert torch.equal(record_neurons(folded, x)[1]["head.lif"]["spikes"], preset[:TIMESTEPS])
     spikes = []
     hook = folded.head.lif.register_forward_hook(lambda m, inp, out: spikes.append(out))
     with torch.no_grad():
@@ -144,7 +151,7 @@ def test_cpu_matches_onnxruntime_and_pytorch_exactly(exported, cpu, ort):
     np.testing.assert_allclose(result.logits, reference.logits, rtol=0, atol=LOGITS_ATOL)
     np.testing.assert_allclose(result.logits, exported["logits"], rtol=0, atol=LOGITS_ATOL)
     assert result.seconds > 0
-    assert cpu.compiled_shapes == [(4, TEST_IMAGES, 1, 8, 8)] and cpu.prepare(TEST_IMAGES) == 0.0  # compiled up front, once
+    assert cpu.compiled_shapes == [(TIMESTEPS, TEST_IMAGES, 1, 8, 8)] and cpu.prepare(TEST_IMAGES) == 0.0  # compiled up front, once
     assert result.info["path"].startswith("spike-adaptive conv2d/matmul + BLAS matmul/conv2d + ") and result.info["tvm_target"]["kind"] == "llvm"
     calls = [c["calls"] for c in result.info["builds"][str(TEST_IMAGES)]["spike_conv"]]
     assert all(c["gather"] + c["blas"] >= 1 for c in calls)
@@ -152,8 +159,8 @@ def test_cpu_matches_onnxruntime_and_pytorch_exactly(exported, cpu, ort):
 
 
 def test_wrong_input_shape_is_refused(cpu):
-    with pytest.raises(ValueError, match=r"expected input \(T=4, B, C=1, H=8, W=8\)"):
-        cpu.run(np.zeros((4, 2, 1, 9, 9), dtype=np.float32))
+    with pytest.raises(ValueError, match=rf"expected input \(T={TIMESTEPS}, B, C=1, H=8, W=8\)"):
+        cpu.run(np.zeros((TIMESTEPS, 2, 1, 9, 9), dtype=np.float32))
 
 
 # ------------------------------------------------------------------------------------ CUDA
@@ -339,7 +346,7 @@ def test_sparse_initializers_are_densified(exported, tmp_path):
     assert loaded.densified == (init.name,) and not len(loaded.model.graph.sparse_initializer)
     from tvm.relax.frontend import onnx as rx_onnx
 
-    rx_onnx.from_onnx(loaded.model, shape_dict={"input": [4, 1, 1, 8, 8]})  # the frontend accepts it now
+    rx_onnx.from_onnx(loaded.model, shape_dict={"input": [TIMESTEPS, 1, 1, 8, 8]})  # the frontend accepts it now
 
 
 def _tiny_onnx(input_name: str) -> bytes:
