@@ -35,10 +35,10 @@ demo: $(STAMP)
 
 # Two pytest-xdist workers, whole files each (module fixtures built once; tests/conftest.py shares
 # the session's trained model between workers and starts the heaviest files first). TEST_WORKERS=0
-# runs in one process.
+# runs in one process. --durations lists the slowest setups and calls (the suite has a CI time budget).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 clean:
 	rm -rf $(VENV) runs

@@ -137,12 +137,32 @@ def xdist_shared_dir(tmp_path_factory) -> Path | None:
 
 
 HEAVY_MARKERS = ("slow", "tvm", "lava")
+# The files that cost most, with roughly their seconds on one `make test` worker (2-core machine;
+# from a run's --durations): started first, longest first, so that the two workers finish together.
+# The other files follow by their count of slow/tvm/lava tests. Add a file here when it grows past
+# a minute; the figures only order the files.
+FILE_SECONDS = {
+    "tests/runtime/test_runtime.py": 250,
+    "tests/targets/tvm/test_tvm_fast.py": 220,
+    "tests/export/test_exact.py": 200,
+    "tests/targets/tvm/test_tvm_target.py": 150,
+    "tests/test_train.py": 110,
+    "tests/targets/lava/test_lava_target.py": 110,
+    "tests/test_mnist1d.py": 110,
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker gets its share of the cores (usable cores // workers, at least
     one) for torch and, unless set already, for the OpenMP/TVM pools of the processes it starts:
-    two workers each running two threads on two cores would fight over them."""
+    two workers each running two threads on two cores would fight over them.
+
+    In every run, TVM's thread pool is told not to pin threads (``TVM_BIND_THREADS=0``, unless set):
+    by default the pool pins the thread that starts it to one core, so a test process (both xdist
+    workers: core 0) and everything it runs or starts afterwards would share that one core, and
+    :func:`stdeploy.targets.tvm.host.cpu_target` (``num-cores`` from the affinity) would change
+    mid-run, giving a tuning database another key than the one it was written under."""
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if os.environ.get("PYTEST_XDIST_WORKER") is None or workers is None:
         return
@@ -153,9 +173,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist, files with the most ``slow``/``tvm``/``lava`` tests first (then the files with
-    the most tests), so the long files start early and the two workers finish together (``make test``
-    passes ``--no-loadscope-reorder`` so xdist keeps this order). A plain run keeps pytest's order."""
+    """Under pytest-xdist, the files of :data:`FILE_SECONDS` first, longest first, then the files with
+    the most ``slow``/``tvm``/``lava`` tests (then the files with the most tests), so the long files
+    start early and the two workers finish together (``make test`` passes ``--no-loadscope-reorder``
+    so xdist keeps this order). A plain run keeps pytest's order."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         return
     heavy: dict[str, int] = {}
@@ -164,7 +185,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         path = item.nodeid.split("::")[0]
         count[path] = count.get(path, 0) + 1
         heavy[path] = heavy.get(path, 0) + any(item.get_closest_marker(m) for m in HEAVY_MARKERS)
-    rank = {path: i for i, path in enumerate(sorted(count, key=lambda p: (-heavy[p], -count[p])))}
+    rank = {path: i for i, path in enumerate(sorted(count, key=lambda p: (-FILE_SECONDS.get(p, 0), -heavy[p], -count[p])))}
     items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
 
 

@@ -37,6 +37,7 @@ from stdeploy.models.quantize import QMAX, deployable, exact_layers, is_exact, q
 from stdeploy.prune import recalibrate_bn
 
 BATCH = 32
+T = 2  # timesteps: two steps keep the membrane's carry from one step to the next; TVM's unrolled build grows with T
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def digits():
 
 @pytest.fixture(scope="module")
 def deep(digits):
-    """sdt, 4 blocks, D = 32, random weights with BatchNorm statistics estimated on 256 digits."""
+    """sdt, 4 blocks, D = 32, T = 2, random weights with BatchNorm statistics estimated on 256 digits."""
     torch.manual_seed(0)
-    model = build_model("sdt-tiny", depth=4, embed_dim=32, heads=2, mlp_ratio=2.0)
+    model = build_model("sdt-tiny", depth=4, embed_dim=32, heads=2, mlp_ratio=2.0, timesteps=T)
     recalibrate_bn(model, torch.utils.data.Subset(digits.train, range(256)), batch_size=64)
     return model.eval()
 
@@ -137,8 +138,8 @@ def runs(deep, dsp, digits, tmp_path_factory):
     images, placed = boundary_inputs(float_model, images)
     exact_model = to_exact(deep).eval()
     out = {"placed": placed}
-    exact_x = direct_encode(quantize_input(images), 4)
-    for mode, model, x in (("float", float_model, direct_encode(images, 4)),
+    exact_x = direct_encode(quantize_input(images), T)
+    for mode, model, x in (("float", float_model, direct_encode(images, T)),
                            ("exact", deployable(exact_model), exact_x),
                            ("dsp", deployable(to_exact(dsp)), exact_x)):
         logits, records = head_spikes(model, x)
@@ -241,7 +242,7 @@ def test_quantised_values_are_on_their_grids(deep):
 
 def test_straight_through_gradients_reach_every_weight(deep, digits):
     model = to_exact(deep).train()
-    x = direct_encode(torch.stack([digits.train[i][0] for i in range(16)]), 4)
+    x = direct_encode(torch.stack([digits.train[i][0] for i in range(16)]), T)
     y = torch.tensor([digits.train[i][1] for i in range(16)])
     torch.nn.functional.cross_entropy(model(x), y).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
@@ -253,7 +254,7 @@ def test_checkpoint_records_and_reapplies_the_mode(deep, digits, tmp_path):
     save_checkpoint(tmp_path / "ck", model, meta={"quantize": "exact"})
     loaded = load_checkpoint(tmp_path / "ck")
     assert loaded.meta["quantize"] == "exact" and is_exact(loaded.model)
-    x = direct_encode(torch.stack([digits.test[i][0] for i in range(8)]), 4)
+    x = direct_encode(torch.stack([digits.test[i][0] for i in range(8)]), T)
     with torch.no_grad():
         assert torch.equal(loaded.model.eval()(x), model(x))
 
@@ -328,7 +329,7 @@ def test_low_rank_layers_are_merged_and_factors_would_not_be_exact(dsp):
             parent, _, leaf = name.rpartition(".")
             setattr(factored.get_submodule(parent), leaf, new)
     with pytest.raises(UnsupportedPrimitive, match=r"head\.lif: membrane updates reach 2\^\d+\.\d") as err:
-        check_exact(to_nir(factored))
+        check_exact(to_nir(factored), timesteps=4)  # over the preset's 4 steps (the grid refines every step)
     print(f"factors quantised separately: {err.value}")
 
 
@@ -389,7 +390,7 @@ def test_lava_fixed_point_is_bit_identical(deep, digits, tmp_path):
     write_manifest(path, {"artifacts": {"nir": {"file": "model.nir"}}})
     images = torch.stack([digits.test[i][0] for i in range(LAVA_SAMPLES)])
     assert torch.equal(images * 16, torch.round(images * 16)) and float(images.min()) >= 0 and float(images.max()) <= 1
-    x = direct_encode(images, 4)
+    x = direct_encode(images, T)
     logits, records = head_spikes(model, x)
     rates = {k: float(v["spikes"].mean()) for k, v in records.items()}
     assert min(rates.values()) > 0, rates

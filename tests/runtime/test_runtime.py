@@ -375,10 +375,25 @@ def _dynamic_symbols(lib: Path, undefined: bool) -> set[str]:
     return names
 
 
+TVM_TIMESTEPS = 2  # a standalone TVM module unrolls every step: two keep the membrane's carry at half the build
+
+
 @pytest.fixture(scope="module")
-def tvm_bundle(export_dir, tmp_path_factory):
+def tvm_export(trained_sdt, tmp_path_factory):
+    """The run's trained sdt-tiny (conftest; every spiking layer fires) with its weights at T = 2 (the
+    same operators per step, half the unrolled graph), exported once for both TVM bundles (x86-64, aarch64)."""
+    model, _ = trained_sdt
+    short = build_model("sdt-tiny", timesteps=TVM_TIMESTEPS)
+    short.load_state_dict(model.state_dict())
+    out = tmp_path_factory.mktemp("export-tvm") / "exp"
+    export_model(short.eval(), out, ("onnx",))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tvm_bundle(tvm_export, digits_full, tmp_path_factory):
     out = tmp_path_factory.mktemp("tvm") / "sdt-tvm"
-    return out, package(export_dir, "cpu", out, samples=2, runtime="tvm")
+    return out, package(tvm_export, "cpu", out, data=digits_full, samples=2, runtime="tvm")
 
 
 @pytest.mark.tvm
@@ -418,7 +433,7 @@ def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, offlin
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_aarch64_modules_need_only_tvm_runtime_and_libc(exported_sdt, require_installed, tmp_path):
+def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full, require_installed, tmp_path):
     """(c): cross-compiled for aarch64; every symbol the modules leave undefined is defined by TVM's
     runtime libraries or the aarch64 C library; no Python symbol. Then the bundle executes: its C++
     runner (runner/run_module.cc), cross-compiled against the aarch64 TVM wheels that `make`
@@ -431,7 +446,7 @@ def test_aarch64_modules_need_only_tvm_runtime_and_libc(exported_sdt, require_in
                        'target = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
                        f'cross_compiler = "{compiler}"\n')
     out = tmp_path / "arm"
-    m = package(exported_sdt, str(profile), out, samples=2, runtime="tvm")  # the trained model: its outputs fire
+    m = package(tvm_export, str(profile), out, data=digits_full, samples=2, runtime="tvm")  # the trained model on digits: it fires
     assert m["tvm"]["machine"] == "aarch64" and m["host_check"]["passed"] is None
     import tvm
     import tvm_ffi

@@ -98,15 +98,24 @@ def test_tune_writes_a_database_that_run_uses(tuned):
     assert f"cpu-b{B}-blas-" in db and (json.loads(open(f"{db}/tune.json").read())["batch_size"] == B)
     x = np.random.default_rng(2).random((T, B, 1, 2, 2), dtype=np.float32)
     logits, spikes = reference(x, w1, w2)
+    assert 0 < spikes.mean() < 1                                   # the layer fires, not saturated
     runnable = TVMTarget().compile(d, load_profile("cpu"), batch_size=B, sparse="off")
     result = runnable.run(x)
     assert result.info["path"] == "spike-adaptive matmul + BLAS matmul/conv2d + MetaSchedule-tuned TIR"
     assert result.info["builds"][str(B)]["database"] == db
     np.testing.assert_array_equal(result.spikes, spikes)
     np.testing.assert_allclose(result.logits, logits, rtol=0, atol=1e-5)
-    other = runnable.run(x[:, :3])  # another batch: no database for it, said so
+    assert runnable.compiled_shapes == [(T, B, 1, 2, 2)]             # compiled up front
+    other = runnable.run(x[:, :3])  # another batch: compiled on first use; no database for it, said so
     assert other.info["builds"]["3"]["path"] == "spike-adaptive matmul + BLAS matmul/conv2d + untuned TIR"
     np.testing.assert_array_equal(other.spikes, spikes[:, :3])
+    np.testing.assert_allclose(other.logits, logits[:3], rtol=0, atol=1e-5)
+    # one executable per batch size, each compiled once: nothing is recompiled when a batch comes back
+    assert runnable.compiled_shapes == [(T, B, 1, 2, 2), (T, 3, 1, 2, 2)]
+    assert set(runnable.info["compile_seconds"]) == {str(B), "3"}
+    assert runnable.prepare(3) == 0.0 and runnable.prepare(B) == 0.0
+    np.testing.assert_array_equal(runnable.run(x).spikes, spikes)
+    assert len(runnable.compiled_shapes) == 2
 
 
 def test_second_tune_measures_nothing(tuned):
