@@ -346,14 +346,18 @@ def exact_graph(model, input_frac_bits: int | None = None):
 def test_lava_fixed_point_uses_the_models_integers(deep):
     """The fixed-point plan of an exact graph keeps the model's 8-bit integers (no re-quantisation);
     with the default 8-bit input contract the first layer's proven range needs more than Loihi's
-    24-bit registers, so the plan takes the finest input grid that fits (2^-5, said in a warning and
-    in the plan's input_contract); with a 4-bit input grid every layer fits as it is."""
+    24-bit registers, so the plan takes the finest input grid that fits (2^-7 for this model, said in a
+    warning and in the plan's input_contract); with a 4-bit input grid every layer fits as it is."""
     from stdeploy.targets.lava.lowering import lower
 
     exact = to_exact(deep).eval()
-    with pytest.warns(UserWarning, match=r"inputs are rounded to 2\^-5 in \[0, 1\]"):
+    with pytest.warns(UserWarning, match=r"inputs are rounded to 2\^-\d in \[0, 1\]") as caught:
         plan = lower(exact_graph(deployable(exact)), "fixed", weight_bits=8)
-    assert plan["input_contract"] == {"lo": 0.0, "hi": 1.0, "frac_bits": 5}
+    k = plan["input_contract"]["frac_bits"]  # the grid depends on the model (its T and weights): 2^-7 here at T = 2
+    assert 4 <= k < 8 and plan["input_contract"] == {"lo": 0.0, "hi": 1.0, "frac_bits": k}
+    assert any(f"rounded to 2^-{k} in [0, 1]" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match=rf"inputs are rounded to 2\^-{k} in"):  # the finest that fits: 2^-(k+1) does not
+        assert lower(exact_graph(deployable(exact), input_frac_bits=k + 1), "fixed", weight_bits=8)["input_contract"]["frac_bits"] == k
     pops = {k: v for k, v in plan["quant"].items() if "proven" in v}
     assert len(pops) == 2 + 4 * 7 + 1
     assert all(v["proven"] for v in pops.values())
