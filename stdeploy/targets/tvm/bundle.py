@@ -62,7 +62,7 @@ def machine_of(target: dict) -> str:
 
 
 def relax_graphs(unrolled: Path, step: Path | None, batch: int):
-    """``(key, batch, onnx_model, inputs, relax_module)`` for the bundle's graphs: ``"unrolled"`` at
+    """``(key, onnx_path, batch, onnx_model, inputs, relax_module)`` for the bundle's graphs: ``"unrolled"`` at
     ``batch`` and, when there is one, ``"step"`` at batch 1, each imported from its ONNX file with
     sparse initializers densified and every input shape static."""
     import onnx
@@ -78,7 +78,7 @@ def relax_graphs(unrolled: Path, step: Path | None, batch: int):
         with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
             warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
             mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
-        yield key, b, model, inputs, mod
+        yield key, path, b, model, inputs, mod
 
 
 def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, stage: Path) -> dict:
@@ -110,7 +110,7 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
 
         fcompile = cc.cross_compiler(compiler)
     section = {"version": tvm.__version__, "target": target, "machine": machine, "schedules": SCHEDULES, "graphs": {}}
-    for key, b, model, inputs, mod in relax_graphs(unrolled, step, batch):
+    for key, path, b, model, inputs, mod in relax_graphs(unrolled, step, batch):
         mod, routed = standalone_module(mod, target)
         ex = tvm.compile(mod, target=tvm.target.Target(target))
         name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
@@ -160,7 +160,7 @@ def build_cuda_modules(unrolled: Path, step: Path | None, profile, batch: int, s
     arch = str(device["arch"])
     section = {"version": tvm.__version__, "device": "cuda", "arch": arch, "target": device, "host": host,
                "machine": machine, "schedules": CUDA_SCHEDULES, "build_driver": driver, "graphs": {}}
-    for key, b, model, inputs, mod in relax_graphs(unrolled, step, batch):
+    for key, path, b, model, inputs, mod in relax_graphs(unrolled, step, batch):
         executable, kernels, nvcc = compile_relax_for_cuda(mod, target, arch, fast_math=False, what=str(path))
         name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
         lib = stage / name
