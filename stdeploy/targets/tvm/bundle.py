@@ -61,17 +61,36 @@ def machine_of(target: dict) -> str:
     return {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch)
 
 
+def relax_graphs(unrolled: Path, step: Path | None, batch: int):
+    """``(key, onnx_path, batch, onnx_model, inputs, relax_module)`` for the bundle's graphs: ``"unrolled"`` at
+    ``batch`` and, when there is one, ``"step"`` at batch 1, each imported from its ONNX file with
+    sparse initializers densified and every input shape static."""
+    import onnx
+    from tvm.relax.frontend import onnx as rx_onnx
+
+    from .frontend import densify_sparse_initializers
+
+    for key, path, b in (("unrolled", unrolled, batch), ("step", step, 1)):
+        if path is None:
+            continue
+        model, _ = densify_sparse_initializers(onnx.load(str(path)))
+        inputs = _static_inputs(model, b)
+        with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
+            warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
+            mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
+        yield key, path, b, model, inputs, mod
+
+
 def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, stage: Path) -> dict:
     """Compile the graphs for ``profile`` into ``stage`` (``model.<machine>.so``,
     ``model.step.<machine>.so``); return the manifest's ``tvm`` section."""
-    try:
-        import onnx
+    try:  # what the build needs, checked first so the error names the extra
+        import onnx  # noqa: F401
         import tvm
-        from tvm.relax.frontend import onnx as rx_onnx
+        from tvm.relax.frontend import onnx as rx_onnx  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"--runtime tvm needs apache-tvm on this build machine: pip install 'stdeploy[tvm]' ({err})") from err
     from .cuda_artifacts import elf_machine
-    from .frontend import densify_sparse_initializers
     from .schedules import standalone_module
 
     if profile.kind == "cuda":
@@ -91,14 +110,7 @@ def build_tvm_modules(unrolled: Path, step: Path | None, profile, batch: int, st
 
         fcompile = cc.cross_compiler(compiler)
     section = {"version": tvm.__version__, "target": target, "machine": machine, "schedules": SCHEDULES, "graphs": {}}
-    for key, path, b in (("unrolled", unrolled, batch), ("step", step, 1)):
-        if path is None:
-            continue
-        model, _ = densify_sparse_initializers(onnx.load(str(path)))
-        inputs = _static_inputs(model, b)
-        with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
-            warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
-            mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
+    for key, path, b, model, inputs, mod in relax_graphs(unrolled, step, batch):
         mod, routed = standalone_module(mod, target)
         ex = tvm.compile(mod, target=tvm.target.Target(target))
         name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
@@ -129,10 +141,10 @@ def build_cuda_modules(unrolled: Path, step: Path | None, profile, batch: int, s
     library for this machine is also loaded back (kernels listed by the loaded CUDA module). No
     kernel runs here: without a GPU the build uses the stand-in driver (:mod:`.cuda_standin_driver`).
     """
-    try:
-        import onnx
+    try:  # what the build needs, checked first so the error names the extra
+        import onnx  # noqa: F401
         import tvm
-        from tvm.relax.frontend import onnx as rx_onnx
+        from tvm.relax.frontend import onnx as rx_onnx  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"--runtime tvm needs apache-tvm on this build machine: pip install 'stdeploy[tvm]' ({err})") from err
     from tvm.support import cc
@@ -140,7 +152,6 @@ def build_cuda_modules(unrolled: Path, step: Path | None, profile, batch: int, s
     from .cuda import compile_relax_for_cuda, cuda_profile, triple_machine
     from .cuda_artifacts import build_machine, elf_machine, embedded_cuda_code, find_module
     from .cuda_standin_driver import ensure_tvm_cuda_runtime
-    from .frontend import densify_sparse_initializers
 
     device, host, cross = cuda_profile(profile)
     driver = ensure_tvm_cuda_runtime()
@@ -149,14 +160,7 @@ def build_cuda_modules(unrolled: Path, step: Path | None, profile, batch: int, s
     arch = str(device["arch"])
     section = {"version": tvm.__version__, "device": "cuda", "arch": arch, "target": device, "host": host,
                "machine": machine, "schedules": CUDA_SCHEDULES, "build_driver": driver, "graphs": {}}
-    for key, path, b in (("unrolled", unrolled, batch), ("step", step, 1)):
-        if path is None:
-            continue
-        model, _ = densify_sparse_initializers(onnx.load(str(path)))
-        inputs = _static_inputs(model, b)
-        with warnings.catch_warnings():  # the frontend renames "state.x" params to "state_x"; inputs stay positional
-            warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)
-            mod = rx_onnx.from_onnx(model, shape_dict=dict(inputs))
+    for key, path, b, model, inputs, mod in relax_graphs(unrolled, step, batch):
         executable, kernels, nvcc = compile_relax_for_cuda(mod, target, arch, fast_math=False, what=str(path))
         name = f"model.{machine}.so" if key == "unrolled" else f"model.step.{machine}.so"
         lib = stage / name

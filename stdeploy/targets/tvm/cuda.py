@@ -220,6 +220,15 @@ def schedule_gpu(mod, target):
     return mod, [type(r).__name__ for r in rules]
 
 
+def build_error(err: Exception, what: str, first_line: bool = False) -> TargetError:
+    """A :class:`TargetError` for a failed CUDA build: ``what`` (the graph and the target), a hint
+    where TVM's text says a kernel has no GPU schedule, then TVM's own message (its first line
+    with ``first_line``), which carries the useful text."""
+    hint = " (a kernel without a GPU schedule: add a dlight rule)" if "did you forget to bind" in str(err) else ""
+    text = str(err).splitlines()[0] if first_line and str(err) else str(err)
+    return TargetError(f"{what}{hint}: {text}")
+
+
 def compile_relax_for_cuda(mod, target, arch: str, fast_math: bool, what: str) -> tuple[object, list[str], dict]:
     """One Relax module (any functions, any inputs) through :func:`schedule_gpu` and ``tvm.compile``
     for ``target`` (device plus the profile's host), its kernels compiled by :func:`nvcc_compiler`.
@@ -235,9 +244,8 @@ def compile_relax_for_cuda(mod, target, arch: str, fast_math: bool, what: str) -
                 executable = tvm.compile(lowered, target=target, relax_pipeline=None)
         except TargetError:
             raise
-        except Exception as err:  # TVM's errors carry the useful text; name what was being built
-            hint = " (a kernel without a GPU schedule: add a dlight rule)" if "did you forget to bind" in str(err) else ""
-            raise TargetError(f"{what}: TVM cannot build it for {target}{hint}: {str(err).splitlines()[0]}") from err
+        except Exception as err:
+            raise build_error(err, f"{what}: TVM cannot build it for {target}", first_line=True) from err
     kernels = kernel_names("\n".join(log.get("sources", [])))
     if find_module(executable.mod, "cuda") is None or not kernels:
         raise TargetError(f"{what}: the CUDA build holds no compiled CUDA kernels (is TVM's CUDA runtime loaded?)")
@@ -304,9 +312,8 @@ def cuda_build(graph: OnnxGraph, profile: DeviceProfile, batch: int, *, fast_mat
             executables.setdefault("device", executables["build_host"] if same_host else None)
         except TargetError:
             raise
-        except Exception as err:  # TVM's errors carry the useful text; name what was being built
-            hint = " (a kernel without a GPU schedule: add a dlight rule)" if "did you forget to bind" in str(err) else ""
-            raise TargetError(f"{graph.path}: TVM cannot build it for {profile.name} ({device}){hint}: {err}") from err
+        except Exception as err:
+            raise build_error(err, f"{graph.path}: TVM cannot build it for {profile.name} ({device})") from err
     kernels = kernel_names("\n".join(nvcc_log.get("sources", [])))
     cuda_module = find_module(executables["build_host"].mod, "cuda")
     if cuda_module is None or not kernels:
