@@ -381,7 +381,7 @@ def cmd_export(args: argparse.Namespace) -> dict:
             print(f"  {name:<10} {art['file']:<16} {art['bytes']:>10} B  spike mismatches {r['spike_mismatches']}/{r['spikes_total']}"
                   f"  max logit error {r['logits_max_abs_error']:.2e}  accuracy {r['accuracy']}")
             if r["flips"]:
-                print("             " + _first_flip(r))
+                print("             " + first_flip(r))
         if "streaming_vs_unrolled" in v:
             s_ = v["streaming_vs_unrolled"]
             print(f"  streaming vs unrolled ONNX: {s_['spike_mismatches']} spike mismatches, logits within {s_['logits_max_abs_error']:.2e}")
@@ -390,15 +390,21 @@ def cmd_export(args: argparse.Namespace) -> dict:
             print(f"  netx       {art['file']:<16} {art['bytes']:>10} B  Loihi integer arithmetic (numpy) vs {n_['against']}: "
                   f"{n_['spike_agreement']:.4f} of spikes agree" + (f", accuracy {n_['accuracy']}" if "accuracy" in n_ else ""))
         f = manifest["batchnorm_folding"]
-        print(f"  BatchNorm folding vs original: {f['spike_mismatches']} output spike flips" + (f"; {_first_flip(f)}" if f["flips"] else ""))
+        print(f"  BatchNorm folding vs original: {f['spike_mismatches']} output spike flips" + (f"; {first_flip(f)}" if f["flips"] else ""))
     return summary
 
 
-def _first_flip(result: dict) -> str:
+def first_flip(result: dict) -> str:
+    """One line on a comparison's (``Comparison.to_dict``) first diverging layer: whether its flips
+    start at float-rounding distance from threshold, and, apart from that, any task-level bound the
+    outcome breaks (a rounding flip in a deep float model can cascade past the bound)."""
     first = result["flips"][0]
-    kind = "float rounding" if result["rounding_only"] else "NOT rounding: a bug"
-    return (f"first diverging layer {first['layer']}: {first['flips']} flip(s), membrane {first['max_distance']:.2g} "
+    kind = "float rounding" if result["flips_at_rounding_level"] else "NOT rounding: a bug"
+    line = (f"first diverging layer {first['layer']}: {first['flips']} flip(s), membrane {first['max_distance']:.2g} "
             f"from threshold ({kind}); later layers follow from it")
+    if result["bound_violations"]:
+        line += "; outside the task-level bound: " + "; ".join(result["bound_violations"])
+    return line
 
 
 def _export_parser(sub) -> None:

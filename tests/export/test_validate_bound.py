@@ -75,6 +75,14 @@ def test_one_near_threshold_flip_then_everything_wrong_fails(firing):
     assert d["rounding_only"] is False and d["within_bound"] is False
     assert any("mismatch fraction 1 > 0.01" in v for v in d["bound_violations"])
     assert any(v.startswith("logits error 100") for v in d["bound_violations"])
+    # the export's summary line says both: the onset is rounding, the outcome is outside the bound
+    from stdeploy.cli import first_flip
+
+    line = first_flip(d)
+    assert f"first diverging layer {LAYER}" in line and "(float rounding)" in line and "NOT rounding" not in line
+    assert "outside the task-level bound: " in line and "mismatch fraction 1 > 0.01" in line
+    far = compare("artifact", ref_logits, ref_out, ref_logits, bad_spikes, ref, {**layers, LAYER: 1 - ref[LAYER]["spikes"]}).to_dict()
+    assert "NOT rounding: a bug" in first_flip(far)  # flips far from threshold are named as such
 
 
 def test_each_bound_can_fail_alone(firing):
