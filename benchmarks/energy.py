@@ -28,22 +28,15 @@ from stdeploy.data import load_dataset  # noqa: E402
 from stdeploy.demo import VARIANTS  # noqa: E402
 from stdeploy.export.directory import export_model  # noqa: E402
 from stdeploy.models import DEFAULT_PRESET, build_model, clone_model  # noqa: E402
-from stdeploy.profile.report import profile_exports, to_markdown  # noqa: E402
+from stdeploy.profile.report import to_markdown  # noqa: E402
+from stdeploy.runner import profile_exports  # noqa: E402
 from stdeploy.prune import CompensationConfig, prune_model  # noqa: E402
 from stdeploy.train import TrainConfig, train  # noqa: E402
+from stdeploy.timing import describe_machine  # noqa: E402
 
 
 def machine() -> str:
-    import os
-    import platform
-
-    model = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} logical cores"
-
+    return describe_machine()
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stdeploy.timing import describe_machine
+
 PREPARE = r"""
 import sys, torch
 from stdeploy.checkpoint import save_checkpoint
@@ -91,12 +93,7 @@ def main() -> None:
 
 def _machine() -> str:
     """The CPU model and core count (``/proc/cpuinfo``): what the figures were measured on."""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
-
+    return describe_machine()
 
 if __name__ == "__main__":
     main()

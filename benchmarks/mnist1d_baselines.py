@@ -49,6 +49,7 @@ from stdeploy.files import atomic_write_text  # noqa: E402
 from stdeploy.models import build_model, direct_encode  # noqa: E402
 from stdeploy.neurons import neurons_of  # noqa: E402
 from stdeploy.train import TrainConfig, train  # noqa: E402
+from stdeploy.timing import describe_machine  # noqa: E402
 
 TWINS = ("relu",)
 RATE_SAMPLES = 256  # test sequences the firing rates are measured on
@@ -139,16 +140,7 @@ def summarize(records: list[dict], twin: str) -> dict:
 
 def machine() -> str:
     """The CPU model and core count of this machine."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores"
-
+    return describe_machine()
 
 def run(args) -> dict:
     data = load_data(args)

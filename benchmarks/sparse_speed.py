@@ -56,6 +56,7 @@ from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner, weight_counts  
 from stdeploy.targets.base import get_target  # noqa: E402
 from stdeploy.targets.profiles import load_profile  # noqa: E402
 from stdeploy.targets.tvm.cpu import compile_cpu, outputs_to_numpy  # noqa: E402
+from stdeploy.timing import describe_machine  # noqa: E402
 from stdeploy.targets.tvm.database import CrossoverCache  # noqa: E402
 from stdeploy.targets.tvm.frontend import load_onnx_graph, relax_module  # noqa: E402
 from stdeploy.targets.tvm.kernels import skipzero  # noqa: E402
@@ -71,20 +72,11 @@ WEIGHT_KERNELS = ("stdeploy.", "sparse_matmul")
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         load = ", load average %.1f at start" % os.getloadavg()[0]
     except OSError:
         load = ""
-    return f"{model}, {os.cpu_count()} logical cores{load}"
-
+    return describe_machine() + load
 
 def head_spikes(model, x) -> np.ndarray:
     out = []

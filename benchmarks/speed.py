@@ -63,6 +63,7 @@ from stdeploy.models.structure import LowRankLinear, structure_of  # noqa: E402
 from stdeploy.prune import PruneConfig, make_pruner  # noqa: E402
 from stdeploy.targets.base import get_target  # noqa: E402
 from stdeploy.targets.profiles import load_profile  # noqa: E402
+from stdeploy.timing import describe_machine  # noqa: E402
 from stdeploy.targets.tvm.target import TVMTarget  # noqa: E402
 from stdeploy.targets.tvm.tuning import tune  # noqa: E402
 from stdeploy.train import TrainConfig, train  # noqa: E402
@@ -107,20 +108,7 @@ def macs(model, x: torch.Tensor) -> int:
 
 
 def machine() -> str:
-    """The CPU model and core count of this machine, for the table's header."""
-    import os
-    import platform
-
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores (torch threads {torch.get_num_threads()})"
-
+    return f"{describe_machine()} (torch threads {torch.get_num_threads()})"
 
 def timed(fn, x, warmup: int, repeats: int) -> float:
     for _ in range(warmup):

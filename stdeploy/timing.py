@@ -9,8 +9,11 @@ starts and before it stops, so a timed call ends when the device is done.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["Timer", "Timing", "median_time", "percentile", "time_calls", "time_candidates"]
+__all__ = ["Timer", "Timing", "median_time", "percentile", "time_calls", "time_candidates", "cpu_model", "describe_machine"]
 
 
 class Timer:
@@ -98,3 +101,20 @@ def time_candidates(fns: dict[str, Callable[[], object]], warmup: int = 2, repea
             times[name].append(time.perf_counter() - t0)
     return {name: Timing(warmup=warmup, repeats=repeats, median_s=statistics.median(ts), p90_s=percentile(ts, 90),
                          min_s=min(ts)) for name, ts in times.items()}
+
+
+def cpu_model() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it (``model name``), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_machine() -> str:
+    """``"<CPU model>, <n> logical cores"``: the machine a figure was measured on, as every
+    benchmark's report states it."""
+    return f"{cpu_model()}, {os.cpu_count()} logical cores"

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...files import atomic_write_text, sha256_file
+from ...timing import cpu_model
 from ..base import TargetError
 from ..profiles import DeviceProfile
 from .sdk import load_tvm
@@ -137,17 +138,6 @@ CACHE_ENV = "STDEPLOY_CACHE_DIR"
 
 class CrossoverCacheError(TuningDatabaseError):
     """A crossover cache file or entry that is not what it must be (names the file or field)."""
-
-
-def cpu_model() -> str:
-    """This machine's CPU model as /proc/cpuinfo names it (``model name``), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...]:
