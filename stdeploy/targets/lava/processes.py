@@ -72,7 +72,7 @@ from lava.proc.lif.process import LIF
 
 from ...export import nir_interpreter as ref
 
-__all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "model_class", "sink_model", "run_plan",
+__all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "model_class", "sink_model", "clear_sinks", "read_sinks", "run_plan",
            "run_standard_plan", "serve", "main"]
 
 
@@ -433,11 +433,13 @@ def sink_model(base: type, path: str) -> type:
     step: ``Var.get`` sends an array element by element (10 s for one 32-sample run's spikes)."""
 
     @_reported
-    @_reported
     def run_spk(self):
         base.run_spk(self)
-        if self.time_step == self.data.shape[-1]:
-            np.save(self.dump_path, self.data)
+        if self.time_step == self.data.shape[-1]:  # written whole, then renamed: a reader never sees part of it
+            tmp = f"{self.dump_path}.part"
+            with open(tmp, "wb") as f:
+                np.save(f, self.data)
+            os.replace(tmp, self.dump_path)
 
     name = f"_Dump{base.__name__}_{len(_MODELS)}"
     cls = type(name, (base,), {"dump_path": path, "run_spk": run_spk, "__module__": __name__, "__qualname__": name})
@@ -445,6 +447,32 @@ def sink_model(base: type, path: str) -> type:
     globals()[name] = cls
     _MODELS[("sink", path)] = cls
     return cls
+
+
+def clear_sinks(dumps: dict[str, str]) -> None:
+    """Remove the files the sinks of a run will write (their names repeat from run to run in a
+    worker's folder): a record left by an earlier run must never be read as this run's."""
+    for path in dumps.values():
+        for p in (path, f"{path}.part"):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def read_sinks(dumps: dict[str, str], steps: int, limit_s: float = 10.0) -> dict[str, np.ndarray]:
+    """Each sink's record once its file is there (the sink process writes it in its last step,
+    which can end after ``run`` returned here): waits up to ``limit_s``, then raises naming the
+    missing sink; a record of another length than ``steps`` is refused too."""
+    deadline = time.monotonic() + limit_s
+    while not all(os.path.exists(p) for p in dumps.values()):
+        if time.monotonic() > deadline:
+            missing = [n for n, p in dumps.items() if not os.path.exists(p)]
+            raise RuntimeError(f"lava: the sink record of {missing[0]} was not written within {limit_s:g} s of the run's end")
+        time.sleep(0.01)
+    records = {name: np.load(path) for name, path in dumps.items()}
+    for name, r in records.items():
+        if r.shape[-1] != steps:
+            raise RuntimeError(f"lava: the sink record of {name} holds {r.shape[-1]} steps, the run had {steps}")
+    return records
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -537,13 +565,14 @@ def run_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
 
     anchor = next(iter(sinks.values()))
     timing = {}
+    clear_sinks(dumps)
     try:
         t0 = time.perf_counter()
         anchor.create_runtime(run_cfg=Loihi2SimCfg(exception_proc_model_map=models))
         t1 = time.perf_counter()
         anchor.run(condition=RunSteps(num_steps=steps))
         t2 = time.perf_counter()
-        records = {name: np.load(path) for name, path in dumps.items()}
+        records = read_sinks(dumps, steps)
         timing = {"compile_start_s": t1 - t0, "steps_s": t2 - t1, "steps": steps}
     finally:
         _stop(anchor)
@@ -638,13 +667,14 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
                      | {f"model:{(m.__mro__[1] if m.__name__.startswith('_Dump') else m).__module__}."
                         f"{(m.__mro__[1] if m.__name__.startswith('_Dump') else m).__name__}" for m in models.values()})
     anchor = sinks[0]
+    clear_sinks(dumps)
     try:
         t0 = time.perf_counter()
         anchor.create_runtime(run_cfg=Loihi2SimCfg(exception_proc_model_map=models))
         t1 = time.perf_counter()
         anchor.run(condition=RunSteps(num_steps=steps))
         t2 = time.perf_counter()
-        records = {name: np.load(path) for name, path in dumps.items()}
+        records = read_sinks(dumps, steps)
     finally:
         _stop(anchor)
     counts: dict[str, int] = {}
