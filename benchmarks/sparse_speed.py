@@ -78,6 +78,7 @@ def machine() -> str:
         load = ""
     return describe_machine() + load
 
+
 def head_spikes(model, x) -> np.ndarray:
     out = []
     hook = model.head.lif.register_forward_hook(lambda m, i, o: out.append(o))

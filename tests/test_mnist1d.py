@@ -50,17 +50,23 @@ def inputs(mnist1d):
     return direct_encode(seqs, 4)  # (T, 64, 1, 1, 40)
 
 
+def trained_and_folded(data, names) -> dict:
+    """``{name: (folded model, accuracy before, train result)}``: each preset seeded, trained 2 epochs
+    on ``data``, then BatchNorm folded."""
+    out = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(name)
+        before = evaluate(model, data.test, 4)
+        result = train(model, data, TrainConfig(epochs=2, batch_size=32, lr=5e-3), None, progress=False)
+        out[name] = (fold_batchnorm(model), before, result)
+    return out
+
+
 @pytest.fixture(scope="module")
 def models(mnist1d):
     """Each family trained 2 epochs on the subset (a few seconds), then folded."""
-    out = {}
-    for name in FAMILIES:
-        torch.manual_seed(0)
-        model = build_model(name)
-        before = evaluate(model, mnist1d.test, 4)
-        result = train(model, mnist1d, TrainConfig(epochs=2, batch_size=32, lr=5e-3), None, progress=False)
-        out[name] = (fold_batchnorm(model), before, result)
-    return out
+    return trained_and_folded(mnist1d, FAMILIES)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -304,14 +310,7 @@ def test_conv_and_mlp_1d_presets_build_and_match_their_files():
 @pytest.fixture(scope="module")
 def small_models(mnist1d):
     """conv-1d-tiny and mlp-1d-tiny trained 2 epochs on the 512-sequence subset, then folded."""
-    out = {}
-    for name in SMALL_1D:
-        torch.manual_seed(0)
-        model = build_model(name)
-        before = evaluate(model, mnist1d.test, 4)
-        result = train(model, mnist1d, TrainConfig(epochs=2, batch_size=32, lr=5e-3), None, progress=False)
-        out[name] = (fold_batchnorm(model), before, result)
-    return out
+    return trained_and_folded(mnist1d, SMALL_1D)
 
 
 @pytest.mark.parametrize("name", SMALL_1D)

@@ -74,19 +74,6 @@ def run_runner(bundle: Path, *args, cwd, env=None):
                           capture_output=True, text=True, timeout=300)
 
 
-def _dynamic_symbols(lib: Path, undefined: bool) -> set[str]:
-    """Global dynamic symbols of an ELF library (readelf reads any architecture): the undefined ones
-    that are not weak, or the defined ones; version suffixes dropped."""
-    out = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
-    names = set()
-    for line in out.splitlines():
-        f = line.split()
-        if len(f) >= 8 and f[0].endswith(":") and f[4] in ("GLOBAL", "WEAK"):
-            if (f[6] == "UND") == undefined and not (undefined and f[4] == "WEAK"):
-                names.add(f[7].split("@")[0])
-    return names
-
-
 @pytest.mark.parametrize("which, arch, machine", [("jetson", "sm_87", "aarch64"), ("h100", "sm_90", "x86_64")])
 def test_cuda_bundle_contents_and_manifest(which, arch, machine, request):
     root, m = request.getfixturevalue(which)
@@ -120,23 +107,23 @@ def test_cuda_bundle_contents_and_manifest(which, arch, machine, request):
 
 
 @pytest.mark.parametrize("which, machine", [("jetson", "aarch64"), ("h100", "x86_64")])
-def test_gpu_library_needs_only_tvm_runtime_and_libc(which, machine, request):
+def test_gpu_library_needs_only_tvm_runtime_and_libc(which, machine, request, dynamic_symbols):
     """Every symbol a library leaves undefined is defined by TVM's runtime libraries (the CUDA one
     included) or the C library of its machine; none is Python's."""
     root, m = request.getfixturevalue(which)
     tvm_dir, ffi_dir = _tvm_dirs()
     provided = set()
     for lib in [tvm_dir / "lib" / "libtvm_runtime.so", tvm_dir / "lib" / "libtvm_runtime_cuda.so", *ffi_dir.glob("lib/libtvm_ffi.so")]:
-        provided |= _dynamic_symbols(lib, undefined=False)
+        provided |= dynamic_symbols(lib, undefined=False)
     libc_dir = Path("/usr/aarch64-linux-gnu/lib") if machine == "aarch64" else Path("/lib/x86_64-linux-gnu")
     for libc in ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1"):
         if (libc_dir / libc).exists():
-            provided |= _dynamic_symbols(libc_dir / libc, undefined=False)
+            provided |= dynamic_symbols(libc_dir / libc, undefined=False)
     for name in m["models"].values():
         lib = root / name
         head = lib.read_bytes()[:20]
         assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == {"aarch64": EM_AARCH64, "x86_64": EM_X86_64}[machine]
-        needed = _dynamic_symbols(lib, undefined=True)
+        needed = dynamic_symbols(lib, undefined=True)
         assert needed, "a module that imports nothing is not what TVM writes"
         assert not {s for s in needed if s.startswith(("Py", "_Py"))}
         assert needed <= provided, f"{name}: undefined symbols nobody provides: {sorted(needed - provided)}"

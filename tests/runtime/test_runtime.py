@@ -362,19 +362,6 @@ def test_archive_overwrite_replaces_only_a_bundle_archive(export_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- TVM bundles: standalone modules, TVM's runtime alone
-def _dynamic_symbols(lib: Path, undefined: bool) -> set[str]:
-    """Global dynamic symbols of an ELF library (readelf reads any architecture): the undefined
-    ones that are not weak, or the defined ones; version suffixes dropped."""
-    out = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
-    names = set()
-    for line in out.splitlines():
-        f = line.split()
-        if len(f) >= 8 and f[0].endswith(":") and f[4] in ("GLOBAL", "WEAK"):
-            if (f[6] == "UND") == undefined and not (undefined and f[4] == "WEAK"):
-                names.add(f[7].split("@")[0])
-    return names
-
-
 TVM_TIMESTEPS = 2  # a standalone TVM module unrolls every step: two keep the membrane's carry at half the build
 
 
@@ -433,7 +420,7 @@ def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, offlin
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full, require_installed, tmp_path):
+def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full, require_installed, tmp_path, dynamic_symbols):
     """(c): cross-compiled for aarch64; every symbol the modules leave undefined is defined by TVM's
     runtime libraries or the aarch64 C library; no Python symbol. Then the bundle executes: its C++
     runner (runner/run_module.cc), cross-compiled against the aarch64 TVM wheels that `make`
@@ -453,16 +440,16 @@ def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full,
 
     provided = set()
     for lib in [Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so", *Path(tvm_ffi.__file__).parent.glob("lib/libtvm_ffi.so")]:
-        provided |= _dynamic_symbols(lib, undefined=False)
+        provided |= dynamic_symbols(lib, undefined=False)
     sysroot = Path("/usr/aarch64-linux-gnu/lib")
     for libc in ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1"):
         if (sysroot / libc).exists():
-            provided |= _dynamic_symbols(sysroot / libc, undefined=False)
+            provided |= dynamic_symbols(sysroot / libc, undefined=False)
     for name in m["models"].values():
         lib = out / name
         head = lib.read_bytes()[:20]
         assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
-        needed = _dynamic_symbols(lib, undefined=True)
+        needed = dynamic_symbols(lib, undefined=True)
         assert needed, "a module that imports nothing is not what TVM writes"
         assert not {s for s in needed if s.startswith(("Py", "_Py"))}
         assert needed <= provided, f"{name}: undefined symbols nobody provides: {sorted(needed - provided)}"

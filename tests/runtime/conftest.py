@@ -1,0 +1,26 @@
+"""Fixtures of the runtime tests: reading a built library's dynamic symbols (both the CPU and the
+CUDA bundle tests check that a library needs only TVM's runtime and the C library)."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+def _dynamic_symbols(lib: Path, undefined: bool) -> set[str]:
+    """Global dynamic symbols of an ELF library (readelf reads any architecture): the undefined
+    ones that are not weak, or the defined ones; version suffixes dropped."""
+    out = subprocess.run(["readelf", "--dyn-syms", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
+    names = set()
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[0].endswith(":") and f[4] in ("GLOBAL", "WEAK"):
+            if (f[6] == "UND") == undefined and not (undefined and f[4] == "WEAK"):
+                names.add(f[7].split("@")[0])
+    return names
+
+
+@pytest.fixture
+def dynamic_symbols():
+    """``dynamic_symbols(lib, undefined)``: see :func:`_dynamic_symbols`."""
+    return _dynamic_symbols
