@@ -592,12 +592,16 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
     from lava.magma.core.run_configs import Loihi2SimCfg
     from lava.proc.dense import models as dense_models
     from lava.proc.dense.process import DelayDense, Dense
+    from lava.proc.graded.models import PyGradedVecModelFixed
+    from lava.proc.graded.process import GradedVec
     from lava.proc.io.sink import PyReceiveModelFixed, PyReceiveModelFloat
     from lava.proc.io.sink import RingBuffer as Sink
     from lava.proc.io.source import PySendModelFixed, PySendModelFloat
     from lava.proc.io.source import RingBuffer as Source
     from lava.proc.lif.models import PyLifResetModelBitAcc, PyLifResetModelFloat
     from lava.proc.lif.process import LIFReset
+    from lava.proc.prodneuron.models import PyProdNeuronModelFixed
+    from lava.proc.prodneuron.process import ProdNeuron
     from lava.proc.sparse import models as sparse_models
     from lava.proc.sparse.process import DelaySparse, Sparse
 
@@ -617,6 +621,12 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
     outs: dict[str, OutPort] = {plan["input"]: source.s_out}
     pops: dict[str, AbstractProcess] = {}
     for p in plan["populations"]:
+        if p["node_kind"] in ("product", "graded"):  # Spikformer attention (.attention): Lava ships fixed-point models only
+            proc = (ProdNeuron if p["node_kind"] == "product" else GradedVec)(shape=(p["size"],), vth=0, exp=0)
+            models[proc] = PyProdNeuronModelFixed if p["node_kind"] == "product" else PyGradedVecModelFixed
+            pops[p["name"]] = proc
+            outs[p["name"]] = proc.s_out
+            continue
         bias = dict(bias_mant=np.asarray(p["bias_mant"], np.int32), bias_exp=np.asarray(p["bias_exp"], np.int32)) if fixed else \
             dict(bias_mant=np.asarray(p["bias"], np.float64))
         proc = LIFReset(shape=(p["size"],), du=p["du"], dv=p["dv"], vth=p["vth"], **bias,
@@ -627,31 +637,35 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
     syn_out: dict[str, OutPort] = {}
     for s in plan["synapses"]:
         m = s["matrix"]
+        # synapses into product/graded neurons (Spikformer attention) deliver integer counts: Lava's
+        # bit-accurate models in both modes (weights 1, weight_exp 0), as the neurons' fixed models need
+        s_fixed = fixed or bool(s.get("integer"))
+        s_kind, s_dtype = ("BitAcc", np.int64) if s_fixed else (kind, dtype)
         if m["format"] == "sparse":
-            w = csr_matrix((np.asarray(m["values"], dtype), (m["rows"], m["cols"])), shape=tuple(m["shape"]))
+            w = csr_matrix((np.asarray(m["values"], s_dtype), (m["rows"], m["cols"])), shape=tuple(m["shape"]))
         else:
-            w = np.asarray(m["values"], dtype)
-        params = {"num_message_bits": 24 if s["graded"] else 0}
-        if fixed:
-            params.update(weight_exp=int(s["weight_exp"]), num_weight_bits=8)
+            w = np.asarray(m["values"], s_dtype)
+        params = {"num_message_bits": 24 if s["graded"] or s.get("message_bits") else 0}
+        if s_fixed:
+            params.update(weight_exp=int(s.get("weight_exp", 0)), num_weight_bits=8)
         if s["delay"] > 0:
             if m["format"] == "sparse":
                 delays = csr_matrix((np.full(len(m["rows"]), int(s["delay"]), dtype=int), (m["rows"], m["cols"])),
                                     shape=tuple(m["shape"]))
                 proc = DelaySparse(weights=w, delays=delays, **params)
-                models[proc] = getattr(sparse_models, f"PyDelaySparseModel{kind}")
+                models[proc] = getattr(sparse_models, f"PyDelaySparseModel{s_kind}")
             else:
                 proc = DelayDense(weights=w, delays=np.full(w.shape, int(s["delay"]), dtype=int), **params)
-                models[proc] = getattr(dense_models, f"PyDelayDenseModel{kind}")
+                models[proc] = getattr(dense_models, f"PyDelayDenseModel{s_kind}")
         elif m["format"] == "sparse":
             proc = Sparse(weights=w, **params)
-            models[proc] = getattr(sparse_models, f"PySparseModel{kind}")
+            models[proc] = getattr(sparse_models, f"PySparseModel{s_kind}")
         else:
             proc = Dense(weights=w, **params)
-            models[proc] = getattr(dense_models, f"PyDenseModel{kind}")
+            models[proc] = getattr(dense_models, f"PyDenseModel{s_kind}")
         outs[s["src"]].connect(proc.s_in)
         if s["dst"] in pops:
-            proc.a_out.connect(pops[s["dst"]].a_in)
+            proc.a_out.connect(getattr(pops[s["dst"]], s.get("port", "a_in")))
         else:
             syn_out[s["name"]] = proc.a_out
     dumps: dict[str, str] = {}

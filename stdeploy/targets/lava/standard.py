@@ -74,6 +74,7 @@ import torch
 from scipy import sparse
 
 from ...export.nir_interpreter import EVALUATORS, EvalContext, int_tuple
+from .attention import ATTENTION_LOWERINGS, find_blocks, lower_block
 from .fixed_point import quantise
 from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
 
@@ -97,6 +98,8 @@ LAVA_PROCESSES = {
     "sparse": "lava.proc.sparse.process.Sparse",
     "delay_dense": "lava.proc.dense.process.DelayDense",
     "delay_sparse": "lava.proc.sparse.process.DelaySparse",
+    "product": "lava.proc.prodneuron.process.ProdNeuron",   # Spikformer attention's products (:mod:`.attention`)
+    "graded": "lava.proc.graded.process.GradedVec",         # its graded sums M = Kᵀ·V
 }
 
 
@@ -165,10 +168,14 @@ def _conv2d_matrix(node, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) 
 
 
 class _Term:
-    """A synaptic path into a population: a spiking (or input) source, a matrix and a bias."""
+    """A synaptic path into a population: a spiking (or input) source, a matrix and a bias;
+    ``message_bits`` > 0 for a graded source other than the input (Spikformer attention's products,
+    at most ``in_max``)."""
 
-    def __init__(self, src: str, weight: np.ndarray, bias: np.ndarray, nodes: list[str]):
+    def __init__(self, src: str, weight: np.ndarray, bias: np.ndarray, nodes: list[str], message_bits: int = 0,
+                 in_max: float = 1.0):
         self.src, self.weight, self.bias, self.nodes = src, weight, bias, nodes
+        self.message_bits, self.in_max = message_bits, in_max
 
 
 def _terms_of(info: GraphInfo, name: str, cache: dict) -> list[_Term]:
@@ -227,31 +234,55 @@ def _relay(pops: list, synapses: list, latency: dict, src: str, lag: int, size: 
     return name
 
 
-def lower_standard(graph_or_info, mode: str = "floating", weight_bits: int = 8) -> dict:
+def lower_standard(graph_or_info, mode: str = "floating", weight_bits: int = 8, attention: str = "product") -> dict:
     """The standard plan of a NIR graph (or its :class:`~.graph.GraphInfo`, or a float standard
     plan to convert): populations,
     synapses (matrices, delays), the source and the sinks, with latencies; see the module
-    docstring. ``mode = "fixed"``: the same network in Loihi's integers (:func:`to_fixed`)."""
+    docstring. ``mode = "fixed"``: the same network in Loihi's integers (:func:`to_fixed`).
+    ``attention``: how Spikformer attention blocks are built (:mod:`.attention`: ``"product"``
+    neurons, or the export's ``"and"`` units)."""
     if mode not in ("floating", "fixed"):
         raise LavaUnsupported(f"the standard-process lowering takes mode 'floating' or 'fixed', got {mode!r}")
+    if attention not in ATTENTION_LOWERINGS:
+        raise LavaUnsupported(f"the standard-process lowering takes attention in {ATTENTION_LOWERINGS}, got {attention!r}")
     if isinstance(graph_or_info, dict) and graph_or_info.get("lowering") == "standard":  # an already-lowered float plan
         plan = graph_or_info
     else:
-        plan = _lower_float(graph_or_info)
+        plan = _lower_float(graph_or_info, attention)
     return plan if mode == "floating" else to_fixed(plan, weight_bits)
 
 
-def _lower_float(graph_or_info) -> dict:
+def _attention_terms(info: GraphInfo, name: str, blocks: dict, attention: str, latency: dict, pops: list,
+                     synapses: list) -> list[_Term] | None:
+    """The term into ``name`` when it is a Spikformer block's attention LIF (the block's own
+    populations and synapses added, :func:`.attention.lower_block`), else None."""
+    srcs = [s for s, _ in info.terms[name]]
+    if not any(s in blocks for s in srcs):
+        return None
+    if len(srcs) != 1:
+        raise LavaUnsupported(f"{name}: a Spikformer attention sum plus {len(srcs) - 1} other term(s) is not lowered")
+    block = blocks[srcs[0]]
+    new_pops, new_syns, term = lower_block(block, latency, attention)
+    pops.extend(new_pops)
+    synapses.extend(new_syns)
+    rows, cols, n_src = term["weight"]
+    w = sparse.csr_matrix((np.full(len(rows), block.scale, np.float64), (rows, cols)), shape=(int(np.prod(info.shapes[name])), n_src))
+    return [_Term(term["src"], w, np.zeros(w.shape[0]), term["nodes"], term["message_bits"], term["in_max"])]
+
+
+def _lower_float(graph_or_info, attention: str = "product") -> dict:
     info = graph_or_info if isinstance(graph_or_info, GraphInfo) else analyse(graph_or_info)
     g = info.graph
     cache: dict[str, _Term] = {}
     latency = {info.input: 0}
     pops, synapses, problems = [], [], []
+    blocks = find_blocks(info)  # Spikformer attention: built by .attention, its AND units never unrolled
+    skip = {b.and_node for b in blocks.values()}
     for name in info.order:
         node, kind = g.nodes[name], node_kind(g.nodes[name])
-        if kind not in NEURONS:
+        if kind not in NEURONS or name in skip:
             continue
-        terms = _terms_of(info, name, cache)
+        terms = _attention_terms(info, name, blocks, attention, latency, pops, synapses) or _terms_of(info, name, cache)
         size = int(np.prod(info.shapes[name]))
         latency[name] = max(latency[t.src] + 1 for t in terms)  # set before any refusal: later nodes need it to be listed
         if kind == "LIF":
@@ -281,7 +312,11 @@ def _lower_float(graph_or_info) -> dict:
                      "du": params["du"], "dv": params["dv"], "vth": params["vth"], "bias": params["scale"] * bias})
         for t in terms:
             lag = latency[name] - 1 - latency[t.src]
-            graded = node_kind(g.nodes[t.src]) == "Input"
+            graded = node_kind(g.nodes[t.src]) == "Input" if t.src in g.nodes else False
+            if lag > 0 and t.message_bits:
+                problems.append(f"{name}: the graded term from {t.src} arrives {lag} step(s) early; Lava's delayed synapses "
+                                "carry binary spikes only")
+                continue
             if lag > MAX_DELAY:
                 problems.append(f"{name}: term from {t.src} needs a delay of {lag} steps; Loihi 2 holds at most {MAX_DELAY}")
                 continue
@@ -296,7 +331,7 @@ def _lower_float(graph_or_info) -> dict:
             m = _matrix(t.weight, params["scale"], size, sparse_=lag > 0)
             synapses.append({"name": f"{'+'.join(t.nodes) or 'identity'}:{src}->{name}", "kind": ("delay_" if lag > 0 else "")
                              + m["format"], "src": src, "dst": name, "matrix": m, "delay": lag, "nodes": t.nodes,
-                             "graded": graded})
+                             "graded": graded, "message_bits": t.message_bits, "in_max": t.in_max})
     if problems:
         raise LavaUnsupported("cannot lower the NIR graph to Lava's standard processes: " + f"{len(problems)} problem(s):\n  - "
                               + "\n  - ".join(problems))
@@ -332,8 +367,8 @@ def process_classes(plan: dict) -> dict[str, int]:
         counts[LAVA_PROCESSES[kind]] = counts.get(LAVA_PROCESSES[kind], 0) + 1
 
     add("source")
-    for _ in plan["populations"]:
-        add("population")
+    for p in plan["populations"]:
+        add(p["node_kind"] if p["node_kind"] in LAVA_PROCESSES else "population")
     for s in plan["synapses"]:
         add(s["kind"])
     for outs in plan["outputs"].values():
@@ -399,7 +434,10 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
       (spike when the count exceeds it), ``dv = 4095`` (a residue below ``v / 4096`` remains:
       counts times 64 never reach 4096 for fan-ins below 64);
     * the input is sent as ``round(x * 256)``; a readout's sums reach the host as integers, scaled
-      back there.
+      back there;
+    * Spikformer attention's product and graded neurons (:mod:`.attention`) keep their integer
+      weights (1, ``weight_exp = 0``: exact counts); a LIF fed by graded products bounds its input
+      by their largest value (``in_max``).
     """
     if not 2 <= int(weight_bits) <= 8:
         raise LavaUnsupported(f"fixed point: Lava's bit-accurate synapses hold 2-8-bit weights, got weight_bits={weight_bits}")
@@ -417,9 +455,18 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
     for p in plan["populations"]:
         syns = into.get(p["name"], [])
         in_scale = [1.0 / INPUT_SCALE if s["graded"] else 1.0 for s in syns]
+        if p["node_kind"] in ("product", "graded"):  # integer counts in, integer weights kept
+            for s in syns:
+                vals = np.asarray(s["matrix"]["values"], np.float64)
+                if not np.all((vals == np.rint(vals)) & (np.abs(vals) <= 127)):
+                    raise LavaUnsupported(f"fixed point: {p['name']} ({p['node_kind']}) takes integer weights up to 127")
+                s["matrix"]["values"] = vals.astype(np.int64)
+                s["weight_exp"] = 0
+                quant[s["name"]] = {"exp": 0, "weight_exp": 0, "mantissa_max": int(np.abs(vals).max(initial=0))}
+            continue
         if p["node_kind"] == "LIF":
             theta = float(p["vth"])
-            bound = sum(_row_abs(s["matrix"]) * c for s, c in zip(syns, in_scale)) / theta
+            bound = sum(_row_abs(s["matrix"]) * c * float(s.get("in_max", 1.0)) for s, c in zip(syns, in_scale)) / theta
             bound = float(np.max(bound, initial=0.0))
             bias_bound = float(np.abs(np.asarray(p["bias"], np.float64)).max(initial=0.0)) / theta * (1 << ACT_SHIFT)
             v = VTH_MAX
