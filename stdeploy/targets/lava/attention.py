@@ -244,8 +244,8 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
     """The Loihi 2 resource report (:func:`.resources.resource_report`) of one block's attention:
     its added layers and the attention LIF (``D·N`` neurons), ``q``/``k``/``v`` as inputs from
     outside. Built as a plan (the lowering's own arrays) up to ``build_limit`` synapses; above,
-    from :func:`block_counts` (the AND lowering's regular layers: every unit 3 synapses, fan-in 3,
-    fan-out ``dh·N`` from ``q``; the attention LIF ``dh·N`` synapses per neuron)."""
+    from :func:`block_counts` (the AND lowering's regular layers: every unit 3 synapses in, one
+    out; the attention LIF ``dh·N`` synapses per neuron)."""
     d, n = heads * dh, tokens
     block = AttentionBlock(name="attn", q="q", k="k", v="v", heads=heads, dh=dh, tokens=n, scale=scale,
                            and_node="attn.qkv_and", out_node="attn.sum_j")
@@ -270,7 +270,7 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
         return LayerResources(layer=name, kind=kind, neurons=neurons, synapses=synapses, synaptic_memory_bits=memory,
                               fan_in=fan_in, fan_out=fan_out, cores=cores, inputs=inputs)
 
-    layers = (layer("attn.qkv_and", "Threshold", units, 3 * units, 3, dh * n, ("q", "k", "v")),
+    layers = (layer("attn.qkv_and", "Threshold", units, 3 * units, 3, 1, ("q", "k", "v")),
               layer("attn.attn_lif", "LIF", d * n, units, dh * n, 0, ("attn.qkv_and",)))
     first = reason = None
     used = 0
