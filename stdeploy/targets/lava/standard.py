@@ -33,6 +33,11 @@ mode at the end):
   sdt-tiny's 1024 x 1024 position-embedding convolution behind a 7-step delay. Loihi 2 could hold
   those delays in the synapses; the relays cost neurons instead, and the resource report counts
   them.) The graded input cannot be delayed (Lava's delayed synapses take binary spikes);
+* a Spikformer attention block (the NIR export's AND units, recognised by
+  :func:`.attention.find_blocks`, never unrolled) -> ``lava.proc.prodneuron.process.ProdNeuron``
+  and ``lava.proc.graded.process.GradedVec`` populations (``node_kind`` ``product`` / ``graded``)
+  computing ``Q·(Kᵀ·V)`` exactly, or the AND units built from their indices (``attention="and"``);
+  see :mod:`.attention`;
 * the input -> ``lava.proc.io.source.RingBuffer`` (graded: ``num_message_bits = 24`` on the first
   synapses); every Output term -> ``lava.proc.io.sink.RingBuffer`` on a population's spikes or on a
   synapse's graded output, whose bias (the classifier's) is added on the host.

@@ -255,7 +255,9 @@ class LavaTarget:
             "run_config": "Loihi2SimCfg (" + ("Lava's bit-accurate models: PyDenseModelBitAcc, PySparseModelBitAcc, "
                                               "PyDelaySparseModelBitAcc, PyLifResetModelBitAcc" if fixed else
                                               "Lava's float models: PyDenseModelFloat, PySparseModelFloat, PyLifResetModelFloat; "
-                                              "float64") + "), batch 1, samples streamed",
+                                              "float64") + "), batch 1, samples streamed"
+                          + ("; Spikformer attention: PyProdNeuronModelFixed, PyGradedVecModelFixed (int32) fed by "
+                             "PySparseModelBitAcc" if any(p["node_kind"] == "product" for p in plan["populations"]) else ""),
             "depth": int(plan["depth"]), "processes": process_classes(plan), "simulation_only": [], "timeout_s": timeout,
             "tolerance": {"spike_agreement": SPIKE_AGREEMENT, "logits_atol": LOGITS_ATOL},
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
