@@ -93,7 +93,7 @@ from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_ki
 from .plan import Plan, add_outputs, conn, lif_params
 
 __all__ = ["FIXED_VTH", "FIXED_INPUT_FRAC_BITS", "DECAY_UNITY", "GRADED_MAX", "op_spec", "weight_and_bias", "row_factor",
-           "quantise", "row_abs_sum", "exact_membranes", "fit_input_contract", "lower_fixed"]
+           "quantise", "row_abs_sum", "exact_membranes", "fit_input_contract", "lower_fixed", "graph_mode", "loihi2_population"]
 
 FIXED_VTH = 2 ** 12            # fixed mode: integer threshold of a (normalised) LIF population, lowered where inputs could overflow
 FIXED_INPUT_FRAC_BITS = 8      # fixed mode: the input is quantised to 2**-8 steps
@@ -307,6 +307,21 @@ def _loihi2_lif(name: str, node, info: GraphInfo, membrane: dict, timesteps: int
     alpha = np.broadcast_to((d / unit).reshape(np.shape(node.v_threshold)), info.shapes[name])
     return {"alpha": alpha, "count": False, "lif": lif, "vth": None,
             "exact": {"unit": float(unit.min()), "register_bits": round(math.log2(need) + 1, 2), "proven": True, "mode": "loihi2"}}
+
+
+def graph_mode(graph) -> str:
+    """The graph's arithmetic: ``"exact"``, ``"loihi2"`` (the exact arithmetic in Loihi's units) or
+    ``"float"`` (graph metadata ``quantize.mode``)."""
+    return _graph_mode(graph)
+
+
+def loihi2_population(name: str, node, info: GraphInfo, membrane: dict, timesteps: int) -> dict:
+    """A loihi2-mode LIF population in its current unit ``U`` (the module docstring):
+    ``{"alpha": d / U per neuron (the node's output shape), "lif": {"du", "dv", "vth", "bias"} in
+    Lava's integers, "exact": {"unit", "register_bits", "proven", "mode"}}``; a threshold not of
+    the form ``(vth + 2^-j(T-1)) U``, a leak not ``2^-j`` with ``j (T-1) <= 6``, or a range past the
+    24-bit registers is refused by name (:class:`~.graph.LavaUnsupported`)."""
+    return _loihi2_lif(name, node, info, membrane, timesteps)
 
 
 def _exact_quantise(a: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, int]:

@@ -614,6 +614,10 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
     data = np.zeros((int(plan["in_size"]), steps), np.float64)
     # sample b's frame j at index b*T + j: the samples streamed back to back
     data[:, :batch * timesteps] = np.asarray(x, np.float64).transpose(1, 0, *range(2, x.ndim)).reshape(batch * timesteps, -1).T
+    if fixed and plan.get("input_contract"):  # a loihi2 graph: its own input grid and range, as loihi2-fixed applies it
+        c = plan["input_contract"]
+        inv = 2.0 ** int(c["frac_bits"])
+        data[:, :batch * timesteps] = np.rint(np.clip(data[:, :batch * timesteps], c["lo"], c["hi"]) * inv) / inv
     if fixed:
         data = np.rint(data * plan["input_scale"]).astype(np.int32)
     source = Source(data=data)

@@ -80,7 +80,7 @@ from scipy import sparse
 
 from ...export.nir_interpreter import EVALUATORS, EvalContext, int_tuple
 from .attention import ATTENTION_LOWERINGS, find_blocks, lower_block
-from .fixed_point import quantise
+from .fixed_point import fit_input_contract, graph_mode, loihi2_population, quantise
 from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, analyse, decay, node_kind, uniform
 
 __all__ = ["SPARSE_DENSITY", "SPIKE_AGREEMENT", "LOGITS_ATOL", "MAX_DELAY", "MAX_SYNAPSES_PER_LAYER", "GRADED_BITS",
@@ -283,6 +283,7 @@ def _lower_float(graph_or_info, attention: str = "product") -> dict:
     pops, synapses, problems = [], [], []
     blocks = find_blocks(info)  # Spikformer attention: built by .attention, its AND units never unrolled
     skip = {b.and_node for b in blocks.values()}
+    loihi2 = _loihi2_facts(info)  # a --quantize loihi2 graph: its own integers, for to_fixed
     for name in info.order:
         node, kind = g.nodes[name], node_kind(g.nodes[name])
         if kind not in NEURONS or name in skip:
@@ -315,6 +316,8 @@ def _lower_float(graph_or_info, attention: str = "product") -> dict:
             bias = bias + t.bias
         pops.append({"name": name, "node_kind": kind, "size": size, "shape": info.shapes[name], "latency": latency[name],
                      "du": params["du"], "dv": params["dv"], "vth": params["vth"], "bias": params["scale"] * bias})
+        if loihi2 is not None and kind == "LIF":
+            pops[-1]["loihi2"] = _loihi2_population(info, name, params["scale"], loihi2)
         for t in terms:
             lag = latency[name] - 1 - latency[t.src]
             graded = node_kind(g.nodes[t.src]) == "Input" if t.src in g.nodes else False
@@ -361,7 +364,36 @@ def _lower_float(graph_or_info, attention: str = "product") -> dict:
     in_size = int(np.prod(info.shapes[info.input]))
     return {"lowering": "standard", "mode": "float", "input": info.input, "in_shape": info.shapes[info.input],
             "in_size": in_size, "populations": pops, "synapses": synapses, "outputs": outputs, "depth": depth,
-            "shapes": info.shapes, "dt": info.dt, "latency": latency}
+            "shapes": info.shapes, "dt": info.dt, "latency": latency,
+            "loihi2": None if loihi2 is None else {"input_contract": loihi2["contract"].to_dict()}}
+
+
+def _loihi2_facts(info: GraphInfo) -> dict | None:
+    """For a ``--quantize loihi2`` graph: its input contract (kept, never refitted), every LIF's
+    proven membrane and ``T`` (:func:`.fixed_point.fit_input_contract`); None for other graphs."""
+    if graph_mode(info.graph) != "loihi2":
+        return None
+    contract, membranes = fit_input_contract(info)
+    return {"contract": contract, "membranes": membranes, "timesteps": int(info.graph.metadata.get("timesteps", 0))}
+
+
+def _loihi2_population(info: GraphInfo, name: str, row_scale, facts: dict) -> dict:
+    """A loihi2 LIF population in Loihi's integers for :func:`to_fixed`: ``factor`` per neuron
+    (``d / U`` over the float plan's row scale, so that the float rows ``row_scale * W`` become the
+    layers' mantissas ``d W / U``), ``dv`` and ``vth`` (:func:`.fixed_point.loihi2_population`);
+    ``{"error": ...}`` where Lava's LIF cannot hold it (per-neuron ``vth`` or ``dv``)."""
+    try:
+        pop = loihi2_population(name, info.graph.nodes[name], info, facts["membranes"][name], facts["timesteps"])
+    except LavaUnsupported as err:
+        return {"error": str(err)}
+    lif = pop["lif"]
+    dv, vth = np.asarray(lif["dv"]).reshape(-1), np.asarray(lif["vth"]).reshape(-1)
+    if not (uniform(dv) and uniform(vth)):
+        return {"error": f"{name} (LIF): loihi2 mode: per-neuron thresholds or leaks (vth {np.unique(vth)[:3]}, ...); Lava's "
+                         "LIFReset takes one vth and dv per population (the loihi2-fixed profile runs them)"}
+    alpha = np.asarray(pop["alpha"], np.float64).reshape(-1)
+    return {"factor": alpha / np.broadcast_to(np.asarray(row_scale, np.float64), alpha.shape), "dv": int(dv[0]),
+            "vth": int(vth[0]), "unit": pop["exact"]["unit"], "register_bits": pop["exact"]["register_bits"]}
 
 
 def process_classes(plan: dict) -> dict[str, int]:
@@ -469,6 +501,9 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
                 s["weight_exp"] = 0
                 quant[s["name"]] = {"exp": 0, "weight_exp": 0, "mantissa_max": int(np.abs(vals).max(initial=0))}
             continue
+        if p["node_kind"] == "LIF" and p.get("loihi2") is not None:
+            _loihi2_fixed(p, syns, in_scale, int(weight_bits), quant)
+            continue
         if p["node_kind"] == "LIF":
             theta = float(p["vth"])
             bound = sum(_row_abs(s["matrix"]) * c * float(s.get("in_max", 1.0)) for s, c in zip(syns, in_scale)) / theta
@@ -513,4 +548,37 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
             t["scale"] = 2.0 ** wexp
             quant[s["name"]] = {"exp": e, "weight_exp": 0, "host_scale": 2.0 ** wexp, "mantissa_max": int(np.abs(stored).max(initial=0))}
     plan["quant"] = quant
+    if plan.get("loihi2") is not None:
+        plan["input_contract"] = plan["loihi2"]["input_contract"]
     return plan
+
+
+def _loihi2_fixed(p: dict, syns: list[dict], in_scale: list[float], weight_bits: int, quant: dict) -> None:
+    """A loihi2 graph's LIF population in Lava's integers, as ``loihi2-fixed`` runs it
+    (:mod:`.fixed_point`, "Loihi 2 mode graphs"): the rows times ``factor`` are the layers' own
+    mantissas (``d W / U``), held exactly as ``weight_bits``-bit mantissas with one power-of-two
+    exponent per synaptic process (Lava's floor shift drops only zeros), the bias ``64 d b / U``
+    exactly, ``vth`` the model's integer, ``du = 4095``, ``dv = 4096 d``; no tie bias, no rounding.
+    Anything that would need rounding is refused by name."""
+    facts = p["loihi2"]
+    if "error" in facts:
+        raise LavaUnsupported(f"fixed point: {facts['error']}")
+    factor = np.asarray(facts["factor"], np.float64)
+    bias = np.asarray(p["bias"], np.float64) * factor * (1 << ACT_SHIFT)
+    if not np.all(bias == np.rint(bias)):
+        raise LavaUnsupported(f"fixed point: {p['name']} (LIF, loihi2): its bias is not an integer in Loihi's units")
+    p.update(du=4095, dv=facts["dv"], vth=facts["vth"], scale_to_int=factor)
+    p["bias_mant"], p["bias_exp"] = _int_bias(bias, f"{p['name']} (LIF)")
+    if not np.array_equal(p["bias_mant"] << p["bias_exp"], bias.astype(np.int64)):
+        raise LavaUnsupported(f"fixed point: {p['name']} (LIF, loihi2): its bias does not fit Lava's 13-bit mantissa << 7 exactly")
+    for s, c in zip(syns, in_scale):
+        m = s["matrix"]
+        rows_factor = factor[np.asarray(m["rows"])] if m["format"] == "sparse" else factor[:, None]
+        vals = np.asarray(m["values"], np.float64) * rows_factor * c
+        stored, wexp, e = _lava_weights(vals, weight_bits)
+        if not np.array_equal((stored >> (9 - weight_bits)) * 2.0 ** e, vals):
+            raise LavaUnsupported(f"fixed point: {s['name']}: loihi2 graph: its weights in Loihi's units are not "
+                                  f"{weight_bits}-bit mantissas with one power-of-two exponent; not re-quantised")
+        m["values"] = stored
+        s["weight_exp"] = wexp
+        quant[s["name"]] = {"exp": e, "weight_exp": wexp, "mantissa_max": int(np.abs(stored).max(initial=0)), "loihi2": True}

@@ -123,7 +123,8 @@ class LavaRunnable:
                     acc = r if acc is None else acc + r
                 outputs[out_name] = acc.reshape(timesteps, batch, *self.plan["shapes"][out_name]).astype(np.float32)
             logits = outputs["logits"].mean(axis=0) if "logits" in outputs else None
-            spikes = np.swapaxes(outputs["spikes"], -1, -2) if "spikes" in outputs else None
+            spikes = outputs.get("spikes")  # tokens (T, B, D, N) -> (T, B, N, D); per-neuron vectors (T, B, F) stay
+            spikes = None if spikes is None else (np.swapaxes(spikes, -1, -2) if spikes.ndim == 4 else spikes)
         built = {c.split("=")[0]: int(c.split("=")[1]) for c in classes if not c.startswith("model:")}
         info = {**self.info, **meta, "steps": batch * timesteps + int(self.plan["depth"]), "outputs": outputs,
                 "lava_processes_built": built, "lava_models": sorted(c[len("model:"):] for c in classes if c.startswith("model:"))}
@@ -265,4 +266,6 @@ class LavaTarget:
         }
         if fixed:
             info["quantisation"] = plan["quant"]
+            if plan.get("input_contract") is not None:  # a loihi2 graph: its own integers and input grid, not re-quantised
+                info["input_contract"] = plan["input_contract"]
         return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)

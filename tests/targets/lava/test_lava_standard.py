@@ -54,10 +54,12 @@ def calibrated(preset: str, digits_full):
 
 
 def reference_and_rates(graph, x):
-    """The reference's output spikes (T, B, D, N), logits, and every spiking node's firing rate."""
+    """The reference's output spikes (T, B, N, D) for tokens, (T, B, F) for vectors, logits, and
+    every spiking node's firing rate."""
     rec = run_nir(graph, x, record=True)
     rates = {n: float(rec[n].mean()) for n, node in graph.nodes.items() if type(node).__name__ in ("LIF", "Threshold")}
-    return rec["spikes"].transpose(-1, -2).numpy(), rec["logits"].mean(dim=0).numpy(), rates
+    spikes = rec["spikes"]
+    return (spikes.transpose(-1, -2) if spikes.dim() == 4 else spikes).numpy(), rec["logits"].mean(dim=0).numpy(), rates
 
 
 def standard_profile():
