@@ -40,7 +40,9 @@ per number of ports by :func:`model_class`.
 
 :func:`run_standard_plan` builds a standard plan (:mod:`.standard`) from Lava's processes and
 models only (``Dense``, ``Sparse``, ``DelaySparse``, ``LIFReset``, the RingBuffers; float or
-bit-accurate models), none of the above; :func:`serve` picks it by the plan's ``lowering``.
+bit-accurate models; ``ProdNeuron`` and ``GradedVec`` with their fixed-point models for Spikformer
+attention, fed by bit-accurate ``Sparse``), none of the above; :func:`serve` picks it by the plan's
+``lowering``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Contract
 JSON). Counts are per sample (the chip runs batch 1), in these units:
 
 * a **layer** is one ``LIFReset`` population of the plan (NIR ``LIF`` and ``Threshold`` nodes, and
-  the relays that repeat spikes later), plus one ``readout`` layer per graded Output term (the
+  the relays that repeat spikes later), one ``ProdNeuron`` or ``GradedVec`` population of a
+  Spikformer attention block (kinds ``product``, ``graded``; :mod:`.attention`), plus one ``readout`` layer per graded Output term (the
   classifier's sums leave the chip as graded values of as many compartments);
 * **neurons**: compartments of the layer;
 * **synapses**: nonzero weights of every synaptic process into the layer (a convolution unrolled:
@@ -75,7 +76,7 @@ class LayerResources:
     """One layer's demand (see the module docstring for the units)."""
 
     layer: str
-    kind: str                      # LIF, Threshold, relay or readout
+    kind: str                      # LIF, Threshold, relay, product, graded or readout
     neurons: int
     synapses: int
     synaptic_memory_bits: int
