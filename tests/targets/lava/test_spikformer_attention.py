@@ -80,6 +80,14 @@ def test_both_lowerings_counted_and_refused_when_not_the_exports(spikformer):
     lat = {p["name"]: p["latency"] for p in product["populations"]}
     assert lat[f"{BLOCK}.attn_lif"] - lat[f"{BLOCK}.q_lif"] == 4
     assert {p["name"]: p["latency"] for p in anded["populations"]}[f"{BLOCK}.attn_lif"] - lat[f"{BLOCK}.q_lif"] == 2
+    # fixed point: the attention LIF gets the same integers from either lowering (its input bound counts the
+    # products' largest value, N), so Lava's bit-accurate runs agree spike for spike
+    fixed = {lowering: lower_standard(plan, "fixed") for lowering, plan in (("product", product), ("and", anded))}
+    pops = {k: next(p for p in f["populations"] if p["name"] == f"{BLOCK}.attn_lif") for k, f in fixed.items()}
+    assert all(pops["product"][key] == pops["and"][key] for key in ("vth", "dv", "du", "scale_to_int"))
+    syn = {k: next(s for s in f["synapses"] if s["dst"] == f"{BLOCK}.attn_lif") for k, f in fixed.items()}
+    assert syn["product"]["weight_exp"] == syn["and"]["weight_exp"]
+    assert set(np.unique(syn["product"]["matrix"]["values"])) == set(np.unique(syn["and"]["matrix"]["values"]))
     # resources of one block: the built plan's and (AND, above the build limit) the counted ones agree
     for lowering in ("product", "and"):
         built = attention_resources(4, 16, 16, lowering)
