@@ -1,6 +1,6 @@
 """Speed of dense, L1P-pruned and DSP low-rank models on every CPU path, in one run.
 
-    .venv/bin/python benchmarks/speed.py [--tune-trials 8] [--batch 32] [--large] [--out runs/bench-speed]
+    .venv/bin/python benchmarks/speed.py [--tune-trials 8] [--batch 32] [--large] [--quantize exact] [--out runs/bench-speed]
 
 Table 1: the default model (sdt-tiny, trained briefly on digits), dense, L1P at 90/95/98% and
 DSP at 30/10% of block parameters (one-shot: masks / truncated SVD, no fine-tune: speed does not
@@ -36,6 +36,21 @@ the dense model, speedup over the dense model on the same path, and that speedup
 the FLOP limit (dense MACs / model MACs, whole model). Every TVM path is checked spike for spike
 against PyTorch on the benchmark batch. A third table puts each DSP layer's two BLAS matmuls
 against its dense matmul: measured speedup vs the layer's limit in*out / (k*(in+out)).
+
+``--quantize exact``: the rows time each variant's integer-exact copy instead of its float model
+(:func:`stdeploy.models.quantize.to_exact`, after the variant's BatchNorm estimation and pruning,
+with no quantisation-aware fine-tuning: speed does not depend on accuracy). Its input contract is
+``[0, 1]`` on ``2^-N`` (``--input-frac-bits``, default 8), which holds the random images and the
+digits; the benchmark batch is clipped (nothing lies outside) and rounded to it before any path sees
+it. The export proves every partial sum within 2^24 grid units (a layer that could exceed it is
+refused by name, and with it the run) and records the largest bound per variant. PyTorch eager
+runs the exact model's deployable form (its quantised weights frozen into plain Linear/Conv2d:
+what a deployment would run, without the per-call rounding that fine-tuning needs). Float runtimes
+order their sums differently, so a deep float model cannot be spike-exact (a rounding flip
+cascades); in this mode every path must give 0 differing output spikes and bit-identical logits
+against PyTorch on the benchmark batch: a row that does not is printed, shown in the table, and
+makes the run exit with status 1. ``--large-model`` (default ``sdt-8-512``; a preset or a model
+config file) sizes a large run on a small config first.
 """
 
 from __future__ import annotations
