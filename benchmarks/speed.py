@@ -373,12 +373,14 @@ def activity_markdown(rows: list[dict]) -> str:
 
 def thresholds_markdown(rows: list[dict]) -> str:
     """The spike-adaptive kernels of the default path: threshold, its source, the calls per path."""
-    lines = ["| variant | kernel | weight | threshold (max density) | source | gather calls | BLAS calls |",
-             "|---|---|---|---:|---|---:|---:|"]
+    skipzero = any("skipzero" in t["calls"] for r in rows for t in r.get("thresholds", []))  # pruned weights' row-CSR kernel
+    lines = ["| variant | kernel | weight | threshold (max density) | source | gather calls | BLAS calls |"
+             + (" skip-zero calls |" if skipzero else ""), "|---|---|---|---:|---|---:|---:|" + ("---:|" if skipzero else "")]
     for r in rows:
         for t in r.get("thresholds", []):
             lines.append(f"| {r['variant']} | {t['op']} | {'x'.join(map(str, t['weight']))} | {t['max_density']:.3f} | "
-                         f"{t['source']} | {t['calls']['gather']} | {t['calls']['blas']} |")
+                         f"{t['source']} | {t['calls']['gather']} | {t['calls']['blas']} |"
+                         + (f" {t['calls'].get('skipzero', 0)} |" if skipzero else ""))
     return "\n".join(lines)
 
 
