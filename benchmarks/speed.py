@@ -32,7 +32,8 @@ untuned (all TIR, no schedule), TVM with BLAS matmuls/convolutions and MetaSched
 ("tvm tuned, BLAS conv"), the same with the spike-adaptive convolution ("tvm tuned", the default;
 one tuning database shared by all: the TIR tasks are the same), and that with sparse kernels for
 pruned layers. Columns: median ms per batch, ratio to onnxruntime on
-the dense model, speedup over the dense model on the same path, and that speedup as a fraction of
+the dense model and the process's median CPU ms per call (all its threads; far above the wall time
+times the threads' share of the work where threads spin waiting for a busy machine's cores), speedup over the dense model on the same path, and that speedup as a fraction of
 the FLOP limit (dense MACs / model MACs, whole model). Every TVM path is checked spike for spike
 against PyTorch on the benchmark batch. A third table puts each DSP layer's two BLAS matmuls
 against its dense matmul: measured speedup vs the layer's limit in*out / (k*(in+out)).
@@ -126,14 +127,20 @@ def macs(model, x: torch.Tensor) -> int:
 def machine() -> str:
     return f"{describe_machine()} (torch threads {torch.get_num_threads()})"
 
-def timed(fn, x, warmup: int, repeats: int) -> float:
+def timed(fn, x, warmup: int, repeats: int, cpu: list | None = None) -> float:
+    """Median wall seconds of ``fn(x)`` over ``repeats`` calls after ``warmup``; ``cpu``, when given,
+    receives the median CPU seconds of the whole process per call (all its threads: on a loaded
+    machine, threads that spin while waiting for a core show as CPU far above the work's own)."""
     for _ in range(warmup):
         fn(x)
-    times = []
+    times, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(x)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    if cpu is not None:
+        cpu.append(statistics.median(cpus))
     return statistics.median(times)
 
 
@@ -206,17 +213,21 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
         row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {}, "stage_s": stages[variant],
                "activity": {**activity.to_dict(), "firing_min": min(rates), "firing_max": max(rates),
                             "output_spikes": int(ref.sum())},
-               "output_spike_count": int(ref.size), "logits_diff": {}}
+               "output_spike_count": int(ref.size), "logits_diff": {}, "cpu_ms": {}}
         if manifest.get("quantize", {}).get("mode", "float") != "float":  # the checker's bound (grid units, log2)
             row["quantize"] = {k: manifest["quantize"][k] for k in ("mode", "max_bits", "input_range", "input_frac_bits")
                                if k in manifest["quantize"]}
         t0 = time.perf_counter()
         with torch.no_grad():
-            row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats)
+            cpu: list = []
+            row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats, cpu)
+            row["cpu_ms"]["pytorch"] = 1e3 * cpu[0]
         stages[variant]["time pytorch"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ort_run = ort.compile(dirs[variant], profile)
-        row["ms"]["onnxruntime"] = 1e3 * timed(ort_run.run, xn, args.warmup, args.repeats)
+        cpu = []
+        row["ms"]["onnxruntime"] = 1e3 * timed(ort_run.run, xn, args.warmup, args.repeats, cpu)
+        row["cpu_ms"]["onnxruntime"] = 1e3 * cpu[0]
         result = ort_run.run(xn)
         row["exact"]["onnxruntime"] = int(np.count_nonzero(result.spikes != ref))
         row["logits_diff"]["onnxruntime"] = float(np.abs(result.logits - logits).max())
@@ -241,7 +252,9 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
             if path.endswith("sparse"):
                 row["sparse_layers"] = len(sparse)
             reps = max(3, args.repeats // 4) if path == "tvm untuned" else args.repeats
-            row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps)
+            cpu = []
+            row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps, cpu)
+            row["cpu_ms"][path] = 1e3 * cpu[0]
             stages[variant][f"run {path}"] = time.perf_counter() - t0
             print(f"[{name}] {variant}: {column_name(path, args.tune_trials > 0)} built in {stages[variant][f'build {path}']:.0f} s, "
                   f"checked and timed in {stages[variant][f'run {path}']:.0f} s", flush=True)
@@ -316,7 +329,8 @@ def markdown(rows: list[dict], tuned: bool = True) -> str:
             if p not in r["ms"]:
                 cells.append("-")
                 continue
-            cell = f"{r['ms'][p]:.2f} ms ({r['vs_ort_dense'][p]:.2f}x ORT)"
+            cpu = f"; CPU {r['cpu_ms'][p]:.0f} ms" if p in r.get("cpu_ms", {}) else ""  # process CPU per call, all threads
+            cell = f"{r['ms'][p]:.2f} ms ({r['vs_ort_dense'][p]:.2f}x ORT{cpu})"
             if r["variant"] != "dense":
                 cell += f", {r['speedup'][p]:.2f}x dense = {r['speedup'][p] / r['limit']:.0%} of limit"
             if r["exact"].get(p):

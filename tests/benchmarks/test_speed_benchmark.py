@@ -93,6 +93,7 @@ def test_exact_mode_rows_are_spike_exact_with_identical_logits(speed, tmp_path):
     assert row["activity"]["output_spikes"] > 0 and row["activity"]["firing_min"] >= speed.ACTIVE[0]
     assert row["exact"] == {"onnxruntime": 0} and row["logits_diff"] == {"onnxruntime": 0.0}
     assert row["quantize"]["mode"] == "exact" and row["quantize"]["max_bits"] <= 24
+    assert set(row["cpu_ms"]) == {"pytorch", "onnxruntime"} and all(v > 0 for v in row["cpu_ms"].values())
     assert speed.not_exact({"t": rows}) == []
     assert f"0 of {row['output_spike_count']:,} output spikes differ, logits identical (onnxruntime)" in speed.markdown(rows, tuned=False)
     assert "2^-8" in speed.exact_note(rows)
