@@ -32,8 +32,9 @@ untuned (all TIR, no schedule), TVM with BLAS matmuls/convolutions and MetaSched
 ("tvm tuned, BLAS conv"), the same with the spike-adaptive convolution ("tvm tuned", the default;
 one tuning database shared by all: the TIR tasks are the same), and that with sparse kernels for
 pruned layers. Columns: median ms per batch, ratio to onnxruntime on
-the dense model and the process's median CPU ms per call (all its threads; far above the wall time
-times the threads' share of the work where threads spin waiting for a busy machine's cores), speedup over the dense model on the same path, and that speedup as a fraction of
+the dense model with the process's median CPU ms per call (all its threads: where they spin waiting
+for a busy machine's cores, far more than the work itself), speedup over the dense model on the
+same path, and that speedup as a fraction of
 the FLOP limit (dense MACs / model MACs, whole model). Every TVM path is checked spike for spike
 against PyTorch on the benchmark batch. A third table puts each DSP layer's two BLAS matmuls
 against its dense matmul: measured speedup vs the layer's limit in*out / (k*(in+out)).
