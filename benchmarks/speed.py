@@ -1,6 +1,6 @@
 """Speed of dense, L1P-pruned and DSP low-rank models on every CPU path, in one run.
 
-    .venv/bin/python benchmarks/speed.py [--tune-trials 8] [--batch 32] [--large] [--out runs/bench-speed]
+    .venv/bin/python benchmarks/speed.py [--tune-trials 8] [--batch 32] [--large] [--quantize exact] [--out runs/bench-speed]
 
 Table 1: the default model (sdt-tiny, trained briefly on digits), dense, L1P at 90/95/98% and
 DSP at 30/10% of block parameters (one-shot: masks / truncated SVD, no fine-tune: speed does not
@@ -32,10 +32,27 @@ untuned (all TIR, no schedule), TVM with BLAS matmuls/convolutions and MetaSched
 ("tvm tuned, BLAS conv"), the same with the spike-adaptive convolution ("tvm tuned", the default;
 one tuning database shared by all: the TIR tasks are the same), and that with sparse kernels for
 pruned layers. Columns: median ms per batch, ratio to onnxruntime on
-the dense model, speedup over the dense model on the same path, and that speedup as a fraction of
+the dense model with the process's median CPU ms per call (all its threads: where they spin waiting
+for a busy machine's cores, far more than the work itself), speedup over the dense model on the
+same path, and that speedup as a fraction of
 the FLOP limit (dense MACs / model MACs, whole model). Every TVM path is checked spike for spike
 against PyTorch on the benchmark batch. A third table puts each DSP layer's two BLAS matmuls
 against its dense matmul: measured speedup vs the layer's limit in*out / (k*(in+out)).
+
+``--quantize exact``: the rows time each variant's integer-exact copy instead of its float model
+(:func:`stdeploy.models.quantize.to_exact`, after the variant's BatchNorm estimation and pruning,
+with no quantisation-aware fine-tuning: speed does not depend on accuracy). Its input contract is
+``[0, 1]`` on ``2^-N`` (``--input-frac-bits``, default 8), which holds the random images and the
+digits; the benchmark batch is clipped (nothing lies outside) and rounded to it before any path sees
+it. The export proves every partial sum within 2^24 grid units (a layer that could exceed it is
+refused by name, and with it the run) and records the largest bound per variant. PyTorch eager
+runs the exact model's deployable form (its quantised weights frozen into plain Linear/Conv2d:
+what a deployment would run, without the per-call rounding that fine-tuning needs). Float runtimes
+order their sums differently, so a deep float model cannot be spike-exact (a rounding flip
+cascades); in this mode every path must give 0 differing output spikes and bit-identical logits
+against PyTorch on the benchmark batch: a row that does not is printed, shown in the table, and
+makes the run exit with status 1. ``--large-model`` (default ``sdt-8-512``; a preset or a model
+config file) sizes a large run on a small config first.
 """
 
 from __future__ import annotations
@@ -59,6 +76,7 @@ from stdeploy.data import load_dataset  # noqa: E402
 from stdeploy.errors import InactiveModel  # noqa: E402
 from stdeploy.export.directory import export_model  # noqa: E402
 from stdeploy.models import build_model, clone_model, direct_encode  # noqa: E402
+from stdeploy.models.quantize import INPUT_FRAC_BITS, InputContract, deployable, is_exact, to_exact  # noqa: E402
 from stdeploy.models.structure import LowRankLinear, structure_of  # noqa: E402
 from stdeploy.prune import PruneConfig, make_pruner  # noqa: E402
 from stdeploy.targets.base import get_target  # noqa: E402
@@ -110,24 +128,50 @@ def macs(model, x: torch.Tensor) -> int:
 def machine() -> str:
     return f"{describe_machine()} (torch threads {torch.get_num_threads()})"
 
-def timed(fn, x, warmup: int, repeats: int) -> float:
+def timed(fn, x, warmup: int, repeats: int, cpu: list | None = None) -> float:
+    """Median wall seconds of ``fn(x)`` over ``repeats`` calls after ``warmup``; ``cpu``, when given,
+    receives the median CPU seconds of the whole process per call (all its threads: on a loaded
+    machine, threads that spin while waiting for a core show as CPU far above the work's own)."""
     for _ in range(warmup):
         fn(x)
-    times = []
+    times, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn(x)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    if cpu is not None:
+        cpu.append(statistics.median(cpus))
     return statistics.median(times)
 
 
 def out_spikes(model, x):
+    return reference_outputs(model, x)[0]
+
+
+def reference_outputs(model, x) -> tuple[np.ndarray, np.ndarray]:
+    """``(output spikes, logits)`` of ``model`` on ``x`` (the head LIF's spikes, ``(T, B, N, D)``)."""
     spikes = []
     hook = model.head.lif.register_forward_hook(lambda m, i, o: spikes.append(o))
     with torch.no_grad():
-        model(x)
+        logits = model(x)
     hook.remove()
-    return spikes[0].numpy()
+    return spikes[0].numpy(), logits.numpy()
+
+
+def quantize_exact(models: dict, contract: InputContract, stage_s: dict | None = None, label: str = "") -> dict:
+    """Each model's integer-exact copy (:func:`~stdeploy.models.quantize.to_exact` with ``contract``:
+    BatchNorm folded, 8-bit weights on per-layer power-of-two grids, thresholds on 2^-8, leaks 1/2),
+    converted as it is: no quantisation-aware fine-tuning (a speed table does not depend on
+    accuracy). ``stage_s`` receives each variant's seconds of conversion."""
+    out = {}
+    for variant, model in models.items():
+        t0 = time.perf_counter()
+        out[variant] = to_exact(model.eval(), contract).eval()
+        if stage_s is not None:
+            stage_s.setdefault(variant, {})["quantize exact"] = time.perf_counter() - t0
+        print(f"[{label}] {variant}: converted to the integer-exact mode in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
 
 
 def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_untuned: bool,
@@ -141,19 +185,23 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
     rows = []
     dirs = {}
     stages = {variant: dict((prep_s or {}).get(variant, {})) for variant in models}  # seconds per stage (printed, speed.json)
-    refs, activities = {}, {}
+    refs, ref_logits, activities, eager = {}, {}, {}, {}
     for variant, model in models.items():  # every variant's activity is checked before anything is exported or timed
         t0 = time.perf_counter()
-        refs[variant] = out_spikes(model.eval(), x)
-        activities[variant] = measure_activity(model, x)
+        # an exact-mode model runs (reference, activity, PyTorch eager) in its deployable form: the
+        # quantised values frozen into plain Linear/Conv2d (no per-call rounding of the weights); its
+        # input contract is the caller's to apply to x (run() does)
+        eager[variant] = deployable(model) if is_exact(model) else model.eval()
+        refs[variant], ref_logits[variant] = reference_outputs(eager[variant], x)
+        activities[variant] = measure_activity(eager[variant], x)
         require_active(activities[variant].firing_rates, *ACTIVE, what=f"{name} {variant}")
         stages[variant]["reference + activity"] = time.perf_counter() - t0
     xn = x.numpy()
     for variant, model in models.items():
         dirs[variant] = out / name / variant
         t0 = time.perf_counter()
-        export_model(model, dirs[variant], ("onnx",), data=None, samples=getattr(args, "export_samples", 8),
-                     overwrite=True)  # its own run folder, rerun
+        manifest = export_model(model, dirs[variant], ("onnx",), data=None, samples=getattr(args, "export_samples", 8),
+                                overwrite=True)  # its own run folder, rerun
         stages[variant]["export"] = time.perf_counter() - t0
         print(f"[{name}] {variant}: exported in {stages[variant]['export']:.0f} s", flush=True)
         if variant == "dense" and args.tune_trials > 0:  # one database for every variant (the TIR tasks are the same)
@@ -161,19 +209,29 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
             summary = tune(dirs["dense"], profile, batch_size=x.shape[1], trials_per_task=args.tune_trials, sparse="off", database=db)
             print(f"[{name}] tuned {len(summary['tasks'])} tasks, {summary['new_trials']} new trials in "
                   f"{time.perf_counter() - t0:.0f} s ({db})", flush=True)
-        model, ref, activity = model.eval(), refs[variant], activities[variant]
+        model, ref, logits, activity = eager[variant], refs[variant], ref_logits[variant], activities[variant]
         rates = list(activity.firing_rates.values())
         row = {"table": name, "variant": variant, "macs": macs(model, x), "ms": {}, "exact": {}, "paths": {}, "stage_s": stages[variant],
                "activity": {**activity.to_dict(), "firing_min": min(rates), "firing_max": max(rates),
-                            "output_spikes": int(ref.sum())}}
+                            "output_spikes": int(ref.sum())},
+               "output_spike_count": int(ref.size), "logits_diff": {}, "cpu_ms": {}}
+        if manifest.get("quantize", {}).get("mode", "float") != "float":  # the checker's bound (grid units, log2)
+            row["quantize"] = {k: manifest["quantize"][k] for k in ("mode", "max_bits", "input_range", "input_frac_bits")
+                               if k in manifest["quantize"]}
         t0 = time.perf_counter()
         with torch.no_grad():
-            row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats)
+            cpu: list = []
+            row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats, cpu)
+            row["cpu_ms"]["pytorch"] = 1e3 * cpu[0]
         stages[variant]["time pytorch"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ort_run = ort.compile(dirs[variant], profile)
-        row["ms"]["onnxruntime"] = 1e3 * timed(ort_run.run, xn, args.warmup, args.repeats)
-        row["exact"]["onnxruntime"] = int(np.count_nonzero(ort_run.run(xn).spikes != ref))
+        cpu = []
+        row["ms"]["onnxruntime"] = 1e3 * timed(ort_run.run, xn, args.warmup, args.repeats, cpu)
+        row["cpu_ms"]["onnxruntime"] = 1e3 * cpu[0]
+        result = ort_run.run(xn)
+        row["exact"]["onnxruntime"] = int(np.count_nonzero(result.spikes != ref))
+        row["logits_diff"]["onnxruntime"] = float(np.abs(result.logits - logits).max())
         stages[variant]["onnxruntime"] = time.perf_counter() - t0
         configs = {"tvm tuned, BLAS conv": {"kernels": "blas-dense", "sparse": "off", "database": db if args.tune_trials > 0 else None},
                    "tvm tuned": {"sparse": "off", "database": db if args.tune_trials > 0 else None},
@@ -189,12 +247,15 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
             t0 = time.perf_counter()
             result = runnable.run(xn)
             row["exact"][path] = int(np.count_nonzero(result.spikes != ref))
+            row["logits_diff"][path] = float(np.abs(result.logits - logits).max())
             row["paths"][path] = runnable.info["path"]
             sparse = [r for r in runnable.info["builds"][str(x.shape[1])].get("sparse", []) if r.get("chosen") == "sparse"]
             if path.endswith("sparse"):
                 row["sparse_layers"] = len(sparse)
             reps = max(3, args.repeats // 4) if path == "tvm untuned" else args.repeats
-            row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps)
+            cpu = []
+            row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps, cpu)
+            row["cpu_ms"][path] = 1e3 * cpu[0]
             stages[variant][f"run {path}"] = time.perf_counter() - t0
             print(f"[{name}] {variant}: {column_name(path, args.tune_trials > 0)} built in {stages[variant][f'build {path}']:.0f} s, "
                   f"checked and timed in {stages[variant][f'run {path}']:.0f} s", flush=True)
@@ -208,7 +269,9 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
         if on_row is not None:
             on_row(rows)
         print(f"[{name}] {variant}: " + ", ".join(f"{column_name(k, args.tune_trials > 0)} {v:.2f} ms" for k, v in row["ms"].items())
-              + f"; spike mismatches { {column_name(k, args.tune_trials > 0): v for k, v in row['exact'].items()} }; {activity.summary()}", flush=True)
+              + f"; spike mismatches { {column_name(k, args.tune_trials > 0): v for k, v in row['exact'].items()} }"
+              + f"; largest logit difference { {column_name(k, args.tune_trials > 0): v for k, v in row['logits_diff'].items()} }"
+              + f"; {activity.summary()}", flush=True)
     return rows
 
 
@@ -256,8 +319,10 @@ def column_name(path: str, tuned: bool = True) -> str:
 def markdown(rows: list[dict], tuned: bool = True) -> str:
     """The speed table, columns named by :func:`column_name`."""
     names = [column_name(p, tuned) for p in PATHS]
+    checked = any("quantize" in r for r in rows)  # integer-exact rows: one more column, the exactness check
     head = ("| variant | MACs/batch | FLOP limit | input density | firing rates | " + " | ".join(names)
-            + " |\n|---|---:|---:|---:|---:|" + "---:|" * len(PATHS))
+            + (" | output spikes and logits vs PyTorch" if checked else "")
+            + " |\n|---|---:|---:|---:|---:|" + "---:|" * len(PATHS) + ("---|" if checked else ""))
     lines = [head]
     for r in rows:
         cells = []
@@ -265,16 +330,42 @@ def markdown(rows: list[dict], tuned: bool = True) -> str:
             if p not in r["ms"]:
                 cells.append("-")
                 continue
-            cell = f"{r['ms'][p]:.2f} ms ({r['vs_ort_dense'][p]:.2f}x ORT)"
+            cpu = f"; CPU {r['cpu_ms'][p]:.0f} ms" if p in r.get("cpu_ms", {}) else ""  # process CPU per call, all threads
+            cell = f"{r['ms'][p]:.2f} ms ({r['vs_ort_dense'][p]:.2f}x ORT{cpu})"
             if r["variant"] != "dense":
                 cell += f", {r['speedup'][p]:.2f}x dense = {r['speedup'][p] / r['limit']:.0%} of limit"
             if r["exact"].get(p):
                 cell += f" [{r['exact'][p]} spike flips]"
+            if checked and r.get("logits_diff", {}).get(p):
+                cell += f" [logits differ by up to {r['logits_diff'][p]:.3g}]"
             cells.append(cell)
+        if checked:
+            cells.append(exactness(r, tuned))
         a = r["activity"]
         lines.append(f"| {r['variant']} | {r['macs']:.3g} | {r['limit']:.1f}x | {a['spike_input_density']:.3f} | "
                      f"{a['firing_min']:.3f}-{a['firing_max']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def exactness(row: dict, tuned: bool = True) -> str:
+    """What the spike-for-spike check of ``row`` found on every path against PyTorch (its reference):
+    the output spikes that differ and whether the logits are bit-identical."""
+    paths = [p for p in PATHS if p in row["exact"]]
+    bad = [p for p in paths if row["exact"][p] or row["logits_diff"].get(p, 0.0) != 0.0]
+    total = f"{row['output_spike_count']:,}"
+    if not bad:
+        return f"0 of {total} output spikes differ, logits identical ({', '.join(column_name(p, tuned) for p in paths)})"
+    return "; ".join(f"{column_name(p, tuned)}: {row['exact'][p]:,} of {total} output spikes differ, logits "
+                     + ("identical" if row["logits_diff"].get(p, 0.0) == 0.0 else f"differ by up to {row['logits_diff'][p]:.3g}")
+                     for p in paths)
+
+
+def not_exact(tables: dict) -> list[str]:
+    """The integer-exact rows whose output spikes or logits differ from PyTorch on some path (empty:
+    every such row is spike-exact with identical logits)."""
+    return [f"{name} {r['variant']} {p}: {r['exact'][p]} output spikes differ, largest logit difference {r['logits_diff'][p]:g}"
+            for name, rows in tables.items() for r in rows if "quantize" in r
+            for p in r["exact"] if r["exact"][p] or r["logits_diff"].get(p, 0.0) != 0.0]
 
 
 def activity_markdown(rows: list[dict]) -> str:
@@ -297,12 +388,14 @@ def activity_markdown(rows: list[dict]) -> str:
 
 def thresholds_markdown(rows: list[dict]) -> str:
     """The spike-adaptive kernels of the default path: threshold, its source, the calls per path."""
-    lines = ["| variant | kernel | weight | threshold (max density) | source | gather calls | BLAS calls |",
-             "|---|---|---|---:|---|---:|---:|"]
+    skipzero = any("skipzero" in t["calls"] for r in rows for t in r.get("thresholds", []))  # pruned weights' row-CSR kernel
+    lines = ["| variant | kernel | weight | threshold (max density) | source | gather calls | BLAS calls |"
+             + (" skip-zero calls |" if skipzero else ""), "|---|---|---|---:|---|---:|---:|" + ("---:|" if skipzero else "")]
     for r in rows:
         for t in r.get("thresholds", []):
             lines.append(f"| {r['variant']} | {t['op']} | {'x'.join(map(str, t['weight']))} | {t['max_density']:.3f} | "
-                         f"{t['source']} | {t['calls']['gather']} | {t['calls']['blas']} |")
+                         f"{t['source']} | {t['calls']['gather']} | {t['calls']['blas']} |"
+                         + (f" {t['calls'].get('skipzero', 0)} |" if skipzero else ""))
     return "\n".join(lines)
 
 
@@ -340,6 +433,21 @@ def load_average() -> str:
         return "n/a"
 
 
+def exact_note(rows: list[dict]) -> str:
+    """What an integer-exact table measured: how its models were made, the input contract, the
+    checker's bound per variant and what the PyTorch column times."""
+    q = rows[0]["quantize"]
+    lo, hi = q.get("input_range", [0, 1])
+    bounds = ", ".join(f"{r['variant']} 2^{r['quantize']['max_bits']:.1f}" for r in rows if "max_bits" in r["quantize"])
+    return (f"Integer-exact mode (`--quantize exact`): each variant converted by `to_exact` after its BatchNorm estimation "
+            f"(and pruning), no quantisation-aware fine-tuning (speed does not depend on accuracy); 8-bit weights on per-layer "
+            f"power-of-two grids, thresholds on 2^-8, leak 1/2. Input contract [{lo:g}, {hi:g}] on 2^-{q.get('input_frac_bits')}: "
+            f"the random images are rounded to it before any path sees them (none lie outside it). The export's checker proved "
+            f"every partial sum within 2^24 grid units (largest bound per variant: {bounds}). The check: every path's output "
+            f"spikes and logits against PyTorch's on the benchmark batch, no tolerance. PyTorch eager runs the exact model's "
+            f"deployable form (the quantised weights frozen into plain Linear/Conv2d).")
+
+
 def report(tables: dict, lowrank: list[dict], args, load_start: str, unfinished: str = "") -> str:
     """The markdown report: header (machine, load averages, command), then per table the speed
     table, its TVM paths, seconds per stage, activity per layer and spike-kernel thresholds;
@@ -352,7 +460,11 @@ def report(tables: dict, lowrank: list[dict], args, load_start: str, unfinished:
     tuned = args.tune_trials > 0
     for name, rows in tables.items():
         pruned = "" if all(r["variant"] == "dense" for r in rows) else f", pruned variants: one-shot, scope {args.scope}"
-        text.append(f"### {name}, batch {args.batch if name == 'sdt-tiny' else args.large_batch}{pruned}\n\n{markdown(rows, tuned)}\n")
+        exact = [r for r in rows if "quantize" in r]
+        mode = ", integer-exact mode" if exact else ""
+        text.append(f"### {name}, batch {args.batch if name == 'sdt-tiny' else args.large_batch}{mode}{pruned}\n\n{markdown(rows, tuned)}\n")
+        if exact:
+            text.append(exact_note(exact) + "\n")
         paths = {p: v for r in rows for p, v in r["paths"].items()}
         text.append("TVM paths: " + "; ".join(f"{column_name(k, tuned)}: {v}" for k, v in paths.items()) + "\n")
         text.append(f"#### {name}: seconds per stage\n\n{stages_markdown(rows, tuned)}\n")
@@ -433,6 +545,13 @@ def main() -> int:
     ap.add_argument("--tvm-paths", default=None,
                     help=f"comma-separated subset of the TVM columns ({', '.join(f'{k}: {v!r}' for k, v in TVM_PATH_KEYS.items())}); default all")
     ap.add_argument("--machine-note", default="", help="said after the machine in the header (e.g. that it was shared)")
+    ap.add_argument("--quantize", choices=("float", "exact"), default="float",
+                    help="exact: time each variant's integer-exact copy (after BatchNorm estimation and pruning; no fine-tuning) "
+                         "and demand 0 output-spike mismatches and bit-identical logits on every path")
+    ap.add_argument("--input-frac-bits", type=int, default=INPUT_FRAC_BITS,
+                    help="--quantize exact: the input contract's grid 2^-N (range [0, 1], which covers the images)")
+    ap.add_argument("--large-model", default="sdt-8-512",
+                    help="--large: the model (a preset or a model config file; a small config sizes a run)")
     ap.add_argument("--crossover-cache", default=None,
                     help="folder of the spike kernels' threshold cache (STDEPLOY_CACHE_DIR for the builds; default OUT/cache)")
     args = ap.parse_args()
@@ -451,6 +570,11 @@ def main() -> int:
         if unknown:
             ap.error(f"--tvm-paths: unknown {', '.join(unknown)}; known: {', '.join(TVM_PATH_KEYS)}")
         args.tvm_paths = tuple(TVM_PATH_KEYS[k] for k in keys)
+    if args.quantize == "exact":
+        try:
+            args.input_contract = InputContract(0.0, 1.0, args.input_frac_bits)
+        except ValueError as err:
+            ap.error(f"--input-frac-bits: {err}")
     try:
         return run(args)
     except InactiveModel as err:  # a silent or saturated model: its timings would mean nothing
@@ -482,34 +606,46 @@ def run(args) -> int:
 
         prep: dict = {}
         models = build_variants(base, recalibrate, args.variants, args.scope, prep, "sdt-tiny")
+        if args.quantize == "exact":  # digits (k/16) lie on the default 2^-8 grid; the contract applied all the same
+            models = quantize_exact(models, args.input_contract, prep, "sdt-tiny")
+            x = args.input_contract.apply(x)
         tables["sdt-tiny"] = run_table("sdt-tiny", models, x, out, args, skip_untuned=False, prep_s=prep,
                                        on_row=partial("sdt-tiny", len(models)))
         lowrank = lowrank_layers(models, x.shape[0] * x.shape[1] * 16, args.repeats)
     if args.large:
         torch.manual_seed(0)
-        big = build_model("sdt-8-512")
+        big = build_model(args.large_model)
         big.eval()
-        xl = direct_encode(torch.rand(args.large_batch, 3, 32, 32), big.cfg.timesteps)
+        shape = (big.cfg.in_channels, big.cfg.image_size, big.cfg.image_size)
+        xl = direct_encode(torch.rand(args.large_batch, *shape), big.cfg.timesteps)
+        large = big.cfg.name
 
         def calibrate(model):  # BatchNorm statistics over many batches of random images, layer by layer
             g = torch.Generator().manual_seed(1)
-            estimate_batchnorm(model, (direct_encode(torch.rand(args.bn_batch_size, 3, 32, 32, generator=g), big.cfg.timesteps)
+            estimate_batchnorm(model, (direct_encode(torch.rand(args.bn_batch_size, *shape, generator=g), big.cfg.timesteps)
                                        for _ in range(args.bn_batches)), gain=args.bn_gain)
 
         t0 = time.perf_counter()
         calibrate(big)
         prep = {"dense": {"batchnorm": time.perf_counter() - t0}}
-        print(f"[sdt-8-512] dense: BatchNorm estimated over {args.bn_batches} batches of {args.bn_batch_size} in "
+        print(f"[{large}] dense: BatchNorm estimated over {args.bn_batches} batches of {args.bn_batch_size} in "
               f"{prep['dense']['batchnorm']:.0f} s",
               flush=True)
-        big_models = build_variants(big, calibrate, args.variants, args.scope, prep, "sdt-8-512")
-        tables["sdt-8-512"] = run_table("sdt-8-512", big_models, xl, out, args, skip_untuned=not args.large_untuned, prep_s=prep,
-                                        on_row=partial("sdt-8-512", len(big_models)))
+        big_models = build_variants(big, calibrate, args.variants, args.scope, prep, large)
+        if args.quantize == "exact":  # the random images in [0, 1] are rounded to the contract's grid (none clipped)
+            big_models = quantize_exact(big_models, args.input_contract, prep, large)
+            xl = args.input_contract.apply(xl)
+        tables[large] = run_table(large, big_models, xl, out, args, skip_untuned=not args.large_untuned, prep_s=prep,
+                                  on_row=partial(large, len(big_models)))
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
     write_report(out, tables, lowrank, args, load_start)
     print(report(tables, lowrank, args, load_start))
     print(f"finished in {time.perf_counter() - t_start:.0f} s; {out / 'speed.md'}")
+    failed = not_exact(tables)
+    if failed:  # the integer-exact mode promises bit-identical results: a difference is a failure, not a figure
+        print("speed.py: not spike-exact in the integer-exact mode: " + "; ".join(failed), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -71,3 +71,42 @@ def test_untuned_runs_never_say_tuned(speed):
     table, stages = speed.markdown([row], tuned=False), speed.stages_markdown([row], tuned=False)
     assert "tvm tuned" not in table and "tvm tuned" not in stages
     assert "| build tvm untuned-TIR |" in stages and "| dense | 3 | 4 | 1 | 8 |" in stages
+
+
+def test_exact_mode_rows_are_spike_exact_with_identical_logits(speed, tmp_path):
+    """``--quantize exact`` on a tiny random model that fires: the integer-exact copy is exported and
+    checked on onnxruntime (TVM builds cost minutes; the exactness tests cover TVM) with 0 output
+    spikes differing and bit-identical logits, the checker's bound recorded, and the table says so."""
+    from stdeploy.activity import estimate_batchnorm
+    from stdeploy.models.quantize import InputContract
+
+    torch.manual_seed(0)
+    model = build_model("sdt-tiny")
+    g = torch.Generator().manual_seed(1)
+    estimate_batchnorm(model, [direct_encode(torch.rand(8, 1, 8, 8, generator=g), 4) for _ in range(4)], gain=1.25)
+    contract = InputContract(0.0, 1.0, 8)
+    models = speed.quantize_exact({"dense": model}, contract)
+    x = contract.apply(direct_encode(torch.rand(4, 1, 8, 8), 4))
+    args = argparse.Namespace(tune_trials=0, warmup=0, repeats=1, export_samples=2, tvm_paths=())
+    rows = speed.run_table("t", models, x, tmp_path, args, skip_untuned=True)
+    row = rows[0]
+    assert row["activity"]["output_spikes"] > 0 and row["activity"]["firing_min"] >= speed.ACTIVE[0]
+    assert row["exact"] == {"onnxruntime": 0} and row["logits_diff"] == {"onnxruntime": 0.0}
+    assert row["quantize"]["mode"] == "exact" and row["quantize"]["max_bits"] <= 24
+    assert set(row["cpu_ms"]) == {"pytorch", "onnxruntime"} and all(v > 0 for v in row["cpu_ms"].values())
+    assert speed.not_exact({"t": rows}) == []
+    assert f"0 of {row['output_spike_count']:,} output spikes differ, logits identical (onnxruntime)" in speed.markdown(rows, tuned=False)
+    assert "2^-8" in speed.exact_note(rows)
+
+
+def test_a_differing_exact_row_fails_the_run(speed):
+    """One flipped spike or one differing logit in an integer-exact row is a failure (exit 1), named."""
+    row = {"variant": "l1p-90", "quantize": {"mode": "exact", "max_bits": 22.6}, "output_spike_count": 1000,
+           "exact": {"onnxruntime": 0, "tvm tuned": 3}, "logits_diff": {"onnxruntime": 0.5, "tvm tuned": 0.0}}
+    failed = speed.not_exact({"sdt-8-512": [row]})
+    assert failed == ["sdt-8-512 l1p-90 onnxruntime: 0 output spikes differ, largest logit difference 0.5",
+                      "sdt-8-512 l1p-90 tvm tuned: 3 output spikes differ, largest logit difference 0"]
+    text = speed.exactness(row, tuned=False)
+    assert "onnxruntime: 0 of 1,000 output spikes differ, logits differ by up to 0.5" in text
+    assert "tvm untuned-TIR: 3 of 1,000 output spikes differ, logits identical" in text
+    assert not speed.not_exact({"t": [{**row, "exact": {"onnxruntime": 0}, "logits_diff": {"onnxruntime": 0.0}}]})
