@@ -131,7 +131,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     :func:`~.database.crossover_cache_path` of ``export_dir``); ``info["crossover_cache"]`` says
     how many were measured and how many reused, each ``info["spike_*"]`` entry which.
     ``lif``: LIF recurrences as fused kernels (:mod:`.kernels.lif`, bit-identical; the default),
-    or Relax's per-operator TIR (``False``)."""
+    or Relax's per-operator TIR (``False``); ``info["fused_lif"]`` lists the fused populations
+    (``path`` does not change: the kernels are hand-scheduled TIR)."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -175,8 +176,6 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     spiking = [name for _, key, name in SPIKE_OPS if prepared.info.get(key)]
     if spiking:
         path = f"spike-adaptive {'/'.join(spiking)} + " + path
-    if prepared.info.get("fused_lif"):
-        path = "fused LIF + " + path
     if prepared.info.get("sparse") and sparse_layers_of(prepared.info):
         path = "sparse kernels + " + path
     return ex, {"path": path, **prepared.info}
