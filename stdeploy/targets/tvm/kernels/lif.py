@@ -19,19 +19,22 @@ model's time outside its matrix products and convolutions.
 constants' values and the step indices; anything else is left alone) and replaces the
 ``concat`` by one ``call_tir`` of :func:`lif_kernel`: for each vector of neurons the membrane
 stays in registers over the T steps and the spikes are written as 0.0 / 1.0. Where ``X`` is
-``reshape(add(Y, c))`` with a constant ``c`` (a BatchNorm/bias add over the ``(T*B, ...)`` output
-of a convolution or linear layer) whose only use is this recurrence, the add is done in the
-kernel too and ``Y`` is read instead. The replaced operators become dead code
+``add(Y, c)`` or ``reshape(add(Y, c))`` with a constant ``c`` (a BatchNorm/bias add over the
+output of a convolution or linear layer, e.g. ``(T*B, C, H, W)``), the same in every step, and
+nothing but this recurrence reads it, the add is done in the kernel too and ``Y`` is read instead. The replaced operators become dead code
 (``DeadCodeElimination`` removes them).
 
 Exactness: the kernel performs the graph's float32 operations in the graph's order, each rounded
 once (``a * u``, ``b * x``, their sum, ``v - theta``, the ``>= 0`` compare, ``1 - s``, ``v * (1 - s)``;
-the fused add ``y + c`` before them), and the host's LLVM does not contract the multiply-add
-into an FMA (:func:`contracts_to_fma` checks the compiled kernel): its spikes and membranes
-are bit-identical to the unfused module's and to onnxruntime's elementwise arithmetic.
-Constants are stored once per period: the smallest trailing block of ``S`` that every constant
-repeats over (a per-channel constant of an image population: ``C x H x W`` values; a uniform
-one: the last dimension).
+the fused add ``y + c`` before them). TVM's LLVM backend contracts a product followed by an add
+into one FMA (one rounding instead of two) wherever it sees one; so each product passes through
+an integer ``and`` with an all-ones word read from memory, which it cannot see through, and
+:func:`fuse_lif_recurrences` refuses a kernel whose compiled code holds an FMA
+(:func:`contracts_to_fma`). Spikes and membranes are then bit-identical to the unfused
+module's and to onnxruntime's elementwise arithmetic.
+Constants are stored once per period: the smallest trailing block of ``S`` (of at least
+:data:`LANES` values where one repeats) that every constant repeats over: a per-channel constant
+of an image population ``(B, C, H, W)`` is ``C x H x W`` values, of tokens ``(B, N, D)`` ``D``.
 """
 
 from __future__ import annotations
@@ -41,10 +44,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ....errors import ShapeError
+from ...base import TargetError
+
 __all__ = ["FusedLIF", "LANES", "PARTS", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
            "reference_lif"]
 
-LANES = 16   # neurons per vector step (two AVX2 registers of float32)
+LANES = 16   # neurons per vector step (one AVX-512 or two AVX2 registers of float32)
 PARTS = 8    # parallel tasks per call
 _EXACT: set = set()   # (kernel key, target) pairs checked free of FMA contraction in this process
 
@@ -115,7 +121,7 @@ def lif_kernel(steps: int, shape: tuple, period: int, bias: bool, x_shape: tuple
     full = (steps, *(int(d) for d in shape))
     xs = full if x_shape is None else tuple(int(d) for d in x_shape)
     if math.prod(xs) != steps * n:
-        raise ValueError(f"x_shape {xs} does not hold {steps} steps of {tuple(shape)}")
+        raise ShapeError(f"x_shape {xs} does not hold {steps} steps of {tuple(shape)}")
 
     if bias:
         @T.prim_func
@@ -423,7 +429,8 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
     """``(new_mod, [FusedLIF, ...])``: ``mod`` with every LIF recurrence of the module docstring's
     form computed by :func:`lif_kernel` (``call_tir``), the operators it replaces removed.
     ``target``: the CPU target the kernels are checked for contraction on; a kernel that would
-    compile to fused multiply-adds raises ``RuntimeError`` (it would not be exact)."""
+    compile to fused multiply-adds raises :class:`~stdeploy.targets.base.TargetError` (it would
+    not be exact)."""
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -454,7 +461,7 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
                 func = lif_kernel(*key)
                 checked = (key, repr(target))
                 if checked not in _EXACT and contracts_to_fma(func, target):
-                    raise RuntimeError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
+                    raise TargetError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
                                        "it would not match the graph's arithmetic")
                 _EXACT.add(checked)
                 name = f"stdeploy_lif_{len(kernels)}"
