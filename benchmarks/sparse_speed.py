@@ -19,14 +19,17 @@ Reported, for the benchmark batch:
   once; median of ``--repeats`` rounds after ``--warmup``), wall time and process CPU time (CPU time
   is what preemption on a shared machine does not add): onnxruntime, the default CPU TVM path
   (``TVMTarget().compile`` as ``stdeploy run`` does: CSR kernels where measured faster, then the
-  spike-adaptive kernels with the skip-zero kernels for pruned weights), and the same module with
-  every pruned layer pinned to one kernel (``gather``: the path before the skip-zero kernels;
-  ``skip-zero``);
+  spike-adaptive kernels with the skip-zero kernels for pruned weights, the LIF recurrences as
+  fused kernels: :mod:`stdeploy.targets.tvm.kernels.lif`), the same path with the LIF recurrences
+  left to Relax's per-operator TIR (``unfused LIF``: the path before the fused kernels), and the
+  default module with every pruned layer pinned to one kernel (``gather``: the path before the
+  skip-zero kernels; ``skip-zero``);
 * spike mismatches of every runner against PyTorch on the batch;
 * where the time goes: the Relax VM's per-call CPU times (its instrument hook) of the default TVM module, dense and
-  sparse, grouped into the weight layers' kernels and the rest (LIF recurrences, BatchNorm,
-  pooling, attention products: what pruning cannot remove), and the bound that rest puts on
-  the whole-model speed-up (dense time / the sparse model's time outside the weight kernels).
+  sparse, grouped into the weight layers' kernels, the fused LIF kernels and the rest (pooling,
+  residual and bias adds, attention products, the VM's allocations: with the LIF steps, what
+  pruning cannot remove), and the bound that puts on the whole-model speed-up (dense time / the
+  sparse model's time outside the weight kernels).
 
 Writes ``OUT/sparse_speed.md`` and ``OUT/sparse_speed.json``.
 """
@@ -55,11 +58,13 @@ from stdeploy.models import build_model, clone_model, direct_encode  # noqa: E40
 from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner, weight_counts  # noqa: E402
 from stdeploy.targets.base import get_target  # noqa: E402
 from stdeploy.targets.profiles import load_profile  # noqa: E402
-from stdeploy.targets.tvm.cpu import compile_cpu, outputs_to_numpy  # noqa: E402
+from stdeploy.targets.tvm.cpu import TVMRunnable, compile_cpu, outputs_to_numpy  # noqa: E402
 from stdeploy.timing import describe_machine  # noqa: E402
 from stdeploy.targets.tvm.database import CrossoverCache  # noqa: E402
 from stdeploy.targets.tvm.frontend import load_onnx_graph, relax_module  # noqa: E402
+from stdeploy.targets.tvm.host import cpu_target  # noqa: E402
 from stdeploy.targets.tvm.kernels import skipzero  # noqa: E402
+from stdeploy.targets.tvm.kernels.lif import fuse_lif_recurrences  # noqa: E402
 from stdeploy.targets.tvm.kernels.routing import route_to_external_kernels  # noqa: E402
 from stdeploy.targets.tvm.kernels.spike import pinned_threads  # noqa: E402
 from stdeploy.targets.tvm.sdk import load_tvm  # noqa: E402
@@ -69,6 +74,7 @@ from stdeploy.train import TrainConfig, train  # noqa: E402
 ACTIVE = (0.01, 0.5)
 # Relax VM profile rows that are the weight layers' kernels (the rest is what pruning cannot remove)
 WEIGHT_KERNELS = ("stdeploy.", "sparse_matmul")
+LIF_KERNELS = ("stdeploy_lif",)   # the fused LIF kernels (kernels.lif)
 
 
 def machine() -> str:
@@ -108,8 +114,9 @@ def flop_limits(counts: dict, densities: dict, dense_counts: dict, dense_densiti
 
 
 class RoutedModule:
-    """The default path's module built here (no CSR pass), so that its pruned layers can be pinned
-    to one kernel: ``forced`` None (chosen per call), ``gather``, ``skipzero`` or ``blas``."""
+    """The default path's module built here (no CSR pass; the LIF recurrences fused, as on the
+    default path), so that its pruned layers can be pinned to one kernel: ``forced`` None (chosen
+    per call), ``gather``, ``skipzero`` or ``blas``."""
 
     def __init__(self, export_dir: Path, batch: int, target: dict, cache: CrossoverCache):
         import tvm
@@ -118,6 +125,7 @@ class RoutedModule:
         self.graph = load_onnx_graph(export_dir)
         mod, done = route_to_external_kernels(relax_module(self.graph, batch), spike_target=target, crossovers=cache)
         self.kernels = [o.kernel for o in done if isinstance(o.kernel, skipzero.AdaptiveSparse)]
+        mod, _ = fuse_lif_recurrences(mod, target)
         with tvm.target.Target(target):
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                             relax.get_pipeline("zero")])(mod)
@@ -184,8 +192,10 @@ def vm_profile(runnable, x: np.ndarray, batch: int, repeats: int = 10) -> list[d
 
 def split_profile(rows: list[dict]) -> dict:
     weight = sum(r["us"] for r in rows if r["name"].startswith(WEIGHT_KERNELS))
+    lif = sum(r["us"] for r in rows if r["name"].startswith(LIF_KERNELS))
     total = sum(r["us"] for r in rows)
-    return {"total_ms": total / 1e3, "weight_kernels_ms": weight / 1e3, "rest_ms": (total - weight) / 1e3}
+    return {"total_ms": total / 1e3, "weight_kernels_ms": weight / 1e3, "lif_ms": lif / 1e3, "other_ms": (total - weight - lif) / 1e3,
+            "rest_ms": (total - weight) / 1e3}
 
 
 def main() -> int:
@@ -260,6 +270,9 @@ def run(args) -> int:
         runners[f"{k}: tvm default"] = lambda a, tv=tv: tv.run(a).spikes
         paths[k] = tv.info["path"]
         builds[k] = tv
+        unfused = TVMRunnable(load_onnx_graph(dirs[k]), profile, cpu_target(profile), dirs[k], {"lif": False})
+        unfused.prepare(args.batch)
+        runners[f"{k}: tvm, unfused LIF"] = lambda a, tv=unfused: tv.run(a).spikes
     routed = RoutedModule(dirs["sparse"], args.batch, builds["sparse"].target, CrossoverCache(out / "cache" / "tvm" / "kernel-crossovers.json"))
     runners["sparse: tvm, pruned layers on gather"] = routed.runner("gather")
     runners["sparse: tvm, pruned layers on skip-zero"] = routed.runner("skipzero")
@@ -276,6 +289,7 @@ def run(args) -> int:
     result = {"args": vars(args), "machine": host, "timesteps": steps, "limits": limits, "times": times, "mismatches": mismatches,
               "paths": paths, "activity": {k: a.to_dict() for k, a in acts.items()}, "profiles": profiles, "profile_split": split,
               "sparse_kernels": kernels, "csr_layers": csr, "sparse_report": sparse_build.get("sparse", []),
+              "fused_lif": {k: b.info["builds"][str(args.batch)].get("fused_lif", []) for k, b in builds.items()},
               "seconds": time.perf_counter() - t_start}
     (out / "sparse_speed.json").write_text(json.dumps(result, indent=1, default=str))
     text = markdown(result)
@@ -307,14 +321,19 @@ def markdown(r: dict) -> str:
         lines.append(f"| {e['layer']} | {e['weight_density']:.3f} | {fmt(e['input_density_dense'])} | {fmt(e['input_density_sparse'])} | "
                      f"{e['macs_dense']:.3g} | {e['macs_sparse']:.3g} | {e['ops_dense_skip_inputs']:.3g} | {e['ops_sparse_skip_both']:.3g} |")
     dense_key = "dense: tvm default"
+    before_key = "dense: tvm, unfused LIF"
     lines += ["", f"Times (median of {a['repeats']} interleaved rounds after {a['warmup']}; wall and process CPU time; "
-              "speed-up over the dense model on the same runtime):", "",
+              "speed-up over the dense model on the same runtime and LIF kernels: the unfused-LIF rows over "
+              f"the dense unfused-LIF row, the other TVM rows over `{dense_key}`):", "",
               "| runner | wall ms | CPU ms | speed-up (wall) | speed-up (CPU) | spike mismatches vs PyTorch |", "|---|---:|---:|---:|---:|---:|"]
     for name, v in t.items():
-        base = t[dense_key] if "tvm" in name else t["dense: onnxruntime"]
+        base = (t[before_key] if "unfused LIF" in name else t[dense_key]) if "tvm" in name else t["dense: onnxruntime"]
         lines.append(f"| {name} | {v['wall_ms']:.2f} | {v['cpu_ms']:.2f} | {base['wall_ms'] / v['wall_ms']:.2f}x | "
                      f"{base['cpu_ms'] / max(v['cpu_ms'], 1e-9):.2f}x | {r['mismatches'][name]} |")
-    lines += ["", "TVM default path: " + "; ".join(f"{k}: {v}" for k, v in r["paths"].items()),
+    lines += ["", f"Fused LIF kernels over the unfused ones (CPU time): dense {t[before_key]['cpu_ms'] / t[dense_key]['cpu_ms']:.2f}x, "
+              f"pruned {t['sparse: tvm, unfused LIF']['cpu_ms'] / t['sparse: tvm default']['cpu_ms']:.2f}x; LIF populations fused: "
+              + ", ".join(f"{k} {len(v)} ({sum(f['bias'] for f in v)} with the bias add)" for k, v in r["fused_lif"].items()) + "."]
+    lines += ["", "TVM default path: " + "; ".join(f"{k}: {v}" for k, v in r["paths"].items()) + " (LIF recurrences as fused kernels)",
               f"CSR kernels chosen on the pruned model: {len(r['csr_layers'])}.", "",
               "Spike kernels of the pruned model's default module (calls: warm-up, check and timed runs):", "",
               "| kernel | weight | max density (a spike kernel beats BLAS) | threshold | calls |", "|---|---|---:|---|---|"]
@@ -323,14 +342,14 @@ def markdown(r: dict) -> str:
                      + ", ".join(f"{p} {n}" for p, n in k["calls"].items()) + " |")
     s = r["profile_split"]
     lines += ["", "Where the time goes (Relax VM instrument: process CPU ms per model call, mean of 10, by callee; default module):", "",
-              "| model | total | weight-layer kernels | everything else |", "|---|---:|---:|---:|"]
+              "| model | total | weight-layer kernels | fused LIF kernels | everything else |", "|---|---:|---:|---:|---:|"]
     for k in ("dense", "sparse"):
-        lines.append(f"| {k} | {s[k]['total_ms']:.2f} | {s[k]['weight_kernels_ms']:.2f} | {s[k]['rest_ms']:.2f} |")
+        lines.append(f"| {k} | {s[k]['total_ms']:.2f} | {s[k]['weight_kernels_ms']:.2f} | {s[k]['lif_ms']:.2f} | {s[k]['other_ms']:.2f} |")
     lines += ["", f"Bound from what pruning cannot remove: dense total / pruned model's time outside the weight kernels = "
               f"**{s['dense']['total_ms'] / max(s['sparse']['rest_ms'], 1e-9):.2f}x** (even with free weight layers).", ""]
     for k in ("dense", "sparse"):
         lines += [f"Top calls, {k}:", "", "| call | ms | calls |", "|---|---:|---:|"]
-        for row in r["profiles"][k][:14]:
+        for row in r["profiles"][k][:16]:
             lines.append(f"| {row['name']} | {row['us'] / 1e3:.3f} | {row['calls']} |")
         lines.append("")
     return "\n".join(lines)

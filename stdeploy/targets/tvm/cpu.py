@@ -6,8 +6,10 @@ ONNX import at the batch, an optional rewrite of pruned linears to the sparse CS
 (:mod:`.kernels.sparse`), :func:`~.kernels.routing.route_to_external_kernels` per ``kernels``
 (``blas``: matmuls and stride-1 convolutions to the spike gather kernels, which fall back to BLAS
 on dense input, other convolutions to BLAS; ``blas-dense``: all to BLAS; ``tir``: none), then
-Relax's zero pipeline (legalize, fuse). What is left in TIR (the fused LIF recurrences, pooling,
-reductions) is what MetaSchedule tunes (:mod:`.tuning`).
+the LIF recurrences as fused kernels (:func:`~.kernels.lif.fuse_lif_recurrences`, all T steps of
+a population in one loop, bit-identical; ``CpuOptions.lif``), then Relax's zero pipeline
+(legalize, fuse). What is left in TIR (pooling, reductions, attention products) is what
+MetaSchedule tunes (:mod:`.tuning`).
 
 :func:`compile_cpu` applies the tuning database when ``stdeploy tune`` wrote one for this model,
 device, batch and kernels (``schedule="auto"``), requires it (``"tuned"``) or ignores it
@@ -32,6 +34,7 @@ from ..base import RunResult, TargetError
 from ..profiles import DeviceProfile
 from .database import CrossoverCache, TuningDatabaseError, apply_database, crossover_cache_path, find_database, read_meta
 from .frontend import OnnxGraph, relax_module
+from .kernels.lif import fuse_lif_recurrences
 from .kernels.routing import route_to_external_kernels
 from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
 from .sdk import load_tvm
@@ -54,6 +57,7 @@ class CpuOptions:
 
     kernels: str = "blas"
     sparse_layers: tuple[int, ...] | None = ()
+    lif: bool = True   # LIF recurrences as fused kernels (kernels.lif); False: Relax's per-operator TIR
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -101,6 +105,9 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         if any(o.kernel is not None for o in done) and crossovers is not None:
             crossovers.save()
             info["crossover_cache"] = crossovers.summary()
+    if options.lif:
+        mod, fused = fuse_lif_recurrences(mod, target)
+        info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias} for f in fused]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)
@@ -114,7 +121,7 @@ def sparse_layers_of(info: dict) -> tuple[int, ...]:
 
 def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: int, *, schedule: str = "auto",
                 kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
-                crossover_cache: str | os.PathLike | None = None) -> tuple[object, dict]:
+                crossover_cache: str | os.PathLike | None = None, lif: bool = True) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
@@ -122,7 +129,10 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     untuned TIR around the BLAS kernels), ``tuned`` (a database is required), ``untuned``.
     ``crossover_cache``: the file of the spike kernels' density thresholds (default
     :func:`~.database.crossover_cache_path` of ``export_dir``); ``info["crossover_cache"]`` says
-    how many were measured and how many reused, each ``info["spike_*"]`` entry which."""
+    how many were measured and how many reused, each ``info["spike_*"]`` entry which.
+    ``lif``: LIF recurrences as fused kernels (:mod:`.kernels.lif`, bit-identical; the default),
+    or Relax's per-operator TIR (``False``); ``info["fused_lif"]`` lists the fused populations
+    (``path`` does not change: the kernels are hand-scheduled TIR)."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -142,7 +152,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers),
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif),
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:

@@ -164,7 +164,7 @@ def test_routing_uses_it_for_pruned_weights_only(target):
 def test_whole_model_pruned_sdt_keeps_pytorch_spikes(trained_sdt, tmp_path, target):
     """sdt-tiny pruned to 95% over every weight layer (embedding convolutions and classifier
     included), BatchNorm re-estimated, checked to fire; every pruned layer forced onto the
-    skip-zero kernel on the default CPU path: the output spikes equal PyTorch's."""
+    skip-zero kernel on the default CPU path (LIF recurrences fused): the output spikes equal PyTorch's."""
     import tvm
     from tvm import relax
 
@@ -174,6 +174,7 @@ def test_whole_model_pruned_sdt_keeps_pytorch_spikes(trained_sdt, tmp_path, targ
     from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner
     from stdeploy.targets.tvm.cpu import outputs_to_numpy
     from stdeploy.targets.tvm.frontend import load_onnx_graph, relax_module
+    from stdeploy.targets.tvm.kernels.lif import fuse_lif_recurrences
 
     base, data = trained_sdt
     model = clone_model(base)
@@ -193,6 +194,8 @@ def test_whole_model_pruned_sdt_keeps_pytorch_spikes(trained_sdt, tmp_path, targ
     assert len(pruned) >= 8, [o.op for o in done]    # every pruned convolution and linear
     for k in pruned:
         k.forced = "skipzero"
+    mod, fused = fuse_lif_recurrences(mod, target)   # as the default path does (and 4-5x faster to compile)
+    assert len(fused) == 10
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)

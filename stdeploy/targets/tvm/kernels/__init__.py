@@ -8,6 +8,8 @@ operators of a spiking transformer on the CPU:
   switching to BLAS above a measured density;
 * :mod:`.skipzero`: kernels (TIR) that skip zero inputs and zero weights, for pruned layers fed
   spikes, chosen per call against the gather kernel and BLAS;
+* :mod:`.lif`: the LIF recurrences, all T steps of a population in one loop (membrane in
+  registers, bias add fused in), bit-identical to the graph's arithmetic;
 * :mod:`.sparse`: a CSR kernel (TIR, CPU and CUDA schedules) for pruned constant weights;
 * :mod:`.routing`: :func:`~.routing.route_to_external_kernels`, the Relax rewrite that sends
   constant-weight matmuls and NCHW convolutions to the BLAS or spike kernels.

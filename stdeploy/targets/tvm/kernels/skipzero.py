@@ -15,14 +15,17 @@ plus a fixed cost for reading ``x`` and writing ``y``.
   nonzeros are compacted (branch-free, ascending ``k``), then each adds its weight row's nonzeros.
 * :func:`skipzero_conv_kernel`: NCHW / OIHW, stride 1, ``groups = 1``, padding below the kernel
   size (as :func:`.spike.applicable`); only the weight rows ``(i, j, c)`` with a nonzero are
-  visited, and only the input channels they use are read: per image each such channel is
-  compacted to its nonzero pixels, then for each row (tap, then channel) each nonzero pixel adds
-  the row's nonzero weights to the output pixel the tap maps it to.
+  visited, and only the input channels they use are read: per image each such channel is copied
+  into a zero-bordered plane, then for each row (tap, then channel) each of the row's nonzero
+  weights adds ``weight x`` the shifted plane to its output channel's plane, in vectors along the
+  output row (weight-stationary: work grows with the nonzero weights, not with the input's
+  nonzeros; a zero input adds ``0 x weight``, which leaves a nonzero sum unchanged).
 
 Arithmetic: each output sums its terms in the same order as the gather kernels (tap, then input
 channel / feature ascending), one fused multiply-add each, and a skipped term is one whose weight
-is zero, which adds nothing to a float32 sum (``fma(x, 0, acc) == acc``): the outputs are
-bit-identical to the gather kernel's (the tests check it), so spikes are too.
+is zero, which adds nothing to a float32 sum (``fma(x, 0, acc) == acc``; in the convolution a
+zero input is added too, ``fma(0, w, acc) == acc``, up to the sign of a zero sum): the outputs
+are bit-identical to the gather kernel's (the tests check it), so spikes are too.
 
 Which kernel runs (:func:`adaptive_matmul`, :func:`adaptive_conv`): both spike kernels (gather and
 skip-zero) are timed against BLAS by the rule of :func:`.spike.crossover` (all-zero input,
@@ -56,7 +59,7 @@ __all__ = ["MIN_WEIGHT_ZEROS", "KERNEL_VERSION", "RowCSR", "rows_from_dense", "z
            "adaptive_matmul", "adaptive_conv"]
 
 MIN_WEIGHT_ZEROS = 0.5   # weights with fewer zeros than this keep the gather kernel alone
-KERNEL_VERSION = 2       # part of a cached crossover's key: raise it when a kernel here changes
+KERNEL_VERSION = 3       # part of a cached crossover's key: raise it when a kernel here changes
 PARTS = spike.PARTS      # parallel tasks per call (rows or images are split between them)
 
 
@@ -183,10 +186,11 @@ def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: in
     """The TIR PrimFunc ``(x (N, C, H, W), ptr (KH*KW*C + 1), cols (nnz), vals (nnz), rows (live),
     chans (channels), y (N, O, HO, WO))``; weight row ``(i * KW + j) * C + c`` holds the nonzero
     ``W[:, c, i, j]``, ``rows`` lists the rows with any nonzero (ascending), ``chans`` the input
-    channels that appear in them. Per image: each listed channel is compacted to its nonzero
-    pixels (ascending); then for each listed row, i.e. tap then channel, each nonzero pixel of
-    that channel adds the row's nonzero weights to the output pixel the tap maps it to. Per output
-    the terms come in tap order, then channel order: the gather kernel's order."""
+    channels that appear in them. Per image: each listed channel is copied into a plane with a
+    zero border (input ``(r, q)`` at ``(r + top, q + left)``); then for each listed row, i.e. tap
+    ``(i, j)`` then channel, each of its nonzero weights adds ``weight x plane[r + i, q + j]`` to
+    output ``(r, q)`` of its channel, a vector along ``q``. Per output the terms come in tap order,
+    then channel order: the gather kernel's order."""
     from tvm.script import tirx as T
 
     n, c, h, w = (int(v) for v in x_shape)
@@ -197,6 +201,7 @@ def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: in
     per = math.ceil(n / parts)
     rows = kh * kw * c
     p, lr, lc = max(1, nnz), max(1, live), max(1, channels)
+    ph, pw = ho + kh - 1, wo + kw - 1          # input (r, q) at (r + top, q + left), zeros around
 
     @T.prim_func
     def skipzero_conv(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((rows + 1,), "int32"),
@@ -205,33 +210,26 @@ def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: in
                       y: T.Buffer((n, o, ho, wo), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for part in T.parallel(parts):
-            cnt = T.alloc_buffer((c,), "int32")               # nonzero pixels of each channel
-            pix = T.alloc_buffer((c, h * w + 1), "int32")     # their indices (+1: the branch-free write)
-            pval = T.alloc_buffer((c, h * w + 1), "float32")
+            pad = T.alloc_buffer((c, ph, pw), "float32")     # the used channels of one image, zero border
+            for ch in range(c):
+                for r in range(ph):
+                    for q in range(pw):
+                        pad[ch, r, q] = T.float32(0)
             for b in range(part * per, T.min(n, part * per + per)):
                 for li in range(channels):
-                    cnt[chans[li]] = 0
                     for r in range(h):
                         for q in range(w):
-                            pix[chans[li], cnt[chans[li]]] = r * w + q
-                            pval[chans[li], cnt[chans[li]]] = x[b, chans[li], r, q]
-                            cnt[chans[li]] = cnt[chans[li]] + T.Cast("int32", x[b, chans[li], r, q] != T.float32(0))
+                            pad[chans[li], r + top, q + left] = x[b, chans[li], r, q]
                 for v in range(o):
                     for r in range(ho):
                         for q in T.vectorized(wo):
                             y[b, v, r, q] = T.float32(0)
                 for l in range(live):
-                    for k in range(cnt[live_rows[l] % c]):
-                        if (pix[live_rows[l] % c, k] // w + top >= live_rows[l] // c // kw
-                                and pix[live_rows[l] % c, k] // w + top - live_rows[l] // c // kw < ho
-                                and pix[live_rows[l] % c, k] % w + left >= live_rows[l] // c % kw
-                                and pix[live_rows[l] % c, k] % w + left - live_rows[l] // c % kw < wo):
-                            for e in range(ptr[live_rows[l]], ptr[live_rows[l] + 1]):
-                                y[b, cols[e], pix[live_rows[l] % c, k] // w + top - live_rows[l] // c // kw,
-                                  pix[live_rows[l] % c, k] % w + left - live_rows[l] // c % kw] = (
-                                    y[b, cols[e], pix[live_rows[l] % c, k] // w + top - live_rows[l] // c // kw,
-                                      pix[live_rows[l] % c, k] % w + left - live_rows[l] // c % kw]
-                                    + pval[live_rows[l] % c, k] * vals[e])
+                    for e in range(ptr[live_rows[l]], ptr[live_rows[l] + 1]):
+                        for r in range(ho):
+                            for q in T.vectorized(wo):
+                                y[b, cols[e], r, q] = y[b, cols[e], r, q] + pad[live_rows[l] % c, r + live_rows[l] // c // kw,
+                                                                                q + live_rows[l] // c % kw] * vals[e]
 
     return skipzero_conv
 

@@ -1,0 +1,480 @@
+"""Fused LIF recurrences for the CPU: all T steps of one LIF population in one TIR loop.
+
+The unrolled ONNX graph writes each LIF population as T copies of the neuron's step
+(:func:`stdeploy.neurons.lif_step`, see :mod:`stdeploy.export.onnx_export`), which TVM's ONNX
+frontend imports as, for ``t = 0 .. T-1`` (``X`` of shape ``(T, *S)``, every other value ``S``)::
+
+    x_t = take(X, t, axis=0)
+    v_t = add(multiply(a, u_t), multiply(b, x_t))          # u_0 = broadcast_to(v0, S)
+    s_t = astype(greater_equal(subtract(v_t, theta), 0.0), float32)
+    u_{t+1} = multiply(v_t, subtract(1.0, s_t))
+    spikes = concat([expand_dims(s_t, 0) for t], axis=0)    # (T, *S)
+
+with ``a`` (``1 - d``), ``b`` (``d``), ``theta`` and ``v0`` constants (either operand order of each
+``multiply`` and of the ``add``). Relax's default lowering turns that into one loop nest per
+operator, each writing its intermediate to memory, untuned (scalar code): most of a small
+model's time outside its matrix products and convolutions.
+
+:func:`fuse_lif_recurrences` recognises that pattern in a Relax module (by its structure, the
+constants' values and the step indices; anything else is left alone) and replaces the
+``concat`` by one ``call_tir`` of :func:`lif_kernel`: for each vector of neurons the membrane
+stays in registers over the T steps and the spikes are written as 0.0 / 1.0. Where ``X`` is
+``add(Y, c)`` or ``reshape(add(Y, c))`` with a constant ``c`` (a BatchNorm/bias add over the
+output of a convolution or linear layer, e.g. ``(T*B, C, H, W)``), the same in every step, and
+nothing but this recurrence reads it, the add is done in the kernel too and ``Y`` is read instead. The replaced operators become dead code
+(``DeadCodeElimination`` removes them).
+
+Exactness: the kernel performs the graph's float32 operations in the graph's order, each rounded
+once (``a * u``, ``b * x``, their sum, ``v - theta``, the ``>= 0`` compare, ``1 - s``, ``v * (1 - s)``;
+the fused add ``y + c`` before them). TVM's LLVM backend contracts a product followed by an add
+into one FMA (one rounding instead of two) wherever it sees one; so each product passes through
+an integer ``and`` with an all-ones word read from memory, which it cannot see through, and
+:func:`fuse_lif_recurrences` refuses a kernel whose compiled code holds an FMA
+(:func:`contracts_to_fma`). Spikes and membranes are then bit-identical to the unfused
+module's and to onnxruntime's elementwise arithmetic.
+Constants are stored once per period: the smallest trailing block of ``S`` (of at least
+:data:`LANES` values where one repeats) that every constant repeats over: a per-channel constant
+of an image population ``(B, C, H, W)`` is ``C x H x W`` values, of tokens ``(B, N, D)`` ``D``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ....errors import ShapeError
+from ...base import TargetError
+
+__all__ = ["FusedLIF", "LANES", "PARTS", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
+           "reference_lif"]
+
+LANES = 16   # neurons per vector step (one AVX-512 or two AVX2 registers of float32)
+PARTS = 8    # parallel tasks per call
+_EXACT: set = set()   # (kernel key, target) pairs checked free of FMA contraction in this process
+
+
+@dataclass(frozen=True)
+class FusedLIF:
+    """One LIF population replaced by the fused kernel."""
+
+    steps: int              # T
+    shape: tuple            # one step's shape S
+    period: int             # constant values stored per population (the period over the flattened S)
+    bias: bool              # a constant add before the recurrence was fused in
+    name: str               # the kernel's name in the module
+
+
+def reference_lif(x: np.ndarray, a: np.ndarray, b: np.ndarray, theta: np.ndarray, v0: np.ndarray) -> np.ndarray:
+    """The recurrence in numpy float32, operation for operation as the graph writes it:
+    ``x`` ``(T, *S)``, constants broadcastable to ``S``; the ``(T, *S)`` spikes."""
+    x = np.asarray(x, np.float32)
+    f = np.float32
+    v = np.broadcast_to(np.asarray(v0, f), x.shape[1:]).astype(f)
+    out = np.empty_like(x)
+    for t in range(x.shape[0]):
+        v = (np.asarray(a, f) * v).astype(f) + (np.asarray(b, f) * x[t]).astype(f)
+        s = ((v - np.asarray(theta, f)) >= f(0)).astype(f)
+        out[t] = s
+        v = v * (f(1) - s)
+    return out
+
+
+def constant_period(shape: tuple, constants: list[np.ndarray]) -> int:
+    """The length ``M`` of the smallest trailing block of ``shape`` (a product of its last
+    dimensions) such that every constant, broadcast to ``shape`` and flattened, is its first ``M``
+    values repeated (compared bit for bit). At least :data:`LANES` where a larger block also
+    repeats, so the kernel's vectors stay whole; ``prod(shape)`` in the worst case."""
+    n = math.prod(shape)
+    full = [np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1).view(np.uint32)
+            for c in constants]
+    best = n
+    for i in range(len(shape) + 1):
+        m = math.prod(shape[i:])
+        if all(np.array_equal(f.reshape(-1, m), np.broadcast_to(f[:m], (n // m, m))) for f in full):
+            if m >= LANES or best == n:
+                best = m
+    return best
+
+
+def _lanes(n: int, period: int) -> int:
+    """The vector width: the largest power of two up to :data:`LANES` dividing both."""
+    return math.gcd(math.gcd(n, period), LANES)
+
+
+def lif_kernel(steps: int, shape: tuple, period: int, bias: bool, x_shape: tuple | None = None):
+    """The TIR PrimFunc ``(x, [c (M,)], a (M,), b (M,), theta (M,), v0 (M,), keep (L,), out (T, *S))``,
+    ``M = period``, ``L`` the vector width: the spikes of the recurrence (module docstring), with
+    ``x + c`` as the input where ``bias``. ``x`` is ``(T, *S)`` or ``x_shape`` (the same values in
+    another shape, e.g. ``(T*B, C, H, W)``); ``keep`` holds all-ones words: each product passes
+    through an ``and`` with it, which the compiler cannot see through, so it cannot contract a
+    product and the following add into one FMA (a different rounding)."""
+    from tvm.script import tirx as T
+
+    n = math.prod(shape)
+    m = int(period)
+    lanes = _lanes(n, m)
+    vectors = n // lanes
+    parts = min(PARTS, vectors)
+    per = math.ceil(vectors / parts)
+    full = (steps, *(int(d) for d in shape))
+    xs = full if x_shape is None else tuple(int(d) for d in x_shape)
+    if math.prod(xs) != steps * n:
+        raise ShapeError(f"x_shape {xs} does not hold {steps} steps of {tuple(shape)}")
+
+    if bias:
+        @T.prim_func
+        def lif_bias(xh: T.handle, c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+                     th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
+                     oh: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            xn = T.match_buffer(xh, xs, "float32")
+            on = T.match_buffer(oh, full, "float32")
+            x = T.decl_buffer((steps * n,), "float32", data=xn.data)
+            out = T.decl_buffer((steps * n,), "float32", data=on.data)
+            for part in T.parallel(parts):
+                v = T.alloc_buffer((lanes,), "float32")
+                s = T.alloc_buffer((lanes,), "float32")
+                for g in range(part * per, T.min(vectors, part * per + per)):
+                    for l in T.vectorized(lanes):
+                        v[l] = v0[(g * lanes) % m + l]
+                    for t in T.unroll(steps):
+                        for l in T.vectorized(lanes):
+                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(g * lanes) % m + l] * v[l]) & keep[l]) + \
+                                T.reinterpret("float32", T.reinterpret("int32", b[(g * lanes) % m + l] * (
+                                    x[t * n + g * lanes + l] + c[(g * lanes) % m + l])) & keep[l])
+                            s[l] = T.Cast("float32", v[l] - th[(g * lanes) % m + l] >= T.float32(0))
+                            out[t * n + g * lanes + l] = s[l]
+                            v[l] = v[l] * (T.float32(1) - s[l])
+
+        return lif_bias
+
+    @T.prim_func
+    def lif(xh: T.handle, a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+            th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
+            oh: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xn = T.match_buffer(xh, xs, "float32")
+        on = T.match_buffer(oh, full, "float32")
+        x = T.decl_buffer((steps * n,), "float32", data=xn.data)
+        out = T.decl_buffer((steps * n,), "float32", data=on.data)
+        for part in T.parallel(parts):
+            v = T.alloc_buffer((lanes,), "float32")
+            s = T.alloc_buffer((lanes,), "float32")
+            for g in range(part * per, T.min(vectors, part * per + per)):
+                for l in T.vectorized(lanes):
+                    v[l] = v0[(g * lanes) % m + l]
+                for t in T.unroll(steps):
+                    for l in T.vectorized(lanes):
+                        v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(g * lanes) % m + l] * v[l]) & keep[l]) + \
+                            T.reinterpret("float32", T.reinterpret("int32", b[(g * lanes) % m + l] * x[t * n + g * lanes + l]) & keep[l])
+                        s[l] = T.Cast("float32", v[l] - th[(g * lanes) % m + l] >= T.float32(0))
+                        out[t * n + g * lanes + l] = s[l]
+                        v[l] = v[l] * (T.float32(1) - s[l])
+
+    return lif
+
+
+def contracts_to_fma(func, target) -> bool:
+    """True when ``func`` compiled for ``target`` holds a fused multiply-add instruction (x86
+    ``vfmadd`` / ``vfmsub`` / ``vfnmadd``): the check that the kernel's arithmetic stayed
+    operation for operation."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))
+    asm = lib.mod.inspect_source("s")
+    return any(op in asm for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"))
+
+
+def _static_shape(expr) -> tuple | None:
+    sinfo = getattr(expr, "ty", None)
+    shape = getattr(sinfo, "shape", None)
+    if shape is None or getattr(sinfo, "dtype", None) != "float32":
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+class _Matcher:
+    """The pattern of the module docstring, read backwards from a ``concat`` through the bindings
+    of a Relax mutator (``lookup``: var -> bound value or None)."""
+
+    def __init__(self, lookup, uses: dict):
+        import tvm
+        from tvm import relax
+
+        self.relax, self.lookup, self.uses = relax, lookup, uses
+        self.const_type = type(relax.const(0.0))
+        self.op = {k: tvm.ir.Op.get(f"relax.{k}") for k in ("concat", "expand_dims", "astype", "greater_equal", "subtract",
+                                                             "add", "multiply", "take", "broadcast_to", "reshape",
+                                                             "where", "less")}
+
+    def value(self, expr):
+        """The call or constant behind ``expr`` (following var bindings)."""
+        seen = 0
+        while isinstance(expr, self.relax.Var) and seen < 64:
+            bound = self.lookup(expr)
+            if bound is None:
+                return expr
+            expr, seen = bound, seen + 1
+        return expr
+
+    def call(self, expr, op: str):
+        expr = self.value(expr)
+        return expr if isinstance(expr, self.relax.Call) and expr.op == self.op[op] else None
+
+    def const(self, expr) -> np.ndarray | None:
+        expr = self.value(expr)
+        if isinstance(expr, self.const_type) and str(expr.value.dtype) == "float32":
+            return expr.value.numpy()
+        reshape = self.call(expr, "reshape")
+        shape = _static_shape(expr)
+        if reshape is not None and shape is not None:  # a reshaped constant (the frontend's bias layout)
+            inner = self.const(reshape.args[0])
+            return None if inner is None or inner.size != math.prod(shape) else inner.reshape(shape)
+        return None
+
+    def scalar(self, expr, want: float) -> bool:
+        c = self.const(expr)
+        return c is not None and c.size == 1 and np.asarray(c, np.float32).reshape(()).view(np.uint32) == np.float32(want).view(np.uint32)
+
+    def index(self, expr) -> int | None:
+        """The integer a step index evaluates to: a constant, or ``where(less(c, 0), ..., c)``."""
+        expr = self.value(expr)
+        if isinstance(expr, self.const_type):
+            d = expr.value.numpy()
+            return int(d) if d.size == 1 and d.dtype.kind in "iu" else None
+        if isinstance(expr, self.relax.Call) and expr.op == self.op["where"]:
+            cond = self.value(expr.args[0])
+            if isinstance(cond, self.relax.Call) and cond.op == self.op["less"]:
+                lo, hi = self.index(cond.args[0]), self.index(cond.args[1])
+                if lo is not None and hi is not None:
+                    return self.index(expr.args[2] if lo >= hi else expr.args[1])
+        return None
+
+    def products(self, expr):
+        """``add(multiply(p, q), multiply(r, s))``: the two products' operand pairs."""
+        add = self.call(expr, "add")
+        if add is None:
+            return None
+        pair = [self.call(arg, "multiply") for arg in add.args]
+        if any(p is None for p in pair):
+            return None
+        return [tuple(p.args) for p in pair]
+
+    def step(self, expr):
+        """``s_t`` -> ``(v_t var, theta)``."""
+        cast = self.call(expr, "astype")
+        if cast is None or str(cast.attrs.dtype) != "float32":
+            return None
+        ge = self.call(cast.args[0], "greater_equal")
+        if ge is None or not self.scalar(ge.args[1], 0.0):
+            return None
+        sub = self.call(ge.args[0], "subtract")
+        if sub is None:
+            return None
+        theta = self.const(sub.args[1])
+        return None if theta is None else (sub.args[0], theta)
+
+    def update(self, v, x_var, first: bool, prev):
+        """Split ``v_t = a * u_t + b * x_t`` into ``(a, b, u_t, x_t)``: ``x_t`` the take, ``u_t`` the
+        reset membrane of step ``t - 1`` (``prev = (v_{t-1}, s_{t-1})``) or, first, a constant."""
+        pairs = self.products(v)
+        if pairs is None:
+            return None
+        for (p, q), (r, s) in ((pairs[0], pairs[1]), (pairs[1], pairs[0])):
+            for a_expr, u in ((p, q), (q, p)):
+                for b_expr, x in ((r, s), (s, r)):
+                    a, b = self.const(a_expr), self.const(b_expr)
+                    take = self.call(x, "take")
+                    if a is None or b is None or take is None or int(take.attrs.axis) != 0:
+                        continue
+                    if first:
+                        u0 = self.const(u)
+                        bc = self.call(u, "broadcast_to")
+                        if u0 is None and bc is not None:
+                            u0 = self.const(bc.args[0])
+                        if u0 is not None:
+                            return a, b, u0, take
+                    else:
+                        mul = self.call(u, "multiply")
+                        if mul is None:
+                            continue
+                        for keep, reset in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+                            one_minus = self.call(reset, "subtract")
+                            if (keep.same_as(prev[0]) and one_minus is not None and self.scalar(one_minus.args[0], 1.0)
+                                    and one_minus.args[1].same_as(prev[1])):
+                                return a, b, None, take
+        return None
+
+    def match(self, concat):
+        """``(X, constants (a, b, theta, v0), steps, S)`` for a LIF spikes ``concat``, or None."""
+        if int(concat.attrs.axis) != 0:
+            return None
+        fields = self.value(concat.args[0])
+        if not isinstance(fields, self.relax.Tuple) or len(fields.fields) < 1:
+            return None
+        out = _static_shape(concat)
+        if out is None or out[0] != len(fields.fields):
+            return None
+        steps, shape = out[0], out[1:]
+        consts, source, prev = None, None, None
+        for t, field in enumerate(fields.fields):
+            ed = self.call(field, "expand_dims")
+            if ed is None or [int(a) for a in ed.attrs.axis] != [0]:
+                return None
+            s_var = ed.args[0]
+            found = self.step(s_var)
+            if found is None:
+                return None
+            v_var, theta = found
+            if _static_shape(v_var) != shape:
+                return None
+            upd = self.update(v_var, source, t == 0, prev)
+            if upd is None:
+                return None
+            a, b, u0, take = upd
+            if self.index(take.args[1]) != t or (source is not None and not take.args[0].same_as(source)):
+                return None
+            source = take.args[0]
+            step_consts = (a, b, theta)
+            if consts is None:
+                consts = (*step_consts, u0)
+            elif not all(_same_bits(c, d) for c, d in zip(consts[:3], step_consts)):
+                return None
+            prev = (v_var, s_var)
+        if _static_shape(source) != out:
+            return None
+        try:
+            for c in consts:
+                np.broadcast_to(c, shape)
+        except ValueError:
+            return None
+        return source, consts, steps, shape
+
+    def bias(self, source, steps: int, shape: tuple):
+        """``(Y, c)`` where ``source`` is ``add(Y, c)`` or ``reshape(add(Y, c))`` with a constant ``c``
+        the same in every step, used only by this recurrence's steps; else None."""
+        if self.uses.get(_key(source), 0) != steps:
+            return None
+        node = source
+        reshape = self.call(source, "reshape")
+        if reshape is not None:
+            node = reshape.args[0]
+            if not isinstance(node, self.relax.Var) or self.uses.get(_key(node), 0) != 1:
+                return None
+        add = self.call(node, "add")
+        if add is None:
+            return None
+        for y, c_expr in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
+            c, y_shape = self.const(c_expr), _static_shape(y)
+            if c is None or y_shape is None or _static_shape(add) != y_shape or math.prod(y_shape) != steps * math.prod(shape):
+                continue
+            try:
+                full = np.broadcast_to(c.astype(np.float32), y_shape).reshape(steps, *shape)
+            except ValueError:
+                continue
+            if all(_same_bits(full[0], full[t]) for t in range(1, steps)):
+                return y, np.ascontiguousarray(full[0])
+        return None
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        return False
+    return np.array_equal(np.broadcast_to(a, shape).view(np.uint32), np.broadcast_to(b, shape).view(np.uint32))
+
+
+def _key(var) -> int:
+    """A dict key for a Relax var: its object's handle (``==`` on vars builds an expression)."""
+    return var.__chandle__()
+
+
+def _use_counts(mod) -> dict:
+    """How often each Relax var is read in ``mod``'s Relax functions (``shape_of`` reads not
+    counted: they only feed the step indices)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    shape_of = tvm.ir.Op.get("relax.shape_of")
+    counts: dict = {}
+
+    @visitor
+    class _Uses(PyExprVisitor):
+        def visit_call_(self, call):
+            if call.op == shape_of:
+                return
+            super().visit_call_(call)
+
+        def visit_var_(self, var):
+            counts[_key(var)] = counts.get(_key(var), 0) + 1
+
+        def visit_dataflow_var_(self, var):
+            counts[_key(var)] = counts.get(_key(var), 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            _Uses().visit_expr(func)
+    return counts
+
+
+def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
+    """``(new_mod, [FusedLIF, ...])``: ``mod`` with every LIF recurrence of the module docstring's
+    form computed by :func:`lif_kernel` (``call_tir``), the operators it replaces removed.
+    ``target``: the CPU target the kernels are checked for contraction on; a kernel that would
+    compile to fused multiply-adds raises :class:`~stdeploy.targets.base.TargetError` (it would
+    not be exact)."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from .routing import rewrite_functions
+
+    uses = _use_counts(mod)
+    done: list[FusedLIF] = []
+    kernels: dict[tuple, object] = {}
+
+    @mutator
+    class _Fuse(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            m = _Matcher(self.lookup_binding, uses)
+            if call.op != m.op["concat"]:
+                return call
+            call = self.builder_.normalize(call)
+            found = m.match(call)
+            if found is None:
+                return call
+            source, (a, b, theta, v0), steps, shape = found
+            fused = m.bias(source, steps, shape)
+            consts = [a, b, theta, v0] if fused is None else [fused[1], a, b, theta, v0]
+            period = constant_period(shape, consts)
+            n = math.prod(shape)
+            key = (steps, shape, period, fused is not None, None if fused is None else _static_shape(fused[0]))
+            if key not in kernels:
+                func = lif_kernel(*key)
+                checked = (key, repr(target))
+                if checked not in _EXACT and contracts_to_fma(func, target):
+                    raise TargetError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
+                                       "it would not match the graph's arithmetic")
+                _EXACT.add(checked)
+                name = f"stdeploy_lif_{len(kernels)}"
+                kernels[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            lanes = _lanes(n, period)
+            args = [source if fused is None else fused[0]]
+            args += [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
+                     for c in consts]
+            args.append(relax.const(np.full((lanes,), -1, np.int32)))
+            done.append(FusedLIF(steps, shape, period, fused is not None, kernels[key].name_hint))
+            return relax.call_tir(kernels[key], args, out_ty=call.ty)
+
+    mod = rewrite_functions(mod, _Fuse(mod))
+    if done:
+        mod = relax.transform.DeadCodeElimination()(mod)
+    return mod, done
