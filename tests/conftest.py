@@ -149,11 +149,11 @@ HEAVY_MARKERS = ("slow", "tvm", "lava")
 FILE_SECONDS = {
     "tests/runtime/test_runtime.py": 250,
     "tests/export/test_exact.py": 200,
-    "tests/targets/tvm/test_tvm_fast.py": 190,  # its tuning imports tvm.s_tir.tensor_intrin (skip_module_scan_for_pseudo_files)
     "tests/targets/tvm/test_tvm_target.py": 150,
     "tests/test_train.py": 110,
     "tests/targets/lava/test_lava_target.py": 110,
     "tests/test_mnist1d.py": 110,
+    "tests/targets/tvm/test_tvm_fast.py": 90,  # its tuning imports tvm.s_tir.tensor_intrin (skip_module_scan_for_pseudo_files)
 }
 
 
