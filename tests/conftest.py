@@ -16,6 +16,10 @@ Parallel runs (``make test`` runs ``pytest -n 2 --dist loadfile``, pytest-xdist)
 on one worker, so a module-scoped fixture is built once; a session fixture that trains is built by
 the first worker that needs it and loaded by the others (:func:`shared_across_workers`).
 
+Every test process looks up the module of a pseudo-file's frame (``<frozen importlib._bootstrap>``,
+xdist's ``<string>``) without stdlib's scan of ``sys.modules`` (:func:`skip_module_scan_for_pseudo_files`;
+same answers): TVMScript calls :func:`inspect.stack` for every kernel it parses.
+
 Optional backends (``@pytest.mark.tvm``, ``@pytest.mark.lava``, e.g. ``pytestmark = pytest.mark.tvm``)
 - not installed: the test skips, except where ``CI`` is set (CI runs with ``CI=true``; ``make test``
   installs both): there a missing backend fails the test;
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import importlib.util
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -143,12 +148,12 @@ HEAVY_MARKERS = ("slow", "tvm", "lava")
 # a minute; the figures only order the files.
 FILE_SECONDS = {
     "tests/runtime/test_runtime.py": 250,
-    "tests/targets/tvm/test_tvm_fast.py": 220,
     "tests/export/test_exact.py": 200,
     "tests/targets/tvm/test_tvm_target.py": 150,
     "tests/test_train.py": 110,
     "tests/targets/lava/test_lava_target.py": 110,
     "tests/test_mnist1d.py": 110,
+    "tests/targets/tvm/test_tvm_fast.py": 90,  # its tuning imports tvm.s_tir.tensor_intrin (skip_module_scan_for_pseudo_files)
 }
 
 
@@ -163,6 +168,7 @@ def pytest_configure(config: pytest.Config) -> None:
     :func:`stdeploy.targets.tvm.host.cpu_target` (``num-cores`` from the affinity) would change
     mid-run, giving a tuning database another key than the one it was written under."""
     os.environ.setdefault("TVM_BIND_THREADS", "0")
+    skip_module_scan_for_pseudo_files()
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if os.environ.get("PYTEST_XDIST_WORKER") is None or workers is None:
         return
@@ -170,6 +176,35 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(share)
     for var in ("OMP_NUM_THREADS", "TVM_NUM_THREADS"):
         os.environ.setdefault(var, str(share))
+
+
+def _frame_module(frame, _filename=None, _stdlib=inspect.getmodule):
+    """:func:`inspect.getmodule` for a frame whose code comes from a pseudo-file (``<frozen
+    importlib._bootstrap>``, ``<string>``): the caches stdlib checks, then ``None`` without stdlib's
+    scan of every module in ``sys.modules`` (a frame has no ``__name__``, so after the scan stdlib
+    returns ``None`` as well unless a module's file is that pseudo-file). Anything else: stdlib's."""
+    if not (inspect.isframe(frame) and _filename is not None and _filename[:1] == "<" and _filename[-1:] == ">"):
+        return _stdlib(frame, _filename)
+    try:
+        names = (_filename, inspect.getabsfile(frame, _filename))
+    except (TypeError, FileNotFoundError):
+        return None
+    for name in names:
+        if name in inspect.modulesbyfile:
+            return sys.modules.get(inspect.modulesbyfile[name])
+    return None
+
+
+def skip_module_scan_for_pseudo_files() -> None:
+    """TVMScript (``@T.prim_func``, every TIR kernel TVM or stdeploy defines) calls
+    :func:`inspect.stack`, which looks up the module of every frame on the stack; for a frame of a
+    pseudo-file (the import machinery's while a module imports, pytest-xdist's ``exec``'d worker loop)
+    stdlib then scans all of ``sys.modules`` (2000+ with torch and TVM loaded), twice per frame. Importing
+    ``tvm.s_tir.tensor_intrin`` (MetaSchedule tuning and building, dlight's CUDA matmul) parses some 250
+    kernels inside nested imports that way: most of a tuning test's time. Test processes look such
+    frames up with :func:`_frame_module` instead: the same answer, without the scan."""
+    if inspect.getmodule is not _frame_module:
+        inspect.getmodule = _frame_module
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
