@@ -14,6 +14,15 @@ with nothing cut, BN recalibrated and fine-tuned like every other setting, so a 
 there is not compensation of pruning (an undertrained dense model can gain from the extra epochs
 and, with sLIF, from the extra intrinsic parameters). The default settings stay the six below.
 
+Every setting also exists in the whole-model scope (issue #21 item 3), named with ``-all``
+(``l1p99-all``, ``dsp5-all``, the control ``l1p0-all``): the block linears, the embedding
+convolutions and the classifier under one global budget (DSP leaves convolutions dense). Its
+penalty phase penalises the same layers, so it is cached apart (``l1p-all-penalty-...``). Every
+record carries its ``scope`` and ``model_counts``: nonzero weights and multiply-adds per sample per
+timestep of every weight layer after finalizing (:func:`stdeploy.prune.weight_counts`). The report
+subtracts, seed by seed, the control's paired difference (``l1p0-all``, else the block-scope
+``l1p0``, labelled) from each setting's.
+
 The grid: model families x seeds x settings (L1P at 95/98/99 % sparsity, DSP at 20/10/5 % of the
 block parameters) x fine-tune variants (``lif``: weights only; ``slif-thr``, ``slif-leak``,
 ``slif-both``: sLIF learning its threshold, its leak, or both) x fine-tune budgets (epochs).
@@ -511,6 +520,9 @@ def summarize(records: list[dict]) -> dict:
                     by_variant[v] = {r["seed"]: r for r in sel if r["variant"] == v}
                     g["variants"][v] = mean_std([r["acc_final"] for r in by_variant[v].values()])
                     g["variants"][v]["gain_over_recal"] = mean_std([r["acc_final"] - r["acc_recal"] for r in by_variant[v].values()])
+                    rates = [x for r in by_variant[v].values() for x in r["firing_rate"].values()]  # every LIF layer of every seed
+                    g["variants"][v]["firing_rate"] = {"mean": statistics.mean(rates) if rates else None,
+                                                       "min": min(rates) if rates else None}
                 base = by_variant.get(BASELINE, {})
                 for v, recs in by_variant.items():
                     if v == BASELINE:
@@ -576,6 +588,13 @@ def to_markdown(summary: dict) -> str:
                             if net and net["n"] else "-")
                 lines.append(f"| {g['setting']} | {g['budget']} | {v} | {p['mean'] * 100:+.2f} | {p['std'] * 100:.2f} | "
                              f"{p['min'] * 100:+.2f} .. {p['max'] * 100:+.2f} | {p['positive']} of {p['n']} | {net_text} |")
+        lines += ["", "Firing rates after the fine-tune: spikes per neuron per step on the test split (direct encoding, input "
+                  "density 1), mean over the LIF layers and seeds, the lowest layer in brackets:", "",
+                  "| setting | budget | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+        for g in fam:
+            rates = [g["variants"][v].get("firing_rate") if v in g["variants"] else None for v in variants]
+            lines.append(f"| {g['setting']} | {g['budget']} | " + " | ".join(
+                f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-" for f in rates) + " |")
         lines.append("")
     return "\n".join(lines)
 
