@@ -14,6 +14,15 @@ with nothing cut, BN recalibrated and fine-tuned like every other setting, so a 
 there is not compensation of pruning (an undertrained dense model can gain from the extra epochs
 and, with sLIF, from the extra intrinsic parameters). The default settings stay the six below.
 
+Every setting also exists in the whole-model scope (issue #21 item 3), named with ``-all``
+(``l1p99-all``, ``dsp5-all``, the control ``l1p0-all``): the block linears, the embedding
+convolutions and the classifier under one global budget (DSP leaves convolutions dense). Its
+penalty phase penalises the same layers, so it is cached apart (``l1p-all-penalty-...``). Every
+record carries its ``scope`` and ``model_counts``: nonzero weights and multiply-adds per sample per
+timestep of every weight layer after finalizing (:func:`stdeploy.prune.weight_counts`). The report
+subtracts, seed by seed, the control's paired difference (``l1p0-all``, else the block-scope
+``l1p0``, labelled) from each setting's.
+
 The grid: model families x seeds x settings (L1P at 95/98/99 % sparsity, DSP at 20/10/5 % of the
 block parameters) x fine-tune variants (``lif``: weights only; ``slif-thr``, ``slif-leak``,
 ``slif-both``: sLIF learning its threshold, its leak, or both) x fine-tune budgets (epochs).
@@ -62,7 +71,7 @@ from stdeploy.data import DataSplit, load_dataset, make_loader  # noqa: E402
 from stdeploy.errors import CheckpointError, ConfigError  # noqa: E402
 from stdeploy.models import build_model, clone_model, direct_encode  # noqa: E402
 from stdeploy.neurons import SLIF, neurons_of  # noqa: E402
-from stdeploy.prune import CompensationConfig, PruneConfig, make_pruner, recalibrate_bn  # noqa: E402
+from stdeploy.prune import ALL_LAYERS, CompensationConfig, PruneConfig, make_pruner, recalibrate_bn, weight_counts  # noqa: E402
 from stdeploy.prune.compensate import convert_neurons  # noqa: E402
 from stdeploy.prune.dsp import DEFAULT_GROUP  # noqa: E402
 from stdeploy.prune.l1p import DEFAULT_L1  # noqa: E402
@@ -83,6 +92,12 @@ SETTINGS: dict[str, PruneConfig] = {
     "dsp10": PruneConfig(method="dsp", param_ratio=0.10),
     "dsp5": PruneConfig(method="dsp", param_ratio=0.05),
 }
+# The whole-model scope (issue 21 item 3): every setting again with the suffix ``-all``, pruning the
+# block linears, the embedding convolutions and the classifier (``PruneConfig(layers=ALL_LAYERS)``;
+# DSP leaves the convolutions dense, so its ``-all`` differs from block scope by the classifier only).
+# Its penalty phase penalises those same layers, so it has its own cached penalised model.
+SCOPE_SUFFIX = "-all"
+SETTINGS.update({name + SCOPE_SUFFIX: dataclasses.replace(pcfg, layers=ALL_LAYERS) for name, pcfg in list(SETTINGS.items())})
 DEFAULT_SETTINGS = ("l1p95", "l1p98", "l1p99", "dsp20", "dsp10", "dsp5")  # the digits grid
 METHOD_PENALTY = {"l1p": DEFAULT_L1, "dsp": DEFAULT_GROUP}  # neither depends on the target ratio
 
@@ -160,6 +175,16 @@ class StudyConfig:
 
 
 QUICK = dict(seeds=(0,), settings=("l1p99", "dsp5"), budgets=(1,), dense_epochs=2, penalty_epochs=1)
+
+
+def setting_scope(setting: str) -> str:
+    """``"all"`` for a whole-model setting (``l1p99-all``), else ``"blocks"``."""
+    return "all" if setting.endswith(SCOPE_SUFFIX) else "blocks"
+
+
+def control_of(setting: str) -> str:
+    """The nothing-cut control of a setting's scope: ``l1p0`` or ``l1p0-all``."""
+    return "l1p0" + (SCOPE_SUFFIX if setting_scope(setting) == "all" else "")
 
 
 def cell_key(rec: dict) -> tuple:
@@ -322,10 +347,12 @@ def _finished_epochs(folder: Path) -> int:
         return 0
 
 
-def penalty_stage(cfg: StudyConfig, method: str, seed: int, dense: torch.nn.Module, data: DataSplit, folder: Path, log) -> Stage:
-    """The penalised model of (family, seed, method), masks / factors attached but nothing cut yet:
-    loaded from its checkpoint, or computed (``--penalty-epochs`` with the method's penalty) and
-    saved. Any setting of the method is cut from it."""
+def penalty_stage(cfg: StudyConfig, method: str, seed: int, dense: torch.nn.Module, data: DataSplit, folder: Path, log,
+                  layers: tuple[str, ...] | None = None) -> Stage:
+    """The penalised model of (family, seed, method, scope), masks / factors attached to ``layers``
+    (default: the block linears) but nothing cut yet: loaded from its checkpoint, or computed
+    (``--penalty-epochs`` with the method's penalty) and saved. Any setting of the method and
+    scope is cut from it."""
     try:
         ck = load_checkpoint(folder)
         if ck.meta.get("penalty_epochs") == cfg.penalty_epochs:
@@ -334,14 +361,14 @@ def penalty_stage(cfg: StudyConfig, method: str, seed: int, dense: torch.nn.Modu
         pass
     t0 = time.perf_counter()
     model = clone_model(dense)
-    pruner = make_pruner(PruneConfig(method=method))  # the penalty does not depend on the ratio
+    pruner = make_pruner(PruneConfig(method=method, **({"layers": layers} if layers else {})))  # the penalty does not depend on the ratio
     pruner.prepare(model)
     if cfg.penalty_epochs > 0:
         _train(model, data, _train_cfg(cfg, cfg.penalty_epochs, seed, cfg.lr), progress=False, regularizer=pruner.regularizer)
     acc, _ = measure(model, data.test)
     seconds = time.perf_counter() - t0
     save_checkpoint(folder, model, meta={"penalty_epochs": cfg.penalty_epochs, "accuracy": acc, "seconds": seconds,
-                                         "method": method, "penalty": METHOD_PENALTY[method]})
+                                         "method": method, "penalty": METHOD_PENALTY[method], "layers": list(pruner.names)})
     log(f"  {method} penalty: {cfg.penalty_epochs} epochs in {seconds:.1f} s, accuracy {acc:.4f}")
     return Stage(model, acc, seconds)
 
@@ -378,7 +405,9 @@ def finetune_cell(cfg: StudyConfig, pruned: torch.nn.Module, pruner, variant: Va
     pruner.finalize(model)
     acc, rates = measure(model, data.test)
     report = pruner.report(model)
-    return {"acc_final": acc, "curve": [h["test_accuracy"] for h in result.history], "curve_loss": [h["loss"] for h in result.history],
+    counts = weight_counts(model)  # the whole model: what is left of every weight layer, cut or not
+    return {"model_counts": {k: counts[k] for k in ("params", "params_dense", "macs", "macs_dense", "params_ratio", "macs_ratio")},
+            "acc_final": acc, "curve": [h["test_accuracy"] for h in result.history], "curve_loss": [h["loss"] for h in result.history],
             "firing_rate": rates, "intrinsic": intrinsic_summary(model), "optimizer_groups": groups,
             "lr": {"weights": tcfg.lr, "intrinsic": groups.get("intrinsic", {}).get("lr")},
             "block_params_dense": report["block_params_dense"], "block_params_remaining": report["block_params_remaining"],
@@ -421,10 +450,13 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
             base = out / "models" / family / f"seed{seed}"
             dense = dense_stage(cfg, family, seed, data, base / f"dense-e{cfg.dense_epochs}", lambda m: log(f"{tag}{m}"))
             log(f"{tag} dense accuracy {dense.accuracy:.4f} (training {dense.seconds:.1f} s)")
-            for method in dict.fromkeys(SETTINGS[s].method for s, _, _ in todo):
-                pen = penalty_stage(cfg, method, seed, dense.model, data, base / f"{method}-penalty-e{cfg.dense_epochs}-{cfg.penalty_epochs}",
-                                    lambda m: log(f"{tag}{m}"))
-                for setting in dict.fromkeys(s for s, _, _ in todo if SETTINGS[s].method == method):
+            for method, scope in dict.fromkeys((SETTINGS[s].method, setting_scope(s)) for s, _, _ in todo):
+                suffix = SCOPE_SUFFIX if scope == "all" else ""  # block scope keeps the folder names of earlier runs
+                layers = next(SETTINGS[s].layers for s, _, _ in todo if SETTINGS[s].method == method and setting_scope(s) == scope)
+                pen = penalty_stage(cfg, method, seed, dense.model, data,
+                                    base / f"{method}{suffix}-penalty-e{cfg.dense_epochs}-{cfg.penalty_epochs}",
+                                    lambda m: log(f"{tag}{m}"), layers=layers)
+                for setting in dict.fromkeys(s for s, _, _ in todo if SETTINGS[s].method == method and setting_scope(s) == scope):
                     pruned, pruner, prune_info = prune_stage(pen.model, setting, data)
                     log(f"{tag} {setting}: after prune {prune_info['acc_pruned']:.4f}, after BN recalibration "
                         f"{prune_info['acc_recal']:.4f} ({prune_info['seconds']:.1f} s)")
@@ -434,7 +466,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
                             continue
                         variant = VARIANTS[vname]
                         cell = finetune_cell(cfg, pruned, pruner, variant, budget, seed, data)
-                        rec = {"family": family, "seed": seed, "setting": setting, "method": pcfg.method,
+                        rec = {"family": family, "seed": seed, "setting": setting, "method": pcfg.method, "scope": setting_scope(setting),
                                "ratio": pcfg.sparsity if pcfg.method == "l1p" else pcfg.param_ratio,
                                "variant": vname, "neuron": variant.neuron, "learn_threshold": variant.learn_threshold,
                                "learn_leak": variant.learn_leak, "budget": budget,
@@ -475,8 +507,10 @@ def summarize(records: list[dict]) -> dict:
                 per_seed = {}  # stage accuracies are shared by the variants of one seed
                 for r in sel:
                     per_seed.setdefault(r["seed"], r)
+                counted = [r["model_counts"] for r in sel if r.get("model_counts")]  # records before the whole-model scope lack them
                 g = {"family": family, "setting": setting, "method": sel[0]["method"], "ratio": sel[0]["ratio"], "budget": budget,
-                     "seeds": sorted(per_seed), "remaining": mean_std([r["remaining"] for r in sel])["mean"],
+                     "scope": setting_scope(setting), "seeds": sorted(per_seed), "remaining": mean_std([r["remaining"] for r in sel])["mean"],
+                     "model_counts": {k: statistics.mean(c[k] for c in counted) for k in counted[0]} if counted else None,
                      "dense": mean_std([r["acc_dense"] for r in per_seed.values()]),
                      "pruned": mean_std([r["acc_pruned"] for r in per_seed.values()]),
                      "recal": mean_std([r["acc_recal"] for r in per_seed.values()]),
@@ -486,6 +520,9 @@ def summarize(records: list[dict]) -> dict:
                     by_variant[v] = {r["seed"]: r for r in sel if r["variant"] == v}
                     g["variants"][v] = mean_std([r["acc_final"] for r in by_variant[v].values()])
                     g["variants"][v]["gain_over_recal"] = mean_std([r["acc_final"] - r["acc_recal"] for r in by_variant[v].values()])
+                    rates = [x for r in by_variant[v].values() for x in r["firing_rate"].values()]  # every LIF layer of every seed
+                    g["variants"][v]["firing_rate"] = {"mean": statistics.mean(rates) if rates else None,
+                                                       "min": min(rates) if rates else None}
                 base = by_variant.get(BASELINE, {})
                 for v, recs in by_variant.items():
                     if v == BASELINE:
@@ -495,6 +532,19 @@ def summarize(records: list[dict]) -> dict:
                     g["paired"][v] = {**mean_std(xs), "min": min(xs) if xs else None, "max": max(xs) if xs else None,
                                       "positive": sum(x > 0 for x in xs), "per_seed": {str(s): d for s, d in diffs.items()}}
                 groups.append(g)
+    for g in groups:  # net of the control: (variant - lif) minus the same seed's (variant - lif) with nothing cut
+        # the control of the setting's scope; a whole-model setting without its own control falls back to
+        # the block-scope one (same dense models, its penalty on the block linears only), labelled as such
+        control = next((c for name in dict.fromkeys((control_of(g["setting"]), "l1p0")) for c in groups
+                        if (c["family"], c["setting"], c["budget"]) == (g["family"], name, g["budget"])), None)
+        g["control"] = control["setting"] if control is not None and control is not g else None
+        g["paired_net"] = {}
+        if g["control"] is None:
+            continue
+        for v, p in g["paired"].items():
+            cp = control["paired"].get(v, {}).get("per_seed", {})
+            xs = [d - cp[s] for s, d in p["per_seed"].items() if s in cp]
+            g["paired_net"][v] = {**mean_std(xs), "positive": sum(x > 0 for x in xs)}
     protocols = [dict(p) for p in {json.dumps(r.get("protocol"), sort_keys=True): r.get("protocol") for r in records}.values()]
     return {"groups": groups, "records": len(records), "protocol": protocols[0] if len(protocols) == 1 else protocols,
             "seconds": {"finetune": sum(r.get("wall_seconds", 0.0) for r in records)}}
@@ -515,20 +565,36 @@ def to_markdown(summary: dict) -> str:
              "before any fine-tuning (the start of every variant).", ""]
     for family in _order((g["family"] for g in groups), KNOWN_FAMILIES):
         fam = [g for g in groups if g["family"] == family]
-        lines += [f"## {family}", "", "| setting | block params left | budget | seeds | dense | after prune | after recal | "
-                  + " | ".join(variants) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(variants)]
+        lines += [f"## {family}", "", "| setting | pruned params left | model params left | model MACs left | budget | seeds | dense | "
+                  "after prune | after recal | " + " | ".join(variants) + " |", "|---|---|---|---|---|---|---|---|---|" + "---|" * len(variants)]
         for g in fam:
             cells = [_pct(g["variants"][v]) if v in g["variants"] else "-" for v in variants]
-            lines.append(f"| {g['setting']} | {g['remaining'] * 100:.1f}% | {g['budget']} | {len(g['seeds'])} | {_pct(g['dense'])} | "
+            mc = g.get("model_counts")
+            left = f"{mc['params_ratio'] * 100:.1f}% | {mc['macs_ratio'] * 100:.1f}%" if mc else "- | -"
+            lines.append(f"| {g['setting']} | {g['remaining'] * 100:.1f}% | {left} | {g['budget']} | {len(g['seeds'])} | {_pct(g['dense'])} | "
                          f"{_pct(g['pruned'])} | {_pct(g['recal'])} | " + " | ".join(cells) + " |")
-        lines += ["", f"Paired differences vs `{BASELINE}` (same seed, same pruned model), in points:", "",
-                  "| setting | budget | variant | mean | std | min .. max | positive |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "*pruned params left*: of the layers the setting prunes (the block linears; with `-all` also the embedding "
+                  "convolutions, which DSP leaves dense, and the classifier); *model params / MACs left*: nonzero weights and "
+                  "multiply-adds per sample per step of every weight layer of the model (records that hold them).", "",
+                  f"Paired differences vs `{BASELINE}` (same seed, same pruned model), in points; *net of control*: minus the same "
+                  "seed's difference with nothing cut (`l1p0`, or `l1p0-all` for whole-model settings), where the control ran:", "",
+                  "| setting | budget | variant | mean | std | min .. max | positive | net of control |", "|---|---|---|---|---|---|---|---|"]
         for g in fam:
             for v, p in g["paired"].items():
                 if not p["n"]:
                     continue
+                net = g.get("paired_net", {}).get(v)
+                net_text = (f"{net['mean'] * 100:+.2f} ± {net['std'] * 100:.2f} ({net['positive']} of {net['n']}, vs {g['control']})"
+                            if net and net["n"] else "-")
                 lines.append(f"| {g['setting']} | {g['budget']} | {v} | {p['mean'] * 100:+.2f} | {p['std'] * 100:.2f} | "
-                             f"{p['min'] * 100:+.2f} .. {p['max'] * 100:+.2f} | {p['positive']} of {p['n']} |")
+                             f"{p['min'] * 100:+.2f} .. {p['max'] * 100:+.2f} | {p['positive']} of {p['n']} | {net_text} |")
+        lines += ["", "Firing rates after the fine-tune: spikes per neuron per step on the test split (direct encoding, input "
+                  "density 1), mean over the LIF layers and seeds, the lowest layer in brackets:", "",
+                  "| setting | budget | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+        for g in fam:
+            rates = [g["variants"][v].get("firing_rate") if v in g["variants"] else None for v in variants]
+            lines.append(f"| {g['setting']} | {g['budget']} | " + " | ".join(
+                f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-" for f in rates) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -556,7 +622,8 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
     paths = []
     groups = summary["groups"]
     families = _order((g["family"] for g in groups), KNOWN_FAMILIES)
-    methods = _order((g["method"] for g in groups), ("l1p", "dsp"))
+    methods = _order(((g["method"], g.get("scope", "blocks")) for g in groups),
+                     [(m, sc) for sc in ("blocks", "all") for m in ("l1p", "dsp")])  # one column per method and scope
     variants = _order((r["variant"] for r in records), VARIANTS)
     budgets = sorted({g["budget"] for g in groups})
 
@@ -566,7 +633,8 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
         for i, family in enumerate(families):
             for j, method in enumerate(methods):
                 ax = axes[i][j]
-                sel = sorted((g for g in groups if g["family"] == family and g["method"] == method and g["budget"] == budget),
+                sel = sorted((g for g in groups if g["family"] == family and (g["method"], g.get("scope", "blocks")) == method
+                              and g["budget"] == budget),
                              key=lambda g: g["remaining"])
                 if not sel:
                     ax.set_visible(False)
@@ -584,8 +652,8 @@ def plot_all(records: list[dict], summary: dict, out: Path) -> list[Path]:
                 ax.set_xscale("log")
                 ax.set_xticks(xs, [f"{x:.1f}" for x in xs])
                 ax.minorticks_off()
-                ax.set_title(f"{family}, {method.upper()}, {budget}-epoch fine-tune")
-                ax.set_xlabel("block parameters remaining (%)")
+                ax.set_title(f"{family}, {method[0].upper()} {'whole model' if method[1] == 'all' else 'blocks'}, {budget}-epoch fine-tune")
+                ax.set_xlabel("pruned layers' parameters remaining (%)")
                 ax.set_ylabel("test accuracy (%)")
                 ax.legend(fontsize=7)
         _save(fig, out / f"accuracy_vs_params_b{budget}.png", paths)

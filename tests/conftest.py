@@ -298,3 +298,19 @@ def exported_sdt(trained_sdt, tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return out
+
+
+# ----------------------------------------------------------------------------- MNIST-1D generated once per run
+@pytest.fixture(scope="session")
+def mnist1d_cache(tmp_path_factory) -> Path:
+    """A cache base folder (as ``$STDEPLOY_CACHE_DIR``) whose ``mnist1d/`` subfolder holds MNIST-1D as
+    the mnist1d package generates it (canonical arguments), generated once per test run: under
+    pytest-xdist the first worker that asks generates it into the run's shared folder and the others
+    read the same files. Read-only for tests (``load_dataset("mnist1d", mnist1d_cache / "mnist1d")``)."""
+
+    def generate() -> str:
+        base = (xdist_shared_dir(tmp_path_factory) or tmp_path_factory.mktemp("mnist1d-cache")) / "mnist1d-cache"
+        load_dataset("mnist1d", base / "mnist1d")
+        return str(base)
+
+    return Path(shared_across_workers(tmp_path_factory, "mnist1d-cache.path", generate))

@@ -31,9 +31,10 @@ N_TEST = 64
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A cache base folder (as $STDEPLOY_CACHE_DIR); the arrays go to its mnist1d/ subfolder."""
-    return tmp_path_factory.mktemp("cache")
+def cache(mnist1d_cache):
+    """A cache base folder (as $STDEPLOY_CACHE_DIR) whose mnist1d/ subfolder holds the arrays, generated
+    once per run (tests/conftest.py, shared with tests/targets/lava/test_lava_mnist1d_conv.py)."""
+    return mnist1d_cache
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,28 @@ def test_run_records_resume_and_cache(study, tiny_digits, tmp_path, monkeypatch)
     assert [r["variant"] for r in new] == ["slif-thr"] and calls == [None]
     assert new[0]["acc_recal"] == lif["acc_recal"] and new[0]["acc_dense"] == lif["acc_dense"]
 
+    # the whole-model scope (``l1p95-all``) in the same folder: its own cell and penalised model, the
+    # dense model from the cache; it prunes the convolutions and the classifier too, so less is left
+    calls.clear()
+    new = study.run_study(tiny_config(study, settings=("l1p95-all",), variants=("lif",)), tmp_path, data=tiny_digits, log=quiet)
+    assert len(new) == 1 and len(calls) == 2 and calls[0] is not None and calls[1] is None  # penalty, then fine-tune
+    records = study.load_records(tmp_path / study.RESULTS)
+    assert len(records) == 4 == len({study.cell_key(r) for r in records})
+    whole = new[0]
+    assert (lif["scope"], whole["scope"], whole["setting"], whole["acc_dense"]) == ("blocks", "all", "l1p95-all", lif["acc_dense"])
+    assert "embed.rpe.conv" in whole["prune_config"]["layers"] and "embed.rpe.conv" not in lif["prune_config"]["layers"]
+    assert whole["block_params_dense"] > lif["block_params_dense"] and whole["remaining"] == pytest.approx(0.05, abs=1e-4)
+    for r in (lif, whole):
+        mc = r["model_counts"]
+        assert 0 < mc["params"] < mc["params_dense"] and 0 < mc["macs"] < mc["macs_dense"]
+    assert whole["model_counts"]["params"] < lif["model_counts"]["params"] and whole["model_counts"]["macs"] < lif["model_counts"]["macs"]
+    from stdeploy.checkpoint import read_checkpoint_config
+
+    seed_dir = tmp_path / "models" / "sdt-tiny" / "seed0"
+    penalised = {n: read_checkpoint_config(seed_dir / n)["meta"]["layers"] for n in ("l1p-penalty-e1-1", "l1p-all-penalty-e1-1")}
+    assert "embed.rpe.conv" in penalised["l1p-all-penalty-e1-1"] and "embed.rpe.conv" not in penalised["l1p-penalty-e1-1"]
+    assert (study.control_of("l1p95-all"), study.control_of("dsp5"), study.setting_scope("dsp5-all")) == ("l1p0-all", "l1p0", "all")
+
     with pytest.raises(ConfigError, match="another protocol"):
         study.run_study(tiny_config(study, dense_epochs=2), tmp_path, data=tiny_digits, log=quiet)
 
@@ -196,4 +218,9 @@ def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(st
     assert lines[0]["protocol"]["data"] == "mnist1d" and {r["family"] for r in lines} == {"sdt-1d-tiny"}
     base = {(f, s, st, b) for f, s, st, v, b in keys if v == study.BASELINE}
     assert all((f, s, st, b) in base for f, s, st, v, b in keys), "an sLIF cell without its LIF pair"
-    assert all(0 < rate for r in lines for rate in r["firing_rate"].values()), "a silent layer after the fine-tune"
+    # a silent layer after the fine-tune only where the cut went through the model: whole-model L1P 99%,
+    # whose one global budget leaves at most 0.5% of some layer on the signal path (README, "Choosing a compression")
+    for r in lines:
+        silent = [n for n, rate in r["firing_rate"].items() if rate == 0]
+        assert not silent or (r["setting"] == "l1p99-all" and min(r["layer_remaining"].values()) < 0.005), (study.cell_key(r), silent)
+    assert sum(all(0 < rate for rate in r["firing_rate"].values()) for r in lines) >= 30   # the block-scope slice fires everywhere
