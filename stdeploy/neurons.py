@@ -82,7 +82,9 @@ def lif_step(x: torch.Tensor, v: torch.Tensor, p: LIFParams) -> tuple[torch.Tens
     return s, v * (1 - s)
 
 
-INFERENCE_CHUNK = 1 << 16  # elements of one step that lif_inference takes through all T steps at a time (256 KB in float32)
+INFERENCE_CHUNK = 1 << 15  # neurons lif_inference takes through all T steps at a time: 128 KB in float32, and at most
+# torch's parallel grain (32,768 elements), so each operation runs on the calling thread with no thread
+# handover (thousands of small operations, each a parallel region, cost more than they save on a busy machine)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ then reproduce PyTorch with no flip at all and bit-identical logits.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -205,7 +206,7 @@ def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikfo
         return outs["logits"].mean(0), (sp.unsqueeze(-2) if sp.dim() == 3 else sp.transpose(-1, -2))
 
     logits, spikes = _stream(run, x)
-    result = compare_streamed("nir", folded, x, ref_logits, ref_spikes, logits, spikes, None)
+    result = compare_streamed("nir", folded, x, ref_logits, ref_spikes, logits, spikes, nir_layer_spikes(stored))
     manifest["artifacts"]["nir"] = _artifact(path, stats=nir_stats(graph), lowerings=graph.metadata.get("lowerings"),
                                              layout="channel first: tokens (D, N)", dialect="stdeploy (read by the Lava target)",
                                              nir_min_version=NIR_MIN_VERSION)
@@ -248,7 +249,8 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
                 sp.reshape(*sp.shape[:3], -1).transpose(-1, -2))  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
 
     logits, spikes = _stream(run, x)  # the interpreter keeps the output and head.lif, frees the rest as it goes
-    result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes, None)
+    result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes,
+                              nir_layer_spikes(stored, (lambda xb: xb.flatten(2)) if dense else None))
     manifest["artifacts"]["nir.portable"] = _artifact(
         path, stats=stats, dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
         input="the frame flattened in (C, H, W) order, (C*H*W,)" if dense else "the frame (C, H, W)",
@@ -387,6 +389,35 @@ def stream_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return _stream(run, x)
 
 
+def nir_layer_spikes(graph, prepare=None):
+    """``layer_spikes`` for :func:`compare_streamed` from a NIR graph: every ``LIF`` node's spikes
+    from the interpreter on ``prepare(x)`` (default ``x``), by node name (the converters name LIF
+    nodes after their modules), in the node's layout; :func:`compare_streamed` puts them in the
+    reference's."""
+    import nir
+
+    from .nir_interpreter import run_nir
+
+    lifs = [name for name, node in graph.nodes.items() if isinstance(node, nir.LIF)]
+
+    def layer_spikes(xb: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = run_nir(graph, xb if prepare is None else prepare(xb), record=lifs)
+        return {name: outs[name] for name in lifs}
+
+    return layer_spikes
+
+
+def _reference_layout(spikes: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """One layer's spikes in the reference's layout ``shape``: as they are, or NIR's channel-first
+    tokens (``(T, B, D, N)``, or ``(T, B, D, h, w)`` in the portable dialect) as ``(T, B, N, D)``;
+    None where neither fits."""
+    if spikes.shape == shape:
+        return spikes
+    if len(shape) == 4 and spikes.dim() >= 3 and spikes.numel() == math.prod(shape) and spikes.shape[2] == shape[3]:
+        return spikes.reshape(shape[0], shape[1], shape[3], shape[2]).transpose(-1, -2)
+    return None
+
+
 def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_logits, ref_spikes, logits, spikes,
                      layer_spikes) -> Comparison:
     """:func:`compare` on the whole input, localised on the first sample with a flip only: there every
@@ -401,6 +432,9 @@ def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_l
     sl = slice(j, j + 1)
     _, records = record_neurons(reference, x[:, sl])
     layers = layer_spikes(x[:, sl]) if layer_spikes is not None else None
+    if layers is not None:  # in the reference's layout; a layer that fits neither is left out
+        layers = {name: fitted for name, s in layers.items() if name in records
+                  and (fitted := _reference_layout(s, records[name]["spikes"].shape)) is not None}
     local = compare(artifact, ref_logits[sl], ref_spikes[:, sl], logits[sl], spikes[:, sl], records, layers)
     result.flips, result.max_flip_distance = local.flips, local.max_flip_distance
     result.flips = [{**f, "sample": j} for f in result.flips]

@@ -78,3 +78,30 @@ def test_lif_module_takes_the_inference_path_only_without_autograd(cls, monkeypa
         lif(x)
     assert calls == [1]
 
+
+
+def _interpreter_loop(xs, d, thr, reset):
+    """The NIR interpreter's LIF loop (``r = 1``, ``v_leak = 0``), step by step."""
+    v, out = torch.zeros_like(xs[0]), []
+    for t in range(xs.shape[0]):
+        v = (1 - d) * v + d * xs[t]
+        s = v > thr
+        v = torch.where(s, reset, v)
+        out.append(s.to(torch.float32))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("neurons,param_shape", [((6, 5), (6, 5)), ((4, 3, 3), (4, 1, 1)), ((12,), ())])
+def test_interpreter_lif_blocks_are_bit_identical_to_its_loop(neurons, param_shape):
+    from stdeploy.export.nir_interpreter import lif_blocks
+
+    g = torch.Generator().manual_seed(len(neurons))
+    d = torch.rand(param_shape, generator=g).mul(0.9).add(0.05)
+    thr = torch.rand(param_shape, generator=g).add(0.25)
+    xs = torch.randn(4, 3, *neurons, generator=g) * 2
+    xs[0, :, ...] = torch.where(torch.rand(neurons, generator=g) < 0.3, thr / d, xs[0])  # at the threshold, up to rounding
+    for reset in (torch.zeros(()), torch.full(param_shape, -0.25)):
+        want = _interpreter_loop(xs, d, thr, reset)
+        assert 0 < int(want.sum()) < want.numel()
+        for block in (1, 5, 1 << 16):
+            assert torch.equal(lif_blocks(xs, d, thr, reset, block=block), want), block
