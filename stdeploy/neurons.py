@@ -89,7 +89,7 @@ INFERENCE_CHUNK = 1 << 15  # neurons lif_inference takes through all T steps at 
 
 @torch.no_grad()
 def lif_inference(x: torch.Tensor, decay: torch.Tensor, threshold: torch.Tensor, channel_dim: int = -1,
-                  chunk: int = INFERENCE_CHUNK, final_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int = INFERENCE_CHUNK, final_state: bool = False, membranes: bool = False):
     """The LIF over ``x (T, ...)`` without autograd: the spikes of :func:`lif_step` applied step
     by step, bit for bit, with ``decay`` and ``threshold`` per channel ``(features,)`` along
     ``channel_dim`` of a step. Each float operation of the step is the same IEEE operation on the
@@ -97,7 +97,8 @@ def lif_inference(x: torch.Tensor, decay: torch.Tensor, threshold: torch.Tensor,
     done in place, and a block of about ``chunk`` neurons at a time is taken through every step
     before the next, so that its membrane stays in cache instead of every step streaming the whole
     layer through memory several times. Returns spikes ``(T, ...)`` in ``x``'s dtype (with
-    ``final_state``, also the membrane after the last step's reset, ``x[0]``'s shape)."""
+    ``final_state``, also the membrane after the last step's reset, ``x[0]``'s shape; with
+    ``membranes``, also every step's membrane before its reset, ``(T, ...)``)."""
     steps, shape = x.shape[0], x.shape[1:]
     c = channel_dim % len(shape)
     pre, features, post = math.prod(shape[:c]), shape[c], math.prod(shape[c + 1:])
@@ -113,6 +114,7 @@ def lif_inference(x: torch.Tensor, decay: torch.Tensor, threshold: torch.Tensor,
     spikes = torch.empty(xv.shape, dtype=torch.bool, device=x.device)
     v = torch.empty((min(block, rows), cols), dtype=x.dtype, device=x.device)
     state = torch.empty(xv.shape[1:], dtype=x.dtype, device=x.device) if final_state else None
+    before = torch.empty(xv.shape, dtype=x.dtype, device=x.device) if membranes else None
     tmp, keep = torch.empty_like(v), torch.empty(v.shape, dtype=torch.bool, device=x.device)
     for r0 in range(0, rows, block):
         r1 = min(r0 + block, rows)
@@ -122,6 +124,8 @@ def lif_inference(x: torch.Tensor, decay: torch.Tensor, threshold: torch.Tensor,
         for t in range(steps):
             torch.mul(db, xv[t, r0:r1], out=tb)  # d * x
             vb.mul_(a).add_(tb)                  # (1 - d) * v + d * x
+            if before is not None:
+                before[t, r0:r1] = vb
             torch.sub(vb, thb, out=tb)           # v - theta
             st = spikes[t, r0:r1]
             torch.ge(tb, 0, out=st)              # s = H(v - theta)
@@ -130,7 +134,8 @@ def lif_inference(x: torch.Tensor, decay: torch.Tensor, threshold: torch.Tensor,
         if state is not None:
             state[r0:r1] = vb
     out = spikes.to(x.dtype).view(x.shape)
-    return (out, state.view(shape)) if state is not None else out
+    extra = ([state.view(shape)] if state is not None else []) + ([before.view(x.shape)] if before is not None else [])
+    return (out, *extra) if extra else out
 
 
 class LIF(nn.Module):
@@ -184,7 +189,7 @@ class LIF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, ...) -> (T, ...)
         if x.shape[1:][self.channel_dim] != self.features:
             raise ValueError(f"{type(self).__name__}: expected {self.features} channels at dim {self.channel_dim} of a step, got shape {tuple(x.shape[1:])}")
-        if self._inference_path(x):
+        if self.takes_inference_path(x):
             return lif_inference(x, self.decay, self.threshold, self.channel_dim)
         p = self.params(x.dim() - 1)
         v = self.init_state(x[0])
@@ -194,7 +199,7 @@ class LIF(nn.Module):
             out.append(s)
         return torch.stack(out)
 
-    def _inference_path(self, x: torch.Tensor) -> bool:
+    def takes_inference_path(self, x: torch.Tensor) -> bool:
         """Whether :func:`lif_inference` may run this call: no gradient wanted, on the CPU, not
         traced or compiled (exporters record :func:`lif_step`'s operations), and a module whose
         state and parameters are the LIF's own (a subclass overriding them keeps the loop)."""

@@ -15,11 +15,12 @@ def _loop(x: torch.Tensor, decay: torch.Tensor, threshold: torch.Tensor, channel
     lif = LIF(decay.numel(), channel_dim=channel_dim)
     lif.decay_, lif.threshold_ = decay.to(x.dtype), threshold.to(x.dtype)
     p = lif.params(x.dim() - 1)
-    v, out = torch.zeros_like(x[0]), []
+    v, out, before = torch.zeros_like(x[0]), [], []
     for t in range(x.shape[0]):
+        before.append((1 - p.decay) * v + p.decay * x[t])  # lif_step's membrane before its reset
         s, v = lif_step(x[t], v, p)
         out.append(s)
-    return torch.stack(out), v
+    return torch.stack(out), v, torch.stack(before)
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -45,11 +46,11 @@ def test_lif_inference_is_bit_identical_to_lif_step(shape, channel_dim, dtype):
     decay, threshold = decay.to(dtype), threshold.to(dtype)
     fired = 0
     for steps in range(1, x.shape[0] + 1):  # every prefix: the membrane after each step
-        want_s, want_v = _loop(x[:steps], decay, threshold, channel_dim)
+        want_s, want_v, want_m = _loop(x[:steps], decay, threshold, channel_dim)
         for chunk in (1, 7, 64, 1 << 16):  # blocks of one row, ragged blocks, everything at once
-            got_s, got_v = lif_inference(x[:steps], decay, threshold, channel_dim, chunk=chunk, final_state=True)
+            got_s, got_v, got_m = lif_inference(x[:steps], decay, threshold, channel_dim, chunk=chunk, final_state=True, membranes=True)
             assert torch.equal(got_s, want_s) and _same_bits(got_s, want_s), (steps, chunk)
-            assert _same_bits(got_v, want_v), (steps, chunk)
+            assert _same_bits(got_v, want_v) and _same_bits(got_m, want_m), (steps, chunk)
         fired = int(want_s.sum())
     assert 0 < fired < x.numel()  # the neurons fire, and not everywhere: the comparison can fail
 
@@ -64,10 +65,17 @@ def test_lif_module_takes_the_inference_path_only_without_autograd(cls, monkeypa
             lif.leak_log_exponent.normal_(0, 0.3)
     x = torch.randn(4, 3, 8, 16) * 2
     with torch.enable_grad():
-        want = lif(x)  # the loop (SLIF's parameters want gradients)
+        want = lif(x.clone().requires_grad_(True)).detach()  # the loop: autograd wants the graph
     with torch.no_grad():
         got = lif(x)
     assert torch.equal(got, want) and 0 < int(want.sum()) < want.numel()
+    # export validation's membranes (localising a flip) come from the same path, equal to the loop's
+    from stdeploy.export.validate import membrane_before_reset
+
+    with torch.enable_grad():
+        loop = membrane_before_reset(lif, x.clone().requires_grad_(True)).detach()
+    with torch.no_grad():
+        assert _same_bits(membrane_before_reset(lif, x), loop)
     # the exporters trace lif_step's operations, never the inference path
     calls = []
     monkeypatch.setattr("stdeploy.neurons.lif_inference", lambda *a, **k: calls.append(1))
