@@ -225,6 +225,12 @@ def lif_blocks(xs: torch.Tensor, d: torch.Tensor, thr: torch.Tensor, reset: torc
     bit those of the step-by-step loop (the same IEEE operations: ``(1-d)*v``, ``d*I``, their sum,
     ``v > v_threshold``, the reset chosen where it fired), done in place on a block of about
     ``block`` neurons at a time through every step, so that the block's membrane stays in cache."""
+    if xs.dim() >= 4 and not xs.is_contiguous() and xs.transpose(-1, -2).is_contiguous():
+        # channel-first tokens held token-major (a per-token linear layer's output, transposed back):
+        # the same elementwise operations in the order they lie in memory, the spikes laid out alike
+        # (the next per-token layer then reads them without a copy)
+        flip = lambda p: p.broadcast_to(xs.shape[2:]).transpose(-1, -2)  # noqa: E731
+        return lif_blocks(xs.transpose(-1, -2), flip(d), flip(thr), flip(reset), block).transpose(-1, -2)
     steps, batch = xs.shape[0], xs.shape[1]
     neurons = tuple(xs.shape[2:])
     m = math.prod(neurons)
@@ -264,6 +270,21 @@ EVALUATORS: dict[type, Evaluator] = {
     nir.LIF: _lif,
 }
 SUPPORTED = ("Input", "Output", *(t.__name__ for t in EVALUATORS))
+
+
+def _token_major(t: torch.Tensor) -> bool:
+    """Channel-first tokens ``(..., D, N)`` held token-major: a per-token layer's output."""
+    return t.dim() >= 3 and not t.is_contiguous() and t.transpose(-1, -2).is_contiguous()
+
+
+def _one_layout(terms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The terms of a sum with more than one, all held alike in memory where some are held
+    token-major (the residual stream sums the stem's output, held channel-first, with per-token
+    layers' outputs): the same values, so the same sums, but each addition streams both terms in
+    order instead of one across the other's rows."""
+    if len(terms) < 2 or not any(_token_major(t) for t in terms) or any(t.dim() < 3 for t in terms):
+        return terms
+    return [t if _token_major(t) else t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in terms]
 
 
 def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor,
@@ -325,9 +346,11 @@ def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor,
             srcs = into[name]
             if not srcs:
                 raise ShapeError(f"NIR node {name!r} has no incoming edge")
-            acc = values[srcs[0]]
-            for src in srcs[1:]:  # sum in edge order
-                acc = acc + values[src]
+            operands = _one_layout([values[src] for src in srcs])
+            acc = operands[0]
+            for term in operands[1:]:  # sum in edge order
+                acc = acc + term
+            del operands
             values[name] = acc if isinstance(node, nir.Output) else EVALUATORS[type(node)](node, acc, ctx)
             del acc
             for src in last_read.get(position[name], ()):
