@@ -6,7 +6,9 @@ only when every artifact reproduces the folded PyTorch model: an error leaves no
 
 Validation streams its samples in batches of ``VALIDATION_BATCH`` and keeps only what it compares
 (logits and the output spikes); every neuron is recorded only to localise a flip, on the first
-sample that has one. Each artifact is validated once, from its file: the ONNX files on every
+sample that has one (the reference's once for every artifact that flips there; the ONNX files'
+neurons from an unrolled probe, the NIR files' from the interpreter's LIF nodes), so that every
+artifact is judged by the same rule: its first flip localised, then the task-level bound. Each artifact is validated once, from its file: the ONNX files on every
 sample with a first batch of one (the batch dimension, traced at 2, stays dynamic), the NIR files
 by the interpreter, which frees each node's output once read (the portable file's ``head.lif``
 kept as well). A model in the exact mode (:mod:`stdeploy.models.quantize`) is checked first
