@@ -428,7 +428,7 @@ def nir_layer_spikes(graph, prepare=None):
     return layer_spikes
 
 
-def _reference_layout(spikes: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+def reference_layout(spikes: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
     """One layer's spikes in the reference's layout ``shape``: as they are, or NIR's channel-first
     tokens (``(T, B, D, N)``, or ``(T, B, D, h, w)`` in the portable dialect) as ``(T, B, N, D)``;
     None where neither fits."""
@@ -446,7 +446,7 @@ def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_l
     layer), compared layer by layer (without it, at the output layer). Recording every neuron of
     ``sdt-8-512`` takes about 150 MB per sample, so only that one sample is recorded. ``record(x_sample)``
     gives ``reference``'s recording (default :func:`record_neurons`; the export passes one memo for
-    every artifact). ``layer_spikes`` may return NIR's channel-first layouts (see :func:`_reference_layout`)."""
+    every artifact). ``layer_spikes`` may return NIR's channel-first layouts (see :func:`reference_layout`)."""
     result = compare(artifact, ref_logits, ref_spikes, logits, spikes)
     if not result.spike_mismatches:
         return result
@@ -457,7 +457,7 @@ def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_l
     layers = layer_spikes(x[:, sl]) if layer_spikes is not None else None
     if layers is not None:  # in the reference's layout; a layer that fits neither is left out
         layers = {name: fitted for name, s in layers.items() if name in records
-                  and (fitted := _reference_layout(s, records[name]["spikes"].shape)) is not None}
+                  and (fitted := reference_layout(s, records[name]["spikes"].shape)) is not None}
     local = compare(artifact, ref_logits[sl], ref_spikes[:, sl], logits[sl], spikes[:, sl], records, layers)
     result.flips, result.max_flip_distance = local.flips, local.max_flip_distance
     result.flips = [{**f, "sample": j} for f in result.flips]
