@@ -6,7 +6,10 @@ its layers fire), is saved as a checkpoint, and is exported by ``stdeploy export
 child process that reports its own peak resident memory (``resource.getrusage``). Spikformer
 models export to ONNX only (NIR refuses Q·Kᵀ·V by default). Usage::
 
-    python benchmarks/export_scale.py [--models sdt-tiny,spikformer-4-384,sdt-8-512] [--mode float|exact] [--samples 64]
+    python benchmarks/export_scale.py [--models sdt-tiny,spikformer-4-384,sdt-8-512] [--mode float|exact] [--samples 64] [--out FILE.md]
+
+CPU s is the child's user + system time (``getrusage``), export s its wall time; on a shared
+machine the wall time grows with the load average printed beside it, the CPU time much less.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--models", default="sdt-tiny,spikformer-4-384,sdt-8-512")
     ap.add_argument("--mode", choices=["float", "exact"], default="float")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,11 +88,14 @@ def main() -> None:
             load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
             rows.append((name, params, formats, stats["seconds"], stats["cpu_s"], stats["peak_rss_gb"], load, result))
             print(f"{name}: done", file=sys.stderr)
-    print(f"mode {args.mode}, {args.samples} validation samples; {_machine()}")
-    print("| model | params (M) | formats | export s (wall) | CPU s | peak RSS (GB) | load average (start-end) | result |")
-    print("|---|---:|---|---:|---:|---:|---|---|")
-    for name, params, formats, secs, cpu, rss, load, result in rows:
-        print(f"| {name} | {params / 1e6:.1f} | {formats} | {secs:.1f} | {cpu:.1f} | {rss:.2f} | {load} | {result} |")
+    lines = [f"mode {args.mode}, {args.samples} validation samples; {_machine()}",
+             "| model | params (M) | formats | export s (wall) | CPU s | peak RSS (GB) | load average (start-end) | result |",
+             "|---|---:|---|---:|---:|---:|---|---|"]
+    lines += [f"| {name} | {params / 1e6:.1f} | {formats} | {secs:.1f} | {cpu:.1f} | {rss:.2f} | {load} | {result} |"
+              for name, params, formats, secs, cpu, rss, load, result in rows]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 def _machine() -> str:

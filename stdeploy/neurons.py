@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LIFParams", "lif_step", "spike_fn", "LIF", "SLIF", "to_slif", "to_lif", "neurons_of"]
+__all__ = ["LIFParams", "lif_step", "lif_inference", "spike_fn", "LIF", "SLIF", "to_slif", "to_lif", "neurons_of"]
 
 
 class _SpikeFn(torch.autograd.Function):
@@ -80,6 +80,62 @@ def lif_step(x: torch.Tensor, v: torch.Tensor, p: LIFParams) -> tuple[torch.Tens
     v = (1 - p.decay) * v + p.decay * x
     s = spike_fn(v - p.threshold, p.alpha)
     return s, v * (1 - s)
+
+
+INFERENCE_CHUNK = 1 << 15  # neurons lif_inference takes through all T steps at a time: 128 KB in float32, and at most
+# torch's parallel grain (32,768 elements), so each operation runs on the calling thread with no thread
+# handover (thousands of small operations, each a parallel region, cost more than they save on a busy machine)
+
+
+@torch.no_grad()
+def lif_inference(x: torch.Tensor, decay: torch.Tensor, threshold: torch.Tensor, channel_dim: int = -1,
+                  chunk: int = INFERENCE_CHUNK, final_state: bool = False, membranes: bool = False):
+    """The LIF over ``x (T, ...)`` without autograd: the spikes of :func:`lif_step` applied step
+    by step, bit for bit, with ``decay`` and ``threshold`` per channel ``(features,)`` along
+    ``channel_dim`` of a step. Each float operation of the step is the same IEEE operation on the
+    same operands (``(1-d)*v``, ``d*x``, their sum, ``v - theta >= 0``, ``v * (1 - s)``), only
+    done in place, and a block of about ``chunk`` neurons at a time is taken through every step
+    before the next, so that its membrane stays in cache instead of every step streaming the whole
+    layer through memory several times. Returns spikes ``(T, ...)`` in ``x``'s dtype (with
+    ``final_state``, also the membrane after the last step's reset, ``x[0]``'s shape; with
+    ``membranes``, also every step's membrane before its reset, ``(T, ...)``)."""
+    steps, shape = x.shape[0], x.shape[1:]
+    c = channel_dim % len(shape)
+    pre, features, post = math.prod(shape[:c]), shape[c], math.prod(shape[c + 1:])
+    d, th = decay.detach(), threshold.detach()
+    if post == 1:  # channels last: rows of features, the parameters broadcast along them
+        xv = x.reshape(steps, pre, features)
+    else:  # channels then positions: one row per (leading index, channel), its parameters a column
+        xv = x.reshape(steps, pre * features, post)
+        d, th = d.repeat(pre).unsqueeze(1), th.repeat(pre).unsqueeze(1)
+    keep_rate = 1 - d
+    rows, cols = xv.shape[1], xv.shape[2]
+    block = max(1, chunk // cols)
+    spikes = torch.empty(xv.shape, dtype=torch.bool, device=x.device)
+    v = torch.empty((min(block, rows), cols), dtype=x.dtype, device=x.device)
+    state = torch.empty(xv.shape[1:], dtype=x.dtype, device=x.device) if final_state else None
+    before = torch.empty(xv.shape, dtype=x.dtype, device=x.device) if membranes else None
+    tmp, keep = torch.empty_like(v), torch.empty(v.shape, dtype=torch.bool, device=x.device)
+    for r0 in range(0, rows, block):
+        r1 = min(r0 + block, rows)
+        vb, tb, kb = v[: r1 - r0], tmp[: r1 - r0], keep[: r1 - r0]
+        a, db, thb = (keep_rate, d, th) if post == 1 else (keep_rate[r0:r1], d[r0:r1], th[r0:r1])
+        vb.zero_()  # init_state: zeros
+        for t in range(steps):
+            torch.mul(db, xv[t, r0:r1], out=tb)  # d * x
+            vb.mul_(a).add_(tb)                  # (1 - d) * v + d * x
+            if before is not None:
+                before[t, r0:r1] = vb
+            torch.sub(vb, thb, out=tb)           # v - theta
+            st = spikes[t, r0:r1]
+            torch.ge(tb, 0, out=st)              # s = H(v - theta)
+            torch.logical_not(st, out=kb)        # 1 - s
+            vb.mul_(kb)                          # v * (1 - s)
+        if state is not None:
+            state[r0:r1] = vb
+    out = spikes.to(x.dtype).view(x.shape)
+    extra = ([state.view(shape)] if state is not None else []) + ([before.view(x.shape)] if before is not None else [])
+    return (out, *extra) if extra else out
 
 
 class LIF(nn.Module):
@@ -133,6 +189,8 @@ class LIF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, ...) -> (T, ...)
         if x.shape[1:][self.channel_dim] != self.features:
             raise ValueError(f"{type(self).__name__}: expected {self.features} channels at dim {self.channel_dim} of a step, got shape {tuple(x.shape[1:])}")
+        if self.takes_inference_path(x):
+            return lif_inference(x, self.decay, self.threshold, self.channel_dim)
         p = self.params(x.dim() - 1)
         v = self.init_state(x[0])
         out = []
@@ -140,6 +198,16 @@ class LIF(nn.Module):
             s, v = lif_step(x[t], v, p)
             out.append(s)
         return torch.stack(out)
+
+    def takes_inference_path(self, x: torch.Tensor) -> bool:
+        """Whether :func:`lif_inference` may run this call: no gradient wanted, on the CPU, not
+        traced or compiled (exporters record :func:`lif_step`'s operations), and a module whose
+        state and parameters are the LIF's own (a subclass overriding them keeps the loop)."""
+        if x.device.type != "cpu" or type(self).init_state is not LIF.init_state or type(self).params is not LIF.params:
+            return False
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
 
     def extra_repr(self) -> str:
         return f"{self.features}, channel_dim={self.channel_dim}"

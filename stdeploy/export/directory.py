@@ -6,7 +6,9 @@ only when every artifact reproduces the folded PyTorch model: an error leaves no
 
 Validation streams its samples in batches of ``VALIDATION_BATCH`` and keeps only what it compares
 (logits and the output spikes); every neuron is recorded only to localise a flip, on the first
-sample that has one. Each artifact is validated once, from its file: the ONNX files on every
+sample that has one (the reference's once for every artifact that flips there; the ONNX files'
+neurons from an unrolled probe, the NIR files' from the interpreter's LIF nodes), so that every
+artifact is judged by the same rule: its first flip localised, then the task-level bound. Each artifact is validated once, from its file: the ONNX files on every
 sample with a first batch of one (the batch dimension, traced at 2, stays dynamic), the NIR files
 by the interpreter, which frees each node's output once read (the portable file's ``head.lif``
 kept as well). A model in the exact mode (:mod:`stdeploy.models.quantize`) is checked first
@@ -17,6 +19,7 @@ then reproduce PyTorch with no flip at all and bit-identical logits.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -106,8 +109,10 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     orig_logits, orig_spikes = stream_outputs(model, x)
     # the reference's outputs and its firing rates / input densities in one streamed pass
     ref_logits, ref_spikes, activity = _reference_pass(folded, x)
+    # every neuron of the reference on a sample with a flip, recorded once for every artifact that flips there
+    records = _SampleMemo(lambda xb: record_neurons(folded, xb))
     folding = compare_streamed("batchnorm folding", model, x, orig_logits, orig_spikes, ref_logits, ref_spikes,
-                               lambda xb: {k: v["spikes"] for k, v in record_neurons(folded, xb)[1].items()})
+                               lambda xb: {k: v["spikes"] for k, v in records(xb)[1].items()})
     cfg = model.cfg
     manifest = {
         "format": FORMAT, "model": cfg.to_dict(), "timesteps": cfg.timesteps, "dt": 1.0, "source": source,
@@ -132,9 +137,9 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
     try:
         comparisons: list[Comparison] = []
         if "nir" in formats:
-            comparisons += _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer, exact_graph)
+            comparisons += _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer, exact_graph, records)
         if "onnx" in formats:
-            comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers)
+            comparisons += _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse_initializers, records)
         if "netx" in formats:
             _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, netx_part)  # loihi2: the model's integers
         save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source,
@@ -182,7 +187,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer, graph=None) -> list[Comparison]:
+def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikformer, graph=None, records=None) -> list[Comparison]:
     """``graph``: the model's NIR graph when already converted (the exact mode's check), else converted here."""
     from .nir_export import nir_stats, to_nir, write_nir
     from .nir_interpreter import load_graph, run_nir
@@ -205,15 +210,15 @@ def _export_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spikfo
         return outs["logits"].mean(0), (sp.unsqueeze(-2) if sp.dim() == 3 else sp.transpose(-1, -2))
 
     logits, spikes = _stream(run, x)
-    result = compare_streamed("nir", folded, x, ref_logits, ref_spikes, logits, spikes, None)
+    result = compare_streamed("nir", folded, x, ref_logits, ref_spikes, logits, spikes, nir_layer_spikes(stored), records)
     manifest["artifacts"]["nir"] = _artifact(path, stats=nir_stats(graph), lowerings=graph.metadata.get("lowerings"),
                                              layout="channel first: tokens (D, N)", dialect="stdeploy (read by the Lava target)",
                                              nir_min_version=NIR_MIN_VERSION)
     manifest["validation"]["results"]["nir"] = {**result.to_dict(), "accuracy": _accuracy(logits, labels)}
-    return [result] + _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest)
+    return [result] + _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, records)
 
 
-def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest) -> list[Comparison]:
+def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, records=None) -> list[Comparison]:
     """``model.portable.nir``: the dialect other frameworks read (:mod:`.nir_portable`), checked
     with our interpreter from the file. A model it cannot express (Spikformer) gets no file and a
     manifest entry saying why, with a warning."""
@@ -248,7 +253,8 @@ def _export_portable_nir(folded, tmp, x, ref_logits, ref_spikes, labels, manifes
                 sp.reshape(*sp.shape[:3], -1).transpose(-1, -2))  # (T, B, D, h, w) or (T, B, D) -> (T, B, N, D)
 
     logits, spikes = _stream(run, x)  # the interpreter keeps the output and head.lif, frees the rest as it goes
-    result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes, None)
+    result = compare_streamed("nir.portable", folded, x, ref_logits, ref_spikes, logits, spikes,
+                              nir_layer_spikes(stored, (lambda xb: xb.flatten(2)) if dense else None), records)
     manifest["artifacts"]["nir.portable"] = _artifact(
         path, stats=stats, dialect="portable", dt=READER_DT, nir_min_version=NIR_MIN_VERSION,
         input="the frame flattened in (C, H, W) order, (C*H*W,)" if dense else "the frame (C, H, W)",
@@ -318,10 +324,11 @@ def _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, part)
         readout="host/readout: logits = mean over steps and tokens of the spikes @ weight.T + bias" if stored.readout is not None else None)
 
 
-def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse) -> list[Comparison]:
+def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, sparse, records=None) -> list[Comparison]:
     from .onnx_export import export_onnx, export_onnx_streaming, onnx_session, probe_onnx, run_onnx, run_onnx_streaming
 
     results, outputs = [], {}
+    probe = _SampleMemo(lambda xb: probe_onnx(folded, xb))  # both files localise against the same unrolled probe
     # the exporters' own check (PyTorch and onnxruntime on seeded batches of 1 and 3, with a session
     # of its own) is left to the validation below, which runs every sample from the written file
     # and starts with a batch of 1: the batch stays dynamic (traced at 2) at 1 and at 15-16
@@ -336,7 +343,7 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
         session = onnx_session(path)
         logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x, first=1)
         # localise a flip: every neuron's spikes from onnxruntime, on the first batch that has one
-        result = compare_streamed(key, folded, x, ref_logits, ref_spikes, logits, spikes, lambda xb: probe_onnx(folded, xb))
+        result = compare_streamed(key, folded, x, ref_logits, ref_spikes, logits, spikes, probe, records)
         keep = {k: meta[k] for k in ("opset", "exporter", "inputs", "outputs", "matmul_nodes", "sparse_initializers", "dense_file_bytes", "states") if k in meta}
         manifest["artifacts"][key] = _artifact(path, **keep)
         manifest["validation"]["results"][key] = {**result.to_dict(), "accuracy": _accuracy(logits, labels)}
@@ -387,20 +394,70 @@ def stream_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return _stream(run, x)
 
 
+class _SampleMemo:
+    """``fn(x_sample)``, computed once for the same view of the validation input (which lives for
+    the whole export) and kept until called with another: several artifacts that flip first on the
+    same sample share one recording of it."""
+
+    def __init__(self, fn):
+        self.fn, self.key, self.value = fn, None, None
+
+    def __call__(self, xb: torch.Tensor):
+        key = (xb.data_ptr(), tuple(xb.shape), xb.stride())
+        if key != self.key:
+            self.key, self.value = None, None  # one recording in memory at a time
+            self.value, self.key = self.fn(xb), key
+        return self.value
+
+
+def nir_layer_spikes(graph, prepare=None):
+    """``layer_spikes`` for :func:`compare_streamed` from a NIR graph: every ``LIF`` node's spikes
+    from the interpreter on ``prepare(x)`` (default ``x``), by node name (the converters name LIF
+    nodes after their modules), in the node's layout; :func:`compare_streamed` puts them in the
+    reference's."""
+    import nir
+
+    from .nir_interpreter import run_nir
+
+    lifs = [name for name, node in graph.nodes.items() if isinstance(node, nir.LIF)]
+
+    def layer_spikes(xb: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = run_nir(graph, xb if prepare is None else prepare(xb), record=lifs)
+        return {name: outs[name] for name in lifs}
+
+    return layer_spikes
+
+
+def reference_layout(spikes: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """One layer's spikes in the reference's layout ``shape``: as they are, or NIR's channel-first
+    tokens (``(T, B, D, N)``, or ``(T, B, D, h, w)`` in the portable dialect) as ``(T, B, N, D)``;
+    None where neither fits."""
+    if spikes.shape == shape:
+        return spikes
+    if len(shape) == 4 and spikes.dim() >= 3 and spikes.numel() == math.prod(shape) and spikes.shape[2] == shape[3]:
+        return spikes.reshape(shape[0], shape[1], shape[3], shape[2]).transpose(-1, -2)
+    return None
+
+
 def compare_streamed(artifact: str, reference: nn.Module, x: torch.Tensor, ref_logits, ref_spikes, logits, spikes,
-                     layer_spikes) -> Comparison:
+                     layer_spikes, record=None) -> Comparison:
     """:func:`compare` on the whole input, localised on the first sample with a flip only: there every
     neuron of ``reference`` is recorded and, with ``layer_spikes(x_sample)`` (the artifact's spikes by
     layer), compared layer by layer (without it, at the output layer). Recording every neuron of
-    ``sdt-8-512`` takes about 150 MB per sample, so only that one sample is recorded."""
+    ``sdt-8-512`` takes about 150 MB per sample, so only that one sample is recorded. ``record(x_sample)``
+    gives ``reference``'s recording (default :func:`record_neurons`; the export passes one memo for
+    every artifact). ``layer_spikes`` may return NIR's channel-first layouts (see :func:`reference_layout`)."""
     result = compare(artifact, ref_logits, ref_spikes, logits, spikes)
     if not result.spike_mismatches:
         return result
     differs = (spikes != ref_spikes).flatten(2).any(-1).any(0)  # (B,): samples with a flipped output spike
     j = int(differs.nonzero()[0, 0])
     sl = slice(j, j + 1)
-    _, records = record_neurons(reference, x[:, sl])
+    _, records = (record or (lambda xb: record_neurons(reference, xb)))(x[:, sl])
     layers = layer_spikes(x[:, sl]) if layer_spikes is not None else None
+    if layers is not None:  # in the reference's layout; a layer that fits neither is left out
+        layers = {name: fitted for name, s in layers.items() if name in records
+                  and (fitted := reference_layout(s, records[name]["spikes"].shape)) is not None}
     local = compare(artifact, ref_logits[sl], ref_spikes[:, sl], logits[sl], spikes[:, sl], records, layers)
     result.flips, result.max_flip_distance = local.flips, local.max_flip_distance
     result.flips = [{**f, "sample": j} for f in result.flips]

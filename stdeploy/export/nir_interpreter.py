@@ -33,6 +33,7 @@ ones asked for), so a run holds the schedule's live tensors, not every node's.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Iterable
 
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeError, UnsupportedPrimitive
 
-__all__ = ["run_nir", "load_graph", "topological_order", "channel_diagonal", "SUPPORTED", "EVALUATORS", "EvalContext", "Evaluator", "int_tuple"]
+__all__ = ["run_nir", "lif_blocks", "load_graph", "topological_order", "channel_diagonal", "SUPPORTED", "EVALUATORS", "EvalContext", "Evaluator", "int_tuple"]
 
 
 def load_graph(graph_or_path: nir.NIRGraph | str | os.PathLike) -> nir.NIRGraph:
@@ -189,6 +190,8 @@ def _lif(node: nir.LIF, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     r_t, leak_t = c.tensor(r), c.tensor(v_leak)
     thr, reset = c.tensor(node.v_threshold), c.tensor(node.v_reset)
     xs = x.reshape(c.timesteps, c.batch, *x.shape[1:])
+    if plain and _blockwise(xs, d, thr, reset):
+        return lif_blocks(xs, d, thr, reset).flatten(0, 1)
     v = torch.zeros_like(xs[0])
     out = []
     for t in range(c.timesteps):
@@ -198,6 +201,58 @@ def _lif(node: nir.LIF, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
         v = torch.where(s, reset, v)
         out.append(s.to(torch.float32))
     return torch.stack(out).flatten(0, 1)
+
+
+LIF_BLOCK = 1 << 15  # neurons per block: at most torch's parallel grain, so each operation runs on the calling thread (see stdeploy.neurons.INFERENCE_CHUNK)
+
+
+def _blockwise(xs: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether :func:`lif_blocks` may run: float32 on the CPU, no gradient, not traced, and
+    parameters that broadcast against one sample's neurons."""
+    if xs.device.type != "cpu" or xs.dtype != torch.float32 or torch.jit.is_tracing() or (torch.is_grad_enabled() and xs.requires_grad):
+        return False
+    neurons = tuple(xs.shape[2:])
+    try:
+        return all(torch.broadcast_shapes(tuple(p.shape), neurons) == neurons for p in params)
+    except RuntimeError:
+        return False
+
+
+@torch.no_grad()
+def lif_blocks(xs: torch.Tensor, d: torch.Tensor, thr: torch.Tensor, reset: torch.Tensor, block: int = LIF_BLOCK) -> torch.Tensor:
+    """The ``LIF`` evaluator's loop for ``r = 1``, ``v_leak = 0`` (``xs (T, B, *neurons)``,
+    parameters broadcasting against ``neurons``): spikes ``(T, B, *neurons)`` in float32, bit for
+    bit those of the step-by-step loop (the same IEEE operations: ``(1-d)*v``, ``d*I``, their sum,
+    ``v > v_threshold``, the reset chosen where it fired), done in place on a block of about
+    ``block`` neurons at a time through every step, so that the block's membrane stays in cache."""
+    if xs.dim() >= 4 and not xs.is_contiguous() and xs.transpose(-1, -2).is_contiguous():
+        # channel-first tokens held token-major (a per-token linear layer's output, transposed back):
+        # the same elementwise operations in the order they lie in memory, the spikes laid out alike
+        # (the next per-token layer then reads them without a copy)
+        flip = lambda p: p.broadcast_to(xs.shape[2:]).transpose(-1, -2)  # noqa: E731
+        return lif_blocks(xs.transpose(-1, -2), flip(d), flip(thr), flip(reset), block).transpose(-1, -2)
+    steps, batch = xs.shape[0], xs.shape[1]
+    neurons = tuple(xs.shape[2:])
+    m = math.prod(neurons)
+    xv = xs.reshape(steps, batch, m)
+    d, thr, reset = (p.broadcast_to(neurons).reshape(m) for p in (d, thr, reset))
+    keep = 1 - d
+    cols = max(1, block // batch)
+    spikes = torch.empty(xv.shape, dtype=torch.bool)
+    v = torch.empty((batch, min(cols, m)), dtype=xs.dtype)
+    tmp = torch.empty_like(v)
+    for c0 in range(0, m, cols):
+        c1 = min(c0 + cols, m)
+        vb, tb = v[:, : c1 - c0], tmp[:, : c1 - c0]
+        db, ab, tr, rb = d[c0:c1], keep[c0:c1], thr[c0:c1], reset[c0:c1]
+        vb.zero_()
+        for t in range(steps):
+            torch.mul(db, xv[t, :, c0:c1], out=tb)  # d * I
+            vb.mul_(ab).add_(tb)                    # (1 - d) * v + d * I
+            st = spikes[t, :, c0:c1]
+            torch.gt(vb, tr, out=st)                # v > v_threshold
+            torch.where(st, rb, vb, out=vb)         # v_reset where it fired
+    return spikes.to(torch.float32).view(xs.shape)
 
 
 Evaluator = Callable[[nir.NIRNode, torch.Tensor, EvalContext], torch.Tensor]
@@ -215,6 +270,21 @@ EVALUATORS: dict[type, Evaluator] = {
     nir.LIF: _lif,
 }
 SUPPORTED = ("Input", "Output", *(t.__name__ for t in EVALUATORS))
+
+
+def _token_major(t: torch.Tensor) -> bool:
+    """Channel-first tokens ``(..., D, N)`` held token-major: a per-token layer's output."""
+    return t.dim() >= 3 and not t.is_contiguous() and t.transpose(-1, -2).is_contiguous()
+
+
+def _one_layout(terms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The terms of a sum with more than one, all held alike in memory where some are held
+    token-major (the residual stream sums the stem's output, held channel-first, with per-token
+    layers' outputs): the same values, so the same sums, but each addition streams both terms in
+    order instead of one across the other's rows."""
+    if len(terms) < 2 or not any(_token_major(t) for t in terms) or any(t.dim() < 3 for t in terms):
+        return terms
+    return [t if _token_major(t) else t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in terms]
 
 
 def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor,
@@ -276,9 +346,11 @@ def run_nir(graph_or_path: nir.NIRGraph | str | os.PathLike, x: torch.Tensor,
             srcs = into[name]
             if not srcs:
                 raise ShapeError(f"NIR node {name!r} has no incoming edge")
-            acc = values[srcs[0]]
-            for src in srcs[1:]:  # sum in edge order
-                acc = acc + values[src]
+            operands = _one_layout([values[src] for src in srcs])
+            acc = operands[0]
+            for term in operands[1:]:  # sum in edge order
+                acc = acc + term
+            del operands
             values[name] = acc if isinstance(node, nir.Output) else EVALUATORS[type(node)](node, acc, ctx)
             del acc
             for src in last_read.get(position[name], ()):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, OutputMismatch
-from ..neurons import LIF, LIFParams
+from ..neurons import LIF, LIFParams, lif_inference
 from ..tolerance import Tolerance
 
 DEFAULT_TOLERANCE = Tolerance()
@@ -129,6 +129,8 @@ class Comparison:
 
 def membrane_before_reset(lif: LIF, x: torch.Tensor) -> torch.Tensor:
     """The membrane ``v[t]`` after integration and before reset, ``(T, ...)``, for input ``x``."""
+    if lif.takes_inference_path(x):  # the same operations, in cache-sized blocks (stdeploy.neurons.lif_inference)
+        return lif_inference(x, lif.decay, lif.threshold, lif.channel_dim, membranes=True)[1]
     p: LIFParams = lif.params(x.dim() - 1)
     v = torch.zeros_like(x[0])
     out = []
