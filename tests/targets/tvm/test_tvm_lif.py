@@ -126,23 +126,13 @@ def test_fused_sdt_tiny_is_bit_identical(exported_sdt, trained_sdt, target):
     assert {tuple(f["shape"]) for f in fused} >= {(BATCH, 32, 8, 8), (BATCH, 16, 64)}
 
 
-def test_fused_pruned_slif_sdt_tiny_is_bit_identical(trained_sdt, tmp_path, target):
+def test_fused_pruned_slif_sdt_tiny_is_bit_identical(whole_model_pruned_sdt, tmp_path, target):
     """Pruned to 95% over every layer, its neurons made sLIFs with per-neuron thresholds and leaks
     (seeded perturbations): per-channel and per-feature constants in the graph."""
-    from stdeploy.activity import estimate_batchnorm
     from stdeploy.export.directory import export_model
-    from stdeploy.models import clone_model, direct_encode
     from stdeploy.neurons import neurons_of, to_slif
-    from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner
 
-    base, data = trained_sdt
-    model = clone_model(base)
-    pruner = make_pruner(PruneConfig(method="l1p", sparsity=0.95, layers=ALL_LAYERS))
-    pruner.prepare(model)
-    pruner.step(model, 1.0)
-    model = pruner.finalize(model)
-    train_x = torch.stack([data.train[i][0] for i in range(128)])
-    estimate_batchnorm(model, [direct_encode(train_x[i:i + 64], model.cfg.timesteps) for i in range(0, 128, 64)])
+    model, data = whole_model_pruned_sdt
     model = to_slif(model).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

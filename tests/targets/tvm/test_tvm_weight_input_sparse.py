@@ -161,29 +161,21 @@ def test_routing_uses_it_for_pruned_weights_only(target):
     assert "stdeploy.skipzeroconv." in mod.script() and "stdeploy.spikeconv." in mod.script()
 
 
-def test_whole_model_pruned_sdt_keeps_pytorch_spikes(trained_sdt, tmp_path, target):
+def test_whole_model_pruned_sdt_keeps_pytorch_spikes(whole_model_pruned_sdt, tmp_path, target):
     """sdt-tiny pruned to 95% over every weight layer (embedding convolutions and classifier
     included), BatchNorm re-estimated, checked to fire; every pruned layer forced onto the
     skip-zero kernel on the default CPU path (LIF recurrences fused): the output spikes equal PyTorch's."""
     import tvm
     from tvm import relax
 
-    from stdeploy.activity import estimate_batchnorm, measure_activity, require_active
+    from stdeploy.activity import measure_activity, require_active
     from stdeploy.export.directory import export_model
-    from stdeploy.models import clone_model, direct_encode
-    from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner
+    from stdeploy.models import direct_encode
     from stdeploy.targets.tvm.cpu import outputs_to_numpy
     from stdeploy.targets.tvm.frontend import load_onnx_graph, relax_module
     from stdeploy.targets.tvm.kernels.lif import fuse_lif_recurrences
 
-    base, data = trained_sdt
-    model = clone_model(base)
-    pruner = make_pruner(PruneConfig(method="l1p", sparsity=0.95, layers=ALL_LAYERS))
-    pruner.prepare(model)
-    pruner.step(model, 1.0)
-    model = pruner.finalize(model)
-    train_x = torch.stack([data.train[i][0] for i in range(128)])
-    estimate_batchnorm(model, [direct_encode(train_x[i:i + 64], model.cfg.timesteps) for i in range(0, 128, 64)])
+    model, data = whole_model_pruned_sdt
     x = direct_encode(torch.stack([data.test[i][0] for i in range(8)]), model.cfg.timesteps)
     rates = measure_activity(model, x).firing_rates
     require_active(rates, 0.005, 0.5, what="whole-model pruned sdt-tiny")

@@ -1,0 +1,26 @@
+"""Fixtures the TVM tests share: a whole-model pruned sdt-tiny."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def whole_model_pruned_sdt(trained_sdt):
+    """The trained sdt-tiny pruned to 95% over every weight layer (embedding convolutions and
+    classifier included, ``ALL_LAYERS``), BatchNorm re-estimated on 128 training images: a fresh
+    ``(model, data)`` for each test, which may change it."""
+    from stdeploy.activity import estimate_batchnorm
+    from stdeploy.models import clone_model, direct_encode
+    from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner
+
+    base, data = trained_sdt
+    model = clone_model(base)
+    pruner = make_pruner(PruneConfig(method="l1p", sparsity=0.95, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    pruner.step(model, 1.0)
+    model = pruner.finalize(model)
+    train_x = torch.stack([data.train[i][0] for i in range(128)])
+    estimate_batchnorm(model, [direct_encode(train_x[i:i + 64], model.cfg.timesteps) for i in range(0, 128, 64)])
+    return model, data
