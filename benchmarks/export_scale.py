@@ -6,7 +6,7 @@ its layers fire), is saved as a checkpoint, and is exported by ``stdeploy export
 child process that reports its own peak resident memory (``resource.getrusage``). Spikformer
 models export to ONNX only (NIR refuses Q·Kᵀ·V by default). Usage::
 
-    python benchmarks/export_scale.py [--models sdt-tiny,spikformer-4-384,sdt-8-512] [--mode float|exact] [--samples 64] [--out FILE.md]
+    python benchmarks/export_scale.py [--models sdt-tiny,spikformer-4-384,sdt-8-512] [--mode float|exact] [--samples 64] [--out FILE.md] [--manifests DIR]
 
 CPU s is the child's user + system time (``getrusage``), export s its wall time; on a shared
 machine the wall time grows with the load average printed beside it, the CPU time much less.
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["float", "exact"], default="float")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
+    ap.add_argument("--manifests", default=None, help="also copy each export's manifest.json (files' sha256, verdicts, "
+                                                      "figures) to this directory as MODEL.json, to compare two codes' exports")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,6 +88,9 @@ def main() -> None:
                 stats = {"rc": run.returncode, "seconds": wall, "cpu_s": float("nan"), "peak_rss_gb": float("nan")}
             result = "ok" if stats["rc"] == 0 else run.stderr.strip().splitlines()[-1][:120] if run.stderr.strip() else f"exit {run.returncode}"
             load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+            if args.manifests and (out / "manifest.json").is_file():
+                Path(args.manifests).mkdir(parents=True, exist_ok=True)
+                (Path(args.manifests) / f"{name}.json").write_text((out / "manifest.json").read_text())
             rows.append((name, params, formats, stats["seconds"], stats["cpu_s"], stats["peak_rss_gb"], load, result))
             print(f"{name}: done", file=sys.stderr)
     lines = [f"mode {args.mode}, {args.samples} validation samples; {_machine()}",
