@@ -251,12 +251,14 @@ def package(export_dir: str | os.PathLike, device: str, out: str | os.PathLike, 
                  "README.md": "the two commands to run on the device",
                  f"runner/{NATIVE_RUNNER}": "C++ runner for a device without Python (TVM's runtime libraries only)"}
         if tvm_section is not None:
+            cuda = tvm_section.get("device") == "cuda"
             for key, g in tvm_section["graphs"].items():
-                roles[g["file"]] = (f"standalone TVM module ({tvm_section['machine']}, {tvm_section['schedules']}) of the "
-                                    f"{key} graph at batch {g['batch']}")
-                if tvm_section.get("device") == "cuda":
+                if cuda:
                     roles[g["file"]] = (f"TVM module of the {key} graph at batch {g['batch']}: CUDA kernels "
                                         f"({', '.join(g['device_code'])}) and {tvm_section['machine']} host code")
+                else:
+                    roles[g["file"]] = (f"standalone TVM module ({tvm_section['machine']}, {tvm_section['schedules']}) of the "
+                                        f"{key} graph at batch {g['batch']}")
         files = {}
         for p in sorted(q for q in stage.rglob("*") if q.is_file()):
             rel = p.relative_to(stage).as_posix()

@@ -192,16 +192,22 @@ def test_mnist1d_loader_points_image_models_to_the_1d_presets(cache):
         load_dataset("mnist1d", cache / "mnist1d", image_size=8)
 
 
-def test_baseline_script_twin_has_the_same_size_and_no_neurons(models, mnist1d):
+def baselines_script():
+    """``benchmarks/mnist1d_baselines.py`` loaded as a module (benchmarks are scripts, not a package)."""
     import importlib.util
     from pathlib import Path
-
-    from stdeploy.neurons import neurons_of
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist1d_baselines.py"
     spec = importlib.util.spec_from_file_location("mnist1d_baselines", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_baseline_script_twin_has_the_same_size_and_no_neurons(models, mnist1d):
+    from stdeploy.neurons import neurons_of
+
+    script = baselines_script()
     for name in FAMILIES:
         twin = script.relu_twin(name)
         spiking = build_model(name)
@@ -247,13 +253,7 @@ def test_tvm_cpu_runs_the_1d_preset_spike_exact(models, inputs, tmp_path):
 
 
 def test_baseline_table_states_every_seed_the_paired_gap_and_each_layers_rate(models, mnist1d):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist1d_baselines.py"
-    spec = importlib.util.spec_from_file_location("mnist1d_baselines", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = baselines_script()
     rates = script.firing_rates(models["sdt-1d-tiny"][0], mnist1d.test, samples=16)
     assert all(r > 0 for r in rates.values())
 
@@ -401,15 +401,9 @@ def test_an_export_without_portable_nir_loads_and_lavas_vectors_meet_the_referen
 
 
 def test_baseline_script_twins_of_the_conv_and_mlp_1d_presets():
-    import importlib.util
-    from pathlib import Path
-
     from stdeploy.neurons import neurons_of
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mnist1d_baselines.py"
-    spec = importlib.util.spec_from_file_location("mnist1d_baselines", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = baselines_script()
     for name in SMALL_1D:
         twin = script.relu_twin(name)
         assert not neurons_of(twin) and twin.cfg.timesteps == 1

@@ -38,7 +38,7 @@ from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
 from ..models.fold import fold_batchnorm
 from ..neurons import neurons_of
-from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, is_exact, quant_mode
+from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, quant_mode
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
 from .validate import Comparison, compare, record_neurons, require_agreement
@@ -98,14 +98,15 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
         shutil.rmtree(leftover, ignore_errors=True)  # of an export that was killed (one export per --out at a time)
     t0 = time.perf_counter()
     model = model.eval()
-    exact = is_exact(model)
+    mode = quant_mode(model)
+    exact = mode != "float"
     folded = deployable(model)  # BatchNorm folded; in the exact mode the quantised values in plain modules
     x, labels, described = validation_input(model, data, samples)
     contract = (input_contract_of(model) or InputContract()) if exact else None
     if contract is not None:
         x = contract.apply(x)
         described += f", clipped to [{contract.lo:g}, {contract.hi:g}] and rounded to 2^-{contract.frac_bits} (the input contract)"
-    exact_graph, checked = _check_exact(folded, spikformer, contract, quant_mode(model)) if exact else (None, None)
+    exact_graph, checked = _check_exact(folded, spikformer, contract, mode) if exact else (None, None)
     orig_logits, orig_spikes = stream_outputs(model, x)
     # the reference's outputs and its firing rates / input densities in one streamed pass
     ref_logits, ref_spikes, activity = _reference_pass(folded, x)
@@ -123,7 +124,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
                                         "reference_accuracy": _accuracy(ref_logits, labels), "results": {},
                                         "batch": VALIDATION_BATCH},
         "batchnorm_folding": folding.to_dict(),
-        "quantize": {"mode": quant_mode(model)},
+        "quantize": {"mode": mode},
     }
     # firing rates and input densities of the reference on the validation input (streamed): a check on a silent model means nothing
     manifest["validation"]["activity"] = activity.to_dict()
@@ -143,7 +144,7 @@ def export_model(model: nn.Module, out: str | os.PathLike, formats: tuple[str, .
         if "netx" in formats:
             _export_netx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, netx_part)  # loihi2: the model's integers
         save_checkpoint(tmp / "reference", model, meta={"role": "export reference", "source": source,
-                                                        **({"quantize": quant_mode(model)} if exact else {})})
+                                                        **({"quantize": mode} if exact else {})})
         manifest["artifacts"]["reference"] = {"file": "reference", "note": "unfolded PyTorch checkpoint; fold_batchnorm gives the reference",
                                               "files": listed_files(tmp / "reference")}
         # the exact mode promises more than the tolerance: no flip at all and bit-identical logits

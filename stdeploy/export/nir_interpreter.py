@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeError, UnsupportedPrimitive
+from ..neurons import INFERENCE_CHUNK
 
 __all__ = ["run_nir", "lif_blocks", "load_graph", "topological_order", "channel_diagonal", "SUPPORTED", "EVALUATORS", "EvalContext", "Evaluator", "int_tuple"]
 
@@ -203,7 +204,7 @@ def _lif(node: nir.LIF, x: torch.Tensor, c: EvalContext) -> torch.Tensor:
     return torch.stack(out).flatten(0, 1)
 
 
-LIF_BLOCK = 1 << 15  # neurons per block: at most torch's parallel grain, so each operation runs on the calling thread (see stdeploy.neurons.INFERENCE_CHUNK)
+LIF_BLOCK = INFERENCE_CHUNK  # neurons per block: at most torch's parallel grain, so each operation runs on the calling thread
 
 
 def _blockwise(xs: torch.Tensor, *params: torch.Tensor) -> bool:
@@ -225,7 +226,7 @@ def lif_blocks(xs: torch.Tensor, d: torch.Tensor, thr: torch.Tensor, reset: torc
     bit those of the step-by-step loop (the same IEEE operations: ``(1-d)*v``, ``d*I``, their sum,
     ``v > v_threshold``, the reset chosen where it fired), done in place on a block of about
     ``block`` neurons at a time through every step, so that the block's membrane stays in cache."""
-    if xs.dim() >= 4 and not xs.is_contiguous() and xs.transpose(-1, -2).is_contiguous():
+    if xs.dim() >= 4 and _token_major(xs):
         # channel-first tokens held token-major (a per-token linear layer's output, transposed back):
         # the same elementwise operations in the order they lie in memory, the spikes laid out alike
         # (the next per-token layer then reads them without a copy)

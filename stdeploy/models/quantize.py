@@ -623,12 +623,13 @@ def _to_loihi2(model: nn.Module) -> None:
             if isinstance(m, _QuantWeights):
                 m.scale_floor.fill_(float(torch.log2(m.scale())))
                 m.fixed_scale = True
-        for name, lif in neurons_of(model).items():
+        lifs = neurons_of(model)
+        for name, lif in lifs.items():
             j = torch.round(-torch.log2(lif.decay.double()))
             if float(j.max()) > LOIHI2_DECAY_BITS or float(j.max()) * (T - 1) > LOIHI2_FRACTION_BITS:
                 raise ConfigError(f"loihi2 mode: {name}: leak 2^-{int(j.max())} over T = {T} steps needs "
                                   f"{int(j.max()) * (T - 1)} fractional membrane bits, Loihi's LIF has {LOIHI2_FRACTION_BITS} "
                                   f"(and {LOIHI2_DECAY_BITS}-bit decays)")
         for name, unit in loihi2_units(model, T).items():
-            lif = neurons_of(model)[name]
+            lif = lifs[name]
             lif.threshold_.copy_(loihi2_threshold(lif.threshold_, unit, lif.decay_, T))

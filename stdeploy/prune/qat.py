@@ -66,8 +66,9 @@ class QuantizeConfig:
         """The contract for ``model``: the given range, an exact model's own, or the training split's."""
         if self.input_range is not None:
             return InputContract.covering(*self.input_range, self.frac_bits, unit=False)
-        if is_exact(model) and input_contract_of(model) is not None:
-            return input_contract_of(model)
+        own = input_contract_of(model) if is_exact(model) else None
+        if own is not None:
+            return own
         lo, hi = data_range(data.train)
         return InputContract.covering(lo, hi, self.frac_bits)
 

@@ -24,3 +24,18 @@ def _dynamic_symbols(lib: Path, undefined: bool) -> set[str]:
 def dynamic_symbols():
     """``dynamic_symbols(lib, undefined)``: see :func:`_dynamic_symbols`."""
     return _dynamic_symbols
+
+
+C_LIBRARIES = ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1")
+
+
+@pytest.fixture
+def provided_symbols():
+    """``provided_symbols(libs, libc_dir)``: the symbols the libraries ``libs`` (TVM's runtime ones)
+    and the C libraries in ``libc_dir`` that exist there define: what a bundle's module may import."""
+    def provided(libs, libc_dir: Path) -> set[str]:
+        names = set()
+        for lib in [*libs, *(libc_dir / c for c in C_LIBRARIES if (libc_dir / c).exists())]:
+            names |= _dynamic_symbols(lib, undefined=False)
+        return names
+    return provided

@@ -130,18 +130,14 @@ def test_cuda_bundle_contents_and_manifest(which, arch, machine, request):
 
 
 @pytest.mark.parametrize("which, machine", [("jetson", "aarch64"), ("h100", "x86_64")])
-def test_gpu_library_needs_only_tvm_runtime_and_libc(which, machine, request, dynamic_symbols):
+def test_gpu_library_needs_only_tvm_runtime_and_libc(which, machine, request, dynamic_symbols, provided_symbols):
     """Every symbol a library leaves undefined is defined by TVM's runtime libraries (the CUDA one
     included) or the C library of its machine; none is Python's."""
     root, m = request.getfixturevalue(which)
     tvm_dir, ffi_dir = _tvm_dirs()
-    provided = set()
-    for lib in [tvm_dir / "lib" / "libtvm_runtime.so", tvm_dir / "lib" / "libtvm_runtime_cuda.so", *ffi_dir.glob("lib/libtvm_ffi.so")]:
-        provided |= dynamic_symbols(lib, undefined=False)
     libc_dir = Path("/usr/aarch64-linux-gnu/lib") if machine == "aarch64" else Path("/lib/x86_64-linux-gnu")
-    for libc in ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1"):
-        if (libc_dir / libc).exists():
-            provided |= dynamic_symbols(libc_dir / libc, undefined=False)
+    provided = provided_symbols([tvm_dir / "lib" / "libtvm_runtime.so", tvm_dir / "lib" / "libtvm_runtime_cuda.so",
+                                 *ffi_dir.glob("lib/libtvm_ffi.so")], libc_dir)
     for name in m["models"].values():
         lib = root / name
         head = lib.read_bytes()[:20]

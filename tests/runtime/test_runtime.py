@@ -420,7 +420,8 @@ def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, offlin
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full, require_installed, tmp_path, dynamic_symbols):
+def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full, require_installed, tmp_path, dynamic_symbols,
+                                                      provided_symbols):
     """(c): cross-compiled for aarch64; every symbol the modules leave undefined is defined by TVM's
     runtime libraries or the aarch64 C library; no Python symbol. Then the bundle executes: its C++
     runner (runner/run_module.cc), cross-compiled against the aarch64 TVM wheels that `make`
@@ -438,13 +439,8 @@ def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full,
     import tvm
     import tvm_ffi
 
-    provided = set()
-    for lib in [Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so", *Path(tvm_ffi.__file__).parent.glob("lib/libtvm_ffi.so")]:
-        provided |= dynamic_symbols(lib, undefined=False)
-    sysroot = Path("/usr/aarch64-linux-gnu/lib")
-    for libc in ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1"):
-        if (sysroot / libc).exists():
-            provided |= dynamic_symbols(sysroot / libc, undefined=False)
+    provided = provided_symbols([Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so",
+                                 *Path(tvm_ffi.__file__).parent.glob("lib/libtvm_ffi.so")], Path("/usr/aarch64-linux-gnu/lib"))
     for name in m["models"].values():
         lib = out / name
         head = lib.read_bytes()[:20]

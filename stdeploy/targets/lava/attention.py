@@ -68,7 +68,6 @@ class AttentionBlock:
     tokens: int        # N
     scale: float
     and_node: str      # the export's AND units (not lowered)
-    out_node: str      # the export's last sum (sum_j): the term into the attention LIF
 
     def __post_init__(self):
         for f in ("heads", "dh", "tokens"):
@@ -144,11 +143,11 @@ def find_blocks(info: GraphInfo) -> dict[str, AttentionBlock]:
             bias = getattr(node, "bias", None)
             if bias is not None and np.any(np.asarray(bias) != 0):
                 raise LavaUnsupported(f"{parts[part]}: a bias in the Spikformer AND lowering; not lowered as attention")
-        if float(np.asarray(g.nodes[parts["qkv_and"]].threshold).reshape(-1)[0]) != 2.5 \
-                or not np.all(np.asarray(g.nodes[parts["qkv_and"]].threshold) == 2.5):
+        thr = np.asarray(g.nodes[parts["qkv_and"]].threshold)
+        if thr.size == 0 or not np.all(thr == 2.5):
             raise LavaUnsupported(f"{parts['qkv_and']}: expected three-input AND units (threshold 2.5)")
         blocks[parts["sum_j"]] = AttentionBlock(name=name, q=srcs["q"], k=srcs["k"], v=srcs["v"], heads=heads, dh=dh,
-                                                tokens=n, scale=scale, and_node=parts["qkv_and"], out_node=parts["sum_j"])
+                                                tokens=n, scale=scale, and_node=parts["qkv_and"])
     return blocks
 
 
@@ -248,7 +247,7 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
     out; the attention LIF ``dh·N`` synapses per neuron)."""
     d, n = heads * dh, tokens
     block = AttentionBlock(name="attn", q="q", k="k", v="v", heads=heads, dh=dh, tokens=n, scale=scale,
-                           and_node="attn.qkv_and", out_node="attn.sum_j")
+                           and_node="attn.qkv_and")
     counts = block_counts(heads, dh, n, attention)
     lim, assumed = CoreLimits.from_profile(limits)
     if counts["synapses"] <= build_limit:

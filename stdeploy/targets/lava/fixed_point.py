@@ -523,8 +523,8 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
     for name in info.order:
         node, kind, shape = g.nodes[name], node_kind(g.nodes[name]), info.shapes[name]
         if kind == "Input" and exact:  # the fitted contract: clipped to its range, integers on its grid
-            own = graph_input_contract(g)  # applied first, so that inputs already on it are not rounded twice
             plan.add({"name": name, "kind": "source", "shape": shape, "inv_scale": 2.0 ** contract.frac_bits,
+                      # the graph's own contract applied first, so that inputs already on it are not rounded twice
                       "contracts": [[c.lo, c.hi, 2.0 ** c.frac_bits] for c in (own, contract)]})
             scale[name] = contract.grid
             bound[name] = max(abs(contract.lo), abs(contract.hi)) / contract.grid

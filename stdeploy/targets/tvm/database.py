@@ -27,7 +27,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path

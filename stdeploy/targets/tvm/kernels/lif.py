@@ -279,7 +279,7 @@ class _Matcher:
         theta = self.const(sub.args[1])
         return None if theta is None else (sub.args[0], theta)
 
-    def update(self, v, x_var, first: bool, prev):
+    def update(self, v, first: bool, prev):
         """Split ``v_t = a * u_t + b * x_t`` into ``(a, b, u_t, x_t)``: ``x_t`` the take, ``u_t`` the
         reset membrane of step ``t - 1`` (``prev = (v_{t-1}, s_{t-1})``) or, first, a constant."""
         pairs = self.products(v)
@@ -333,7 +333,7 @@ class _Matcher:
             v_var, theta = found
             if _static_shape(v_var) != shape:
                 return None
-            upd = self.update(v_var, source, t == 0, prev)
+            upd = self.update(v_var, t == 0, prev)
             if upd is None:
                 return None
             a, b, u0, take = upd
@@ -431,12 +431,14 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
     ``target``: the CPU target the kernels are checked for contraction on; a kernel that would
     compile to fused multiply-adds raises :class:`~stdeploy.targets.base.TargetError` (it would
     not be exact)."""
+    import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from .routing import rewrite_functions
 
     uses = _use_counts(mod)
+    concat = tvm.ir.Op.get("relax.concat")
     done: list[FusedLIF] = []
     kernels: dict[tuple, object] = {}
 
@@ -444,9 +446,9 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
     class _Fuse(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            m = _Matcher(self.lookup_binding, uses)
-            if call.op != m.op["concat"]:
+            if call.op != concat:
                 return call
+            m = _Matcher(self.lookup_binding, uses)
             call = self.builder_.normalize(call)
             found = m.match(call)
             if found is None:
