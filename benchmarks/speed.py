@@ -145,10 +145,6 @@ def timed(fn, x, warmup: int, repeats: int, cpu: list | None = None) -> float:
     return statistics.median(times)
 
 
-def out_spikes(model, x):
-    return reference_outputs(model, x)[0]
-
-
 def reference_outputs(model, x) -> tuple[np.ndarray, np.ndarray]:
     """``(output spikes, logits)`` of ``model`` on ``x`` (the head LIF's spikes, ``(T, B, N, D)``)."""
     spikes = []

@@ -31,9 +31,9 @@ SIGNED = InputContract.covering(-4.19, 4.07)  # MNIST-1D's training split, round
 
 
 @pytest.fixture(scope="module")
-def mnist1d():
-    """MNIST-1D with 256 training and 64 test sequences."""
-    d = load_dataset("mnist1d")
+def mnist1d(mnist1d_cache):
+    """MNIST-1D with 256 training and 64 test sequences (generated once per run: tests/conftest.py)."""
+    d = load_dataset("mnist1d", mnist1d_cache / "mnist1d")
     sub = torch.utils.data.Subset
     return dataclasses.replace(d, train=sub(d.train, range(256)), test=sub(d.test, range(64)))
 

@@ -77,13 +77,9 @@ def exported(tmp_path_factory, trained_sdt):
     x = direct_encode(images, folded.cfg.timesteps)  # (T, 32, 1, 8, 8)
     with torch.no_grad():  # direct encoding: the T = 2 model is the trained model's first two steps
         preset = record_neurons(fold_batchnorm(model).eval(), direct_encode(images, model.cfg.timesteps))[1]["head.lif"]["spikes"]
-        assert torch.equal(record_neurons(folded, x)[1]["head.lif"]["spikes"], preset[:TIMESTEPS])
-    spikes = []
-    hook = folded.head.lif.register_forward_hook(lambda m, inp, out: spikes.append(out))
-    with torch.no_grad():
-        logits = folded(x)
-    hook.remove()
-    return {"dir": export_dir, "x": x.numpy(), "logits": logits.numpy(), "spikes": spikes[0].numpy()}
+        logits, rec = record_neurons(folded, x)
+        assert torch.equal(rec["head.lif"]["spikes"], preset[:TIMESTEPS])
+    return {"dir": export_dir, "x": x.numpy(), "logits": logits.numpy(), "spikes": rec["head.lif"]["spikes"].numpy()}
 
 
 @pytest.fixture(scope="module")
