@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stdeploy.checkpoint import load_checkpoint  # noqa: E402
 from stdeploy.data import load_dataset  # noqa: E402
 from stdeploy.export.directory import export_model  # noqa: E402
+from stdeploy.export.validate import logits_and_spikes  # noqa: E402
 from stdeploy.models import direct_encode  # noqa: E402
 from stdeploy.prune import QuantizeConfig, quantize_model  # noqa: E402
 from stdeploy.targets.lava.target import LavaTarget  # noqa: E402
@@ -63,12 +64,8 @@ def main() -> int:
             rates = manifest["validation"]["activity"]
             x = direct_encode(torch.stack([digits.test[i][0] for i in range(args.samples)]), q.cfg.timesteps)
             labels = np.array([int(digits.test[i][1]) for i in range(args.samples)])
-            kept = []
-            hook = q.head.lif.register_forward_hook(lambda m, i, out: kept.append(out))
-            with torch.no_grad():
-                logits = q(x).numpy()
-            hook.remove()
-            spikes = kept[0].numpy()
+            logits, spikes = logits_and_spikes(q, x)
+            logits, spikes = logits.numpy(), spikes.numpy()
             t0 = time.perf_counter()
             with LavaTarget().compile(Path(tmp) / "export", load_profile("loihi2-fixed")) as runnable:
                 res = runnable.run(x.numpy())

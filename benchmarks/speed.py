@@ -75,6 +75,7 @@ from stdeploy.activity import estimate_batchnorm, measure_activity, require_acti
 from stdeploy.data import load_dataset  # noqa: E402
 from stdeploy.errors import InactiveModel  # noqa: E402
 from stdeploy.export.directory import export_model  # noqa: E402
+from stdeploy.export.validate import logits_and_spikes  # noqa: E402
 from stdeploy.models import build_model, clone_model, direct_encode  # noqa: E402
 from stdeploy.models.quantize import INPUT_FRAC_BITS, InputContract, deployable, is_exact, to_exact  # noqa: E402
 from stdeploy.models.structure import LowRankLinear, structure_of  # noqa: E402
@@ -145,16 +146,6 @@ def timed(fn, x, warmup: int, repeats: int, cpu: list | None = None) -> float:
     return statistics.median(times)
 
 
-def reference_outputs(model, x) -> tuple[np.ndarray, np.ndarray]:
-    """``(output spikes, logits)`` of ``model`` on ``x`` (the head LIF's spikes, ``(T, B, N, D)``)."""
-    spikes = []
-    hook = model.head.lif.register_forward_hook(lambda m, i, o: spikes.append(o))
-    with torch.no_grad():
-        logits = model(x)
-    hook.remove()
-    return spikes[0].numpy(), logits.numpy()
-
-
 def quantize_exact(models: dict, contract: InputContract, stage_s: dict | None = None, label: str = "") -> dict:
     """Each model's integer-exact copy (:func:`~stdeploy.models.quantize.to_exact` with ``contract``:
     BatchNorm folded, 8-bit weights on per-layer power-of-two grids, thresholds on 2^-8, leaks 1/2),
@@ -188,7 +179,8 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
         # quantised values frozen into plain Linear/Conv2d (no per-call rounding of the weights); its
         # input contract is the caller's to apply to x (run() does)
         eager[variant] = deployable(model) if is_exact(model) else model.eval()
-        refs[variant], ref_logits[variant] = reference_outputs(eager[variant], x)
+        logits, spikes = logits_and_spikes(eager[variant], x)  # the head LIF's spikes, (T, B, N, D)
+        refs[variant], ref_logits[variant] = spikes.numpy(), logits.numpy()
         activities[variant] = measure_activity(eager[variant], x)
         require_active(activities[variant].firing_rates, *ACTIVE, what=f"{name} {variant}")
         stages[variant]["reference + activity"] = time.perf_counter() - t0

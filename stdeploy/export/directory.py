@@ -41,7 +41,7 @@ from ..neurons import neurons_of
 from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, quant_mode
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
 from .manifest import MANIFEST, listed_files
-from .validate import Comparison, compare, record_neurons, require_agreement
+from .validate import Comparison, compare, logits_and_spikes, record_neurons, require_agreement
 
 FORMAT = "stdeploy-export/1"
 FORMATS = ("nir", "onnx")
@@ -383,16 +383,9 @@ def _stream(run, x: torch.Tensor, size: int = VALIDATION_BATCH, first: int | Non
 
 @torch.no_grad()
 def stream_outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, head spikes)`` of ``model`` on ``x``, one batch at a time; no other neuron is kept."""
-    def run(xb):
-        kept = []
-        hook = model.head.lif.register_forward_hook(lambda m, inputs, out: kept.append(out))
-        try:
-            return model(xb), kept[0]
-        finally:
-            hook.remove()
-
-    return _stream(run, x)
+    """``(logits, head spikes)`` of ``model`` on ``x``, one batch at a time
+    (:func:`~stdeploy.export.validate.logits_and_spikes` per batch); no other neuron is kept."""
+    return _stream(lambda xb: logits_and_spikes(model, xb), x)
 
 
 class _SampleMemo:

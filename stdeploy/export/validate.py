@@ -164,6 +164,20 @@ def record_neurons(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dic
     return logits, records
 
 
+@torch.no_grad()
+def logits_and_spikes(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, output spikes)`` of ``model`` on ``x`` in one pass without autograd: the output
+    spikes are those of its ``head.lif`` (``(T, B, N, D)``, what every artifact's ``spikes`` output
+    holds); no other neuron is kept (:func:`record_neurons` keeps them all)."""
+    kept = []
+    hook = model.head.lif.register_forward_hook(lambda m, inputs, out: kept.append(out))
+    try:
+        logits = model(x)
+    finally:
+        hook.remove()
+    return logits, kept[0]
+
+
 def flip_distances(record: dict[str, torch.Tensor], other_spikes: torch.Tensor) -> tuple[int, float, float]:
     """Count of flipped spikes in one layer and the min / max distance of the reference membrane
     from threshold at the flips."""

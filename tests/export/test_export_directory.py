@@ -12,7 +12,7 @@ from stdeploy.activity import estimate_batchnorm, require_active
 from stdeploy.checkpoint import save_checkpoint
 from stdeploy.errors import ConfigError, UnsupportedPrimitive
 from stdeploy.export.directory import export_model
-from stdeploy.export.validate import compare, membrane_before_reset, record_neurons
+from stdeploy.export.validate import compare, logits_and_spikes, membrane_before_reset, record_neurons
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.structure import LowRankLinear, attach_mask
 from stdeploy.neurons import LIF
@@ -49,6 +49,21 @@ def test_compare_localises_first_diverging_layer():
     assert c.flips[0]["layer"] == "blocks.0.mlp.lif2" and c.flips[0]["flips"] == 1
     v = rec["blocks.0.mlp.lif2"]["membrane"].view(-1)[0]
     assert c.max_flip_distance == pytest.approx(abs(float(v) - 1.0))
+
+
+def test_logits_and_spikes_are_record_neurons_output_layer(trained):
+    """One pass, no autograd, no hook left behind: the logits and head.lif spikes that
+    :func:`record_neurons` records, on test digits where the output layer fires."""
+    model, data = trained
+    x = direct_encode(torch.stack([data.test[i][0] for i in range(8)]), model.cfg.timesteps)
+    x.requires_grad_(True)
+    logits, spikes = logits_and_spikes(model, x)
+    assert not logits.requires_grad and not spikes.requires_grad
+    assert not model.head.lif._forward_hooks
+    with torch.no_grad():
+        ref_logits, rec = record_neurons(model, x)
+    assert spikes.shape == rec["head.lif"]["spikes"].shape and 0.02 < float(spikes.mean()) < 0.9
+    assert torch.equal(spikes, rec["head.lif"]["spikes"]) and torch.equal(logits, ref_logits)
 
 
 @pytest.mark.parametrize("variant", ["dense", "l1p", "dsp"])

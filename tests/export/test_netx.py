@@ -25,6 +25,7 @@ from stdeploy.checkpoint import save_checkpoint
 from stdeploy.errors import ConfigError, UnsupportedPrimitive
 from stdeploy.export.directory import export_model
 from stdeploy.export.manifest import read_manifest
+from stdeploy.export.validate import logits_and_spikes
 from stdeploy.export.netx_export import (NetxLayer, NetxNetwork, host_currents, loihi_reference, model_spikes,
                                          netx_input_data, read_netx, to_netx, write_netx)
 from stdeploy.models import build_model, direct_encode
@@ -129,12 +130,8 @@ def loihi2_netx_against_our_lava(model, data, tmp_path):
     with LavaTarget().compile(tmp_path / "loihi2", load_profile("loihi2-fixed")) as runnable:
         ours = runnable.run(x.numpy()).spikes
         assert runnable.info["input_contract"] == own  # Lava keeps a loihi2 graph's own grid (no refit, no re-quantising)
-    kept = []
-    hook = q.head.lif.register_forward_hook(lambda m, i, out: kept.append(out))
-    with torch.no_grad():
-        q(x)
-    hook.remove()
-    assert np.array_equal(ours, kept[0].numpy().reshape(ours.shape)), "our Lava fixed point differs from PyTorch"
+    torch_spikes = logits_and_spikes(q, x)[1].numpy()
+    assert np.array_equal(ours, torch_spikes.reshape(ours.shape)), "our Lava fixed point differs from PyTorch"
     net = read_netx(tmp_path / "loihi2" / "netx.h5")
     T = q.cfg.timesteps
     cur = stream(host_currents(net, x), net.depth)
@@ -222,14 +219,10 @@ def test_conv_model_chain_and_file_round_trip(tmp_path):
     x = direct_encode(torch.rand(8, 1, 8, 8), 4)
     layers = loihi_reference(back, host_currents(back, x))
     spikes = model_spikes(back, layers[-1])
-    kept = []
-    hook = model.head.lif.register_forward_hook(lambda m, i, out: kept.append(out))
-    with torch.no_grad():
-        model(x)
-    hook.remove()
+    torch_spikes = logits_and_spikes(model, x)[1]
     assert all(0.02 < float(s.mean()) < 0.5 for s in layers), [float(s.mean()) for s in layers]  # fires, not saturated
-    assert float(kept[0].mean()) > 0.05
-    assert float((spikes == kept[0]).float().mean()) >= MIN_TORCH_AGREEMENT
+    assert float(torch_spikes.mean()) > 0.05
+    assert float((spikes == torch_spikes).float().mean()) >= MIN_TORCH_AGREEMENT
 
 
 def test_netx_refusals(tmp_path, capsys):

@@ -17,6 +17,7 @@ import torch
 
 from stdeploy.activity import estimate_batchnorm, require_active
 from stdeploy.export.directory import export_model
+from stdeploy.export.validate import logits_and_spikes
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.quantize import to_exact
 from stdeploy.targets.lava.standard import lower_standard, to_fixed
@@ -62,12 +63,7 @@ def test_loihi2_standard_fixed_equals_pytorch(loihi2_conv, one_thread):
     q, out, manifest, x = loihi2_conv
     rates = manifest["validation"]["activity"]["firing_rates"]
     require_active(rates, what="loihi2 conv-tiny")
-    kept = []
-    hook = q.head.lif.register_forward_hook(lambda m, i, o: kept.append(o))
-    with torch.no_grad():
-        q(x)
-    hook.remove()
-    ref = kept[0].numpy()
+    ref = logits_and_spikes(q, x)[1].numpy()
     with LavaTarget().compile(out, load_profile("loihi2-standard-fixed")) as runnable:
         r = runnable.run(x.numpy())
     assert runnable.info["input_contract"] == {"lo": 0.0, "hi": 1.0, "frac_bits": 4}

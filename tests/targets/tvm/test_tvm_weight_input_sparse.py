@@ -170,6 +170,7 @@ def test_whole_model_pruned_sdt_keeps_pytorch_spikes(whole_model_pruned_sdt, tmp
 
     from stdeploy.activity import measure_activity, require_active
     from stdeploy.export.directory import export_model
+    from stdeploy.export.validate import logits_and_spikes
     from stdeploy.models import direct_encode
     from stdeploy.targets.tvm.cpu import outputs_to_numpy
     from stdeploy.targets.tvm.frontend import load_onnx_graph, relax_module
@@ -193,11 +194,7 @@ def test_whole_model_pruned_sdt_keeps_pytorch_spikes(whole_model_pruned_sdt, tmp
                                         relax.get_pipeline("zero")])(mod)
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(target)), tvm.cpu())
     spikes = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x.numpy())), graph.outputs)["spikes"]
-    with torch.no_grad():
-        ref_spikes = []
-        hook = model.head.lif.register_forward_hook(lambda m, i, o: ref_spikes.append(o))
-        model(x)
-        hook.remove()
+    ref_spikes = logits_and_spikes(model, x)[1]
     assert spikes.sum() > 0
-    np.testing.assert_array_equal(spikes, ref_spikes[0].numpy())
+    np.testing.assert_array_equal(spikes, ref_spikes.numpy())
     assert all(k.stats["skipzero"] == 1 and k.stats["gather"] == k.stats["blas"] == 0 for k in pruned)
