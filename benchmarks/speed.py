@@ -65,6 +65,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -129,10 +130,17 @@ def macs(model, x: torch.Tensor) -> int:
 def machine() -> str:
     return f"{describe_machine()} (torch threads {torch.get_num_threads()})"
 
-def timed(fn, x, warmup: int, repeats: int, cpu: list | None = None) -> float:
-    """Median wall seconds of ``fn(x)`` over ``repeats`` calls after ``warmup``; ``cpu``, when given,
-    receives the median CPU seconds of the whole process per call (all its threads: on a loaded
-    machine, threads that spin while waiting for a core show as CPU far above the work's own)."""
+
+class Timing(NamedTuple):
+    """Median seconds per call: ``wall`` clock, and ``cpu`` of the whole process (all its threads:
+    on a loaded machine, threads that spin while waiting for a core show as CPU far above the work's own)."""
+
+    wall: float
+    cpu: float
+
+
+def timed(fn, x, warmup: int, repeats: int) -> Timing:
+    """The median :class:`Timing` of ``fn(x)`` over ``repeats`` calls after ``warmup``."""
     for _ in range(warmup):
         fn(x)
     times, cpus = [], []
@@ -141,9 +149,12 @@ def timed(fn, x, warmup: int, repeats: int, cpu: list | None = None) -> float:
         fn(x)
         times.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
-    if cpu is not None:
-        cpu.append(statistics.median(cpus))
-    return statistics.median(times)
+    return Timing(statistics.median(times), statistics.median(cpus))
+
+
+def record_timing(row: dict, path: str, timing: Timing) -> None:
+    """``timing`` into ``row`` as ``path``'s median wall ms (``ms``) and process CPU ms (``cpu_ms``)."""
+    row["ms"][path], row["cpu_ms"][path] = 1e3 * timing.wall, 1e3 * timing.cpu
 
 
 def quantize_exact(models: dict, contract: InputContract, stage_s: dict | None = None, label: str = "") -> dict:
@@ -208,15 +219,11 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
                                if k in manifest["quantize"]}
         t0 = time.perf_counter()
         with torch.no_grad():
-            cpu: list = []
-            row["ms"]["pytorch"] = 1e3 * timed(model, x, args.warmup, args.repeats, cpu)
-            row["cpu_ms"]["pytorch"] = 1e3 * cpu[0]
+            record_timing(row, "pytorch", timed(model, x, args.warmup, args.repeats))
         stages[variant]["time pytorch"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ort_run = ort.compile(dirs[variant], profile)
-        cpu = []
-        row["ms"]["onnxruntime"] = 1e3 * timed(ort_run.run, xn, args.warmup, args.repeats, cpu)
-        row["cpu_ms"]["onnxruntime"] = 1e3 * cpu[0]
+        record_timing(row, "onnxruntime", timed(ort_run.run, xn, args.warmup, args.repeats))
         result = ort_run.run(xn)
         row["exact"]["onnxruntime"] = int(np.count_nonzero(result.spikes != ref))
         row["logits_diff"]["onnxruntime"] = float(np.abs(result.logits - logits).max())
@@ -241,9 +248,7 @@ def run_table(name: str, models: dict, x: torch.Tensor, out: Path, args, skip_un
             if path.endswith("sparse"):
                 row["sparse_layers"] = len(sparse)
             reps = max(3, args.repeats // 4) if path == "tvm untuned" else args.repeats
-            cpu = []
-            row["ms"][path] = 1e3 * timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps, cpu)
-            row["cpu_ms"][path] = 1e3 * cpu[0]
+            record_timing(row, path, timed(runnable.run, xn, 1 if path == "tvm untuned" else args.warmup, reps))
             stages[variant][f"run {path}"] = time.perf_counter() - t0
             print(f"[{name}] {variant}: {column_name(path, args.tune_trials > 0)} built in {stages[variant][f'build {path}']:.0f} s, "
                   f"checked and timed in {stages[variant][f'run {path}']:.0f} s", flush=True)
@@ -287,8 +292,8 @@ def lowrank_layers(models: dict, x_rows: int, repeats: int) -> list[dict]:
             n_out = second.shape[1]
             x = (rng.random((x_rows, k_in)) < 0.2).astype(np.float32)
             w = (first @ second).astype(np.float32)
-            dense = timed(lambda a: a @ w, x, 2, repeats)
-            factored = timed(lambda a: (a @ first) @ second, x, 2, repeats)
+            dense = timed(lambda a: a @ w, x, 2, repeats).wall
+            factored = timed(lambda a: (a @ first) @ second, x, 2, repeats).wall
             limit = k_in * n_out / (rank * (k_in + n_out))
             rows.append({"variant": variant, "layer": name, "in": k_in, "out": n_out, "rank": rank, "dense_ms": dense * 1e3,
                          "lowrank_ms": factored * 1e3, "speedup": dense / factored, "limit": limit,
@@ -468,12 +473,14 @@ def report(tables: dict, lowrank: list[dict], args, load_start: str, unfinished:
     return "\n".join(text)
 
 
-def write_report(out: Path, tables: dict, lowrank: list[dict], args, load_start: str, unfinished: str = "") -> None:
+def write_report(out: Path, tables: dict, lowrank: list[dict], args, load_start: str, unfinished: str = "") -> str:
     """``OUT/speed.md`` and ``OUT/speed.json`` (rewritten after every row, so an interrupted run
-    leaves what it measured, marked partial)."""
-    (out / "speed.md").write_text(report(tables, lowrank, args, load_start, unfinished))
+    leaves what it measured, marked partial); returns the markdown written."""
+    text = report(tables, lowrank, args, load_start, unfinished)
+    (out / "speed.md").write_text(text)
     (out / "speed.json").write_text(json.dumps({"tables": tables, "lowrank": lowrank, "args": vars(args), "machine": machine(),
                                                 "partial": unfinished or None}, indent=1, default=str))
+    return text
 
 
 def small_models(seed: int, epochs: int) -> tuple[dict, torch.Tensor, int]:
@@ -627,8 +634,7 @@ def run(args) -> int:
                                   on_row=partial(large, len(big_models)))
         lowrank += lowrank_layers({k: v for k, v in big_models.items() if k.startswith("dsp")}, xl.shape[0] * xl.shape[1] * 64,
                                   max(5, args.repeats // 2))
-    write_report(out, tables, lowrank, args, load_start)
-    print(report(tables, lowrank, args, load_start))
+    print(write_report(out, tables, lowrank, args, load_start))
     print(f"finished in {time.perf_counter() - t_start:.0f} s; {out / 'speed.md'}")
     failed = not_exact(tables)
     if failed:  # the integer-exact mode promises bit-identical results: a difference is a failure, not a figure
