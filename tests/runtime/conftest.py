@@ -1,10 +1,12 @@
-"""Fixtures of the runtime tests: reading a built library's dynamic symbols (both the CPU and the
-CUDA bundle tests check that a library needs only TVM's runtime and the C library)."""
+"""Fixtures of the runtime tests: the short sdt-tiny export both TVM bundle tests (CPU and CUDA)
+build from, and reading a built library's dynamic symbols (both check that a library needs only
+TVM's runtime and the C library)."""
 
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _dynamic_symbols(lib: Path, undefined: bool) -> set[str]:
@@ -39,3 +41,28 @@ def provided_symbols():
             names |= _dynamic_symbols(lib, undefined=False)
         return names
     return provided
+
+
+SHORT_TIMESTEPS = 2  # a TVM bundle unrolls every step: two keep the membrane's carry at half the build
+
+
+@pytest.fixture(scope="module")
+def short_sdt_export(trained_sdt, tmp_path_factory) -> Path:
+    """The run's trained sdt-tiny (tests/conftest.py; every spiking layer fires) with its weights at
+    T = 2 (the same operators per step, half the unrolled graph of each TVM build), exported to ONNX
+    once per module; with direct encoding its outputs are the trained model's first two steps
+    (checked here)."""
+    from stdeploy.export.directory import export_model
+    from stdeploy.export.validate import logits_and_spikes
+    from stdeploy.models import build_model, direct_encode
+
+    model, data = trained_sdt
+    short = build_model("sdt-tiny", timesteps=SHORT_TIMESTEPS)
+    short.load_state_dict(model.state_dict())
+    short.eval()
+    images = torch.stack([data.test[i][0] for i in range(8)])
+    first = logits_and_spikes(model, direct_encode(images, model.cfg.timesteps))[1][:SHORT_TIMESTEPS]
+    assert torch.equal(logits_and_spikes(short, direct_encode(images, SHORT_TIMESTEPS))[1], first)
+    out = tmp_path_factory.mktemp("export-short") / "exp"
+    export_model(short, out, ("onnx",))
+    return out

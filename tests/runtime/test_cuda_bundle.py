@@ -7,7 +7,8 @@ GPU-less machine in one line (never a CPU fallback). Running the kernels needs a
 (``test_h100_bundle_runs_on_the_gpu``, marker ``gpu``, skips elsewhere).
 
 Each bundle costs two CUDA builds (the unrolled and the step graph), done once per module by a
-fixture from the run's shared trained sdt-tiny with its weights at T = 2.
+fixture from ``short_sdt_export`` (tests/runtime/conftest.py: the run's shared trained sdt-tiny with
+its weights at T = 2).
 """
 
 import json
@@ -31,7 +32,7 @@ from stdeploy.targets.tvm.cuda_artifacts import embedded_cuda_code
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 
 SAMPLES = 2
-TIMESTEPS = 2  # a TVM bundle unrolls every step: two keep the membrane's carry at half the build
+TIMESTEPS = 2  # the T of short_sdt_export (tests/runtime/conftest.py)
 EM_X86_64, EM_AARCH64, EM_CUDA = 62, 183, 190
 CROSS = "aarch64-linux-gnu-g++"
 NO_TORCH = "import sys; sys.modules['torch'] = None; from stdeploy.runtime.__main__ import main; raise SystemExit(main(sys.argv[1:]))"
@@ -55,38 +56,17 @@ def _gpu_here() -> bool:
 
 
 @pytest.fixture(scope="module")
-def short_export(trained_sdt, tmp_path_factory):
-    """The run's trained sdt-tiny (conftest; every spiking layer fires) with its weights at T = 2: the
-    same operators per step, half the unrolled graph of each CUDA build; with direct encoding its
-    outputs are the trained model's first two steps (checked here)."""
-    from stdeploy.export.directory import export_model
-    from stdeploy.export.validate import record_neurons
-    from stdeploy.models import build_model, direct_encode
-
-    model, data = trained_sdt
-    short = build_model("sdt-tiny", timesteps=TIMESTEPS)
-    short.load_state_dict(model.state_dict())
-    images = torch.stack([data.test[i][0] for i in range(8)])
-    with torch.no_grad():
-        first = record_neurons(model, direct_encode(images, model.cfg.timesteps))[1]["head.lif"]["spikes"][:TIMESTEPS]
-        assert torch.equal(record_neurons(short.eval(), direct_encode(images, TIMESTEPS))[1]["head.lif"]["spikes"], first)
-    out = tmp_path_factory.mktemp("export-cuda") / "exp"
-    export_model(short.eval(), out, ("onnx",))
-    return out, data
-
-
-@pytest.fixture(scope="module")
-def jetson(short_export, tmp_path_factory, require_installed):
+def jetson(short_sdt_export, trained_sdt, tmp_path_factory, require_installed):
     if shutil.which(CROSS) is None:
         require_installed(f"{CROSS} is not installed (make installs g++-aarch64-linux-gnu)")
     out = tmp_path_factory.mktemp("cuda-bundle") / "sdt-jetson"
-    return out, package(short_export[0], "jetson-orin-nano", out, data=short_export[1], samples=SAMPLES, runtime="tvm")
+    return out, package(short_sdt_export, "jetson-orin-nano", out, data=trained_sdt[1], samples=SAMPLES, runtime="tvm")
 
 
 @pytest.fixture(scope="module")
-def h100(short_export, tmp_path_factory):
+def h100(short_sdt_export, trained_sdt, tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda-bundle") / "sdt-h100"
-    return out, package(short_export[0], "nvidia-h100", out, data=short_export[1], samples=SAMPLES, runtime="tvm")
+    return out, package(short_sdt_export, "nvidia-h100", out, data=trained_sdt[1], samples=SAMPLES, runtime="tvm")
 
 
 def run_runner(bundle: Path, *args, cwd, env=None):

@@ -362,25 +362,12 @@ def test_archive_overwrite_replaces_only_a_bundle_archive(export_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- TVM bundles: standalone modules, TVM's runtime alone
-TVM_TIMESTEPS = 2  # a standalone TVM module unrolls every step: two keep the membrane's carry at half the build
-
-
+# both TVM bundles (x86-64, aarch64) are built from short_sdt_export (tests/runtime/conftest.py: the
+# run's trained sdt-tiny with its weights at T = 2)
 @pytest.fixture(scope="module")
-def tvm_export(trained_sdt, tmp_path_factory):
-    """The run's trained sdt-tiny (conftest; every spiking layer fires) with its weights at T = 2 (the
-    same operators per step, half the unrolled graph), exported once for both TVM bundles (x86-64, aarch64)."""
-    model, _ = trained_sdt
-    short = build_model("sdt-tiny", timesteps=TVM_TIMESTEPS)
-    short.load_state_dict(model.state_dict())
-    out = tmp_path_factory.mktemp("export-tvm") / "exp"
-    export_model(short.eval(), out, ("onnx",))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tvm_bundle(tvm_export, digits_full, tmp_path_factory):
+def tvm_bundle(short_sdt_export, digits_full, tmp_path_factory):
     out = tmp_path_factory.mktemp("tvm") / "sdt-tvm"
-    return out, package(tvm_export, "cpu", out, data=digits_full, samples=2, runtime="tvm")
+    return out, package(short_sdt_export, "cpu", out, data=digits_full, samples=2, runtime="tvm")
 
 
 @pytest.mark.tvm
@@ -420,7 +407,7 @@ def test_tvm_bundle_runs_on_tvm_runtime_alone_in_a_clean_venv(tvm_bundle, offlin
 
 @pytest.mark.tvm
 @pytest.mark.slow
-def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full, require_installed, tmp_path, dynamic_symbols,
+def test_aarch64_modules_need_only_tvm_runtime_and_libc(short_sdt_export, digits_full, require_installed, tmp_path, dynamic_symbols,
                                                       provided_symbols):
     """(c): cross-compiled for aarch64; every symbol the modules leave undefined is defined by TVM's
     runtime libraries or the aarch64 C library; no Python symbol. Then the bundle executes: its C++
@@ -434,7 +421,7 @@ def test_aarch64_modules_need_only_tvm_runtime_and_libc(tvm_export, digits_full,
                        'target = { kind = "llvm", mtriple = "aarch64-linux-gnu" }\n'
                        f'cross_compiler = "{compiler}"\n')
     out = tmp_path / "arm"
-    m = package(tvm_export, str(profile), out, data=digits_full, samples=2, runtime="tvm")  # the trained model on digits: it fires
+    m = package(short_sdt_export, str(profile), out, data=digits_full, samples=2, runtime="tvm")  # the trained model on digits: it fires
     assert m["tvm"]["machine"] == "aarch64" and m["host_check"]["passed"] is None
     import tvm
     import tvm_ffi
