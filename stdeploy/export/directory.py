@@ -333,13 +333,12 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     # the exporters' own check (PyTorch and onnxruntime on seeded batches of 1 and 3, with a session
     # of its own) is left to the validation below, which runs every sample from the written file
     # and starts with a batch of 1: the batch stays dynamic (traced at 2) at 1 and at 15-16
-    info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse, validate=False)
-    step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse, validate=False)
-    if manifest["quantize"]["mode"] != "float":  # the input contract travels with the ONNX files too (exact, loihi2)
-        for path in (tmp / "model.onnx", tmp / "model.step.onnx"):
-            _stamp_onnx(path, {"stdeploy.quantize": manifest["quantize"]["mode"], "stdeploy.input_contract": manifest["input"]["contract"],
-                               "stdeploy.input_range": json.dumps(manifest["quantize"]["input_range"]),
-                               "stdeploy.input_frac_bits": str(manifest["quantize"]["input_frac_bits"])})
+    q = manifest["quantize"]
+    contract = None if q["mode"] == "float" else {  # the input contract travels with the ONNX files too (exact, loihi2)
+        "stdeploy.quantize": q["mode"], "stdeploy.input_contract": manifest["input"]["contract"],
+        "stdeploy.input_range": json.dumps(q["input_range"]), "stdeploy.input_frac_bits": str(q["input_frac_bits"])}
+    info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse, validate=False, metadata=contract)
+    step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse, validate=False, metadata=contract)
     for key, path, meta, run in (("onnx", tmp / "model.onnx", info, run_onnx), ("onnx.step", tmp / "model.step.onnx", step, run_onnx_streaming)):
         session = onnx_session(path)
         logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x, first=1)
@@ -353,17 +352,6 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     manifest["validation"]["streaming_vs_unrolled"] = {"spike_mismatches": int((us != ss).sum()),
                                                        "logits_max_abs_error": float((ul - sl).abs().max())}
     return results
-
-
-def _stamp_onnx(path: Path, props: dict[str, str]) -> None:
-    """Add ``props`` to the ONNX file's ``metadata_props`` (external tensor data, if any, untouched)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(path))
 
 
 def _batches(n: int, size: int = VALIDATION_BATCH, first: int | None = None) -> list[slice]:

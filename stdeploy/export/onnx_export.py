@@ -525,13 +525,17 @@ def _write(path: Path, data: bytes) -> None:
 
 def _finish(proto: onnx.ModelProto, model: SpikingTransformer, path: str | os.PathLike, kind: str, *,
             state_shapes: dict[str, tuple[int, ...]], sparse_initializers: bool, sparse_min_zeros: float, exporter: str,
-            validate: Callable[[bytes], dict] | None) -> dict:
-    """Name, annotate, sparsify, check, validate and write ``proto``; the info dict."""
+            validate: Callable[[bytes], dict] | None, metadata: dict[str, str] | None) -> dict:
+    """Name, annotate (stdeploy's ``metadata_props``, then ``metadata``'s), sparsify, check,
+    validate and write ``proto``; the info dict."""
     _name_initializers(proto, model, {n: len(shape) + 1 for n, shape in state_shapes.items()})
     proto.producer_name = "stdeploy"
     meta = {"stdeploy.graph": kind, "stdeploy.model": model.cfg.name or model.cfg.family,
             "stdeploy.timesteps": str(model.cfg.timesteps), "stdeploy.config": json.dumps(model.cfg.to_dict(), sort_keys=True)}
-    onnx.helper.set_model_props(proto, meta)
+    clash = sorted(set(meta) & set(metadata or {}))
+    if clash:
+        raise ConfigError(f"metadata: the exporter writes {', '.join(clash)} itself")
+    onnx.helper.set_model_props(proto, {**meta, **(metadata or {})})
     dense_bytes = proto.ByteSize()
     sparse = _sparsify(proto, sparse_min_zeros) if sparse_initializers else []
     data = proto.SerializeToString()  # once: checked, validated and written as these bytes
@@ -606,7 +610,8 @@ def _validator(model: SpikingTransformer, run: Callable) -> Callable[[bytes], di
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, sparse_initializers: bool = False, opset: int | None = None,
-                sparse_min_zeros: float = SPARSE_MIN_ZEROS, dynamo: bool = False, validate: bool = True) -> dict:
+                sparse_min_zeros: float = SPARSE_MIN_ZEROS, dynamo: bool = False, validate: bool = True,
+                metadata: dict[str, str] | None = None) -> dict:
     """Export the folded ``model`` as one unrolled graph to ``path`` (written atomically).
 
     Inputs ``input (T, B, C, H, W)``; outputs ``logits (B, classes)`` and ``spikes (T, B, N, D)``
@@ -614,7 +619,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sparse_initializer
     (name -> dims, ``"batch"`` for the dynamic one), ``file_bytes``, ``initializers``,
     ``sparse_initializers`` (names moved), ``matmul_nodes`` (MatMul + Gemm), ``op_counts``,
     ``validation`` (per batch: spike mismatches, max logit error; None with ``validate=False``),
-    and with ``sparse_initializers`` also ``dense_file_bytes``.
+    and with ``sparse_initializers`` also ``dense_file_bytes``. ``metadata`` (str -> str) is written
+    into the file's ``metadata_props`` after stdeploy's own (``stdeploy.graph``, ``stdeploy.model``,
+    ``stdeploy.timesteps``, ``stdeploy.config``; one of those keys is refused).
 
     Raises :class:`~stdeploy.errors.UnsupportedPrimitive` (BatchNorm not folded, masks attached),
     :class:`~stdeploy.errors.ConfigError` (bad ``opset`` or ``sparse_min_zeros``),
@@ -629,17 +636,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sparse_initializer
                       lambda batch: ({1: batch},), opset=opset, dynamo=dynamo)
     return _finish(proto, model, path, "unrolled", state_shapes=_state_shapes(model),
                    sparse_initializers=sparse_initializers, sparse_min_zeros=sparse_min_zeros,
-                   exporter="dynamo" if dynamo else "torchscript", validate=_validator(model, run_onnx) if validate else None)
+                   exporter="dynamo" if dynamo else "torchscript", validate=_validator(model, run_onnx) if validate else None,
+                   metadata=metadata)
 
 
 def export_onnx_streaming(model: nn.Module, path: str | os.PathLike, *, sparse_initializers: bool = False,
                           opset: int | None = None, sparse_min_zeros: float = SPARSE_MIN_ZEROS, dynamo: bool = False,
-                          validate: bool = True, rules: dict[type, StepRule] | None = None) -> dict:
+                          validate: bool = True, rules: dict[type, StepRule] | None = None,
+                          metadata: dict[str, str] | None = None) -> dict:
     """Export one timestep of the folded ``model`` with explicit neuron states to ``path``.
 
     Inputs ``input (B, C, H, W)`` and ``state.<neuron>`` (membranes); outputs
     ``logits_step (B, classes)``, ``spikes_step (B, N, D)`` and ``state_out.<neuron>``. ``rules``
-    overrides or extends :func:`default_step_rules`. Validation runs the graph over T steps
+    overrides or extends :func:`default_step_rules`; ``metadata`` as in :func:`export_onnx`. Validation runs the graph over T steps
     (:func:`run_onnx_streaming`) against the unrolled PyTorch model. Returns the info dict of
     :func:`export_onnx` plus ``states`` (neuron name -> per-step shape without the batch dim).
     """
@@ -658,7 +667,8 @@ def export_onnx_streaming(model: nn.Module, path: str | os.PathLike, *, sparse_i
                       opset=DEFAULT_OPSET if opset is None else opset, dynamo=dynamo)
     info = _finish(proto, model, path, "streaming", state_shapes=shapes,
                    sparse_initializers=sparse_initializers, sparse_min_zeros=sparse_min_zeros,
-                   exporter="dynamo" if dynamo else "torchscript", validate=_validator(model, run_onnx_streaming) if validate else None)
+                   exporter="dynamo" if dynamo else "torchscript", validate=_validator(model, run_onnx_streaming) if validate else None,
+                   metadata=metadata)
     info["states"] = {n: list(shapes[n]) for n in names}
     return info
 

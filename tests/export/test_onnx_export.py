@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from stdeploy.errors import OutputMismatch, ShapeError, UnsupportedPrimitive
+from stdeploy.errors import ConfigError, OutputMismatch, ShapeError, UnsupportedPrimitive
 from stdeploy.export.onnx_export import (
     LOGIT_ATOL, _Unrolled, default_step_rules, export_onnx, export_onnx_streaming, initial_states, run_onnx,
     run_onnx_streaming, spike_mismatches,
@@ -213,6 +213,19 @@ def test_unwritable_path_names_it_and_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match="cannot write ONNX model to .*a_dir"):
         export_onnx_streaming(model, tmp_path / "a_dir")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_dir", "a_file"]  # no temporary file left
+
+
+def test_metadata_is_written_with_the_file_after_stdeploys_own(tmp_path):
+    """``metadata`` lands in ``metadata_props`` when the file is written (its size as reported),
+    after stdeploy's own keys, none of which it may replace (refused, nothing written)."""
+    model = fold_batchnorm(build_model("sdt-tiny"))
+    info = export_onnx(model, tmp_path / "m.onnx", validate=False, metadata={"stdeploy.quantize": "exact"})
+    props = [(p.key, p.value) for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props]
+    assert [k for k, _ in props] == ["stdeploy.graph", "stdeploy.model", "stdeploy.timesteps", "stdeploy.config", "stdeploy.quantize"]
+    assert props[-1] == ("stdeploy.quantize", "exact") and info["file_bytes"] == (tmp_path / "m.onnx").stat().st_size
+    with pytest.raises(ConfigError, match="metadata: the exporter writes stdeploy.timesteps itself"):
+        export_onnx_streaming(model, tmp_path / "s.onnx", validate=False, metadata={"stdeploy.timesteps": "2"})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def test_a_wrong_step_rule_fails_validation_and_writes_nothing(models, tmp_path):
