@@ -225,7 +225,12 @@ def lif_blocks(xs: torch.Tensor, d: torch.Tensor, thr: torch.Tensor, reset: torc
     parameters broadcasting against ``neurons``): spikes ``(T, B, *neurons)`` in float32, bit for
     bit those of the step-by-step loop (the same IEEE operations: ``(1-d)*v``, ``d*I``, their sum,
     ``v > v_threshold``, the reset chosen where it fired), done in place on a block of about
-    ``block`` neurons at a time through every step, so that the block's membrane stays in cache."""
+    ``block`` neurons at a time through every step, so that the block's membrane stays in cache.
+    It does not call :func:`stdeploy.neurons.lif_inference` on purpose: that is the model's rule
+    (``v - theta >= 0``, then ``v * (1 - s)``, parameters per channel), this is NIR's for any graph
+    (``v > v_threshold``, then ``v_reset``, parameters per neuron), which differ at the threshold
+    and after a reset unless ``v_reset = 0`` and ``v_threshold`` is ``theta`` one ulp lower (what
+    stdeploy writes)."""
     if xs.dim() >= 4 and _token_major(xs):
         # channel-first tokens held token-major (a per-token linear layer's output, transposed back):
         # the same elementwise operations in the order they lie in memory, the spikes laid out alike
