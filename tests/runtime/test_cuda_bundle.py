@@ -143,6 +143,7 @@ def test_gpu_library_holds_device_code_for_the_profiles_arch(which, arch, reques
         assert set(re.findall(rb"-arch (sm_\d+)", data)) == {f"sm_{arch}".encode()}
         code = embedded_cuda_code(root / g["file"])
         assert {(c["kind"], c["arch"]) for c in code} == {("SASS", f"sm_{arch}"), ("PTX", f"compute_{arch}")}
+        assert embedded_cuda_code(data) == code  # the bytes already read (what the build checks) give the same
         assert all(k.encode() in data for k in g["kernels"])
     assert embedded_cuda_code(root / "samples.npz") == []
 

@@ -168,9 +168,9 @@ def build_cuda_modules(unrolled: Path, step: Path | None, profile, batch: int, s
         executable.export_library(str(lib), **ex_kwargs)
         if elf_machine(lib) != machine:
             raise ConfigError(f"{lib}: built for {elf_machine(lib)}, expected {machine}")
-        data = lib.read_bytes()
+        data = lib.read_bytes()  # read once: the kernel names and the GPU code are looked up in these bytes
         missing = [k for k in kernels if k.encode() not in data]
-        code = embedded_cuda_code(lib)
+        code = embedded_cuda_code(data)
         if missing or not any(c["kind"] == "SASS" and c["arch"] == arch for c in code):
             raise ConfigError(f"{lib}: the library lacks kernels {missing[:5]} or SASS for {arch} (has {code})")
         if machine == build_machine():  # loadable here (the stand-in driver suffices to load, not to run)

@@ -54,14 +54,15 @@ FATBIN_MAGIC = 0xBA55ED50  # an nvcc fat binary: header (magic u32, version u16,
 _FATBIN_KINDS = {1: "PTX", 2: "SASS"}  # entry kind: 1 PTX text (compute_XY), 2 a cubin ELF image (sm_XY)
 
 
-def embedded_cuda_code(path: str | os.PathLike) -> list[dict]:
+def embedded_cuda_code(path: str | os.PathLike | bytes) -> list[dict]:
     """The GPU code inside a compiled library: for every nvcc fat binary embedded in the file (TVM
     keeps it in the library's serialized CUDA module), each entry's ``kind`` (``"SASS"``: machine
     code for one GPU; ``"PTX"``: text that newer GPUs compile when loading), ``arch``
     (``"sm_87"`` / ``"compute_87"``), ``bytes`` (as stored; PTX may be compressed) and
     ``compressed``. Read from the bytes alone, so a library for another machine (an aarch64
-    Jetson library on x86-64) can be checked. An empty list: no fat binary in the file."""
-    data = Path(path).read_bytes()
+    Jetson library on x86-64) can be checked; ``path`` may be the file's bytes, already read. An
+    empty list: no fat binary in the file."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
     magic = struct.pack("<I", FATBIN_MAGIC)
     found, at = [], data.find(magic)
     while at >= 0:
