@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from stdeploy.files import sha256_file
 from stdeploy.package import package
