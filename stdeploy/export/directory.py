@@ -334,11 +334,11 @@ def _export_onnx(folded, tmp, x, ref_logits, ref_spikes, labels, manifest, spars
     # of its own) is left to the validation below, which runs every sample from the written file
     # and starts with a batch of 1: the batch stays dynamic (traced at 2) at 1 and at 15-16
     q = manifest["quantize"]
-    contract = None if q["mode"] == "float" else {  # the input contract travels with the ONNX files too (exact, loihi2)
+    contract_props = None if q["mode"] == "float" else {  # the input contract travels with the ONNX files too (exact, loihi2)
         "stdeploy.quantize": q["mode"], "stdeploy.input_contract": manifest["input"]["contract"],
         "stdeploy.input_range": json.dumps(q["input_range"]), "stdeploy.input_frac_bits": str(q["input_frac_bits"])}
-    info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse, validate=False, metadata=contract)
-    step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse, validate=False, metadata=contract)
+    info = export_onnx(folded, tmp / "model.onnx", sparse_initializers=sparse, validate=False, metadata=contract_props)
+    step = export_onnx_streaming(folded, tmp / "model.step.onnx", sparse_initializers=sparse, validate=False, metadata=contract_props)
     for key, path, meta, run in (("onnx", tmp / "model.onnx", info, run_onnx), ("onnx.step", tmp / "model.step.onnx", step, run_onnx_streaming)):
         session = onnx_session(path)
         logits, spikes = outputs[key] = _stream(lambda xb: run(session, xb), x, first=1)

@@ -624,7 +624,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sparse_initializer
     ``stdeploy.timesteps``, ``stdeploy.config``; one of those keys is refused).
 
     Raises :class:`~stdeploy.errors.UnsupportedPrimitive` (BatchNorm not folded, masks attached),
-    :class:`~stdeploy.errors.ConfigError` (bad ``opset`` or ``sparse_min_zeros``),
+    :class:`~stdeploy.errors.ConfigError` (bad ``opset`` or ``sparse_min_zeros``, a ``metadata``
+    key of stdeploy's),
     :class:`~stdeploy.errors.OutputMismatch` (validation failed, see the module notes on
     exactness; nothing written) or ``OSError`` naming ``path`` (no partial or temporary file left).
     """
@@ -648,9 +649,10 @@ def export_onnx_streaming(model: nn.Module, path: str | os.PathLike, *, sparse_i
 
     Inputs ``input (B, C, H, W)`` and ``state.<neuron>`` (membranes); outputs
     ``logits_step (B, classes)``, ``spikes_step (B, N, D)`` and ``state_out.<neuron>``. ``rules``
-    overrides or extends :func:`default_step_rules`; ``metadata`` as in :func:`export_onnx`. Validation runs the graph over T steps
-    (:func:`run_onnx_streaming`) against the unrolled PyTorch model. Returns the info dict of
-    :func:`export_onnx` plus ``states`` (neuron name -> per-step shape without the batch dim).
+    overrides or extends :func:`default_step_rules`; ``metadata`` as in :func:`export_onnx`.
+    Validation runs the graph over T steps (:func:`run_onnx_streaming`) against the unrolled
+    PyTorch model. Returns the info dict of :func:`export_onnx` plus ``states`` (neuron name ->
+    per-step shape without the batch dim).
     """
     rules = {**default_step_rules(), **(rules or {})}
     model = _prepare(model, streaming=True, rules=rules, sparse_min_zeros=sparse_min_zeros, opset=opset)
