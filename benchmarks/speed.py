@@ -58,7 +58,6 @@ config file) sizes a large run on a small config first.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics

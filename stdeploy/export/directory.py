@@ -36,7 +36,6 @@ from ..checkpoint import save_checkpoint
 from ..files import exchange, finished_mode, fsync_dir, fsync_file, sha256_file
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..models import direct_encode
-from ..models.fold import fold_batchnorm
 from ..neurons import neurons_of
 from ..models.quantize import InputContract, deployable, exact_layers, input_contract_of, quant_mode
 from ..tolerance import NIR_INTERPRETER, ONNXRUNTIME, Tolerance
