@@ -285,26 +285,402 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
                           chips=math.ceil(used / lim.cores_per_chip), first_unfit=first, unfit_reason=reason)
 
 
+# ----------------------------------------------------------------------------- one block run on Lava
+SOURCE = "qkv"             # the block plan's input: the frames of q, k, v side by side, (3·D·N,)
+RUN_TIMEOUT_S = 900.0      # a block run on Lava is stopped after this long (python -m ... --run --timeout-s)
+
+
+def block_plan(block: AttentionBlock, decay: float, v_threshold: float, attention: str = "product") -> dict:
+    """A standard plan (:func:`.standard.lower_standard`'s form, float mode) of ``block`` alone,
+    runnable by the Lava worker's ``run_standard_plan``: the input (``RingBuffer``) carries the
+    spikes of ``q``, ``k``, ``v`` side by side (``(3, D, N)`` flattened, each channel-first as the
+    NIR export lays tokens out), each copied by an identity ``Sparse`` into a relay population
+    (``LIFReset``, ``du = dv = 1``, ``vth = 0.5``: spike in, spike out) named ``block.q``/``k``/``v``;
+    then :func:`lower_block` (the NIR lowering's own code) and the attention LIF as the standard
+    lowering builds a LIF: ``LIFReset`` with ``du = 1``, ``dv = decay``, ``vth = v_threshold`` and
+    the rows ``scale·decay``. Sinks: ``attn`` (the attention LIF's spikes, ``(D, N)``) and, for the
+    product lowering, ``sums`` (``kv_sum``'s graded spikes, the integers ``M`` ``(H, dh, dh)``).
+    ``v_threshold`` follows the export's rule (the model's ``theta`` lowered by one float32 ulp, so
+    Lava's ``v > vth`` is the model's ``v >= theta``)."""
+    d, n = block.heads * block.dh, block.tokens
+    size = d * n
+    latency = {SOURCE: 0}
+    pops, syns = [], []
+    eye = np.arange(size)
+    for i, op in enumerate((block.q, block.k, block.v)):
+        latency[op] = 1
+        pops.append({"name": op, "node_kind": "relay", "size": size, "shape": (size,), "latency": 1, "du": 1.0, "dv": 1.0,
+                     "vth": 0.5, "bias": np.zeros(size)})
+        syns.append({**_synapse(f"input:{op}", SOURCE, op, _sparse(eye, eye + i * size, 1.0, (size, 3 * size)), 0),
+                     "graded": True})
+    new_pops, new_syns, term = lower_block(block, latency, attention)
+    pops += new_pops
+    syns += new_syns
+    lif = f"{block.name}.attn_lif"
+    latency[lif] = latency[term["src"]] + 1
+    pops.append({"name": lif, "node_kind": "LIF", "size": size, "shape": (d, n), "latency": latency[lif], "du": 1.0,
+                 "dv": float(decay), "vth": float(v_threshold), "bias": np.zeros(size)})
+    rows, cols, n_src = term["weight"]
+    syns.append({**_synapse(f"{'+'.join(term['nodes'])}:{term['src']}->{lif}", term["src"], lif,
+                            _sparse(rows, cols, block.scale * float(decay), (size, n_src)), 0),
+                 "nodes": term["nodes"], "message_bits": term["message_bits"], "in_max": term["in_max"]})
+    outputs = {"attn": [{"sink": "sink:attn:0", "src": lif, "synapse": None, "latency": latency[lif], "size": size,
+                         "bias": None}]}
+    shapes = {SOURCE: (3 * size,), "attn": (d, n)}
+    if attention == "product":
+        m = f"{block.name}.kv_sum"
+        outputs["sums"] = [{"sink": "sink:sums:0", "src": m, "synapse": None, "latency": latency[m], "size": block.units,
+                            "bias": None}]
+        shapes["sums"] = (block.heads, block.dh, block.dh)
+    return {"lowering": "standard", "mode": "float", "input": SOURCE, "in_shape": (3 * size,), "in_size": 3 * size,
+            "populations": pops, "synapses": syns, "outputs": outputs, "depth": max(latency.values()), "shapes": shapes,
+            "dt": 1.0, "latency": latency, "loihi2": None}
+
+
+def miswire(plan: dict, block: AttentionBlock) -> dict:
+    """``plan`` with one wiring fault: ``k``'s synapse into the block's first population shifted
+    by one neuron (each ``k[hc, j]`` meets ``v[hc', j-1]``), everything else shared. A check that
+    the comparison can fail."""
+    out = {**plan, "synapses": list(plan["synapses"])}
+    for i, s in enumerate(out["synapses"]):
+        if s["src"] == block.k and s["dst"] not in (block.q, block.k, block.v):
+            m = dict(s["matrix"])
+            m["cols"] = (np.asarray(m["cols"]) + 1) % int(m["shape"][1])
+            out["synapses"][i] = {**s, "matrix": m}
+            return out
+    raise LavaUnsupported(f"{block.name}: no synapse from {block.k} into the block in this plan")
+
+
+def plan_counts(plan: dict, block: AttentionBlock) -> dict[str, int]:
+    """Neurons of the block's own populations and synapses (nonzero weights) into them and into
+    the attention LIF, as :func:`block_counts` counts them, read from a plan."""
+    outside = {block.q, block.k, block.v, f"{block.name}.attn_lif"}
+    own = {p["name"] for p in plan["populations"] if p["name"] not in outside}
+    return {"neurons": sum(int(p["size"]) for p in plan["populations"] if p["name"] in own),
+            "synapses": sum(int(np.count_nonzero(s["matrix"]["values"])) for s in plan["synapses"]
+                            if s["dst"] in own or s["dst"] == f"{block.name}.attn_lif")}
+
+
+def _run_child(folder: str) -> int:
+    """The Lava side of :func:`run_block` (a subprocess of its own: lava sets multiprocessing's
+    start method at import): build and run the plan with the worker's ``run_standard_plan``, then
+    list every process Lava instantiated (class, neurons or weight matrix, where its output goes)
+    from Lava's ``ProcessServer``."""
+    import json
+    import pickle
+
+    from lava.magma.core.process.process import ProcessServer
+
+    from .processes import run_standard_plan
+
+    with open(f"{folder}/plan.pkl", "rb") as f:
+        plan = pickle.load(f)
+    x = np.load(f"{folder}/x.npy")
+    records = run_standard_plan(plan, x, folder)
+    inventory = []
+    for proc in ProcessServer().processes:
+        entry = {"class": f"{type(proc).__module__}.{type(proc).__name__}", "name": proc.name}
+        if hasattr(proc, "weights"):
+            w = proc.weights.init
+            entry.update(shape=[int(n) for n in w.shape], nnz=int(np.count_nonzero(w.data if hasattr(w, "data") else w)))
+            conns = proc.a_out.out_connections
+            if conns:
+                dst = conns[0].process
+                entry.update(dst_class=type(dst).__name__, dst_name=dst.name, port=conns[0].name)
+        elif hasattr(proc, "v"):
+            entry["neurons"] = int(np.prod(proc.v.shape))
+        inventory.append(entry)
+    with open(f"{folder}/inventory.json", "w") as f:
+        json.dump(inventory, f)
+    np.savez(f"{folder}/out.npz", **{k: v for k, v in records.items() if k != "__classes__"})
+    return 0
+
+
+def _memory(pids) -> tuple[int, int]:
+    """Summed resident set (RSS) and proportional set size (PSS) of ``pids``, bytes (forked
+    processes share pages: the RSS sum counts them once per process, PSS splits them)."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
+
+
+def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    """Run a block plan (:func:`block_plan`) on ``x`` ``(T, 1, 3·D·N)`` (one sample) with Lava's
+    processes on ``Loihi2SimCfg`` in a subprocess in its own process group, stopped (the whole
+    group) after ``timeout_s``. Returns ``{"records"`` (sink -> ``(size, steps)``), ``"inventory"``
+    (every process Lava built), ``"wall_s"`` (the subprocess, start to end), ``"lava_s"`` (build and
+    start, steps: Lava's own time), ``"steps"``, ``"peak_rss_bytes"``, ``"peak_pss_bytes"`` (the
+    process group's summed memory, sampled every 0.2 s)``}``."""
+    import json
+    import os
+    import pickle
+    import signal
+    import subprocess
+    import tempfile
+    import threading
+    import time
+
+    from ..base import TargetError
+    from .worker import group_members, worker_env
+
+    if x.ndim != 3 or x.shape[1] != 1 or x.shape[2] != plan["in_size"]:
+        raise LavaUnsupported(f"run_block: expected x of shape (T, 1, {plan['in_size']}), got {tuple(x.shape)}")
+    with tempfile.TemporaryDirectory(prefix="stdeploy-attn-") as folder:
+        with open(f"{folder}/plan.pkl", "wb") as f:
+            pickle.dump(plan, f, protocol=pickle.HIGHEST_PROTOCOL)
+        np.save(f"{folder}/x.npy", np.ascontiguousarray(x, np.float32))
+        log = open(f"{folder}/log.txt", "wb")
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "stdeploy.targets.lava.attention", "--child", folder], stdout=log, stderr=subprocess.STDOUT,
+                                env=worker_env(), start_new_session=True)
+        peak = [0, 0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                rss, pss = _memory(pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X"))
+                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            wall = time.perf_counter() - t0
+            done.set()
+            sampler.join()
+            for sig in (signal.SIGTERM, signal.SIGKILL):  # the child and every Lava process it forked
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5 if sig == signal.SIGTERM else 0)
+            proc.wait()
+            log.close()
+        tail = open(f"{folder}/log.txt", "rb").read()[-3000:].decode(errors="replace")
+        if rc is None:
+            raise TargetError(f"lava: the attention block run did not finish within {timeout_s:g} s; stopped\n{tail}")
+        if rc != 0:
+            raise TargetError(f"lava: the attention block run failed (exit status {rc}):\n{tail}")
+        with np.load(f"{folder}/out.npz") as z:
+            records = {k: np.array(z[k]) for k in z.files}
+        with open(f"{folder}/inventory.json") as f:
+            inventory = json.load(f)
+    build_s, steps_s, steps = (float(v) for v in records.pop("__timing__"))
+    return {"records": records, "inventory": inventory, "wall_s": wall, "lava_s": {"build_start": build_s, "steps": steps_s},
+            "steps": int(steps), "peak_rss_bytes": peak[0], "peak_pss_bytes": peak[1]}
+
+
+def inventory_counts(inventory: list[dict], block: AttentionBlock) -> dict[str, int]:
+    """:func:`block_counts`' figures read from the processes Lava instantiated (:func:`run_block`):
+    neurons of every ``ProdNeuron`` and ``GradedVec`` (and, for the AND lowering, of the
+    ``LIFReset`` named after the AND node), nonzero weights of every synaptic process whose output
+    goes into one of them or into the attention LIF."""
+    own_class = ("ProdNeuron", "GradedVec")
+    lif = f"{block.name}.attn_lif"
+    neurons = sum(e["neurons"] for e in inventory if "neurons" in e
+                  and (e["class"].rsplit(".", 1)[1] in own_class or e["name"] == block.and_node))
+    synapses = sum(e["nnz"] for e in inventory if "nnz" in e
+                   and (e.get("dst_class") in own_class or e.get("dst_name") in (lif, block.and_node)))
+    return {"neurons": neurons, "synapses": synapses}
+
+
+def model_block_spikes(preset: str, images: int = 1, seed: int = 0, gain: float = 2.0, qkv_bias: float = 0.0,
+                       calibration: int = 32) -> dict:
+    """A random-weight model of ``preset`` (seed ``seed``; BatchNorm statistics estimated on
+    ``calibration`` digits training images with ``gain``, :func:`stdeploy.activity.estimate_batchnorm`;
+    the first block's Q, K, V BatchNorm biases raised by ``qkv_bias``) run by PyTorch on the first
+    ``images`` digits test images (resized to the preset's image size, the grey channel repeated
+    to its channels): the first block's ``q``, ``k``, ``v`` spikes and its attention LIF's
+    spikes, ``(T, B, N, D)``, and the sums ``M = Kᵀ·V`` per head ``(T, B, H, dh, dh)``, recorded
+    from the model's own modules (``SpikformerAttention``) with forward hooks."""
+    import torch
+
+    from ...activity import estimate_batchnorm
+    from ...data import load_dataset
+    from ...models import build_model, direct_encode
+
+    torch.manual_seed(seed)
+    model = build_model(preset)
+    cfg = model.cfg
+    if cfg.family != "spikformer":
+        raise LavaUnsupported(f"{preset} is not a Spikformer (family {cfg.family!r})")
+    data = load_dataset("digits", image_size=cfg.image_size)
+
+    def encode(split, count):
+        x = torch.stack([split[i][0] for i in range(count)])
+        return direct_encode(x.expand(-1, cfg.in_channels, -1, -1).contiguous(), cfg.timesteps)
+
+    estimate_batchnorm(model, [encode(data.train, calibration)], gain=gain)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for m in (attn.q, attn.k, attn.v):
+            m.bn.bias += qkv_bias
+    rec = {}
+    hooks = [getattr(attn, n).register_forward_hook(lambda mod, args, out, n=n: rec.__setitem__(n, out.detach().clone()))
+             for n in ("q_lif", "k_lif", "v_lif", "attn_lif")]
+    try:
+        with torch.no_grad():
+            model(encode(data.test, images))
+    finally:
+        for h in hooks:
+            h.remove()
+    t, b, n, d = rec["k_lif"].shape
+    k, v = (rec[f"{op}_lif"].view(t, b, n, attn.heads, d // attn.heads).transpose(2, 3) for op in "kv")  # (T, B, H, N, dh)
+    lif = attn.attn_lif
+    decay, theta = lif.decay.numpy(), lif.threshold.numpy()
+    if not (np.all(decay == decay[0]) and np.all(theta == theta[0])):
+        raise LavaUnsupported(f"{preset}: the attention LIF's decay or threshold varies per neuron; Lava's LIF takes one")
+    return {"q": rec["q_lif"].numpy(), "k": rec["k_lif"].numpy(), "v": rec["v_lif"].numpy(),
+            "attn": rec["attn_lif"].numpy(), "sums": (k.transpose(-2, -1) @ v).numpy(),
+            "heads": attn.heads, "scale": float(attn.scale), "decay": float(decay[0]), "theta": float(theta[0]),
+            "config": {"preset": preset, "seed": seed, "gain": gain, "qkv_bias": qkv_bias, "calibration": calibration,
+                       "images": images}}
+
+
+def lava_input(spikes: dict, sample: int = 0) -> np.ndarray:
+    """The block plan's input for one sample: ``(T, 1, 3·D·N)``, each of ``q``, ``k``, ``v``
+    ``(N, D)`` per frame laid out channel-first ``(D, N)``."""
+    frames = [np.swapaxes(spikes[op][:, sample], -1, -2).reshape(spikes[op].shape[0], -1) for op in "qkv"]
+    return np.concatenate(frames, axis=1)[:, None, :].astype(np.float32)
+
+
+def compare(result: dict, plan: dict, spikes: dict, sample: int = 0) -> dict:
+    """Lava's attention LIF spikes (and graded sums ``M``, where recorded) against the PyTorch
+    reference ``spikes`` of ``sample``: counts of differing entries, totals, firing rate."""
+    timesteps = spikes["attn"].shape[0]
+    out = {}
+    for key, ref in (("attn", np.swapaxes(spikes["attn"][:, sample], -1, -2)), ("sums", spikes["sums"][:, sample])):
+        if key not in plan["outputs"]:
+            continue
+        (term,) = plan["outputs"][key]
+        rec = result["records"][term["sink"]][:, int(term["latency"]):int(term["latency"]) + timesteps]  # (size, T)
+        got = rec.T.reshape(ref.shape)
+        out[key] = {"differ": int(np.count_nonzero(got != ref)), "total": int(ref.size),
+                    "mean": float(np.mean(got)), "max": float(np.max(got))}
+    out["attn"]["rate_lava"] = out["attn"].pop("mean")
+    out["attn"]["rate_reference"] = float(spikes["attn"][:, sample].mean())
+    return out
+
+
+def run_preset(preset: str, attention: str = "product", *, seed: int = 0, gain: float = 2.0, qkv_bias: float = 0.0,
+               timeout_s: float = RUN_TIMEOUT_S, check_wiring: bool = False) -> dict:
+    """One attention block of ``preset``'s sizes on Lava (:func:`block_plan`, :func:`run_block`)
+    on the ``q``, ``k``, ``v`` spikes of the model's first block on one digits image
+    (:func:`model_block_spikes`), compared with the model's own attention LIF (and ``M``); the
+    counts read from the instantiated processes beside :func:`block_counts`; ``check_wiring``
+    also runs :func:`miswire`'s plan (its differing spikes reported)."""
+    import time
+
+    t0 = time.perf_counter()
+    spikes = model_block_spikes(preset, images=1, seed=seed, gain=gain, qkv_bias=qkv_bias)
+    reference_s = time.perf_counter() - t0
+    t, _, n, d = spikes["q"].shape
+    heads = spikes["heads"]
+    block = AttentionBlock(name="blocks.0.attn", q="blocks.0.attn.q_lif", k="blocks.0.attn.k_lif", v="blocks.0.attn.v_lif",
+                           heads=heads, dh=d // heads, tokens=n, scale=spikes["scale"], and_node="blocks.0.attn.qkv_and")
+    v_threshold = float(np.nextafter(np.float32(spikes["theta"]), np.float32(-np.inf)))  # the NIR export's rule
+    t1 = time.perf_counter()
+    plan = block_plan(block, spikes["decay"], v_threshold, attention)
+    plan_s = time.perf_counter() - t1
+    x = lava_input(spikes)
+    result = run_block(plan, x, timeout_s)
+    report = {"preset": preset, "attention": attention, "heads": heads, "dh": d // heads, "tokens": n, "timesteps": t,
+              "reference": spikes["config"], "reference_s": reference_s, "plan_s": plan_s,
+              "input_rates": {op: float(spikes[op].mean()) for op in "qkv"},
+              "compare": compare(result, plan, spikes), "counts": {"formula": block_counts(heads, d // heads, n, attention),
+                                                                  "plan": plan_counts(plan, block),
+                                                                  "lava": inventory_counts(result["inventory"], block)},
+              "processes": {}, "wall_s": result["wall_s"], "lava_s": result["lava_s"], "steps": result["steps"],
+              "peak_rss_bytes": result["peak_rss_bytes"], "peak_pss_bytes": result["peak_pss_bytes"]}
+    for e in result["inventory"]:
+        report["processes"][e["class"]] = report["processes"].get(e["class"], 0) + 1
+    if check_wiring:
+        broken = run_block(miswire(plan, block), x, timeout_s)
+        report["miswired"] = compare(broken, plan, spikes)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print one attention block's Loihi 2 resources under both lowerings for model presets."""
+    """Print one attention block's Loihi 2 resources under both lowerings for model presets;
+    ``--run``: run one block of each preset's sizes on Lava's processes and compare it with PyTorch."""
     from ...models import PRESETS  # the presets' sizes only
     from ..profiles import load_profile
 
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--child":  # run_block's subprocess
+        return _run_child(argv[1])
     ap = argparse.ArgumentParser(prog="python -m stdeploy.targets.lava.attention", description=main.__doc__)
     ap.add_argument("presets", nargs="+", help="Spikformer presets (spikformer-tiny, spikformer-4-384, ...)")
     ap.add_argument("--profile", default="loihi2-standard", help="device profile whose [limits] apply")
+    ap.add_argument("--run", action="store_true", help="run one block of each preset's sizes on Lava and compare with PyTorch")
+    ap.add_argument("--attention", default="product", help=f"--run: the lowering, one of {', '.join(ATTENTION_LOWERINGS)}")
+    ap.add_argument("--seed", type=int, default=0, help="--run: the random-weight model's seed")
+    ap.add_argument("--qkv-bias", type=float, default=0.0, help="--run: added to the Q, K, V BatchNorm biases of block 0")
+    ap.add_argument("--timeout-s", type=float, default=RUN_TIMEOUT_S, help="--run: stop the Lava run after this long")
+    ap.add_argument("--check-wiring", action="store_true", help="--run: also run the plan with one synapse miswired")
+    ap.add_argument("--json", action="store_true", help="--run: print the report as JSON")
     args = ap.parse_args(argv)
-    limits = load_profile(args.profile).limits
-    print("| preset | H | dh | N | lowering | added neurons | synapses | memory (bits) | cores | fits one chip |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
     for name in args.presets:
         if name not in PRESETS:
             print(f"error: unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}", file=sys.stderr)
             return 2
-        cfg = PRESETS[name]
-        if cfg.family != "spikformer":
-            print(f"error: {name} is not a Spikformer (family {cfg.family!r})", file=sys.stderr)
+        if PRESETS[name].family != "spikformer":
+            print(f"error: {name} is not a Spikformer (family {PRESETS[name].family!r})", file=sys.stderr)
             return 2
+    if args.attention not in ATTENTION_LOWERINGS:
+        print(f"error: --attention must be one of {', '.join(ATTENTION_LOWERINGS)}, got {args.attention!r}", file=sys.stderr)
+        return 2
+    if not args.timeout_s > 0:
+        print(f"error: --timeout-s must be > 0, got {args.timeout_s}", file=sys.stderr)
+        return 2
+    if args.run:
+        import json
+
+        for name in args.presets:
+            r = run_preset(name, args.attention, seed=args.seed, qkv_bias=args.qkv_bias, timeout_s=args.timeout_s,
+                           check_wiring=args.check_wiring)
+            if args.json:
+                print(json.dumps(r))
+                continue
+            c, n = r["compare"], r["counts"]
+            print(f"{name}: one attention block on Lava ({args.attention}), H={r['heads']} dh={r['dh']} N={r['tokens']} "
+                  f"T={r['timesteps']}, {r['steps']} steps")
+            print(f"  q/k/v spike rates {', '.join(f'{k} {v:.4f}' for k, v in r['input_rates'].items())} "
+                  f"(random-weight model, seed {args.seed}, digits test image 0)")
+            print(f"  attention LIF: {c['attn']['differ']} of {c['attn']['total']:,} spikes differ from PyTorch; "
+                  f"rate {c['attn']['rate_lava']:.4f} (PyTorch {c['attn']['rate_reference']:.4f})")
+            if "sums" in c:
+                print(f"  M = K^T V: {c['sums']['differ']} of {c['sums']['total']:,} sums differ; mean {c['sums']['mean']:.3f}, "
+                      f"max {c['sums']['max']:.0f}")
+            print(f"  neurons / synapses: formula {n['formula']['neurons']:,} / {n['formula']['synapses']:,}; plan "
+                  f"{n['plan']['neurons']:,} / {n['plan']['synapses']:,}; Lava's processes {n['lava']['neurons']:,} / "
+                  f"{n['lava']['synapses']:,}")
+            print(f"  processes: {', '.join(f'{k.split(chr(46), 2)[2]} x {v}' for k, v in sorted(r['processes'].items()))}")
+            print(f"  wall {r['wall_s']:.1f} s (Lava build+start {r['lava_s']['build_start']:.1f} s, "
+                  f"{r['steps']} steps {r['lava_s']['steps']:.1f} s); plan {r['plan_s']:.1f} s, PyTorch reference "
+                  f"{r['reference_s']:.1f} s; peak memory of the Lava process group: PSS {r['peak_pss_bytes'] / 2**30:.2f} GiB, "
+                  f"RSS sum {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+            if "miswired" in r:
+                print(f"  miswired (k shifted by one neuron): {r['miswired']['attn']['differ']} of "
+                      f"{r['miswired']['attn']['total']:,} attention spikes differ")
+        return 0
+    limits = load_profile(args.profile).limits
+    print("| preset | H | dh | N | lowering | added neurons | synapses | memory (bits) | cores | fits one chip |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
+    for name in args.presets:
+        cfg = PRESETS[name]
         heads, dh, n = cfg.heads, cfg.embed_dim // cfg.heads, cfg.tokens
         for lowering in ATTENTION_LOWERINGS:
             r = attention_resources(heads, dh, n, lowering, limits, scale=cfg.attn_scale)
