@@ -1,0 +1,43 @@
+"""One Spikformer attention block of a preset's sizes run on Lava's own processes
+(:func:`stdeploy.targets.lava.attention.run_preset`): the block plan is built by ``lower_block``
+(the NIR lowering's code), run by the worker's ``run_standard_plan`` (``ProdNeuron``,
+``GradedVec``, ``Sparse``/``DelaySparse``, ``LIFReset``, RingBuffers on ``Loihi2SimCfg``) on the
+q/k/v spikes of a random-weight spikformer-tiny's first block on a digits image (Q/K/V BatchNorm
+biases raised by 0.5 so that the attention LIF fires, rate about 0.13), and compared with the
+model's own attention LIF: exact. The full spikformer-4-384 size is the module's ``--run``
+(a benchmark, not a test: README)."""
+
+import pytest
+
+from stdeploy.activity import require_active
+from stdeploy.targets.lava.attention import block_counts, main, run_preset
+
+
+@pytest.mark.lava
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("attention", ["product", "and"])
+def test_block_on_lavas_processes_is_exact(attention, one_thread):
+    r = run_preset("spikformer-tiny", attention, qkv_bias=0.5, check_wiring=attention == "product", timeout_s=180)
+    assert (r["heads"], r["dh"], r["tokens"], r["timesteps"]) == (4, 16, 16, 4)
+    c = r["compare"]
+    # the model fires: q, k, v and the attention LIF (PyTorch's and Lava's rates)
+    require_active({**r["input_rates"], "attn_lif": c["attn"]["rate_reference"]}, what="spikformer-tiny block 0")
+    assert c["attn"]["rate_reference"] > 0.05 and c["attn"]["total"] == 4 * 64 * 16
+    assert c["attn"]["differ"] == 0, c
+    if attention == "product":  # the graded sums M = K^T V read from kv_sum's graded spikes
+        assert c["sums"]["differ"] == 0 and c["sums"]["max"] >= 2, c
+        # one synapse shifted by a neuron: the comparison fails
+        assert r["miswired"]["attn"]["differ"] > 0
+    # neurons and synapses read from the processes Lava instantiated = the plan's = the formula's
+    want = block_counts(4, 16, 16, attention)
+    assert r["counts"]["lava"] == r["counts"]["plan"] == want, r["counts"]
+    assert all(cls.startswith("lava.proc.") for cls in r["processes"]), r["processes"]
+    assert ("lava.proc.prodneuron.process.ProdNeuron" in r["processes"]) == (attention == "product")
+    assert r["peak_pss_bytes"] > 0 and r["steps"] == 4 + (5 if attention == "product" else 3)
+
+
+def test_run_refuses_bad_arguments(capsys):
+    assert main(["spikformer-tiny", "--run", "--attention", "softmax"]) == 2
+    assert "--attention must be one of product, and" in capsys.readouterr().err
+    assert main(["sdt-tiny", "--run"]) == 2
+    assert main(["spikformer-tiny", "--run", "--timeout-s", "0"]) == 2
