@@ -38,14 +38,13 @@ stdeploy.targets.lava.attention PRESET ...`` prints it for both lowerings.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from .graph import GraphInfo, LavaUnsupported, node_kind
-from .resources import CoreLimits, LayerResources, ResourceReport, resource_report
+from .resources import CoreLimits, LayerResources, ResourceReport, layer_cores, place, resource_report
 
 __all__ = ["AND_KIND", "ATTENTION_LOWERINGS", "AttentionBlock", "find_blocks", "lower_block", "block_counts",
            "attention_resources", "main"]
@@ -262,27 +261,13 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
         raise LavaUnsupported(f"attention_resources: {counts['synapses']:,} synapses exceed build_limit {build_limit:,}")
     units = heads * dh * dh * n * n
 
-    def layer(name, kind, neurons, synapses, fan_in, fan_out, inputs):
+    def layer(name, kind, neurons, synapses, fan_in, fan_out, inputs):  # the report's rules (.resources), counted
         memory = synapses * lim.weight_bits
-        cores = max(math.ceil(neurons / lim.neurons_per_core), math.ceil(synapses / lim.synapses_per_core),
-                    math.ceil(memory / lim.synaptic_memory_bits_per_core), 1)
         return LayerResources(layer=name, kind=kind, neurons=neurons, synapses=synapses, synaptic_memory_bits=memory,
-                              fan_in=fan_in, fan_out=fan_out, cores=cores, inputs=inputs)
+                              fan_in=fan_in, fan_out=fan_out, cores=layer_cores(neurons, synapses, memory, lim), inputs=inputs)
 
-    layers = (layer("attn.qkv_and", "Threshold", units, 3 * units, 3, 1, ("q", "k", "v")),
-              layer("attn.attn_lif", "LIF", d * n, units, dh * n, 0, ("attn.qkv_and",)))
-    first = reason = None
-    used = 0
-    for x in layers:
-        if first is None and used + x.cores > lim.cores_per_chip:
-            first, reason = x.layer, (f"needs cores {used + 1}-{used + x.cores}; a chip has {lim.cores_per_chip} "
-                                      f"({x.cores} for this layer: {x.neurons} neurons, {x.synapses} synapses, "
-                                      f"{x.synaptic_memory_bits} bits)")
-        used += x.cores
-    return ResourceReport(limits=lim, assumed_limits=assumed, layers=layers, neurons=sum(x.neurons for x in layers),
-                          synapses=sum(x.synapses for x in layers),
-                          synaptic_memory_bits=sum(x.synaptic_memory_bits for x in layers), cores=used,
-                          chips=math.ceil(used / lim.cores_per_chip), first_unfit=first, unfit_reason=reason)
+    return place((layer("attn.qkv_and", "Threshold", units, 3 * units, 3, 1, ("q", "k", "v")),
+                  layer("attn.attn_lif", "LIF", d * n, units, dh * n, 0, ("attn.qkv_and",))), lim, assumed)
 
 
 # ----------------------------------------------------------------------------- one block run on Lava
