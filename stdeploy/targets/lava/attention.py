@@ -270,6 +270,28 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
                   layer("attn.attn_lif", "LIF", d * n, units, dh * n, 0, ("attn.qkv_and",))), lim, assumed)
 
 
+def model_fit(cfg, attention: str = "product", limits: dict | None = None) -> dict:
+    """Chips for a Spikformer config ``cfg`` (``heads``, ``embed_dim``, ``tokens``, ``depth``,
+    ``mlp_hidden``) under the standard lowering: one block's attention (:func:`attention_resources`:
+    its added layers and the attention LIF) in cores and chips, and a **lower bound** for the whole
+    model: ``depth`` blocks' attention plus the rest's token-wise linear layers alone (``q``, ``k``,
+    ``v``, ``proj``: ``D²`` weights, ``fc1``, ``fc2``: ``D·hidden``, each unrolled over the ``N``
+    tokens, dense, each counted once) at ``synapses_per_core``; the embedding, the head and the
+    residual stream (every block's ``proj`` and ``fc2`` reach every later consumer as a term of its
+    own) add more. ``fan_in_residual``: the fan-in that residual stream gives the head's LIF alone
+    (``depth·(D + hidden)``), against ``fan_in_per_neuron``."""
+    lim, _ = CoreLimits.from_profile(limits)
+    d, n = cfg.embed_dim, cfg.tokens
+    block = attention_resources(cfg.heads, d // cfg.heads, n, attention, limits, scale=cfg.attn_scale)
+    rest_synapses = cfg.depth * n * (4 * d * d + 2 * d * cfg.mlp_hidden)
+    rest_cores = -(-rest_synapses // lim.synapses_per_core)
+    cores = cfg.depth * block.cores + rest_cores
+    return {"block_cores": block.cores, "block_chips": block.chips, "rest_synapses_at_least": rest_synapses,
+            "rest_cores_at_least": rest_cores, "model_cores_at_least": cores,
+            "model_chips_at_least": -(-cores // lim.cores_per_chip), "fan_in_residual": cfg.depth * (d + cfg.mlp_hidden),
+            "fan_in_per_neuron": lim.fan_in_per_neuron, "cores_per_chip": lim.cores_per_chip}
+
+
 # ----------------------------------------------------------------------------- one block run on Lava
 SOURCE = "qkv"             # the block plan's input: the frames of q, k, v side by side, (3·D·N,)
 RUN_TIMEOUT_S = 900.0      # a block run on Lava is stopped after this long (python -m ... --run --timeout-s)
@@ -672,6 +694,17 @@ def main(argv: list[str] | None = None) -> int:
             added = r.neurons - cfg.embed_dim * n
             print(f"| {name} | {heads} | {dh} | {n} | {lowering} | {added:,} | {r.synapses:,} | {r.synaptic_memory_bits:,} | "
                   f"{r.cores:,} | {'yes' if r.first_unfit is None else f'no ({r.chips} chips)'} |")
+    print()
+    print("| preset | lowering | one block's attention: cores (chips) | rest, linear layers alone: synapses, cores | "
+          f"whole model: cores, chips (at least) | residual fan-in of head.lif (limit) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in args.presets:
+        cfg = PRESETS[name]
+        for lowering in ATTENTION_LOWERINGS:
+            f = model_fit(cfg, lowering, limits)
+            print(f"| {name} | {lowering} | {f['block_cores']:,} ({f['block_chips']}) | {f['rest_synapses_at_least']:,}, "
+                  f"{f['rest_cores_at_least']:,} | >= {f['model_cores_at_least']:,}, >= {f['model_chips_at_least']} | "
+                  f">= {f['fan_in_residual']:,} ({f['fan_in_per_neuron']:,}) |")
     return 0
 
 

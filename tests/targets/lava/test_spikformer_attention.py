@@ -24,7 +24,7 @@ from stdeploy.export.nir_export import to_nir, write_nir
 from stdeploy.export.nir_interpreter import run_nir
 from stdeploy.models import PRESETS, build_model, direct_encode
 from stdeploy.models.fold import fold_batchnorm
-from stdeploy.targets.lava.attention import attention_resources, block_counts, find_blocks, main
+from stdeploy.targets.lava.attention import attention_resources, block_counts, find_blocks, main, model_fit
 from stdeploy.targets.lava.graph import LavaUnsupported, analyse
 from stdeploy.targets.lava.resources import resource_report
 from stdeploy.targets.lava.standard import lower_standard
@@ -98,6 +98,11 @@ def test_both_lowerings_counted_and_refused_when_not_the_exports(spikformer):
     layers = {x.layer: x for x in resource_report(product).layers}
     assert layers[f"{BLOCK}.kv_prod"].neurons == 16_384 and layers[f"{BLOCK}.kv_prod"].fan_in == 2
     assert layers[f"{BLOCK}.kv_sum"].fan_in == 16
+    # model_fit's whole-model figures are lower bounds of the built plan's report
+    whole, fit = resource_report(product), model_fit(PRESETS["spikformer-tiny"], "product")
+    assert fit["block_cores"] == attention_resources(4, 16, 16, "product").cores
+    assert fit["model_cores_at_least"] <= whole.cores and fit["rest_synapses_at_least"] <= whole.synapses - 98_304
+    assert fit["fan_in_residual"] <= layers["head.lif"].fan_in
     # a graph whose AND nodes are not the export's is refused by name, not lowered as attention
     bad = copy.copy(graph)
     bad.nodes = dict(graph.nodes)
