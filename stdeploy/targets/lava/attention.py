@@ -31,8 +31,24 @@ Counts per block (neurons; synapses, nonzero weights; :func:`block_counts`, chec
 built plans in the tests): product ``2·H·dh²·N + H·dh²`` neurons and ``6·H·dh²·N`` synapses; AND
 ``H·dh²·N²`` neurons and ``4·H·dh²·N²`` synapses (the attention LIF's own included in both, the
 ``q``/``k``/``v`` populations in neither). :func:`attention_resources` gives a block's Loihi 2
-resource report (:mod:`.resources`) for a model config's sizes without exporting it; ``python -m
-stdeploy.targets.lava.attention PRESET ...`` prints it for both lowerings.
+resource report (:mod:`.resources`) for a model config's sizes without exporting it;
+:func:`model_fit` the chips of one block and a lower bound for the whole model; ``python -m
+stdeploy.targets.lava.attention PRESET ...`` prints both for both lowerings.
+
+A block of any size on Lava, without a graph
+---------------------------------------------
+:func:`block_plan` wraps :func:`lower_block` (an :class:`AttentionBlock` made from the sizes)
+into a standard plan of its own: a source ``RingBuffer`` with the ``q``, ``k``, ``v`` spikes side
+by side, relay ``LIFReset`` populations for them, the block, the attention LIF, and sinks on the
+attention LIF's spikes and (product) on ``M``'s graded spikes. :func:`run_block` runs it with the
+worker's ``run_standard_plan`` (Lava's processes and models, ``Loihi2SimCfg``) in a subprocess
+in its own process group (stopped whole after a timeout), sampling the group's memory (RSS and
+PSS, bytes) and listing every process Lava instantiated (Lava's ``ProcessServer``), from which
+:func:`inventory_counts` reads the neurons and nonzero weights. :func:`run_preset` does this on
+the first block's ``q``/``k``/``v`` spikes of a random-weight model of a preset on a digits image
+(:func:`model_block_spikes`, forward hooks on the model's own ``SpikformerAttention``) and
+compares the attention LIF's spikes and ``M`` with the model's, entry for entry; ``python -m
+stdeploy.targets.lava.attention PRESET --run`` prints it (seconds and bytes as measured).
 """
 
 from __future__ import annotations
