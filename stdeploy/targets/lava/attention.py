@@ -598,16 +598,20 @@ def compare(result: dict, plan: dict, spikes: dict, sample: int = 0) -> dict:
 
 
 def run_preset(preset: str, attention: str = "product", *, seed: int = 0, gain: float = 2.0, qkv_bias: float = 0.0,
-               timeout_s: float = RUN_TIMEOUT_S, check_wiring: bool = False) -> dict:
+               timeout_s: float = RUN_TIMEOUT_S, check_wiring: bool = False, spikes: dict | None = None) -> dict:
     """One attention block of ``preset``'s sizes on Lava (:func:`block_plan`, :func:`run_block`)
     on the ``q``, ``k``, ``v`` spikes of the model's first block on one digits image
     (:func:`model_block_spikes`), compared with the model's own attention LIF (and ``M``); the
     counts read from the instantiated processes beside :func:`block_counts`; ``check_wiring``
-    also runs :func:`miswire`'s plan (its differing spikes reported)."""
+    also runs :func:`miswire`'s plan (its differing spikes reported). ``spikes``: a
+    :func:`model_block_spikes` result to use instead (then ``seed``, ``gain``, ``qkv_bias`` are its own)."""
     import time
 
     t0 = time.perf_counter()
-    spikes = model_block_spikes(preset, images=1, seed=seed, gain=gain, qkv_bias=qkv_bias)
+    if spikes is None:
+        spikes = model_block_spikes(preset, images=1, seed=seed, gain=gain, qkv_bias=qkv_bias)
+    elif spikes["config"]["preset"] != preset:
+        raise LavaUnsupported(f"run_preset: spikes of {spikes['config']['preset']} given for {preset}")
     reference_s = time.perf_counter() - t0
     t, _, n, d = spikes["q"].shape
     heads = spikes["heads"]

@@ -10,14 +10,20 @@ model's own attention LIF: exact. The full spikformer-4-384 size is the module's
 import pytest
 
 from stdeploy.activity import require_active
-from stdeploy.targets.lava.attention import block_counts, main, run_preset
+from stdeploy.targets.lava.attention import block_counts, main, model_block_spikes, run_preset
+
+
+@pytest.fixture(scope="module")
+def tiny_spikes():
+    return model_block_spikes("spikformer-tiny", qkv_bias=0.5)
 
 
 @pytest.mark.lava
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("attention", ["product", "and"])
-def test_block_on_lavas_processes_is_exact(attention, one_thread):
-    r = run_preset("spikformer-tiny", attention, qkv_bias=0.5, check_wiring=attention == "product", timeout_s=180)
+def test_block_on_lavas_processes_is_exact(attention, tiny_spikes, one_thread):
+    r = run_preset("spikformer-tiny", attention, check_wiring=attention == "product", timeout_s=180, spikes=tiny_spikes)
+    assert r["reference"]["qkv_bias"] == 0.5
     assert (r["heads"], r["dh"], r["tokens"], r["timesteps"]) == (4, 16, 16, 4)
     c = r["compare"]
     # the model fires: q, k, v and the attention LIF (PyTorch's and Lava's rates)
