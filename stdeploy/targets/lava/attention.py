@@ -391,8 +391,14 @@ def _run_child(folder: str) -> int:
     from Lava's ``ProcessServer``."""
     import json
     import pickle
+    import signal
 
     from lava.magma.core.process.process import ProcessServer
+
+    def terminate(signum, frame):  # run_block's SIGTERM at its timeout: unwind so that Lava's stop() runs
+        raise SystemExit(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
 
     from .processes import run_standard_plan
 
@@ -435,6 +441,37 @@ def _memory(pids) -> tuple[int, int]:
     return rss, pss
 
 
+def _end_group(pgid: int, wait_s: float) -> None:
+    """End what is left of process group ``pgid`` (a block run's subprocess and the Lava processes
+    it forked): give them ``wait_s`` to exit on their own, then SIGKILL all but multiprocessing's
+    resource tracker, which then unlinks the shared memory they leave behind, then the rest."""
+    import os
+    import signal
+    import time
+
+    from .worker import group_members
+
+    def live(keep=lambda cmd: False):
+        return [pid for pid, state, cmd in group_members(pgid) if state not in ("Z", "X") and not keep(cmd)]
+
+    def wait(seconds):
+        deadline = time.monotonic() + seconds
+        while live() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    wait(wait_s)
+    for pid in live(lambda cmd: "resource_tracker" in cmd):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    wait(5.0)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> dict:
     """Run a block plan (:func:`block_plan`) on ``x`` ``(T, 1, 3·D·N)`` (one sample) with Lava's
     processes on ``Loihi2SimCfg`` in a subprocess in its own process group, stopped (the whole
@@ -443,9 +480,7 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
     start, steps: Lava's own time), ``"steps"``, ``"peak_rss_bytes"``, ``"peak_pss_bytes"`` (the
     process group's summed memory, sampled every 0.2 s)``}``."""
     import json
-    import os
     import pickle
-    import signal
     import subprocess
     import tempfile
     import threading
@@ -483,12 +518,9 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
             wall = time.perf_counter() - t0
             done.set()
             sampler.join()
-            for sig in (signal.SIGTERM, signal.SIGKILL):  # the child and every Lava process it forked
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.5 if sig == signal.SIGTERM else 0)
+            if rc is None:
+                proc.terminate()  # the child unwinds into Lava's stop()
+            _end_group(proc.pid, wait_s=5.0)
             proc.wait()
             log.close()
         tail = open(f"{folder}/log.txt", "rb").read()[-3000:].decode(errors="replace")
