@@ -673,7 +673,9 @@ def run_preset(preset: str, attention: str = "product", *, seed: int = 0, gain: 
 
 def main(argv: list[str] | None = None) -> int:
     """Print one attention block's Loihi 2 resources under both lowerings for model presets;
-    ``--run``: run one block of each preset's sizes on Lava's processes and compare it with PyTorch."""
+    ``--run``: run one block of each preset's sizes on Lava's processes and compare it with PyTorch
+    (exit status 1 where any entry or count differs, the attention LIF is silent or saturated, or
+    the miswired plan agrees)."""
     from ...models import PRESETS  # the presets' sizes only
     from ..profiles import load_profile
 
@@ -707,13 +709,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         import json
 
+        failed = []
         for name in args.presets:
             r = run_preset(name, args.attention, seed=args.seed, qkv_bias=args.qkv_bias, timeout_s=args.timeout_s,
                            check_wiring=args.check_wiring)
+            c, n = r["compare"], r["counts"]
+            if any(v["differ"] for k, v in c.items()) or not n["formula"] == n["plan"] == n["lava"]:
+                failed.append(f"{name}: Lava differs from PyTorch or the counts disagree")
+            if not 0 < c["attn"]["rate_reference"] < 1:
+                failed.append(f"{name}: the attention LIF is silent or saturated (rate {c['attn']['rate_reference']}); "
+                              "the comparison means nothing")
+            if r.get("miswired", {}).get("attn", {}).get("differ") == 0:
+                failed.append(f"{name}: the miswired plan gives the same spikes; the comparison cannot fail")
             if args.json:
                 print(json.dumps(r))
                 continue
-            c, n = r["compare"], r["counts"]
             print(f"{name}: one attention block on Lava ({args.attention}), H={r['heads']} dh={r['dh']} N={r['tokens']} "
                   f"T={r['timesteps']}, {r['steps']} steps")
             print(f"  q/k/v spike rates {', '.join(f'{k} {v:.4f}' for k, v in r['input_rates'].items())} "
@@ -734,7 +744,9 @@ def main(argv: list[str] | None = None) -> int:
             if "miswired" in r:
                 print(f"  miswired (k shifted by one neuron): {r['miswired']['attn']['differ']} of "
                       f"{r['miswired']['attn']['total']:,} attention spikes differ")
-        return 0
+        for line in failed:
+            print(f"FAILED: {line}", file=sys.stderr)
+        return 1 if failed else 0
     limits = load_profile(args.profile).limits
     print("| preset | H | dh | N | lowering | added neurons | synapses | memory (bits) | cores | fits one chip |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
