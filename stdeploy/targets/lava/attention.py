@@ -478,7 +478,8 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
     group) after ``timeout_s``. Returns ``{"records"`` (sink -> ``(size, steps)``), ``"inventory"``
     (every process Lava built), ``"wall_s"`` (the subprocess, start to end), ``"lava_s"`` (build and
     start, steps: Lava's own time), ``"steps"``, ``"peak_rss_bytes"``, ``"peak_pss_bytes"`` (the
-    process group's summed memory, sampled every 0.2 s)``}``."""
+    process group's summed memory, sampled every 0.2 s)``}``. A run past ``timeout_s`` raises
+    :class:`.worker.LavaTimeout` (its ``pgid``: the stopped group)."""
     import json
     import pickle
     import subprocess
@@ -487,7 +488,7 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
     import time
 
     from ..base import TargetError
-    from .worker import group_members, worker_env
+    from .worker import LavaTimeout, group_members, worker_env
 
     if x.ndim != 3 or x.shape[1] != 1 or x.shape[2] != plan["in_size"]:
         raise LavaUnsupported(f"run_block: expected x of shape (T, 1, {plan['in_size']}), got {tuple(x.shape)}")
@@ -525,7 +526,8 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
             log.close()
         tail = open(f"{folder}/log.txt", "rb").read()[-3000:].decode(errors="replace")
         if rc is None:
-            raise TargetError(f"lava: the attention block run did not finish within {timeout_s:g} s; stopped\n{tail}")
+            raise LavaTimeout(f"lava: the attention block run did not finish within {timeout_s:g} s; its process group "
+                              f"{proc.pid} was stopped\n{tail}", pgid=proc.pid)
         if rc != 0:
             raise TargetError(f"lava: the attention block run failed (exit status {rc}):\n{tail}")
         with np.load(f"{folder}/out.npz") as z:

@@ -10,7 +10,9 @@ model's own attention LIF: exact. The full spikformer-4-384 size is the module's
 import pytest
 
 from stdeploy.activity import require_active
-from stdeploy.targets.lava.attention import block_counts, main, model_block_spikes, run_preset
+from stdeploy.targets.lava.attention import (AttentionBlock, block_counts, block_plan, lava_input, main, model_block_spikes,
+                                             run_block, run_preset)
+from stdeploy.targets.lava.worker import LavaTimeout, group_members
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +49,13 @@ def test_run_refuses_bad_arguments(capsys):
     assert "--attention must be one of product, and" in capsys.readouterr().err
     assert main(["sdt-tiny", "--run"]) == 2
     assert main(["spikformer-tiny", "--run", "--timeout-s", "0"]) == 2
+
+
+@pytest.mark.lava
+@pytest.mark.timeout(60)
+def test_block_run_past_its_timeout_is_stopped_whole(tiny_spikes):
+    block = AttentionBlock(name="a", q="a.q", k="a.k", v="a.v", heads=4, dh=16, tokens=16, scale=0.125, and_node="a.and")
+    plan = block_plan(block, 0.5, 0.49999997, "product")
+    with pytest.raises(LavaTimeout, match="did not finish within 0.5 s") as err:
+        run_block(plan, lava_input(tiny_spikes), timeout_s=0.5)
+    assert [m for m in group_members(err.value.pgid) if m[1] not in ("Z", "X")] == []
