@@ -58,15 +58,18 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
 
 from .graph import GraphInfo, LavaUnsupported, node_kind
 from .resources import CoreLimits, LayerResources, ResourceReport, layer_cores, place, resource_report
 
-__all__ = ["AND_KIND", "ATTENTION_LOWERINGS", "AttentionBlock", "find_blocks", "lower_block", "block_counts",
+__all__ = ["AND_KIND", "ATTENTION_LOWERINGS", "STRASSEN_MAX_LEVELS", "AttentionBlock", "find_blocks", "lower_block",
+           "block_counts", "bilinear", "strassen_levels",
            "attention_resources", "main"]
 
 AND_KIND = "spikformer attention as three-input AND units"  # graph.metadata["lowerings"][block]["kind"] (the NIR export)
-ATTENTION_LOWERINGS = ("product", "and")
+ATTENTION_LOWERINGS = ("product", "and", "strassen")
+STRASSEN_MAX_LEVELS = 5    # "strassen": recursion levels at most (fewest product neurons at 5 for spikformer-4-384's sizes)
 _PARTS = ("q_tokens", "q_channels", "k_tokens", "k_channels", "v_tokens", "v_channels", "qkv_and", "sum_c", "sum_j")
 
 
@@ -203,16 +206,20 @@ def lower_block(block: AttentionBlock, latency: dict[str, int], attention: str =
         pops.append(pop)
         return name
 
-    def wire(src: str, dst: str, rows, cols, port: str, graded: bool = False) -> None:
+    def wire(src: str, dst: str, rows, cols, port: str, graded: bool = False, values=1.0) -> None:
         lag = latency[dst] - 1 - latency[src]
         if lag > 0 and graded:
             raise LavaUnsupported(f"{dst}: the graded input {src} arrives {lag} step(s) early; Lava's delayed synapses "
                                   "carry binary spikes only")
         size_src = next((p["size"] for p in pops if p["name"] == src), d * n)
         dst_pop = next(p for p in pops if p["name"] == dst)
-        m = _sparse(rows, cols, 1.0, (dst_pop["size"], size_src))
-        syns.append(_synapse(f"{'delayed ' if lag > 0 else ''}{port}:{src}->{dst}", src, dst, m, lag, port,
-                             24 if graded else 0, integer=dst_pop["node_kind"] in ("product", "graded")))
+        # Lava's bit-accurate synapses drop the lowest weight bit of a matrix of mixed signs: +-1 is held as
+        # +-2 with weight_exp -1 (the sums of even numbers shifted back: exact)
+        mixed = bool(np.any(np.asarray(values) < 0))
+        m = _sparse(rows, cols, np.asarray(values, np.float64) * (2 if mixed else 1), (dst_pop["size"], size_src))
+        syns.append({**_synapse(f"{'delayed ' if lag > 0 else ''}{port}:{src}->{dst}", src, dst, m, lag, port,
+                                24 if graded else 0, integer=dst_pop["node_kind"] in ("product", "graded")),
+                     "weight_exp": -1 if mixed else 0})
 
     if attention == "product":
         uu, t = np.repeat(u, n), np.tile(np.arange(n), block.units)  # rows (h, c, c', token)
@@ -226,9 +233,11 @@ def lower_block(block: AttentionBlock, latency: dict[str, int], attention: str =
         wire(block.q, qkv, rows, (head[uu] * dh + c[uu]) * n + t, "a_in1")
         wire(m, qkv, rows, uu, "a_in2", graded=True)
         out_rows = (head[uu] * dh + c2[uu]) * n + t
-        weight = (out_rows, rows, block.units * n)
+        weight = (out_rows, rows, block.units * n, None)
         return pops, syns, {"src": qkv, "weight": weight, "message_bits": 24, "in_max": float(n),
                             "nodes": [f"{block.name}.sum_c"]}
+    if attention == "strassen":
+        return _lower_strassen(block, population, wire, pops, syns)
     # "and": one LIFReset unit per (h, c, c', i, j), three one-hot synapses each
     uu = np.repeat(u, n * n)
     i, j = np.tile(np.repeat(np.arange(n), n), block.units), np.tile(np.arange(n), block.units * n)
@@ -238,14 +247,109 @@ def lower_block(block: AttentionBlock, latency: dict[str, int], attention: str =
     wire(block.k, a, rows, (head[uu] * dh + c[uu]) * n + j, "a_in")
     wire(block.v, a, rows, (head[uu] * dh + c2[uu]) * n + j, "a_in")
     out_rows = (head[uu] * dh + c2[uu]) * n + i
-    return pops, syns, {"src": a, "weight": (out_rows, rows, block.units * n * n), "message_bits": 0, "in_max": 1.0,
+    return pops, syns, {"src": a, "weight": (out_rows, rows, block.units * n * n, None), "message_bits": 0, "in_max": 1.0,
                         "nodes": [f"{block.name}.sum_c", f"{block.name}.sum_j"]}
+
+
+# Strassen's 2x2 algorithm (7 products): C = W ((U a) * (V b)), a, b, c the row-major entries of A, B, C
+_STRASSEN = (np.array([[1, 0, 0, 1], [0, 0, 1, 1], [1, 0, 0, 0], [0, 0, 0, 1], [1, 1, 0, 0], [-1, 0, 1, 0], [0, 1, 0, -1]]),
+             np.array([[1, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, -1], [-1, 0, 1, 0], [0, 0, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1]]),
+             np.array([[1, 0, 0, 1, -1, 0, 1], [0, 0, 1, 0, 1, 0, 0], [0, 1, 0, 1, 0, 0, 0], [1, -1, 1, 0, 0, 1, 0]]))
+
+
+def strassen_levels(dh: int, tokens: int) -> int:
+    """Recursion levels of the ``"strassen"`` lowering: the most (up to :data:`STRASSEN_MAX_LEVELS`)
+    for which ``2**levels`` divides both ``dh`` and ``tokens``."""
+    levels = 0
+    while levels < STRASSEN_MAX_LEVELS and dh % 2 ** (levels + 1) == 0 and tokens % 2 ** (levels + 1) == 0:
+        levels += 1
+    return levels
+
+
+def bilinear(m: int, n: int, p: int, levels: int):
+    """An exact bilinear algorithm for ``C = A·B`` (``A`` ``m x n``, ``B`` ``n x p``; integers):
+    sparse integer matrices ``U`` ``(P, m·n)``, ``V`` ``(P, n·p)``, ``W`` ``(m·p, P)`` with
+    ``vec(C) = W ((U vec(A)) * (V vec(B)))`` (row-major ``vec``), entries in {-1, 0, 1}: Strassen's
+    2x2 algorithm applied ``levels`` times to blocks (a Kronecker power), the schoolbook product
+    below. ``P = 7**levels · (m·n·p / 8**levels)`` products instead of ``m·n·p``."""
+    f = 2 ** levels
+    if levels < 0 or m % f or n % f or p % f:
+        raise LavaUnsupported(f"bilinear: {levels} Strassen levels need m, n, p divisible by {f}, got {m}, {n}, {p}")
+    sm, sn, sp = m // f, n // f, p // f
+    i, j, k = (x.ravel() for x in np.meshgrid(np.arange(sm), np.arange(sn), np.arange(sp), indexing="ij"))
+    r, one = np.arange(i.size), np.ones(i.size, np.int64)
+    u = sparse.csr_matrix((one, (r, i * sn + j)), (r.size, sm * sn))
+    v = sparse.csr_matrix((one, (r, j * sp + k)), (r.size, sn * sp))
+    w = sparse.csr_matrix((one, (i * sp + k, r)), (sm * sp, r.size))
+
+    def blocks(rows_inner: int, cols_inner: int) -> np.ndarray:  # kron's (outer entry, inner entry) -> row-major entry
+        a, b, c, d = np.meshgrid(np.arange(2), np.arange(2), np.arange(rows_inner), np.arange(cols_inner), indexing="ij")
+        return ((a * rows_inner + c) * (2 * cols_inner) + (b * cols_inner + d)).ravel()
+
+    for _ in range(levels):
+        pu, pv, pw = blocks(sm, sn), blocks(sn, sp), blocks(sm, sp)
+        u = sparse.kron(sparse.csr_matrix(_STRASSEN[0]), u).tocoo()
+        v = sparse.kron(sparse.csr_matrix(_STRASSEN[1]), v).tocoo()
+        w = sparse.kron(sparse.csr_matrix(_STRASSEN[2]), w).tocoo()
+        u = sparse.csr_matrix((u.data, (u.row, pu[u.col])), u.shape)
+        v = sparse.csr_matrix((v.data, (v.row, pv[v.col])), v.shape)
+        w = sparse.csr_matrix((w.data, (pw[w.row], w.col)), w.shape)
+        sm, sn, sp = 2 * sm, 2 * sn, 2 * sp
+    for x in (u, v, w):
+        x.eliminate_zeros()
+    return u, v, w
+
+
+def _per_head(mat: sparse.csr_matrix, heads: int, row_of, col_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``mat`` repeated for every head, its rows and columns mapped to population indices by
+    ``row_of(head, row)`` and ``col_of(head, col)``: (rows, cols, values)."""
+    c = mat.tocoo()
+    h = np.repeat(np.arange(heads), c.nnz)
+    rr, cc = np.tile(c.row, heads), np.tile(c.col, heads)
+    return row_of(h, rr), col_of(h, cc), np.tile(c.data, heads).astype(np.float64)
+
+
+def _lower_strassen(block: AttentionBlock, population, wire, pops: list, syns: list) -> tuple[list, list, dict]:
+    """The ``"strassen"`` lowering: per head, ``M = Kᵀ·V`` (``dh x N`` by ``N x dh``) and ``Y = Qᵀ·M``
+    (``N x dh`` by ``dh x dh``) each by :func:`bilinear` with :func:`strassen_levels` levels: the
+    operands of every ``ProdNeuron`` are signed sums of ``K``/``V`` (``Q``/``M``) entries (the
+    synapses' weights, +-1), ``M`` is ``W``'s signed sum of the first products (a ``GradedVec``, as
+    in ``"product"``), and ``W``'s signed sums of the second products, times ``scale``, feed the
+    attention LIF. Integer counts throughout: exact."""
+    hh, dh, n = block.heads, block.dh, block.tokens
+    levels = strassen_levels(dh, n)
+    u1, v1, w1 = bilinear(dh, n, dh, levels)    # A = Kᵀ: (c, j); B = V: (j, c'); C = M: (c, c')
+    u2, v2, w2 = bilinear(n, dh, dh, levels)    # A = Qᵀ: (i, c); B = M: (c, c'); C = Y: (i, c')
+    p1, p2 = u1.shape[0], u2.shape[0]
+    kv = population(f"{block.name}.kv_prod", "product", hh * p1, [block.k, block.v])
+    r, c_, val = _per_head(u1, hh, lambda h, x: h * p1 + x, lambda h, a: (h * dh + a // n) * n + a % n)
+    wire(block.k, kv, r, c_, "a_in1", values=val)
+    r, c_, val = _per_head(v1, hh, lambda h, x: h * p1 + x, lambda h, b: (h * dh + b % dh) * n + b // dh)
+    wire(block.v, kv, r, c_, "a_in2", values=val)
+    m = population(f"{block.name}.kv_sum", "graded", block.units, [kv])
+    r, c_, val = _per_head(w1, hh, lambda h, x: h * dh * dh + x, lambda h, x: h * p1 + x)
+    wire(kv, m, r, c_, "a_in", graded=True, values=val)
+    qkv = population(f"{block.name}.qkv_prod", "product", hh * p2, [block.q, m])
+    r, c_, val = _per_head(u2, hh, lambda h, x: h * p2 + x, lambda h, a: (h * dh + a % dh) * n + a // dh)
+    wire(block.q, qkv, r, c_, "a_in1", values=val)
+    r, c_, val = _per_head(v2, hh, lambda h, x: h * p2 + x, lambda h, b: h * dh * dh + b)
+    wire(m, qkv, r, c_, "a_in2", graded=True, values=val)
+    out_rows, out_cols, coef = _per_head(w2, hh, lambda h, y: (h * dh + y % dh) * n + y // dh, lambda h, x: h * p2 + x)
+    # the largest product: |signed sum of q| x |signed sum of M| (M <= N)
+    in_max = float(np.max(np.asarray(abs(u2).sum(axis=1)).ravel() * np.asarray(abs(v2).sum(axis=1)).ravel() * n))
+    return pops, syns, {"src": qkv, "weight": (out_rows, out_cols, hh * p2, coef), "message_bits": 24, "in_max": in_max,
+                        "nodes": [f"{block.name}.sum_c"], "levels": levels}
 
 
 def block_counts(heads: int, dh: int, tokens: int, attention: str = "product") -> dict[str, int]:
     """Neurons and synapses (nonzero weights) one block's attention adds, the attention LIF's
     input synapses included (see the module docstring)."""
     units = heads * dh * dh
+    if attention == "strassen":
+        levels = strassen_levels(dh, tokens)
+        mats = bilinear(dh, tokens, dh, levels) + bilinear(tokens, dh, dh, levels)
+        return {"neurons": heads * (mats[0].shape[0] + mats[3].shape[0]) + units,
+                "synapses": heads * sum(int(x.nnz) for x in mats)}
     if attention == "product":
         return {"neurons": 2 * units * tokens + units, "synapses": 6 * units * tokens}
     if attention == "and":
@@ -254,7 +358,7 @@ def block_counts(heads: int, dh: int, tokens: int, attention: str = "product") -
 
 
 def attention_resources(heads: int, dh: int, tokens: int, attention: str = "product", limits: dict | None = None,
-                        scale: float = 0.125, build_limit: int = 20_000_000) -> ResourceReport:
+                        scale: float = 0.125, build_limit: int = 50_000_000) -> ResourceReport:
     """The Loihi 2 resource report (:func:`.resources.resource_report`) of one block's attention:
     its added layers and the attention LIF (``D·N`` neurons), ``q``/``k``/``v`` as inputs from
     outside. Built as a plan (the lowering's own arrays) up to ``build_limit`` synapses; above,
@@ -268,10 +372,11 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
     if counts["synapses"] <= build_limit:
         latency = {"q": 0, "k": 0, "v": 0}
         pops, syns, term = lower_block(block, latency, attention)
-        rows, cols, n_src = term["weight"]
+        rows, cols, n_src, coef = term["weight"]
         latency["attn.attn_lif"] = latency[term["src"]] + 1
         pops.append({"name": "attn.attn_lif", "node_kind": "LIF", "size": d * n, "shape": (d, n), "latency": latency["attn.attn_lif"]})
-        syns.append(_synapse("sum:attn", term["src"], "attn.attn_lif", _sparse(rows, cols, scale, (d * n, n_src)), 0))
+        syns.append(_synapse("sum:attn", term["src"], "attn.attn_lif",
+                             _sparse(rows, cols, scale * (1.0 if coef is None else coef), (d * n, n_src)), 0))
         return resource_report({"lowering": "standard", "populations": pops, "synapses": syns, "outputs": {}}, lim)
     if attention != "and":
         raise LavaUnsupported(f"attention_resources: {counts['synapses']:,} synapses exceed build_limit {build_limit:,}")
@@ -343,14 +448,14 @@ def block_plan(block: AttentionBlock, decay: float, v_threshold: float, attentio
     latency[lif] = latency[term["src"]] + 1
     pops.append({"name": lif, "node_kind": "LIF", "size": size, "shape": (d, n), "latency": latency[lif], "du": 1.0,
                  "dv": float(decay), "vth": float(v_threshold), "bias": np.zeros(size)})
-    rows, cols, n_src = term["weight"]
+    rows, cols, n_src, coef = term["weight"]
     syns.append({**_synapse(f"{'+'.join(term['nodes'])}:{term['src']}->{lif}", term["src"], lif,
-                            _sparse(rows, cols, block.scale * float(decay), (size, n_src)), 0),
+                            _sparse(rows, cols, block.scale * float(decay) * (1.0 if coef is None else coef), (size, n_src)), 0),
                  "nodes": term["nodes"], "message_bits": term["message_bits"], "in_max": term["in_max"]})
     outputs = {"attn": [{"sink": "sink:attn:0", "src": lif, "synapse": None, "latency": latency[lif], "size": size,
                          "bias": None}]}
     shapes = {SOURCE: (3 * size,), "attn": (d, n)}
-    if attention == "product":
+    if attention in ("product", "strassen"):
         m = f"{block.name}.kv_sum"
         outputs["sums"] = [{"sink": "sink:sums:0", "src": m, "synapse": None, "latency": latency[m], "size": block.units,
                             "bias": None}]

@@ -270,8 +270,9 @@ def _attention_terms(info: GraphInfo, name: str, blocks: dict, attention: str, l
     new_pops, new_syns, term = lower_block(block, latency, attention)
     pops.extend(new_pops)
     synapses.extend(new_syns)
-    rows, cols, n_src = term["weight"]
-    w = sparse.csr_matrix((np.full(len(rows), block.scale, np.float64), (rows, cols)), shape=(int(np.prod(info.shapes[name])), n_src))
+    rows, cols, n_src, coef = term["weight"]  # coef: signed multipliers of scale (the "strassen" lowering), None: ones
+    values = np.full(len(rows), block.scale, np.float64) * (1.0 if coef is None else np.asarray(coef, np.float64))
+    w = sparse.csr_matrix((values, (rows, cols)), shape=(int(np.prod(info.shapes[name])), n_src))
     return [_Term(term["src"], w, np.zeros(w.shape[0]), term["nodes"], term["message_bits"], term["in_max"])]
 
 
@@ -498,8 +499,8 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
                 if not np.all((vals == np.rint(vals)) & (np.abs(vals) <= 127)):
                     raise LavaUnsupported(f"fixed point: {p['name']} ({p['node_kind']}) takes integer weights up to 127")
                 s["matrix"]["values"] = vals.astype(np.int64)
-                s["weight_exp"] = 0
-                quant[s["name"]] = {"exp": 0, "weight_exp": 0, "mantissa_max": int(np.abs(vals).max(initial=0))}
+                s["weight_exp"] = int(s.get("weight_exp", 0))  # -1 where +-1 is held as +-2 (mixed signs, .attention)
+                quant[s["name"]] = {"exp": 0, "weight_exp": s["weight_exp"], "mantissa_max": int(np.abs(vals).max(initial=0))}
             continue
         if p["node_kind"] == "LIF" and p.get("loihi2") is not None:
             _loihi2_fixed(p, syns, in_scale, int(weight_bits), quant)

@@ -69,7 +69,7 @@ def test_attention_key_picks_the_lowering(spikformer_export, tmp_path):
         seen[attention] = info["resources"]["neurons"]
     assert seen["and"] - seen["product"] == 262_144 - 33_792  # the block's own neurons (tiny: H·dh²·N² against H·dh²·(2N+1))
     bad = _profile(tmp_path, "softmax")
-    with pytest.raises(TargetError, match=r"\[lava\] attention must be one of 'product', 'and', got 'softmax'"):
+    with pytest.raises(TargetError, match=r"\[lava\] attention must be one of 'product', 'and', 'strassen', got 'softmax'"):
         LavaTarget().compile(spikformer_export, load_profile(str(bad)))
 
 
