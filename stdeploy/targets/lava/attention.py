@@ -462,7 +462,7 @@ def block_plan(block: AttentionBlock, decay: float, v_threshold: float, attentio
         shapes["sums"] = (block.heads, block.dh, block.dh)
     return {"lowering": "standard", "mode": "float", "input": SOURCE, "in_shape": (3 * size,), "in_size": 3 * size,
             "populations": pops, "synapses": syns, "outputs": outputs, "depth": max(latency.values()), "shapes": shapes,
-            "dt": 1.0, "latency": latency, "loihi2": None}
+            "dt": 1.0, "latency": latency, "loihi2": None, "attention": attention}
 
 
 def miswire(plan: dict, block: AttentionBlock) -> dict:

@@ -365,7 +365,7 @@ def _lower_float(graph_or_info, attention: str = "product") -> dict:
     in_size = int(np.prod(info.shapes[info.input]))
     return {"lowering": "standard", "mode": "float", "input": info.input, "in_shape": info.shapes[info.input],
             "in_size": in_size, "populations": pops, "synapses": synapses, "outputs": outputs, "depth": depth,
-            "shapes": info.shapes, "dt": info.dt, "latency": latency,
+            "shapes": info.shapes, "dt": info.dt, "latency": latency, "attention": attention if blocks else None,
             "loihi2": None if loihi2 is None else {"input_contract": loihi2["contract"].to_dict()}}
 
 
@@ -481,6 +481,10 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
         raise LavaUnsupported(f"fixed point: Lava's bit-accurate synapses hold 2-8-bit weights, got weight_bits={weight_bits}")
     if plan.get("mode") != "float":
         raise LavaUnsupported(f"to_fixed takes a float standard plan, got mode {plan.get('mode')!r}")
+    if plan.get("attention") == "strassen":
+        raise LavaUnsupported("fixed point: attention = 'strassen' is not lowered: the attention LIF would sum signed products "
+                              "of up to N·4**levels through 8-bit weights into Lava's 16-bit a_in; run it with Lava's float "
+                              "models (loihi2-standard) or use attention = 'product'")
     # copies all the way down to what changes: the float plan (possibly cached) stays as it was
     plan = {**plan, "mode": "fixed", "weight_bits": int(weight_bits), "input_scale": INPUT_SCALE,
             "populations": [dict(p) for p in plan["populations"]], "synapses": [dict(s) for s in plan["synapses"]],

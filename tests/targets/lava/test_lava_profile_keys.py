@@ -36,10 +36,10 @@ from stdeploy.targets.profiles import load_profile
 BLOCK = "blocks.0.attn"
 
 
-def _profile(tmp_path, attention: str):
-    text = (shipped_dir("profiles") / "loihi2-standard.toml").read_text()
+def _profile(tmp_path, attention: str, base: str = "loihi2-standard"):
+    text = (shipped_dir("profiles") / f"{base}.toml").read_text()
     assert 'attention = "product"' in text
-    path = tmp_path / f"attention-{attention}.toml"
+    path = tmp_path / f"{base}-attention-{attention}.toml"
     path.write_text(text.replace('attention = "product"', f'attention = "{attention}"'))
     return path
 
@@ -60,14 +60,18 @@ def test_attention_key_picks_the_lowering(spikformer_export, tmp_path):
     assert load_profile("loihi2-standard").lava["attention"] == "product"
     assert load_profile("loihi2-standard-fixed").lava["attention"] == "product"
     seen = {}
-    for attention in ("product", "and"):
+    for attention in ("product", "and", "strassen"):
         runnable = LavaTarget().compile(spikformer_export, load_profile(str(_profile(tmp_path, attention))))
         info = runnable.info
         runnable.close()
         kinds = {p["node_kind"] for p in runnable.plan["populations"]}
-        assert info["attention"] == attention and (("product" in kinds) == (attention == "product"))
+        assert info["attention"] == attention and (("product" in kinds) == (attention != "and"))
         seen[attention] = info["resources"]["neurons"]
     assert seen["and"] - seen["product"] == 262_144 - 33_792  # the block's own neurons (tiny: H·dh²·N² against H·dh²·(2N+1))
+    assert seen["product"] - seen["strassen"] == 33_792 - 20_232  # Strassen: 4 x 7**4 products a stage against 4 x 16**3
+    fixed = _profile(tmp_path, "strassen", "loihi2-standard-fixed")
+    with pytest.raises(LavaUnsupported, match=r"fixed point: attention = 'strassen' is not lowered"):
+        LavaTarget().compile(spikformer_export, load_profile(str(fixed)))
     bad = _profile(tmp_path, "softmax")
     with pytest.raises(TargetError, match=r"\[lava\] attention must be one of 'product', 'and', 'strassen', got 'softmax'"):
         LavaTarget().compile(spikformer_export, load_profile(str(bad)))

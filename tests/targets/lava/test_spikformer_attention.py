@@ -50,7 +50,7 @@ def spikformer(digits_full):
     return to_nir(fold_batchnorm(model.eval()), spikformer="exact"), x
 
 
-ADDED = {"product": ("kv_prod", "kv_sum", "qkv_prod"), "and": ("qkv_and",)}
+ADDED = {"product": ("kv_prod", "kv_sum", "qkv_prod"), "and": ("qkv_and",), "strassen": ("kv_prod", "kv_sum", "qkv_prod")}
 
 
 def added(plan: dict, lowering: str) -> tuple[int, int]:
@@ -71,7 +71,7 @@ def test_both_lowerings_counted_and_refused_when_not_the_exports(spikformer):
     assert kinds[f"{BLOCK}.kv_prod"] == kinds[f"{BLOCK}.qkv_prod"] == "product" and kinds[f"{BLOCK}.kv_sum"] == "graded"
     assert f"{BLOCK}.qkv_and" not in kinds and f"{BLOCK}.qkv_and" in {p["name"] for p in anded["populations"]}
     # the counts of block_counts are the built plans' (attention LIF's synapses included, q/k/v excluded)
-    for plan, lowering in ((product, "product"), (anded, "and")):
+    for plan, lowering in ((product, "product"), (anded, "and"), (lower_standard(info, attention="strassen"), "strassen")):
         want = block_counts(4, 16, 16, lowering)
         assert added(plan, lowering) == (want["neurons"], want["synapses"]), lowering
     assert block_counts(4, 16, 16, "product") == {"neurons": 33_792, "synapses": 98_304}
