@@ -26,11 +26,22 @@ one of two exact constructions of Lava's processes (:data:`ATTENTION_LOWERINGS`)
 * ``"and"``: the export's construction itself: ``qkv_and`` (``LIFReset`` with ``du = dv = 1``,
   ``vth = 2.5``, H·dh²·N² neurons), three one-hot synapses per unit, and ``scale·Σ_{c,j}`` into
   the attention LIF.
+* ``"strassen"``: the populations of ``"product"``, fewer product neurons: per head, ``M = Kᵀ·V``
+  (``dh x N`` by ``N x dh``) and ``Y = Qᵀ·M`` (``N x dh`` by ``dh x dh``) each by
+  :func:`bilinear`, Strassen's 2x2 algorithm (7 products for 8) applied :func:`strassen_levels`
+  times (at most :data:`STRASSEN_MAX_LEVELS`): each ``ProdNeuron`` multiplies two signed sums of
+  entries (synapse weights +-1), ``M`` and ``Y`` are signed sums of the products (``GradedVec``;
+  the attention LIF's rows ``+-scale``). Still integers only: exact. Lava's bit-accurate synapses
+  drop a mixed-sign matrix's lowest weight bit, so +-1 is held as +-2 with ``weight_exp = -1``
+  (sums of even numbers shifted back: exact). Per head and stage ``7**L·(dh²N/8**L)`` products
+  instead of ``dh²N``, with about ``(3/2)**L`` times the synapses; float mode only (fixed point
+  refuses it, :func:`.standard.to_fixed`).
 
 Counts per block (neurons; synapses, nonzero weights; :func:`block_counts`, checked against the
 built plans in the tests): product ``2·H·dh²·N + H·dh²`` neurons and ``6·H·dh²·N`` synapses; AND
-``H·dh²·N²`` neurons and ``4·H·dh²·N²`` synapses (the attention LIF's own included in both, the
-``q``/``k``/``v`` populations in neither). :func:`attention_resources` gives a block's Loihi 2
+``H·dh²·N²`` neurons and ``4·H·dh²·N²`` synapses; Strassen the products of :func:`bilinear` plus
+``H·dh²`` and the nonzeros of its ``U``, ``V``, ``W`` (the attention LIF's own synapses included in
+all, the ``q``/``k``/``v`` populations in none). :func:`attention_resources` gives a block's Loihi 2
 resource report (:mod:`.resources`) for a model config's sizes without exporting it;
 :func:`model_fit` the chips of one block and a lower bound for the whole model; ``python -m
 stdeploy.targets.lava.attention PRESET ...`` prints both for both lowerings.
@@ -68,7 +79,7 @@ __all__ = ["AND_KIND", "ATTENTION_LOWERINGS", "STRASSEN_MAX_LEVELS", "AttentionB
            "attention_resources", "main"]
 
 AND_KIND = "spikformer attention as three-input AND units"  # graph.metadata["lowerings"][block]["kind"] (the NIR export)
-ATTENTION_LOWERINGS = ("product", "and", "strassen")
+ATTENTION_LOWERINGS = ("product", "and", "strassen")  # [lava] attention in a profile (.target)
 STRASSEN_MAX_LEVELS = 5    # "strassen": recursion levels at most (fewest product neurons at 5 for spikformer-4-384's sizes)
 _PARTS = ("q_tokens", "q_channels", "k_tokens", "k_channels", "v_tokens", "v_channels", "qkv_and", "sum_c", "sum_j")
 

@@ -22,8 +22,9 @@ to Lava's own processes instead (:mod:`.standard`): batch 1, the samples streame
 (float64) or bit-accurate models; its tolerance is in that module. Every compile's info carries
 ``resources``, the Loihi 2 resource report of the standard lowering (:mod:`.resources`).
 ``[lava] attention`` picks how the standard lowering builds Spikformer attention blocks
-(:data:`.attention.ATTENTION_LOWERINGS`: ``"product"``, the default, or ``"and"``), for the run
-and the resource report alike; any other value is refused naming the key and the profile.
+(:data:`.attention.ATTENTION_LOWERINGS`: ``"product"``, the default, ``"and"`` or ``"strassen"``,
+float mode only), for the run and the resource report alike; any other value is refused naming
+the key and the profile.
 
 Tolerance (exact lowering): floating mode is spike-exact with logits within float32 rounding of the host-side mean
 over T; fixed mode keeps at least ``fixed_spike_agreement`` of the output spikes equal to float
