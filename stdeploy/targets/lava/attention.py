@@ -402,7 +402,7 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
                   layer("attn.attn_lif", "LIF", d * n, units, dh * n, 0, ("attn.qkv_and",))), lim, assumed)
 
 
-def model_fit(cfg, attention: str = "product", limits: dict | None = None) -> dict:
+def model_fit(cfg, attention: str = "product", limits: dict | None = None, block: ResourceReport | None = None) -> dict:
     """Chips for a Spikformer config ``cfg`` (``heads``, ``embed_dim``, ``tokens``, ``depth``,
     ``mlp_hidden``) under the standard lowering: one block's attention (:func:`attention_resources`:
     its added layers and the attention LIF) in cores and chips, and a **lower bound** for the whole
@@ -411,10 +411,12 @@ def model_fit(cfg, attention: str = "product", limits: dict | None = None) -> di
     tokens, dense, each counted once) at ``synapses_per_core``; the embedding, the head and the
     residual stream (every block's ``proj`` and ``fc2`` reach every later consumer as a term of its
     own) add more. ``fan_in_residual``: the fan-in that residual stream gives the head's LIF alone
-    (``depth·(D + hidden)``), against ``fan_in_per_neuron``."""
+    (``depth·(D + hidden)``), against ``fan_in_per_neuron``. ``block``: the block's report if
+    already made (:func:`attention_resources` of the same sizes, lowering and limits)."""
     lim, _ = CoreLimits.from_profile(limits)
     d, n = cfg.embed_dim, cfg.tokens
-    block = attention_resources(cfg.heads, d // cfg.heads, n, attention, limits, scale=cfg.attn_scale)
+    if block is None:
+        block = attention_resources(cfg.heads, d // cfg.heads, n, attention, limits, scale=cfg.attn_scale)
     rest_synapses = cfg.depth * n * (4 * d * d + 2 * d * cfg.mlp_hidden)
     rest_cores = -(-rest_synapses // lim.synapses_per_core)
     cores = cfg.depth * block.cores + rest_cores
@@ -868,11 +870,12 @@ def main(argv: list[str] | None = None) -> int:
     limits = load_profile(args.profile).limits
     print("| preset | H | dh | N | lowering | added neurons | synapses | memory (bits) | cores | fits one chip |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
+    reports = {}
     for name in args.presets:
         cfg = PRESETS[name]
         heads, dh, n = cfg.heads, cfg.embed_dim // cfg.heads, cfg.tokens
         for lowering in ATTENTION_LOWERINGS:
-            r = attention_resources(heads, dh, n, lowering, limits, scale=cfg.attn_scale)
+            r = reports[name, lowering] = attention_resources(heads, dh, n, lowering, limits, scale=cfg.attn_scale)
             added = r.neurons - cfg.embed_dim * n
             print(f"| {name} | {heads} | {dh} | {n} | {lowering} | {added:,} | {r.synapses:,} | {r.synaptic_memory_bits:,} | "
                   f"{r.cores:,} | {'yes' if r.first_unfit is None else f'no ({r.chips} chips)'} |")
@@ -883,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.presets:
         cfg = PRESETS[name]
         for lowering in ATTENTION_LOWERINGS:
-            f = model_fit(cfg, lowering, limits)
+            f = model_fit(cfg, lowering, limits, block=reports[name, lowering])
             print(f"| {name} | {lowering} | {f['block_cores']:,} ({f['block_chips']}) | {f['rest_synapses_at_least']:,}, "
                   f"{f['rest_cores_at_least']:,} | >= {f['model_cores_at_least']:,}, >= {f['model_chips_at_least']} | "
                   f">= {f['fan_in_residual']:,} ({f['fan_in_per_neuron']:,}) |")

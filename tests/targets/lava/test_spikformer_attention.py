@@ -127,6 +127,9 @@ def test_spikformer_4_384_block_resources(capsys):
     assert main(["spikformer-tiny", "spikformer-4-384"]) == 0
     out = capsys.readouterr().out
     assert "| spikformer-4-384 | 12 | 32 | 64 | product | 1,585,152 |" in out
+    # Strassen's products: one chip for a 4-384 block (the README's table)
+    assert "| spikformer-4-384 | 12 | 32 | 64 | strassen | 819,024 | 35,831,808 | 322,486,272 | 114 | yes |" in out
+    assert "| spikformer-4-384 | strassen | 114 (1) | 452,984,832, 484 | >= 940, >= 8 |" in out
     assert main(["sdt-tiny"]) == 2
 
 
