@@ -12,6 +12,7 @@ output spikes, so the comparison can fail).
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import nir
 import numpy as np
@@ -162,3 +163,12 @@ def test_spikformer_tiny_products_on_lava_are_exact(spikformer, tmp_path, one_th
     assert r.spikes.shape == spikes.shape
     assert int((r.spikes != spikes).sum()) == 0
     assert r.info["resources"]["neurons"] < 64 * 16 * 100  # the product lowering's report (the AND one: > 262,144)
+    # the same graph with [lava] attention = "strassen": fewer product neurons, the same spikes
+    profile = tmp_path / "strassen.toml"
+    profile.write_text(Path(load_profile("loihi2-standard").path).read_text()
+                       .replace('attention = "product"', 'attention = "strassen"'))
+    with LavaTarget().compile(export, load_profile(str(profile))) as runnable:
+        r2 = runnable.run(x.numpy())
+    assert r2.info["attention"] == "strassen" and r2.info["lava_processes_built"]["lava.proc.prodneuron.process.ProdNeuron"] == 2
+    assert int((r2.spikes != spikes).sum()) == 0
+    assert r2.info["resources"]["neurons"] == r.info["resources"]["neurons"] - (33_792 - 20_232)
