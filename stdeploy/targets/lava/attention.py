@@ -189,7 +189,8 @@ def _sparse(rows: np.ndarray, cols: np.ndarray, values, shape: tuple[int, int]) 
 def _synapse(name: str, src: str, dst: str, matrix: dict, delay: int, port: str = "a_in", message_bits: int = 0,
              integer: bool = False) -> dict:
     """A plan synapse; ``integer``: into product/graded neurons, whose fixed-point models need
-    integer messages (Lava's bit-accurate synapse models in both modes, weights 1, ``weight_exp`` 0)."""
+    integer messages (Lava's bit-accurate synapse models in both modes: weights 1, ``weight_exp`` 0,
+    or +-2 with ``weight_exp`` -1 where signs are mixed)."""
     return {"name": name, "kind": ("delay_" if delay > 0 else "") + "sparse", "src": src, "dst": dst, "matrix": matrix,
             "delay": int(delay), "nodes": [], "graded": False, "port": port, "message_bits": int(message_bits),
             "in_max": 1.0, "integer": bool(integer)}
@@ -198,7 +199,8 @@ def _synapse(name: str, src: str, dst: str, matrix: dict, delay: int, port: str 
 def lower_block(block: AttentionBlock, latency: dict[str, int], attention: str = "product") -> tuple[list, list, dict]:
     """The populations and synapses of ``block`` (``attention``: a name in
     :data:`ATTENTION_LOWERINGS`) and the term into its attention LIF: ``{"src", "weight"
-    (rows (D·N) x the source's neurons, ``scale``), "message_bits", "in_max", "nodes"}``.
+    ((rows, cols, source neurons, coef): entries of the ``(D·N) x`` source matrix, each ``scale``
+    times ``coef`` (None: 1)), "message_bits", "in_max", "nodes"}``.
     ``latency`` (synaptic hops from the input) holds ``q``, ``k``, ``v`` and gets the new
     populations; binary inputs that arrive early pass a ``DelaySparse`` identity."""
     if attention not in ATTENTION_LOWERINGS:
