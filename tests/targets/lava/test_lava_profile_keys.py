@@ -33,7 +33,6 @@ from stdeploy.targets.lava.standard import lower_standard
 from stdeploy.targets.lava.target import LavaTarget
 from stdeploy.targets.profiles import load_profile
 
-BLOCK = "blocks.0.attn"
 
 
 def _profile(tmp_path, attention: str, base: str = "loihi2-standard"):
