@@ -34,7 +34,6 @@ from stdeploy.targets.lava.target import LavaTarget
 from stdeploy.targets.profiles import load_profile
 
 
-
 def _profile(tmp_path, attention: str, base: str = "loihi2-standard"):
     text = (shipped_dir("profiles") / f"{base}.toml").read_text()
     assert 'attention = "product"' in text
