@@ -37,7 +37,7 @@ import numpy as np
 
 from ...errors import ConfigError
 
-__all__ = ["DEFAULT_LIMITS", "CoreLimits", "LayerResources", "ResourceReport", "resource_report"]
+__all__ = ["DEFAULT_LIMITS", "CoreLimits", "LayerResources", "ResourceReport", "resource_report", "layer_cores", "place"]
 
 # The loihi2 profile's figures (targets/loihi2.toml cites their sources)
 DEFAULT_LIMITS = {"cores_per_chip": 128, "neurons_per_core": 8192, "synapses_per_core": 937500,
@@ -134,6 +134,34 @@ def _csr_counts(m: dict) -> tuple[np.ndarray, np.ndarray]:
     return nz.sum(axis=1), nz.sum(axis=0)
 
 
+def layer_cores(neurons: int, synapses: int, memory_bits: int, lim: CoreLimits) -> int:
+    """Cores of one layer (layers do not share cores): the most of its neurons, synapses and
+    synaptic memory over the per-core limits, at least 1."""
+    return max(math.ceil(neurons / lim.neurons_per_core), math.ceil(synapses / lim.synapses_per_core),
+               math.ceil(memory_bits / lim.synaptic_memory_bits_per_core), 1)
+
+
+def place(layers, lim: CoreLimits, assumed: tuple[str, ...] = ()) -> ResourceReport:
+    """The report of ``layers`` (:class:`LayerResources`, in placement order) on chips of
+    ``lim``: totals, chips, and the first layer that does not fit one chip: the first whose
+    fan-in exceeds ``fan_in_per_neuron`` or whose cores take the running total past
+    ``cores_per_chip``."""
+    layers = tuple(layers)
+    used, first, reason = 0, None, None
+    for layer in layers:
+        if first is None and layer.fan_in > lim.fan_in_per_neuron:
+            first, reason = layer.layer, f"fan-in {layer.fan_in} > fan_in_per_neuron {lim.fan_in_per_neuron}"
+        elif first is None and used + layer.cores > lim.cores_per_chip:
+            first, reason = layer.layer, (f"needs cores {used + 1}-{used + layer.cores}; a chip has {lim.cores_per_chip} "
+                                          f"({layer.cores} for this layer: {layer.neurons} neurons, {layer.synapses} synapses, "
+                                          f"{layer.synaptic_memory_bits} bits)")
+        used += layer.cores
+    return ResourceReport(limits=lim, assumed_limits=assumed, layers=layers, neurons=sum(x.neurons for x in layers),
+                          synapses=sum(x.synapses for x in layers),
+                          synaptic_memory_bits=sum(x.synaptic_memory_bits for x in layers), cores=used,
+                          chips=math.ceil(used / lim.cores_per_chip), first_unfit=first, unfit_reason=reason)
+
+
 def resource_report(plan: dict, limits: dict | CoreLimits | None = None) -> ResourceReport:
     """The resource report of a standard plan under ``limits`` (a profile's ``[limits]`` table or
     :class:`CoreLimits`)."""
@@ -164,22 +192,10 @@ def resource_report(plan: dict, limits: dict | CoreLimits | None = None) -> Reso
         memory[dst] += int(per_row.sum()) * (lim.weight_bits + (lim.delay_bits if s["delay"] > 0 else 0))
         if s["src"] not in inputs[dst]:
             inputs[dst].append(s["src"])
-    layers, used, first, reason = [], 0, None, None
+    layers = []
     for n in order:
         syn = int(fan_in[n].sum())
-        cores = max(math.ceil(sizes[n] / lim.neurons_per_core), math.ceil(syn / lim.synapses_per_core),
-                    math.ceil(memory[n] / lim.synaptic_memory_bits_per_core), 1)
-        layer = LayerResources(layer=n, kind=kinds[n], neurons=sizes[n], synapses=syn, synaptic_memory_bits=memory[n],
-                               fan_in=int(fan_in[n].max(initial=0)), fan_out=int(fan_out[n].max(initial=0)), cores=cores,
-                               inputs=tuple(inputs[n]))
-        layers.append(layer)
-        if first is None and layer.fan_in > lim.fan_in_per_neuron:
-            first, reason = n, f"fan-in {layer.fan_in} > fan_in_per_neuron {lim.fan_in_per_neuron}"
-        elif first is None and used + cores > lim.cores_per_chip:
-            first, reason = n, (f"needs cores {used + 1}-{used + cores}; a chip has {lim.cores_per_chip} "
-                                f"({cores} for this layer: {sizes[n]} neurons, {syn} synapses, {memory[n]} bits)")
-        used += cores
-    return ResourceReport(limits=lim, assumed_limits=assumed, layers=tuple(layers), neurons=sum(x.neurons for x in layers),
-                          synapses=sum(x.synapses for x in layers),
-                          synaptic_memory_bits=sum(x.synaptic_memory_bits for x in layers), cores=used,
-                          chips=math.ceil(used / lim.cores_per_chip), first_unfit=first, unfit_reason=reason)
+        layers.append(LayerResources(layer=n, kind=kinds[n], neurons=sizes[n], synapses=syn, synaptic_memory_bits=memory[n],
+                                     fan_in=int(fan_in[n].max(initial=0)), fan_out=int(fan_out[n].max(initial=0)),
+                                     cores=layer_cores(sizes[n], syn, memory[n], lim), inputs=tuple(inputs[n])))
+    return place(layers, lim, assumed)

@@ -270,8 +270,9 @@ def _attention_terms(info: GraphInfo, name: str, blocks: dict, attention: str, l
     new_pops, new_syns, term = lower_block(block, latency, attention)
     pops.extend(new_pops)
     synapses.extend(new_syns)
-    rows, cols, n_src = term["weight"]
-    w = sparse.csr_matrix((np.full(len(rows), block.scale, np.float64), (rows, cols)), shape=(int(np.prod(info.shapes[name])), n_src))
+    rows, cols, n_src, coef = term["weight"]  # coef: signed multipliers of scale (the "strassen" lowering), None: ones
+    values = np.full(len(rows), block.scale, np.float64) * (1.0 if coef is None else np.asarray(coef, np.float64))
+    w = sparse.csr_matrix((values, (rows, cols)), shape=(int(np.prod(info.shapes[name])), n_src))
     return [_Term(term["src"], w, np.zeros(w.shape[0]), term["nodes"], term["message_bits"], term["in_max"])]
 
 
@@ -364,7 +365,7 @@ def _lower_float(graph_or_info, attention: str = "product") -> dict:
     in_size = int(np.prod(info.shapes[info.input]))
     return {"lowering": "standard", "mode": "float", "input": info.input, "in_shape": info.shapes[info.input],
             "in_size": in_size, "populations": pops, "synapses": synapses, "outputs": outputs, "depth": depth,
-            "shapes": info.shapes, "dt": info.dt, "latency": latency,
+            "shapes": info.shapes, "dt": info.dt, "latency": latency, "attention": attention if blocks else None,
             "loihi2": None if loihi2 is None else {"input_contract": loihi2["contract"].to_dict()}}
 
 
@@ -480,6 +481,10 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
         raise LavaUnsupported(f"fixed point: Lava's bit-accurate synapses hold 2-8-bit weights, got weight_bits={weight_bits}")
     if plan.get("mode") != "float":
         raise LavaUnsupported(f"to_fixed takes a float standard plan, got mode {plan.get('mode')!r}")
+    if plan.get("attention") == "strassen":
+        raise LavaUnsupported("fixed point: attention = 'strassen' is not lowered: the attention LIF would sum signed products "
+                              "of up to N·4**levels through 8-bit weights into Lava's 16-bit a_in; run it with Lava's float "
+                              "models (loihi2-standard) or use attention = 'product'")
     # copies all the way down to what changes: the float plan (possibly cached) stays as it was
     plan = {**plan, "mode": "fixed", "weight_bits": int(weight_bits), "input_scale": INPUT_SCALE,
             "populations": [dict(p) for p in plan["populations"]], "synapses": [dict(s) for s in plan["synapses"]],
@@ -498,8 +503,8 @@ def to_fixed(plan: dict, weight_bits: int = 8) -> dict:
                 if not np.all((vals == np.rint(vals)) & (np.abs(vals) <= 127)):
                     raise LavaUnsupported(f"fixed point: {p['name']} ({p['node_kind']}) takes integer weights up to 127")
                 s["matrix"]["values"] = vals.astype(np.int64)
-                s["weight_exp"] = 0
-                quant[s["name"]] = {"exp": 0, "weight_exp": 0, "mantissa_max": int(np.abs(vals).max(initial=0))}
+                s["weight_exp"] = int(s.get("weight_exp", 0))  # -1 where +-1 is held as +-2 (mixed signs, .attention)
+                quant[s["name"]] = {"exp": 0, "weight_exp": s["weight_exp"], "mantissa_max": int(np.abs(vals).max(initial=0))}
             continue
         if p["node_kind"] == "LIF" and p.get("loihi2") is not None:
             _loihi2_fixed(p, syns, in_scale, int(weight_bits), quant)

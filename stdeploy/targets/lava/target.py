@@ -21,6 +21,10 @@ group if its parent dies, and is kept between runs (lava and torch imported once
 to Lava's own processes instead (:mod:`.standard`): batch 1, the samples streamed, Lava's float
 (float64) or bit-accurate models; its tolerance is in that module. Every compile's info carries
 ``resources``, the Loihi 2 resource report of the standard lowering (:mod:`.resources`).
+``[lava] attention`` picks how the standard lowering builds Spikformer attention blocks
+(:data:`.attention.ATTENTION_LOWERINGS`: ``"product"``, the default, ``"and"`` or ``"strassen"``,
+float mode only), for the run and the resource report alike; any other value is refused naming
+the key and the profile.
 
 Tolerance (exact lowering): floating mode is spike-exact with logits within float32 rounding of the host-side mean
 over T; fixed mode keeps at least ``fixed_spike_agreement`` of the output spikes equal to float
@@ -46,10 +50,12 @@ from .lowering import lower
 from .mapping import mapping_report
 from .graph import LavaUnsupported
 from .resources import resource_report
+from .attention import ATTENTION_LOWERINGS
 from .standard import LOGITS_ATOL, SPIKE_AGREEMENT, lower_standard, process_classes
 from .worker import LavaWorker, worker_env
 
-__all__ = ["LavaTarget", "LavaRunnable", "INSTALL_HINT", "DEFAULT_TIMEOUT_S", "LOWERINGS", "lava_import_check", "resources_of"]
+__all__ = ["LavaTarget", "LavaRunnable", "INSTALL_HINT", "DEFAULT_TIMEOUT_S", "LOWERINGS", "lava_import_check", "resources_of",
+           "attention_lowering"]
 
 INSTALL_HINT = "pip install 'stdeploy[lava]' && python -m stdeploy.install_lava"
 DEFAULT_TIMEOUT_S = 120.0
@@ -148,20 +154,22 @@ def _simulation_only(plan: dict) -> list[str]:
 
 
 @functools.lru_cache(maxsize=2)
-def _standard_plan_of(path: str, mtime_ns: int, size: int):
-    """The standard plan of the NIR file at ``path`` (cached per file version: the exact
-    lowering's report needs it too), or the :class:`LavaUnsupported` that refuses it."""
+def _standard_plan_of(path: str, mtime_ns: int, size: int, attention: str = "product"):
+    """The standard plan of the NIR file at ``path`` (cached per file version and attention
+    lowering: the exact lowering's report needs it too), or the :class:`LavaUnsupported` that
+    refuses it."""
     try:
-        return lower_standard(nir.read(path))
+        return lower_standard(nir.read(path), attention=attention)
     except LavaUnsupported as err:
         return err
 
 
-def resources_of(path: Path, limits: dict | None) -> dict:
+def resources_of(path: Path, limits: dict | None, attention: str = "product") -> dict:
     """The Loihi 2 resource report (:mod:`.resources`) of ``model.nir`` at ``path`` as lowered to
-    Lava's standard processes, as a dict; ``{"error": ...}`` where that lowering refuses the graph."""
+    Lava's standard processes (Spikformer attention as ``attention``), as a dict; ``{"error": ...}``
+    where that lowering refuses the graph."""
     st = Path(path).stat()
-    plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size)
+    plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size, attention)
     if isinstance(plan, LavaUnsupported):
         return {"error": str(plan)}
     return resource_report(plan, limits).to_dict()
@@ -180,6 +188,17 @@ def lava_import_check() -> tuple[bool, str]:
         last = (res.stderr.strip().splitlines() or ["import failed"])[-1]
         return False, f"lava cannot be imported ({last}); install it: {INSTALL_HINT}"
     return True, f"lava-nc {res.stdout.strip()} (Loihi2SimCfg, CPU simulation)"
+
+
+def attention_lowering(profile: DeviceProfile) -> str:
+    """The profile's ``[lava] attention`` (default ``"product"``), checked against
+    :data:`.attention.ATTENTION_LOWERINGS`; another value is a :class:`TargetError` naming the key
+    and the profile file."""
+    value = (profile.lava or {}).get("attention", "product")
+    if not isinstance(value, str) or value not in ATTENTION_LOWERINGS:
+        raise TargetError(f"{profile.path or profile.name}: [lava] attention must be one of "
+                          f"{', '.join(repr(a) for a in ATTENTION_LOWERINGS)}, got {value!r}")
+    return value
 
 
 class LavaTarget:
@@ -217,8 +236,10 @@ class LavaTarget:
         lowering = str(lowering if lowering is not None else lava.get("lowering", "exact"))
         if lowering not in LOWERINGS:
             raise TargetError(f"lava: lowering must be one of {LOWERINGS}, got {lowering!r} ([lava] lowering in the profile)")
+        attention = attention_lowering(profile)
         if lowering == "standard":
-            return self._compile_standard(graph, path, profile, mode, timeout, stall_s=stall_s, record=record)
+            return self._compile_standard(graph, path, profile, mode, timeout, stall_s=stall_s, record=record,
+                                          attention=attention)
         plan = lower(graph, mode, weight_bits=bits, lif_model=lif_model, stall_s=stall_s, record=record)
         kinds: dict[str, int] = {}
         for spec in plan["procs"]:
@@ -230,7 +251,7 @@ class LavaTarget:
             "depth": int(plan["depth"]), "processes": kinds, "timeout_s": timeout,
             "simulation_only": _simulation_only(plan), "lowering": "exact",
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
-            "resources": resources_of(path, profile.limits),
+            "resources": resources_of(path, profile.limits, attention),
         }
         if mode == "fixed":
             info["quantisation"] = plan["quant"]
@@ -239,13 +260,13 @@ class LavaTarget:
         return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)
 
     def _compile_standard(self, graph, path, profile: DeviceProfile, mode: str, timeout: float, *, stall_s: float,
-                          record: bool) -> LavaRunnable:
+                          record: bool, attention: str = "product") -> LavaRunnable:
         """``[lava] lowering = "standard"``: Lava's own processes only (:mod:`.standard`)."""
         if stall_s or record:
             raise TargetError("lava: stall_s and record are options of the exact lowering, not of lowering = 'standard'")
         bits = int((profile.lava or {}).get("weight_bits", 8))
         st = Path(path).stat()
-        plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size)  # float; cached (the resource report's too)
+        plan = _standard_plan_of(str(path), st.st_mtime_ns, st.st_size, attention)  # float; cached (the resource report's too)
         if isinstance(plan, LavaUnsupported):
             raise plan
         if mode != "floating":
@@ -260,6 +281,7 @@ class LavaTarget:
                           + ("; Spikformer attention: PyProdNeuronModelFixed, PyGradedVecModelFixed (int32) fed by "
                              "PySparseModelBitAcc" if any(p["node_kind"] == "product" for p in plan["populations"]) else ""),
             "depth": int(plan["depth"]), "processes": process_classes(plan), "simulation_only": [], "timeout_s": timeout,
+            "attention": attention,
             "tolerance": {"spike_agreement": SPIKE_AGREEMENT, "logits_atol": LOGITS_ATOL},
             "mapping": mapping_report(graph, plan["shapes"], profile.limits),
             "resources": resource_report(plan, profile.limits).to_dict(),

@@ -12,6 +12,7 @@ output spikes, so the comparison can fail).
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import nir
 import numpy as np
@@ -24,7 +25,7 @@ from stdeploy.export.nir_export import to_nir, write_nir
 from stdeploy.export.nir_interpreter import run_nir
 from stdeploy.models import PRESETS, build_model, direct_encode
 from stdeploy.models.fold import fold_batchnorm
-from stdeploy.targets.lava.attention import attention_resources, block_counts, find_blocks, main
+from stdeploy.targets.lava.attention import attention_resources, block_counts, find_blocks, main, model_fit
 from stdeploy.targets.lava.graph import LavaUnsupported, analyse
 from stdeploy.targets.lava.resources import resource_report
 from stdeploy.targets.lava.standard import lower_standard
@@ -50,7 +51,7 @@ def spikformer(digits_full):
     return to_nir(fold_batchnorm(model.eval()), spikformer="exact"), x
 
 
-ADDED = {"product": ("kv_prod", "kv_sum", "qkv_prod"), "and": ("qkv_and",)}
+ADDED = {"product": ("kv_prod", "kv_sum", "qkv_prod"), "and": ("qkv_and",), "strassen": ("kv_prod", "kv_sum", "qkv_prod")}
 
 
 def added(plan: dict, lowering: str) -> tuple[int, int]:
@@ -71,7 +72,7 @@ def test_both_lowerings_counted_and_refused_when_not_the_exports(spikformer):
     assert kinds[f"{BLOCK}.kv_prod"] == kinds[f"{BLOCK}.qkv_prod"] == "product" and kinds[f"{BLOCK}.kv_sum"] == "graded"
     assert f"{BLOCK}.qkv_and" not in kinds and f"{BLOCK}.qkv_and" in {p["name"] for p in anded["populations"]}
     # the counts of block_counts are the built plans' (attention LIF's synapses included, q/k/v excluded)
-    for plan, lowering in ((product, "product"), (anded, "and")):
+    for plan, lowering in ((product, "product"), (anded, "and"), (lower_standard(info, attention="strassen"), "strassen")):
         want = block_counts(4, 16, 16, lowering)
         assert added(plan, lowering) == (want["neurons"], want["synapses"]), lowering
     assert block_counts(4, 16, 16, "product") == {"neurons": 33_792, "synapses": 98_304}
@@ -98,6 +99,11 @@ def test_both_lowerings_counted_and_refused_when_not_the_exports(spikformer):
     layers = {x.layer: x for x in resource_report(product).layers}
     assert layers[f"{BLOCK}.kv_prod"].neurons == 16_384 and layers[f"{BLOCK}.kv_prod"].fan_in == 2
     assert layers[f"{BLOCK}.kv_sum"].fan_in == 16
+    # model_fit's whole-model figures are lower bounds of the built plan's report
+    whole, fit = resource_report(product), model_fit(PRESETS["spikformer-tiny"], "product")
+    assert fit["block_cores"] == attention_resources(4, 16, 16, "product").cores
+    assert fit["model_cores_at_least"] <= whole.cores and fit["rest_synapses_at_least"] <= whole.synapses - 98_304
+    assert fit["fan_in_residual"] <= layers["head.lif"].fan_in
     # a graph whose AND nodes are not the export's is refused by name, not lowered as attention
     bad = copy.copy(graph)
     bad.nodes = dict(graph.nodes)
@@ -122,6 +128,9 @@ def test_spikformer_4_384_block_resources(capsys):
     assert main(["spikformer-tiny", "spikformer-4-384"]) == 0
     out = capsys.readouterr().out
     assert "| spikformer-4-384 | 12 | 32 | 64 | product | 1,585,152 |" in out
+    # Strassen's products: one chip for a 4-384 block (the README's table)
+    assert "| spikformer-4-384 | 12 | 32 | 64 | strassen | 819,024 | 35,831,808 | 322,486,272 | 114 | yes |" in out
+    assert "| spikformer-4-384 | strassen | 114 (1) | 452,984,832, 484 | >= 940, >= 8 |" in out
     assert main(["sdt-tiny"]) == 2
 
 
@@ -154,3 +163,12 @@ def test_spikformer_tiny_products_on_lava_are_exact(spikformer, tmp_path, one_th
     assert r.spikes.shape == spikes.shape
     assert int((r.spikes != spikes).sum()) == 0
     assert r.info["resources"]["neurons"] < 64 * 16 * 100  # the product lowering's report (the AND one: > 262,144)
+    # the same graph with [lava] attention = "strassen": fewer product neurons, the same spikes
+    profile = tmp_path / "strassen.toml"
+    profile.write_text(Path(load_profile("loihi2-standard").path).read_text()
+                       .replace('attention = "product"', 'attention = "strassen"'))
+    with LavaTarget().compile(export, load_profile(str(profile))) as runnable:
+        r2 = runnable.run(x.numpy())
+    assert r2.info["attention"] == "strassen" and r2.info["lava_processes_built"]["lava.proc.prodneuron.process.ProdNeuron"] == 2
+    assert int((r2.spikes != spikes).sum()) == 0
+    assert r2.info["resources"]["neurons"] == r.info["resources"]["neurons"] - (33_792 - 20_232)
