@@ -73,7 +73,7 @@ from stdeploy.train import TrainConfig, train  # noqa: E402
 
 ACTIVE = (0.01, 0.5)
 # Relax VM profile rows that are the weight layers' kernels (the rest is what pruning cannot remove)
-WEIGHT_KERNELS = ("stdeploy.", "sparse_matmul")
+WEIGHT_KERNELS = ("stdeploy.", "sparse_matmul", "stdeploy_event", "stdeploy_stationary")
 LIF_KERNELS = ("stdeploy_lif",)   # the fused LIF kernels (kernels.lif)
 
 
