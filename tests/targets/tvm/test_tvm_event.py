@@ -44,8 +44,8 @@ def _inputs(rng, shape, kind):
 
 
 @pytest.mark.parametrize("x_shape,n,sparsity", [
-    ((4, 3, 5, 64), 64, 0.9),     # (T, B, tokens, D), K a multiple of the block
-    ((7, 45), 96, 0.8),           # K = 5 blocks + 5; rows split unevenly between tasks
+    ((4, 3, 5, 64), 64, 0.9),     # (T, B, tokens, D), K two blocks
+    ((7, 45), 96, 0.8),           # K = one block + 13 tested one by one; rows split unevenly between tasks
     ((5, 10), 3, 1.0),            # an all-zero weight: the output is zero
 ])
 @pytest.mark.parametrize("kind", ["spikes", "real"])
@@ -56,11 +56,13 @@ def test_event_matmul_equals_the_skipzero_kernel_bit_for_bit(target, x_shape, n,
     w = _pruned(rng, (x_shape[-1], n), sparsity)
     x = _inputs(rng, x_shape, kind)
     x.reshape(-1)[:x.shape[-1]] = 0               # a row without events
-    csr = skipzero.rows_from_dense(w)
-    fn = _compile(event.event_matmul_kernel(x_shape, *w.shape, csr.nnz), target)
+    w[1] = 0                                      # an input whose events change nothing: not live
+    live = event.live_masks(w)
+    assert live.dtype == np.uint32 and live.size == -(-w.shape[0] // event.BLOCK) and not live[0] & 2
+    assert bin(int(live[0])).count("1") == np.count_nonzero((w[:event.BLOCK] != 0).any(axis=1))
+    fn = _compile(event.event_matmul_kernel(x_shape, *w.shape), target)
     out_event, out_skip = (tvm.runtime.tensor(np.full((*x_shape[:-1], n), np.nan, np.float32)) for _ in range(2))
-    arrays = [tvm.runtime.tensor(a if a.size else np.zeros(1, a.dtype)) for a in (csr.ptr, csr.cols, csr.vals)]
-    fn(tvm.runtime.tensor(x), *arrays, out_event)
+    fn(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(live), out_event)
     skipzero.SkipZeroMatmul(x_shape, w, target)(tvm.runtime.tensor(x), out_skip)
     np.testing.assert_array_equal(out_event.numpy(), out_skip.numpy())
     np.testing.assert_allclose(out_event.numpy(), x @ w, rtol=0, atol=2e-5)

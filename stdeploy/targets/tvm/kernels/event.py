@@ -43,16 +43,34 @@ import numpy as np
 from ....errors import ShapeError
 from . import skipzero, spike
 
-__all__ = ["BLOCK", "MAX_K", "PARTS", "EventLayer", "event_matmul_kernel", "route_event_kernels"]
+__all__ = ["BLOCK", "MAX_K", "PARTS", "EventLayer", "live_masks", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
+           "route_event_kernels"]
 
-BLOCK = 8               # inputs of a matmul row tested for any nonzero at once
+BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
 PARTS = spike.PARTS     # parallel tasks per call (rows or images are split between them)
 MAX_K = 128             # input features up to which a pruned matmul takes the event kernel
 
 
-def event_matmul_kernel(x_shape: tuple, k: int, n: int, nnz: int):
-    """The TIR PrimFunc ``(x (..., K), ptr (K + 1), cols (nnz), vals (nnz), y (..., N))``: the
-    nonzero outputs of input ``k`` are ``cols[ptr[k]:ptr[k+1]]`` with weights ``vals`` alongside."""
+def live_masks(weight: np.ndarray) -> np.ndarray:
+    """``(ceil(K / BLOCK),)`` uint32: bit ``l`` of word ``b`` is set where input ``b * BLOCK + l``
+    of the ``(K, N)`` weight has a nonzero weight (its events can change an output)."""
+    w = np.asarray(weight)
+    if w.ndim != 2 or min(w.shape) < 1:
+        raise ShapeError(f"event matmul: expected a (K, N) weight, got {w.shape}")
+    live = np.zeros(math.ceil(w.shape[0] / BLOCK) * BLOCK, np.uint64)
+    live[:w.shape[0]] = (w != 0).any(axis=1)
+    bits = live.reshape(-1, BLOCK) << np.arange(BLOCK, dtype=np.uint64)
+    return bits.sum(axis=1).astype(np.uint32)
+
+
+def event_matmul_kernel(x_shape: tuple, k: int, n: int):
+    """The TIR PrimFunc ``(x (..., K), w (K, N), live (ceil(K / BLOCK),) uint32, y (..., N))``
+    (``live``: :func:`live_masks` of ``w``). Per row of ``x``: the accumulator of the ``N``
+    outputs is zeroed; per block of :data:`BLOCK` inputs the mask of its nonzero inputs is formed
+    in vector registers (compare, shift, OR-reduce) and ANDed with the block's live mask; its set
+    bits, ascending, are the events, each adding ``value x`` its weight row to the accumulator
+    (vectorised over ``N``); the accumulator is stored. The last ``K mod BLOCK`` inputs are
+    tested one by one."""
     from tvm.script import tirx as T
 
     x_shape = tuple(int(v) for v in x_shape)
@@ -60,12 +78,12 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int, nnz: int):
     y_shape = (*x_shape[:-1], n)
     parts = min(PARTS, m)
     per = math.ceil(m / parts)
-    p = max(1, nnz)
     blocks, rest = divmod(k, BLOCK)
+    words = math.ceil(k / BLOCK)
+    L = BLOCK
 
     @T.prim_func
-    def event_matmul(xh: T.handle, ptr: T.Buffer((k + 1,), "int32"), cols: T.Buffer((p,), "int32"),
-                     vals: T.Buffer((p,), "float32"), yh: T.handle):
+    def event_matmul(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"), yh: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         xn = T.match_buffer(xh, x_shape, "float32")
         yn = T.match_buffer(yh, y_shape, "float32")
@@ -74,23 +92,25 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int, nnz: int):
         y = T.decl_buffer((m, n), "float32", data=yn.data)
         for part in T.parallel(parts):
             acc = T.alloc_buffer((n,), "float32")
-            bits = T.alloc_buffer((1,), "int32")
+            mask = T.alloc_buffer((1,), "uint32")
             for row in range(part * per, T.min(m, part * per + per)):
                 for v in T.vectorized(n):
                     acc[v] = T.float32(0)
                 for blk in range(blocks):
-                    bits[0] = 0
-                    for l in T.unroll(BLOCK):
-                        bits[0] = bits[0] | xi[row * k + blk * BLOCK + l]
-                    if (bits[0] & 0x7FFFFFFF) != 0:
-                        for l in range(BLOCK):
-                            if x[row * k + blk * BLOCK + l] != T.float32(0):
-                                for e in range(ptr[blk * BLOCK + l], ptr[blk * BLOCK + l + 1]):
-                                    acc[cols[e]] = acc[cols[e]] + x[row * k + blk * BLOCK + l] * vals[e]
+                    # bit l: input l of the block is not +-0 (its bits other than the sign), and live
+                    mask[0] = T.Cast("uint32", T.call_llvm_pure_intrin(
+                        "int32", "llvm.vector.reduce.or",
+                        T.Cast(f"int32x{L}", (xi[T.ramp(row * k + blk * L, 1, L)] & T.Broadcast(0x7FFFFFFF, L)) != T.Broadcast(0, L))
+                        << T.ramp(0, 1, L))) & live[blk]
+                    while mask[0] != T.uint32(0):
+                        i = blk * L + T.Cast("int32", T.call_llvm_pure_intrin("uint32", "llvm.cttz", mask[0], T.bool(True)))
+                        mask[0] = mask[0] & (mask[0] - T.uint32(1))
+                        for v in T.vectorized(n):
+                            acc[v] = acc[v] + x[row * k + i] * w[i, v]
                 for l in range(rest):
-                    if x[row * k + blocks * BLOCK + l] != T.float32(0):
-                        for e in range(ptr[blocks * BLOCK + l], ptr[blocks * BLOCK + l + 1]):
-                            acc[cols[e]] = acc[cols[e]] + x[row * k + blocks * BLOCK + l] * vals[e]
+                    if x[row * k + blocks * L + l] != T.float32(0):
+                        for v in T.vectorized(n):
+                            acc[v] = acc[v] + x[row * k + blocks * L + l] * w[blocks * L + l, v]
                 for v in T.vectorized(n):
                     y[row, v] = acc[v]
 
@@ -224,11 +244,10 @@ def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS, max_k
             w = weight.value.numpy()
             if (call.op == op_matmul and w.ndim == 2 and len(x_shape) >= 2 and x_shape[-1] == w.shape[0]
                     and w.shape[0] <= max_k and pruned(w)):
-                csr = skipzero.rows_from_dense(w)
                 name = f"stdeploy_event_matmul_{len(done)}"
-                func = event_matmul_kernel(x_shape, w.shape[0], w.shape[1], csr.nnz)
-                arrays = [csr.ptr, _nonempty(csr.cols, np.int32), _nonempty(csr.vals, np.float32)]
-                done.append(EventLayer("matmul", tuple(w.shape), x_shape, 1 - float(np.mean(w == 0)), csr.nnz, name))
+                func = event_matmul_kernel(x_shape, w.shape[0], w.shape[1])
+                arrays = [np.ascontiguousarray(w, dtype=np.float32), live_masks(w)]
+                done.append(EventLayer("matmul", tuple(w.shape), x_shape, 1 - float(np.mean(w == 0)), int(np.count_nonzero(w)), name))
                 return self._call(func, name, call.args[0], arrays, call.ty)
             if call.op == op_conv and w.ndim == 4 and (pruned(w) or w.shape[1] <= skipzero.STEM_CHANNELS):
                 a = call.attrs
