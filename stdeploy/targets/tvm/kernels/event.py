@@ -1,36 +1,43 @@
-"""Event-driven kernels for pruned linear layers on the CPU, compiled into the Relax module (TIR).
+"""Kernels for pruned layers on the CPU, compiled into the Relax module (TIR): an event-driven
+linear layer and a weight-stationary convolution, one ``call_tir`` per layer, the weight's
+structure built at compile time and passed as Relax constants (no Python on the call path, no
+density estimate or choice at run time).
 
-A pruned linear layer fed spikes has few nonzero inputs (1.5-4.5 % in the whole-model pruned
-sdt-tiny's blocks) and few nonzero weights (0.8-14 %). :func:`event_matmul_kernel` visits only the
-nonzero inputs (the events) and, for each, only the nonzero weights it touches: the weight
-``W (K, N)`` of ``y = x @ W`` is stored at compile time as CSR over its input rows
-(:class:`.skipzero.RowCSR`: the nonzero outputs of input ``k``, ascending). Per row of
-``x (..., K)``: an accumulator of the ``N`` outputs is zeroed; blocks of :data:`BLOCK` inputs are
-tested at once (the OR of their bit patterns, sign bit masked: any nonzero); for each nonzero
-input ``k`` of a block, ascending, ``value * w`` is added to the outputs of row ``k``'s nonzero
-weights; the accumulator is stored. Work: the events times the nonzero weights they touch, plus
-reading ``x`` once and writing ``y`` once.
+* :func:`event_matmul_kernel`, ``y = x @ W`` with ``x (..., K)`` and a pruned ``W (K, N)``: per
+  row of ``x`` the events (nonzero inputs) are found :data:`BLOCK` at a time: a vector compare,
+  shift and OR-reduce turn a block into a bit mask, ANDed with the block's live mask (the inputs
+  whose weight row has a nonzero, :func:`live_masks`), and its set bits are walked in ascending
+  order (``cttz``). Each event adds ``value x`` its weight row to an accumulator of the ``N``
+  outputs, vectorised; the accumulator is stored once. Work: the events of live inputs times
+  ``N / lanes`` vector multiply-adds, plus reading ``x`` and writing ``y`` once. (Adding only the
+  nonzero weights of each row, a scalar scatter, was slower on every sdt-tiny layer: its loop of
+  0 to 40 iterations per event is a mispredicted branch; on ``fc2`` 0.60 ms against 0.20.)
+* :func:`stationary_conv_kernel`, a stride-1 NCHW convolution (:func:`.spike.applicable`) with
+  the weight as lists per output channel (:func:`conv_columns`): per image, the input channels
+  the weight uses are copied into zero-bordered planes; for each output channel an accumulator of
+  its output plane is zeroed, each nonzero weight adds ``weight x`` its channel's plane shifted by
+  its tap (vectors along the output rows), and the plane is stored once. Work: the nonzero weights
+  times the output plane, in vectors; zero inputs are not skipped (an event-driven convolution,
+  per-channel event lists and a scalar scatter per event and tap, took 0.84 ms against this
+  loop's 0.12 ms on sdt-tiny's pruned ``stages.1`` convolution).
 
-:func:`route_event_kernels` puts it in place of every such matmul whose weight has at least
-:data:`.skipzero.MIN_WEIGHT_ZEROS` zeros and whose ``K`` is at most :data:`MAX_K`: each layer is
-one ``call_tir`` of its own PrimFunc with the CSR arrays as Relax constants (no Python on the call
-path, no choice at run time; the result lists what it routed). Above ``MAX_K`` the per-row scan of
-the input dominates and the kernels that vectorise over rows win (the CSR kernel of
-:mod:`.sparse`, the skip-zero kernels): on sdt-tiny's ``fc2`` (``K`` 256, 136 nonzero weights, 4.5 %
-input density) the event kernel took 0.65 ms, the skip-zero kernel 0.50, the CSR kernel 0.14.
-Convolutions stay on the weight-stationary skip-zero kernel (:mod:`.skipzero`), which vectorises
-along output rows: an event-driven convolution (per-channel event lists, a scalar scatter per
-event and tap) took 0.84 ms against its 0.20 ms on sdt-tiny's pruned ``stages.1`` convolution.
-(Process CPU time, one thread, random weights and spikes at the layers' measured densities.)
+:func:`route_event_kernels` puts them in place of every matmul with a constant weight of at least
+:data:`.skipzero.MIN_WEIGHT_ZEROS` zeros and every such convolution, and of every convolution with
+at most :data:`.skipzero.STEM_CHANNELS` input channels whatever its zeros (an image stem: the
+loop beats the gather kernel there on dense weights too, so dense and pruned models both get it).
+Measured on sdt-tiny's shapes (random weights and spikes at the pruned model's densities, process
+CPU time, one thread): the attention's 64x64 linears 0.024 ms against 0.053 for the scalar-scatter
+kernel and 0.105 for the gather kernel; ``fc1`` (64x256) 0.10 against 0.19 and 0.16; in the whole
+pruned model ``fc2`` (256x64, 136 nonzero weights) 0.128 ms against 0.148 for the CSR kernel of
+:mod:`.sparse` (which the pass then no longer sees).
 
 Arithmetic: each output's terms are added from 0 in the order of the gather kernels of
-:mod:`.spike` and the skip-zero kernels (input feature ascending), each term ``value * w`` with
-``value`` and ``w`` nonzero; the terms those kernels add besides are products with a zero factor,
-which leave a float32 sum unchanged (up to the sign of a zero sum). For spikes (``value`` 0 or 1)
-every product is exact, so the sums are bit-identical to those kernels' whether or not the
-compiler contracts a product and its add into an FMA; for other inputs the kernels contract alike
-(LLVM, ``acc + value * w``). The tests compare outputs bit for bit with the skip-zero kernel, and
-the whole model's spikes and logits with onnxruntime's.
+:mod:`.spike` and the skip-zero kernels of :mod:`.skipzero` (input feature ascending; tap, then
+input channel, for a convolution), each as ``acc + value * w``, the form those kernels use (LLVM
+contracts it alike); a skipped term is a product with a zero factor, which leaves a float32 sum
+unchanged (up to the sign of a zero sum). The outputs are bit-identical to those kernels' on
+spikes and on real inputs, and the whole pruned model's spikes and logits to onnxruntime's (the
+tests check both).
 """
 
 from __future__ import annotations
@@ -43,12 +50,11 @@ import numpy as np
 from ....errors import ShapeError
 from . import skipzero, spike
 
-__all__ = ["BLOCK", "MAX_K", "PARTS", "EventLayer", "live_masks", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
+__all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
            "route_event_kernels"]
 
 BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
 PARTS = spike.PARTS     # parallel tasks per call (rows or images are split between them)
-MAX_K = 128             # input features up to which a pruned matmul takes the event kernel
 
 
 def live_masks(weight: np.ndarray) -> np.ndarray:
@@ -192,22 +198,25 @@ def _conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, i
 
 @dataclass(frozen=True)
 class EventLayer:
-    """One pruned layer routed to an event kernel."""
+    """One layer routed to a kernel of this module."""
 
-    op: str             # "matmul"
-    weight: tuple       # the weight's shape as the graph holds it, (K, N)
+    op: str             # "matmul" (event_matmul_kernel) or "conv2d" (stationary_conv_kernel)
+    weight: tuple       # the weight's shape as the graph holds it, (K, N) or (O, C, KH, KW)
     x_shape: tuple
     weight_density: float
     nnz: int
     name: str           # the PrimFunc's name in the module
 
 
-def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS, max_k: int = MAX_K):
+def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS):
     """``(new_mod, [EventLayer, ...])``: ``mod`` with every ``R.matmul(x, W)`` (constant 2-D
     float32 ``W (K, N)``, float32 ``x`` of static shape ``(..., K)``) whose weight has at least
-    ``min_zeros`` zeros and ``K <= max_k`` replaced by a ``call_tir`` of its event kernel, the
-    weight's row CSR as constants. Other operators are left as they are (for the routing that
-    follows)."""
+    ``min_zeros`` zeros replaced by a ``call_tir`` of :func:`event_matmul_kernel` (``W`` and its
+    live masks as constants), and every ``R.nn.conv2d`` (constant float32 OIHW weight, static NCHW
+    input, ``groups = 1``, no dilation, :func:`.spike.applicable`) whose weight has at least
+    ``min_zeros`` zeros or at most :data:`.skipzero.STEM_CHANNELS` input channels by a ``call_tir``
+    of :func:`stationary_conv_kernel` (:func:`conv_columns` as constants). Other operators are
+    left as they are, for the routing that follows."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -243,7 +252,7 @@ def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS, max_k
                 return call
             w = weight.value.numpy()
             if (call.op == op_matmul and w.ndim == 2 and len(x_shape) >= 2 and x_shape[-1] == w.shape[0]
-                    and w.shape[0] <= max_k and pruned(w)):
+                    and pruned(w)):
                 name = f"stdeploy_event_matmul_{len(done)}"
                 func = event_matmul_kernel(x_shape, w.shape[0], w.shape[1])
                 arrays = [np.ascontiguousarray(w, dtype=np.float32), live_masks(w)]
