@@ -39,7 +39,7 @@ from .kernels.lif import fuse_lif_recurrences
 from .kernels.pool import route_max_pools
 from .kernels.routing import route_to_external_kernels
 from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
-from .schedules import schedule_elementwise
+from .schedules import inline_injective, schedule_elementwise
 from .sdk import load_tvm
 
 __all__ = ["KERNELS", "SPIKE_OPS", "CpuOptions", "PreparedModule", "prepare_cpu_module", "sparse_layers_of", "compile_cpu",
@@ -180,7 +180,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
                 raise
             problem = str(err)
     if not tuned and kernels != "tir":
-        mod, prepared.info["vectorised_blocks"] = schedule_elementwise(mod)   # both models alike
+        mod, prepared.info["inlined_blocks"] = inline_injective(mod)          # both models alike
+        mod, prepared.info["vectorised_blocks"] = schedule_elementwise(mod)
     if problem:
         warnings.warn(f"tvm: {problem}; running without the tuning database", stacklevel=3)
         prepared.info["database_problem"] = problem
