@@ -193,10 +193,10 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     spiking = [name for _, key, name in SPIKE_OPS if prepared.info.get(key)]
     if spiking:
         path = f"spike-adaptive {'/'.join(spiking)} + " + path
-    if prepared.info.get("event"):
-        path = "event kernels + " + path
     if prepared.info.get("sparse") and sparse_layers_of(prepared.info):
         path = "sparse kernels + " + path
+    if prepared.info.get("event"):
+        path += " + event kernels"
     return ex, {"path": path, **prepared.info}
 
 
