@@ -2,14 +2,19 @@
 external kernels, compiled for the host's llvm target, run on Relax's VM.
 
 :func:`prepare_cpu_module` builds the exact module that both tuning and running compile: TVM's
-ONNX import at the batch, an optional rewrite of pruned linears to the sparse CSR kernel
+ONNX import at the batch, with ``kernels`` ``blas`` every pruned weight layer and every one-channel
+stem convolution on its kernel compiled into the module (:func:`~.kernels.event.route_event_kernels`,
+``CpuOptions.event``; bit-identical to the skip-zero kernels), an optional rewrite of pruned linears to the sparse CSR kernel
 (:mod:`.kernels.sparse`), :func:`~.kernels.routing.route_to_external_kernels` per ``kernels``
 (``blas``: matmuls and stride-1 convolutions to the spike gather kernels, which fall back to BLAS
 on dense input, other convolutions to BLAS; ``blas-dense``: all to BLAS; ``tir``: none), then
-the LIF recurrences as fused kernels (:func:`~.kernels.lif.fuse_lif_recurrences`, all T steps of
+max pooling on its TIR kernel (``blas``: :func:`~.kernels.pool.route_max_pools`), the LIF
+recurrences as fused kernels (:func:`~.kernels.lif.fuse_lif_recurrences`, all T steps of
 a population in one loop, bit-identical; ``CpuOptions.lif``), then Relax's zero pipeline
-(legalize, fuse). What is left in TIR (pooling, reductions, attention products) is what
-MetaSchedule tunes (:mod:`.tuning`).
+(legalize, fuse). What is left in TIR (reductions, attention products, elementwise chains) is what
+MetaSchedule tunes (:mod:`.tuning`); without a tuning database :func:`compile_cpu` inlines the
+elementwise chains' intermediates and vectorises them (:func:`~.schedules.inline_injective`,
+:func:`~.schedules.schedule_elementwise`; the same float32 operations).
 
 :func:`compile_cpu` applies the tuning database when ``stdeploy tune`` wrote one for this model,
 device, batch and kernels (``schedule="auto"``), requires it (``"tuned"``) or ignores it
