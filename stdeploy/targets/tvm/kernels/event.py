@@ -10,26 +10,22 @@ density estimate or choice at run time).
   order (``cttz``). Each event adds ``value x`` its weight row to an accumulator of the ``N``
   outputs, vectorised; the accumulator is stored once. Work: the events of live inputs times
   ``N / lanes`` vector multiply-adds, plus reading ``x`` and writing ``y`` once. (Adding only the
-  nonzero weights of each row, a scalar scatter, was slower on every sdt-tiny layer: its loop of
-  0 to 40 iterations per event is a mispredicted branch; on ``fc2`` 0.60 ms against 0.20.)
+  nonzero weights of each row, a scalar scatter, was tried first and was slower on every sdt-tiny
+  layer: its loop of 0 to 40 iterations per event is a mispredicted branch.)
 * :func:`stationary_conv_kernel`, a stride-1 NCHW convolution (:func:`.spike.applicable`) with
   the weight as lists per output channel (:func:`conv_columns`): per image, the input channels
   the weight uses are copied into zero-bordered planes; for each output channel an accumulator of
   its output plane is zeroed, each nonzero weight adds ``weight x`` its channel's plane shifted by
   its tap (vectors along the output rows), and the plane is stored once. Work: the nonzero weights
   times the output plane, in vectors; zero inputs are not skipped (an event-driven convolution,
-  per-channel event lists and a scalar scatter per event and tap, took 0.84 ms against this
-  loop's 0.12 ms on sdt-tiny's pruned ``stages.1`` convolution).
+  per-channel event lists and a scalar scatter per event and tap, was tried first and was slower).
 
 :func:`route_event_kernels` puts them in place of every matmul with a constant weight of at least
 :data:`.skipzero.MIN_WEIGHT_ZEROS` zeros and every such convolution, and of every convolution with
 at most :data:`.skipzero.STEM_CHANNELS` input channels whatever its zeros (an image stem: the
 loop beats the gather kernel there on dense weights too, so dense and pruned models both get it).
-Measured on sdt-tiny's shapes (random weights and spikes at the pruned model's densities, process
-CPU time, one thread): the attention's 64x64 linears 0.024 ms against 0.053 for the scalar-scatter
-kernel and 0.105 for the gather kernel; ``fc1`` (64x256) 0.10 against 0.19 and 0.16; in the whole
-pruned model ``fc2`` (256x64, 136 nonzero weights) 0.128 ms against 0.148 for the CSR kernel of
-:mod:`.sparse` (which the pass then no longer sees).
+``python -m stdeploy.targets.tvm.kernels.event`` times each kernel against the skip-zero and
+gather kernels on the pruned sdt-tiny's layer shapes and densities.
 
 Arithmetic: each output's terms are added from 0 in the order of the gather kernels of
 :mod:`.spike` and the skip-zero kernels of :mod:`.skipzero` (input feature ascending; tap, then
@@ -285,3 +281,67 @@ def _nonempty(a: np.ndarray, dtype) -> np.ndarray:
     """``a`` as ``dtype``, or one zero where it is empty (a buffer needs at least one entry)."""
     a = np.asarray(a, dtype=dtype)
     return a if a.size else np.zeros(1, dtype)
+
+
+def _main(argv=None) -> None:
+    """``python -m stdeploy.targets.tvm.kernels.event``: this module's kernels against the skip-zero
+    and gather kernels on the whole-model pruned sdt-tiny's layer shapes (batch 32 x 4 steps;
+    random weights at the layers' weight densities, random spikes, or analog values for the stem,
+    at their input densities: ``benchmarks/results/sparse_speed.md``), process CPU time, median of
+    interleaved calls, one thread; outputs compared bit for bit."""
+    import argparse
+    import statistics
+    import time
+
+    import tvm
+
+    from ...profiles import load_profile
+    from ..host import cpu_target
+    from .spike import SpikeConv, SpikeMatmul, pinned_threads
+
+    parser = argparse.ArgumentParser(description="event / stationary kernels vs skip-zero and gather (CPU time)")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    target = cpu_target(load_profile("cpu"))
+    rng = np.random.default_rng(0)
+    t = tvm.runtime.tensor
+    build = lambda f: tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(target))["main"]  # noqa: E731
+    # (name, x shape, weight shape, weight density, input density, analog input)
+    layers = [("q/k/v", (128, 16, 64), (64, 64), 0.128, 0.015, False), ("fc1", (128, 16, 64), (64, 256), 0.144, 0.031, False),
+              ("fc2", (128, 16, 256), (256, 64), 0.0083, 0.045, False),
+              ("stem", (128, 1, 8, 8), (32, 1, 3, 3), 0.656, 0.521, True),
+              ("stages.1", (128, 32, 8, 8), (64, 32, 3, 3), 0.0059, 0.077, False),
+              ("rpe", (128, 64, 4, 4), (64, 64, 3, 3), 0.0015, 0.098, False)]
+    with pinned_threads(1):
+        for name, x_shape, w_shape, wd, d, analog in layers:
+            w = (rng.normal(size=w_shape) * (rng.random(w_shape) < wd)).astype(np.float32)
+            x = ((rng.random(x_shape) if analog else 1.0) * (rng.random(x_shape) < d)).astype(np.float32)
+            if len(w_shape) == 2:
+                fn = build(event_matmul_kernel(x_shape, *w_shape))
+                arrays = [t(w), t(live_masks(w))]
+                skip, gather = skipzero.SkipZeroMatmul(x_shape, w, target), SpikeMatmul(x_shape, w, target)
+            else:
+                ptr, taps, vals, chans = conv_columns(w)
+                fn = build(stationary_conv_kernel(x_shape, w_shape, (1, 1, 1, 1), vals.size, chans.size))
+                arrays = [t(ptr), t(_nonempty(taps, np.int32)), t(_nonempty(vals, np.float32)), t(_nonempty(chans, np.int32))]
+                skip = skipzero.SkipZeroConv(x_shape, w, (1, 1, 1, 1), target)
+                gather = SpikeConv(x_shape, w, (1, 1, 1, 1), target)
+            xt = t(x)
+            outs = [t(np.zeros(skip.out_shape, np.float32)) for _ in range(3)]
+            calls = {"this": lambda: fn(xt, *arrays, outs[0]), "skip-zero": lambda: skip(xt, outs[1]),
+                     "gather": lambda: gather(xt, outs[2])}
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(args.repeats + 2):
+                for k, call in calls.items():
+                    c0 = time.process_time()
+                    call()
+                    times[k].append(time.process_time() - c0)
+            ms = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}
+            same = all(np.array_equal(outs[0].numpy(), o.numpy()) for o in outs[1:])
+            print(f"{name:9s} x {x_shape} w {w_shape} weight density {np.mean(w != 0):.4f}, input density "
+                  f"{np.mean(x != 0):.3f}: this {ms['this']:.3f} ms, skip-zero {ms['skip-zero']:.3f}, gather "
+                  f"{ms['gather']:.3f} (CPU); bit-identical {same}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -37,8 +37,8 @@ the two measured lines and BLAS's time predict fastest at that density; ``stats`
 Layers whose weight has fewer than :data:`MIN_WEIGHT_ZEROS` zeros take the gather kernel alone
 (routing: :func:`applies`), except convolutions with at most :data:`STEM_CHANNELS` input channels
 (an image stem fed analog values): there the weight-stationary loop beats the gather kernel even
-on a dense weight (sdt-tiny's first convolution, 32x1x3x3, analog input at 52 % nonzeros: 0.13
-ms against 0.34 ms, process CPU time, one thread; bit-identical), and the measured choice decides.
+on a dense weight (``python -m stdeploy.targets.tvm.kernels.event`` times both on sdt-tiny's
+first convolution), and the measured choice decides.
 """
 
 from __future__ import annotations
