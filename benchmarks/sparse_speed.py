@@ -18,12 +18,17 @@ Reported, for the benchmark batch:
 * times of every runtime in one run, interleaved round by round (each round calls every runner
   once; median of ``--repeats`` rounds after ``--warmup``), wall time and process CPU time (CPU time
   is what preemption on a shared machine does not add): onnxruntime, the default CPU TVM path
-  (``TVMTarget().compile`` as ``stdeploy run`` does: CSR kernels where measured faster, then the
-  spike-adaptive kernels with the skip-zero kernels for pruned weights, the LIF recurrences as
-  fused kernels: :mod:`stdeploy.targets.tvm.kernels.lif`), the same path with the LIF recurrences
-  left to Relax's per-operator TIR (``unfused LIF``: the path before the fused kernels), and the
-  default module with every pruned layer pinned to one kernel (``gather``: the path before the
-  skip-zero kernels; ``skip-zero``);
+  (``TVMTarget().compile`` as ``stdeploy run`` does: every pruned layer, and the one-channel stem
+  convolution, on its kernel compiled into the module (:mod:`stdeploy.targets.tvm.kernels.event`:
+  event-driven linears, weight-stationary convolutions), the other weight layers on the
+  spike-adaptive kernels (CSR kernels where measured faster), the LIF recurrences as fused kernels
+  (:mod:`stdeploy.targets.tvm.kernels.lif`), max pooling as a TIR kernel
+  (:mod:`stdeploy.targets.tvm.kernels.pool`), the elementwise chains inlined and vectorised; dense
+  and pruned models alike), the same path with the LIF recurrences left to Relax's per-operator
+  TIR (``unfused LIF``), the pruned model with the event kernels off (``event kernels off``: its
+  pruned layers on the adaptive skip-zero / gather / BLAS kernels and the CSR pass, the path
+  before them, with the same non-weight kernels), and that module with every pruned layer
+  pinned to one adaptive kernel (``gather``, ``skip-zero``);
 * spike mismatches of every runner against PyTorch on the batch;
 * where the time goes: the Relax VM's per-call CPU times (its instrument hook) of the default TVM module, dense and
   sparse, grouped into the weight layers' kernels, the fused LIF kernels and the rest (pooling,
@@ -65,15 +70,17 @@ from stdeploy.targets.tvm.frontend import load_onnx_graph, relax_module  # noqa:
 from stdeploy.targets.tvm.host import cpu_target  # noqa: E402
 from stdeploy.targets.tvm.kernels import skipzero  # noqa: E402
 from stdeploy.targets.tvm.kernels.lif import fuse_lif_recurrences  # noqa: E402
+from stdeploy.targets.tvm.kernels.pool import route_max_pools  # noqa: E402
 from stdeploy.targets.tvm.kernels.routing import route_to_external_kernels  # noqa: E402
 from stdeploy.targets.tvm.kernels.spike import pinned_threads  # noqa: E402
+from stdeploy.targets.tvm.schedules import inline_injective, schedule_elementwise  # noqa: E402
 from stdeploy.targets.tvm.sdk import load_tvm  # noqa: E402
 from stdeploy.targets.tvm.target import TVMTarget  # noqa: E402
 from stdeploy.train import TrainConfig, train  # noqa: E402
 
 ACTIVE = (0.01, 0.5)
 # Relax VM profile rows that are the weight layers' kernels (the rest is what pruning cannot remove)
-WEIGHT_KERNELS = ("stdeploy.", "sparse_matmul")
+WEIGHT_KERNELS = ("stdeploy.", "sparse_matmul", "stdeploy_event", "stdeploy_stationary")
 LIF_KERNELS = ("stdeploy_lif",)   # the fused LIF kernels (kernels.lif)
 
 
@@ -114,9 +121,10 @@ def flop_limits(counts: dict, densities: dict, dense_counts: dict, dense_densiti
 
 
 class RoutedModule:
-    """The default path's module built here (no CSR pass; the LIF recurrences fused, as on the
-    default path), so that its pruned layers can be pinned to one kernel: ``forced`` None (chosen
-    per call), ``gather``, ``skipzero`` or ``blas``."""
+    """The default path's module with the event kernels off, built here (no CSR pass; the LIF
+    recurrences fused, max pooling on its kernel, elementwise chains inlined and vectorised, as on
+    the default path), so that its pruned layers can be pinned to one adaptive kernel: ``forced``
+    None (chosen per call), ``gather``, ``skipzero`` or ``blas``."""
 
     def __init__(self, export_dir: Path, batch: int, target: dict, cache: CrossoverCache):
         import tvm
@@ -125,10 +133,13 @@ class RoutedModule:
         self.graph = load_onnx_graph(export_dir)
         mod, done = route_to_external_kernels(relax_module(self.graph, batch), spike_target=target, crossovers=cache)
         self.kernels = [o.kernel for o in done if isinstance(o.kernel, skipzero.AdaptiveSparse)]
+        mod, _ = route_max_pools(mod)
         mod, _ = fuse_lif_recurrences(mod, target)
         with tvm.target.Target(target):
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                             relax.get_pipeline("zero")])(mod)
+        mod, _ = inline_injective(mod)
+        mod, _ = schedule_elementwise(mod)
         self.vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(target)), tvm.cpu())
 
     def runner(self, forced: str | None):
@@ -273,6 +284,9 @@ def run(args) -> int:
         unfused = TVMRunnable(load_onnx_graph(dirs[k]), profile, cpu_target(profile), dirs[k], {"lif": False})
         unfused.prepare(args.batch)
         runners[f"{k}: tvm, unfused LIF"] = lambda a, tv=unfused: tv.run(a).spikes
+    no_event = TVMRunnable(load_onnx_graph(dirs["sparse"]), profile, cpu_target(profile), dirs["sparse"], {"event": False})
+    no_event.prepare(args.batch)
+    runners["sparse: tvm, event kernels off"] = lambda a, tv=no_event: tv.run(a).spikes
     routed = RoutedModule(dirs["sparse"], args.batch, builds["sparse"].target, CrossoverCache(out / "cache" / "tvm" / "kernel-crossovers.json"))
     runners["sparse: tvm, pruned layers on gather"] = routed.runner("gather")
     runners["sparse: tvm, pruned layers on skip-zero"] = routed.runner("skipzero")
@@ -286,9 +300,10 @@ def run(args) -> int:
     kernels = [{"op": op, "weight": e["weight"], "max_density": e["max_density"], "source": e["threshold"], "calls": dict(e["calls"])}
                for op in ("spike_conv", "spike_matmul") for e in sparse_build.get(op, [])]
     csr = [r for r in sparse_build.get("sparse", []) if r.get("chosen") == "sparse"]
+    events = {k: b.info["builds"][str(args.batch)].get("event", []) for k, b in builds.items()}
     result = {"args": vars(args), "machine": host, "timesteps": steps, "limits": limits, "times": times, "mismatches": mismatches,
               "paths": paths, "activity": {k: a.to_dict() for k, a in acts.items()}, "profiles": profiles, "profile_split": split,
-              "sparse_kernels": kernels, "csr_layers": csr, "sparse_report": sparse_build.get("sparse", []),
+              "sparse_kernels": kernels, "csr_layers": csr, "event_layers": events, "sparse_report": sparse_build.get("sparse", []),
               "fused_lif": {k: b.info["builds"][str(args.batch)].get("fused_lif", []) for k, b in builds.items()},
               "seconds": time.perf_counter() - t_start}
     (out / "sparse_speed.json").write_text(json.dumps(result, indent=1, default=str))
@@ -335,7 +350,13 @@ def markdown(r: dict) -> str:
               + ", ".join(f"{k} {len(v)} ({sum(f['bias'] for f in v)} with the bias add)" for k, v in r["fused_lif"].items()) + "."]
     lines += ["", "TVM default path: " + "; ".join(f"{k}: {v}" for k, v in r["paths"].items()) + " (LIF recurrences as fused kernels)",
               f"CSR kernels chosen on the pruned model: {len(r['csr_layers'])}.", "",
-              "Spike kernels of the pruned model's default module (calls: warm-up, check and timed runs):", "",
+              "Layers on the kernels compiled into the module (`kernels.event`; call_tir, no choice at run time):", "",
+              "| model | op | weight | weight density | nonzero weights | kernel |", "|---|---|---|---:|---:|---|"]
+    for k, layers in r["event_layers"].items():
+        for e in layers:
+            lines.append(f"| {k} | {e['op']} | {'x'.join(map(str, e['weight']))} | {e['weight_density']:.4f} | {e['nnz']} | {e['name']} |")
+    lines += ["", "Spike kernels left to the adaptive packed functions in the pruned model's default module "
+              "(calls: warm-up, check and timed runs):", "",
               "| kernel | weight | max density (a spike kernel beats BLAS) | threshold | calls |", "|---|---|---:|---|---|"]
     for k in r["sparse_kernels"]:
         lines.append(f"| {k['op']} | {'x'.join(map(str, k['weight']))} | {k['max_density']:.3f} | {k['source']} | "

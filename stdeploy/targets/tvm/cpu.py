@@ -2,14 +2,19 @@
 external kernels, compiled for the host's llvm target, run on Relax's VM.
 
 :func:`prepare_cpu_module` builds the exact module that both tuning and running compile: TVM's
-ONNX import at the batch, an optional rewrite of pruned linears to the sparse CSR kernel
+ONNX import at the batch, with ``kernels`` ``blas`` every pruned weight layer and every one-channel
+stem convolution on its kernel compiled into the module (:func:`~.kernels.event.route_event_kernels`,
+``CpuOptions.event``; bit-identical to the skip-zero kernels), an optional rewrite of pruned linears to the sparse CSR kernel
 (:mod:`.kernels.sparse`), :func:`~.kernels.routing.route_to_external_kernels` per ``kernels``
 (``blas``: matmuls and stride-1 convolutions to the spike gather kernels, which fall back to BLAS
 on dense input, other convolutions to BLAS; ``blas-dense``: all to BLAS; ``tir``: none), then
-the LIF recurrences as fused kernels (:func:`~.kernels.lif.fuse_lif_recurrences`, all T steps of
+max pooling on its TIR kernel (``blas``: :func:`~.kernels.pool.route_max_pools`), the LIF
+recurrences as fused kernels (:func:`~.kernels.lif.fuse_lif_recurrences`, all T steps of
 a population in one loop, bit-identical; ``CpuOptions.lif``), then Relax's zero pipeline
-(legalize, fuse). What is left in TIR (pooling, reductions, attention products) is what
-MetaSchedule tunes (:mod:`.tuning`).
+(legalize, fuse). What is left in TIR (reductions, attention products, elementwise chains) is what
+MetaSchedule tunes (:mod:`.tuning`); without a tuning database :func:`compile_cpu` inlines the
+elementwise chains' intermediates and vectorises them (:func:`~.schedules.inline_injective`,
+:func:`~.schedules.schedule_elementwise`; the same float32 operations).
 
 :func:`compile_cpu` applies the tuning database when ``stdeploy tune`` wrote one for this model,
 device, batch and kernels (``schedule="auto"``), requires it (``"tuned"``) or ignores it
@@ -34,9 +39,12 @@ from ..base import RunResult, TargetError
 from ..profiles import DeviceProfile
 from .database import CrossoverCache, TuningDatabaseError, apply_database, crossover_cache_path, find_database, read_meta
 from .frontend import OnnxGraph, relax_module
+from .kernels.event import route_event_kernels
 from .kernels.lif import fuse_lif_recurrences
+from .kernels.pool import route_max_pools
 from .kernels.routing import route_to_external_kernels
 from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
+from .schedules import inline_injective, schedule_elementwise
 from .sdk import load_tvm
 
 __all__ = ["KERNELS", "SPIKE_OPS", "CpuOptions", "PreparedModule", "prepare_cpu_module", "sparse_layers_of", "compile_cpu",
@@ -58,6 +66,7 @@ class CpuOptions:
     kernels: str = "blas"
     sparse_layers: tuple[int, ...] | None = ()
     lif: bool = True   # LIF recurrences as fused kernels (kernels.lif); False: Relax's per-operator TIR
+    event: bool = True   # kernels "blas": pruned layers on the event-driven kernels (kernels.event)
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -81,6 +90,10 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
 
     mod = relax_module(graph, batch)
     info: dict = {"kernels": options.kernels}
+    if options.event and options.kernels == "blas":
+        mod, events = route_event_kernels(mod)
+        info["event"] = [{"op": e.op, "weight": list(e.weight), "x": list(e.x_shape), "weight_density": round(e.weight_density, 4),
+                          "nnz": e.nnz, "name": e.name} for e in events]
     if options.sparse_layers != ():
         if options.sparse_layers is None:
             decide = measured_choice(target, spike_kernels=options.kernels == "blas")  # against what runs instead
@@ -105,6 +118,9 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         if any(o.kernel is not None for o in done) and crossovers is not None:
             crossovers.save()
             info["crossover_cache"] = crossovers.summary()
+    if options.kernels == "blas":
+        mod, pools = route_max_pools(mod)
+        info["max_pool"] = [{"x": list(p.x_shape), "pool": list(p.pool), "stride": list(p.stride)} for p in pools]
     if options.lif:
         mod, fused = fuse_lif_recurrences(mod, target)
         info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias} for f in fused]
@@ -121,7 +137,8 @@ def sparse_layers_of(info: dict) -> tuple[int, ...]:
 
 def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: int, *, schedule: str = "auto",
                 kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
-                crossover_cache: str | os.PathLike | None = None, lif: bool = True) -> tuple[object, dict]:
+                crossover_cache: str | os.PathLike | None = None, lif: bool = True,
+                event: bool = True) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
@@ -132,7 +149,9 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     how many were measured and how many reused, each ``info["spike_*"]`` entry which.
     ``lif``: LIF recurrences as fused kernels (:mod:`.kernels.lif`, bit-identical; the default),
     or Relax's per-operator TIR (``False``); ``info["fused_lif"]`` lists the fused populations
-    (``path`` does not change: the kernels are hand-scheduled TIR)."""
+    (``path`` does not change: the kernels are hand-scheduled TIR). ``event``: with ``kernels``
+    ``blas``, every pruned layer on its event-driven kernel (:mod:`.kernels.event`; the default;
+    ``info["event"]`` lists them), else on the adaptive skip-zero / gather / BLAS kernels."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -152,7 +171,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif),
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event),
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:
@@ -165,6 +184,9 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
             if schedule == "tuned":
                 raise
             problem = str(err)
+    if not tuned and kernels != "tir":
+        mod, prepared.info["inlined_blocks"] = inline_injective(mod)          # both models alike
+        mod, prepared.info["vectorised_blocks"] = schedule_elementwise(mod)
     if problem:
         warnings.warn(f"tvm: {problem}; running without the tuning database", stacklevel=3)
         prepared.info["database_problem"] = problem
@@ -178,6 +200,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         path = f"spike-adaptive {'/'.join(spiking)} + " + path
     if prepared.info.get("sparse") and sparse_layers_of(prepared.info):
         path = "sparse kernels + " + path
+    if prepared.info.get("event"):
+        path += " + event kernels"
     return ex, {"path": path, **prepared.info}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from .kernels import spike
 from .kernels.routing import rewrite_functions
 
-__all__ = ["Routed", "route_to_tir_kernels", "standalone_module"]
+__all__ = ["Routed", "route_to_tir_kernels", "standalone_module", "schedule_elementwise", "inline_injective"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,68 @@ def schedule_elementwise(mod):
             done += 1
         if done:
             out[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            count += done
+    for gvar, func in out.items():
+        mod[gvar] = func
+    return mod, count
+
+
+def inline_injective(mod):
+    """``(new_mod, count)``: in every PrimFunc of ``mod`` that is not already scheduled, the
+    spatial blocks that only feed other blocks of the function (the intermediates of a fused
+    chain such as add, reshape, add, reshape, transpose) are inlined into their consumers where
+    their value holds no multiplication, and an output block that only copies (a reshape or
+    transpose) is inlined backwards into its producer: the chain reads its inputs and writes its
+    output once instead of writing and reading every intermediate. Each value is still computed
+    by the same float32 operations (no multiplication is moved next to an addition, so no
+    contraction into a fused multiply-add becomes possible); :func:`schedule_elementwise` then
+    vectorises what is left. ``count``: the blocks inlined."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    def has_mul(e) -> bool:
+        """True where ``e`` may hold a multiplication (any expression kind not known here counts)."""
+        if type(e).__name__ in ("BufferLoad", "TensorLoad") or isinstance(e, (tirx.FloatImm, tirx.IntImm, tirx.Var)):
+            return False       # a load's indices are integer arithmetic: no float product
+        if isinstance(e, (tirx.Add, tirx.Sub, tirx.Max, tirx.Min)):
+            return has_mul(e.a) or has_mul(e.b)
+        if isinstance(e, tirx.Cast):
+            return has_mul(e.value)
+        return True
+
+    out, count = {}, 0
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            continue
+        sch = s_tir.Schedule(func)
+        try:
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        except (tvm.error.TVMError, ValueError):  # no root block: a hand-written kernel
+            continue
+        if len(blocks) < 2:
+            continue
+        done = 0
+        for block in list(blocks)[:-1]:
+            b = sch.get(block)
+            if (any(int(iv.iter_type) != 0 for iv in b.iter_vars) or len(b.writes) != 1
+                    or type(b.body).__name__ not in ("BufferStore", "TensorStore") or has_mul(b.body.value)):
+                continue
+            try:  # refused where the block writes an output of the function
+                sch.compute_inline(block)
+                done += 1
+            except (tvm.error.TVMError, ValueError):
+                continue
+        last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
+        b = sch.get(last)
+        if (type(b.body).__name__ in ("BufferStore", "TensorStore") and type(b.body.value).__name__ in ("BufferLoad", "TensorLoad")
+                and len(sch.get_child_blocks(sch.get_sblock("root"))) > 1):
+            try:
+                sch.reverse_compute_inline(last)
+                done += 1
+            except (tvm.error.TVMError, ValueError):
+                pass
+        if done:
+            out[gvar] = sch.mod["main"]
             count += done
     for gvar, func in out.items():
         mod[gvar] = func

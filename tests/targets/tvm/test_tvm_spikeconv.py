@@ -112,7 +112,8 @@ def test_offload_uses_it_for_stride_one_convolutions(target):
         bb.emit_func_output(bb.emit(relax.op.nn.conv2d(a, w2, strides=[2, 2], padding=[1, 1, 1, 1])))
     mod, done = route_to_external_kernels(bb.get(), spike_target=target)
     assert [o.op for o in done] == ["spike-conv2d", "conv2d"]   # the strided one stays on BLAS
-    assert "stdeploy.spikeconv." in mod.script() and "R.nn.conv2d" not in mod.script()
+    # three input channels: a stem, offered the skip-zero kernel too (skipzero.applies)
+    assert "stdeploy.skipzeroconv." in mod.script() and "R.nn.conv2d" not in mod.script()
     _, plain = route_to_external_kernels(bb.get())
     assert [o.op for o in plain] == ["conv2d", "conv2d"]
 

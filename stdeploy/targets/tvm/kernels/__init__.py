@@ -10,6 +10,10 @@ operators of a spiking transformer on the CPU:
   spikes, chosen per call against the gather kernel and BLAS;
 * :mod:`.lif`: the LIF recurrences, all T steps of a population in one loop (membrane in
   registers, bias add fused in), bit-identical to the graph's arithmetic;
+* :mod:`.event`: kernels for pruned layers compiled into the module (event-driven linear layers,
+  weight-stationary convolutions; also the one-channel stem convolution), bit-identical to the
+  skip-zero kernels, routed by :func:`~.event.route_event_kernels` on the CPU path;
+* :mod:`.pool`: max pooling as a hand-scheduled TIR kernel (:func:`~.pool.route_max_pools`);
 * :mod:`.sparse`: a CSR kernel (TIR, CPU and CUDA schedules) for pruned constant weights;
 * :mod:`.routing`: :func:`~.routing.route_to_external_kernels`, the Relax rewrite that sends
   constant-weight matmuls and NCHW convolutions to the BLAS or spike kernels.

@@ -10,7 +10,7 @@ by ``R.call_dps_packed`` calls of the BLAS packed functions of :mod:`.blas`, or,
 :mod:`.spike` for every matmul and every stride-1 convolution (accumulate-only while the input is
 mostly zeros, BLAS otherwise; their density thresholds read from, or measured into, the
 ``crossovers`` cache: :class:`~stdeploy.targets.tvm.database.CrossoverCache`); where the constant
-weight is pruned (at least :data:`.skipzero.MIN_WEIGHT_ZEROS` zeros) the packed function also holds
+weight is pruned, or a stem convolution's (:func:`.skipzero.applies`), the packed function also holds
 the kernel of :mod:`.skipzero` that skips zero weights as well, and picks among the three per call
 (the ``Offloaded.kernel`` is then a :class:`.skipzero.AdaptiveSparse`). Everything else (LIF recurrences, pooling, reductions) stays TVM
 code. Operators that do not fit (symbolic shapes, grouped or dilated convolutions, non-constant

@@ -35,7 +35,10 @@ keyed by the weight's zero pattern as well, :func:`zero_pattern`: its time depen
 call then estimates its input's density (:func:`.spike.density`) and runs whichever of the three
 the two measured lines and BLAS's time predict fastest at that density; ``stats`` counts each.
 Layers whose weight has fewer than :data:`MIN_WEIGHT_ZEROS` zeros take the gather kernel alone
-(routing: :func:`applies`).
+(routing: :func:`applies`), except convolutions with at most :data:`STEM_CHANNELS` input channels
+(an image stem fed analog values): there the weight-stationary loop beats the gather kernel even
+on a dense weight (``python -m stdeploy.targets.tvm.kernels.event`` times both on sdt-tiny's
+first convolution), and the measured choice decides.
 """
 
 from __future__ import annotations
@@ -54,12 +57,13 @@ from ..sdk import load_tvm
 from . import spike
 from .blas import blas_conv2d, blas_matmul
 
-__all__ = ["MIN_WEIGHT_ZEROS", "KERNEL_VERSION", "RowCSR", "rows_from_dense", "zero_pattern", "applies",
+__all__ = ["MIN_WEIGHT_ZEROS", "STEM_CHANNELS", "KERNEL_VERSION", "RowCSR", "rows_from_dense", "zero_pattern", "applies",
            "skipzero_matmul_kernel", "skipzero_conv_kernel", "SkipZeroMatmul", "SkipZeroConv", "AdaptiveSparse",
            "adaptive_matmul", "adaptive_conv"]
 
-MIN_WEIGHT_ZEROS = 0.5   # weights with fewer zeros than this keep the gather kernel alone
-KERNEL_VERSION = 3       # part of a cached crossover's key: raise it when a kernel here changes
+MIN_WEIGHT_ZEROS = 0.5   # weights with fewer zeros than this keep the gather kernel alone ...
+STEM_CHANNELS = 4        # ... unless a convolution's with at most this many input channels
+KERNEL_VERSION = 4       # part of a cached crossover's key: raise it when a kernel here changes
 PARTS = spike.PARTS      # parallel tasks per call (rows or images are split between them)
 
 
@@ -126,9 +130,12 @@ def zero_pattern(weight: np.ndarray) -> str:
 
 
 def applies(weight: np.ndarray) -> bool:
-    """True where the weight has at least :data:`MIN_WEIGHT_ZEROS` zeros (the routing rule)."""
+    """True where the weight has at least :data:`MIN_WEIGHT_ZEROS` zeros, or is an ``(O, C, KH, KW)``
+    convolution weight with ``C <= STEM_CHANNELS`` (the routing rule)."""
     w = np.asarray(weight)
-    return w.size > 0 and float(np.mean(w == 0)) >= MIN_WEIGHT_ZEROS
+    if w.size == 0:
+        return False
+    return float(np.mean(w == 0)) >= MIN_WEIGHT_ZEROS or (w.ndim == 4 and w.shape[1] <= STEM_CHANNELS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +225,7 @@ def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: in
             for b in range(part * per, T.min(n, part * per + per)):
                 for li in range(channels):
                     for r in range(h):
-                        for q in range(w):
+                        for q in T.vectorized(w):
                             pad[chans[li], r + top, q + left] = x[b, chans[li], r, q]
                 for v in range(o):
                     for r in range(ho):
