@@ -199,8 +199,8 @@ def _synapse(name: str, src: str, dst: str, matrix: dict, delay: int, port: str 
 def lower_block(block: AttentionBlock, latency: dict[str, int], attention: str = "product") -> tuple[list, list, dict]:
     """The populations and synapses of ``block`` (``attention``: a name in
     :data:`ATTENTION_LOWERINGS`) and the term into its attention LIF: ``{"src", "weight"
-    ((rows, cols, source neurons, coef): entries of the ``(D·N) x`` source matrix, each ``scale``
-    times ``coef`` (None: 1)), "message_bits", "in_max", "nodes"}``.
+    ((rows, cols, source neurons, values): the entries of the ``(D·N) x`` source matrix, ``scale``
+    times a signed coefficient), "message_bits", "in_max", "nodes"}``.
     ``latency`` (synaptic hops from the input) holds ``q``, ``k``, ``v`` and gets the new
     populations; binary inputs that arrive early pass a ``DelaySparse`` identity."""
     if attention not in ATTENTION_LOWERINGS:
@@ -246,7 +246,7 @@ def lower_block(block: AttentionBlock, latency: dict[str, int], attention: str =
         wire(block.q, qkv, rows, (head[uu] * dh + c[uu]) * n + t, "a_in1")
         wire(m, qkv, rows, uu, "a_in2", graded=True)
         out_rows = (head[uu] * dh + c2[uu]) * n + t
-        weight = (out_rows, rows, block.units * n, None)
+        weight = (out_rows, rows, block.units * n, np.full(len(rows), block.scale))
         return pops, syns, {"src": qkv, "weight": weight, "message_bits": 24, "in_max": float(n),
                             "nodes": [f"{block.name}.sum_c"]}
     if attention == "strassen":
@@ -260,7 +260,8 @@ def lower_block(block: AttentionBlock, latency: dict[str, int], attention: str =
     wire(block.k, a, rows, (head[uu] * dh + c[uu]) * n + j, "a_in")
     wire(block.v, a, rows, (head[uu] * dh + c2[uu]) * n + j, "a_in")
     out_rows = (head[uu] * dh + c2[uu]) * n + i
-    return pops, syns, {"src": a, "weight": (out_rows, rows, block.units * n * n, None), "message_bits": 0, "in_max": 1.0,
+    return pops, syns, {"src": a, "weight": (out_rows, rows, block.units * n * n, np.full(len(rows), block.scale)),
+                        "message_bits": 0, "in_max": 1.0,
                         "nodes": [f"{block.name}.sum_c", f"{block.name}.sum_j"]}
 
 
@@ -350,8 +351,8 @@ def _lower_strassen(block: AttentionBlock, population, wire, pops: list, syns: l
     out_rows, out_cols, coef = _per_head(w2, hh, lambda h, y: (h * dh + y % dh) * n + y // dh, lambda h, x: h * p2 + x)
     # the largest product: |signed sum of q| x |signed sum of M| (M <= N)
     in_max = float(np.max(np.asarray(abs(u2).sum(axis=1)).ravel() * np.asarray(abs(v2).sum(axis=1)).ravel() * n))
-    return pops, syns, {"src": qkv, "weight": (out_rows, out_cols, hh * p2, coef), "message_bits": 24, "in_max": in_max,
-                        "nodes": [f"{block.name}.sum_c"], "levels": levels}
+    return pops, syns, {"src": qkv, "weight": (out_rows, out_cols, hh * p2, block.scale * np.asarray(coef, np.float64)),
+                        "message_bits": 24, "in_max": in_max, "nodes": [f"{block.name}.sum_c"]}
 
 
 def block_counts(heads: int, dh: int, tokens: int, attention: str = "product") -> dict[str, int]:
@@ -385,11 +386,11 @@ def attention_resources(heads: int, dh: int, tokens: int, attention: str = "prod
     if counts["synapses"] <= build_limit:
         latency = {"q": 0, "k": 0, "v": 0}
         pops, syns, term = lower_block(block, latency, attention)
-        rows, cols, n_src, coef = term["weight"]
+        rows, cols, n_src, values = term["weight"]
         latency["attn.attn_lif"] = latency[term["src"]] + 1
         pops.append({"name": "attn.attn_lif", "node_kind": "LIF", "size": d * n, "shape": (d, n), "latency": latency["attn.attn_lif"]})
         syns.append(_synapse("sum:attn", term["src"], "attn.attn_lif",
-                             _sparse(rows, cols, scale * (1.0 if coef is None else coef), (d * n, n_src)), 0))
+                             _sparse(rows, cols, values, (d * n, n_src)), 0))
         return resource_report({"lowering": "standard", "populations": pops, "synapses": syns, "outputs": {}}, lim)
     if attention != "and":
         raise LavaUnsupported(f"attention_resources: {counts['synapses']:,} synapses exceed build_limit {build_limit:,}")
@@ -463,9 +464,9 @@ def block_plan(block: AttentionBlock, decay: float, v_threshold: float, attentio
     latency[lif] = latency[term["src"]] + 1
     pops.append({"name": lif, "node_kind": "LIF", "size": size, "shape": (d, n), "latency": latency[lif], "du": 1.0,
                  "dv": float(decay), "vth": float(v_threshold), "bias": np.zeros(size)})
-    rows, cols, n_src, coef = term["weight"]
+    rows, cols, n_src, values = term["weight"]
     syns.append({**_synapse(f"{'+'.join(term['nodes'])}:{term['src']}->{lif}", term["src"], lif,
-                            _sparse(rows, cols, block.scale * float(decay) * (1.0 if coef is None else coef), (size, n_src)), 0),
+                            _sparse(rows, cols, values * float(decay), (size, n_src)), 0),
                  "nodes": term["nodes"], "message_bits": term["message_bits"], "in_max": term["in_max"]})
     outputs = {"attn": [{"sink": "sink:attn:0", "src": lif, "synapse": None, "latency": latency[lif], "size": size,
                          "bias": None}]}

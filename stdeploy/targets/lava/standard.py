@@ -270,8 +270,7 @@ def _attention_terms(info: GraphInfo, name: str, blocks: dict, attention: str, l
     new_pops, new_syns, term = lower_block(block, latency, attention)
     pops.extend(new_pops)
     synapses.extend(new_syns)
-    rows, cols, n_src, coef = term["weight"]  # coef: signed multipliers of scale (the "strassen" lowering), None: ones
-    values = np.full(len(rows), block.scale, np.float64) * (1.0 if coef is None else np.asarray(coef, np.float64))
+    rows, cols, n_src, values = term["weight"]
     w = sparse.csr_matrix((values, (rows, cols)), shape=(int(np.prod(info.shapes[name])), n_src))
     return [_Term(term["src"], w, np.zeros(w.shape[0]), term["nodes"], term["message_bits"], term["in_max"])]
 

@@ -1,7 +1,7 @@
 """The standard lowering's choices read from a device profile and what it does with per-neuron
 thresholds:
 
-* ``[lava] attention`` (``"product"`` or ``"and"``) picks how Spikformer attention is built, for
+* ``[lava] attention`` (``"product"``, ``"and"`` or ``"strassen"``) picks how Spikformer attention is built, for
   the plan and the resource report; any other value is refused naming the key and the profile
   (``stdeploy run``: exit status 2, one line);
 * a pruned model's sLIF (per-neuron thresholds): the float standard plan folds them into the rows
