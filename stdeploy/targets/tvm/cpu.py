@@ -43,6 +43,7 @@ from .kernels.event import route_event_kernels
 from .kernels.lif import fuse_lif_recurrences
 from .kernels.pool import route_max_pools
 from .kernels.routing import route_to_external_kernels
+from .kernels.skipzero import MIN_WEIGHT_ZEROS
 from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
 from .schedules import inline_injective, schedule_elementwise
 from .sdk import load_tvm
@@ -67,6 +68,8 @@ class CpuOptions:
     sparse_layers: tuple[int, ...] | None = ()
     lif: bool = True   # LIF recurrences as fused kernels (kernels.lif); False: Relax's per-operator TIR
     event: bool = True   # kernels "blas": pruned layers on the event-driven kernels (kernels.event)
+    event_lif: bool = True   # an event kernel feeding a LIF population through a bias add: one kernel (kernels.eventlif)
+    event_min_zeros: float = MIN_WEIGHT_ZEROS   # the share of zero weights that sends a layer to the event kernels
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -90,8 +93,9 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
 
     mod = relax_module(graph, batch)
     info: dict = {"kernels": options.kernels}
+    events = []
     if options.event and options.kernels == "blas":
-        mod, events = route_event_kernels(mod)
+        mod, events = route_event_kernels(mod, options.event_min_zeros)
         info["event"] = [{"op": e.op, "weight": list(e.weight), "x": list(e.x_shape), "weight_density": round(e.weight_density, 4),
                           "nnz": e.nnz, "name": e.name} for e in events]
     if options.sparse_layers != ():
@@ -122,8 +126,9 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         mod, pools = route_max_pools(mod)
         info["max_pool"] = [{"x": list(p.x_shape), "pool": list(p.pool), "stride": list(p.stride)} for p in pools]
     if options.lif:
-        mod, fused = fuse_lif_recurrences(mod, target)
-        info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias} for f in fused]
+        mod, fused = fuse_lif_recurrences(mod, target, events if options.event_lif else ())
+        info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias,
+                              **({"producer": f.producer, "name": f.name} if f.producer else {})} for f in fused]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)
@@ -138,7 +143,8 @@ def sparse_layers_of(info: dict) -> tuple[int, ...]:
 def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: int, *, schedule: str = "auto",
                 kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
                 crossover_cache: str | os.PathLike | None = None, lif: bool = True,
-                event: bool = True) -> tuple[object, dict]:
+                event: bool = True, event_lif: bool = True,
+                event_min_zeros: float = MIN_WEIGHT_ZEROS) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
@@ -151,7 +157,11 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     or Relax's per-operator TIR (``False``); ``info["fused_lif"]`` lists the fused populations
     (``path`` does not change: the kernels are hand-scheduled TIR). ``event``: with ``kernels``
     ``blas``, every pruned layer on its event-driven kernel (:mod:`.kernels.event`; the default;
-    ``info["event"]`` lists them), else on the adaptive skip-zero / gather / BLAS kernels."""
+    ``info["event"]`` lists them), else on the adaptive skip-zero / gather / BLAS kernels.
+    ``event_lif``: an event kernel whose output feeds one LIF population through a constant add
+    runs as one kernel with it (:mod:`.kernels.eventlif`; ``info["fused_lif"]`` entries name the
+    ``producer``). ``event_min_zeros``: the share of zero weights from which a matmul or
+    convolution goes to the event kernels (0 sends every one, dense weights included)."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -171,7 +181,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event),
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event, event_lif, event_min_zeros),
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:
@@ -202,6 +212,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         path = "sparse kernels + " + path
     if prepared.info.get("event"):
         path += " + event kernels"
+    if any("producer" in f for f in prepared.info.get("fused_lif", ())):
+        path += " (fused with their LIF)"
     return ex, {"path": path, **prepared.info}
 
 

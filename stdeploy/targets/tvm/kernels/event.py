@@ -47,7 +47,7 @@ from ....errors import ShapeError
 from . import skipzero, spike
 
 __all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
-           "route_event_kernels"]
+           "route_event_kernels", "conv_out_hw"]
 
 BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
 PARTS = spike.PARTS     # parallel tasks per call (rows or images are split between them)
@@ -149,7 +149,7 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = (int(v) for v in w_shape)
     top, left, _, _ = (int(v) for v in padding)
-    ho, wo = _conv_out_hw(x_shape, w_shape, padding)
+    ho, wo = conv_out_hw(x_shape, w_shape, padding)
     ph, pw = ho + kh - 1, wo + kw - 1
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
@@ -187,7 +187,9 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     return stationary_conv
 
 
-def _conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
+def conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
+    """``(HO, WO)`` of a stride-1 convolution of ``x_shape`` (NCHW) by ``w_shape`` (OIHW) with
+    ``padding`` ``(top, left, bottom, right)``."""
     top, left, bottom, right = (int(v) for v in padding)
     return int(x_shape[2]) + top + bottom - int(w_shape[2]) + 1, int(x_shape[3]) + left + right - int(w_shape[3]) + 1
 
@@ -202,6 +204,8 @@ class EventLayer:
     weight_density: float
     nnz: int
     name: str           # the PrimFunc's name in the module
+    padding: tuple = ()     # a convolution's (top, left, bottom, right)
+    channels: int = 0       # a convolution's input channels any nonzero weight uses
 
 
 def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS):
@@ -266,7 +270,8 @@ def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS):
                 name = f"stdeploy_stationary_conv_{len(done)}"
                 func = stationary_conv_kernel(x_shape, w.shape, padding, vals.size, chans.size)
                 arrays = [ptr, _nonempty(taps, np.int32), _nonempty(vals, np.float32), _nonempty(chans, np.int32)]
-                done.append(EventLayer("conv2d", tuple(w.shape), x_shape, 1 - float(np.mean(w == 0)), int(vals.size), name))
+                done.append(EventLayer("conv2d", tuple(w.shape), x_shape, 1 - float(np.mean(w == 0)), int(vals.size), name,
+                                       padding, int(chans.size)))
                 return self._call(func, name, call.args[0], arrays, call.ty)
             return call
 

@@ -64,6 +64,7 @@ class FusedLIF:
     period: int             # constant values stored per population (the period over the flattened S)
     bias: bool              # a constant add before the recurrence was fused in
     name: str               # the kernel's name in the module
+    producer: str = ""      # the weight layer's kernel fused in (kernels.eventlif), "" where none
 
 
 def reference_lif(x: np.ndarray, a: np.ndarray, b: np.ndarray, theta: np.ndarray, v0: np.ndarray) -> np.ndarray:
@@ -425,22 +426,46 @@ def _use_counts(mod) -> dict:
     return counts
 
 
-def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
+def fuse_lif_recurrences(mod, target, producers=()) -> tuple[object, list[FusedLIF]]:
     """``(new_mod, [FusedLIF, ...])``: ``mod`` with every LIF recurrence of the module docstring's
     form computed by :func:`lif_kernel` (``call_tir``), the operators it replaces removed.
     ``target``: the CPU target the kernels are checked for contraction on; a kernel that would
     compile to fused multiply-adds raises :class:`~stdeploy.targets.base.TargetError` (it would
-    not be exact)."""
+    not be exact).
+
+    ``producers``: the :class:`~.event.EventLayer` list of :func:`~.event.route_event_kernels`.
+    Where a recurrence's input is ``Y + c`` (the fused bias add) and ``Y`` is the output of one of
+    those kernels, read by nothing else, the layer and the recurrence become one kernel of
+    :mod:`.eventlif` (``FusedLIF.producer`` names the layer's kernel; its ``call_tir`` becomes dead
+    code). The LIF arithmetic is the same code as :func:`lif_kernel`'s (checked free of FMA
+    contraction there); the layer's accumulation is the :mod:`.event` kernel's."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from .routing import rewrite_functions
 
+    from . import eventlif
+
     uses = _use_counts(mod)
     concat = tvm.ir.Op.get("relax.concat")
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    layers = {e.name: e for e in producers}
     done: list[FusedLIF] = []
     kernels: dict[tuple, object] = {}
+
+    def producer_of(m, y, steps: int, period: int, lanes: int):
+        """``(EventLayer, its call's arguments)`` where ``y`` is read only here and is the output
+        of a ``call_tir`` of a kernel in ``layers`` that :func:`.eventlif.fusable` accepts."""
+        if not layers or uses.get(_key(y), 0) != 1:
+            return None
+        pcall = m.value(y)
+        if not isinstance(pcall, relax.Call) or pcall.op != call_tir or not isinstance(pcall.args[0], relax.GlobalVar):
+            return None
+        layer = layers.get(pcall.args[0].name_hint)
+        if layer is None or not eventlif.fusable(layer, steps, period, lanes):
+            return None
+        return layer, list(pcall.args[1].fields)
 
     @mutator
     class _Fuse(PyExprMutator):
@@ -458,6 +483,27 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
             consts = [a, b, theta, v0] if fused is None else [fused[1], a, b, theta, v0]
             period = constant_period(shape, consts)
             n = math.prod(shape)
+            lanes = _lanes(n, period)
+            made = None if fused is None else producer_of(m, fused[0], steps, period, lanes)
+            if made is not None:
+                layer, pargs = made
+                out_shape = tuple(int(d) for d in _static_shape(call))
+                pkey = (layer.op, layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels, steps, period, lanes,
+                        out_shape)
+                if pkey not in kernels:
+                    if layer.op == "matmul":
+                        func = eventlif.event_matmul_lif_kernel(layer.x_shape, *layer.weight, steps, period, lanes, out_shape)
+                    else:
+                        func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz,
+                                                                   layer.channels, steps, period, lanes, out_shape)
+                    name = f"stdeploy_event_lif_{sum(k[0] in ('matmul', 'conv2d') for k in kernels)}"
+                    kernels[pkey] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+                args = list(pargs)
+                args += [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
+                         for c in consts]
+                args.append(relax.const(np.full((lanes,), -1, np.int32)))
+                done.append(FusedLIF(steps, shape, period, True, kernels[pkey].name_hint, layer.name))
+                return relax.call_tir(kernels[pkey], args, out_ty=call.ty)
             key = (steps, shape, period, fused is not None, None if fused is None else _static_shape(fused[0]))
             if key not in kernels:
                 func = lif_kernel(*key)
@@ -466,9 +512,8 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
                     raise TargetError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
                                        "it would not match the graph's arithmetic")
                 _EXACT.add(checked)
-                name = f"stdeploy_lif_{len(kernels)}"
+                name = f"stdeploy_lif_{sum(k[0] not in ('matmul', 'conv2d') for k in kernels)}"
                 kernels[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-            lanes = _lanes(n, period)
             args = [source if fused is None else fused[0]]
             args += [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
                      for c in consts]
