@@ -70,6 +70,7 @@ class CpuOptions:
     event: bool = True   # kernels "blas": pruned layers on the event-driven kernels (kernels.event)
     event_lif: bool = True   # an event kernel feeding a LIF population through a bias add: one kernel (kernels.eventlif)
     event_min_zeros: float = MIN_WEIGHT_ZEROS   # the share of zero weights that sends a layer to the event kernels
+    event_every: tuple[str, ...] = ()   # ops ("matmul", "conv2d") sent to the event kernels whatever their zeros
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -95,7 +96,7 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
     info: dict = {"kernels": options.kernels}
     events = []
     if options.event and options.kernels == "blas":
-        mod, events = route_event_kernels(mod, options.event_min_zeros)
+        mod, events = route_event_kernels(mod, options.event_min_zeros, tuple(options.event_every))
         info["event"] = [{"op": e.op, "weight": list(e.weight), "x": list(e.x_shape), "weight_density": round(e.weight_density, 4),
                           "nnz": e.nnz, "name": e.name} for e in events]
     if options.sparse_layers != ():
@@ -144,7 +145,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
                 kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
                 crossover_cache: str | os.PathLike | None = None, lif: bool = True,
                 event: bool = True, event_lif: bool = True,
-                event_min_zeros: float = MIN_WEIGHT_ZEROS) -> tuple[object, dict]:
+                event_min_zeros: float = MIN_WEIGHT_ZEROS, event_every: tuple = ()) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
@@ -161,7 +162,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     ``event_lif``: an event kernel whose output feeds one LIF population through a constant add
     runs as one kernel with it (:mod:`.kernels.eventlif`; ``info["fused_lif"]`` entries name the
     ``producer``). ``event_min_zeros``: the share of zero weights from which a matmul or
-    convolution goes to the event kernels (0 sends every one, dense weights included)."""
+    convolution goes to the event kernels; ``event_every``: the ops (``matmul``, ``conv2d``) sent
+    to them whatever their zeros (the dense model's options)."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -181,7 +183,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event, event_lif, event_min_zeros),
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event, event_lif, event_min_zeros, tuple(event_every)),
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:
