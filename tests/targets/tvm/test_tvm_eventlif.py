@@ -1,0 +1,147 @@
+"""A weight layer fused with the LIF population it feeds (stdeploy.targets.tvm.kernels.eventlif):
+each fused kernel bit-identical to its event kernel followed by the fused LIF kernel (real inputs
+and real constants, so that any change of rounding shows), and the dense exported sdt-tiny with
+its linears offered the event kernels: the fusion chosen where the pattern holds, spikes and
+logits onnxruntime's bit for bit (the model checked to fire). The whole-model pruned sdt-tiny is
+checked in test_tvm_event.py."""
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from stdeploy.errors import ShapeError
+from stdeploy.targets.profiles import load_profile
+from stdeploy.targets.tvm.host import cpu_target
+from stdeploy.targets.tvm.kernels import event, eventlif, lif
+
+pytestmark = pytest.mark.tvm
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def target():
+    return cpu_target(load_profile("cpu"))
+
+
+def _compile(func, target):
+    import tvm
+
+    return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))["main"]
+
+
+def _constants(rng, shape, per_feature):
+    """``(c, a, b, theta, v0)`` broadcast to the one-step ``shape``: per last feature or per neuron."""
+    sub = (shape[-1],) if per_feature else shape
+    a = rng.uniform(0.3, 0.9, sub).astype(np.float32)
+    return [rng.normal(size=sub).astype(np.float32) * 0.3, a, (1 - a).astype(np.float32),
+            rng.uniform(0.2, 0.6, sub).astype(np.float32), np.zeros(sub, np.float32)]
+
+
+def _lif_after(target, y, consts, steps, shape):
+    """The unfused pair's second half: lif.lif_kernel (bias fused) on the layer's output ``y``."""
+    import tvm
+
+    period = lif.constant_period(shape, consts)
+    lanes = int(np.gcd(np.gcd(int(np.prod(shape)), period), lif.LANES))
+    flat = [np.ascontiguousarray(np.broadcast_to(c, shape)).reshape(-1)[:period].copy() for c in consts]
+    out = tvm.runtime.tensor(np.full((steps, *shape), 7, np.float32))
+    _compile(lif.lif_kernel(steps, shape, period, True, y.shape), target)(
+        tvm.runtime.tensor(y), *(tvm.runtime.tensor(f) for f in flat), tvm.runtime.tensor(np.full(lanes, -1, np.int32)), out)
+    return out.numpy(), flat, period, lanes
+
+
+@pytest.mark.parametrize("x_shape,n,per_feature", [((STEPS, 3, 5, 64), 32, True), ((STEPS * 6, 45), 16, False)])
+def test_event_matmul_lif_equals_the_two_kernels_bit_for_bit(target, x_shape, n, per_feature):
+    import tvm
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(x_shape[-1], n)).astype(np.float32) * (rng.random((x_shape[-1], n)) < 0.3)
+    x = (rng.normal(size=x_shape) * (rng.random(x_shape) < 0.4)).astype(np.float32)   # real inputs: rounding shows
+    y_shape = (*x_shape[:-1], n)
+    shape = (y_shape[0] // STEPS, *y_shape[1:])
+    consts = _constants(rng, shape, per_feature)
+    y = tvm.runtime.tensor(np.zeros(y_shape, np.float32))
+    live = event.live_masks(w)
+    _compile(event.event_matmul_kernel(x_shape, *w.shape), target)(tvm.runtime.tensor(x), tvm.runtime.tensor(w),
+                                                                    tvm.runtime.tensor(live), y)
+    ref, flat, period, lanes = _lif_after(target, y.numpy(), consts, STEPS, shape)
+    assert 0 < ref.mean() < 1
+    out = tvm.runtime.tensor(np.full((STEPS, *shape), 7, np.float32))
+    fn = _compile(eventlif.event_matmul_lif_kernel(x_shape, *w.shape, STEPS, period, lanes, (STEPS, *shape)), target)
+    fn(tvm.runtime.tensor(x), tvm.runtime.tensor(w), tvm.runtime.tensor(live), *(tvm.runtime.tensor(f) for f in flat),
+       tvm.runtime.tensor(np.full(lanes, -1, np.int32)), out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    with pytest.raises(ShapeError, match="steps"):
+        eventlif.event_matmul_lif_kernel((STEPS * 6 + 1, 45), 45, n, STEPS, period, lanes)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,padding", [((STEPS * 3, 4, 8, 8), (6, 4, 3, 3), (1, 1, 1, 1)),
+                                                     ((STEPS * 2, 1, 6, 8), (8, 1, 3, 3), (1, 1, 1, 1))])
+def test_stationary_conv_lif_equals_the_two_kernels_bit_for_bit(target, x_shape, w_shape, padding):
+    import tvm
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=w_shape).astype(np.float32) * (rng.random(w_shape) < 0.5)
+    w[0] = 0                                                     # an output channel without weights
+    x = (rng.random(x_shape) * (rng.random(x_shape) < 0.5)).astype(np.float32)
+    ptr, taps, vals, chans = event.conv_columns(w)
+    ho, wo = event.conv_out_hw(x_shape, w_shape, padding)
+    y_shape = (x_shape[0], w_shape[0], ho, wo)
+    shape = (x_shape[0] // STEPS, w_shape[0], ho, wo)
+    per_channel = _constants(rng, (w_shape[0], 1, 1), False)      # per output channel, as BatchNorm
+    consts = [np.broadcast_to(c, shape) for c in per_channel]
+    y = tvm.runtime.tensor(np.zeros(y_shape, np.float32))
+    arrays = [tvm.runtime.tensor(a) for a in (ptr, taps, vals, chans)]
+    _compile(event.stationary_conv_kernel(x_shape, w_shape, padding, vals.size, chans.size), target)(tvm.runtime.tensor(x), *arrays, y)
+    ref, flat, period, lanes = _lif_after(target, y.numpy(), consts, STEPS, shape)
+    assert period == w_shape[0] * ho * wo and 0 < ref.mean() < 1
+    layer = event.EventLayer("conv2d", w_shape, x_shape, 0.5, int(vals.size), "k", padding, int(chans.size))
+    assert eventlif.fusable(layer, STEPS, period, lanes) and not eventlif.fusable(layer, 5, period, lanes)
+    out = tvm.runtime.tensor(np.full((STEPS, *shape), 7, np.float32))
+    fn = _compile(eventlif.stationary_conv_lif_kernel(x_shape, w_shape, padding, vals.size, chans.size, STEPS, period, lanes,
+                                                      (STEPS, *shape)), target)
+    fn(tvm.runtime.tensor(x), *arrays, *(tvm.runtime.tensor(f) for f in flat), tvm.runtime.tensor(np.full(lanes, -1, np.int32)), out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
+def test_dense_sdt_with_event_linears_is_fused_and_bit_identical(exported_sdt, trained_sdt, target):
+    """The dense sdt-tiny's options on the default path (``event_every=("matmul",)``: its linears
+    on the event kernels): the stem convolution and the q, k, v and fc1 linears, whose outputs
+    feed a LIF through a bias add, run fused with it (named in ``info["fused_lif"]``, their event
+    kernels gone from the module); spikes and logits equal onnxruntime's bit for bit."""
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from stdeploy.activity import measure_activity, require_active
+    from stdeploy.models import direct_encode
+    from stdeploy.targets.tvm.cpu import CpuOptions, outputs_to_numpy, prepare_cpu_module
+    from stdeploy.targets.tvm.database import CrossoverCache
+    from stdeploy.targets.tvm.frontend import load_onnx_graph
+
+    model, data = trained_sdt
+    x = direct_encode(torch.stack([data.test[i][0] for i in range(8)]), model.cfg.timesteps)
+    require_active(measure_activity(model, x).firing_rates, 0.005, 0.6, what="sdt-tiny")
+    graph = load_onnx_graph(exported_sdt)
+    prepared = prepare_cpu_module(graph, 8, target, CpuOptions("blas", (), event_every=("matmul",)), CrossoverCache(None))
+    info = prepared.info
+    producers = {f["producer"]: f for f in info["fused_lif"] if "producer" in f}
+    by_name = {e["name"]: e for e in info["event"]}
+    assert sorted(by_name[p]["weight"] for p in producers) == sorted([[32, 1, 3, 3], [64, 64], [64, 64], [64, 64], [64, 256]])
+    assert all(by_name[p]["weight_density"] > 0.9 for p in producers)          # dense weights
+    script = prepared.mod.script()
+    for p, f in producers.items():
+        assert f"{f['name']}(" in script or f"{f['name']}," in script          # the fused kernel is called ...
+        assert f"R.call_tir(cls.{p}," not in script                            # ... and the layer's own kernel is not
+    vm = relax.VirtualMachine(tvm.compile(prepared.mod, target=tvm.target.Target(target)), tvm.cpu())
+    out = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x.numpy())), graph.outputs)
+    session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
+    ort_logits, ort_spikes = session.run(["logits", "spikes"], {"input": x.numpy()})
+    assert 0 < out["spikes"].mean() < 1
+    np.testing.assert_array_equal(out["spikes"], ort_spikes)
+    np.testing.assert_array_equal(out["logits"], ort_logits)
