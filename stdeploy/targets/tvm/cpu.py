@@ -129,7 +129,8 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
     if options.lif:
         mod, fused = fuse_lif_recurrences(mod, target, events if options.event_lif else ())
         info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias,
-                              **({"producer": f.producer, "name": f.name} if f.producer else {})} for f in fused]
+                              **({"producer": f.producer, "name": f.name} if f.producer else {}),
+                              **({"consumer": f.consumer} if f.consumer else {})} for f in fused]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)

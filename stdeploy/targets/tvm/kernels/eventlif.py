@@ -26,7 +26,7 @@ import math
 from ....errors import ShapeError
 from .event import BLOCK, PARTS, EventLayer, conv_out_hw
 
-__all__ = ["fusable", "inner_block", "event_matmul_lif_kernel", "stationary_conv_lif_kernel"]
+__all__ = ["fusable", "inner_block", "event_matmul_lif_kernel", "stationary_conv_lif_kernel", "event_mlp_kernel"]
 
 
 def inner_block(layer: EventLayer) -> int:
@@ -196,3 +196,97 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                                 v[l] = v[l] * (T.float32(1) - s[l])
 
     return stationary_conv_lif
+
+
+def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, lanes: int, n2: int, y_shape: tuple):
+    """The TIR PrimFunc ``(x, w, live, c, a, b, theta, v0, keep, w2 (N, N2), live2, y (T*R..., N2))``:
+    :func:`event_matmul_lif_kernel` whose spikes feed a second event matmul ``s @ w2`` (read by
+    nothing else), per row group: the ``T`` spike rows stay in a local buffer and each is run
+    through the second layer's event loop (its events found by comparing the spikes with 0, the
+    same set the :mod:`.event` kernel finds in 0.0 / 1.0 spikes; its weight rows added in
+    ascending input order, ``acc + value * w`` as there). ``y`` is the second layer's output,
+    bit-identical to the two :mod:`.event` kernels and the :mod:`.lif` kernel one after another."""
+    from tvm.script import tirx as T
+
+    x_shape = tuple(int(v) for v in x_shape)
+    y_shape = tuple(int(v) for v in y_shape)
+    rows = math.prod(x_shape[:-1])
+    if rows % steps or n % lanes or period % lanes or math.prod(y_shape) != rows * n2 or y_shape[-1] != n2:
+        raise ShapeError(f"event MLP: {rows} rows are not {steps} steps, {lanes} lanes do not divide N={n} and the "
+                         f"period {period}, or {y_shape} is not the second layer's output")
+    r_rows = rows // steps
+    parts = min(PARTS, r_rows)
+    per = math.ceil(r_rows / parts)
+    blocks, rest = divmod(k, BLOCK)
+    blocks2, rest2 = divmod(n, BLOCK)
+    words, words2 = math.ceil(k / BLOCK), math.ceil(n / BLOCK)
+    L, m, groups = BLOCK, int(period), n // lanes
+
+    @T.prim_func
+    def event_mlp(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
+                  c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+                  th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
+                  w2: T.Buffer((n, n2), "float32"), live2: T.Buffer((words2,), "uint32"), yh: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xn = T.match_buffer(xh, x_shape, "float32")
+        yn = T.match_buffer(yh, y_shape, "float32")
+        x = T.decl_buffer((rows * k,), "float32", data=xn.data)
+        xi = T.decl_buffer((rows * k,), "int32", data=xn.data)
+        y = T.decl_buffer((rows, n2), "float32", data=yn.data)
+        for part in T.parallel(parts):
+            acc = T.alloc_buffer((steps, n), "float32")
+            spk = T.alloc_buffer((steps * n,), "float32")
+            acc2 = T.alloc_buffer((n2,), "float32")
+            mask = T.alloc_buffer((1,), "uint32")
+            v = T.alloc_buffer((lanes,), "float32")
+            s = T.alloc_buffer((lanes,), "float32")
+            for r in range(part * per, T.min(r_rows, part * per + per)):
+                for t in range(steps):
+                    for q in T.vectorized(n):
+                        acc[t, q] = T.float32(0)
+                    for blk in range(blocks):
+                        mask[0] = T.Cast("uint32", T.call_llvm_pure_intrin(
+                            "int32", "llvm.vector.reduce.or",
+                            T.Cast(f"int32x{L}", (xi[T.ramp((t * r_rows + r) * k + blk * L, 1, L)] & T.Broadcast(0x7FFFFFFF, L))
+                                   != T.Broadcast(0, L)) << T.ramp(0, 1, L))) & live[blk]
+                        while mask[0] != T.uint32(0):
+                            i = blk * L + T.Cast("int32", T.call_llvm_pure_intrin("uint32", "llvm.cttz", mask[0], T.bool(True)))
+                            mask[0] = mask[0] & (mask[0] - T.uint32(1))
+                            for q in T.vectorized(n):
+                                acc[t, q] = acc[t, q] + x[(t * r_rows + r) * k + i] * w[i, q]
+                    for l in range(rest):
+                        if x[(t * r_rows + r) * k + blocks * L + l] != T.float32(0):
+                            for q in T.vectorized(n):
+                                acc[t, q] = acc[t, q] + x[(t * r_rows + r) * k + blocks * L + l] * w[blocks * L + l, q]
+                for g in range(groups):
+                    for l in T.vectorized(lanes):
+                        v[l] = v0[(r * n + g * lanes) % m + l]
+                    for t in T.unroll(steps):
+                        for l in T.vectorized(lanes):
+                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(r * n + g * lanes) % m + l] * v[l]) & keep[l]) + \
+                                T.reinterpret("float32", T.reinterpret("int32", b[(r * n + g * lanes) % m + l] * (
+                                    acc[t, g * lanes + l] + c[(r * n + g * lanes) % m + l])) & keep[l])
+                            s[l] = T.Cast("float32", v[l] - th[(r * n + g * lanes) % m + l] >= T.float32(0))
+                            spk[t * n + g * lanes + l] = s[l]
+                            v[l] = v[l] * (T.float32(1) - s[l])
+                for t in range(steps):
+                    for q in T.vectorized(n2):
+                        acc2[q] = T.float32(0)
+                    for blk in range(blocks2):
+                        mask[0] = T.Cast("uint32", T.call_llvm_pure_intrin(
+                            "int32", "llvm.vector.reduce.or",
+                            T.Cast(f"int32x{L}", spk[T.ramp(t * n + blk * L, 1, L)] != T.Broadcast(T.float32(0), L))
+                            << T.ramp(0, 1, L))) & live2[blk]
+                        while mask[0] != T.uint32(0):
+                            i = blk * L + T.Cast("int32", T.call_llvm_pure_intrin("uint32", "llvm.cttz", mask[0], T.bool(True)))
+                            mask[0] = mask[0] & (mask[0] - T.uint32(1))
+                            for q in T.vectorized(n2):
+                                acc2[q] = acc2[q] + spk[t * n + i] * w2[i, q]
+                    for l in range(rest2):
+                        if spk[t * n + blocks2 * L + l] != T.float32(0):
+                            for q in T.vectorized(n2):
+                                acc2[q] = acc2[q] + spk[t * n + blocks2 * L + l] * w2[blocks2 * L + l, q]
+                    for q in T.vectorized(n2):
+                        y[t * r_rows + r, q] = acc2[q]
+
+    return event_mlp

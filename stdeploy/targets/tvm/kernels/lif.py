@@ -65,6 +65,7 @@ class FusedLIF:
     bias: bool              # a constant add before the recurrence was fused in
     name: str               # the kernel's name in the module
     producer: str = ""      # the weight layer's kernel fused in (kernels.eventlif), "" where none
+    consumer: str = ""      # the event matmul its spikes feed, fused in too (kernels.eventlif.event_mlp_kernel)
 
 
 def reference_lif(x: np.ndarray, a: np.ndarray, b: np.ndarray, theta: np.ndarray, v0: np.ndarray) -> np.ndarray:
@@ -438,7 +439,10 @@ def fuse_lif_recurrences(mod, target, producers=()) -> tuple[object, list[FusedL
     those kernels, read by nothing else, the layer and the recurrence become one kernel of
     :mod:`.eventlif` (``FusedLIF.producer`` names the layer's kernel; its ``call_tir`` becomes dead
     code). The LIF arithmetic is the same code as :func:`lif_kernel`'s (checked free of FMA
-    contraction there); the layer's accumulation is the :mod:`.event` kernel's."""
+    contraction there); the layer's accumulation is the :mod:`.event` kernel's. Where such a
+    fused linear's spikes are read only by another of those kernels' matmuls (an MLP's
+    ``fc1 -> LIF -> fc2``), that matmul is fused in as well (:func:`.eventlif.event_mlp_kernel`,
+    ``FusedLIF.consumer``): the spikes never leave the kernel either."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -453,6 +457,7 @@ def fuse_lif_recurrences(mod, target, producers=()) -> tuple[object, list[FusedL
     layers = {e.name: e for e in producers}
     done: list[FusedLIF] = []
     kernels: dict[tuple, object] = {}
+    chainable: dict = {}   # fused matmul + LIF kernel name -> (layer, steps, period, lanes); weight -> layer name
 
     def producer_of(m, y, steps: int, period: int, lanes: int):
         """``(EventLayer, its call's arguments)`` where ``y`` is read only here and is the output
@@ -503,6 +508,9 @@ def fuse_lif_recurrences(mod, target, producers=()) -> tuple[object, list[FusedL
                          for c in consts]
                 args.append(relax.const(np.full((lanes,), -1, np.int32)))
                 done.append(FusedLIF(steps, shape, period, True, kernels[pkey].name_hint, layer.name))
+                if layer.op == "matmul":
+                    chainable[kernels[pkey].name_hint] = (layer, steps, period, lanes)
+                    chainable[_key(pargs[1])] = layer.name      # the weight constant -> the layer it belongs to
                 return relax.call_tir(kernels[pkey], args, out_ty=call.ty)
             key = (steps, shape, period, fused is not None, None if fused is None else _static_shape(fused[0]))
             if key not in kernels:
@@ -522,6 +530,60 @@ def fuse_lif_recurrences(mod, target, producers=()) -> tuple[object, list[FusedL
             return relax.call_tir(kernels[key], args, out_ty=call.ty)
 
     mod = rewrite_functions(mod, _Fuse(mod))
+    if chainable:
+        mod = _chain_consumers(mod, layers, chainable, done)
     if done:
         mod = relax.transform.DeadCodeElimination()(mod)
     return mod, done
+
+
+def _chain_consumers(mod, layers: dict, chainable: dict, done: list):
+    """``mod`` with every event matmul (``layers``) whose input is read by it alone and is the
+    spikes of a fused matmul + LIF kernel (``chainable``) replaced by one
+    :func:`.eventlif.event_mlp_kernel`; ``done``'s entries updated in place (name, consumer)."""
+    import dataclasses
+
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from . import eventlif
+    from .routing import rewrite_functions
+
+    uses = _use_counts(mod)
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    made: dict[tuple, object] = {}
+
+    @mutator
+    class _Chain(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != call_tir or not isinstance(call.args[0], relax.GlobalVar):
+                return call
+            second = layers.get(call.args[0].name_hint)
+            args2 = list(call.args[1].fields)
+            spikes = args2[0] if args2 else None
+            if second is None or second.op != "matmul" or not isinstance(spikes, relax.Var) or uses.get(_key(spikes), 0) != 1:
+                return call
+            first = self.lookup_binding(spikes)
+            if (not isinstance(first, relax.Call) or first.op != call_tir or not isinstance(first.args[0], relax.GlobalVar)
+                    or first.args[0].name_hint not in chainable):
+                return call
+            layer, steps, period, lanes = chainable[first.args[0].name_hint]
+            n, n2 = int(layer.weight[1]), int(second.weight[1])
+            y_shape = _static_shape(call)
+            if int(second.weight[0]) != n or y_shape is None or math.prod(second.x_shape) != math.prod(layer.x_shape[:-1]) * n:
+                return call
+            key = (layer.x_shape, layer.weight, steps, period, lanes, n2, y_shape)
+            if key not in made:
+                name = f"stdeploy_event_mlp_{len(made)}"
+                func = eventlif.event_mlp_kernel(layer.x_shape, *layer.weight, steps, period, lanes, n2, y_shape)
+                made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            producer = chainable.get(_key(first.args[1].fields[1]))
+            for i, f in enumerate(done):
+                if f.name == first.args[0].name_hint and f.producer == producer and not f.consumer:
+                    done[i] = dataclasses.replace(f, name=made[key].name_hint, consumer=second.name)
+                    break
+            return relax.call_tir(made[key], [*first.args[1].fields, *args2[1:]], out_ty=call.ty)
+
+    return rewrite_functions(mod, _Chain(mod))
