@@ -71,6 +71,7 @@ class CpuOptions:
     event_lif: bool = True   # an event kernel feeding a LIF population through a bias add: one kernel (kernels.eventlif)
     event_min_zeros: float = MIN_WEIGHT_ZEROS   # the share of zero weights that sends a layer to the event kernels
     event_every: tuple[str, ...] = ()   # ops ("matmul", "conv2d") sent to the event kernels whatever their zeros
+    lif_pool: bool = True   # a max pool fed by a fused LIF population alone: pooled in that kernel
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -123,14 +124,16 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         if any(o.kernel is not None for o in done) and crossovers is not None:
             crossovers.save()
             info["crossover_cache"] = crossovers.summary()
+    pools = []
     if options.kernels == "blas":
         mod, pools = route_max_pools(mod)
         info["max_pool"] = [{"x": list(p.x_shape), "pool": list(p.pool), "stride": list(p.stride)} for p in pools]
     if options.lif:
-        mod, fused = fuse_lif_recurrences(mod, target, events if options.event_lif else ())
+        mod, fused = fuse_lif_recurrences(mod, target, events if options.event_lif else (), pools if options.lif_pool else ())
         info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias,
                               **({"producer": f.producer, "name": f.name} if f.producer else {}),
-                              **({"consumer": f.consumer} if f.consumer else {})} for f in fused]
+                              **({"consumer": f.consumer} if f.consumer else {}),
+                              **({"pool": list(f.pool), "name": f.name} if f.pool else {})} for f in fused]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)
@@ -146,7 +149,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
                 kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
                 crossover_cache: str | os.PathLike | None = None, lif: bool = True,
                 event: bool = True, event_lif: bool = True,
-                event_min_zeros: float = MIN_WEIGHT_ZEROS, event_every: tuple = ()) -> tuple[object, dict]:
+                event_min_zeros: float = MIN_WEIGHT_ZEROS, event_every: tuple = (),
+                lif_pool: bool = True) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
@@ -164,7 +168,9 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     runs as one kernel with it (:mod:`.kernels.eventlif`; ``info["fused_lif"]`` entries name the
     ``producer``). ``event_min_zeros``: the share of zero weights from which a matmul or
     convolution goes to the event kernels; ``event_every``: the ops (``matmul``, ``conv2d``) sent
-    to them whatever their zeros (the dense model's options)."""
+    to them whatever their zeros (the dense model's options). ``lif_pool``: a max pool fed by a
+    fused LIF population alone is done in that kernel (``info["fused_lif"]`` entries name the
+    ``pool``)."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -184,7 +190,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event, event_lif, event_min_zeros, tuple(event_every)),
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event, event_lif, event_min_zeros, tuple(event_every), lif_pool),
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ....errors import ShapeError
 from .event import BLOCK, PARTS, EventLayer, conv_out_hw
 
@@ -120,13 +122,18 @@ def event_matmul_lif_kernel(x_shape: tuple, k: int, n: int, steps: int, period: 
 
 
 def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int, steps: int,
-                               period: int, lanes: int, out_shape: tuple | None = None):
+                               period: int, lanes: int, out_shape: tuple | None = None, pool: tuple | None = None):
     """The TIR PrimFunc ``(x (T*B, C, H, W), ptr, taps, vals, chans, c (M,), a (M,), b (M,),
     theta (M,), v0 (M,), keep (lanes,), out (T, B*O*HO*WO))``: the spikes of the LIF recurrence fed
     the convolution plus ``c`` (:func:`.event.stationary_conv_kernel` and :func:`.lif.lif_kernel`
     fused). Per image ``b`` the ``T`` images ``t * B + b`` are copied into zero-bordered planes;
     per output channel the ``T`` output planes are accumulated (nonzero weights in order, the
-    ``T`` planes inside), then the recurrence runs over them."""
+    ``T`` planes inside), then the recurrence runs over them.
+
+    ``pool`` ``(kh, kw, sh, sw)``: the spikes are max-pooled in the kernel (a ``max_pool2d`` that
+    reads nothing else, no padding, windows inside the plane; :func:`.pool.max_pool_kernel`'s
+    running maximum from -FLT_MAX over rows then columns) and ``out`` is the pooled
+    ``(T*B, O, HP, WP)`` (or ``out_shape``, the same values): the spikes are never written."""
     from tvm.script import tirx as T
 
     nb, c, h, w = (int(v) for v in x_shape)
@@ -138,10 +145,16 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
         raise ShapeError(f"conv + LIF: {nb} images are not {steps} steps, or {lanes} lanes do not divide "
                          f"HO*WO={plane} and the period {period}")
     batch = nb // steps
-    size = batch * o * plane
+    pkh, pkw, psh, psw = (1, 1, 1, 1) if pool is None else (int(v) for v in pool)
+    hp, wp = (ho - pkh) // psh + 1, (wo - pkw) // psw + 1
+    if pool is not None and (min(hp, wp) < 1 or min(pkh, pkw, psh, psw) < 1):
+        raise ShapeError(f"conv + LIF: pool {pool} does not fit a {ho}x{wo} plane")
+    pooled = hp * wp if pool is not None else plane
+    size = batch * o * pooled
     full = (steps, size) if out_shape is None else tuple(int(d) for d in out_shape)
     if math.prod(full) != steps * size:
         raise ShapeError(f"conv + LIF: output shape {full} does not hold {steps} steps of {size}")
+    low = float(-np.finfo(np.float32).max)
     ph, pw = ho + kh - 1, wo + kw - 1
     parts = min(PARTS, batch)
     per = math.ceil(batch / parts)
@@ -159,6 +172,8 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
         for part in T.parallel(parts):
             pad = T.alloc_buffer((steps, c, ph, pw), "float32")
             acc = T.alloc_buffer((steps * plane,), "float32")
+            spl = T.alloc_buffer((steps * plane,), "float32")
+            mx = T.alloc_buffer((1,), "float32")
             v = T.alloc_buffer((lanes,), "float32")
             s = T.alloc_buffer((lanes,), "float32")
             for t in range(steps):
@@ -192,8 +207,20 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                                     T.reinterpret("float32", T.reinterpret("int32", b[((img * o + u) * plane + g * lanes) % m + l] * (
                                         acc[t * plane + g * lanes + l] + cb[((img * o + u) * plane + g * lanes) % m + l])) & keep[l])
                                 s[l] = T.Cast("float32", v[l] - th[((img * o + u) * plane + g * lanes) % m + l] >= T.float32(0))
-                                out[t, (img * o + u) * plane + g * lanes + l] = s[l]
+                                if pool is None:
+                                    out[t, (img * o + u) * plane + g * lanes + l] = s[l]
+                                else:
+                                    spl[t * plane + g * lanes + l] = s[l]
                                 v[l] = v[l] * (T.float32(1) - s[l])
+                    if pool is not None:
+                        for t in range(steps):
+                            for r in range(hp):
+                                for q in range(wp):
+                                    mx[0] = T.float32(low)
+                                    for i in T.unroll(pkh):
+                                        for j in T.unroll(pkw):
+                                            mx[0] = T.max(mx[0], spl[t * plane + (r * psh + i) * wo + q * psw + j])
+                                    out[t, (img * o + u) * pooled + r * wp + q] = mx[0]
 
     return stationary_conv_lif
 
