@@ -86,7 +86,7 @@ ACTIVE = (0.01, 0.5)
 # Relax VM profile rows that are the weight layers' kernels (the rest is what pruning cannot remove)
 WEIGHT_KERNELS = ("stdeploy.", "sparse_matmul", "stdeploy_event_matmul", "stdeploy_stationary")
 LIF_KERNELS = ("stdeploy_lif",)   # the fused LIF kernels (kernels.lif)
-WEIGHT_LIF_KERNELS = ("stdeploy_event_lif",)   # a weight layer and its LIF in one kernel (kernels.eventlif)
+WEIGHT_LIF_KERNELS = ("stdeploy_event_lif", "stdeploy_event_mlp")   # weight layer(s) and LIF in one kernel (kernels.eventlif)
 # the dense model's options (CPU build options of TVMRunnable): its time is the fastest of them
 DENSE_OPTIONS = {"dense: tvm default": {}, "dense: tvm, linears on event kernels": {"event_every": ("matmul",)},
                  "dense: tvm, every layer on event kernels": {"event_every": ("matmul", "conv2d")},

@@ -716,7 +716,7 @@ def _pool_in(mod, pools: dict, poolable: dict, done: list):
             out_shape = _static_shape(call)
             key = (how, pool, out_shape)
             if key not in made:
-                name = f"stdeploy_lif_pool_{len(made)}"
+                name = f"stdeploy_{'event_lif' if how[0] == 'conv' else 'lif'}_pool_{len(made)}"
                 if how[0] == "conv":
                     layer, _, period, lanes = how[1:]
                     func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels,
