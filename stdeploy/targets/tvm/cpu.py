@@ -10,7 +10,9 @@ stem convolution on its kernel compiled into the module (:func:`~.kernels.event.
 on dense input, other convolutions to BLAS; ``blas-dense``: all to BLAS; ``tir``: none), then
 max pooling on its TIR kernel (``blas``: :func:`~.kernels.pool.route_max_pools`), the LIF
 recurrences as fused kernels (:func:`~.kernels.lif.fuse_lif_recurrences`, all T steps of
-a population in one loop, bit-identical; ``CpuOptions.lif``), then Relax's zero pipeline
+a population in one loop, bit-identical; ``CpuOptions.lif``; an event kernel feeding a population
+through a bias add fused with it, ``CpuOptions.event_lif``, and a max pool fed by a population
+alone pooled inside its kernel, ``CpuOptions.lif_pool``: :mod:`.kernels.eventlif`), then Relax's zero pipeline
 (legalize, fuse). What is left in TIR (reductions, attention products, elementwise chains) is what
 MetaSchedule tunes (:mod:`.tuning`); without a tuning database :func:`compile_cpu` inlines the
 elementwise chains' intermediates and vectorises them (:func:`~.schedules.inline_injective`,

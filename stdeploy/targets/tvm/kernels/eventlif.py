@@ -14,6 +14,11 @@ their sum, ``v - theta >= 0``, ``v * (1 - s)``, each product passed through an `
 all-ones word ``keep`` so the compiler cannot contract it with the following add): spikes
 bit-identical to the two kernels run one after the other, and so to onnxruntime's.
 
+Two more things can be pulled in (:func:`~.lif.fuse_lif_recurrences` decides, from the graph):
+the max pool that alone reads a convolution's spikes (:func:`stationary_conv_lif_kernel` with
+``pool``: only the pooled spikes are written), and the second linear of an MLP that alone reads a
+linear's spikes (:func:`event_mlp_kernel`: ``fc1 -> LIF -> fc2``, the spikes never written).
+
 The constants ``c, a, b, theta, v0`` are stored once per period ``M`` (:func:`~.lif.constant_period`);
 the vector width ``lanes`` must divide ``M`` and the innermost output block (``N`` for a matmul,
 ``HO * WO`` for a convolution), which :func:`fusable` checks.

@@ -32,6 +32,10 @@ an integer ``and`` with an all-ones word read from memory, which it cannot see t
 :func:`fuse_lif_recurrences` refuses a kernel whose compiled code holds an FMA
 (:func:`contracts_to_fma`). Spikes and membranes are then bit-identical to the unfused
 module's and to onnxruntime's elementwise arithmetic.
+With the :mod:`.event` kernels' layers given (``producers``) a weight layer feeding a population
+through the bias add is computed in the same kernel (:mod:`.eventlif`), and with the max pools
+given (``pools``) a max pool fed by a population alone is done in its kernel
+(:func:`lif_pool_kernel`); both bit-identical to the separate kernels.
 Constants are stored once per period: the smallest trailing block of ``S`` (of at least
 :data:`LANES` values where one repeats) that every constant repeats over: a per-channel constant
 of an image population ``(B, C, H, W)`` is ``C x H x W`` values, of tokens ``(B, N, D)`` ``D``.
