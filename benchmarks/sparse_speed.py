@@ -125,8 +125,8 @@ def flop_limits(counts: dict, densities: dict, dense_counts: dict, dense_densiti
 
 class RoutedModule:
     """The default path's module with the event kernels off, built here (no CSR pass; the LIF
-    recurrences fused, max pooling on its kernel, elementwise chains inlined and vectorised, as on
-    the default path), so that its pruned layers can be pinned to one adaptive kernel: ``forced``
+    recurrences fused, max pooling inside the kernel of the LIF that feeds it, elementwise chains
+    inlined and vectorised, as on the default path), so that its pruned layers can be pinned to one adaptive kernel: ``forced``
     None (chosen per call), ``gather``, ``skipzero`` or ``blas``."""
 
     def __init__(self, export_dir: Path, batch: int, target: dict, cache: CrossoverCache):
@@ -136,8 +136,8 @@ class RoutedModule:
         self.graph = load_onnx_graph(export_dir)
         mod, done = route_to_external_kernels(relax_module(self.graph, batch), spike_target=target, crossovers=cache)
         self.kernels = [o.kernel for o in done if isinstance(o.kernel, skipzero.AdaptiveSparse)]
-        mod, _ = route_max_pools(mod)
-        mod, _ = fuse_lif_recurrences(mod, target)
+        mod, pools = route_max_pools(mod)
+        mod, _ = fuse_lif_recurrences(mod, target, (), pools)   # the max pool in its LIF's kernel, as on the default path
         with tvm.target.Target(target):
             mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                             relax.get_pipeline("zero")])(mod)
