@@ -10,7 +10,9 @@ stem convolution on its kernel compiled into the module (:func:`~.kernels.event.
 on dense input, other convolutions to BLAS; ``blas-dense``: all to BLAS; ``tir``: none), then
 max pooling on its TIR kernel (``blas``: :func:`~.kernels.pool.route_max_pools`), the LIF
 recurrences as fused kernels (:func:`~.kernels.lif.fuse_lif_recurrences`, all T steps of
-a population in one loop, bit-identical; ``CpuOptions.lif``), then Relax's zero pipeline
+a population in one loop, bit-identical; ``CpuOptions.lif``; an event kernel feeding a population
+through a bias add fused with it, ``CpuOptions.event_lif``, and a max pool fed by a population
+alone pooled inside its kernel, ``CpuOptions.lif_pool``: :mod:`.kernels.eventlif`), then Relax's zero pipeline
 (legalize, fuse). What is left in TIR (reductions, attention products, elementwise chains) is what
 MetaSchedule tunes (:mod:`.tuning`); without a tuning database :func:`compile_cpu` inlines the
 elementwise chains' intermediates and vectorises them (:func:`~.schedules.inline_injective`,
@@ -43,6 +45,7 @@ from .kernels.event import route_event_kernels
 from .kernels.lif import fuse_lif_recurrences
 from .kernels.pool import route_max_pools
 from .kernels.routing import route_to_external_kernels
+from .kernels.skipzero import MIN_WEIGHT_ZEROS
 from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
 from .schedules import inline_injective, schedule_elementwise
 from .sdk import load_tvm
@@ -67,6 +70,10 @@ class CpuOptions:
     sparse_layers: tuple[int, ...] | None = ()
     lif: bool = True   # LIF recurrences as fused kernels (kernels.lif); False: Relax's per-operator TIR
     event: bool = True   # kernels "blas": pruned layers on the event-driven kernels (kernels.event)
+    event_lif: bool = True   # an event kernel feeding a LIF population through a bias add: one kernel (kernels.eventlif)
+    event_min_zeros: float = MIN_WEIGHT_ZEROS   # the share of zero weights that sends a layer to the event kernels
+    event_every: tuple[str, ...] = ()   # ops ("matmul", "conv2d") sent to the event kernels whatever their zeros
+    lif_pool: bool = True   # a max pool fed by a fused LIF population alone: pooled in that kernel
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -90,8 +97,9 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
 
     mod = relax_module(graph, batch)
     info: dict = {"kernels": options.kernels}
+    events = []
     if options.event and options.kernels == "blas":
-        mod, events = route_event_kernels(mod)
+        mod, events = route_event_kernels(mod, options.event_min_zeros, tuple(options.event_every))
         info["event"] = [{"op": e.op, "weight": list(e.weight), "x": list(e.x_shape), "weight_density": round(e.weight_density, 4),
                           "nnz": e.nnz, "name": e.name} for e in events]
     if options.sparse_layers != ():
@@ -118,12 +126,16 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         if any(o.kernel is not None for o in done) and crossovers is not None:
             crossovers.save()
             info["crossover_cache"] = crossovers.summary()
+    pools = []
     if options.kernels == "blas":
         mod, pools = route_max_pools(mod)
         info["max_pool"] = [{"x": list(p.x_shape), "pool": list(p.pool), "stride": list(p.stride)} for p in pools]
     if options.lif:
-        mod, fused = fuse_lif_recurrences(mod, target)
-        info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias} for f in fused]
+        mod, fused = fuse_lif_recurrences(mod, target, events if options.event_lif else (), pools if options.lif_pool else ())
+        info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias,
+                              **({"producer": f.producer, "name": f.name} if f.producer else {}),
+                              **({"consumer": f.consumer} if f.consumer else {}),
+                              **({"pool": list(f.pool), "name": f.name} if f.pool else {})} for f in fused]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)
@@ -138,7 +150,9 @@ def sparse_layers_of(info: dict) -> tuple[int, ...]:
 def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: int, *, schedule: str = "auto",
                 kernels: str = "blas", sparse: str = "auto", database: str | os.PathLike | None = None,
                 crossover_cache: str | os.PathLike | None = None, lif: bool = True,
-                event: bool = True) -> tuple[object, dict]:
+                event: bool = True, event_lif: bool = True,
+                event_min_zeros: float = MIN_WEIGHT_ZEROS, event_every: tuple = (),
+                lif_pool: bool = True) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
@@ -151,7 +165,14 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     or Relax's per-operator TIR (``False``); ``info["fused_lif"]`` lists the fused populations
     (``path`` does not change: the kernels are hand-scheduled TIR). ``event``: with ``kernels``
     ``blas``, every pruned layer on its event-driven kernel (:mod:`.kernels.event`; the default;
-    ``info["event"]`` lists them), else on the adaptive skip-zero / gather / BLAS kernels."""
+    ``info["event"]`` lists them), else on the adaptive skip-zero / gather / BLAS kernels.
+    ``event_lif``: an event kernel whose output feeds one LIF population through a constant add
+    runs as one kernel with it (:mod:`.kernels.eventlif`; ``info["fused_lif"]`` entries name the
+    ``producer``). ``event_min_zeros``: the share of zero weights from which a matmul or
+    convolution goes to the event kernels; ``event_every``: the ops (``matmul``, ``conv2d``) sent
+    to them whatever their zeros (the dense model's options). ``lif_pool``: a max pool fed by a
+    fused LIF population alone is done in that kernel (``info["fused_lif"]`` entries name the
+    ``pool``)."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -171,7 +192,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event),
+    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event, event_lif, event_min_zeros, tuple(event_every), lif_pool),
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:
@@ -202,6 +223,8 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         path = "sparse kernels + " + path
     if prepared.info.get("event"):
         path += " + event kernels"
+    if any("producer" in f for f in prepared.info.get("fused_lif", ())):
+        path += " (fused with their LIF)"
     return ex, {"path": path, **prepared.info}
 
 

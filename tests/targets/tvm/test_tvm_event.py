@@ -114,7 +114,8 @@ def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_
     """sdt-tiny pruned to 95% over every weight layer, BatchNorm re-estimated, checked to fire, on
     the default CPU module (kernels ``blas``, LIF recurrences fused, no CSR pass): every pruned
     convolution and every pruned linear is a call_tir of its kernel, none of them
-    a Python packed function; spikes and logits equal onnxruntime's bit for bit."""
+    a Python packed function, those feeding a LIF through a bias add fused with it
+    (kernels.eventlif); spikes and logits equal onnxruntime's bit for bit."""
     import onnxruntime as ort
     import tvm
     from tvm import relax
@@ -142,12 +143,23 @@ def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_
     # what is left to the packed functions is neither a pruned convolution nor a pruned small-K linear
     left = info.get("spike_conv", []) + info.get("spike_matmul", [])
     assert not info.get("spike_conv") and all(e["weight"] == [64, 10] for e in left)   # the classifier, where not pruned
-    assert info["max_pool"] and len(info["fused_lif"]) == 10
+    assert len(info["max_pool"]) == 1 and len(info["fused_lif"]) == 10
     mod, vectorised = schedule_elementwise(prepared.mod)
     assert vectorised > 0
     script = mod.script()
-    assert script.count("stdeploy_event_matmul_") >= 2 * len(linears)    # defined and called
-    assert "stdeploy_stationary_conv_" in script and "stdeploy_max_pool_" in script
+    # the layers feeding a LIF through a bias add run fused with it (kernels.eventlif): stem, stage 1,
+    # q, k, v and fc1; the others (rpe, proj, fc2 feed a residual add; the classifier) on their own kernels
+    producers = {f["producer"]: f for f in info["fused_lif"] if "producer" in f}
+    by_name = {e["name"]: e for e in info["event"]}
+    assert sorted(by_name[p]["weight"] for p in producers) == sorted(
+        [[32, 1, 3, 3], [64, 32, 3, 3], [64, 64], [64, 64], [64, 64], [64, 256]])
+    for p, f in producers.items():
+        assert f"cls.{f['name']}," in script and f"cls.{p}," not in script
+    # fc2 after fc1's LIF, and the max pool after stage 1's, inside those kernels
+    assert [by_name[f["consumer"]]["weight"] for f in producers.values() if "consumer" in f] == [[256, 64]]
+    assert [by_name[p]["weight"] for p, f in producers.items() if f.get("pool") == [2, 2, 2, 2]] == [[64, 32, 3, 3]]
+    assert script.count("stdeploy_event_matmul_") >= 2 * (len(linears) - 5)    # the unfused ones defined and called
+    assert "stdeploy_stationary_conv_" in script and "cls.stdeploy_max_pool_" not in script
     assert "stdeploy.skipzeroconv." not in script and "stdeploy.spikeconv." not in script
     vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(target)), tvm.cpu())
     out = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x.numpy())), graph.outputs)

@@ -13,6 +13,9 @@ operators of a spiking transformer on the CPU:
 * :mod:`.event`: kernels for pruned layers compiled into the module (event-driven linear layers,
   weight-stationary convolutions; also the one-channel stem convolution), bit-identical to the
   skip-zero kernels, routed by :func:`~.event.route_event_kernels` on the CPU path;
+* :mod:`.eventlif`: an :mod:`.event` kernel and the LIF population it feeds in one kernel (the
+  pre-activation never written), optionally with the max pool the spikes feed or, for an MLP, the
+  second linear (fused by :func:`~.lif.fuse_lif_recurrences`), bit-identical to the separate kernels;
 * :mod:`.pool`: max pooling as a hand-scheduled TIR kernel (:func:`~.pool.route_max_pools`);
 * :mod:`.sparse`: a CSR kernel (TIR, CPU and CUDA schedules) for pruned constant weights;
 * :mod:`.routing`: :func:`~.routing.route_to_external_kernels`, the Relax rewrite that sends

@@ -47,7 +47,7 @@ from ....errors import ShapeError
 from . import skipzero, spike
 
 __all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
-           "route_event_kernels"]
+           "route_event_kernels", "conv_out_hw"]
 
 BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
 PARTS = spike.PARTS     # parallel tasks per call (rows or images are split between them)
@@ -149,7 +149,7 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = (int(v) for v in w_shape)
     top, left, _, _ = (int(v) for v in padding)
-    ho, wo = _conv_out_hw(x_shape, w_shape, padding)
+    ho, wo = conv_out_hw(x_shape, w_shape, padding)
     ph, pw = ho + kh - 1, wo + kw - 1
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
@@ -187,7 +187,9 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     return stationary_conv
 
 
-def _conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
+def conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
+    """``(HO, WO)`` of a stride-1 convolution of ``x_shape`` (NCHW) by ``w_shape`` (OIHW) with
+    ``padding`` ``(top, left, bottom, right)``."""
     top, left, bottom, right = (int(v) for v in padding)
     return int(x_shape[2]) + top + bottom - int(w_shape[2]) + 1, int(x_shape[3]) + left + right - int(w_shape[3]) + 1
 
@@ -202,17 +204,20 @@ class EventLayer:
     weight_density: float
     nnz: int
     name: str           # the PrimFunc's name in the module
+    padding: tuple = ()     # a convolution's (top, left, bottom, right)
+    channels: int = 0       # a convolution's input channels any nonzero weight uses
 
 
-def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS):
+def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS, every: tuple = ()):
     """``(new_mod, [EventLayer, ...])``: ``mod`` with every ``R.matmul(x, W)`` (constant 2-D
     float32 ``W (K, N)``, float32 ``x`` of static shape ``(..., K)``) whose weight has at least
     ``min_zeros`` zeros replaced by a ``call_tir`` of :func:`event_matmul_kernel` (``W`` and its
     live masks as constants), and every ``R.nn.conv2d`` (constant float32 OIHW weight, static NCHW
     input, ``groups = 1``, no dilation, :func:`.spike.applicable`) whose weight has at least
     ``min_zeros`` zeros or at most :data:`.skipzero.STEM_CHANNELS` input channels by a ``call_tir``
-    of :func:`stationary_conv_kernel` (:func:`conv_columns` as constants). Other operators are
-    left as they are, for the routing that follows."""
+    of :func:`stationary_conv_kernel` (:func:`conv_columns` as constants). ``every``: the ops
+    (``"matmul"``, ``"conv2d"``) routed whatever their zeros (a dense model's option). Other
+    operators are left as they are, for the routing that follows."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -221,6 +226,8 @@ def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS):
 
     if not 0.0 <= float(min_zeros) <= 1.0:
         raise ValueError(f"min_zeros must lie in [0, 1], got {min_zeros}")
+    if not set(every) <= {"matmul", "conv2d"}:
+        raise ValueError(f"every must name matmul and/or conv2d, got {every!r}")
     op_matmul, op_conv = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.nn.conv2d")
     const_type = type(relax.const(0.0))
     done: list[EventLayer] = []
@@ -248,13 +255,13 @@ def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS):
                 return call
             w = weight.value.numpy()
             if (call.op == op_matmul and w.ndim == 2 and len(x_shape) >= 2 and x_shape[-1] == w.shape[0]
-                    and pruned(w)):
+                    and (pruned(w) or "matmul" in every)):
                 name = f"stdeploy_event_matmul_{len(done)}"
                 func = event_matmul_kernel(x_shape, w.shape[0], w.shape[1])
                 arrays = [np.ascontiguousarray(w, dtype=np.float32), live_masks(w)]
                 done.append(EventLayer("matmul", tuple(w.shape), x_shape, 1 - float(np.mean(w == 0)), int(np.count_nonzero(w)), name))
                 return self._call(func, name, call.args[0], arrays, call.ty)
-            if call.op == op_conv and w.ndim == 4 and (pruned(w) or w.shape[1] <= skipzero.STEM_CHANNELS):
+            if call.op == op_conv and w.ndim == 4 and (pruned(w) or w.shape[1] <= skipzero.STEM_CHANNELS or "conv2d" in every):
                 a = call.attrs
                 if (int(a.groups) != 1 or any(int(d) != 1 for d in a.dilation) or str(a.data_layout) != "NCHW"
                         or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"):
@@ -266,7 +273,8 @@ def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS):
                 name = f"stdeploy_stationary_conv_{len(done)}"
                 func = stationary_conv_kernel(x_shape, w.shape, padding, vals.size, chans.size)
                 arrays = [ptr, _nonempty(taps, np.int32), _nonempty(vals, np.float32), _nonempty(chans, np.int32)]
-                done.append(EventLayer("conv2d", tuple(w.shape), x_shape, 1 - float(np.mean(w == 0)), int(vals.size), name))
+                done.append(EventLayer("conv2d", tuple(w.shape), x_shape, 1 - float(np.mean(w == 0)), int(vals.size), name,
+                                       padding, int(chans.size)))
                 return self._call(func, name, call.args[0], arrays, call.ty)
             return call
 

@@ -32,6 +32,10 @@ an integer ``and`` with an all-ones word read from memory, which it cannot see t
 :func:`fuse_lif_recurrences` refuses a kernel whose compiled code holds an FMA
 (:func:`contracts_to_fma`). Spikes and membranes are then bit-identical to the unfused
 module's and to onnxruntime's elementwise arithmetic.
+With the :mod:`.event` kernels' layers given (``producers``) a weight layer feeding a population
+through the bias add is computed in the same kernel (:mod:`.eventlif`), and with the max pools
+given (``pools``) a max pool fed by a population alone is done in its kernel
+(:func:`lif_pool_kernel`); both bit-identical to the separate kernels.
 Constants are stored once per period: the smallest trailing block of ``S`` (of at least
 :data:`LANES` values where one repeats) that every constant repeats over: a per-channel constant
 of an image population ``(B, C, H, W)`` is ``C x H x W`` values, of tokens ``(B, N, D)`` ``D``.
@@ -64,6 +68,9 @@ class FusedLIF:
     period: int             # constant values stored per population (the period over the flattened S)
     bias: bool              # a constant add before the recurrence was fused in
     name: str               # the kernel's name in the module
+    producer: str = ""      # the weight layer's kernel fused in (kernels.eventlif), "" where none
+    consumer: str = ""      # the event matmul its spikes feed, fused in too (kernels.eventlif.event_mlp_kernel)
+    pool: tuple = ()        # (kh, kw, sh, sw) of the max pool its spikes feed, fused in (lif_pool_kernel / eventlif)
 
 
 def reference_lif(x: np.ndarray, a: np.ndarray, b: np.ndarray, theta: np.ndarray, v0: np.ndarray) -> np.ndarray:
@@ -174,6 +181,69 @@ def lif_kernel(steps: int, shape: tuple, period: int, bias: bool, x_shape: tuple
                         v[l] = v[l] * (T.float32(1) - s[l])
 
     return lif
+
+
+def lif_pool_kernel(steps: int, shape: tuple, period: int, x_shape: tuple, pool: tuple, out_shape: tuple):
+    """:func:`lif_kernel` with ``bias``, its spikes max-pooled in the kernel: ``shape`` is an image
+    population ``(B, C, H, W)``, ``pool`` ``(kh, kw, sh, sw)`` (no padding, windows inside the
+    plane), ``out`` the pooled ``(T*B, C, HP, WP)`` (``out_shape``, the same values in any shape).
+    Per plane the recurrence runs as in :func:`lif_kernel` (the same arithmetic; the vector width
+    must divide ``H * W``) into a local buffer, which is then pooled as
+    :func:`.pool.max_pool_kernel` does (the running maximum from -FLT_MAX); the spikes are never
+    written."""
+    from tvm.script import tirx as T
+
+    bsz, c, h, w = (int(d) for d in shape)
+    n = bsz * c * h * w
+    m = int(period)
+    plane = h * w
+    lanes = _lanes(n, m)
+    kh, kw, sh, sw = (int(v) for v in pool)
+    hp, wp = (h - kh) // sh + 1, (w - kw) // sw + 1
+    xs = tuple(int(d) for d in x_shape)
+    full = tuple(int(d) for d in out_shape)
+    if plane % lanes or math.prod(xs) != steps * n or math.prod(full) != steps * bsz * c * hp * wp or min(hp, wp) < 1:
+        raise ShapeError(f"LIF + pool: {xs} / {full} do not hold {steps} steps of {tuple(shape)} pooled by {pool}")
+    planes, groups, pooled = bsz * c, plane // lanes, hp * wp
+    parts = min(PARTS, planes)
+    per = math.ceil(planes / parts)
+    low = float(-np.finfo(np.float32).max)
+
+    @T.prim_func
+    def lif_pool(xh: T.handle, cb: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+                 th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"), oh: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xn = T.match_buffer(xh, xs, "float32")
+        on = T.match_buffer(oh, full, "float32")
+        x = T.decl_buffer((steps * n,), "float32", data=xn.data)
+        out = T.decl_buffer((steps * planes * pooled,), "float32", data=on.data)
+        for part in T.parallel(parts):
+            v = T.alloc_buffer((lanes,), "float32")
+            s = T.alloc_buffer((lanes,), "float32")
+            spl = T.alloc_buffer((steps * plane,), "float32")
+            mx = T.alloc_buffer((1,), "float32")
+            for p in range(part * per, T.min(planes, part * per + per)):
+                for g in range(groups):
+                    for l in T.vectorized(lanes):
+                        v[l] = v0[(p * plane + g * lanes) % m + l]
+                    for t in T.unroll(steps):
+                        for l in T.vectorized(lanes):
+                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(p * plane + g * lanes) % m + l] * v[l]) & keep[l]) + \
+                                T.reinterpret("float32", T.reinterpret("int32", b[(p * plane + g * lanes) % m + l] * (
+                                    x[t * n + p * plane + g * lanes + l] + cb[(p * plane + g * lanes) % m + l])) & keep[l])
+                            s[l] = T.Cast("float32", v[l] - th[(p * plane + g * lanes) % m + l] >= T.float32(0))
+                            spl[t * plane + g * lanes + l] = s[l]
+                            v[l] = v[l] * (T.float32(1) - s[l])
+                for t in range(steps):
+                    for r in range(hp):
+                        for q in range(wp):
+                            mx[0] = T.float32(low)
+                            for i in T.unroll(kh):
+                                for j in T.unroll(kw):
+                                    mx[0] = T.max(mx[0], spl[t * plane + (r * sh + i) * w + q * sw + j])
+                            out[(t * planes + p) * pooled + r * wp + q] = mx[0]
+
+    return lif_pool
 
 
 def contracts_to_fma(func, target) -> bool:
@@ -425,22 +495,57 @@ def _use_counts(mod) -> dict:
     return counts
 
 
-def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
+def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, list[FusedLIF]]:
     """``(new_mod, [FusedLIF, ...])``: ``mod`` with every LIF recurrence of the module docstring's
     form computed by :func:`lif_kernel` (``call_tir``), the operators it replaces removed.
     ``target``: the CPU target the kernels are checked for contraction on; a kernel that would
     compile to fused multiply-adds raises :class:`~stdeploy.targets.base.TargetError` (it would
-    not be exact)."""
+    not be exact).
+
+    ``producers``: the :class:`~.event.EventLayer` list of :func:`~.event.route_event_kernels`.
+    Where a recurrence's input is ``Y + c`` (the fused bias add) and ``Y`` is the output of one of
+    those kernels, read by nothing else, the layer and the recurrence become one kernel of
+    :mod:`.eventlif` (``FusedLIF.producer`` names the layer's kernel; its ``call_tir`` becomes dead
+    code). The LIF arithmetic is the same code as :func:`lif_kernel`'s (checked free of FMA
+    contraction there); the layer's accumulation is the :mod:`.event` kernel's. Where such a
+    fused linear's spikes are read only by another of those kernels' matmuls (an MLP's
+    ``fc1 -> LIF -> fc2``), that matmul is fused in as well (:func:`.eventlif.event_mlp_kernel`,
+    ``FusedLIF.consumer``): the spikes never leave the kernel either.
+
+    ``pools``: the :class:`~.pool.MaxPool` list of :func:`~.pool.route_max_pools`. Where a
+    fused image population (with its bias add) feeds one of those max pools alone (directly or
+    through a reshape), the pooling is done in the kernel (:func:`lif_pool_kernel`, or the
+    convolution's :func:`.eventlif.stationary_conv_lif_kernel` with ``pool``; ``FusedLIF.pool``)
+    and only the pooled spikes are written."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from .routing import rewrite_functions
 
+    from . import eventlif
+
     uses = _use_counts(mod)
     concat = tvm.ir.Op.get("relax.concat")
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    layers = {e.name: e for e in producers}
     done: list[FusedLIF] = []
     kernels: dict[tuple, object] = {}
+    chainable: dict = {}   # fused matmul + LIF kernel name -> (layer, steps, period, lanes); weight -> layer name
+    poolable: dict = {}    # fused image-population kernel name -> how to build it with a max pool
+
+    def producer_of(m, y, steps: int, period: int, lanes: int):
+        """``(EventLayer, its call's arguments)`` where ``y`` is read only here and is the output
+        of a ``call_tir`` of a kernel in ``layers`` that :func:`.eventlif.fusable` accepts."""
+        if not layers or uses.get(_key(y), 0) != 1:
+            return None
+        pcall = m.value(y)
+        if not isinstance(pcall, relax.Call) or pcall.op != call_tir or not isinstance(pcall.args[0], relax.GlobalVar):
+            return None
+        layer = layers.get(pcall.args[0].name_hint)
+        if layer is None or not eventlif.fusable(layer, steps, period, lanes):
+            return None
+        return layer, list(pcall.args[1].fields)
 
     @mutator
     class _Fuse(PyExprMutator):
@@ -458,6 +563,32 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
             consts = [a, b, theta, v0] if fused is None else [fused[1], a, b, theta, v0]
             period = constant_period(shape, consts)
             n = math.prod(shape)
+            lanes = _lanes(n, period)
+            made = None if fused is None else producer_of(m, fused[0], steps, period, lanes)
+            if made is not None:
+                layer, pargs = made
+                out_shape = tuple(int(d) for d in _static_shape(call))
+                pkey = (layer.op, layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels, steps, period, lanes,
+                        out_shape)
+                if pkey not in kernels:
+                    if layer.op == "matmul":
+                        func = eventlif.event_matmul_lif_kernel(layer.x_shape, *layer.weight, steps, period, lanes, out_shape)
+                    else:
+                        func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz,
+                                                                   layer.channels, steps, period, lanes, out_shape)
+                    name = f"stdeploy_event_lif_{sum(k[0] in ('matmul', 'conv2d') for k in kernels)}"
+                    kernels[pkey] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+                args = list(pargs)
+                args += [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
+                         for c in consts]
+                args.append(relax.const(np.full((lanes,), -1, np.int32)))
+                done.append(FusedLIF(steps, shape, period, True, kernels[pkey].name_hint, layer.name))
+                if layer.op == "conv2d":
+                    poolable[kernels[pkey].name_hint] = ("conv", layer, steps, period, lanes)
+                if layer.op == "matmul":
+                    chainable[kernels[pkey].name_hint] = (layer, steps, period, lanes)
+                    chainable[_key(pargs[1])] = layer.name      # the weight constant -> the layer it belongs to
+                return relax.call_tir(kernels[pkey], args, out_ty=call.ty)
             key = (steps, shape, period, fused is not None, None if fused is None else _static_shape(fused[0]))
             if key not in kernels:
                 func = lif_kernel(*key)
@@ -466,9 +597,10 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
                     raise TargetError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
                                        "it would not match the graph's arithmetic")
                 _EXACT.add(checked)
-                name = f"stdeploy_lif_{len(kernels)}"
+                name = f"stdeploy_lif_{sum(k[0] not in ('matmul', 'conv2d') for k in kernels)}"
                 kernels[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-            lanes = _lanes(n, period)
+            if fused is not None and len(shape) == 4 and (shape[2] * shape[3]) % lanes == 0:
+                poolable[kernels[key].name_hint] = ("lif", steps, shape, period, _static_shape(fused[0]))
             args = [source if fused is None else fused[0]]
             args += [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
                      for c in consts]
@@ -477,6 +609,129 @@ def fuse_lif_recurrences(mod, target) -> tuple[object, list[FusedLIF]]:
             return relax.call_tir(kernels[key], args, out_ty=call.ty)
 
     mod = rewrite_functions(mod, _Fuse(mod))
+    if chainable:
+        mod = _chain_consumers(mod, layers, chainable, done)
+    if poolable and pools:
+        mod = _pool_in(mod, {p.name: p for p in pools}, poolable, done)
     if done:
         mod = relax.transform.DeadCodeElimination()(mod)
     return mod, done
+
+
+def _chain_consumers(mod, layers: dict, chainable: dict, done: list):
+    """``mod`` with every event matmul (``layers``) whose input is read by it alone and is the
+    spikes of a fused matmul + LIF kernel (``chainable``) replaced by one
+    :func:`.eventlif.event_mlp_kernel`; ``done``'s entries updated in place (name, consumer)."""
+    import dataclasses
+
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from . import eventlif
+    from .routing import rewrite_functions
+
+    uses = _use_counts(mod)
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    made: dict[tuple, object] = {}
+
+    @mutator
+    class _Chain(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != call_tir or not isinstance(call.args[0], relax.GlobalVar):
+                return call
+            second = layers.get(call.args[0].name_hint)
+            args2 = list(call.args[1].fields)
+            spikes = args2[0] if args2 else None
+            if second is None or second.op != "matmul" or not isinstance(spikes, relax.Var) or uses.get(_key(spikes), 0) != 1:
+                return call
+            first = self.lookup_binding(spikes)
+            if (not isinstance(first, relax.Call) or first.op != call_tir or not isinstance(first.args[0], relax.GlobalVar)
+                    or first.args[0].name_hint not in chainable):
+                return call
+            layer, steps, period, lanes = chainable[first.args[0].name_hint]
+            n, n2 = int(layer.weight[1]), int(second.weight[1])
+            y_shape = _static_shape(call)
+            if int(second.weight[0]) != n or y_shape is None or math.prod(second.x_shape) != math.prod(layer.x_shape[:-1]) * n:
+                return call
+            key = (layer.x_shape, layer.weight, steps, period, lanes, n2, y_shape)
+            if key not in made:
+                name = f"stdeploy_event_mlp_{len(made)}"
+                func = eventlif.event_mlp_kernel(layer.x_shape, *layer.weight, steps, period, lanes, n2, y_shape)
+                made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            producer = chainable.get(_key(first.args[1].fields[1]))
+            for i, f in enumerate(done):
+                if f.name == first.args[0].name_hint and f.producer == producer and not f.consumer:
+                    done[i] = dataclasses.replace(f, name=made[key].name_hint, consumer=second.name)
+                    break
+            return relax.call_tir(made[key], [*first.args[1].fields, *args2[1:]], out_ty=call.ty)
+
+    return rewrite_functions(mod, _Chain(mod))
+
+
+def _pool_in(mod, pools: dict, poolable: dict, done: list):
+    """``mod`` with every max pool (``pools``, by kernel name) whose input, alone or through a
+    reshape read by it alone, is the output of a fused kernel in ``poolable`` read by nothing else
+    replaced by that kernel with the pooling inside; ``done``'s entries updated in place."""
+    import dataclasses
+
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from . import eventlif
+    from .event import conv_out_hw
+    from .routing import rewrite_functions
+
+    uses = _use_counts(mod)
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    reshape = tvm.ir.Op.get("relax.reshape")
+    made: dict[tuple, object] = {}
+
+    @mutator
+    class _Pool(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op != call_tir or not isinstance(call.args[0], relax.GlobalVar) or call.args[0].name_hint not in pools:
+                return call
+            mp = pools[call.args[0].name_hint]
+            src = call.args[1].fields[0]
+            if not isinstance(src, relax.Var) or uses.get(_key(src), 0) != 1:
+                return call
+            value = self.lookup_binding(src)
+            if isinstance(value, relax.Call) and value.op == reshape and isinstance(value.args[0], relax.Var):
+                src = value.args[0]
+                if uses.get(_key(src), 0) != 1:
+                    return call
+                value = self.lookup_binding(src)
+            if (not isinstance(value, relax.Call) or value.op != call_tir or not isinstance(value.args[0], relax.GlobalVar)
+                    or value.args[0].name_hint not in poolable):
+                return call
+            how = poolable[value.args[0].name_hint]
+            if how[0] == "conv":
+                steps, layer = how[2], how[1]
+                shape = (layer.x_shape[0] // steps, int(layer.weight[0]), *conv_out_hw(layer.x_shape, layer.weight, layer.padding))
+            else:
+                steps, shape = how[1], how[2]
+            if tuple(mp.x_shape) != (steps * shape[0], *shape[1:]):
+                return call
+            pool = (*mp.pool, *mp.stride)
+            out_shape = _static_shape(call)
+            key = (how, pool, out_shape)
+            if key not in made:
+                name = f"stdeploy_{'event_lif' if how[0] == 'conv' else 'lif'}_pool_{len(made)}"
+                if how[0] == "conv":
+                    layer, _, period, lanes = how[1:]
+                    func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels,
+                                                               steps, period, lanes, out_shape, pool)
+                else:
+                    func = lif_pool_kernel(steps, shape, how[3], how[4], pool, out_shape)
+                made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+            for i, f in enumerate(done):
+                if f.name == value.args[0].name_hint and not f.pool:
+                    done[i] = dataclasses.replace(f, name=made[key].name_hint, pool=pool)
+                    break
+            return relax.call_tir(made[key], list(value.args[1].fields), out_ty=call.ty)
+
+    return rewrite_functions(mod, _Pool(mod))
