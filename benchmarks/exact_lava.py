@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import signal
 import tempfile
 import threading
@@ -174,7 +175,7 @@ def sdt_8_512(args) -> None:
     c = exact.cfg
     torch.manual_seed(1)
     raw = torch.rand(args.samples, c.in_channels, c.image_size, c.image_size)
-    x = direct_encode(fitted.apply(raw), c.timesteps)
+    x = direct_encode(fitted.apply(own.apply(raw)), c.timesteps)  # as the Lava source: the export's contract, then the fitted grid
     with torch.no_grad():
         logits, records = record_neurons(folded, x)
     from stdeploy.targets.lava.fixed_point import exact_membranes
@@ -236,7 +237,9 @@ def sdt_8_512(args) -> None:
     p = dog.peak
     print(f"run: {len(walls)} of {args.samples} sample(s) completed, {diff} output spikes differ, logits identical {same_logits}; "
           f"peak {p['processes']} processes in the worker's group, PSS {p['pss_gb']:.2f} GB, RSS {p['rss_gb']:.2f} GB (summed), "
-          f"MemAvailable down to {p['min_available_gb']:.2f} GB; load average {load[0]:.1f}")
+          f"MemAvailable down to {p['min_available_gb']:.2f} GB; this process's peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB; whole command {time.perf_counter() - t0:.0f} s; "
+          f"load average {load[0]:.1f}")
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ from lava.proc.lif.process import LIF
 
 from ...export import nir_interpreter as ref
 from ...models.quantize import InputContract
+from .worker import MODEL_FAILED
 
 __all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "PyLifModelBitAccGuarded",
            "PyLifPerNeuronBitAccGuarded", "model_class", "sink_model", "clear_sinks", "read_sinks", "run_plan",
@@ -136,16 +137,16 @@ F32 = np.float32
 
 
 def _reported(run_spk):
-    """Print a failing step's traceback at once: a Lava runtime whose model raised may hang in
-    ``stop()`` before it shows the error."""
+    """Print a failing step's traceback at once, after :data:`~.worker.MODEL_FAILED`, in one
+    write: a Lava runtime whose model raised may hang in ``stop()`` before it shows the error, and
+    :class:`~.worker.LavaWorker` ends the run as soon as that line appears in the worker's log."""
 
     @functools.wraps(run_spk)
     def wrapped(self):
         try:
             run_spk(self)
         except BaseException:
-            print(f"lava process model {type(self).__name__} failed at step {self.time_step}:", file=sys.stderr)
-            traceback.print_exc()
+            sys.stderr.write(MODEL_FAILED.format(type(self).__name__, self.time_step) + "\n" + traceback.format_exc())
             sys.stderr.flush()
             raise
 
@@ -436,11 +437,15 @@ class _WrapGuard:
 class PyLifModelBitAccGuarded(_WrapGuard, PyLifModelBitAcc):
     """Lava's ``PyLifModelBitAcc`` under :class:`_WrapGuard`."""
 
+    run_spk = _reported(PyLifModelBitAcc.run_spk)  # the failure in the worker's log at once (the worker stops the run on it)
+
 
 @implements(proc=LIFPerNeuron, protocol=LoihiProtocol)
 @requires(CPU)
 class PyLifPerNeuronBitAccGuarded(_WrapGuard, PyLifPerNeuronBitAcc):
     """:class:`PyLifPerNeuronBitAcc` under :class:`_WrapGuard`."""
+
+    run_spk = _reported(PyLifPerNeuronBitAcc.run_spk)
 
 
 # ----------------------------------------------------------------------------- model classes per port count
