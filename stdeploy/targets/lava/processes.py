@@ -75,7 +75,7 @@ from lava.proc.lif.process import LIF
 
 from ...export import nir_interpreter as ref
 from ...models.quantize import InputContract
-from .worker import MODEL_FAILED
+from .plan import MODEL_FAILED
 
 __all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "PyLifModelBitAccGuarded",
            "PyLifPerNeuronBitAccGuarded", "model_class", "sink_model", "clear_sinks", "read_sinks", "run_plan",
@@ -137,7 +137,7 @@ F32 = np.float32
 
 
 def _reported(run_spk):
-    """Print a failing step's traceback at once, after :data:`~.worker.MODEL_FAILED`, in one
+    """Print a failing step's traceback at once, after :data:`~.plan.MODEL_FAILED`, in one
     write: a Lava runtime whose model raised may hang in ``stop()`` before it shows the error, and
     :class:`~.worker.LavaWorker` ends the run as soon as that line appears in the worker's log."""
 

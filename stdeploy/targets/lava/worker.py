@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from ..base import TargetError
+from .plan import MODEL_FAILED
 
-__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "WORKER_MODULE", "MODEL_FAILED"]
+__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "WORKER_MODULE"]
 
 WORKER_MODULE = "stdeploy.targets.lava.processes"
-MODEL_FAILED = "lava process model {} failed at step {}:"  # what a failing process model prints (processes._reported)
 _MODEL_FAILED = re.compile(re.escape(MODEL_FAILED).replace(r"\{\}", r"\S+").encode())
 _KILL_GRACE_S = 5.0
 
@@ -207,7 +207,7 @@ class LavaWorker:
         return out, meta
 
     def _model_failed(self, since: int) -> bool:
-        """A process model's failure line (:data:`MODEL_FAILED`) in the worker's log after ``since``."""
+        """A process model's failure line (:data:`.plan.MODEL_FAILED`) in the worker's log after ``since``."""
         path = self.dir / "worker.log"
         try:
             if path.stat().st_size <= since:
