@@ -11,7 +11,7 @@ and on the grid Lava runs. Usage::
 
     python benchmarks/exact_lava.py [--samples 3]
     python benchmarks/exact_lava.py --checkpoint runs/m1d-exact --data mnist1d --samples 3
-    python benchmarks/exact_lava.py --model sdt-8-512 --samples 1 [--static] [--min-available-gb 5]
+    python benchmarks/exact_lava.py --model sdt-8-512 --samples 1 [--static] [--batch] [--min-available-gb 5]
 
 ``--model sdt-8-512``: the exact ``sdt-8-512`` that ``benchmarks/export_scale.py --mode exact``
 exports (the same seed and steps: random weights, BatchNorm statistics estimated on 3 batches of 8
@@ -23,7 +23,7 @@ and on the coarsest (:func:`stdeploy.targets.lava.fixed_point.input_grids`), bes
 samples actually use (from the PyTorch reference's integer membranes, which Lava's equal while no
 register wraps) and the firing rates. Then (unless ``--static``) the run: the plan lowered with
 ``unproven="guard"`` (populations past their proven range run under a guard that stops the run at
-the first ``u`` that would wrap), at batch 1 per sample, under a watchdog that ends the Lava
+the first ``u`` that would wrap), at batch 1 per sample (``--batch``: all samples in one batch), under a watchdog that ends the Lava
 worker's process group when ``MemAvailable`` falls below ``--min-available-gb``; it reports the
 Lava processes, wall time, the process tree's peak memory (summed PSS and RSS, sampled every
 0.5 s) and output spikes and logits against PyTorch.
@@ -176,11 +176,23 @@ def sdt_8_512(args) -> None:
     torch.manual_seed(1)
     raw = torch.rand(args.samples, c.in_channels, c.image_size, c.image_size)
     x = direct_encode(fitted.apply(own.apply(raw)), c.timesteps)  # as the Lava source: the export's contract, then the fitted grid
-    with torch.no_grad():
-        logits, records = record_neurons(folded, x)
     from stdeploy.targets.lava.fixed_point import exact_membranes
-    seen = observed_bits(graph, info, exact_membranes(graph, fitted), records)
-    rates = {k: float(v["spikes"].mean()) for k, v in records.items()}
+    membranes = exact_membranes(graph, fitted)
+    seen: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    logits, head = [], []
+    for i in range(0, args.samples, 2):  # the reference in chunks of 2 (every neuron recorded: about 150 MB a sample)
+        with torch.no_grad():
+            lg, records = record_neurons(folded, x[:, i:i + 2])
+        for k, b in observed_bits(graph, info, membranes, records).items():
+            seen[k] = max(seen.get(k, 0.0), b)
+        for k, v in records.items():
+            counts[k] = counts.get(k, 0.0) + float(v["spikes"].sum()) / v["spikes"][:, :1].numel()
+        logits.append(lg)
+        head.append(records["head.lif"]["spikes"])
+        del records
+    logits, head = torch.cat(logits), torch.cat(head, dim=1)
+    rates = {k: v / args.samples for k, v in counts.items()}
     load = os.getloadavg()
     print(f"exact sdt-8-512 (benchmarks/export_scale.py's checkpoint, {sum(p.numel() for p in exact.parameters()) / 1e6:.1f} M "
           f"parameters), T = {c.timesteps}, {args.samples} CIFAR-shaped noise image(s) in [0, 1]; {describe_machine()}; "
@@ -213,13 +225,14 @@ def sdt_8_512(args) -> None:
           f"2^-{plan['input_contract']['frac_bits']}, {len(guarded)} populations guarded")
     runnable = LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=float(args.timeout_s),
                             info={"target": "lava", "mode": "fixed", "input_contract": plan["input_contract"]})
-    spikes = records["head.lif"]["spikes"].numpy()
+    spikes = head.numpy()
     diff, same_logits, walls = 0, True, []
+    step = args.samples if args.batch else 1
     with runnable, Watchdog(runnable, args.min_available_gb) as dog:
-        for i in range(args.samples):  # batch 1
+        for i in range(0, args.samples, step):  # batch 1, or (--batch) all samples in one batch
             w0 = time.perf_counter()
             try:
-                res = runnable.run(direct_encode(raw[i:i + 1], c.timesteps).numpy())  # the source applies the contracts
+                res = runnable.run(direct_encode(raw[i:i + step], c.timesteps).numpy())  # the source applies the contracts
             except Exception as err:  # reported with the figures measured up to the stop
                 print(f"sample {i}: the run stopped after {time.perf_counter() - w0:.0f} s: {type(err).__name__}: "
                       f"{str(err).splitlines()[0][:300]}" + (f"; watchdog: {dog.killed}" if dog.killed else ""))
@@ -228,14 +241,15 @@ def sdt_8_512(args) -> None:
                     print("  " + tail[-1][:400])
                 break
             walls.append(time.perf_counter() - w0)
-            diff += int((res.spikes != spikes[:, i:i + 1]).sum())
-            same_logits &= bool(np.array_equal(res.logits, logits[i:i + 1].numpy()))
-            print(f"sample {i}: {int((res.spikes != spikes[:, i:i + 1]).sum())} of {spikes[:, i:i + 1].size} output spikes differ, "
-                  f"logits identical {np.array_equal(res.logits, logits[i:i + 1].numpy())}; wall {walls[-1]:.0f} s "
+            ref, ref_logits = spikes[:, i:i + step], logits[i:i + step].numpy()
+            diff += int((res.spikes != ref).sum())
+            same_logits &= bool(np.array_equal(res.logits, ref_logits))
+            print(f"batch of {step} from sample {i}: {int((res.spikes != ref).sum())} of {ref.size} output spikes differ, "
+                  f"logits identical {np.array_equal(res.logits, ref_logits)}; wall {walls[-1]:.0f} s "
                   f"(Lava start {res.info['lava_compile_start_s']:.0f} s, steps {res.info['lava_steps_s']:.0f} s)")
     load = os.getloadavg()
     p = dog.peak
-    print(f"run: {len(walls)} of {args.samples} sample(s) completed, {diff} output spikes differ, logits identical {same_logits}; "
+    print(f"run: {len(walls) * step} of {args.samples} sample(s) completed, {diff} output spikes differ, logits identical {same_logits}; "
           f"peak {p['processes']} processes in the worker's group, PSS {p['pss_gb']:.2f} GB, RSS {p['rss_gb']:.2f} GB (summed), "
           f"MemAvailable down to {p['min_available_gb']:.2f} GB; this process's peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB; whole command {time.perf_counter() - t0:.0f} s; "
@@ -252,6 +266,7 @@ def main() -> None:
     ap.add_argument("--static", action="store_true", help="sdt-8-512: the register check only, no Lava run")
     ap.add_argument("--min-available-gb", type=float, default=5.0, help="sdt-8-512: stop the run below this MemAvailable")
     ap.add_argument("--timeout-s", type=float, default=3000.0, help="sdt-8-512: the Lava run's limit per sample")
+    ap.add_argument("--batch", action="store_true", help="sdt-8-512: run the samples as one batch (default: batch 1 each)")
     args = ap.parse_args()
     if args.model == "sdt-8-512":
         return sdt_8_512(args)
