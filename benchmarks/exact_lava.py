@@ -89,7 +89,9 @@ def export_scale_exact(name: str) -> torch.nn.Module:
 class Watchdog:
     """Samples the Lava worker's process group every ``interval_s``: the number of its processes,
     their summed PSS and RSS (``/proc/PID/smaps_rollup``; PSS splits pages shared after ``fork``),
-    and ``MemAvailable``; ends the group (SIGKILL) when ``MemAvailable`` falls below ``floor_gb``."""
+    and ``MemAvailable``; ends the group when ``MemAvailable`` falls below ``floor_gb`` (SIGKILL to
+    every member but multiprocessing's resource tracker, which then unlinks the shared memory the
+    others leave; the worker's parent sees the worker die and stops what remains)."""
 
     def __init__(self, runnable: LavaRunnable, floor_gb: float, interval_s: float = 0.5):
         self.runnable, self.floor_kb, self.interval_s = runnable, floor_gb * 2 ** 20, interval_s
@@ -133,7 +135,8 @@ class Watchdog:
             self.peak["min_available_gb"] = min(self.peak["min_available_gb"], avail / 2 ** 20)
             if proc is None:
                 continue
-            members = [pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X")]
+            group = [(pid, cmd) for pid, state, cmd in group_members(proc.pid) if state not in ("Z", "X")]
+            members = [pid for pid, _ in group]
             pss, rss = map(sum, zip(*[self._rollup(pid) for pid in members])) if members else (0.0, 0.0)
             self.peak["pss_gb"] = max(self.peak["pss_gb"], pss / 2 ** 20)
             self.peak["rss_gb"] = max(self.peak["rss_gb"], rss / 2 ** 20)
@@ -141,10 +144,12 @@ class Watchdog:
             if avail < self.floor_kb and self.killed is None:
                 self.killed = (f"MemAvailable {avail / 2 ** 20:.2f} GB < {self.floor_kb / 2 ** 20:g} GB with {len(members)} processes, "
                                f"PSS {pss / 2 ** 20:.2f} GB, RSS {rss / 2 ** 20:.2f} GB")
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                for pid, cmd in group:  # multiprocessing's resource tracker stays: it unlinks the shared memory left behind
+                    if "resource_tracker" not in cmd:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
 
 
 def observed_bits(graph, info, membranes: dict, records: dict) -> dict[str, float]:
@@ -234,7 +239,7 @@ def sdt_8_512(args) -> None:
             try:
                 res = runnable.run(direct_encode(raw[i:i + step], c.timesteps).numpy())  # the source applies the contracts
             except Exception as err:  # reported with the figures measured up to the stop
-                print(f"sample {i}: the run stopped after {time.perf_counter() - w0:.0f} s: {type(err).__name__}: "
+                print(f"batch of {step} from sample {i}: the run stopped after {time.perf_counter() - w0:.0f} s: {type(err).__name__}: "
                       f"{str(err).splitlines()[0][:300]}" + (f"; watchdog: {dog.killed}" if dog.killed else ""))
                 tail = [ln for ln in str(err).splitlines() if "OverflowError" in ln or "lava fixed mode" in ln]
                 if tail:
@@ -249,7 +254,8 @@ def sdt_8_512(args) -> None:
                   f"(Lava start {res.info['lava_compile_start_s']:.0f} s, steps {res.info['lava_steps_s']:.0f} s)")
     load = os.getloadavg()
     p = dog.peak
-    print(f"run: {len(walls) * step} of {args.samples} sample(s) completed, {diff} output spikes differ, logits identical {same_logits}; "
+    print(f"run: {len(walls) * step} of {args.samples} sample(s) completed, {diff} output spikes differ, logits identical "
+          f"{same_logits if walls else 'n/a'}; "
           f"peak {p['processes']} processes in the worker's group, PSS {p['pss_gb']:.2f} GB, RSS {p['rss_gb']:.2f} GB (summed), "
           f"MemAvailable down to {p['min_available_gb']:.2f} GB; this process's peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB; whole command {time.perf_counter() - t0:.0f} s; "

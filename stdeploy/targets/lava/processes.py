@@ -299,17 +299,21 @@ class _DendriteFloat(_Base):
 
 
 class _DelayBase(_Base):
+    """The last ``max(taps) + 1`` inputs; an all-zero step is kept as one shared zeros array (a
+    line holds data for ``T`` steps of its ``T + depth``: the exact ``sdt-8-512``'s residual stream
+    waits up to 55 steps, 4 MB a step at batch 32 on each of its lines)."""
     dtype = F32
 
     def __init__(self, proc_params):
         super().__init__(proc_params)
         self.taps = [int(t) for t in proc_params["taps"]]
-        zeros = np.zeros(proc_params["in_shape"], self.dtype)
-        self.hist = deque([zeros] * (max(self.taps) + 1), maxlen=max(self.taps) + 1)
+        self.zeros = np.zeros(proc_params["in_shape"], self.dtype)
+        self.hist = deque([self.zeros] * (max(self.taps) + 1), maxlen=max(self.taps) + 1)
 
     @_reported
     def run_spk(self):
-        self.hist.appendleft(self.in0.recv().astype(self.dtype))
+        x = self.in0.recv().astype(self.dtype)
+        self.hist.appendleft(x if x.any() else self.zeros)
         for j, tap in enumerate(self.taps):
             getattr(self, f"out{j}").send(self.hist[tap])
 
@@ -525,10 +529,11 @@ def read_sinks(dumps: dict[str, str], steps: int, limit_s: float = 10.0) -> dict
 
 # ----------------------------------------------------------------------------- the worker
 # Slots of each channel's shared-memory queue (Lava's default: 64). Under LoihiProtocol every port
-# sends one message a step and its reader takes it in the same step, so a queue never holds more
-# than one; 64 slots of a (B, 512, 8, 8) int32 message are 8 MB a sample on every connection
-# (measured on the exact sdt-8-512: 6.2 GB PSS at batch 1, 10.2 GB at batch 2 with 64 slots).
-CHANNEL_SLOTS = 4
+# sends one message a step and its reader takes it within the same step (the runtime advances no
+# process to the next step before every process has finished this one), so a queue never holds
+# more than one. The exact sdt-8-512's 380 connections carry 58 MB a sample a slot: with 64 slots
+# 6.2 GB PSS at batch 1 and 10.2 GB at batch 2.
+CHANNEL_SLOTS = 1
 def _batched(shape) -> tuple:
     return tuple(int(s) for s in shape)
 
