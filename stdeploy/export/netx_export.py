@@ -58,7 +58,7 @@ Loihi 2 mode models: the trained integers, spike-exact
 A model quantised with ``--quantize loihi2`` (:mod:`stdeploy.models.quantize`; ``to_netx(...,
 quantize={"mode": "loihi2", ...})``) is not re-scaled or re-rounded: each population's unit is its
 current unit ``U = d s_in``, read back from its threshold ``theta = (vth + 2**(-j (T-1))) U``
-(:func:`stdeploy.models.quantize.loihi2_unit`, which the Lava lowering uses too), so ``vThMant = vth``,
+(:func:`stdeploy.models.quantize.loihi2_vth`, the rule the Lava lowering uses too), so ``vThMant = vth``,
 weights ``d w / U`` (the layer's 8-bit mantissas) and biases ``d b / U`` are integers that the
 export checks (exactly, never rounded) and refuses by name where they do not fit netx
 (``|w| <= 127``, ``|bias| <= 4095``, one threshold per layer: sLIF's per-neuron thresholds are
@@ -88,7 +88,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
-from ..models.quantize import loihi2_unit
+from ..models.quantize import loihi2_vth
 from ..models.structure import LowRankLinear
 from ..neurons import LIF
 
@@ -190,11 +190,7 @@ def _scale(d: float, theta: np.ndarray, w: np.ndarray, b: np.ndarray, per_row_in
 def _loihi2_params(lif: nn.Module, name: str, timesteps: int) -> tuple[float, float, int]:
     """``(d, U, vth)`` of a loihi2-mode population (module docstring); refuses what netx cannot hold."""
     d, theta = _lif_params(lif, name)
-    unit = loihi2_unit(theta, np.full_like(theta, d), timesteps)
-    frac = 2.0 ** (math.log2(d) * (timesteps - 1))
-    vth = theta / unit - frac
-    if not (np.all(vth == np.rint(vth)) and np.all(vth >= 0)):
-        raise UnsupportedPrimitive(f"{name}: thresholds are not Loihi integers (vth + 2^-j(T-1)) U: quantise with --quantize loihi2")
+    unit, vth = loihi2_vth(theta, d, timesteps, name)
     if not (np.all(unit == unit[0]) and np.all(vth == vth[0])):
         raise UnsupportedPrimitive(f"{name}: per-neuron thresholds (sLIF); a netx CUBA layer has one vThMant")
     return d, float(unit[0]), int(vth[0])

@@ -118,7 +118,7 @@ __all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "Qu
            "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode",
            "InputContract", "INPUT_LAYERS", "input_contract_of", "with_input_contract", "power_of_two_token_mean",
            "LOIHI2_INPUT_FRAC_BITS", "LOIHI2_FRACTION_BITS", "LOIHI2_DECAY_BITS", "quant_mode",
-           "default_input_contract", "check_input_contract", "loihi2_units", "loihi2_threshold", "loihi2_unit"]
+           "default_input_contract", "check_input_contract", "loihi2_units", "loihi2_threshold", "loihi2_unit", "loihi2_vth"]
 
 MODES = ("float", "exact", "loihi2")
 WEIGHT_BITS = 8                # integer weights in [-127, 127]
@@ -613,6 +613,23 @@ def loihi2_unit(theta, d, timesteps: int):
     low = np.log2((m & (~m + np.uint64(1))).astype(np.float64))
     grid = np.where(theta != 0, np.power(2.0, exp - 53 + low), np.inf)
     return grid / np.power(2.0, np.log2(np.asarray(d, np.float64)) * (timesteps - 1))
+
+
+def loihi2_vth(theta, d, timesteps: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Loihi's integer threshold of a loihi2-mode population: ``(U, vth)`` per neuron (float64
+    arrays), with ``U`` the current unit read back from the thresholds (:func:`loihi2_unit`) and
+    ``vth = theta / U - 2**(-j (T-1))`` (``d = 2**-j``), so that Lava's ``v > vth`` (in units of
+    ``U``, 6 fractional bits below) is the model's ``v >= theta``. The one rule the Lava lowering
+    and the netx export share; thresholds not of the form ``(vth + 2**(-j (T-1))) U`` with an
+    integer ``vth >= 0`` raise :class:`UnsupportedPrimitive` naming ``where``."""
+    theta = np.asarray(theta, np.float64)
+    d = np.broadcast_to(np.asarray(d, np.float64), theta.shape)
+    unit = loihi2_unit(theta, d, timesteps)
+    vth = theta / unit - np.power(2.0, np.log2(d) * (timesteps - 1))
+    if not (np.all(vth == np.rint(vth)) and np.all(vth >= 0)):
+        raise UnsupportedPrimitive(f"{where}: loihi2 mode: thresholds are not Loihi integers (vth + 2^-j(T-1)) U with an "
+                                   "integer vth >= 0: quantise with --quantize loihi2")
+    return unit, vth
 
 
 def _to_loihi2(model: nn.Module) -> None:

@@ -15,7 +15,10 @@ counts times ``d`` landing exactly on theta, common in the attention) fire as th
 ``v >= theta`` does. Every synaptic layer into a population holds ``weight_bits``-bit integer
 mantissas and one power-of-two exponent per layer (Loihi's ``weight_exp``); the accumulation is
 exact, then ``<< e`` (or Lava's floor ``>> -e``), plus an integer bias. A synaptic layer feeding
-several populations becomes one process per population (each folds its own ``alpha``); a spike
+several populations becomes one process per population (each folds its own ``alpha``), shared
+by the populations whose integers come out the same (an exact graph's residual stream: every
+population of the stream has the same ``alpha``, so each writer is one process, not one per
+later block: the exact ``sdt-8-512``'s plan has 212 processes instead of 468); a spike
 edge straight into a LIF becomes a one-to-one synaptic layer (there is no weightless path into a
 compartment). AND/OR units count spikes exactly (weight 1, ``vth = floor(threshold)``). The input
 is quantised to ``2**-8``; layers feeding the readout are graded integers with a real scale
@@ -48,19 +51,23 @@ maps those integers onto Loihi's arithmetic exactly instead of normalising and r
   harmless (such a membrane is over the threshold in both arithmetics and both reset it to 0), so
   a population is exact for every input when ``64 d max|x| / G`` and ``64 |min x| / G`` (the
   proven bounds) stay below ``2**23``: six bits fewer than float32's 2^24 that the export's check
-  allows. Where the proven worst case exceeds it (the first layer, whose analog input adds 8
-  fractional bits: 2^19.5 grid units in ``sdt-tiny``) the plan says so per population
-  (``plan["quant"][name]``: ``unit``, ``register_bits``, ``proven``) and a warning names it:
-  spikes are then exact for inputs whose actual sums fit (the tests check theirs on the
-  reference). A layer whose integers would need re-quantising and a readout that would need
-  Lava's floor shift are refused by name (:class:`~.graph.LavaUnsupported`), never rounded.
+  allows. :func:`register_bits` gives each population's need in bits (sign included) for an
+  input grid, :func:`input_grids` on every grid the plan may choose; the plan records it per
+  population (``plan["quant"][name]``: ``unit``, ``register_bits``, ``proven``; the compile info's
+  ``quantisation``). The first layer's need falls one bit per input bit
+  (:func:`fit_input_contract` takes the finest grid that fits); where a population past it does
+  not fit on any grid, the plan is refused by name, or, with ``unproven="guard"``, lowered with
+  that population under :class:`~.processes.PyLifModelBitAccGuarded`, which stops the run at
+  the first ``u`` that would wrap: a run that completes is exact for its inputs, proven for none.
+  A layer whose integers would need re-quantising and a readout that would need Lava's floor
+  shift are refused by name (:class:`~.graph.LavaUnsupported`), never rounded.
 
 Loihi 2 mode graphs (``quantize.mode == "loihi2"``): Loihi's units, netx's arithmetic
 -------------------------------------------------------------------------------------
 A model quantised with ``--quantize loihi2`` (:mod:`stdeploy.models.quantize`) has thresholds
 ``theta = (vth + 2**(-j (T-1))) U`` with an integer ``vth`` and ``U = d s_in``, the current unit of
 the population. Its populations are lowered in that unit instead of the proven grid ``G``
-(:func:`_loihi2_lif`): ``U = grid(theta) 2**(j (T-1))`` read back from the thresholds,
+(:func:`loihi2_population`): ``U = grid(theta) 2**(j (T-1))`` read back from the thresholds,
 ``a_in = d x / U`` (the layers' 8-bit mantissas themselves, exponent 0 where the population's
 layer has the grid ``s_in``), Lava's ``vth`` is that integer ``vth`` (``v > vth << 6``), and the
 membrane keeps ``6`` fractional bits below ``U`` (``a_in << 6``), which hold every membrane of a
@@ -79,6 +86,7 @@ training.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -86,14 +94,14 @@ import numpy as np
 
 from ...errors import UnsupportedPrimitive
 from ...export.exact import Bound, check_exact, graph_input_contract
-from ...models.quantize import InputContract, loihi2_unit
+from ...models.quantize import InputContract, loihi2_vth
 from ...export.nir_interpreter import int_tuple
 from ..base import TargetError
 from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_kind
 from .plan import Plan, add_outputs, conn, lif_params
 
 __all__ = ["FIXED_VTH", "FIXED_INPUT_FRAC_BITS", "DECAY_UNITY", "GRADED_MAX", "op_spec", "weight_and_bias", "row_factor",
-           "quantise", "row_abs_sum", "exact_membranes", "fit_input_contract", "lower_fixed", "graph_mode", "loihi2_population"]
+           "quantise", "row_abs_sum", "exact_membranes", "register_bits", "input_grids", "fit_input_contract", "UNPROVEN", "lower_fixed", "graph_mode", "loihi2_population"]
 
 FIXED_VTH = 2 ** 12            # fixed mode: integer threshold of a (normalised) LIF population, lowered where inputs could overflow
 FIXED_INPUT_FRAC_BITS = 8      # fixed mode: the input is quantised to 2**-8 steps
@@ -101,6 +109,7 @@ DECAY_UNITY = 4096             # Loihi's 12-bit decays: dv = round(4096 * d)
 GRADED_MAX = 2 ** 23 - 1       # fixed mode: graded values (readout layers) stay within 24-bit payloads
 ACT_SHIFT = 6                  # Lava's bit-accurate LIF: a_in << 6 and vth << 6 (MSB alignment)
 UV_MAX = 2 ** 23 - 1           # Lava's bit-accurate LIF: 24-bit signed u and v
+UNPROVEN = ("refuse", "guard")  # exact graph, a population whose proven range exceeds the registers: refuse, or run guarded
 VTH_MAX = 2 ** 17 - 1          # Lava's bit-accurate LIF: 17-bit vth
 
 
@@ -174,8 +183,9 @@ def _is_exact_graph(graph) -> bool:
     return isinstance(q, dict) and q.get("mode") in ("exact", "loihi2")
 
 
-def _graph_mode(graph) -> str:
-    """``"exact"``, ``"loihi2"`` (the exact arithmetic in Loihi's units) or ``"float"``."""
+def graph_mode(graph) -> str:
+    """The graph's arithmetic: ``"exact"``, ``"loihi2"`` (the exact arithmetic in Loihi's units) or
+    ``"float"`` (graph metadata ``quantize.mode``)."""
     return graph.metadata["quantize"]["mode"] if _is_exact_graph(graph) else "float"
 
 
@@ -209,7 +219,42 @@ def _register_units(node, info: GraphInfo, membrane: dict) -> float:
     return max(u_units, v_units, vth_units, 1.0)
 
 
-def fit_input_contract(info: GraphInfo) -> tuple[InputContract, dict[str, dict]] | None:
+def register_bits(info: GraphInfo, contract: InputContract | None = None) -> dict[str, float] | None:
+    """Per LIF population of an exact graph, the bits (sign included) that its proven range needs
+    in Lava's registers for inputs on ``contract`` (default: the graph's own): ``log2`` of
+    :func:`_register_units` plus one. A population fits Loihi's 24-bit ``u`` and ``v`` when this
+    is at most 24 (``64 d max|x| / G < 2**23``: the proven input bound below ``2**17`` units of
+    ``G`` at ``d = 1/2``). ``None`` for a graph that is not exact."""
+    if not _is_exact_graph(info.graph):
+        return None
+    membranes = exact_membranes(info.graph, contract)
+    return {name: math.log2(_register_units(info.graph.nodes[name], info, m)) + 1 for name, m in membranes.items()}
+
+
+def input_grids(info: GraphInfo) -> list[tuple[InputContract, dict[str, float]]] | None:
+    """:func:`register_bits` on every input grid the fixed lowering can choose for an exact graph:
+    ``2**-k`` for ``k`` from the graph's own ``frac_bits`` down to 0, each range kept inside the
+    graph's own (``[ceil(lo 2^k), floor(hi 2^k)] / 2^k``), finest first; ``None`` for a graph that
+    is not exact. Only populations whose range depends on the input (the analog first layer) change
+    from grid to grid: what :func:`fit_input_contract` chooses from, and what a report shows."""
+    if not _is_exact_graph(info.graph):
+        return None
+    return [(contract, register_bits(info, contract)) for contract in _grids(graph_input_contract(info.graph))]
+
+
+def _grids(own: InputContract) -> list[InputContract]:
+    """The input contracts of :func:`input_grids`, finest first."""
+    grids = []
+    for k in range(own.frac_bits, -1, -1):
+        n = 2 ** k
+        lo, hi = math.ceil(own.lo * n) / n, math.floor(own.hi * n) / n
+        if not lo < hi:
+            break
+        grids.append(own if k == own.frac_bits else InputContract(lo, hi, k))
+    return grids
+
+
+def fit_input_contract(info: GraphInfo, unproven: str = "refuse") -> tuple[InputContract, dict[str, dict]] | None:
     """The input grid of an exact graph on Loihi's 24-bit registers: ``(contract, membranes)``
     with the finest grid ``2**-k`` (``k`` down from the graph's own ``frac_bits``) on which every
     population's proven range fits (:func:`_register_units`); ``None`` for a graph that is not exact.
@@ -220,36 +265,44 @@ def fit_input_contract(info: GraphInfo) -> tuple[InputContract, dict[str, dict]]
     the range inside the graph's own (``[ceil(lo 2^k), floor(hi 2^k)] / 2^k``), so inputs on it are
     also on the graph's contract and the reference sees them unchanged. Where no grid fits (a
     population past the first whose range does not depend on the input), the graph is refused
-    (:class:`~.graph.LavaUnsupported`) naming each population and its register bits: never run
-    with ``u`` wrapping.
+    (:class:`~.graph.LavaUnsupported`) naming each population and its register bits on the graph's
+    own grid and on the coarsest: never run with ``u`` wrapping unseen.
+
+    ``unproven="guard"`` instead takes the finest grid on which every population that any grid
+    can prove is proven (the others' worst case does not depend on the grid), and the plan runs
+    the rest under a guard that stops the run, naming the population, at the first ``u`` that would
+    wrap or ``v`` that would clip below (:func:`lower_fixed`): exact for the inputs it completes
+    on, proven for none.
 
     A loihi2-mode graph keeps its own contract (its grid already fits Loihi, and its thresholds
     are integers in units of that grid): the trained integers are never re-quantised, and
-    :func:`_loihi2_lif` refuses by name a population whose proven range does not fit."""
+    :func:`loihi2_population` refuses by name a population whose proven range does not fit."""
+    if unproven not in UNPROVEN:
+        raise TargetError(f"lava fixed mode: unproven must be one of {UNPROVEN}, got {unproven!r}")
     g = info.graph
     if not _is_exact_graph(g):
         return None
     own = graph_input_contract(g)
-    if _graph_mode(g) == "loihi2":
+    if graph_mode(g) == "loihi2":
         return own, exact_membranes(g, own)
-    first: dict[str, float] | None = None
-    for k in range(own.frac_bits, -1, -1):
-        n = 2 ** k
-        lo, hi = math.ceil(own.lo * n) / n, math.floor(own.hi * n) / n
-        if not lo < hi:
-            break
-        contract = own if k == own.frac_bits else InputContract(lo, hi, k)
-        membranes = exact_membranes(g, contract)
-        need = {name: _register_units(g.nodes[name], info, m) for name, m in membranes.items()}
-        first = first or need
-        if all(v <= UV_MAX for v in need.values()):
-            return contract, membranes
-    over = {n: v for n, v in (first or {}).items() if v > UV_MAX}
+    contracts, limit = _grids(own), math.log2(UV_MAX) + 1
+    bits_on = functools.lru_cache(maxsize=None)(lambda c: register_bits(info, c))
+    over_on = lambda c: {n for n, b in bits_on(c).items() if b > limit}  # noqa: E731
+    # over on the coarsest grid: over on every grid (asked only where the guard may run past it)
+    irreducible = over_on(contracts[-1]) if unproven == "guard" else set()
+    for contract in contracts:
+        over = over_on(contract)
+        if not over or (unproven == "guard" and over <= irreducible):
+            return contract, exact_membranes(g, contract)
+    irreducible = over_on(contracts[-1])
+    worst = lambda bits: ", ".join(f"{n} needs {b:.1f} bits" for n, b in bits.items() if b > limit)  # noqa: E731
+    (first, first_bits), (last, last_bits) = (contracts[0], bits_on(contracts[0])), (contracts[-1], bits_on(contracts[-1]))
     raise LavaUnsupported("lava fixed mode, exact graph: no input grid fits Loihi's 24-bit u and v: on the graph's own grid "
-                          f"2^-{own.frac_bits} " + ", ".join(f"{n} needs {math.log2(v) + 1:.1f} bits" for n, v in over.items())
-                          + "; every grid down to 2^0 still overflows (an input range this wide, or a population whose range does not "
-                          "depend on the input: quantise with a narrower --input-range or smaller weights, or run lava "
-                          "mode = \"floating\")")
+                          f"2^-{first.frac_bits} " + worst(first_bits)
+                          + (f"; on the coarsest, 2^-{last.frac_bits}, still {len(irreducible)} population(s): " + worst(last_bits)
+                             if last is not first else "")
+                          + " (an input range this wide, or a population whose range does not depend on the input: quantise "
+                          "with a narrower --input-range or smaller weights, or run lava mode = \"floating\")")
 
 
 def _theta(node) -> np.ndarray:
@@ -282,18 +335,21 @@ def _exact_lif(name: str, node, info: GraphInfo, membrane: dict) -> dict:
             "exact": {"unit": grid, "register_bits": round(math.log2(need) + 1, 2), "proven": need <= UV_MAX}}
 
 
-def _loihi2_lif(name: str, node, info: GraphInfo, membrane: dict, timesteps: int) -> dict:
-    """The population of a loihi2-mode LIF in its current unit ``U`` (module docstring)."""
+def loihi2_population(name: str, node, info: GraphInfo, membrane: dict, timesteps: int) -> dict:
+    """A loihi2-mode LIF population in its current unit ``U`` (the module docstring):
+    ``{"alpha": d / U per neuron (the node's output shape), "lif": {"du", "dv", "vth", "bias"} in
+    Lava's integers, "exact": {"unit", "register_bits", "proven", "mode"}}``; a threshold not of
+    the form ``(vth + 2^-j(T-1)) U`` (:func:`stdeploy.models.quantize.loihi2_vth`, the netx export's
+    rule too), a leak not ``2^-j`` with ``j (T-1) <= 6``, or a range past the 24-bit registers is
+    refused by name (:class:`~.graph.LavaUnsupported`)."""
     d = np.broadcast_to(decay(node, info.dt).astype(np.float64), np.shape(node.v_threshold))
     j = -np.log2(d)
     if not np.all(j == np.rint(j)) or float(j.max()) * (timesteps - 1) > 6:
         raise LavaUnsupported(f"{name}: loihi2 mode needs leaks 2^-j with j (T-1) <= 6 (Lava's 6 fractional membrane bits)")
-    theta = _theta(node)
-    unit = loihi2_unit(theta, d, timesteps)
-    frac = np.power(2.0, -j * (timesteps - 1))
-    vth = theta / unit - frac
-    if not np.all(vth == np.rint(vth)) or np.any(vth < 0):
-        raise LavaUnsupported(f"{name}: loihi2 mode: thresholds are not (vth + 2^-j(T-1)) U with an integer vth")
+    try:
+        unit, vth = loihi2_vth(_theta(node), d, timesteps, name)
+    except UnsupportedPrimitive as err:
+        raise LavaUnsupported(str(err)) from None
     if float(vth.max()) > VTH_MAX:
         raise LavaUnsupported(f"{name}: loihi2 mode: vth {int(vth.max()):,} exceeds Lava's 17-bit vth")
     lo, hi = float(membrane["lo"]), float(membrane["hi"])
@@ -307,21 +363,6 @@ def _loihi2_lif(name: str, node, info: GraphInfo, membrane: dict, timesteps: int
     alpha = np.broadcast_to((d / unit).reshape(np.shape(node.v_threshold)), info.shapes[name])
     return {"alpha": alpha, "count": False, "lif": lif, "vth": None,
             "exact": {"unit": float(unit.min()), "register_bits": round(math.log2(need) + 1, 2), "proven": True, "mode": "loihi2"}}
-
-
-def graph_mode(graph) -> str:
-    """The graph's arithmetic: ``"exact"``, ``"loihi2"`` (the exact arithmetic in Loihi's units) or
-    ``"float"`` (graph metadata ``quantize.mode``)."""
-    return _graph_mode(graph)
-
-
-def loihi2_population(name: str, node, info: GraphInfo, membrane: dict, timesteps: int) -> dict:
-    """A loihi2-mode LIF population in its current unit ``U`` (the module docstring):
-    ``{"alpha": d / U per neuron (the node's output shape), "lif": {"du", "dv", "vth", "bias"} in
-    Lava's integers, "exact": {"unit", "register_bits", "proven", "mode"}}``; a threshold not of
-    the form ``(vth + 2^-j(T-1)) U``, a leak not ``2^-j`` with ``j (T-1) <= 6``, or a range past the
-    24-bit registers is refused by name (:class:`~.graph.LavaUnsupported`)."""
-    return _loihi2_lif(name, node, info, membrane, timesteps)
 
 
 def _exact_quantise(a: np.ndarray, bits: int, name: str) -> tuple[np.ndarray, int]:
@@ -349,16 +390,36 @@ def _pow2_grid(w: np.ndarray, bits: int, name: str) -> float:
     return grid
 
 
-def lower_fixed(info: GraphInfo, bits: int) -> Plan:
+def _same_params(a: dict, b: dict) -> bool:
+    """Two synaptic processes' parameters hold the same integers (so one process can feed both);
+    ``start`` (set by :meth:`Plan.add` from the inputs, which are the same) is not compared."""
+    a, b = ({k: v for k, v in p.items() if k != "start"} for p in (a, b))
+    if a.keys() != b.keys() or a["op_spec"].keys() != b["op_spec"].keys():
+        return False
+    pairs = [(a[k], b[k]) for k in a if k != "op_spec"] + [(a["op_spec"][k], b["op_spec"][k]) for k in a["op_spec"]]
+    for x, y in pairs:
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.shape == y.shape and np.array_equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def lower_fixed(info: GraphInfo, bits: int, unproven: str = "refuse") -> Plan:
     """The fixed-mode plan of an analysed graph with ``bits``-bit weight mantissas (for an
-    exact-mode graph: its own integers, see the module docstring)."""
+    exact-mode graph: its own integers, see the module docstring). ``unproven`` (exact graphs):
+    ``"refuse"`` a population whose proven range exceeds Loihi's registers on every input grid, or
+    ``"guard"``: lower it anyway, marked ``proven: False`` in ``plan.quant`` with its worst-case
+    ``register_bits``, and the worker runs it under a guard that stops the run at the first ``u``
+    that would wrap or ``v`` that would clip below (:func:`fit_input_contract`)."""
     if not 2 <= int(bits) <= 16:
         raise TargetError(f"lava fixed mode: weight_bits must be in [2, 16], got {bits}")
     g, plan = info.graph, Plan("fixed")
-    fitted = fit_input_contract(info)
+    fitted = fit_input_contract(info, unproven)
     exact = fitted is not None
     contract, membranes = fitted if exact else (None, None)
-    loihi2 = _graph_mode(g) == "loihi2"
+    loihi2 = graph_mode(g) == "loihi2"
     if exact:
         plan.input_contract = contract.to_dict()
         own = graph_input_contract(g)
@@ -371,6 +432,7 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
     scale: dict[str, float] = {}                # graded integer process -> real value of one unit
     bound: dict[str, float] = {}                # graded integer process -> largest |value| it can send
     pops: dict[str, dict] = {}                  # population -> {"alpha": per neuron, "count": bool}
+    twins: dict[str, str] = {}                  # synaptic process -> the process with the same integers it reuses
 
     real_bounds: dict[str, float] = {}
 
@@ -417,7 +479,7 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
             return pops[name]
         node, shape = g.nodes[name], info.shapes[name]
         if loihi2 and node_kind(node) == "LIF":
-            pops[name] = _loihi2_lif(name, node, info, membranes[name], int(g.metadata.get("timesteps", 0)))
+            pops[name] = loihi2_population(name, node, info, membranes[name], int(g.metadata.get("timesteps", 0)))
         elif exact and node_kind(node) == "LIF":
             pops[name] = _exact_lif(name, node, info, membranes[name])
         elif node_kind(node) == "LIF":
@@ -459,8 +521,8 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
         """The process of synaptic node ``name`` feeding population ``target`` (its alpha folded
         in), or, with ``target`` None, its graded process (a real scale per integer unit)."""
         pname = name if target is None else f"{name}@{target}"
-        if pname in plan.by_name:
-            return pname
+        if pname in plan.by_name or pname in twins:
+            return twins.get(pname, pname)
         node, kind, shape = g.nodes[name], node_kind(g.nodes[name]), info.shapes[name]
         terms = info.terms[name]
         srcs = [source(s, name) for s, _ in terms]
@@ -505,6 +567,11 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
             op = {**op, "post": post}
         op["weight"] = q
         params = {"op_spec": op, "exp": int(exp), "bias": bias if np.any(bias) else None}
+        if target is not None:  # a layer feeding several populations with the same alpha (the residual stream's writers): one process
+            twin = next((t for t in plan.by_name if t.startswith(f"{name}@") and _same_params(plan.by_name[t]["params"], params)), None)
+            if twin is not None:
+                twins[pname] = twin
+                return twin
         in_shape = terms[0][1] or info.shapes[terms[0][0]]
         plan.add({"name": pname, "kind": "synapse", "shape": shape, "in_shape": in_shape,
                   "inputs": [conn(src, r) for src, (_, r) in zip(srcs, terms)], "params": params})
@@ -559,7 +626,12 @@ def lower_fixed(info: GraphInfo, bits: int) -> Plan:
         elif kind == "Output":
             srcs = [(source(src, name), reshape) for src, reshape in info.terms[name]]
             add_outputs(plan, info, name, srcs, scales={s: scale[s] for s, _ in srcs})
-    unproven = [n for n, p in pops.items() if p.get("exact") and not p["exact"]["proven"]]
-    if unproven:  # fit_input_contract chose a grid on which every population is proven
-        raise TargetError(f"lava fixed mode, exact graph: {', '.join(unproven)} unproven on the fitted input grid")
+    over = [n for n, p in pops.items() if p.get("exact") and not p["exact"]["proven"]]
+    if over and unproven != "guard":  # fit_input_contract chose a grid on which every population is proven
+        raise TargetError(f"lava fixed mode, exact graph: {', '.join(over)} unproven on the fitted input grid")
+    if over:
+        warnings.warn(f"lava fixed mode, exact graph: {len(over)} of {len(pops)} populations unproven on Loihi's 24-bit "
+                      f"u and v (worst case up to {max(pops[n]['exact']['register_bits'] for n in over):.1f} bits); they run "
+                      "under a guard that stops the run at the first u that would wrap (plan quant: proven, register_bits)",
+                      stacklevel=4)
     return plan

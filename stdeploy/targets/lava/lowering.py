@@ -80,15 +80,17 @@ MODES = ("floating", "fixed")
 
 
 def lower(graph, mode: str = "floating", *, weight_bits: int = 8, lif_model: str = "float32", stall_s: float = 0.0,
-          record: bool = False) -> dict:
+          record: bool = False, unproven: str = "refuse") -> dict:
     """Lower a NIR graph to a plan (plain data, picklable) for :func:`.processes.run_plan`.
-    ``record``: also sink the spikes of every LIF/Threshold node (outputs named after the nodes)."""
+    ``record``: also sink the spikes of every LIF/Threshold node (outputs named after the nodes).
+    ``unproven`` (fixed mode, exact graphs): ``"refuse"`` a population whose proven range exceeds
+    Loihi's 24-bit registers, or ``"guard"`` it at run time (:func:`.fixed_point.lower_fixed`)."""
     if mode not in MODES:
         raise TargetError(f"lava mode must be one of {MODES}, got {mode!r}")
     if lif_model not in ("float32", "lava"):
         raise TargetError(f"lif_model must be 'float32' or 'lava', got {lif_model!r}")
     info = analyse(graph)
-    plan = lower_float(info) if mode == "floating" else lower_fixed(info, weight_bits)
+    plan = lower_float(info) if mode == "floating" else lower_fixed(info, weight_bits, unproven)
     if record:
         for name in info.order:
             if node_kind(graph.nodes[name]) in NEURONS:

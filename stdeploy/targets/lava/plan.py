@@ -23,7 +23,12 @@ import numpy as np
 from ..base import TargetError
 from .graph import GraphInfo, uniform
 
-__all__ = ["Plan", "conn", "add_outputs", "lif_params"]
+__all__ = ["Plan", "conn", "add_outputs", "lif_params", "MODEL_FAILED"]
+
+# What a failing process model prints in the worker's log (:func:`.processes._reported`); the
+# worker's parent (:class:`.worker.LavaWorker`) ends the run on this line: the two sides of the
+# worker share it here, below both.
+MODEL_FAILED = "lava process model {} failed at step {}:"
 
 
 class Plan:

@@ -48,6 +48,7 @@ attention, fed by bit-accurate ``Sparse``), none of the above; :func:`serve` pic
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 import signal
@@ -73,8 +74,11 @@ from lava.proc.lif.models import AbstractPyLifModelFixed, PyLifModelBitAcc, PyLi
 from lava.proc.lif.process import LIF
 
 from ...export import nir_interpreter as ref
+from ...models.quantize import InputContract
+from .plan import MODEL_FAILED
 
-__all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "model_class", "sink_model", "clear_sinks", "read_sinks", "run_plan",
+__all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "PyLifModelBitAccGuarded",
+           "PyLifPerNeuronBitAccGuarded", "model_class", "sink_model", "clear_sinks", "read_sinks", "run_plan",
            "run_standard_plan", "serve", "main"]
 
 
@@ -133,16 +137,16 @@ F32 = np.float32
 
 
 def _reported(run_spk):
-    """Print a failing step's traceback at once: a Lava runtime whose model raised may hang in
-    ``stop()`` before it shows the error."""
+    """Print a failing step's traceback at once, after :data:`~.plan.MODEL_FAILED`, in one
+    write: a Lava runtime whose model raised may hang in ``stop()`` before it shows the error, and
+    :class:`~.worker.LavaWorker` ends the run as soon as that line appears in the worker's log."""
 
     @functools.wraps(run_spk)
     def wrapped(self):
         try:
             run_spk(self)
         except BaseException:
-            print(f"lava process model {type(self).__name__} failed at step {self.time_step}:", file=sys.stderr)
-            traceback.print_exc()
+            sys.stderr.write(MODEL_FAILED.format(type(self).__name__, self.time_step) + "\n" + traceback.format_exc())
             sys.stderr.flush()
             raise
 
@@ -295,17 +299,21 @@ class _DendriteFloat(_Base):
 
 
 class _DelayBase(_Base):
+    """The last ``max(taps) + 1`` inputs; an all-zero step is kept as one shared zeros array (a
+    line holds data for ``T`` steps of its ``T + depth``: the exact ``sdt-8-512``'s residual stream
+    waits up to 55 steps, 4 MB a step at batch 32 on each of its lines)."""
     dtype = F32
 
     def __init__(self, proc_params):
         super().__init__(proc_params)
         self.taps = [int(t) for t in proc_params["taps"]]
-        zeros = np.zeros(proc_params["in_shape"], self.dtype)
-        self.hist = deque([zeros] * (max(self.taps) + 1), maxlen=max(self.taps) + 1)
+        self.zeros = np.zeros(proc_params["in_shape"], self.dtype)
+        self.hist = deque([self.zeros] * (max(self.taps) + 1), maxlen=max(self.taps) + 1)
 
     @_reported
     def run_spk(self):
-        self.hist.appendleft(self.in0.recv().astype(self.dtype))
+        x = self.in0.recv().astype(self.dtype)
+        self.hist.appendleft(x if x.any() else self.zeros)
         for j, tap in enumerate(self.taps):
             getattr(self, f"out{j}").send(self.hist[tap])
 
@@ -402,6 +410,48 @@ class PyLifPerNeuronBitAcc(AbstractPyLifModelFixed):
         return self.v > self.effective_vth
 
 
+class _WrapGuard:
+    """Lava's bit-accurate LIF step, stopped where it would leave the exact arithmetic: before
+    Lava's ``subthr_dynamics`` runs, the same integers are computed without wrapping, and a ``u``
+    outside Lava's 24-bit range (where Lava wraps it) or a ``v`` below it (where Lava clips it)
+    raises :class:`OverflowError` naming the population and the step. ``v`` above the range is let
+    through: it is over the threshold in both arithmetics and both reset it. For populations whose
+    proven range exceeds the registers (``plan["quant"][name]["proven"]`` False, lowered with
+    ``unproven="guard"``): a run that completes never wrapped, so its integers are the model's."""
+
+    def subthr_dynamics(self, activation_in: np.ndarray):
+        unity, top = self.decay_unity, int(self.max_uv_val)
+        decayed = np.int64(self.u) * (unity - (np.int64(self.du) + self.ds_offset))
+        u = np.sign(decayed) * np.right_shift(np.abs(decayed), self.decay_shift) \
+            + np.left_shift(np.asarray(activation_in, np.int64), self.act_shift)
+        decayed = np.int64(self.v) * (unity - (np.int64(self.dv) + self.dm_offset))
+        v = np.sign(decayed) * np.right_shift(np.abs(decayed), self.decay_shift) + u + np.int64(self.effective_bias)
+        wraps, clips = bool(np.any(u > top) or np.any(u <= -top)), bool(np.any(v < -top + 1))
+        if wraps or clips:
+            what = f"u reaches {int(np.abs(u).max()):,}, where Lava wraps it" if wraps else \
+                f"v falls to {int(v.min()):,}, where Lava clips it"
+            raise OverflowError(f"lava fixed mode: {self.proc_params.get('name')}: {what} (24 bits: |u|, |v| < {top:,}) at "
+                                f"step {self.time_step}: the run would no longer be exact (a population past its proven range, "
+                                "lowered with unproven='guard')")
+        super().subthr_dynamics(activation_in)
+
+
+@implements(proc=LIF, protocol=LoihiProtocol)
+@requires(CPU)
+class PyLifModelBitAccGuarded(_WrapGuard, PyLifModelBitAcc):
+    """Lava's ``PyLifModelBitAcc`` under :class:`_WrapGuard`."""
+
+    run_spk = _reported(PyLifModelBitAcc.run_spk)  # the failure in the worker's log at once (the worker stops the run on it)
+
+
+@implements(proc=LIFPerNeuron, protocol=LoihiProtocol)
+@requires(CPU)
+class PyLifPerNeuronBitAccGuarded(_WrapGuard, PyLifPerNeuronBitAcc):
+    """:class:`PyLifPerNeuronBitAcc` under :class:`_WrapGuard`."""
+
+    run_spk = _reported(PyLifPerNeuronBitAcc.run_spk)
+
+
 # ----------------------------------------------------------------------------- model classes per port count
 _BASES = {
     ("synapse", "float"): _SynapseFloat,
@@ -478,6 +528,12 @@ def read_sinks(dumps: dict[str, str], steps: int, limit_s: float = 10.0) -> dict
 
 
 # ----------------------------------------------------------------------------- the worker
+# Slots of each channel's shared-memory queue (Lava's default: 64). Under LoihiProtocol every port
+# sends one message a step and its reader takes it within the same step (the runtime advances no
+# process to the next step before every process has finished this one), so a queue never holds
+# more than one. The exact sdt-8-512's 380 connections carry 58 MB a sample a slot: with 64 slots
+# 6.2 GB PSS at batch 1 and 10.2 GB at batch 2.
+CHANNEL_SLOTS = 1
 def _batched(shape) -> tuple:
     return tuple(int(s) for s in shape)
 
@@ -518,7 +574,7 @@ def run_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
             data[..., :timesteps] = np.moveaxis(x, 0, -1)
             for lo, hi, inv in (spec.get("contracts") or []) if mode == "fixed" else []:
                 # an exact graph: the export's input contract, then the grid this target runs (fixed_point.fit_input_contract)
-                data[..., :timesteps] = np.rint(np.clip(data[..., :timesteps], lo, hi) * inv) / inv
+                data[..., :timesteps] = InputContract(lo, hi, round(math.log2(inv))).apply(data[..., :timesteps])
             if mode == "fixed":
                 data = np.rint(data * spec["inv_scale"]).astype(np.int32)
             proc = Source(data=data)
@@ -535,13 +591,15 @@ def run_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
             continue
         if kind == "lif":
             p = spec["params"]
+            guarded = (plan.get("quant") or {}).get(name, {}).get("proven") is False  # fixed_point.lower_fixed(unproven="guard")
             if p["per_neuron"]:
                 proc = LIFPerNeuron(shape=full, du=p["du"], dv=p["dv"], vth=p["vth"], bias=p.get("bias", 0), name=name)
-                models[proc] = PyLifPerNeuronFloat32 if mode == "float" else PyLifPerNeuronBitAcc
+                models[proc] = PyLifPerNeuronFloat32 if mode == "float" else \
+                    PyLifPerNeuronBitAccGuarded if guarded else PyLifPerNeuronBitAcc
             else:
                 proc = LIF(shape=full, du=p["du"], dv=p["dv"], vth=p["vth"], bias_mant=p.get("bias", 0), name=name)
                 if mode == "fixed":
-                    models[proc] = PyLifModelBitAcc
+                    models[proc] = PyLifModelBitAccGuarded if guarded else PyLifModelBitAcc
                 else:
                     models[proc] = PyLifModelFloat if plan.get("lif_model") == "lava" else PyLifModelFloat32
             for conn in spec["inputs"]:  # several only where the sum is exact in any order
@@ -570,7 +628,8 @@ def run_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.ndarray]:
     clear_sinks(dumps)
     try:
         t0 = time.perf_counter()
-        anchor.create_runtime(run_cfg=Loihi2SimCfg(exception_proc_model_map=models))
+        anchor.create_runtime(run_cfg=Loihi2SimCfg(exception_proc_model_map=models),
+                              compile_config={"pypy_channel_size": CHANNEL_SLOTS})
         t1 = time.perf_counter()
         anchor.run(condition=RunSteps(num_steps=steps))
         t2 = time.perf_counter()
@@ -617,9 +676,7 @@ def run_standard_plan(plan: dict, x: np.ndarray, workdir: str) -> dict[str, np.n
     # sample b's frame j at index b*T + j: the samples streamed back to back
     data[:, :batch * timesteps] = np.asarray(x, np.float64).transpose(1, 0, *range(2, x.ndim)).reshape(batch * timesteps, -1).T
     if fixed and plan.get("input_contract"):  # a loihi2 graph: its own input grid and range, as loihi2-fixed applies it
-        c = plan["input_contract"]
-        inv = 2.0 ** int(c["frac_bits"])
-        data[:, :batch * timesteps] = np.rint(np.clip(data[:, :batch * timesteps], c["lo"], c["hi"]) * inv) / inv
+        data[:, :batch * timesteps] = InputContract.from_dict(plan["input_contract"]).apply(data[:, :batch * timesteps])
     if fixed:
         data = np.rint(data * plan["input_scale"]).astype(np.int32)
     source = Source(data=data)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import select
 import signal
 import subprocess
@@ -28,10 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from ..base import TargetError
+from .plan import MODEL_FAILED
 
 __all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "WORKER_MODULE"]
 
 WORKER_MODULE = "stdeploy.targets.lava.processes"
+_MODEL_FAILED = re.compile(re.escape(MODEL_FAILED).replace(r"\{\}", r"\S+").encode())
 _KILL_GRACE_S = 5.0
 
 
@@ -186,8 +189,8 @@ class LavaWorker:
                 if not chunk:  # the pipe closed
                     break
                 answer += chunk
-            elif self.proc.poll() is not None:
-                break
+            elif self.proc.poll() is not None or self._model_failed(log_start):
+                break  # a process model that raised can leave Lava's runtime hanging: its line in the log ends the run
         status = json.loads(answer) if answer.endswith(b"\n") else None
         if status is None or not status.get("ok"):
             rc = self.proc.poll()
@@ -202,6 +205,18 @@ class LavaWorker:
         meta = {"lava_seconds": float(out.pop("__lava_seconds__")), "lava_compile_start_s": compile_s, "lava_steps_s": steps_s,
                 "worker_pid": self.proc.pid}
         return out, meta
+
+    def _model_failed(self, since: int) -> bool:
+        """A process model's failure line (:data:`.plan.MODEL_FAILED`) in the worker's log after ``since``."""
+        path = self.dir / "worker.log"
+        try:
+            if path.stat().st_size <= since:
+                return False
+            with open(path, "rb") as f:
+                f.seek(since)
+                return _MODEL_FAILED.search(f.read()) is not None
+        except OSError:
+            return False
 
     def close(self, force: bool = False) -> None:
         """End the worker: close its stdin so that it exits, or (``force``) end its process group."""
