@@ -334,7 +334,7 @@ def test_low_rank_layers_are_merged_and_factors_would_not_be_exact(dsp):
 
 
 # ----------------------------------------------------------------------------- Lava fixed point
-LAVA_SAMPLES = 2  # Lava starts one process per population and synapse (174 here): the run costs 23-40 s on the shared machine
+LAVA_SAMPLES = 2  # Lava starts one process per population and synapse (110 here): the run costs 8-12 s on the shared machine
 
 
 def exact_graph(model, input_frac_bits: int | None = None):

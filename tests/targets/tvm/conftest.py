@@ -1,9 +1,18 @@
-"""Fixtures the TVM tests share: a whole-model pruned sdt-tiny."""
+"""Fixtures the TVM tests share: the CPU profile's LLVM target and a whole-model pruned sdt-tiny."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session")
+def target():
+    """The ``cpu`` profile's LLVM target (the host's), for kernels compiled in the tests."""
+    from stdeploy.targets.profiles import load_profile
+    from stdeploy.targets.tvm.host import cpu_target
+
+    return cpu_target(load_profile("cpu"))
 
 
 @pytest.fixture

@@ -14,17 +14,10 @@ import pytest
 import torch
 
 from stdeploy.errors import ShapeError
-from stdeploy.targets.profiles import load_profile
-from stdeploy.targets.tvm.host import cpu_target
 from stdeploy.targets.tvm.kernels import event, pool, skipzero
 from stdeploy.targets.tvm.kernels.blas import conv2d_nchw
 
 pytestmark = pytest.mark.tvm
-
-
-@pytest.fixture(scope="module")
-def target():
-    return cpu_target(load_profile("cpu"))
 
 
 def _compile(func, target):

@@ -14,18 +14,11 @@ import pytest
 import torch
 
 from stdeploy.errors import ShapeError
-from stdeploy.targets.profiles import load_profile
-from stdeploy.targets.tvm.host import cpu_target
-from stdeploy.targets.tvm.kernels import event, eventlif, lif, pool
+from stdeploy.targets.tvm.kernels import event, eventlif, lif, pool, spike
 
 pytestmark = pytest.mark.tvm
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def target():
-    return cpu_target(load_profile("cpu"))
 
 
 def _compile(func, target):
@@ -103,7 +96,7 @@ def test_stationary_conv_lif_equals_the_two_kernels_bit_for_bit(target, x_shape,
     w[0] = 0                                                     # an output channel without weights
     x = (rng.random(x_shape) * (rng.random(x_shape) < 0.5)).astype(np.float32)
     ptr, taps, vals, chans = event.conv_columns(w)
-    ho, wo = event.conv_out_hw(x_shape, w_shape, padding)
+    ho, wo = spike.conv_out_hw(x_shape, w_shape, padding)
     y_shape = (x_shape[0], w_shape[0], ho, wo)
     shape = (x_shape[0] // STEPS, w_shape[0], ho, wo)
     per_channel = _constants(rng, (w_shape[0], 1, 1), False)      # per output channel, as BatchNorm

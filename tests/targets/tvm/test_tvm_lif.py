@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from stdeploy.targets.profiles import load_profile
-from stdeploy.targets.tvm.host import cpu_target
 from stdeploy.targets.tvm.kernels import lif
 
 pytestmark = pytest.mark.tvm
 
 BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def target():
-    return cpu_target(load_profile("cpu"))
 
 
 def _grid(rng, shape, scale=8):

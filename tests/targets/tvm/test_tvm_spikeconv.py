@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from stdeploy.targets.tvm.kernels import spike
-from stdeploy.targets.profiles import load_profile
-from stdeploy.targets.tvm.host import cpu_target
 from stdeploy.targets.tvm.kernels.blas import conv2d_nchw
 from stdeploy.targets.tvm.kernels.routing import route_to_external_kernels
 
 pytestmark = pytest.mark.tvm
-
-
-@pytest.fixture(scope="module")
-def target():
-    return cpu_target(load_profile("cpu"))
 
 
 def torch_conv(x, w, padding):

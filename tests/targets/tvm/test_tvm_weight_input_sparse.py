@@ -17,19 +17,12 @@ import pytest
 import torch
 
 from stdeploy.errors import ShapeError
-from stdeploy.targets.profiles import load_profile
 from stdeploy.targets.tvm.database import CrossoverCache
-from stdeploy.targets.tvm.host import cpu_target
 from stdeploy.targets.tvm.kernels import skipzero, spike
 from stdeploy.targets.tvm.kernels.blas import conv2d_nchw
 from stdeploy.targets.tvm.kernels.routing import route_to_external_kernels
 
 pytestmark = pytest.mark.tvm
-
-
-@pytest.fixture(scope="module")
-def target():
-    return cpu_target(load_profile("cpu"))
 
 
 def _pruned(rng, shape, sparsity):

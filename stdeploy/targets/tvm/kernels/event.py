@@ -47,7 +47,7 @@ from ....errors import ShapeError
 from . import skipzero, spike
 
 __all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
-           "route_event_kernels", "conv_out_hw"]
+           "route_event_kernels"]
 
 BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
 PARTS = spike.PARTS     # parallel tasks per call (rows or images are split between them)
@@ -149,7 +149,7 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = (int(v) for v in w_shape)
     top, left, _, _ = (int(v) for v in padding)
-    ho, wo = conv_out_hw(x_shape, w_shape, padding)
+    ho, wo = spike.conv_out_hw(x_shape, w_shape, padding)
     ph, pw = ho + kh - 1, wo + kw - 1
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
@@ -185,13 +185,6 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
                             y[b, v, r, q] = acc[r, q]
 
     return stationary_conv
-
-
-def conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
-    """``(HO, WO)`` of a stride-1 convolution of ``x_shape`` (NCHW) by ``w_shape`` (OIHW) with
-    ``padding`` ``(top, left, bottom, right)``."""
-    top, left, bottom, right = (int(v) for v in padding)
-    return int(x_shape[2]) + top + bottom - int(w_shape[2]) + 1, int(x_shape[3]) + left + right - int(w_shape[3]) + 1
 
 
 @dataclass(frozen=True)
@@ -245,6 +238,8 @@ def route_event_kernels(mod, min_zeros: float = skipzero.MIN_WEIGHT_ZEROS, every
     class _Rewrite(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
+            if call.op not in (op_matmul, op_conv):
+                return call
             weight = call.args[1] if len(call.args) > 1 else None
             if not isinstance(weight, const_type) or getattr(call.ty, "dtype", None) != "float32":
                 return call

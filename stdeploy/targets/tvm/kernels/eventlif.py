@@ -31,7 +31,8 @@ import math
 import numpy as np
 
 from ....errors import ShapeError
-from .event import BLOCK, PARTS, EventLayer, conv_out_hw
+from .event import BLOCK, PARTS, EventLayer
+from .spike import conv_out_hw
 
 __all__ = ["fusable", "inner_block", "event_matmul_lif_kernel", "stationary_conv_lif_kernel", "event_mlp_kernel"]
 

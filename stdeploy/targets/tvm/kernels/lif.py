@@ -681,7 +681,7 @@ def _pool_in(mod, pools: dict, poolable: dict, done: list):
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from . import eventlif
-    from .event import conv_out_hw
+    from .spike import conv_out_hw
     from .routing import rewrite_functions
 
     uses = _use_counts(mod)

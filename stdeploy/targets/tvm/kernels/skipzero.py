@@ -142,12 +142,6 @@ def applies(weight: np.ndarray) -> bool:
 # The TIR kernels
 
 
-def _conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
-    """Output rows and columns of a stride-1 convolution."""
-    top, left, bottom, right = (int(v) for v in padding)
-    return int(x_shape[2]) + top + bottom - int(w_shape[2]) + 1, int(x_shape[3]) + left + right - int(w_shape[3]) + 1
-
-
 def skipzero_matmul_kernel(x_shape: tuple, k: int, n: int, nnz: int):
     """The TIR PrimFunc ``(x (..., K), ptr (K + 1), cols (nnz), vals (nnz), y (..., N))``."""
     from tvm.script import tirx as T
@@ -203,7 +197,7 @@ def skipzero_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: in
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = (int(v) for v in w_shape)
     top, left, _, _ = (int(v) for v in padding)
-    ho, wo = _conv_out_hw(x_shape, w_shape, padding)
+    ho, wo = spike.conv_out_hw(x_shape, w_shape, padding)
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
     rows = kh * kw * c
@@ -302,7 +296,7 @@ class SkipZeroConv(_SkipZeroKernel):
         chans = np.unique(live % c).astype(np.int32)
         self._build(skipzero_conv_kernel(self.x_shape, self.weight.shape, self.padding, csr.nnz, live.size, chans.size),
                     csr, [live, chans])
-        self.out_shape = (self.x_shape[0], o, *_conv_out_hw(self.x_shape, self.weight.shape, self.padding))
+        self.out_shape = (self.x_shape[0], o, *spike.conv_out_hw(self.x_shape, self.weight.shape, self.padding))
 
 
 # --------------------------------------------------------------------------------------------

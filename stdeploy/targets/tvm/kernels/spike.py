@@ -83,8 +83,9 @@ def _channel_tile(o: int) -> int:
     return math.gcd(o, CHANNEL_TILE)
 
 
-def _conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
-    """Output rows and columns of a stride-1 convolution."""
+def conv_out_hw(x_shape: tuple, w_shape: tuple, padding: tuple) -> tuple[int, int]:
+    """``(HO, WO)`` of a stride-1 convolution of ``x_shape`` (NCHW) by ``w_shape`` (OIHW) with
+    ``padding`` ``(top, left, bottom, right)``."""
     top, left, bottom, right = (int(v) for v in padding)
     return int(x_shape[2]) + top + bottom - int(w_shape[2]) + 1, int(x_shape[3]) + left + right - int(w_shape[3]) + 1
 
@@ -96,7 +97,7 @@ def gather_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple):
     n, c, h, w = (int(v) for v in x_shape)
     o, _, kh, kw = (int(v) for v in w_shape)
     top, left, _, _ = (int(v) for v in padding)
-    ho, wo = _conv_out_hw(x_shape, w_shape, padding)
+    ho, wo = conv_out_hw(x_shape, w_shape, padding)
     ph, pw = ho + kh - 1, wo + kw - 1          # the list grid: input (r, q) at (r + top, q + left)
     ot = _channel_tile(o)
     tiles = o // ot
@@ -178,7 +179,7 @@ class SpikeConv(_GatherKernel):
     def __post_init__(self):
         self._build(gather_conv_kernel(self.x_shape, self.weight.shape, self.padding), self.weight.transpose(2, 3, 1, 0))
         self.sample = (math.prod(self.x_shape[1:]), SAMPLE_IMAGES)
-        self.out_shape = (self.x_shape[0], self.weight.shape[0], *_conv_out_hw(self.x_shape, self.weight.shape, self.padding))
+        self.out_shape = (self.x_shape[0], self.weight.shape[0], *conv_out_hw(self.x_shape, self.weight.shape, self.padding))
 
 
 def gather_matmul_kernel(x_shape: tuple, k: int, n: int):
