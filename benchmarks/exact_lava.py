@@ -35,7 +35,6 @@ import argparse
 import math
 import os
 import resource
-import signal
 import tempfile
 import threading
 import time
@@ -58,7 +57,7 @@ from stdeploy.targets.lava.fixed_point import UV_MAX, input_grids
 from stdeploy.targets.lava.graph import analyse, decay
 from stdeploy.targets.lava.lowering import lower
 from stdeploy.targets.lava.target import LavaRunnable, LavaTarget
-from stdeploy.targets.lava.worker import group_members
+from stdeploy.targets.lava.worker import group_members, kill_group
 from stdeploy.targets.profiles import load_profile
 from stdeploy.timing import describe_machine
 
@@ -144,12 +143,7 @@ class Watchdog:
             if avail < self.floor_kb and self.killed is None:
                 self.killed = (f"MemAvailable {avail / 2 ** 20:.2f} GB < {self.floor_kb / 2 ** 20:g} GB with {len(members)} processes, "
                                f"PSS {pss / 2 ** 20:.2f} GB, RSS {rss / 2 ** 20:.2f} GB")
-                for pid, cmd in group:  # multiprocessing's resource tracker stays: it unlinks the shared memory left behind
-                    if "resource_tracker" not in cmd:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                kill_group(proc.pid)  # multiprocessing's resource tracker stays: it unlinks the shared memory left behind
 
 
 def observed_bits(graph, info, membranes: dict, records: dict) -> dict[str, float]:

@@ -31,7 +31,7 @@ import numpy as np
 from ..base import TargetError
 from .plan import MODEL_FAILED
 
-__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "WORKER_MODULE"]
+__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "kill_group", "stop_group", "WORKER_MODULE"]
 
 WORKER_MODULE = "stdeploy.targets.lava.processes"
 _MODEL_FAILED = re.compile(re.escape(MODEL_FAILED).replace(r"\{\}", r"\S+").encode())
@@ -85,20 +85,32 @@ def _wait_until(pred, seconds: float) -> bool:
     return pred()
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """End the worker and every Lava process it started (its process group): SIGTERM the worker
-    (it unwinds into ``stop()``), then SIGKILL the Lava processes but multiprocessing's resource
-    tracker, which then unlinks the shared memory they leave behind, then SIGKILL what remains."""
-    pgid = proc.pid
-    tracker = lambda cmd: "resource_tracker" in cmd  # noqa: E731
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        _wait_until(lambda: proc.poll() is not None, _KILL_GRACE_S)
-    for pid in _live(pgid, tracker):
+def _is_tracker(cmd: str) -> bool:
+    return "resource_tracker" in cmd
+
+
+def kill_group(pgid: int, keep=_is_tracker) -> None:
+    """SIGKILL every live member of process group ``pgid`` but those whose command line ``keep``
+    accepts (default: multiprocessing's resource tracker, which then unlinks the shared memory the
+    others leave behind)."""
+    for pid in _live(pgid, keep):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End ``proc`` and every process in its process group (it was started with
+    ``start_new_session=True``): SIGTERM ``proc`` if it runs (it unwinds into Lava's ``stop()``),
+    give the group 5 s to exit, then SIGKILL the Lava processes but multiprocessing's resource
+    tracker (:func:`kill_group`), which then unlinks the shared memory they leave behind, then
+    SIGKILL what remains; ``proc`` is reaped."""
+    pgid = proc.pid
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _wait_until(lambda: not _live(pgid, _is_tracker), _KILL_GRACE_S)
+    kill_group(pgid)
     _wait_until(lambda: not _live(pgid), _KILL_GRACE_S)
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -116,7 +128,7 @@ class LavaWorker:
 
     It runs in its own process group, with every Lava process it forks. A request not answered
     within its timeout, a worker that dies, or a failed run ends the whole group
-    (:func:`_stop_group`); the next request starts a fresh worker. Requests are JSON lines on the
+    (:func:`stop_group`); the next request starts a fresh worker. Requests are JSON lines on the
     worker's stdin; answers come back on a pipe of their own (Lava's processes print to stdout)."""
 
     def __init__(self):
@@ -228,7 +240,7 @@ class LavaWorker:
                 except (OSError, subprocess.TimeoutExpired):
                     pass
             if self.proc.poll() is None or _live(self.proc.pid):
-                _stop_group(self.proc)
+                stop_group(self.proc)
             if self.proc.stdin is not None and not self.proc.stdin.closed:
                 try:
                     self.proc.stdin.close()
