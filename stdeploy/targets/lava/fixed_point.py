@@ -227,7 +227,11 @@ def register_bits(info: GraphInfo, contract: InputContract | None = None) -> dic
     ``G`` at ``d = 1/2``). ``None`` for a graph that is not exact."""
     if not _is_exact_graph(info.graph):
         return None
-    membranes = exact_membranes(info.graph, contract)
+    return _bits(info, exact_membranes(info.graph, contract))
+
+
+def _bits(info: GraphInfo, membranes: dict[str, dict]) -> dict[str, float]:
+    """:func:`register_bits` from the populations' proven membranes (:func:`exact_membranes`)."""
     return {name: math.log2(_register_units(info.graph.nodes[name], info, m)) + 1 for name, m in membranes.items()}
 
 
@@ -286,14 +290,15 @@ def fit_input_contract(info: GraphInfo, unproven: str = "refuse") -> tuple[Input
     if graph_mode(g) == "loihi2":
         return own, exact_membranes(g, own)
     contracts, limit = _grids(own), math.log2(UV_MAX) + 1
-    bits_on = functools.lru_cache(maxsize=None)(lambda c: register_bits(info, c))
+    membranes_on = functools.lru_cache(maxsize=None)(lambda c: exact_membranes(g, c))  # check_exact once per grid
+    bits_on = functools.lru_cache(maxsize=None)(lambda c: _bits(info, membranes_on(c)))
     over_on = lambda c: {n for n, b in bits_on(c).items() if b > limit}  # noqa: E731
     # over on the coarsest grid: over on every grid (asked only where the guard may run past it)
     irreducible = over_on(contracts[-1]) if unproven == "guard" else set()
     for contract in contracts:
         over = over_on(contract)
         if not over or (unproven == "guard" and over <= irreducible):
-            return contract, exact_membranes(g, contract)
+            return contract, membranes_on(contract)
     irreducible = over_on(contracts[-1])
     worst = lambda bits: ", ".join(f"{n} needs {b:.1f} bits" for n, b in bits.items() if b > limit)  # noqa: E731
     (first, first_bits), (last, last_bits) = (contracts[0], bits_on(contracts[0])), (contracts[-1], bits_on(contracts[-1]))
