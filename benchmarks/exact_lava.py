@@ -57,7 +57,7 @@ from stdeploy.targets.lava.fixed_point import UV_MAX, input_grids
 from stdeploy.targets.lava.graph import analyse, decay
 from stdeploy.targets.lava.lowering import lower
 from stdeploy.targets.lava.target import LavaRunnable, LavaTarget
-from stdeploy.targets.lava.worker import group_members, kill_group
+from stdeploy.targets.lava.worker import group_members, group_memory, kill_group
 from stdeploy.targets.profiles import load_profile
 from stdeploy.timing import describe_machine
 
@@ -114,19 +114,6 @@ class Watchdog:
                 return float(line.split()[1])  # kB
         raise KeyError(key)
 
-    @staticmethod
-    def _rollup(pid: int) -> tuple[float, float]:
-        pss = rss = 0.0
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss = float(line.split()[1])
-                elif line.startswith("Rss:"):
-                    rss = float(line.split()[1])
-        except OSError:
-            pass
-        return pss, rss
-
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
             proc = self.runnable.worker.proc
@@ -134,15 +121,14 @@ class Watchdog:
             self.peak["min_available_gb"] = min(self.peak["min_available_gb"], avail / 2 ** 20)
             if proc is None:
                 continue
-            group = [(pid, cmd) for pid, state, cmd in group_members(proc.pid) if state not in ("Z", "X")]
-            members = [pid for pid, _ in group]
-            pss, rss = map(sum, zip(*[self._rollup(pid) for pid in members])) if members else (0.0, 0.0)
-            self.peak["pss_gb"] = max(self.peak["pss_gb"], pss / 2 ** 20)
-            self.peak["rss_gb"] = max(self.peak["rss_gb"], rss / 2 ** 20)
+            members = [pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X")]
+            rss, pss = group_memory(members)  # bytes
+            self.peak["pss_gb"] = max(self.peak["pss_gb"], pss / 2 ** 30)
+            self.peak["rss_gb"] = max(self.peak["rss_gb"], rss / 2 ** 30)
             self.peak["processes"] = max(self.peak["processes"], len(members))
             if avail < self.floor_kb and self.killed is None:
                 self.killed = (f"MemAvailable {avail / 2 ** 20:.2f} GB < {self.floor_kb / 2 ** 20:g} GB with {len(members)} processes, "
-                               f"PSS {pss / 2 ** 20:.2f} GB, RSS {rss / 2 ** 20:.2f} GB")
+                               f"PSS {pss / 2 ** 30:.2f} GB, RSS {rss / 2 ** 30:.2f} GB")
                 kill_group(proc.pid)  # multiprocessing's resource tracker stays: it unlinks the shared memory left behind
 
 

@@ -543,22 +543,6 @@ def _run_child(folder: str) -> int:
     return 0
 
 
-def _memory(pids) -> tuple[int, int]:
-    """Summed resident set (RSS) and proportional set size (PSS) of ``pids``, bytes (forked
-    processes share pages: the RSS sum counts them once per process, PSS splits them)."""
-    rss = pss = 0
-    for pid in pids:
-        try:
-            for line in open(f"/proc/{pid}/smaps_rollup"):
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return rss, pss
-
-
 def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> dict:
     """Run a block plan (:func:`block_plan`) on ``x`` ``(T, 1, 3·D·N)`` (one sample) with Lava's
     processes on ``Loihi2SimCfg`` in a subprocess in its own process group, stopped (the whole
@@ -575,7 +559,7 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
     import time
 
     from ..base import TargetError
-    from .worker import LavaTimeout, group_members, stop_group, worker_env
+    from .worker import LavaTimeout, group_members, group_memory, stop_group, worker_env
 
     if x.ndim != 3 or x.shape[1] != 1 or x.shape[2] != plan["in_size"]:
         raise LavaUnsupported(f"run_block: expected x of shape (T, 1, {plan['in_size']}), got {tuple(x.shape)}")
@@ -592,7 +576,7 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
 
         def sample():
             while not done.is_set():
-                rss, pss = _memory(pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X"))
+                rss, pss = group_memory(pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X"))
                 peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
                 done.wait(0.2)
 

@@ -31,7 +31,7 @@ import numpy as np
 from ..base import TargetError
 from .plan import MODEL_FAILED
 
-__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "kill_group", "stop_group", "WORKER_MODULE"]
+__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "group_memory", "kill_group", "stop_group", "WORKER_MODULE"]
 
 WORKER_MODULE = "stdeploy.targets.lava.processes"
 _MODEL_FAILED = re.compile(re.escape(MODEL_FAILED).replace(r"\{\}", r"\S+").encode())
@@ -70,6 +70,23 @@ def group_members(pgid: int) -> list[tuple[int, str, str]]:
         except (OSError, ValueError, IndexError):
             continue
     return members
+
+
+def group_memory(pids) -> tuple[int, int]:
+    """Summed resident set (RSS) and proportional set size (PSS) of ``pids``, bytes, from
+    ``/proc/PID/smaps_rollup`` (forked processes share pages: the RSS sum counts them once per
+    process, PSS splits them); a process that has gone counts nothing."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
 
 
 def _live(pgid: int, keep=lambda cmd: False) -> list[int]:
