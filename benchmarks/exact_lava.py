@@ -53,7 +53,7 @@ from stdeploy.export.validate import record_neurons
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.quantize import InputContract, deployable, input_contract_of, to_exact
 from stdeploy.prune import recalibrate_bn
-from stdeploy.targets.lava.fixed_point import UV_MAX, input_grids
+from stdeploy.targets.lava.fixed_point import UV_BITS, input_grids
 from stdeploy.targets.lava.graph import analyse, decay
 from stdeploy.targets.lava.lowering import lower
 from stdeploy.targets.lava.target import LavaRunnable, LavaTarget
@@ -65,9 +65,6 @@ from stdeploy.timing import describe_machine
 def accuracy(model, x, y) -> float:
     with torch.no_grad():
         return float((model(direct_encode(x, model.cfg.timesteps)).argmax(1) == y).float().mean())
-
-
-LIMIT_BITS = math.log2(UV_MAX) + 1  # Loihi's 24-bit u and v, sign included
 
 
 def export_scale_exact(name: str) -> torch.nn.Module:
@@ -153,7 +150,7 @@ def sdt_8_512(args) -> None:
     graph.metadata["quantize"] = {"mode": "exact", **contract_metadata(InputContract())}
     info = analyse(graph)
     grids = input_grids(info)
-    limit = LIMIT_BITS
+    limit = UV_BITS  # Loihi's 24-bit u and v, sign included
     irreducible = {n for n, b in grids[-1][1].items() if b > limit}
     fitted, fitted_bits = next((c, b) for c, b in grids if {n for n, v in b.items() if v > limit} <= irreducible)
     own, own_bits = grids[0]

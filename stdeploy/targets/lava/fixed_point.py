@@ -101,7 +101,7 @@ from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_ki
 from .plan import Plan, add_outputs, conn, lif_params
 
 __all__ = ["FIXED_VTH", "FIXED_INPUT_FRAC_BITS", "DECAY_UNITY", "GRADED_MAX", "op_spec", "weight_and_bias", "row_factor",
-           "quantise", "row_abs_sum", "exact_membranes", "register_bits", "input_grids", "fit_input_contract", "UNPROVEN", "lower_fixed", "graph_mode", "loihi2_population"]
+           "quantise", "row_abs_sum", "exact_membranes", "register_bits", "input_grids", "fit_input_contract", "UV_BITS", "UNPROVEN", "lower_fixed", "graph_mode", "loihi2_population"]
 
 FIXED_VTH = 2 ** 12            # fixed mode: integer threshold of a (normalised) LIF population, lowered where inputs could overflow
 FIXED_INPUT_FRAC_BITS = 8      # fixed mode: the input is quantised to 2**-8 steps
@@ -109,6 +109,7 @@ DECAY_UNITY = 4096             # Loihi's 12-bit decays: dv = round(4096 * d)
 GRADED_MAX = 2 ** 23 - 1       # fixed mode: graded values (readout layers) stay within 24-bit payloads
 ACT_SHIFT = 6                  # Lava's bit-accurate LIF: a_in << 6 and vth << 6 (MSB alignment)
 UV_MAX = 2 ** 23 - 1           # Lava's bit-accurate LIF: 24-bit signed u and v
+UV_BITS = math.log2(UV_MAX) + 1  # u and v hold a value needing at most this many bits (sign included; just under 24)
 UNPROVEN = ("refuse", "guard")  # exact graph, a population whose proven range exceeds the registers: refuse, or run guarded
 VTH_MAX = 2 ** 17 - 1          # Lava's bit-accurate LIF: 17-bit vth
 
@@ -289,7 +290,7 @@ def fit_input_contract(info: GraphInfo, unproven: str = "refuse") -> tuple[Input
     own = graph_input_contract(g)
     if graph_mode(g) == "loihi2":
         return own, exact_membranes(g, own)
-    contracts, limit = _grids(own), math.log2(UV_MAX) + 1
+    contracts, limit = _grids(own), UV_BITS
     membranes_on = functools.lru_cache(maxsize=None)(lambda c: exact_membranes(g, c))  # check_exact once per grid
     bits_on = functools.lru_cache(maxsize=None)(lambda c: _bits(info, membranes_on(c)))
     over_on = lambda c: {n for n, b in bits_on(c).items() if b > limit}  # noqa: E731
