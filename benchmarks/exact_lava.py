@@ -53,7 +53,7 @@ from stdeploy.export.validate import record_neurons
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.quantize import InputContract, deployable, input_contract_of, to_exact
 from stdeploy.prune import recalibrate_bn
-from stdeploy.targets.lava.fixed_point import UV_BITS, input_grids
+from stdeploy.targets.lava.fixed_point import UV_BITS, exact_membranes, input_grids
 from stdeploy.targets.lava.graph import analyse, decay
 from stdeploy.targets.lava.lowering import lower
 from stdeploy.targets.lava.target import LavaRunnable, LavaTarget
@@ -158,7 +158,6 @@ def sdt_8_512(args) -> None:
     torch.manual_seed(1)
     raw = torch.rand(args.samples, c.in_channels, c.image_size, c.image_size)
     x = direct_encode(fitted.apply(own.apply(raw)), c.timesteps)  # as the Lava source: the export's contract, then the fitted grid
-    from stdeploy.targets.lava.fixed_point import exact_membranes
     membranes = exact_membranes(graph, fitted)
     seen: dict[str, float] = {}
     counts: dict[str, float] = {}
