@@ -155,6 +155,7 @@ class LavaWorker:
         self._status = None
         self._log = None
         self._requests = 0
+        self._scanned = 0
         self._plans: dict[int, str] = {}
         self.last_pgid: int | None = None
 
@@ -196,6 +197,7 @@ class LavaWorker:
             self._plans[id(plan)] = str(path)
         np.save(req / "x.npy", x)
         log_start = (self.dir / "worker.log").stat().st_size
+        self._scanned = log_start  # where _model_failed's next scan of the log starts
         line = json.dumps({"plan": self._plans[id(plan)], "x": str(req / "x.npy"), "dir": str(req), "out": str(req / "out.npz")})
         try:
             self.proc.stdin.write(line.encode() + b"\n")
@@ -218,7 +220,7 @@ class LavaWorker:
                 if not chunk:  # the pipe closed
                     break
                 answer += chunk
-            elif self.proc.poll() is not None or self._model_failed(log_start):
+            elif self.proc.poll() is not None or self._model_failed():
                 break  # a process model that raised can leave Lava's runtime hanging: its line in the log ends the run
         status = json.loads(answer) if answer.endswith(b"\n") else None
         if status is None or not status.get("ok"):
@@ -235,17 +237,23 @@ class LavaWorker:
                 "worker_pid": self.proc.pid}
         return out, meta
 
-    def _model_failed(self, since: int) -> bool:
-        """A process model's failure line (:data:`.plan.MODEL_FAILED`) in the worker's log after ``since``."""
+    def _model_failed(self) -> bool:
+        """A process model's failure line (:data:`.plan.MODEL_FAILED`) in the worker's log since this
+        run's request: each call scans what was not scanned yet, from the start of the last line it
+        left unfinished (a half-written line is scanned again once complete)."""
         path = self.dir / "worker.log"
         try:
-            if path.stat().st_size <= since:
+            if path.stat().st_size <= self._scanned:
                 return False
             with open(path, "rb") as f:
-                f.seek(since)
-                return _MODEL_FAILED.search(f.read()) is not None
+                f.seek(self._scanned)
+                text = f.read()
         except OSError:
             return False
+        if _MODEL_FAILED.search(text) is not None:
+            return True
+        self._scanned += text.rfind(b"\n") + 1  # up to the last complete line (no newline: stays)
+        return False
 
     def close(self, force: bool = False) -> None:
         """End the worker: close its stdin so that it exits, or (``force``) end its process group."""
