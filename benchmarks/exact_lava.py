@@ -35,7 +35,6 @@ import argparse
 import math
 import os
 import resource
-import signal
 import tempfile
 import threading
 import time
@@ -54,11 +53,11 @@ from stdeploy.export.validate import record_neurons
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.quantize import InputContract, deployable, input_contract_of, to_exact
 from stdeploy.prune import recalibrate_bn
-from stdeploy.targets.lava.fixed_point import UV_MAX, input_grids
+from stdeploy.targets.lava.fixed_point import UV_BITS, exact_membranes, input_grids
 from stdeploy.targets.lava.graph import analyse, decay
 from stdeploy.targets.lava.lowering import lower
 from stdeploy.targets.lava.target import LavaRunnable, LavaTarget
-from stdeploy.targets.lava.worker import group_members
+from stdeploy.targets.lava.worker import group_members, group_memory, kill_group
 from stdeploy.targets.profiles import load_profile
 from stdeploy.timing import describe_machine
 
@@ -66,9 +65,6 @@ from stdeploy.timing import describe_machine
 def accuracy(model, x, y) -> float:
     with torch.no_grad():
         return float((model(direct_encode(x, model.cfg.timesteps)).argmax(1) == y).float().mean())
-
-
-LIMIT_BITS = math.log2(UV_MAX) + 1  # Loihi's 24-bit u and v, sign included
 
 
 def export_scale_exact(name: str) -> torch.nn.Module:
@@ -115,19 +111,6 @@ class Watchdog:
                 return float(line.split()[1])  # kB
         raise KeyError(key)
 
-    @staticmethod
-    def _rollup(pid: int) -> tuple[float, float]:
-        pss = rss = 0.0
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    pss = float(line.split()[1])
-                elif line.startswith("Rss:"):
-                    rss = float(line.split()[1])
-        except OSError:
-            pass
-        return pss, rss
-
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
             proc = self.runnable.worker.proc
@@ -135,21 +118,15 @@ class Watchdog:
             self.peak["min_available_gb"] = min(self.peak["min_available_gb"], avail / 2 ** 20)
             if proc is None:
                 continue
-            group = [(pid, cmd) for pid, state, cmd in group_members(proc.pid) if state not in ("Z", "X")]
-            members = [pid for pid, _ in group]
-            pss, rss = map(sum, zip(*[self._rollup(pid) for pid in members])) if members else (0.0, 0.0)
-            self.peak["pss_gb"] = max(self.peak["pss_gb"], pss / 2 ** 20)
-            self.peak["rss_gb"] = max(self.peak["rss_gb"], rss / 2 ** 20)
+            members = [pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X")]
+            rss, pss = group_memory(members)  # bytes
+            self.peak["pss_gb"] = max(self.peak["pss_gb"], pss / 2 ** 30)
+            self.peak["rss_gb"] = max(self.peak["rss_gb"], rss / 2 ** 30)
             self.peak["processes"] = max(self.peak["processes"], len(members))
             if avail < self.floor_kb and self.killed is None:
                 self.killed = (f"MemAvailable {avail / 2 ** 20:.2f} GB < {self.floor_kb / 2 ** 20:g} GB with {len(members)} processes, "
-                               f"PSS {pss / 2 ** 20:.2f} GB, RSS {rss / 2 ** 20:.2f} GB")
-                for pid, cmd in group:  # multiprocessing's resource tracker stays: it unlinks the shared memory left behind
-                    if "resource_tracker" not in cmd:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                               f"PSS {pss / 2 ** 30:.2f} GB, RSS {rss / 2 ** 30:.2f} GB")
+                kill_group(proc.pid)  # multiprocessing's resource tracker stays: it unlinks the shared memory left behind
 
 
 def observed_bits(graph, info, membranes: dict, records: dict) -> dict[str, float]:
@@ -173,7 +150,7 @@ def sdt_8_512(args) -> None:
     graph.metadata["quantize"] = {"mode": "exact", **contract_metadata(InputContract())}
     info = analyse(graph)
     grids = input_grids(info)
-    limit = LIMIT_BITS
+    limit = UV_BITS  # Loihi's 24-bit u and v, sign included
     irreducible = {n for n, b in grids[-1][1].items() if b > limit}
     fitted, fitted_bits = next((c, b) for c, b in grids if {n for n, v in b.items() if v > limit} <= irreducible)
     own, own_bits = grids[0]
@@ -181,7 +158,6 @@ def sdt_8_512(args) -> None:
     torch.manual_seed(1)
     raw = torch.rand(args.samples, c.in_channels, c.image_size, c.image_size)
     x = direct_encode(fitted.apply(own.apply(raw)), c.timesteps)  # as the Lava source: the export's contract, then the fitted grid
-    from stdeploy.targets.lava.fixed_point import exact_membranes
     membranes = exact_membranes(graph, fitted)
     seen: dict[str, float] = {}
     counts: dict[str, float] = {}

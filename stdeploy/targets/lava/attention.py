@@ -516,12 +516,9 @@ def _run_child(folder: str) -> int:
 
     from lava.magma.core.process.process import ProcessServer
 
-    def terminate(signum, frame):  # run_block's SIGTERM at its timeout: unwind so that Lava's stop() runs
-        raise SystemExit(f"terminated by signal {signum}")
+    from .processes import run_standard_plan, terminate
 
-    signal.signal(signal.SIGTERM, terminate)
-
-    from .processes import run_standard_plan
+    signal.signal(signal.SIGTERM, terminate)  # run_block's SIGTERM at its timeout: unwind so that Lava's stop() runs
 
     with open(f"{folder}/plan.pkl", "rb") as f:
         plan = pickle.load(f)
@@ -546,53 +543,6 @@ def _run_child(folder: str) -> int:
     return 0
 
 
-def _memory(pids) -> tuple[int, int]:
-    """Summed resident set (RSS) and proportional set size (PSS) of ``pids``, bytes (forked
-    processes share pages: the RSS sum counts them once per process, PSS splits them)."""
-    rss = pss = 0
-    for pid in pids:
-        try:
-            for line in open(f"/proc/{pid}/smaps_rollup"):
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return rss, pss
-
-
-def _end_group(pgid: int, wait_s: float) -> None:
-    """End what is left of process group ``pgid`` (a block run's subprocess and the Lava processes
-    it forked): give them ``wait_s`` to exit on their own, then SIGKILL all but multiprocessing's
-    resource tracker, which then unlinks the shared memory they leave behind, then the rest."""
-    import os
-    import signal
-    import time
-
-    from .worker import group_members
-
-    def live(keep=lambda cmd: False):
-        return [pid for pid, state, cmd in group_members(pgid) if state not in ("Z", "X") and not keep(cmd)]
-
-    def wait(seconds):
-        deadline = time.monotonic() + seconds
-        while live() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    wait(wait_s)
-    for pid in live(lambda cmd: "resource_tracker" in cmd):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    wait(5.0)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> dict:
     """Run a block plan (:func:`block_plan`) on ``x`` ``(T, 1, 3·D·N)`` (one sample) with Lava's
     processes on ``Loihi2SimCfg`` in a subprocess in its own process group, stopped (the whole
@@ -609,7 +559,7 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
     import time
 
     from ..base import TargetError
-    from .worker import LavaTimeout, group_members, worker_env
+    from .worker import LavaTimeout, group_members, group_memory, stop_group, worker_env
 
     if x.ndim != 3 or x.shape[1] != 1 or x.shape[2] != plan["in_size"]:
         raise LavaUnsupported(f"run_block: expected x of shape (T, 1, {plan['in_size']}), got {tuple(x.shape)}")
@@ -626,7 +576,7 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
 
         def sample():
             while not done.is_set():
-                rss, pss = _memory(pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X"))
+                rss, pss = group_memory(pid for pid, state, _ in group_members(proc.pid) if state not in ("Z", "X"))
                 peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
                 done.wait(0.2)
 
@@ -640,10 +590,7 @@ def run_block(plan: dict, x: np.ndarray, timeout_s: float = RUN_TIMEOUT_S) -> di
             wall = time.perf_counter() - t0
             done.set()
             sampler.join()
-            if rc is None:
-                proc.terminate()  # the child unwinds into Lava's stop()
-            _end_group(proc.pid, wait_s=5.0)
-            proc.wait()
+            stop_group(proc)  # at the timeout, SIGTERM: the child unwinds into Lava's stop(); then what is left of its group
             log.close()
         tail = open(f"{folder}/log.txt", "rb").read()[-3000:].decode(errors="replace")
         if rc is None:

@@ -101,7 +101,7 @@ from .graph import NEURONS, SYNAPSES, GraphInfo, LavaUnsupported, decay, node_ki
 from .plan import Plan, add_outputs, conn, lif_params
 
 __all__ = ["FIXED_VTH", "FIXED_INPUT_FRAC_BITS", "DECAY_UNITY", "GRADED_MAX", "op_spec", "weight_and_bias", "row_factor",
-           "quantise", "row_abs_sum", "exact_membranes", "register_bits", "input_grids", "fit_input_contract", "UNPROVEN", "lower_fixed", "graph_mode", "loihi2_population"]
+           "quantise", "row_abs_sum", "exact_membranes", "register_bits", "input_grids", "fit_input_contract", "UV_BITS", "UNPROVEN", "lower_fixed", "graph_mode", "loihi2_population"]
 
 FIXED_VTH = 2 ** 12            # fixed mode: integer threshold of a (normalised) LIF population, lowered where inputs could overflow
 FIXED_INPUT_FRAC_BITS = 8      # fixed mode: the input is quantised to 2**-8 steps
@@ -109,6 +109,7 @@ DECAY_UNITY = 4096             # Loihi's 12-bit decays: dv = round(4096 * d)
 GRADED_MAX = 2 ** 23 - 1       # fixed mode: graded values (readout layers) stay within 24-bit payloads
 ACT_SHIFT = 6                  # Lava's bit-accurate LIF: a_in << 6 and vth << 6 (MSB alignment)
 UV_MAX = 2 ** 23 - 1           # Lava's bit-accurate LIF: 24-bit signed u and v
+UV_BITS = math.log2(UV_MAX) + 1  # u and v hold a value needing at most this many bits (sign included; just under 24)
 UNPROVEN = ("refuse", "guard")  # exact graph, a population whose proven range exceeds the registers: refuse, or run guarded
 VTH_MAX = 2 ** 17 - 1          # Lava's bit-accurate LIF: 17-bit vth
 
@@ -227,7 +228,11 @@ def register_bits(info: GraphInfo, contract: InputContract | None = None) -> dic
     ``G`` at ``d = 1/2``). ``None`` for a graph that is not exact."""
     if not _is_exact_graph(info.graph):
         return None
-    membranes = exact_membranes(info.graph, contract)
+    return _bits(info, exact_membranes(info.graph, contract))
+
+
+def _bits(info: GraphInfo, membranes: dict[str, dict]) -> dict[str, float]:
+    """:func:`register_bits` from the populations' proven membranes (:func:`exact_membranes`)."""
     return {name: math.log2(_register_units(info.graph.nodes[name], info, m)) + 1 for name, m in membranes.items()}
 
 
@@ -285,15 +290,16 @@ def fit_input_contract(info: GraphInfo, unproven: str = "refuse") -> tuple[Input
     own = graph_input_contract(g)
     if graph_mode(g) == "loihi2":
         return own, exact_membranes(g, own)
-    contracts, limit = _grids(own), math.log2(UV_MAX) + 1
-    bits_on = functools.lru_cache(maxsize=None)(lambda c: register_bits(info, c))
+    contracts, limit = _grids(own), UV_BITS
+    membranes_on = functools.lru_cache(maxsize=None)(lambda c: exact_membranes(g, c))  # check_exact once per grid
+    bits_on = functools.lru_cache(maxsize=None)(lambda c: _bits(info, membranes_on(c)))
     over_on = lambda c: {n for n, b in bits_on(c).items() if b > limit}  # noqa: E731
     # over on the coarsest grid: over on every grid (asked only where the guard may run past it)
     irreducible = over_on(contracts[-1]) if unproven == "guard" else set()
     for contract in contracts:
         over = over_on(contract)
         if not over or (unproven == "guard" and over <= irreducible):
-            return contract, exact_membranes(g, contract)
+            return contract, membranes_on(contract)
     irreducible = over_on(contracts[-1])
     worst = lambda bits: ", ".join(f"{n} needs {b:.1f} bits" for n, b in bits.items() if b > limit)  # noqa: E731
     (first, first_bits), (last, last_bits) = (contracts[0], bits_on(contracts[0])), (contracts[-1], bits_on(contracts[-1]))

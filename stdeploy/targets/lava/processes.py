@@ -79,7 +79,7 @@ from .plan import MODEL_FAILED
 
 __all__ = ["Synapse", "Dendrite", "Delay", "Stall", "LIFPerNeuron", "PyLifModelFloat32", "PyLifModelBitAccGuarded",
            "PyLifPerNeuronBitAccGuarded", "model_class", "sink_model", "clear_sinks", "read_sinks", "run_plan",
-           "run_standard_plan", "serve", "main"]
+           "run_standard_plan", "terminate", "serve", "main"]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -777,7 +777,9 @@ def _stop(proc: AbstractProcess, limit_s: float = 5.0) -> None:
         os._exit(3)
 
 
-def _terminate(signum, frame):  # SIGTERM from the parent: unwind so that `finally: stop()` runs
+def terminate(signum, frame):
+    """SIGTERM handler of a Lava subprocess: raise ``SystemExit`` so that the run unwinds into its
+    ``finally: stop()`` (the parent's SIGTERM at its timeout)."""
     raise SystemExit(f"terminated by signal {signum}")
 
 
@@ -802,7 +804,7 @@ def serve(status_fd: int) -> int:
     the next run gets a fresh process."""
     import json
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     torch.set_num_threads(1)
     _watch_parent()
     status = os.fdopen(status_fd, "wb", buffering=0)

@@ -31,7 +31,7 @@ import numpy as np
 from ..base import TargetError
 from .plan import MODEL_FAILED
 
-__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "WORKER_MODULE"]
+__all__ = ["LavaTimeout", "LavaWorker", "worker_env", "group_members", "group_memory", "kill_group", "stop_group", "WORKER_MODULE"]
 
 WORKER_MODULE = "stdeploy.targets.lava.processes"
 _MODEL_FAILED = re.compile(re.escape(MODEL_FAILED).replace(r"\{\}", r"\S+").encode())
@@ -72,6 +72,23 @@ def group_members(pgid: int) -> list[tuple[int, str, str]]:
     return members
 
 
+def group_memory(pids) -> tuple[int, int]:
+    """Summed resident set (RSS) and proportional set size (PSS) of ``pids``, bytes, from
+    ``/proc/PID/smaps_rollup`` (forked processes share pages: the RSS sum counts them once per
+    process, PSS splits them); a process that has gone counts nothing."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
+
+
 def _live(pgid: int, keep=lambda cmd: False) -> list[int]:
     return [pid for pid, state, cmd in group_members(pgid) if state not in ("Z", "X") and not keep(cmd)]
 
@@ -85,20 +102,32 @@ def _wait_until(pred, seconds: float) -> bool:
     return pred()
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """End the worker and every Lava process it started (its process group): SIGTERM the worker
-    (it unwinds into ``stop()``), then SIGKILL the Lava processes but multiprocessing's resource
-    tracker, which then unlinks the shared memory they leave behind, then SIGKILL what remains."""
-    pgid = proc.pid
-    tracker = lambda cmd: "resource_tracker" in cmd  # noqa: E731
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        _wait_until(lambda: proc.poll() is not None, _KILL_GRACE_S)
-    for pid in _live(pgid, tracker):
+def _is_tracker(cmd: str) -> bool:
+    return "resource_tracker" in cmd
+
+
+def kill_group(pgid: int, keep=_is_tracker) -> None:
+    """SIGKILL every live member of process group ``pgid`` but those whose command line ``keep``
+    accepts (default: multiprocessing's resource tracker, which then unlinks the shared memory the
+    others leave behind)."""
+    for pid in _live(pgid, keep):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End ``proc`` and every process in its process group (it was started with
+    ``start_new_session=True``): SIGTERM ``proc`` if it runs (it unwinds into Lava's ``stop()``),
+    give the group 5 s to exit, then SIGKILL the Lava processes but multiprocessing's resource
+    tracker (:func:`kill_group`), which then unlinks the shared memory they leave behind, then
+    SIGKILL what remains; ``proc`` is reaped."""
+    pgid = proc.pid
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _wait_until(lambda: not _live(pgid, _is_tracker), _KILL_GRACE_S)
+    kill_group(pgid)
     _wait_until(lambda: not _live(pgid), _KILL_GRACE_S)
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -116,7 +145,7 @@ class LavaWorker:
 
     It runs in its own process group, with every Lava process it forks. A request not answered
     within its timeout, a worker that dies, or a failed run ends the whole group
-    (:func:`_stop_group`); the next request starts a fresh worker. Requests are JSON lines on the
+    (:func:`stop_group`); the next request starts a fresh worker. Requests are JSON lines on the
     worker's stdin; answers come back on a pipe of their own (Lava's processes print to stdout)."""
 
     def __init__(self):
@@ -126,6 +155,7 @@ class LavaWorker:
         self._status = None
         self._log = None
         self._requests = 0
+        self._scanned = 0
         self._plans: dict[int, str] = {}
         self.last_pgid: int | None = None
 
@@ -167,6 +197,7 @@ class LavaWorker:
             self._plans[id(plan)] = str(path)
         np.save(req / "x.npy", x)
         log_start = (self.dir / "worker.log").stat().st_size
+        self._scanned = log_start  # where _model_failed's next scan of the log starts
         line = json.dumps({"plan": self._plans[id(plan)], "x": str(req / "x.npy"), "dir": str(req), "out": str(req / "out.npz")})
         try:
             self.proc.stdin.write(line.encode() + b"\n")
@@ -189,7 +220,7 @@ class LavaWorker:
                 if not chunk:  # the pipe closed
                     break
                 answer += chunk
-            elif self.proc.poll() is not None or self._model_failed(log_start):
+            elif self.proc.poll() is not None or self._model_failed():
                 break  # a process model that raised can leave Lava's runtime hanging: its line in the log ends the run
         status = json.loads(answer) if answer.endswith(b"\n") else None
         if status is None or not status.get("ok"):
@@ -206,17 +237,23 @@ class LavaWorker:
                 "worker_pid": self.proc.pid}
         return out, meta
 
-    def _model_failed(self, since: int) -> bool:
-        """A process model's failure line (:data:`.plan.MODEL_FAILED`) in the worker's log after ``since``."""
+    def _model_failed(self) -> bool:
+        """A process model's failure line (:data:`.plan.MODEL_FAILED`) in the worker's log since this
+        run's request: each call scans what was not scanned yet, from the start of the last line it
+        left unfinished (a half-written line is scanned again once complete)."""
         path = self.dir / "worker.log"
         try:
-            if path.stat().st_size <= since:
+            if path.stat().st_size <= self._scanned:
                 return False
             with open(path, "rb") as f:
-                f.seek(since)
-                return _MODEL_FAILED.search(f.read()) is not None
+                f.seek(self._scanned)
+                text = f.read()
         except OSError:
             return False
+        if _MODEL_FAILED.search(text) is not None:
+            return True
+        self._scanned += text.rfind(b"\n") + 1  # up to the last complete line (no newline: stays)
+        return False
 
     def close(self, force: bool = False) -> None:
         """End the worker: close its stdin so that it exits, or (``force``) end its process group."""
@@ -228,7 +265,7 @@ class LavaWorker:
                 except (OSError, subprocess.TimeoutExpired):
                     pass
             if self.proc.poll() is None or _live(self.proc.pid):
-                _stop_group(self.proc)
+                stop_group(self.proc)
             if self.proc.stdin is not None and not self.proc.stdin.closed:
                 try:
                     self.proc.stdin.close()

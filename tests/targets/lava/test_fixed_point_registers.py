@@ -11,7 +11,6 @@ Lava's processes except the guard's own arithmetic, in a subprocess (lava sets m
 start method at import).
 """
 
-import math
 import subprocess
 import sys
 import textwrap
@@ -22,13 +21,13 @@ import torch
 from stdeploy.export.nir_export import to_nir
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.quantize import deployable, to_exact
-from stdeploy.targets.lava.fixed_point import UV_MAX, fit_input_contract, input_grids, register_bits
+from stdeploy.targets.lava.fixed_point import UV_BITS, fit_input_contract, input_grids, register_bits
 from stdeploy.targets.lava.graph import LavaUnsupported, analyse
 from stdeploy.targets.lava.lowering import lower
 from stdeploy.targets.lava.worker import worker_env
 
 FIRST, SECOND = "embed.stages.0.lif", "embed.stages.1.lif"
-LIMIT = math.log2(UV_MAX) + 1  # 24 bits, sign included
+LIMIT = UV_BITS  # 24 bits, sign included
 
 
 @pytest.fixture(scope="module")
