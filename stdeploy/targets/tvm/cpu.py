@@ -192,7 +192,9 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
         sparse_layers = tuple(meta.get("sparse_layers", ()))
     else:
         sparse_layers = None if sparse == "auto" else ()
-    prepared = prepare_cpu_module(graph, batch, target, CpuOptions(kernels, sparse_layers, lif, event, event_lif, event_min_zeros, tuple(event_every), lif_pool),
+    options = CpuOptions(kernels, sparse_layers, lif=lif, event=event, event_lif=event_lif, event_min_zeros=event_min_zeros,
+                         event_every=tuple(event_every), lif_pool=lif_pool)
+    prepared = prepare_cpu_module(graph, batch, target, options,
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False
     if db is not None:

@@ -530,7 +530,8 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
     call_tir = tvm.ir.Op.get("relax.call_tir")
     layers = {e.name: e for e in producers}
     done: list[FusedLIF] = []
-    kernels: dict[tuple, object] = {}
+    kernels: dict[tuple, object] = {}        # LIF kernels by (steps, shape, period, fused bias, bias shape)
+    event_kernels: dict[tuple, object] = {}  # weight layer + LIF kernels by the layer's and the population's facts
     chainable: dict = {}   # fused matmul + LIF kernel name -> (layer, steps, period, lanes); weight -> layer name
     poolable: dict = {}    # fused image-population kernel name -> how to build it with a max pool
 
@@ -564,31 +565,30 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
             period = constant_period(shape, consts)
             n = math.prod(shape)
             lanes = _lanes(n, period)
+            lif_args = [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
+                        for c in consts] + [relax.const(np.full((lanes,), -1, np.int32))]
             made = None if fused is None else producer_of(m, fused[0], steps, period, lanes)
             if made is not None:
                 layer, pargs = made
                 out_shape = tuple(int(d) for d in _static_shape(call))
                 pkey = (layer.op, layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels, steps, period, lanes,
                         out_shape)
-                if pkey not in kernels:
+                if pkey not in event_kernels:
                     if layer.op == "matmul":
                         func = eventlif.event_matmul_lif_kernel(layer.x_shape, *layer.weight, steps, period, lanes, out_shape)
                     else:
                         func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz,
                                                                    layer.channels, steps, period, lanes, out_shape)
-                    name = f"stdeploy_event_lif_{sum(k[0] in ('matmul', 'conv2d') for k in kernels)}"
-                    kernels[pkey] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-                args = list(pargs)
-                args += [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
-                         for c in consts]
-                args.append(relax.const(np.full((lanes,), -1, np.int32)))
-                done.append(FusedLIF(steps, shape, period, True, kernels[pkey].name_hint, layer.name))
+                    name = f"stdeploy_event_lif_{len(event_kernels)}"
+                    event_kernels[pkey] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
+                kernel = event_kernels[pkey]
+                done.append(FusedLIF(steps, shape, period, True, kernel.name_hint, layer.name))
                 if layer.op == "conv2d":
-                    poolable[kernels[pkey].name_hint] = ("conv", layer, steps, period, lanes)
+                    poolable[kernel.name_hint] = ("conv", layer, steps, period, lanes)
                 if layer.op == "matmul":
-                    chainable[kernels[pkey].name_hint] = (layer, steps, period, lanes)
+                    chainable[kernel.name_hint] = (layer, steps, period, lanes)
                     chainable[_key(pargs[1])] = layer.name      # the weight constant -> the layer it belongs to
-                return relax.call_tir(kernels[pkey], args, out_ty=call.ty)
+                return relax.call_tir(kernel, [*pargs, *lif_args], out_ty=call.ty)
             key = (steps, shape, period, fused is not None, None if fused is None else _static_shape(fused[0]))
             if key not in kernels:
                 func = lif_kernel(*key)
@@ -597,16 +597,12 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
                     raise TargetError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
                                        "it would not match the graph's arithmetic")
                 _EXACT.add(checked)
-                name = f"stdeploy_lif_{sum(k[0] not in ('matmul', 'conv2d') for k in kernels)}"
+                name = f"stdeploy_lif_{len(kernels)}"
                 kernels[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
             if fused is not None and len(shape) == 4 and (shape[2] * shape[3]) % lanes == 0:
                 poolable[kernels[key].name_hint] = ("lif", steps, shape, period, _static_shape(fused[0]))
-            args = [source if fused is None else fused[0]]
-            args += [relax.const(np.ascontiguousarray(np.broadcast_to(np.asarray(c, np.float32), shape)).reshape(-1)[:period].copy())
-                     for c in consts]
-            args.append(relax.const(np.full((lanes,), -1, np.int32)))
             done.append(FusedLIF(steps, shape, period, fused is not None, kernels[key].name_hint))
-            return relax.call_tir(kernels[key], args, out_ty=call.ty)
+            return relax.call_tir(kernels[key], [source if fused is None else fused[0], *lif_args], out_ty=call.ty)
 
     mod = rewrite_functions(mod, _Fuse(mod))
     if chainable:
