@@ -23,7 +23,11 @@ to Lava's own processes instead (:mod:`.standard`): batch 1, the samples streame
 ``resources``, the Loihi 2 resource report of the standard lowering (:mod:`.resources`).
 ``[lava] attention`` picks how the standard lowering builds Spikformer attention blocks
 (:data:`.attention.ATTENTION_LOWERINGS`: ``"product"``, the default, ``"and"`` or ``"strassen"``,
-float mode only), for the run and the resource report alike; any other value is refused naming
+float mode only), for the run and the resource report alike; ``[lava] unproven`` (fixed mode,
+exact graphs, :data:`.fixed_point.UNPROVEN`): ``"refuse"`` (default) a graph whose proven ranges
+exceed Loihi's 24-bit registers on every input grid, or ``"guard"``: run it with the populations
+past their proven range under a LIF model that stops the run where ``u`` would wrap. Any other
+value of either key is refused naming
 the key and the profile.
 
 Tolerance (exact lowering): floating mode is spike-exact with logits within float32 rounding of the host-side mean
@@ -51,6 +55,7 @@ from .mapping import mapping_report
 from .graph import LavaUnsupported
 from .resources import resource_report
 from .attention import ATTENTION_LOWERINGS
+from .fixed_point import UNPROVEN
 from .standard import LOGITS_ATOL, SPIKE_AGREEMENT, lower_standard, process_classes
 from .worker import LavaWorker, worker_env
 
@@ -237,10 +242,14 @@ class LavaTarget:
         if lowering not in LOWERINGS:
             raise TargetError(f"lava: lowering must be one of {LOWERINGS}, got {lowering!r} ([lava] lowering in the profile)")
         attention = attention_lowering(profile)
+        unproven = lava.get("unproven", "refuse")
+        if not isinstance(unproven, str) or unproven not in UNPROVEN:
+            raise TargetError(f"{profile.path or profile.name}: [lava] unproven must be one of "
+                              f"{', '.join(repr(u) for u in UNPROVEN)}, got {unproven!r}")
         if lowering == "standard":
             return self._compile_standard(graph, path, profile, mode, timeout, stall_s=stall_s, record=record,
                                           attention=attention)
-        plan = lower(graph, mode, weight_bits=bits, lif_model=lif_model, stall_s=stall_s, record=record)
+        plan = lower(graph, mode, weight_bits=bits, lif_model=lif_model, stall_s=stall_s, record=record, unproven=unproven)
         kinds: dict[str, int] = {}
         for spec in plan["procs"]:
             kinds[spec["kind"]] = kinds.get(spec["kind"], 0) + 1
@@ -255,6 +264,7 @@ class LavaTarget:
         }
         if mode == "fixed":
             info["quantisation"] = plan["quant"]
+            info["unproven"] = unproven
             if plan.get("input_contract") is not None:  # an exact graph: the input grid this target runs on
                 info["input_contract"] = plan["input_contract"]
         return LavaRunnable(plan=plan, in_shape=tuple(plan["in_shape"]), timeout_s=timeout, info=info)

@@ -1,7 +1,8 @@
 """The fixed-point plan's static check of an exact graph against Loihi's 24-bit ``u`` and ``v``:
 per population, the bits its proven range needs on each input grid
 (:func:`stdeploy.targets.lava.fixed_point.register_bits`, ``input_grids``), the grid the plan
-fits, the refusal that names what no grid fits, and ``unproven="guard"``.
+fits, the refusal that names what no grid fits, and ``unproven="guard"`` (the ``loihi2-fixed``
+profile's ``[lava] unproven``).
 
 The model: sdt, 1 block, D = 64, MLP ratio 4, T = 4, random weights, BatchNorm statistics
 estimated on noise, then the exact mode. At T = 4 its second stem population's worst case needs
@@ -18,13 +19,18 @@ import textwrap
 import pytest
 import torch
 
-from stdeploy.export.nir_export import to_nir
+from stdeploy.export.manifest import write_manifest
+from stdeploy.export.nir_export import to_nir, write_nir
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.quantize import deployable, to_exact
 from stdeploy.targets.lava.fixed_point import UV_BITS, fit_input_contract, input_grids, register_bits
 from stdeploy.targets.lava.graph import LavaUnsupported, analyse
+from stdeploy.targets.base import TargetError
 from stdeploy.targets.lava.lowering import lower
+from stdeploy.targets.lava.target import LavaTarget
 from stdeploy.targets.lava.worker import worker_env
+from stdeploy.targets.profiles import load_profile
+from stdeploy.shipped import shipped_dir
 
 FIRST, SECOND = "embed.stages.0.lif", "embed.stages.1.lif"
 LIMIT = UV_BITS  # 24 bits, sign included
@@ -91,6 +97,28 @@ def test_guard_lowers_the_unproven_with_their_bits(graph):
     assert [n for n, q in pops.items() if not q["proven"]] == [SECOND]
     with pytest.raises(Exception, match="unproven must be one of"):
         lower(graph, "fixed", weight_bits=8, unproven="wrap")
+
+
+def test_profile_key_unproven_picks_refuse_or_guard(graph, tmp_path):
+    write_nir(graph, tmp_path / "model.nir")
+    write_manifest(tmp_path, {"artifacts": {"nir": {"file": "model.nir"}}})
+    shipped = (shipped_dir("profiles") / "loihi2-fixed.toml").read_text()
+    assert 'unproven = "refuse"' in shipped
+
+    def profile(value: str):
+        path = tmp_path / f"loihi2-fixed-{value}.toml"
+        path.write_text(shipped.replace('unproven = "refuse"', f'unproven = "{value}"'))
+        return load_profile(str(path))
+
+    with pytest.raises(LavaUnsupported, match=SECOND):
+        LavaTarget().compile(tmp_path, load_profile("loihi2-fixed"))
+    with pytest.warns(UserWarning, match="unproven"):
+        runnable = LavaTarget().compile(tmp_path, profile("guard"))
+    with runnable:
+        assert runnable.info["unproven"] == "guard"
+        assert [n for n, q in runnable.info["quantisation"].items() if q.get("proven") is False] == [SECOND]
+    with pytest.raises(TargetError, match=r"loihi2-fixed-wrap\.toml: \[lava\] unproven must be one of 'refuse', 'guard', got 'wrap'"):
+        LavaTarget().compile(tmp_path, profile("wrap"))
 
 
 @pytest.mark.lava
