@@ -112,18 +112,8 @@ def schedule_elementwise(mod):
     a vectorised inner one of :data:`VECTOR` lanes (when the extent is a multiple of it and at
     least :data:`MIN_PARALLEL`). Blocks with a reduction (pooling, means) are left as they are.
     ``count``: the blocks scheduled."""
-    import tvm
-    from tvm import s_tir, tirx
 
-    out, count = {}, 0
-    for gvar, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
-            continue
-        sch = s_tir.Schedule(func)
-        try:
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        except (tvm.error.TVMError, ValueError):  # no root block: a hand-written kernel
-            continue
+    def vectorise(sch, blocks) -> int:
         done = 0
         for block in blocks:
             loops = sch.get_loops(block)
@@ -136,8 +126,31 @@ def schedule_elementwise(mod):
             _, inner = sch.split(fused, [None, VECTOR])
             sch.vectorize(inner)
             done += 1
+        return done
+
+    return _rewrite_unscheduled(mod, vectorise, mark_scheduled=True)
+
+
+def _rewrite_unscheduled(mod, rewrite, *, mark_scheduled: bool):
+    """``(new_mod, count)``: ``rewrite(schedule, root_blocks) -> int`` run on every PrimFunc of
+    ``mod`` that is not already scheduled and has a root block (a hand-written kernel has none);
+    a function with a nonzero count is replaced (and marked ``tirx.is_scheduled`` with
+    ``mark_scheduled``); ``count`` sums them."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    out, count = {}, 0
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+            continue
+        sch = s_tir.Schedule(func)
+        try:
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        except (tvm.error.TVMError, ValueError):  # no root block: a hand-written kernel
+            continue
+        done = rewrite(sch, blocks)
         if done:
-            out[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            out[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True) if mark_scheduled else sch.mod["main"]
             count += done
     for gvar, func in out.items():
         mod[gvar] = func
@@ -155,7 +168,7 @@ def inline_injective(mod):
     contraction into a fused multiply-add becomes possible); :func:`schedule_elementwise` then
     vectorises what is left. ``count``: the blocks inlined."""
     import tvm
-    from tvm import s_tir, tirx
+    from tvm import tirx
 
     def has_mul(e) -> bool:
         """True where ``e`` may hold a multiplication (any expression kind not known here counts)."""
@@ -167,17 +180,9 @@ def inline_injective(mod):
             return has_mul(e.value)
         return True
 
-    out, count = {}, 0
-    for gvar, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
-            continue
-        sch = s_tir.Schedule(func)
-        try:
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        except (tvm.error.TVMError, ValueError):  # no root block: a hand-written kernel
-            continue
+    def inline(sch, blocks) -> int:
         if len(blocks) < 2:
-            continue
+            return 0
         done = 0
         for block in list(blocks)[:-1]:
             b = sch.get(block)
@@ -189,21 +194,18 @@ def inline_injective(mod):
                 done += 1
             except (tvm.error.TVMError, ValueError):
                 continue
-        last = sch.get_child_blocks(sch.get_sblock("root"))[-1]
-        b = sch.get(last)
+        left = sch.get_child_blocks(sch.get_sblock("root"))
+        b = sch.get(left[-1])
         if (type(b.body).__name__ in ("BufferStore", "TensorStore") and type(b.body.value).__name__ in ("BufferLoad", "TensorLoad")
-                and len(sch.get_child_blocks(sch.get_sblock("root"))) > 1):
+                and len(left) > 1):
             try:
-                sch.reverse_compute_inline(last)
+                sch.reverse_compute_inline(left[-1])
                 done += 1
             except (tvm.error.TVMError, ValueError):
                 pass
-        if done:
-            out[gvar] = sch.mod["main"]
-            count += done
-    for gvar, func in out.items():
-        mod[gvar] = func
-    return mod, count
+        return done
+
+    return _rewrite_unscheduled(mod, inline, mark_scheduled=False)
 
 
 def standalone_module(mod, target: dict):
