@@ -218,9 +218,10 @@ def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(st
     assert lines[0]["protocol"]["data"] == "mnist1d" and {r["family"] for r in lines} == {"sdt-1d-tiny"}
     base = {(f, s, st, b) for f, s, st, v, b in keys if v == study.BASELINE}
     assert all((f, s, st, b) in base for f, s, st, v, b in keys), "an sLIF cell without its LIF pair"
-    # a silent layer after the fine-tune only where the cut went through the model: whole-model L1P 99%,
-    # whose one global budget leaves at most 0.5% of some layer on the signal path (README, "Choosing a compression")
+    # a silent layer after the fine-tune only where the cut went through the model: whole-model L1P 98-99%,
+    # whose one global budget leaves under 0.7% of some layer on the signal path (README, "Choosing a compression")
     for r in lines:
         silent = [n for n, rate in r["firing_rate"].items() if rate == 0]
-        assert not silent or (r["setting"] == "l1p99-all" and min(r["layer_remaining"].values()) < 0.005), (study.cell_key(r), silent)
+        assert not silent or (r["setting"] in ("l1p98-all", "l1p99-all") and min(r["layer_remaining"].values()) < 0.007), \
+            (study.cell_key(r), silent)
     assert sum(all(0 < rate for rate in r["firing_rate"].values()) for r in lines) >= 30   # the block-scope slice fires everywhere
