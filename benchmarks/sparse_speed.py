@@ -278,6 +278,7 @@ def run(args) -> int:
     profile = load_profile("cpu")
     ort = get_target("onnxruntime")
     runners, paths, builds = {}, {}, {}
+    graphs = {k: load_onnx_graph(dirs[k]) for k in models}  # one load per export, shared by the TVM builds below
     for k in models:
         r = ort.compile(dirs[k], profile, threads=args.threads)
         runners[f"{k}: onnxruntime"] = lambda a, r=r: r.run(a).spikes
@@ -285,17 +286,17 @@ def run(args) -> int:
         runners[f"{k}: tvm default"] = lambda a, tv=tv: tv.run(a).spikes
         paths[k] = tv.info["path"]
         builds[k] = tv
-        unfused = TVMRunnable(load_onnx_graph(dirs[k]), profile, cpu_target(profile), dirs[k], {"lif": False})
+        unfused = TVMRunnable(graphs[k], profile, cpu_target(profile), dirs[k], {"lif": False})
         unfused.prepare(args.batch)
         runners[f"{k}: tvm, unfused LIF"] = lambda a, tv=unfused: tv.run(a).spikes
-    options = {name: TVMRunnable(load_onnx_graph(dirs["dense"]), profile, cpu_target(profile), dirs["dense"], cpu)
+    options = {name: TVMRunnable(graphs["dense"], profile, cpu_target(profile), dirs["dense"], cpu)
                for name, cpu in DENSE_OPTIONS.items() if cpu}
-    options[UNFUSED] = TVMRunnable(load_onnx_graph(dirs["sparse"]), profile, cpu_target(profile), dirs["sparse"],
+    options[UNFUSED] = TVMRunnable(graphs["sparse"], profile, cpu_target(profile), dirs["sparse"],
                                    {"event_lif": False, "lif_pool": False})
     for name, tv in options.items():
         tv.prepare(args.batch)
         runners[name] = lambda a, tv=tv: tv.run(a).spikes
-    no_event = TVMRunnable(load_onnx_graph(dirs["sparse"]), profile, cpu_target(profile), dirs["sparse"], {"event": False})
+    no_event = TVMRunnable(graphs["sparse"], profile, cpu_target(profile), dirs["sparse"], {"event": False})
     no_event.prepare(args.batch)
     runners["sparse: tvm, event kernels off"] = lambda a, tv=no_event: tv.run(a).spikes
     routed = RoutedModule(dirs["sparse"], args.batch, builds["sparse"].target, CrossoverCache(out / "cache" / "tvm" / "kernel-crossovers.json"))

@@ -1,4 +1,5 @@
-"""Fixtures the TVM tests share: the CPU profile's LLVM target and a whole-model pruned sdt-tiny."""
+"""Fixtures the TVM tests share: the CPU profile's LLVM target, a check of a Relax module against
+onnxruntime, and a whole-model pruned sdt-tiny."""
 
 from __future__ import annotations
 
@@ -13,6 +14,30 @@ def target():
     from stdeploy.targets.tvm.host import cpu_target
 
     return cpu_target(load_profile("cpu"))
+
+
+@pytest.fixture(scope="session")
+def equals_onnxruntime(target):
+    """``check(mod, graph, x)``: ``mod`` built for ``target`` and run on ``x`` gives exactly the
+    logits and output spikes onnxruntime gives on the graph's ONNX file, and the spikes fire."""
+    import numpy as np
+
+    def check(mod, graph, x) -> None:
+        import onnxruntime as ort
+        import tvm
+        from tvm import relax
+
+        from stdeploy.targets.tvm.cpu import outputs_to_numpy
+
+        vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(target)), tvm.cpu())
+        out = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x.numpy())), graph.outputs)
+        session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
+        ort_logits, ort_spikes = session.run(["logits", "spikes"], {"input": x.numpy()})
+        assert 0 < out["spikes"].mean() < 1
+        np.testing.assert_array_equal(out["spikes"], ort_spikes)
+        np.testing.assert_array_equal(out["logits"], ort_logits)
+
+    return check
 
 
 @pytest.fixture

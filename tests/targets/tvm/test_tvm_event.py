@@ -103,20 +103,17 @@ def test_max_pool_kernel_is_the_window_maximum(target, x_shape, size, stride):
     np.testing.assert_array_equal(out.numpy(), win.max(axis=(-2, -1)))
 
 
-def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_model_pruned_sdt, tmp_path, target):
+def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_model_pruned_sdt, tmp_path, target, equals_onnxruntime):
     """sdt-tiny pruned to 95% over every weight layer, BatchNorm re-estimated, checked to fire, on
     the default CPU module (kernels ``blas``, LIF recurrences fused, no CSR pass): every pruned
     convolution and every pruned linear is a call_tir of its kernel, none of them
     a Python packed function, those feeding a LIF through a bias add fused with it
     (kernels.eventlif); spikes and logits equal onnxruntime's bit for bit."""
-    import onnxruntime as ort
-    import tvm
-    from tvm import relax
 
     from stdeploy.activity import measure_activity, require_active
     from stdeploy.export.directory import export_model
     from stdeploy.models import direct_encode
-    from stdeploy.targets.tvm.cpu import CpuOptions, outputs_to_numpy, prepare_cpu_module
+    from stdeploy.targets.tvm.cpu import CpuOptions, prepare_cpu_module
     from stdeploy.targets.tvm.database import CrossoverCache
     from stdeploy.targets.tvm.frontend import load_onnx_graph
     from stdeploy.targets.tvm.schedules import schedule_elementwise
@@ -154,10 +151,4 @@ def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_
     assert script.count("stdeploy_event_matmul_") >= 2 * (len(linears) - 5)    # the unfused ones defined and called
     assert "stdeploy_stationary_conv_" in script and "cls.stdeploy_max_pool_" not in script
     assert "stdeploy.skipzeroconv." not in script and "stdeploy.spikeconv." not in script
-    vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(target)), tvm.cpu())
-    out = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x.numpy())), graph.outputs)
-    session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
-    ort_logits, ort_spikes = session.run(["logits", "spikes"], {"input": x.numpy()})
-    assert 0 < out["spikes"].mean() < 1
-    np.testing.assert_array_equal(out["spikes"], ort_spikes)
-    np.testing.assert_array_equal(out["logits"], ort_logits)
+    equals_onnxruntime(mod, graph, x)

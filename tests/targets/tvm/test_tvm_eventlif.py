@@ -164,19 +164,16 @@ def test_event_mlp_equals_the_three_kernels_bit_for_bit(target):
     assert np.count_nonzero(ref.numpy()) > 0
 
 
-def test_dense_sdt_with_event_linears_is_fused_and_bit_identical(exported_sdt, trained_sdt, target):
+def test_dense_sdt_with_event_linears_is_fused_and_bit_identical(exported_sdt, trained_sdt, target, equals_onnxruntime):
     """The dense sdt-tiny's options on the default path (``event_every=("matmul",)``: its linears
     on the event kernels): the stem convolution and the q, k, v and fc1 linears, whose outputs
     feed a LIF through a bias add, run fused with it (named in ``info["fused_lif"]``, their event
     kernels gone from the module), fc2 fused after fc1's LIF, the max pool into the stage-1 LIF
     (its convolution stays on the spike kernel); spikes and logits equal onnxruntime's bit for bit."""
-    import onnxruntime as ort
-    import tvm
-    from tvm import relax
 
     from stdeploy.activity import measure_activity, require_active
     from stdeploy.models import direct_encode
-    from stdeploy.targets.tvm.cpu import CpuOptions, outputs_to_numpy, prepare_cpu_module
+    from stdeploy.targets.tvm.cpu import CpuOptions, prepare_cpu_module
     from stdeploy.targets.tvm.database import CrossoverCache
     from stdeploy.targets.tvm.frontend import load_onnx_graph
 
@@ -197,10 +194,4 @@ def test_dense_sdt_with_event_linears_is_fused_and_bit_identical(exported_sdt, t
     for p, f in producers.items():
         assert f"{f['name']}(" in script or f"{f['name']}," in script          # the fused kernel is called ...
         assert f"R.call_tir(cls.{p}," not in script                            # ... and the layer's own kernel is not
-    vm = relax.VirtualMachine(tvm.compile(prepared.mod, target=tvm.target.Target(target)), tvm.cpu())
-    out = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x.numpy())), graph.outputs)
-    session = ort.InferenceSession(str(graph.path), providers=["CPUExecutionProvider"])
-    ort_logits, ort_spikes = session.run(["logits", "spikes"], {"input": x.numpy()})
-    assert 0 < out["spikes"].mean() < 1
-    np.testing.assert_array_equal(out["spikes"], ort_spikes)
-    np.testing.assert_array_equal(out["logits"], ort_logits)
+    equals_onnxruntime(prepared.mod, graph, x)
