@@ -134,7 +134,7 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
         mod, fused = fuse_lif_recurrences(mod, target, events if options.event_lif else (), pools if options.lif_pool else ())
         info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias,
                               **({"producer": f.producer, "name": f.name} if f.producer else {}),
-                              **({"consumer": f.consumer} if f.consumer else {}),
+                              **({"consumer": f.consumer} if f.consumer else {}), **({"units": f.units} if f.units else {}),
                               **({"pool": list(f.pool), "name": f.name} if f.pool else {})} for f in fused]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),

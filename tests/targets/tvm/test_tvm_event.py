@@ -147,6 +147,9 @@ def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_
         assert f"cls.{f['name']}," in script and f"cls.{p}," not in script
     # fc2 after fc1's LIF, and the max pool after stage 1's, inside those kernels
     assert [by_name[f["consumer"]]["weight"] for f in producers.values() if "consumer" in f] == [[256, 64]]
+    # ... computing only the hidden neurons fc2 reads (lif.compact_hidden), fewer than fc1's 256
+    mlp = next(f for f in producers.values() if "consumer" in f)
+    assert 0 < mlp["units"] < 256 and mlp["units"] % 16 == 0, mlp
     assert [by_name[p]["weight"] for p, f in producers.items() if f.get("pool") == [2, 2, 2, 2]] == [[64, 32, 3, 3]]
     assert script.count("stdeploy_event_matmul_") >= 2 * (len(linears) - 5)    # the unfused ones defined and called
     assert "stdeploy_stationary_conv_" in script and "cls.stdeploy_max_pool_" not in script

@@ -164,6 +164,35 @@ def test_event_mlp_equals_the_three_kernels_bit_for_bit(target):
     assert np.count_nonzero(ref.numpy()) > 0
 
 
+def test_event_mlp_on_the_hidden_neurons_fc2_reads_is_bit_identical(target):
+    """lif.compact_hidden: with 45 of fc1's 80 neurons never read by fc2 (their rows of w2 zero),
+    the kernel computes the 35 others (padded to 48) and fc2's output is the full kernel's bit for bit."""
+    import tvm
+
+    rng = np.random.default_rng(8)
+    x_shape, n, n2 = (STEPS, 3, 5, 64), 80, 24
+    w = (rng.normal(size=(64, n)) * (rng.random((64, n)) < 0.3)).astype(np.float32)
+    w2 = (rng.normal(size=(n, n2)) * (rng.random((n, n2)) < 0.5)).astype(np.float32)
+    w2[rng.permutation(n)[:45]] = 0
+    x = (rng.normal(size=x_shape) * (rng.random(x_shape) < 0.4)).astype(np.float32)
+    consts = [np.ascontiguousarray(np.broadcast_to(c, (3, 5, n))).reshape(-1)[:n].copy() for c in _constants(rng, (3, 5, n), True)]
+    keep = np.full(lif.LANES, -1, np.int32)
+    full = [w, event.live_masks(w), *consts, keep, w2, event.live_masks(w2)]
+    compact = lif.compact_hidden(*full, n, n, lif.LANES)
+    assert compact[0].shape == (64, 48) and compact[8].shape == (48, n2)
+    ones = np.ones((n, n2), np.float32)
+    assert lif.compact_hidden(*full[:8], ones, event.live_masks(ones), n, n, lif.LANES) is None     # every neuron read
+    t = tvm.runtime.tensor
+    outs = []
+    for units, args in ((n, full), (48, compact)):
+        out = t(np.full((*x_shape[:-1], n2), 7, np.float32))
+        _compile(eventlif.event_mlp_kernel(x_shape, 64, units, STEPS, units, lif.LANES, n2, out.shape), target)(
+            t(x), *(t(np.ascontiguousarray(a)) for a in args), out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert np.count_nonzero(outs[0]) > 0
+
+
 def test_dense_sdt_with_event_linears_is_fused_and_bit_identical(exported_sdt, trained_sdt, target, equals_onnxruntime):
     """The dense sdt-tiny's options on the default path (``event_every=("matmul",)``: its linears
     on the event kernels): the stem convolution and the q, k, v and fc1 linears, whose outputs

@@ -46,11 +46,21 @@ import numpy as np
 from ....errors import ShapeError
 from . import skipzero, spike
 
-__all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
+__all__ = ["BLOCK", "PARTS", "VECTOR", "EventLayer", "live_masks", "vector_width", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
            "route_event_kernels"]
 
 BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
+VECTOR = 16             # float32 per vector operation over a row of outputs (one AVX-512 register)
 PARTS = spike.PARTS     # parallel tasks per call (rows or images are split between them)
+
+
+def vector_width(n: int) -> int:
+    """The width of the vector operations over a row of ``n`` outputs: :data:`VECTOR` where it
+    divides ``n`` (the row is then ``n / VECTOR`` register-sized vectors), else ``n`` (one vector of
+    the row). One ``n``-wide vector is what LLVM legalises poorly where ``n`` is not a power of
+    two: an event MLP kernel with 96 or 192 hidden neurons took 2-2.5x the time of one with 128 or
+    256 (``python benchmarks/sparse_speed.py``'s shapes) before its rows were cut this way."""
+    return VECTOR if n % VECTOR == 0 else n
 
 
 def live_masks(weight: np.ndarray) -> np.ndarray:
@@ -82,7 +92,7 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int):
     per = math.ceil(m / parts)
     blocks, rest = divmod(k, BLOCK)
     words = math.ceil(k / BLOCK)
-    L = BLOCK
+    L, vn = BLOCK, vector_width(n)
 
     @T.prim_func
     def event_matmul(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"), yh: T.handle):
@@ -96,8 +106,9 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int):
             acc = T.alloc_buffer((n,), "float32")
             mask = T.alloc_buffer((1,), "uint32")
             for row in range(part * per, T.min(m, part * per + per)):
-                for v in T.vectorized(n):
-                    acc[v] = T.float32(0)
+                for vo in range(n // vn):
+                    for vv in T.vectorized(vn):
+                        acc[vo * vn + vv] = T.float32(0)
                 for blk in range(blocks):
                     # bit l: input l of the block is not +-0 (its bits other than the sign), and live
                     mask[0] = T.Cast("uint32", T.call_llvm_pure_intrin(
@@ -107,14 +118,17 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int):
                     while mask[0] != T.uint32(0):
                         i = blk * L + T.Cast("int32", T.call_llvm_pure_intrin("uint32", "llvm.cttz", mask[0], T.bool(True)))
                         mask[0] = mask[0] & (mask[0] - T.uint32(1))
-                        for v in T.vectorized(n):
-                            acc[v] = acc[v] + x[row * k + i] * w[i, v]
+                        for vo in range(n // vn):
+                            for vv in T.vectorized(vn):
+                                acc[vo * vn + vv] = acc[vo * vn + vv] + x[row * k + i] * w[i, vo * vn + vv]
                 for l in range(rest):
                     if x[row * k + blocks * L + l] != T.float32(0):
-                        for v in T.vectorized(n):
-                            acc[v] = acc[v] + x[row * k + blocks * L + l] * w[blocks * L + l, v]
-                for v in T.vectorized(n):
-                    y[row, v] = acc[v]
+                        for vo in range(n // vn):
+                            for vv in T.vectorized(vn):
+                                acc[vo * vn + vv] = acc[vo * vn + vv] + x[row * k + blocks * L + l] * w[blocks * L + l, vo * vn + vv]
+                for vo in range(n // vn):
+                    for vv in T.vectorized(vn):
+                        y[row, vo * vn + vv] = acc[vo * vn + vv]
 
     return event_matmul
 

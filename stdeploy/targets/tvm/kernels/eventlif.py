@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from ....errors import ShapeError
-from .event import BLOCK, PARTS, EventLayer
+from .event import BLOCK, PARTS, EventLayer, vector_width
 from .spike import conv_out_hw
 
 __all__ = ["fusable", "inner_block", "event_matmul_lif_kernel", "stationary_conv_lif_kernel", "event_mlp_kernel"]
@@ -77,6 +77,7 @@ def event_matmul_lif_kernel(x_shape: tuple, k: int, n: int, steps: int, period: 
     blocks, rest = divmod(k, BLOCK)
     words = math.ceil(k / BLOCK)
     L, m, groups = BLOCK, int(period), n // lanes
+    vn = vector_width(n)
 
     @T.prim_func
     def event_matmul_lif(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
@@ -96,8 +97,9 @@ def event_matmul_lif_kernel(x_shape: tuple, k: int, n: int, steps: int, period: 
             s = T.alloc_buffer((lanes,), "float32")
             for r in range(part * per, T.min(r_rows, part * per + per)):
                 for t in range(steps):
-                    for q in T.vectorized(n):
-                        acc[t, q] = T.float32(0)
+                    for qo in range(n // vn):
+                        for qv in T.vectorized(vn):
+                            acc[t, qo * vn + qv] = T.float32(0)
                     for blk in range(blocks):
                         mask[0] = T.Cast("uint32", T.call_llvm_pure_intrin(
                             "int32", "llvm.vector.reduce.or",
@@ -106,21 +108,24 @@ def event_matmul_lif_kernel(x_shape: tuple, k: int, n: int, steps: int, period: 
                         while mask[0] != T.uint32(0):
                             i = blk * L + T.Cast("int32", T.call_llvm_pure_intrin("uint32", "llvm.cttz", mask[0], T.bool(True)))
                             mask[0] = mask[0] & (mask[0] - T.uint32(1))
-                            for q in T.vectorized(n):
-                                acc[t, q] = acc[t, q] + x[(t * r_rows + r) * k + i] * w[i, q]
+                            for qo in range(n // vn):
+                                for qv in T.vectorized(vn):
+                                    acc[t, qo * vn + qv] = acc[t, qo * vn + qv] + x[(t * r_rows + r) * k + i] * w[i, qo * vn + qv]
                     for l in range(rest):
                         if x[(t * r_rows + r) * k + blocks * L + l] != T.float32(0):
-                            for q in T.vectorized(n):
-                                acc[t, q] = acc[t, q] + x[(t * r_rows + r) * k + blocks * L + l] * w[blocks * L + l, q]
+                            for qo in range(n // vn):
+                                for qv in T.vectorized(vn):
+                                    acc[t, qo * vn + qv] = acc[t, qo * vn + qv] + x[(t * r_rows + r) * k + blocks * L + l] * w[blocks * L + l, qo * vn + qv]
                 for g in range(groups):
+                    base = (r * n + g * lanes) % m   # the constants' offset of this vector (once, not per step)
                     for l in T.vectorized(lanes):
-                        v[l] = v0[(r * n + g * lanes) % m + l]
+                        v[l] = v0[base + l]
                     for t in T.unroll(steps):
                         for l in T.vectorized(lanes):
-                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(r * n + g * lanes) % m + l] * v[l]) & keep[l]) + \
-                                T.reinterpret("float32", T.reinterpret("int32", b[(r * n + g * lanes) % m + l] * (
-                                    acc[t, g * lanes + l] + c[(r * n + g * lanes) % m + l])) & keep[l])
-                            s[l] = T.Cast("float32", v[l] - th[(r * n + g * lanes) % m + l] >= T.float32(0))
+                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l]) & keep[l]) + \
+                                T.reinterpret("float32", T.reinterpret("int32", b[base + l] * (
+                                    acc[t, g * lanes + l] + c[base + l])) & keep[l])
+                            s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
                             out[t, r * n + g * lanes + l] = s[l]
                             v[l] = v[l] * (T.float32(1) - s[l])
 
@@ -204,15 +209,16 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                                 for q in T.vectorized(wo):
                                     acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
                     for g in range(groups):
+                        base = ((img * o + u) * plane + g * lanes) % m   # the constants' offset of this vector (once, not per step)
                         for l in T.vectorized(lanes):
-                            v[l] = v0[((img * o + u) * plane + g * lanes) % m + l]
+                            v[l] = v0[base + l]
                         for t in T.unroll(steps):
                             for l in T.vectorized(lanes):
-                                v[l] = T.reinterpret("float32", T.reinterpret("int32", a[((img * o + u) * plane + g * lanes) % m + l] * v[l])
+                                v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l])
                                                      & keep[l]) + \
-                                    T.reinterpret("float32", T.reinterpret("int32", b[((img * o + u) * plane + g * lanes) % m + l] * (
-                                        acc[t * plane + g * lanes + l] + cb[((img * o + u) * plane + g * lanes) % m + l])) & keep[l])
-                                s[l] = T.Cast("float32", v[l] - th[((img * o + u) * plane + g * lanes) % m + l] >= T.float32(0))
+                                    T.reinterpret("float32", T.reinterpret("int32", b[base + l] * (
+                                        acc[t * plane + g * lanes + l] + cb[base + l])) & keep[l])
+                                s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
                                 if pool is None:
                                     out[t, (img * o + u) * plane + g * lanes + l] = s[l]
                                 else:
@@ -254,6 +260,7 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
     blocks2, rest2 = divmod(n, BLOCK)
     words, words2 = math.ceil(k / BLOCK), math.ceil(n / BLOCK)
     L, m, groups = BLOCK, int(period), n // lanes
+    vn, vn2 = vector_width(n), vector_width(n2)
 
     @T.prim_func
     def event_mlp(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
@@ -275,8 +282,9 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
             s = T.alloc_buffer((lanes,), "float32")
             for r in range(part * per, T.min(r_rows, part * per + per)):
                 for t in range(steps):
-                    for q in T.vectorized(n):
-                        acc[t, q] = T.float32(0)
+                    for qo in range(n // vn):
+                        for qv in T.vectorized(vn):
+                            acc[t, qo * vn + qv] = T.float32(0)
                     for blk in range(blocks):
                         mask[0] = T.Cast("uint32", T.call_llvm_pure_intrin(
                             "int32", "llvm.vector.reduce.or",
@@ -285,26 +293,30 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
                         while mask[0] != T.uint32(0):
                             i = blk * L + T.Cast("int32", T.call_llvm_pure_intrin("uint32", "llvm.cttz", mask[0], T.bool(True)))
                             mask[0] = mask[0] & (mask[0] - T.uint32(1))
-                            for q in T.vectorized(n):
-                                acc[t, q] = acc[t, q] + x[(t * r_rows + r) * k + i] * w[i, q]
+                            for qo in range(n // vn):
+                                for qv in T.vectorized(vn):
+                                    acc[t, qo * vn + qv] = acc[t, qo * vn + qv] + x[(t * r_rows + r) * k + i] * w[i, qo * vn + qv]
                     for l in range(rest):
                         if x[(t * r_rows + r) * k + blocks * L + l] != T.float32(0):
-                            for q in T.vectorized(n):
-                                acc[t, q] = acc[t, q] + x[(t * r_rows + r) * k + blocks * L + l] * w[blocks * L + l, q]
+                            for qo in range(n // vn):
+                                for qv in T.vectorized(vn):
+                                    acc[t, qo * vn + qv] = acc[t, qo * vn + qv] + x[(t * r_rows + r) * k + blocks * L + l] * w[blocks * L + l, qo * vn + qv]
                 for g in range(groups):
+                    base = (r * n + g * lanes) % m   # the constants' offset of this vector (once, not per step)
                     for l in T.vectorized(lanes):
-                        v[l] = v0[(r * n + g * lanes) % m + l]
+                        v[l] = v0[base + l]
                     for t in T.unroll(steps):
                         for l in T.vectorized(lanes):
-                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(r * n + g * lanes) % m + l] * v[l]) & keep[l]) + \
-                                T.reinterpret("float32", T.reinterpret("int32", b[(r * n + g * lanes) % m + l] * (
-                                    acc[t, g * lanes + l] + c[(r * n + g * lanes) % m + l])) & keep[l])
-                            s[l] = T.Cast("float32", v[l] - th[(r * n + g * lanes) % m + l] >= T.float32(0))
+                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l]) & keep[l]) + \
+                                T.reinterpret("float32", T.reinterpret("int32", b[base + l] * (
+                                    acc[t, g * lanes + l] + c[base + l])) & keep[l])
+                            s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
                             spk[t * n + g * lanes + l] = s[l]
                             v[l] = v[l] * (T.float32(1) - s[l])
                 for t in range(steps):
-                    for q in T.vectorized(n2):
-                        acc2[q] = T.float32(0)
+                    for qo in range(n2 // vn2):
+                        for qv in T.vectorized(vn2):
+                            acc2[qo * vn2 + qv] = T.float32(0)
                     for blk in range(blocks2):
                         mask[0] = T.Cast("uint32", T.call_llvm_pure_intrin(
                             "int32", "llvm.vector.reduce.or",
@@ -313,13 +325,16 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
                         while mask[0] != T.uint32(0):
                             i = blk * L + T.Cast("int32", T.call_llvm_pure_intrin("uint32", "llvm.cttz", mask[0], T.bool(True)))
                             mask[0] = mask[0] & (mask[0] - T.uint32(1))
-                            for q in T.vectorized(n2):
-                                acc2[q] = acc2[q] + spk[t * n + i] * w2[i, q]
+                            for qo in range(n2 // vn2):
+                                for qv in T.vectorized(vn2):
+                                    acc2[qo * vn2 + qv] = acc2[qo * vn2 + qv] + spk[t * n + i] * w2[i, qo * vn2 + qv]
                     for l in range(rest2):
                         if spk[t * n + blocks2 * L + l] != T.float32(0):
-                            for q in T.vectorized(n2):
-                                acc2[q] = acc2[q] + spk[t * n + blocks2 * L + l] * w2[blocks2 * L + l, q]
-                    for q in T.vectorized(n2):
-                        y[t * r_rows + r, q] = acc2[q]
+                            for qo in range(n2 // vn2):
+                                for qv in T.vectorized(vn2):
+                                    acc2[qo * vn2 + qv] = acc2[qo * vn2 + qv] + spk[t * n + blocks2 * L + l] * w2[blocks2 * L + l, qo * vn2 + qv]
+                    for qo in range(n2 // vn2):
+                        for qv in T.vectorized(vn2):
+                            y[t * r_rows + r, qo * vn2 + qv] = acc2[qo * vn2 + qv]
 
     return event_mlp

@@ -51,7 +51,7 @@ import numpy as np
 from ....errors import ShapeError
 from ...base import TargetError
 
-__all__ = ["FusedLIF", "LANES", "PARTS", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
+__all__ = ["FusedLIF", "LANES", "PARTS", "compact_hidden", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
            "reference_lif"]
 
 LANES = 16   # neurons per vector step (one AVX-512 or two AVX2 registers of float32)
@@ -71,6 +71,8 @@ class FusedLIF:
     producer: str = ""      # the weight layer's kernel fused in (kernels.eventlif), "" where none
     consumer: str = ""      # the event matmul its spikes feed, fused in too (kernels.eventlif.event_mlp_kernel)
     pool: tuple = ()        # (kh, kw, sh, sw) of the max pool its spikes feed, fused in (lif_pool_kernel / eventlif)
+    units: int = 0          # with a consumer: the neurons per row the kernel computes (those the consumer reads,
+                            # rounded up to the vector width; :func:`compact_hidden`), 0 where all of them
 
 
 def reference_lif(x: np.ndarray, a: np.ndarray, b: np.ndarray, theta: np.ndarray, v0: np.ndarray) -> np.ndarray:
@@ -144,14 +146,15 @@ def lif_kernel(steps: int, shape: tuple, period: int, bias: bool, x_shape: tuple
                 v = T.alloc_buffer((lanes,), "float32")
                 s = T.alloc_buffer((lanes,), "float32")
                 for g in range(part * per, T.min(vectors, part * per + per)):
+                    base = (g * lanes) % m   # the constants' offset of this vector (once, not per step)
                     for l in T.vectorized(lanes):
-                        v[l] = v0[(g * lanes) % m + l]
+                        v[l] = v0[base + l]
                     for t in T.unroll(steps):
                         for l in T.vectorized(lanes):
-                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(g * lanes) % m + l] * v[l]) & keep[l]) + \
-                                T.reinterpret("float32", T.reinterpret("int32", b[(g * lanes) % m + l] * (
-                                    x[t * n + g * lanes + l] + c[(g * lanes) % m + l])) & keep[l])
-                            s[l] = T.Cast("float32", v[l] - th[(g * lanes) % m + l] >= T.float32(0))
+                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l]) & keep[l]) + \
+                                T.reinterpret("float32", T.reinterpret("int32", b[base + l] * (
+                                    x[t * n + g * lanes + l] + c[base + l])) & keep[l])
+                            s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
                             out[t * n + g * lanes + l] = s[l]
                             v[l] = v[l] * (T.float32(1) - s[l])
 
@@ -170,13 +173,14 @@ def lif_kernel(steps: int, shape: tuple, period: int, bias: bool, x_shape: tuple
             v = T.alloc_buffer((lanes,), "float32")
             s = T.alloc_buffer((lanes,), "float32")
             for g in range(part * per, T.min(vectors, part * per + per)):
+                base = (g * lanes) % m   # the constants' offset of this vector (once, not per step)
                 for l in T.vectorized(lanes):
-                    v[l] = v0[(g * lanes) % m + l]
+                    v[l] = v0[base + l]
                 for t in T.unroll(steps):
                     for l in T.vectorized(lanes):
-                        v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(g * lanes) % m + l] * v[l]) & keep[l]) + \
-                            T.reinterpret("float32", T.reinterpret("int32", b[(g * lanes) % m + l] * x[t * n + g * lanes + l]) & keep[l])
-                        s[l] = T.Cast("float32", v[l] - th[(g * lanes) % m + l] >= T.float32(0))
+                        v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l]) & keep[l]) + \
+                            T.reinterpret("float32", T.reinterpret("int32", b[base + l] * x[t * n + g * lanes + l]) & keep[l])
+                        s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
                         out[t * n + g * lanes + l] = s[l]
                         v[l] = v[l] * (T.float32(1) - s[l])
 
@@ -224,14 +228,15 @@ def lif_pool_kernel(steps: int, shape: tuple, period: int, x_shape: tuple, pool:
             mx = T.alloc_buffer((1,), "float32")
             for p in range(part * per, T.min(planes, part * per + per)):
                 for g in range(groups):
+                    base = (p * plane + g * lanes) % m   # the constants' offset of this vector (once, not per step)
                     for l in T.vectorized(lanes):
-                        v[l] = v0[(p * plane + g * lanes) % m + l]
+                        v[l] = v0[base + l]
                     for t in T.unroll(steps):
                         for l in T.vectorized(lanes):
-                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[(p * plane + g * lanes) % m + l] * v[l]) & keep[l]) + \
-                                T.reinterpret("float32", T.reinterpret("int32", b[(p * plane + g * lanes) % m + l] * (
-                                    x[t * n + p * plane + g * lanes + l] + cb[(p * plane + g * lanes) % m + l])) & keep[l])
-                            s[l] = T.Cast("float32", v[l] - th[(p * plane + g * lanes) % m + l] >= T.float32(0))
+                            v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l]) & keep[l]) + \
+                                T.reinterpret("float32", T.reinterpret("int32", b[base + l] * (
+                                    x[t * n + p * plane + g * lanes + l] + cb[base + l])) & keep[l])
+                            s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
                             spl[t * plane + g * lanes + l] = s[l]
                             v[l] = v[l] * (T.float32(1) - s[l])
                 for t in range(steps):
@@ -651,19 +656,56 @@ def _chain_consumers(mod, layers: dict, chainable: dict, done: list):
             y_shape = _static_shape(call)
             if int(second.weight[0]) != n or y_shape is None or math.prod(second.x_shape) != math.prod(layer.x_shape[:-1]) * n:
                 return call
-            key = (layer.x_shape, layer.weight, steps, period, lanes, n2, y_shape)
+            args = [*first.args[1].fields, *args2[1:]]
+            values = [a.value.numpy() if isinstance(a, tvm.ir.Constant) else None for a in args[1:]]
+            compact = None if any(v is None for v in values) else compact_hidden(*values, n, period, lanes)
+            if compact is not None:
+                args = [args[0], *(relax.const(v) for v in compact)]
+                n = period = int(compact[0].shape[1])
+            key = (layer.x_shape, layer.weight[0], n, steps, period, lanes, n2, y_shape)
             if key not in made:
                 name = f"stdeploy_event_mlp_{len(made)}"
-                func = eventlif.event_mlp_kernel(layer.x_shape, *layer.weight, steps, period, lanes, n2, y_shape)
+                func = eventlif.event_mlp_kernel(layer.x_shape, int(layer.weight[0]), n, steps, period, lanes, n2, y_shape)
                 made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
             producer = chainable.get(_key(first.args[1].fields[1]))
             for i, f in enumerate(done):
                 if f.name == first.args[0].name_hint and f.producer == producer and not f.consumer:
-                    done[i] = dataclasses.replace(f, name=made[key].name_hint, consumer=second.name)
+                    done[i] = dataclasses.replace(f, name=made[key].name_hint, consumer=second.name,
+                                                  units=0 if compact is None else n)
                     break
-            return relax.call_tir(made[key], [*first.args[1].fields, *args2[1:]], out_ty=call.ty)
+            return relax.call_tir(made[key], args, out_ty=call.ty)
 
     return rewrite_functions(mod, _Chain(mod))
+
+
+def compact_hidden(w, live, c, a, b, theta, v0, keep, w2, live2, n: int, period: int, lanes: int):
+    """The constants of :func:`.eventlif.event_mlp_kernel` (``w (K, N), live, c, a, b, theta, v0
+    (period,), keep, w2 (N, N2), live2``) for only the hidden neurons the second layer reads (its
+    live inputs: ``live2``'s bits), in ascending order and padded to a multiple of ``lanes`` with
+    neurons of zero weights that it does not read; ``None`` where that saves no vector, or the
+    period does not divide ``N``. The kept neurons' accumulations, recurrences and spikes are the
+    same operations on the same values, and the second layer adds the same weight rows in the same
+    order (a neuron it does not read has an all-zero row and no live bit), so its output is
+    bit-identical; the neurons dropped are computed for nothing: their spikes are never read."""
+    from .event import BLOCK, live_masks
+
+    if n % period:
+        return None
+    bits = (np.asarray(live2, np.uint32)[:, None] >> np.arange(BLOCK, dtype=np.uint32)) & 1
+    kept = np.flatnonzero(bits.reshape(-1)[:n])
+    units = max(lanes, math.ceil(len(kept) / lanes) * lanes)
+    if units >= n:
+        return None
+    pad = units - len(kept)
+
+    def per_unit(v, fill):
+        return np.concatenate([np.tile(np.asarray(v, np.float32), n // period)[kept], np.full(pad, fill, np.float32)])
+
+    w_new = np.concatenate([w[:, kept], np.zeros((w.shape[0], pad), np.float32)], axis=1)
+    w2_new = np.concatenate([w2[kept], np.zeros((pad, w2.shape[1]), np.float32)], axis=0)
+    live_new = live_masks(w_new) & live     # an input is live where a kept neuron reads it
+    return (w_new, live_new, per_unit(c, 0), per_unit(a, 0), per_unit(b, 0), per_unit(theta, 1), per_unit(v0, 0),
+            keep, w2_new, live_masks(w2_new))
 
 
 def _pool_in(mod, pools: dict, poolable: dict, done: list):
