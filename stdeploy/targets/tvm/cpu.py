@@ -28,6 +28,7 @@ batch and keeps one executable per input shape ``(T, B, C, H, W)``; inputs are f
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -231,15 +232,34 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
 
 
 def outputs_to_numpy(out, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """A Relax VM result (one tensor or a tuple) as numpy arrays keyed by the graph's output names."""
+    """A Relax VM result (one tensor or a tuple) as numpy arrays keyed by the graph's output names:
+    a tensor in host memory is taken as it is (DLPack, no copy: the VM allocates a call's outputs
+    afresh and the array holds them), a device tensor is copied to the host."""
     outs = [out] if hasattr(out, "numpy") else list(out)
-    return {name: o.numpy() for name, o in zip(names, outs)}
+    return {name: np.from_dlpack(o) if o.device.dlpack_device_type() == _DLPACK_CPU else o.numpy()
+            for name, o in zip(names, outs)}
+
+
+_DLPACK_CPU = 1     # DLPack's kDLCPU
+
+
+def _aligned_input(shape: tuple, align: int = 64):
+    """``(array, tensor)``: a float32 numpy array of ``shape`` at an ``align``-byte boundary (what
+    TVM's kernels may assume of a buffer) and the TVM tensor viewing the same memory."""
+    import tvm_ffi
+
+    size = math.prod(shape) * 4
+    raw = np.empty(size + align, np.uint8)
+    start = -raw.ctypes.data % align
+    array = raw[start:start + size].view(np.float32).reshape(shape)
+    return array, tvm_ffi.from_dlpack(array, require_alignment=align)
 
 
 class TVMRunnable:
     """The graph on TVM's Relax VM on the CPU; one executable per input shape, compiled on first
     use (or up front with :meth:`prepare`). ``cpu`` holds the CPU build options
-    (``schedule``, ``kernels``, ``sparse``; see :func:`.compile_cpu`)."""
+    (``schedule``, ``kernels``, ``sparse``; see :func:`.compile_cpu`). One call at a time: a
+    call's input is copied into a buffer kept per input shape."""
 
     path_name = "llvm"
 
@@ -248,6 +268,7 @@ class TVMRunnable:
         self.export_dir = Path(export_dir) if export_dir is not None else graph.path.parent
         self.cpu = {"schedule": "auto", "kernels": "blas", "sparse": "auto", **(cpu or {})}
         self._vms: dict[tuple[int, ...], object] = {}
+        self._calls: dict[tuple[int, ...], tuple] = {}   # per input shape: (VM function, input array, its tensor)
         self.info = {"target": "tvm", "path": self.path_name, "profile": profile.name, "file": str(graph.path),
                      "tvm_target": target, "input": list(graph.input_dims),
                      "densified_sparse_initializers": list(graph.densified), "compile_seconds": {}, "builds": {}}
@@ -285,10 +306,13 @@ class TVMRunnable:
         return x
 
     def run(self, x: np.ndarray) -> RunResult:
-        tvm = load_tvm()
         x = self._check(x)
         self.prepare(x.shape[1])
-        vm = self._vms[tuple(x.shape)]
+        shape = tuple(x.shape)
+        if shape not in self._calls:   # the VM's function and an aligned input buffer, made once per shape
+            self._calls[shape] = (self._vms[shape]["main"], *_aligned_input(shape))
+        main, buffer, tensor = self._calls[shape]
         with Timer() as t:
-            out = outputs_to_numpy(vm["main"](tvm.runtime.tensor(x)), self.graph.outputs)
+            np.copyto(buffer, x)
+            out = outputs_to_numpy(main(tensor), self.graph.outputs)
         return RunResult(logits=out["logits"], spikes=out["spikes"], seconds=t.seconds, info=self.info)
