@@ -375,7 +375,8 @@ def markdown(r: dict) -> str:
               "Layers on the kernels compiled into the module (`kernels.event`; call_tir, no choice at run time):", "",
               "| model | op | weight | weight density | nonzero weights | kernel | fused with its LIF into |", "|---|---|---|---:|---:|---|---|"]
     for k, layers in r["event_layers"].items():
-        into = {f["producer"]: f["name"] for f in r["fused_lif"][k] if "producer" in f}
+        into = {f["producer"]: f["name"] + (f" ({f['units']} of its {f['shape'][-1]} neurons: those the next layer reads)"
+                                            if "units" in f else "") for f in r["fused_lif"][k] if "producer" in f}
         into.update({f["consumer"]: f"{f['name']} (after the LIF)" for f in r["fused_lif"][k] if "consumer" in f})
         for e in layers:
             lines.append(f"| {k} | {e['op']} | {'x'.join(map(str, e['weight']))} | {e['weight_density']:.4f} | {e['nnz']} | {e['name']} | "
