@@ -373,10 +373,13 @@ def power_of_two_token_mean(model: nn.Module) -> None:
     """For a token count ``N`` that is not a power of two: the head's mean over tokens becomes the
     sum times ``2**-k`` (``k = ceil(log2 N)``), and ``fc``'s weight is multiplied by ``2**k / N``
     (float64) before it is quantised, so the function is unchanged and every value stays dyadic
-    (``1/N`` is not: ``sdt-1d-tiny``'s 20 tokens put the logits on a 2^-37 grid)."""
+    (``1/N`` is not: ``sdt-1d-tiny``'s 20 tokens put the logits on a 2^-37 grid). A low-rank (DSP)
+    classifier is merged first (:func:`merge_low_rank`, as :func:`to_exact` merges it anyway)."""
     from .layers import Head
 
     head, n = getattr(model, "head", None), int(getattr(model.cfg, "tokens", 1))
+    if isinstance(head, Head) and isinstance(head.fc, LowRankLinear) and n > 1 and n & (n - 1):
+        head.fc = merge_low_rank(head.fc)
     if not isinstance(head, Head) or n <= 1 or n & (n - 1) == 0 or type(head.fc) is not nn.Linear:
         return
     k = math.ceil(math.log2(n))

@@ -373,6 +373,23 @@ def test_low_rank_convolutions_fold_into_u_and_merge_in_the_exact_mode():
         assert exact(quantize_input(x)).shape == (8, 10)
 
 
+def test_a_low_rank_classifier_of_20_tokens_gets_the_power_of_two_token_mean():
+    """DSP's whole-model scope factors ``head.fc``: on ``sdt-1d-tiny`` (20 tokens) the exact mode still
+    makes the token mean a sum times 2^-5 (the factors merged first), so the logits stay dyadic."""
+    from stdeploy.models.quantize import QuantLinear
+    from stdeploy.models.structure import LowRankLinear
+
+    torch.manual_seed(0)
+    model = build_model("sdt-1d-tiny").eval()
+    dense = to_exact(model)
+    model.head.fc = LowRankLinear.from_dense(model.head.fc)   # full rank: the same function
+    exact = to_exact(model)
+    assert isinstance(model.head.fc, LowRankLinear)   # the caller's model is not changed
+    assert isinstance(exact.head.fc, QuantLinear) and exact.head.token_scale == dense.head.token_scale == 2.0 ** -5
+    torch.testing.assert_close(exact.head.fc.weight, dense.head.fc.weight, rtol=0, atol=1e-6)
+    check_exact(to_nir(deployable(exact)), timesteps=4)
+
+
 # ----------------------------------------------------------------------------- Lava fixed point
 LAVA_SAMPLES = 2  # Lava starts one process per population and synapse (110 here): the run costs 8-12 s on the shared machine
 
