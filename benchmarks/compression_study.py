@@ -16,7 +16,8 @@ and, with sLIF, from the extra intrinsic parameters). The default settings stay 
 
 Every setting also exists in the whole-model scope (issue #21 item 3), named with ``-all``
 (``l1p99-all``, ``dsp5-all``, the control ``l1p0-all``): the block linears, the embedding
-convolutions and the classifier under one global budget (DSP leaves convolutions dense). Its
+convolutions and the classifier under one global budget (DSP factors the convolutions too, as
+``LowRankConv2d``, where that makes them smaller). Its
 penalty phase penalises the same layers, so it is cached apart (``l1p-all-penalty-...``). Every
 record carries its ``scope`` and ``model_counts``: nonzero weights and multiply-adds per sample per
 timestep of every weight layer after finalizing (:func:`stdeploy.prune.weight_counts`). The report
@@ -94,7 +95,7 @@ SETTINGS: dict[str, PruneConfig] = {
 }
 # The whole-model scope (issue 21 item 3): every setting again with the suffix ``-all``, pruning the
 # block linears, the embedding convolutions and the classifier (``PruneConfig(layers=ALL_LAYERS)``;
-# DSP leaves the convolutions dense, so its ``-all`` differs from block scope by the classifier only).
+# DSP factors the convolutions too where their factors are smaller; records made before that left them dense).
 # Its penalty phase penalises those same layers, so it has its own cached penalised model.
 SCOPE_SUFFIX = "-all"
 SETTINGS.update({name + SCOPE_SUFFIX: dataclasses.replace(pcfg, layers=ALL_LAYERS) for name, pcfg in list(SETTINGS.items())})
@@ -421,11 +422,14 @@ def _log(message: str) -> None:
 
 
 def _layer_remaining(layer: dict) -> float:
-    """Fraction of a block layer's dense parameters that remain (nonzeros for L1P, factors for DSP)."""
+    """Fraction of a layer's dense parameters that remain (nonzeros for L1P, factors for DSP; a
+    convolution's shape is ``(out, in, kh, kw)``)."""
     if "sparsity" in layer:
         return 1.0 - layer["sparsity"]
-    out_f, in_f = layer["shape"]
-    return layer["params"] / (in_f * out_f)
+    dense = 1
+    for n in layer["shape"]:
+        dense *= n
+    return layer["params"] / dense
 
 
 def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None = None,

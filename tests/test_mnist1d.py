@@ -148,6 +148,31 @@ def test_nir_is_conv1d_read_back_type_checked_and_exact(trained, inputs, tmp_pat
     torch.testing.assert_close(out["logits"].mean(dim=0), ref_logits, rtol=0, atol=1e-5)
 
 
+def test_low_rank_1d_convolutions_export_exactly_to_onnx_and_nir(models, inputs, tmp_path):
+    """DSP's low-rank convolutions on the 1-D stem: a ``(1, 3)`` factor then a 1x1 one, two Conv nodes
+    in ONNX and two ``Conv1d`` (kernel 3, then 1) in NIR; both spike-exact on MNIST-1D sequences."""
+    import copy
+
+    from stdeploy.models.structure import LowRankConv2d
+
+    model = copy.deepcopy(models["sdt-1d-tiny"][0])
+    for f in (model.embed.stages[1].conv, model.embed.rpe):
+        f.conv = LowRankConv2d.from_dense(f.conv, rank=16)
+    rates = _fires(model, inputs)
+    assert min(rates.values()) > 1e-3, rates
+    with torch.no_grad():
+        ref_logits, ref_spikes = _Unrolled(model.eval())(inputs)
+    export_onnx(model, tmp_path / "m.onnx")
+    logits, spikes = run_onnx(tmp_path / "m.onnx", inputs)
+    assert spike_mismatches(ref_spikes, spikes) == 0
+    graph = nir.read(write_nir(to_nir(model), tmp_path / "m.nir"))
+    v, u = graph.nodes["embed.rpe.v"], graph.nodes["embed.rpe.u"]
+    assert isinstance(v, nir.Conv1d) and v.weight.shape == (16, 64, 3) and isinstance(u, nir.Conv1d) and u.weight.shape == (64, 16, 1)
+    out = run_nir(graph, inputs)
+    assert spike_mismatches(ref_spikes, out["spikes"].transpose(-1, -2)) == 0
+    torch.testing.assert_close(out["logits"].mean(dim=0), ref_logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.lava
 @pytest.mark.timeout(300)
 def test_lava_float_mode_runs_the_1d_preset_exactly(models, inputs, tmp_path):

@@ -11,7 +11,9 @@ What netx can hold
 A chain: synaptic layer -> LIF -> synaptic layer -> LIF ... with one decay per layer. Of our
 models that is the dense stem (``mlp-tiny``) and the convolutional stem up to its position
 embedding, with ``depth = 0`` also the head (``conv-tiny``). Pruned layers keep their zeros; a
-low-rank (DSP) layer is multiplied out into one dense weight. The position embedding's residual
+low-rank (DSP) layer is multiplied out into one dense weight (``U V`` in float64), a low-rank
+convolution (``LowRankConv2d``: ``k x k`` then 1x1) likewise into one dense convolution of the
+layer's kernel: netx has no low-rank layer, so the file holds and Loihi computes the dense layer. The position embedding's residual
 ``x + conv(x)`` reads the same spikes on both paths, so it is one convolution with the identity
 added to its centre tap (exact). A max-pool of spikes is a logical OR: a depthwise 2x2 stride-2
 convolution of ones into a memoryless CUBA population with ``vThMant = 0``. Anything else
@@ -89,7 +91,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
 from ..models.quantize import loihi2_vth
-from ..models.structure import LowRankLinear
+from ..models.structure import LowRankConv2d, LowRankLinear
 from ..neurons import LIF
 
 __all__ = ["NETX_FILE", "NetxLayer", "NetxNetwork", "to_netx", "write_netx", "read_netx", "host_currents",
@@ -222,13 +224,21 @@ def _synaptic(name: str, kind: str, w: np.ndarray, b: np.ndarray, lif, lif_name:
                      weight=q, bias=bias if np.any(bias) else None, **geom)
 
 
-def _conv(m: nn.Module, name: str) -> nn.Conv2d:
+def _conv(m: nn.Module, name: str) -> tuple[nn.Conv2d, np.ndarray, np.ndarray]:
+    """``(conv, weight, bias)``: the convolution whose kernel, stride, padding and groups netx
+    takes, and its weight ``(out, in, kh, kw)`` and bias in float64; a low-rank ``LowRankConv2d``
+    (DSP) is multiplied out, ``U V`` in float64 (netx has no low-rank layer), with ``v``'s geometry."""
     conv = m.conv if isinstance(m, FoldedConv) else m
-    if not isinstance(conv, nn.Conv2d) or conv.bias is None:
+    if isinstance(conv, LowRankConv2d) and conv.u.bias is not None:
+        w, b = conv.product(torch.float64).detach().numpy(), conv.u.bias.detach().double().numpy()
+        conv = conv.v
+    elif isinstance(conv, nn.Conv2d) and conv.bias is not None:
+        w, b = conv.weight.detach().double().numpy(), conv.bias.detach().double().numpy()
+    else:
         raise UnsupportedPrimitive(f"{name}: {type(m).__name__} is not a folded convolution (fold BatchNorm first)")
     if tuple(conv.dilation) != (1, 1) or isinstance(conv.padding, str):
         raise UnsupportedPrimitive(f"{name}: dilated or string-padded convolutions are not exported to netx")
-    return conv
+    return conv, w, b
 
 
 def _linear(m: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -289,8 +299,7 @@ def to_netx(model: nn.Module, part: str = "model", quantize: dict | None = None)
         stages = model.embed.stages
         for i, stage in enumerate(stages):
             cname, lname = f"embed.stages.{i}.conv", f"embed.stages.{i}.lif"
-            conv = _conv(stage.conv, cname)
-            w, b = conv.weight.detach().double().numpy(), conv.bias.detach().double().numpy()
+            conv, w, b = _conv(stage.conv, cname)
             h, w_ = _out_hw(h, w_, conv)
             shape = (w.shape[0], h, w_)
             geom = {"stride": tuple(conv.stride), "padding": tuple(conv.padding), "groups": int(conv.groups)}
@@ -312,10 +321,10 @@ def to_netx(model: nn.Module, part: str = "model", quantize: dict | None = None)
                                         weight=np.ones((c, 1, kh, kw), np.int64), stride=(kh, kw), groups=c))
                 modules[f"pool{i}"] = [f"embed.stages.{i}.pool"]
         if part == "model":  # x + rpe(x): the identity joins the centre tap; then the head's LIF
-            conv = _conv(model.embed.rpe, "embed.rpe")
+            conv, w, b = _conv(model.embed.rpe, "embed.rpe")
             if tuple(conv.stride) != (1, 1) or any(2 * p + 1 != k for p, k in zip(conv.padding, conv.kernel_size)):
                 raise UnsupportedPrimitive("embed.rpe: the residual x + rpe(x) needs a same-size convolution")
-            w, b = conv.weight.detach().double().numpy().copy(), conv.bias.detach().double().numpy()
+            w = w.copy()
             kh, kw = conv.kernel_size
             for c in range(w.shape[0]):
                 w[c, c, kh // 2, kw // 2] += 1.0
@@ -326,7 +335,11 @@ def to_netx(model: nn.Module, part: str = "model", quantize: dict | None = None)
     readout = None
     if part == "model":
         fc = model.head.fc
-        readout = {"weight": fc.weight.detach().float().numpy(), "bias": fc.bias.detach().float().numpy()}
+        if isinstance(fc, LowRankLinear):  # DSP's whole-model scope factors the classifier: multiplied out
+            w, b = _linear(fc, "head.fc")
+            readout = {"weight": w.astype(np.float32), "bias": b.astype(np.float32)}
+        else:
+            readout = {"weight": fc.weight.detach().float().numpy(), "bias": fc.bias.detach().float().numpy()}
     if loihi2:  # the input contract the integer currents assume (the manifest's, a loihi2 model's own)
         from .exact import manifest_input_contract
 

@@ -14,7 +14,11 @@ the PyTorch model's ``flatten(3)``). A per-token linear layer (PyTorch ``nn.Line
 the standard channel-first form of the same map, which every NIR reader understands. Mixing
 across tokens (the sum and the mean over tokens, broadcasting a ``(D, 1)`` mask over tokens) is a
 ``nir.Linear`` acting on the last dim, with a batched weight ``(D, 1, N)`` or ``(D, N, 1)`` (NIR's
-``weight.shape[:-2]`` batch dims) so that NIR's own type check of the graph passes.
+``weight.shape[:-2]`` batch dims) so that NIR's own type check of the graph passes. A DSP
+low-rank layer keeps its two factors as two chained nodes ``name.v`` -> ``name.u`` (metadata
+``lowrank``, ``rank``, ``factor``): a ``LowRankLinear`` as two kernel-1 ``Conv1d``, a
+``LowRankConv2d`` as its ``k x k`` convolution (zero bias) then a 1x1 convolution with the bias
+(``Conv2d``, or ``Conv1d`` of kernel k and 1 on a sequence).
 
 The residual stream has no node of its own
 ------------------------------------------
@@ -86,7 +90,7 @@ from ..errors import ShapeError, StdeployError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
 from ..models.layers import (Block, ConvBN, DenseEmbed, EmbedStage, Head, LinearBN, MaxPool, MLP, PatchEmbed,
                              SpikeDrivenAttention, SpikformerAttention)
-from ..models.structure import LowRankLinear
+from ..models.structure import LowRankConv2d, LowRankLinear
 from ..models.transformer import SpikingTransformer
 from ..neurons import LIF, SLIF
 
@@ -271,7 +275,25 @@ def _conv2d(b: GraphBuilder, name: str, m: nn.Conv2d, inputs: list[str]) -> list
     return [conv2d_node(b, name, m, inputs)]
 
 
+def lowrank_conv_nodes(b: GraphBuilder, name: str, m: LowRankConv2d, inputs: list[str]) -> list[str]:
+    """``u(v(x))``: two chained convolution nodes, ``name.v`` (the layer's kernel, stride and
+    padding, ``in -> rank``, zero bias) then ``name.u`` (1x1, ``rank -> out``, the bias); on a
+    sequence both are ``Conv1d`` (kernel ``k`` and 1), as any ``(1, k)`` convolution."""
+    meta = {"lowrank": True, "rank": int(m.rank), "in_channels": int(m.in_channels), "out_channels": int(m.out_channels)}
+    inner = conv2d_node(b, join_name(name, "v"), m.v, inputs)
+    b.nodes[inner].metadata.update({**meta, "factor": "v"})
+    outer = conv2d_node(b, join_name(name, "u"), m.u, [inner])
+    b.nodes[outer].metadata.update({**meta, "factor": "u"})
+    return [outer]
+
+
+def _lowrank_conv(b: GraphBuilder, name: str, m: LowRankConv2d, inputs: list[str]) -> list[str]:
+    return lowrank_conv_nodes(b, name, m, inputs)
+
+
 def _folded_conv(b: GraphBuilder, name: str, m: FoldedConv, inputs: list[str]) -> list[str]:
+    if isinstance(m.conv, LowRankConv2d):  # a DSP-factored convolution: name.v, name.u
+        return lowrank_conv_nodes(b, name, m.conv, inputs)
     return [conv2d_node(b, name, m.conv, inputs)]
 
 
@@ -551,6 +573,7 @@ def default_converters(*, dt: float = 1.0, spikformer: str = "refuse") -> dict[t
         MLP: _mlp,
         nn.Linear: _linear,
         LowRankLinear: _lowrank,
+        LowRankConv2d: _lowrank_conv,
         Head: _head,
     }
 

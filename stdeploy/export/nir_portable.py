@@ -59,7 +59,10 @@ Primitives and layout (every one read by snnTorch, SpikingJelly, Norse and nirto
   and two terms sum identically in either order.
 * Head: the head LIF, then the classifier over the mean of tokens as one ``Conv2d`` with an
   ``(h, w)`` kernel (weight ``fc.weight / N``), ``(D, h, w) -> (classes, 1, 1)``; on the MLP, an
-  ``Affine``. One Output node: per-step logits (``output="logits"``, the model's logits are their
+  ``Affine``. A low-rank (DSP) classifier is multiplied out into that one node.
+* Low-rank (DSP) layers keep their factors: a ``LowRankLinear`` is two chained 1x1 ``Conv2d``
+  (``name.v``, ``name.u``), a ``LowRankConv2d`` its ``k x k`` ``Conv2d`` (zero bias) then a 1x1
+  ``Conv2d`` with the bias; a per-channel threshold folds into ``name.u``'s rows. One Output node: per-step logits (``output="logits"``, the model's logits are their
   mean over the T steps), or the head LIF's spikes (``output="spikes"``), not both (nirtorch 2.6
   hangs on a graph with two Output nodes).
 * Spikformer's ``Q·Kᵀ·V`` is refused (no product of two activations in NIR).
@@ -85,11 +88,11 @@ from torch import nn
 from ..errors import ShapeError, StdeployError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
 from ..models.layers import Block, DenseEmbed, EmbedStage, Head, MaxPool, MLP, PatchEmbed, SpikeDrivenAttention, SpikformerAttention
-from ..models.structure import LowRankLinear
+from ..models.structure import LowRankConv2d, LowRankLinear
 from ..models.transformer import SpikingTransformer
 from ..neurons import LIF, SLIF
 from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, as_f32, conv2d_node, convert_model, identity_node, join_name,
-                         sequential_node, weight_meta, unsupported_modules, write_graph_file)
+                         lowrank_conv_nodes, sequential_node, weight_meta, unsupported_modules, write_graph_file)
 
 __all__ = ["to_portable_nir", "write_portable_nir", "portable_converters", "READER_DT", "NIR_MIN_VERSION", "OUTPUTS", "DIALECT", "OUTPUT"]
 
@@ -186,7 +189,13 @@ def _conv2d(b, name, m: nn.Conv2d, inputs):
     return [conv2d_node(b, name, m, inputs)]
 
 
+def _lowrank_conv(b, name, m: LowRankConv2d, inputs):
+    return lowrank_conv_nodes(b, name, m, inputs)
+
+
 def _folded_conv(b, name, m: FoldedConv, inputs):
+    if isinstance(m.conv, LowRankConv2d):  # DSP: two chained Conv2d, name.v (k x k) and name.u (1x1, the bias)
+        return lowrank_conv_nodes(b, name, m.conv, inputs)
     return [conv2d_node(b, name, m.conv, inputs)]
 
 
@@ -330,7 +339,12 @@ def _mlp(b, name, m: MLP, inputs):
 def _head(b, name, m: Head, inputs):
     s = b.convert(join_name(name, "lif"), m.lif, inputs)
     shape = b.input_shape(name, s)
-    weight, bias = as_f32(m.fc.weight), as_f32(m.fc.bias) if m.fc.bias is not None else np.zeros(m.fc.out_features, np.float32)
+    fc = m.fc
+    if isinstance(fc, LowRankLinear):  # DSP's whole-model scope factors the classifier: multiplied out (U V in float64)
+        weight = (fc.u.weight.detach().double() @ fc.v.weight.detach().double()).float().numpy()
+        bias = as_f32(fc.u.bias) if fc.u.bias is not None else np.zeros(fc.out_features, np.float32)
+    else:
+        weight, bias = as_f32(fc.weight), as_f32(fc.bias) if fc.bias is not None else np.zeros(fc.out_features, np.float32)
     if len(shape) == 1:  # one token: the mean over tokens is the identity
         return [_dense(b, join_name(name, "fc"), weight, bias, s, {})]
     d, h, w = shape
@@ -391,6 +405,7 @@ def portable_converters(*, dt: float = READER_DT, output: str = "logits", fold: 
         EmbedStage: _embed_stage, FoldedConv: _folded_conv, nn.Conv2d: _conv2d, MaxPool: maxpool, nn.Identity: identity_node,
         nn.Sequential: sequential_node, LIF: lif, SLIF: lif, Block: _block, SpikeDrivenAttention: attention,
         SpikformerAttention: Refusal(SPIKFORMER_REFUSAL), MLP: _mlp, nn.Linear: _linear, LowRankLinear: _lowrank, Head: _head,
+        LowRankConv2d: _lowrank_conv,
     }
 
 

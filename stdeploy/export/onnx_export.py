@@ -30,7 +30,8 @@ about 0.5-1 s; the torch.export-based one (``dynamo=True``, needs onnxscript) ta
 cores and gives an equivalent graph (its per-node stack traces are dropped: half the file). Both
 keep a low-rank layer ``u(v(x))`` as two ``MatMul`` nodes: constant folding only folds the
 transposes of the weights, never ``Uᵀ`` into ``Vᵀ``, because the activation enters the first
-product. The TorchScript exporter's deprecation warning is silenced here; switch the default to
+product; a low-rank convolution (``LowRankConv2d`` in a :class:`~stdeploy.models.fold.FoldedConv`)
+stays two ``Conv`` nodes, its ``k x k`` factor (no bias) then its 1x1 factor (the bias). The TorchScript exporter's deprecation warning is silenced here; switch the default to
 ``dynamo=True`` when torch drops it. Folded constants get readable names
 (``blocks.0.attn.q.weight.T``, ``blocks.0.attn.q_lif.threshold``) where their content is unique.
 

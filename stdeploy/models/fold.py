@@ -1,6 +1,7 @@
 """Fold every BatchNorm into the layer before it: the inference form of a model that exporters
 and targets see. ``LinearBN`` becomes a biased ``nn.Linear`` (or ``LowRankLinear`` with the scale in
-``U``), ``ConvBN`` a biased ``Conv2d``; zeros of pruned weights stay zeros.
+``U``), ``ConvBN`` a :class:`FoldedConv` of a biased ``Conv2d`` (or of a ``LowRankConv2d`` with the
+scale and shift in its 1x1 ``u``); zeros of pruned weights stay zeros.
 
 Folding changes float rounding (``W' s + b'`` instead of ``BN(W s)``), so a folded model can flip a
 spike whose membrane lies within about 1e-6 of its threshold; exports are validated against the
@@ -17,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import UnsupportedPrimitive
 from .layers import ConvBN, LinearBN
-from .structure import LowRankLinear
+from .structure import LowRankConv2d, LowRankLinear
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,9 +30,10 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch
 
 
 class FoldedConv(nn.Module):
-    """What a ``ConvBN`` becomes: a biased ``Conv2d`` of the same kernel and padding, T and B merged."""
+    """What a ``ConvBN`` becomes: a biased ``Conv2d`` of the same kernel and padding, or a
+    ``LowRankConv2d`` whose ``u`` holds the bias (a DSP-factored convolution), T and B merged."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d | LowRankConv2d):
         super().__init__()
         self.conv = conv
 
@@ -63,6 +65,14 @@ def _fold_linear(m: LinearBN) -> nn.Module:
 def _fold_conv(m: ConvBN) -> FoldedConv:
     scale, shift = _bn_affine(m.bn)
     c = m.conv
+    if isinstance(c, LowRankConv2d):  # BN scales the output channels: u's rows, and u takes the shift
+        v = c.v
+        new = LowRankConv2d(c.in_channels, c.out_channels, c.kernel_size, c.rank, v.stride, v.padding, v.dilation, bias=True)
+        with torch.no_grad():
+            new.v.weight.copy_(v.weight)
+            new.u.weight.copy_((c.u.weight.double() * scale[:, None, None, None]).float())
+            new.u.bias.copy_(shift.float())
+        return FoldedConv(new)
     new = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=True)
     with torch.no_grad():
         new.weight.copy_((c.weight.double() * scale[:, None, None, None]).float())

@@ -16,7 +16,8 @@ The arithmetic (mode ``"exact"``)
 * BatchNorm is folded first (:func:`~stdeploy.models.fold.fold_batchnorm`); every ``nn.Linear``
   (also the head classifier) becomes a :class:`QuantLinear`, every folded convolution a
   :class:`QuantConv`. A low-rank (DSP) ``LowRankLinear`` is merged first (:func:`merge_low_rank`):
-  its dense product ``U V`` becomes one :class:`QuantLinear` (see "Low-rank layers" below).
+  its dense product ``U V`` becomes one :class:`QuantLinear` (see "Low-rank layers" below); a
+  folded ``LowRankConv2d`` likewise becomes one dense ``Conv2d``, then one :class:`QuantConv`.
 * Weights: ``w = s * W`` with ``W`` an integer in ``[-127, 127]`` (8 bits) and ``s = 2**-k`` a
   per-layer power of two, the smallest that fits the largest weight
   (:func:`power_of_two_scale`); the layers that write the residual stream share the coarsest of
@@ -63,7 +64,10 @@ linear layer: one 8-bit grid, one scale, the same bound as a dense layer. What i
 exported and fine-tuned layer is dense, ``in * out`` parameters and multiply-adds per token instead
 of ``rank * (in + out)`` (DSP's saving on those layers is given back: e.g. ``sdt-tiny``'s ``fc1``,
 64 -> 256, at rank 16 holds 16,384 instead of 5,120 weights); a checkpoint saved in the exact mode
-records no low-rank structure, and quantisation-aware fine-tuning updates the dense weight.
+records no low-rank structure, and quantisation-aware fine-tuning updates the dense weight. A
+low-rank convolution (DSP's whole-model scope) is merged the same way: its ``k x k`` factor ``v``
+and 1x1 factor ``u`` become one dense convolution of the layer's kernel, ``out * in * kh * kw``
+weights, quantised as one :class:`QuantConv` on one grid.
 
 The Loihi 2 mode (mode ``"loihi2"``): the exact arithmetic plus Loihi's integer constraints
 ---------------------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..neurons import LIF, neurons_of, to_lif
 from .fold import FoldedConv, fold_batchnorm
-from .structure import LowRankLinear
+from .structure import LowRankConv2d, LowRankLinear
 
 __all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "QuantLinear", "QuantConv", "power_of_two_scale",
            "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode",
@@ -344,9 +348,19 @@ def _grid_threshold(theta: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(theta.double() * n), min=1).div(n).to(theta.dtype)
 
 
-def merge_low_rank(m: LowRankLinear) -> nn.Linear:
+def merge_low_rank(m: LowRankLinear | LowRankConv2d) -> nn.Linear | nn.Conv2d:
     """The dense ``nn.Linear`` with weight ``U V`` (product in float64) and ``u``'s bias: the same
-    function as ``m`` up to float32 rounding of the product, ``in * out`` parameters."""
+    function as ``m`` up to float32 rounding of the product, ``in * out`` parameters. A
+    ``LowRankConv2d`` gives the dense ``nn.Conv2d`` of its kernel, stride, padding and dilation with
+    weight ``U V`` reshaped to ``(out, in, kh, kw)`` (product in float64) and ``u``'s bias."""
+    if isinstance(m, LowRankConv2d):
+        v = m.v
+        conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, v.stride, v.padding, v.dilation, bias=m.u.bias is not None)
+        with torch.no_grad():
+            conv.weight.copy_(m.product(torch.float64).to(conv.weight.dtype))
+            if m.u.bias is not None:
+                conv.bias.copy_(m.u.bias)
+        return conv.to(m.u.weight.device)
     dense = nn.Linear(m.in_features, m.out_features, bias=m.u.bias is not None)
     with torch.no_grad():
         dense.weight.copy_((m.u.weight.double() @ m.v.weight.double()).to(dense.weight.dtype))
@@ -359,10 +373,13 @@ def power_of_two_token_mean(model: nn.Module) -> None:
     """For a token count ``N`` that is not a power of two: the head's mean over tokens becomes the
     sum times ``2**-k`` (``k = ceil(log2 N)``), and ``fc``'s weight is multiplied by ``2**k / N``
     (float64) before it is quantised, so the function is unchanged and every value stays dyadic
-    (``1/N`` is not: ``sdt-1d-tiny``'s 20 tokens put the logits on a 2^-37 grid)."""
+    (``1/N`` is not: ``sdt-1d-tiny``'s 20 tokens put the logits on a 2^-37 grid). A low-rank (DSP)
+    classifier is merged first (:func:`merge_low_rank`, as :func:`to_exact` merges it anyway)."""
     from .layers import Head
 
     head, n = getattr(model, "head", None), int(getattr(model.cfg, "tokens", 1))
+    if isinstance(head, Head) and isinstance(head.fc, LowRankLinear) and n > 1 and n & (n - 1):
+        head.fc = merge_low_rank(head.fc)
     if not isinstance(head, Head) or n <= 1 or n & (n - 1) == 0 or type(head.fc) is not nn.Linear:
         return
     k = math.ceil(math.log2(n))
@@ -428,6 +445,8 @@ def to_exact(model: nn.Module, input_contract: InputContract | None = None, mode
             elif isinstance(child, LowRankLinear):
                 setattr(parent, name, QuantLinear(merge_low_rank(child)))
             elif isinstance(child, FoldedConv):
+                if isinstance(child.conv, LowRankConv2d):
+                    child = FoldedConv(merge_low_rank(child.conv))
                 setattr(parent, name, QuantConv(child, quantize_input=fqn in INPUT_LAYERS, input_contract=contract))
             elif isinstance(child, nn.Conv2d):
                 raise UnsupportedPrimitive(f"exact mode: {fqn} is a bare Conv2d; only folded convolutions are quantised")

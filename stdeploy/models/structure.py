@@ -2,6 +2,9 @@
 rebuild them before loading weights:
 
 * ``LowRankLinear``: a linear layer held as two factors, ``W = U @ V`` with inner dimension ``rank``.
+* ``LowRankConv2d``: a convolution held as two factors, a ``k x k`` convolution ``in -> rank`` (the
+  layer's kernel, stride, padding, dilation) then a 1x1 convolution ``rank -> out``: the weight
+  reshaped to ``(out, in * kh * kw)`` is ``U @ V``.
 * ``WeightMask``: a parametrization that multiplies a weight by a fixed 0/1 mask (weights stay
   trainable, pruned entries stay exactly zero and get zero gradient), on a linear or a convolution.
 
@@ -72,8 +75,133 @@ class LowRankLinear(nn.Module):
     def params(self) -> int:
         return self.rank * (self.in_features + self.out_features)
 
+    @property
+    def rank_params(self) -> int:
+        """Parameters one inner dimension holds: a column of U and a row of V."""
+        return self.in_features + self.out_features
+
+    @property
+    def dense_params(self) -> int:
+        """Entries of the dense weight, ``out * in``."""
+        return self.in_features * self.out_features
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.in_features, self.out_features)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankConv2d(nn.Module):
+    """``y = u(v(x))`` on ``(N, C, H, W)``: ``v`` a ``Conv2d`` ``in -> rank`` with the dense layer's
+    kernel, stride, padding and dilation (no bias), ``u`` a 1x1 ``Conv2d`` ``rank -> out`` (the
+    bias). The weight as a matrix ``(out, in * kh * kw)`` is ``U @ V`` with ``U = u.weight[:, :, 0, 0]``
+    and ``V = v.weight.flatten(1)``; ``rank * (in * kh * kw + out)`` parameters, as many multiply-adds
+    per output position. Grouped convolutions are not factored."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0, dilation=1,
+                 bias: bool = False):
+        super().__init__()
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(int(k) for k in kernel_size)
+        fan_in = in_channels * kh * kw
+        if not 1 <= rank <= min(fan_in, out_channels):
+            raise ConfigError(f"rank must be in [1, {min(fan_in, out_channels)}] for a {out_channels}x{in_channels}x{kh}x{kw} "
+                              f"convolution, got {rank}")
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.v = nn.Conv2d(in_channels, rank, (kh, kw), stride, padding, dilation, bias=False)
+        self.u = nn.Conv2d(rank, out_channels, 1, bias=bias)
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.v.kernel_size)
+
+    @property
+    def fan_in(self) -> int:
+        """Inputs of one output value, ``in * kh * kw`` (the width of ``V``)."""
+        kh, kw = self.kernel_size
+        return self.in_channels * kh * kw
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int | None = None, name: str = "") -> "LowRankConv2d":
+        """Factor ``conv.weight`` reshaped to ``(out, in * kh * kw)`` by truncated SVD, ``U_k sqrt(S_k)``
+        and ``sqrt(S_k) V_k^T`` (exact at full rank); the bias goes to ``u``. ``name`` names the
+        layer in the :class:`ConfigError` for a grouped or non-zero-padded convolution."""
+        label = name or "convolution"
+        if conv.groups != 1:
+            raise ConfigError(f"{label}: a grouped convolution (groups={conv.groups}) is not factored into low-rank convolutions")
+        if conv.padding_mode != "zeros":
+            raise ConfigError(f"{label}: padding_mode {conv.padding_mode!r} is not factored (zero padding only)")
+        w = conv.weight.detach()
+        out_c = w.shape[0]
+        mat = w.reshape(out_c, -1)
+        rank = min(mat.shape) if rank is None else rank
+        new = cls(conv.in_channels, out_c, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None)
+        u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            new.u.weight.copy_((u[:, :rank] * root).to(w.dtype)[:, :, None, None])
+            new.v.weight.copy_((root[:, None] * vh[:rank]).to(w.dtype).view_as(new.v.weight))
+            if conv.bias is not None:
+                new.u.bias.copy_(conv.bias.detach())
+        return new.to(w.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Cin, H, W) -> (N, Cout, H', W')
+        return self.u(self.v(x))
+
+    def product(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``(out, in, kh, kw)``, ``U @ V`` computed in ``dtype`` (default the factors')."""
+        dtype = dtype or self.u.weight.dtype
+        mat = self.u.weight.to(dtype).flatten(1) @ self.v.weight.to(dtype).flatten(1)
+        return mat.view(self.out_channels, self.in_channels, *self.kernel_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense product (for inspection and dense fallbacks), shaped like ``Conv2d.weight``."""
+        return self.product()
+
+    def group_norms(self) -> torch.Tensor:
+        """Norm of each inner dimension: output channel ``i`` of ``v`` with input channel ``i`` of
+        ``u``, shape ``(rank,)``."""
+        return torch.sqrt(self.u.weight.pow(2).sum((0, 2, 3)) + self.v.weight.pow(2).sum((1, 2, 3)))
+
+    def keep(self, dims: torch.Tensor) -> "LowRankConv2d":
+        """A new layer with only the inner dimensions ``dims`` (indices)."""
+        v = self.v
+        new = LowRankConv2d(self.in_channels, self.out_channels, self.kernel_size, int(dims.numel()), v.stride, v.padding,
+                            v.dilation, bias=self.u.bias is not None)
+        with torch.no_grad():
+            new.u.weight.copy_(self.u.weight[:, dims])
+            new.v.weight.copy_(self.v.weight[dims])
+            if self.u.bias is not None:
+                new.u.bias.copy_(self.u.bias)
+        return new.to(self.u.weight.device)
+
+    @property
+    def params(self) -> int:
+        return self.rank * (self.fan_in + self.out_channels)
+
+    @property
+    def rank_params(self) -> int:
+        """Parameters one inner dimension holds: a ``v`` filter and a ``u`` column."""
+        return self.fan_in + self.out_channels
+
+    @property
+    def dense_params(self) -> int:
+        """Entries of the dense weight, ``out * in * kh * kw``."""
+        return self.fan_in * self.out_channels
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.fan_in, self.out_channels)
+
+    def extra_repr(self) -> str:
+        v = self.v
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, rank={self.rank}, stride={tuple(v.stride)}, "
+                f"padding={v.padding if isinstance(v.padding, str) else tuple(v.padding)}")
+
+
+LOW_RANK = (LowRankLinear, LowRankConv2d)  # the factored layers: each one unit of weights
 
 
 class WeightMask(nn.Module):
@@ -112,7 +240,7 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
     """Every low-rank layer and masked weight, by module name."""
     out: dict[str, dict] = {}
     for name, m in model.named_modules():
-        if isinstance(m, LowRankLinear):
+        if isinstance(m, LOW_RANK):
             out[name] = {"type": "lowrank", "rank": m.rank}
         elif isinstance(m, (nn.Linear, nn.Conv2d)) and parametrize.is_parametrized(m, "weight"):
             out[name] = {"type": "mask"}
@@ -120,14 +248,18 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
 
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
-    """Recreate the modules named in ``structure`` on ``model`` (in place)."""
+    """Recreate the modules named in ``structure`` on ``model`` (in place): ``lowrank`` on an
+    ``nn.Linear`` gives a ``LowRankLinear``, on an ``nn.Conv2d`` a ``LowRankConv2d``."""
     for fqn, spec in structure.items():
         kind = spec.get("type") if isinstance(spec, dict) else None
         m = get_submodule(model, fqn)
         if kind == "lowrank":
-            if not isinstance(m, nn.Linear):
-                raise ConfigError(f"{fqn}: low-rank structure needs an nn.Linear, found {type(m).__name__}")
-            set_submodule(model, fqn, LowRankLinear(m.in_features, m.out_features, int(spec["rank"]), bias=m.bias is not None))
+            if isinstance(m, nn.Conv2d):
+                set_submodule(model, fqn, LowRankConv2d.from_dense(m, int(spec["rank"]), name=fqn))
+            elif isinstance(m, nn.Linear):
+                set_submodule(model, fqn, LowRankLinear(m.in_features, m.out_features, int(spec["rank"]), bias=m.bias is not None))
+            else:
+                raise ConfigError(f"{fqn}: low-rank structure needs an nn.Linear or nn.Conv2d, found {type(m).__name__}")
         elif kind == "mask":
             if not isinstance(m, (nn.Linear, nn.Conv2d)):
                 raise ConfigError(f"{fqn}: mask structure needs an nn.Linear or nn.Conv2d, found {type(m).__name__}")

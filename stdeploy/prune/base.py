@@ -4,7 +4,7 @@
 selected weights (addressed by fully qualified names); ``pruner.regularizer(model)`` is the penalty
 added to the loss while the weights are pushed toward zero; ``pruner.step(progress)`` updates the
 masks / ranks to the schedule's target; ``pruner.finalize(model)`` makes everything permanent and
-leaves plain modules (``nn.Linear`` with zeros, ``LowRankLinear``) that export cleanly.
+leaves plain modules (``nn.Linear`` with zeros, ``LowRankLinear``, ``LowRankConv2d``) that export cleanly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.structure import LowRankLinear
+from ..models.structure import LOW_RANK
 
 METHODS = ("l1p", "dsp")
 # The weight matrices of the transformer blocks: Q/K/V/output projections and the MLP layers.
@@ -83,9 +83,9 @@ def layer_patterns(text: str | None) -> tuple[str, ...]:
 
 
 def select_layers(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> dict[str, nn.Module]:
-    """The ``nn.Linear`` / ``LowRankLinear`` / ``nn.Conv2d`` modules whose names match ``patterns``,
-    in model order. A pattern that matches nothing is an error naming it."""
-    kinds = (nn.Linear, LowRankLinear, nn.Conv2d)
+    """The ``nn.Linear`` / ``nn.Conv2d`` / ``LowRankLinear`` / ``LowRankConv2d`` modules whose names
+    match ``patterns``, in model order. A pattern that matches nothing is an error naming it."""
+    kinds = (nn.Linear, nn.Conv2d, *LOW_RANK)
     candidates = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not _inside_lowrank(model, n)}
     chosen: dict[str, nn.Module] = {}
     unmatched = []
@@ -103,7 +103,7 @@ def select_layers(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> di
 
 def _inside_lowrank(model: nn.Module, name: str) -> bool:
     parent = name.rpartition(".")[0]
-    return bool(parent) and isinstance(model.get_submodule(parent), LowRankLinear)
+    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK)
 
 
 def dense_params(layers: dict[str, nn.Module]) -> int:
@@ -112,6 +112,8 @@ def dense_params(layers: dict[str, nn.Module]) -> int:
 
 
 def _dense_size(m: nn.Module) -> int:
+    if isinstance(m, LOW_RANK):
+        return m.dense_params
     if isinstance(m, nn.Conv2d):
         return m.weight.numel()
     return m.in_features * m.out_features

@@ -1,14 +1,17 @@
 """What a (pruned) model holds and computes: parameters and multiply-adds of its weight layers.
 
 ``weight_counts(model)`` runs one sample of one timestep's shape through the model with hooks on
-every weight layer (``nn.Linear``, ``nn.Conv2d``, ``LowRankLinear`` as one unit) and returns, per
-layer and in total:
+every weight layer (``nn.Linear``, ``nn.Conv2d``, and ``LowRankLinear`` / ``LowRankConv2d`` each as
+one unit) and returns, per layer and in total:
 
 * ``params``: nonzero weight entries (a masked weight counts its kept entries, a low-rank layer
-  ``rank * (in + out)``); ``params_dense``: entries of the dense weight (``out * in [* kh * kw]``).
+  ``rank * (in + out)``, a low-rank convolution ``rank * (in * kh * kw + out)``); ``params_dense``:
+  entries of the dense weight (``out * in [* kh * kw]``).
 * ``macs``: multiply-adds per sample per timestep, ``params * positions`` (positions: tokens for a
   per-token linear, output pixels / sequence positions for a convolution, 1 for the classifier),
-  zero weights skipped; ``macs_dense`` likewise with the dense weight.
+  zero weights skipped; ``macs_dense`` likewise with the dense weight. A low-rank convolution's
+  two factors run at the same output positions ``HO * WO`` (``u`` is 1x1): ``rank * in * kh * kw``
+  multiply-adds per position for ``v`` plus ``out * rank`` for ``u``, its params times positions.
 
 Biases, BatchNorm, neuron updates and the attention's activation products (Q·K, the token sums)
 are not counted: the figures are what pruning can remove. They do not depend on the input, only on
@@ -21,21 +24,21 @@ import torch
 from torch import nn
 
 from ..models import direct_encode
-from ..models.structure import LowRankLinear
+from ..models.structure import LOW_RANK, LowRankConv2d
 
 __all__ = ["weight_counts"]
 
 
 def _inside_lowrank(model: nn.Module, name: str) -> bool:
     parent = name.rpartition(".")[0]
-    return bool(parent) and isinstance(model.get_submodule(parent), LowRankLinear)
+    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK)
 
 
 def _layer_counts(m: nn.Module) -> tuple[int, int]:
     """(params kept, params dense) of one weight layer."""
-    if isinstance(m, LowRankLinear):
+    if isinstance(m, LOW_RANK):
         kept = int((m.v.weight != 0).sum()) + int((m.u.weight != 0).sum())
-        return kept, m.in_features * m.out_features
+        return kept, m.dense_params
     w = m.weight
     return int((w != 0).sum()), w.numel()
 
@@ -44,12 +47,12 @@ def _layer_counts(m: nn.Module) -> tuple[int, int]:
 def weight_counts(model: nn.Module) -> dict:
     """Parameters and multiply-adds (per sample per timestep) of every weight layer, and totals."""
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d, LowRankLinear)) and not _inside_lowrank(model, n)}
+              if isinstance(m, (nn.Linear, nn.Conv2d, *LOW_RANK)) and not _inside_lowrank(model, n)}
     positions: dict[str, int] = {}
     hooks = []
     for name, m in layers.items():
         def hook(mod, inputs, output, name=name):
-            if isinstance(mod, nn.Conv2d):
+            if isinstance(mod, (nn.Conv2d, LowRankConv2d)):  # (N, C, HO, WO)
                 positions[name] = int(output.shape[-2] * output.shape[-1])
             else:
                 positions[name] = int(output.numel() // output.shape[-1] // steps_times_batch)

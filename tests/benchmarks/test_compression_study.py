@@ -225,3 +225,22 @@ def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(st
         assert not silent or (r["setting"] in ("l1p98-all", "l1p99-all") and min(r["layer_remaining"].values()) < 0.007), \
             (study.cell_key(r), silent)
     assert sum(all(0 < rate for rate in r["firing_rate"].values()) for r in lines) >= 30   # the block-scope slice fires everywhere
+
+
+def test_layer_remaining_of_dsp_whole_model_reports_counts_convolutions(study):
+    """DSP's whole-model report holds convolutions (shape ``(out, in, kh, kw)``) beside linears: the
+    fraction left of each is its factors' parameters over the dense weight's entries."""
+    from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner
+
+    torch.manual_seed(0)
+    model = build_model("sdt-tiny")
+    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.2, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    pruner.step(model)
+    pruner.finalize(model)
+    layers = pruner.report(model)["layers"]
+    rpe = model.embed.rpe.conv
+    assert layers["embed.rpe.conv"]["shape"] == [64, 64, 3, 3]
+    assert study._layer_remaining(layers["embed.rpe.conv"]) == rpe.rank * (576 + 64) / (64 * 576)
+    assert study._layer_remaining(layers["embed.stages.0.conv.conv"]) == 1.0   # dense by the rule
+    assert study._layer_remaining(layers["head.fc"]) == layers["head.fc"]["params"] / 640

@@ -333,6 +333,63 @@ def test_low_rank_layers_are_merged_and_factors_would_not_be_exact(dsp):
     print(f"factors quantised separately: {err.value}")
 
 
+def test_low_rank_convolutions_fold_into_u_and_merge_in_the_exact_mode():
+    """DSP's whole-model scope: a ``LowRankConv2d`` before BatchNorm folds the BN scale and shift into
+    its 1x1 ``u``; the exact mode merges it into one dense ``QuantConv`` of the layer's kernel (like
+    ``LowRankLinear``), and the exact model's NIR passes the exactness check."""
+    from torch import nn
+
+    from stdeploy.models.fold import FoldedConv, fold_batchnorm
+    from stdeploy.models.quantize import QuantConv, merge_low_rank
+    from stdeploy.models.structure import LowRankConv2d
+
+    torch.manual_seed(0)
+    model = build_model("sdt-tiny").eval()
+    for cbn in (model.embed.stages[1].conv, model.embed.rpe):
+        cbn.conv = LowRankConv2d.from_dense(cbn.conv, rank=8)
+        with torch.no_grad():  # statistics of a trained BN, so folding has something to fold
+            cbn.bn.running_mean.uniform_(-0.5, 0.5)
+            cbn.bn.running_var.uniform_(0.5, 2.0)
+            cbn.bn.weight.uniform_(0.5, 1.5)
+    folded = fold_batchnorm(model)
+    x = direct_encode(torch.rand(8, 1, 8, 8), 4)
+    for name, cbn in (("embed.stages.1.conv", model.embed.stages[1].conv), ("embed.rpe", model.embed.rpe)):
+        f = folded.get_submodule(name)
+        assert isinstance(f, FoldedConv) and isinstance(f.conv, LowRankConv2d) and f.conv.rank == 8 and f.conv.v.bias is None
+        torch.testing.assert_close(f.conv.v.weight, cbn.conv.v.weight, rtol=0, atol=0)   # v untouched, BN in u
+        y = torch.rand(2, 4, cbn.conv.in_channels, 8, 8).round()
+        with torch.no_grad():
+            torch.testing.assert_close(f(y), cbn(y), rtol=1e-5, atol=1e-5)
+        merged = merge_low_rank(f.conv)
+        assert type(merged) is nn.Conv2d and merged.weight.shape == (64, cbn.conv.in_channels, 3, 3)
+        assert merged.padding == (1, 1) and torch.allclose(merged.weight, f.conv.weight, atol=1e-6)
+    exact = to_exact(model)
+    assert not any(isinstance(m, LowRankConv2d) for m in exact.modules())
+    for name in ("embed.stages.1.conv", "embed.rpe"):
+        q = exact.get_submodule(name)
+        assert isinstance(q, QuantConv) and torch.equal(q.weight, merge_low_rank(folded.get_submodule(name).conv).weight)
+    check_exact(to_nir(deployable(exact)), timesteps=4)   # raises naming the layer where a sum would round
+    with torch.no_grad():
+        assert exact(quantize_input(x)).shape == (8, 10)
+
+
+def test_a_low_rank_classifier_of_20_tokens_gets_the_power_of_two_token_mean():
+    """DSP's whole-model scope factors ``head.fc``: on ``sdt-1d-tiny`` (20 tokens) the exact mode still
+    makes the token mean a sum times 2^-5 (the factors merged first), so the logits stay dyadic."""
+    from stdeploy.models.quantize import QuantLinear
+    from stdeploy.models.structure import LowRankLinear
+
+    torch.manual_seed(0)
+    model = build_model("sdt-1d-tiny").eval()
+    dense = to_exact(model)
+    model.head.fc = LowRankLinear.from_dense(model.head.fc)   # full rank: the same function
+    exact = to_exact(model)
+    assert isinstance(model.head.fc, LowRankLinear)   # the caller's model is not changed
+    assert isinstance(exact.head.fc, QuantLinear) and exact.head.token_scale == dense.head.token_scale == 2.0 ** -5
+    torch.testing.assert_close(exact.head.fc.weight, dense.head.fc.weight, rtol=0, atol=1e-6)
+    check_exact(to_nir(deployable(exact)), timesteps=4)
+
+
 # ----------------------------------------------------------------------------- Lava fixed point
 LAVA_SAMPLES = 2  # Lava starts one process per population and synapse (110 here): the run costs 8-12 s on the shared machine
 

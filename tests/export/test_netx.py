@@ -273,3 +273,35 @@ def test_low_rank_layer_is_multiplied_out():
     assert np.array_equal(dense.weight, np.rint(d * dense.vth / theta[:, None] * w).astype(np.int64))
     assert np.abs(dense.weight).max() == 127  # the scale fills the 8 bits
 
+
+
+def test_dsp_whole_model_convolutions_and_classifier_are_multiplied_out():
+    """conv-tiny under DSP on the layers of the whole-model scope it has (stage 1, the position
+    embedding, the classifier; the stem is left out; one-shot 50%): netx has no low-rank layer, so a factored
+    convolution becomes one dense netx conv, ``rint(d V (U V) / theta)`` with ``U V`` in float64, and
+    the factored classifier one dense readout; the integer reference still agrees with PyTorch."""
+    from stdeploy.models.structure import LowRankConv2d, LowRankLinear
+    from stdeploy.prune import PruneConfig, make_pruner
+
+    torch.manual_seed(0)
+    model = build_model("conv-tiny", threshold=0.2)
+    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.5, layers=("embed.stages.1.conv.conv", "embed.rpe.conv", "head.fc")))
+    pruner.prepare(model)
+    pruner.step(model)
+    pruner.finalize(model)
+    folded = fold_batchnorm(model.eval())
+    lr, fc = folded.embed.stages[1].conv.conv, folded.head.fc
+    assert isinstance(lr, LowRankConv2d) and isinstance(folded.embed.rpe.conv, LowRankConv2d) and isinstance(fc, LowRankLinear)
+    net = to_netx(folded)
+    assert [l.kind for l in net.layers] == ["input", "conv", "conv", "conv"]
+    conv1 = net.layers[1]
+    w = lr.product(torch.float64).detach().numpy()
+    d, theta = 0.5, folded.embed.stages[1].lif.threshold.double().numpy()
+    assert conv1.weight.shape == (32, lr.in_channels, 3, 3) == w.shape and conv1.padding == (1, 1)
+    assert np.array_equal(conv1.weight, np.rint(d * conv1.vth / theta[:, None, None, None] * w).astype(np.int64))
+    np.testing.assert_allclose(net.readout["weight"], (fc.u.weight.double() @ fc.v.weight.double()).float().detach().numpy(), rtol=0, atol=0)
+    x = direct_encode(torch.rand(8, 1, 8, 8), 4)
+    spikes = model_spikes(net, loihi_reference(net, host_currents(net, x))[-1])
+    torch_spikes = logits_and_spikes(folded, x)[1]
+    assert 0.05 < float(torch_spikes.mean()) < 0.9
+    assert float((spikes == torch_spikes).float().mean()) >= MIN_TORCH_AGREEMENT

@@ -1,6 +1,7 @@
 """NIR export and the reference interpreter: each converter, the exact AND/OR lowerings, the LIF
 mapping, a trained sdt-tiny round-tripped through a file (0 spike mismatches), structure and errors."""
 
+import copy
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from stdeploy.activity import measure_activity, require_active
 from stdeploy.errors import ShapeError, UnsupportedPrimitive
 from stdeploy.export.nir_export import (INPUT, OUTPUT_LOGITS, OUTPUT_SPIKES, GraphBuilder, default_converters, nir_stats,
                                         to_nir, write_nir)
@@ -17,7 +19,7 @@ from stdeploy.export.nir_interpreter import SUPPORTED, run_nir
 from stdeploy.models import build_model, direct_encode
 from stdeploy.models.fold import FoldedConv, fold_batchnorm
 from stdeploy.models.layers import MLP, Block, DenseEmbed, EmbedStage, Head, MaxPool, PatchEmbed, SpikeDrivenAttention, SpikformerAttention
-from stdeploy.models.structure import LowRankLinear, attach_mask
+from stdeploy.models.structure import LowRankConv2d, LowRankLinear, attach_mask
 from stdeploy.models.transformer import SpikingTransformer
 from stdeploy.neurons import LIF, SLIF, LIFParams, lif_step, neurons_of
 from stdeploy.train import TrainConfig, train
@@ -41,6 +43,7 @@ COVERED = {
     MLP: "test_every_node_matches_pytorch_hooks",
     nn.Linear: "test_every_node_matches_pytorch_hooks",
     LowRankLinear: "test_lowrank_is_two_chained_conv1d",
+    LowRankConv2d: "test_dsp_whole_model_conv_is_two_chained_conv2d_read_back_exact",
     Head: "test_every_node_matches_pytorch_hooks",
 }
 
@@ -319,6 +322,49 @@ def test_lowrank_is_two_chained_conv1d():
     with torch.no_grad():
         folded(xs)
     assert torch.equal(tokens(run_nir(graph, xs)[OUTPUT_SPIKES]), seen["head.lif"][1])
+
+
+def test_dsp_whole_model_conv_is_two_chained_conv2d_read_back_exact(trained_sdt, tmp_path):
+    """DSP ``--layers all`` (the shared trained sdt-tiny, one-shot 50%): a factored convolution is
+    ``name.v`` (3x3, zero bias) -> ``name.u`` (1x1, the bias), the stem one node (dense by the rule);
+    the file reads back through NIR's type-checked reader and our interpreter gives PyTorch's head
+    spikes on real digits, the model firing. A bare ``LowRankConv2d`` converts alike."""
+    from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner
+
+    model, data = trained_sdt
+    model = copy.deepcopy(model)
+    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.5, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    pruner.step(model)
+    pruner.finalize(model)
+    folded = fold_batchnorm(model.eval())
+    graph = nir.read(write_nir(to_nir(folded), tmp_path / "dsp.nir"))
+    assert isinstance(graph.nodes["embed.stages.0.conv"], nir.Conv2d) and "embed.rpe" not in graph.nodes
+    for name in ("embed.stages.1.conv", "embed.rpe"):
+        lr = folded.get_submodule(name).conv
+        v, u = graph.nodes[f"{name}.v"], graph.nodes[f"{name}.u"]
+        assert isinstance(v, nir.Conv2d) and isinstance(u, nir.Conv2d) and (f"{name}.v", f"{name}.u") in graph.edges
+        assert v.weight.shape == (lr.rank, lr.in_channels, 3, 3) and u.weight.shape == (64, lr.rank, 1, 1) and not np.any(v.bias)
+        np.testing.assert_array_equal(u.bias, lr.u.bias.detach().numpy())
+        assert v.metadata["lowrank"] and int(u.metadata["rank"]) == lr.rank and u.metadata["factor"] == "u"
+    images = torch.stack([data.test[i][0] for i in range(32)])
+    xs = direct_encode(images, 4)
+    seen = hook_all(folded, ["head.lif"])
+    with torch.no_grad():
+        ref_logits = folded(xs)
+    ref = seen["head.lif"][1]
+    assert float(ref.mean()) > 0.01
+    require_active(measure_activity(folded, xs).firing_rates, low=1e-3, high=0.9)   # every LIF fires, none saturates
+    out = run_nir(graph, xs)
+    assert torch.equal(tokens(out[OUTPUT_SPIKES]), ref)
+    torch.testing.assert_close(out[OUTPUT_LOGITS].mean(0), ref_logits, rtol=0, atol=1e-5)
+    torch.manual_seed(0)
+    bare = LowRankConv2d.from_dense(nn.Conv2d(4, 6, 3, padding=1, bias=True), rank=3)
+    g = graph_of(bare, (4, 5, 5))
+    assert list(g.nodes) == [INPUT, "m.v", "m.u", "out"]
+    x = torch.rand(2, 3, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(run_nir(g, x)["out"], bare(x.flatten(0, 1)).view(2, 3, 6, 5, 5), rtol=1e-6, atol=1e-6)
 
 
 def test_sparse_weights_keep_their_zeros(tmp_path):

@@ -155,6 +155,41 @@ def test_low_rank_layers_stay_two_matmuls(tmp_path, inputs):
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=LOGIT_ATOL)
 
 
+def test_dsp_whole_model_keeps_two_convs_per_factored_convolution_and_is_spike_exact(tmp_path, trained_sdt, inputs):
+    """DSP ``--layers all`` on the shared trained sdt-tiny (one-shot, 50% of the parameters, no
+    fine-tune): stage 1 and the position embedding are factored, the stem (and fc1) dense by the
+    rule. The graph keeps each factored convolution as two Conv nodes (k x k, then 1x1 with the
+    bias) and onnxruntime reproduces PyTorch's head spikes on the 64 test digits, the model firing."""
+    from stdeploy.models.structure import LowRankConv2d
+    from stdeploy.prune import ALL_LAYERS, PruneConfig, make_pruner
+
+    model = copy.deepcopy(trained_sdt[0])
+    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.5, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    pruner.step(model)
+    pruner.finalize(model)
+    assert "embed.stages.0.conv.conv" in pruner.skipped
+    folded = fold_batchnorm(model.eval())
+    factored = {n: folded.get_submodule(n).conv for n in ("embed.stages.1.conv", "embed.rpe")}
+    assert all(isinstance(c, LowRankConv2d) and c.rank < 64 for c in factored.values())
+    info = export_onnx(folded, tmp_path / "dsp.onnx")   # validated against PyTorch inside as well
+    proto = onnx.load(tmp_path / "dsp.onnx")
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    assert len(convs) == 1 + 2 + 2 and info["file_bytes"] > 0
+    for name, c in factored.items():
+        assert shapes[f"{name}.conv.v.weight"] == (c.rank, c.in_channels, 3, 3) and shapes[f"{name}.conv.u.weight"] == (64, c.rank, 1, 1)
+        assert f"{name}.conv.u.bias" in shapes and f"{name}.conv.v.bias" not in shapes
+    activity = measure_activity(folded, inputs)
+    require_active(activity.firing_rates, low=1e-3, high=0.9)
+    ref_logits, ref_spikes = reference(folded, inputs)
+    logits, spikes = run_onnx(tmp_path / "dsp.onnx", inputs)
+    assert float(ref_spikes.mean()) > 0.01
+    assert spike_mismatches(ref_spikes, spikes) == 0
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=LOGIT_ATOL)
+    print(f"DSP-all 50%: ranks {[c.rank for c in factored.values()]}, {activity.summary()}")
+
+
 def prune_blocks(model, sparsity):
     """Zero the smallest-magnitude weights of every block linear (a finalized magnitude pruning)."""
     model = copy.deepcopy(model)

@@ -225,10 +225,11 @@ def test_every_portable_converter_is_exercised(trained):
 
     from stdeploy.export.nir_portable import portable_converters
     from stdeploy.models.layers import SpikformerAttention
-    from stdeploy.models.structure import LowRankLinear
+    from stdeploy.models.structure import LowRankConv2d, LowRankLinear
 
     seen = {type(m) for name in MODELS for m in trained[name][0].modules()}
     seen |= {SpikformerAttention, LowRankLinear, SLIF}  # test_spikformer_is_refused, test_lowrank_layers, the folding tests
+    seen |= {LowRankConv2d}  # test_lowrank_convolutions
     seen |= {nn.Conv2d, nn.Sequential}  # plain conv and containers: test_plain_conv_and_sequential
     assert set(portable_converters()) <= seen, set(portable_converters()) - seen
 
@@ -252,6 +253,26 @@ def test_lowrank_layers(trained):
         _, records = record_neurons(model, x)
     graph = to_portable_nir(model, output="spikes")
     assert {"blocks.0.mlp.fc1.u", "blocks.0.mlp.fc1.v"} <= set(graph.nodes)
+    ref = records["head.lif"]["spikes"]
+    assert ref.sum() > 0.02 * ref.numel()
+    assert int((as_tokens(run_reader("snntorch", graph, x)) != ref).sum()) == 0
+
+
+def test_lowrank_convolutions(trained):
+    """DSP's low-rank convolutions (whole-model scope): a 3x3 Conv2d then a 1x1 Conv2d with the bias,
+    spike-exact in snnTorch; the stem stays one node."""
+    from stdeploy.models.structure import LowRankConv2d
+
+    folded, x, _, _ = trained["sdt-tiny"]
+    model = copy.deepcopy(folded)
+    for f in (model.embed.stages[1].conv, model.embed.rpe):
+        f.conv = LowRankConv2d.from_dense(f.conv, rank=24)
+    with torch.no_grad():
+        _, records = record_neurons(model, x)
+    graph = to_portable_nir(model, output="spikes")
+    assert {"embed.stages.1.conv.v", "embed.stages.1.conv.u", "embed.rpe.v", "embed.rpe.u", "embed.stages.0.conv"} <= set(graph.nodes)
+    assert graph.nodes["embed.rpe.v"].weight.shape == (24, 64, 3, 3) and graph.nodes["embed.rpe.u"].weight.shape == (64, 24, 1, 1)
+    assert min(float(r["spikes"].mean()) for r in records.values()) > 1e-3   # every layer fires
     ref = records["head.lif"]["spikes"]
     assert ref.sum() > 0.02 * ref.numel()
     assert int((as_tokens(run_reader("snntorch", graph, x)) != ref).sum()) == 0

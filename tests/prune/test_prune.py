@@ -9,10 +9,10 @@ from torch import nn
 from stdeploy.checkpoint import load_checkpoint, save_checkpoint
 from stdeploy.errors import ConfigError
 from stdeploy.models import build_model, direct_encode
-from stdeploy.models.structure import LowRankLinear
+from stdeploy.models.structure import LowRankConv2d, LowRankLinear
 from stdeploy.neurons import SLIF, neurons_of
 from stdeploy.prune import CompensationConfig, PruneConfig, make_pruner, magnitude_masks, prune_model, recalibrate_bn
-from stdeploy.prune.base import cubic_sparsity
+from stdeploy.prune.base import cubic_sparsity, select_layers
 from stdeploy.train import TrainConfig, train
 
 
@@ -255,29 +255,109 @@ def test_block_scope_leaves_the_embedding_dense_and_caps_the_speedup():
     assert counts["macs_speedup_limit"] == pytest.approx(1.38, abs=0.01)
 
 
-def test_dsp_whole_model_factors_the_head_skips_convs_with_a_reason_and_exports(tmp_path):
-    from stdeploy.export.onnx_export import export_onnx
-    from stdeploy.models.fold import fold_batchnorm
-    from stdeploy.prune import ALL_LAYERS
-    from stdeploy.prune.dsp import CONV_SKIP_REASON
+def test_low_rank_conv_from_dense_is_exact_at_full_rank():
+    """``LowRankConv2d.from_dense``: the SVD of the weight as ``(out, in*kh*kw)``, exact at full rank
+    (kernel, stride, padding, bias kept), group norms ``sqrt(2 s_i)``; grouped convolutions refused."""
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(8, 16, 3, padding=1, bias=True), nn.Conv2d(1, 32, (1, 5), padding=(0, 2), bias=False),
+                 nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=True)):
+        lr = LowRankConv2d.from_dense(conv)
+        fan_in = conv.weight[0].numel()
+        assert lr.rank == min(fan_in, conv.out_channels) and lr.params == lr.rank * (fan_in + conv.out_channels)
+        assert lr.u.kernel_size == (1, 1) and lr.v.kernel_size == conv.kernel_size and lr.v.bias is None
+        torch.testing.assert_close(lr.weight, conv.weight, atol=1e-6, rtol=1e-5)
+        x = torch.randn(2, conv.in_channels, 7, 9)
+        torch.testing.assert_close(lr(x), conv(x), atol=1e-5, rtol=1e-5)
+        s = torch.linalg.svdvals(conv.weight.detach().flatten(1).double())[: lr.rank]
+        torch.testing.assert_close(lr.group_norms().double() ** 2, 2 * s, atol=1e-5, rtol=1e-5)
+    kept = lr.keep(torch.tensor([0, 2]))
+    assert kept.rank == 2 and torch.equal(kept.u.weight, lr.u.weight[:, [0, 2]]) and torch.equal(kept.v.weight, lr.v.weight[[0, 2]])
+    assert kept(x).shape == conv(x).shape
+    with pytest.raises(ConfigError, match="embed.x: a grouped convolution"):
+        LowRankConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), name="embed.x")
+
+
+# (preset, conv output positions HO*WO of the stem / stage 1 and of the position embedding)
+DSP_ALL_PRESETS = [("sdt-tiny", 64, 16), ("sdt-1d-tiny", 40, 20)]
+
+
+@pytest.mark.parametrize("preset,stage_positions,rpe_positions", DSP_ALL_PRESETS)
+def test_dsp_whole_model_factors_convolutions_and_keeps_the_stem_dense_by_the_rule(preset, stage_positions, rpe_positions):
+    """--layers all: stage-1 and position-embedding convolutions become LowRankConv2d under one global
+    budget with the linears; the first stem convolution keeps all 9 (5) dimensions here, where its
+    factors would be larger than its weight, so it stays dense and ``skipped`` says why. Counts are
+    the hand-computed ``rank (in kh kw + out)`` parameters and ``rank in kh kw HO WO + out rank HO WO``
+    multiply-adds."""
+    from stdeploy.prune import ALL_LAYERS, weight_counts
 
     torch.manual_seed(0)
-    model = build_model("sdt-1d-tiny")
-    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.1, layers=ALL_LAYERS))
+    model = build_model(preset)
+    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.2, layers=ALL_LAYERS))
     pruner.prepare(model)
-    assert set(pruner.skipped) == {"embed.stages.0.conv.conv", "embed.stages.1.conv.conv", "embed.rpe.conv"}
-    assert "head.fc" in pruner.names and isinstance(model.head.fc, LowRankLinear)
+    assert pruner.names == list(select_layers(build_model(preset), ALL_LAYERS)) and pruner.skipped == {}
+    assert isinstance(model.embed.rpe.conv, LowRankConv2d) and isinstance(model.embed.stages[0].conv.conv, LowRankConv2d)
+    pruner.regularizer(model).backward()  # the group penalty reaches the convolutions' factors too
+    assert model.embed.rpe.conv.v.weight.grad.abs().sum() > 0 and model.embed.stages[1].conv.conv.u.weight.grad.abs().sum() > 0
     pruner.step(model)
     pruner.finalize(model)
     report = pruner.report(model)
-    assert report["skipped"]["embed.rpe.conv"] == CONV_SKIP_REASON
-    assert report["layers"]["head.fc"]["rank"] < 10 and report["block_params_remaining"] <= 0.1 * report["block_params_dense"]
+    stem = "embed.stages.0.conv.conv"
+    w = model.embed.stages[0].conv.conv
+    assert type(w) is nn.Conv2d and report["layers"][stem]["dense"]
+    fan_in, out = w.weight[0].numel(), w.out_channels            # 9 and 32, or 5 and 64
+    assert report["skipped"] == {stem: f"kept dense: its factors at rank {fan_in} would hold {fan_in} x ({fan_in} + {out}) = "
+                                       f"{fan_in * (fan_in + out)} parameters, at least the dense weight's {fan_in * out}"}
+    counts = weight_counts(model)
+    assert counts["layers"][stem]["params"] == fan_in * out and counts["layers"][stem]["macs"] == fan_in * out * stage_positions
+    for name, positions in (("embed.stages.1.conv.conv", stage_positions), ("embed.rpe.conv", rpe_positions)):
+        m = model.get_submodule(name)
+        assert isinstance(m, LowRankConv2d) and report["layers"][name]["rank"] == m.rank < 64 and not report["layers"][name]["dense"]
+        c_in, kh, kw = m.in_channels, *m.kernel_size
+        assert counts["layers"][name]["params"] == m.rank * (c_in * kh * kw + 64) == report["layers"][name]["params"]
+        assert counts["layers"][name]["macs"] == m.rank * c_in * kh * kw * positions + 64 * m.rank * positions
+        assert counts["layers"][name]["params_dense"] == 64 * c_in * kh * kw
+    assert report["block_params_remaining"] <= 0.2 * report["block_params_dense"] and report["block_params_remaining"] > 0.15 * report["block_params_dense"]
+    assert counts["params"] < 0.25 * counts["params_dense"]
+
+
+def test_dsp_factors_the_stem_where_its_rank_shrinks_it_and_refuses_what_cannot_shrink():
+    """The rule, not a list: at rank 4 the stem's factors, 4 x (9 + 32) = 164, are smaller than its 288
+    weights, so it is factored; a layer that no rank shrinks, or a grouped convolution, is skipped."""
+    from stdeploy.prune import ALL_LAYERS
+    from stdeploy.prune.dsp import GROUPED_REASON
+
+    torch.manual_seed(0)
+    model = build_model("sdt-tiny")
+    pruner = make_pruner(PruneConfig(method="dsp", rank=4, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    pruner.step(model)
+    pruner.finalize(model)
+    assert isinstance(model.embed.stages[0].conv.conv, LowRankConv2d) and model.embed.stages[0].conv.conv.params == 164
+    assert pruner.report(model)["skipped"] == {}
+    tiny = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match=r"no selected layer can be factored: 0: .*1 x \(1 \+ 1\) = 2 .*1; 1: a grouped"):
+        make_pruner(PruneConfig(method="dsp", rank=1, layers=("0", "1"))).prepare(tiny)
+    assert GROUPED_REASON.startswith("a grouped convolution")
+
+
+def test_dsp_whole_model_checkpoint_reloads_low_rank_convolutions(tmp_path):
+    from stdeploy.prune import ALL_LAYERS
+
+    torch.manual_seed(0)
+    model = build_model("sdt-1d-tiny")
+    pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.3, layers=ALL_LAYERS))
+    pruner.prepare(model)
+    pruner.step(model)
+    pruner.finalize(model)
+    save_checkpoint(tmp_path / "dsp", model)
+    doc = json.loads((tmp_path / "dsp" / "config.json").read_text())
+    assert doc["structure"]["embed.rpe.conv"] == {"type": "lowrank", "rank": model.embed.rpe.conv.rank}
+    assert "embed.stages.0.conv.conv" not in doc["structure"]   # dense by the rule
+    loaded = load_checkpoint(tmp_path / "dsp").model
+    assert isinstance(loaded.embed.rpe.conv, LowRankConv2d) and loaded.embed.rpe.conv.rank == model.embed.rpe.conv.rank
     x = torch.rand(4, 2, *model.cfg.input_shape)
-    before = model.eval()(x)
-    export_onnx(fold_batchnorm(model), tmp_path / "m.onnx")   # validated against PyTorch inside, raises on mismatch
-    assert before.shape == (2, 10)
-    with pytest.raises(ConfigError, match="are all convolutions"):
-        make_pruner(PruneConfig(method="dsp", param_ratio=0.5, layers=("embed.*.conv",))).prepare(build_model("sdt-tiny"))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
 
 
 def test_cli_prune_whole_model_json_reports_counts(tmp_path):
