@@ -28,7 +28,6 @@ batch and keeps one executable per input shape ``(T, B, C, H, W)``; inputs are f
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -233,26 +232,14 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
 
 def outputs_to_numpy(out, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A Relax VM result (one tensor or a tuple) as numpy arrays keyed by the graph's output names:
-    a tensor in host memory is taken as it is (DLPack, no copy: the VM allocates a call's outputs
-    afresh and the array holds them), a device tensor is copied to the host."""
+    a tensor in host memory is taken as it is (a view through DLPack, no copy: the VM allocates a
+    call's outputs afresh and the array holds them), a device tensor is copied to the host."""
     outs = [out] if hasattr(out, "numpy") else list(out)
     return {name: np.from_dlpack(o) if o.device.dlpack_device_type() == _DLPACK_CPU else o.numpy()
             for name, o in zip(names, outs)}
 
 
 _DLPACK_CPU = 1     # DLPack's kDLCPU
-
-
-def _aligned_input(shape: tuple, align: int = 64):
-    """``(array, tensor)``: a float32 numpy array of ``shape`` at an ``align``-byte boundary (what
-    TVM's kernels may assume of a buffer) and the TVM tensor viewing the same memory."""
-    import tvm_ffi
-
-    size = math.prod(shape) * 4
-    raw = np.empty(size + align, np.uint8)
-    start = -raw.ctypes.data % align
-    array = raw[start:start + size].view(np.float32).reshape(shape)
-    return array, tvm_ffi.from_dlpack(array, require_alignment=align)
 
 
 class TVMRunnable:
@@ -309,10 +296,12 @@ class TVMRunnable:
         x = self._check(x)
         self.prepare(x.shape[1])
         shape = tuple(x.shape)
-        if shape not in self._calls:   # the VM's function and an aligned input buffer, made once per shape
-            self._calls[shape] = (self._vms[shape]["main"], *_aligned_input(shape))
+        if shape not in self._calls:   # the VM's function and an input tensor (64-byte aligned), made once per shape
+            tensor = load_tvm().runtime.empty(shape, "float32")
+            self._calls[shape] = (self._vms[shape]["main"], np.from_dlpack(tensor), tensor)
         main, buffer, tensor = self._calls[shape]
         with Timer() as t:
             np.copyto(buffer, x)
             out = outputs_to_numpy(main(tensor), self.graph.outputs)
+            out = {k: v.copy() if np.may_share_memory(v, buffer) else v for k, v in out.items()}   # an output viewing the input
         return RunResult(logits=out["logits"], spikes=out["spikes"], seconds=t.seconds, info=self.info)

@@ -686,7 +686,9 @@ def compact_hidden(w, live, c, a, b, theta, v0, keep, w2, live2, n: int, period:
     period does not divide ``N``. The kept neurons' accumulations, recurrences and spikes are the
     same operations on the same values, and the second layer adds the same weight rows in the same
     order (a neuron it does not read has an all-zero row and no live bit), so its output is
-    bit-identical; the neurons dropped are computed for nothing: their spikes are never read."""
+    bit-identical for finite inputs (an input that fed only dropped neurons is no longer an event,
+    as the event kernels skip all-zero weight rows); the neurons dropped are computed for nothing:
+    their spikes are never read."""
     from .event import BLOCK, live_masks
 
     if n % period:
