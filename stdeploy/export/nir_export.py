@@ -287,11 +287,8 @@ def lowrank_conv_nodes(b: GraphBuilder, name: str, m: LowRankConv2d, inputs: lis
     return [outer]
 
 
-def _lowrank_conv(b: GraphBuilder, name: str, m: LowRankConv2d, inputs: list[str]) -> list[str]:
-    return lowrank_conv_nodes(b, name, m, inputs)
-
-
-def _folded_conv(b: GraphBuilder, name: str, m: FoldedConv, inputs: list[str]) -> list[str]:
+def folded_conv_nodes(b: GraphBuilder, name: str, m: FoldedConv, inputs: list[str]) -> list[str]:
+    """A folded convolution: one convolution node, or the two of a DSP-factored one."""
     if isinstance(m.conv, LowRankConv2d):  # a DSP-factored convolution: name.v, name.u
         return lowrank_conv_nodes(b, name, m.conv, inputs)
     return [conv2d_node(b, name, m.conv, inputs)]
@@ -560,7 +557,7 @@ def default_converters(*, dt: float = 1.0, spikformer: str = "refuse") -> dict[t
         PatchEmbed: _patch_embed,
         DenseEmbed: _dense_embed,
         EmbedStage: _embed_stage,
-        FoldedConv: _folded_conv,
+        FoldedConv: folded_conv_nodes,
         nn.Conv2d: _conv2d,
         MaxPool: _maxpool,
         nn.Identity: identity_node,
@@ -573,7 +570,7 @@ def default_converters(*, dt: float = 1.0, spikformer: str = "refuse") -> dict[t
         MLP: _mlp,
         nn.Linear: _linear,
         LowRankLinear: _lowrank,
-        LowRankConv2d: _lowrank_conv,
+        LowRankConv2d: lowrank_conv_nodes,
         Head: _head,
     }
 

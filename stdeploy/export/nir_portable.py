@@ -87,12 +87,13 @@ from torch import nn
 
 from ..errors import ShapeError, StdeployError, UnsupportedPrimitive
 from ..models.fold import FoldedConv
+from ..models.quantize import merge_low_rank
 from ..models.layers import Block, DenseEmbed, EmbedStage, Head, MaxPool, MLP, PatchEmbed, SpikeDrivenAttention, SpikformerAttention
 from ..models.structure import LowRankConv2d, LowRankLinear
 from ..models.transformer import SpikingTransformer
 from ..neurons import LIF, SLIF
 from .nir_export import (INPUT, SPIKFORMER_REFUSAL, Converter, GraphBuilder, Refusal, as_f32, conv2d_node, convert_model, identity_node, join_name,
-                         lowrank_conv_nodes, sequential_node, weight_meta, unsupported_modules, write_graph_file)
+                         lowrank_conv_nodes, folded_conv_nodes, sequential_node, weight_meta, unsupported_modules, write_graph_file)
 
 __all__ = ["to_portable_nir", "write_portable_nir", "portable_converters", "READER_DT", "NIR_MIN_VERSION", "OUTPUTS", "DIALECT", "OUTPUT"]
 
@@ -187,16 +188,6 @@ def _lowrank(b, name, m: LowRankLinear, inputs):
 
 def _conv2d(b, name, m: nn.Conv2d, inputs):
     return [conv2d_node(b, name, m, inputs)]
-
-
-def _lowrank_conv(b, name, m: LowRankConv2d, inputs):
-    return lowrank_conv_nodes(b, name, m, inputs)
-
-
-def _folded_conv(b, name, m: FoldedConv, inputs):
-    if isinstance(m.conv, LowRankConv2d):  # DSP: two chained Conv2d, name.v (k x k) and name.u (1x1, the bias)
-        return lowrank_conv_nodes(b, name, m.conv, inputs)
-    return [conv2d_node(b, name, m.conv, inputs)]
 
 
 def _pow2(a: np.ndarray) -> bool:
@@ -339,12 +330,8 @@ def _mlp(b, name, m: MLP, inputs):
 def _head(b, name, m: Head, inputs):
     s = b.convert(join_name(name, "lif"), m.lif, inputs)
     shape = b.input_shape(name, s)
-    fc = m.fc
-    if isinstance(fc, LowRankLinear):  # DSP's whole-model scope factors the classifier: multiplied out (U V in float64)
-        weight = (fc.u.weight.detach().double() @ fc.v.weight.detach().double()).float().numpy()
-        bias = as_f32(fc.u.bias) if fc.u.bias is not None else np.zeros(fc.out_features, np.float32)
-    else:
-        weight, bias = as_f32(fc.weight), as_f32(fc.bias) if fc.bias is not None else np.zeros(fc.out_features, np.float32)
+    fc = merge_low_rank(m.fc) if isinstance(m.fc, LowRankLinear) else m.fc   # DSP's whole-model scope factors it: multiplied out
+    weight, bias = as_f32(fc.weight), as_f32(fc.bias) if fc.bias is not None else np.zeros(fc.out_features, np.float32)
     if len(shape) == 1:  # one token: the mean over tokens is the identity
         return [_dense(b, join_name(name, "fc"), weight, bias, s, {})]
     d, h, w = shape
@@ -402,10 +389,10 @@ def portable_converters(*, dt: float = READER_DT, output: str = "logits", fold: 
     maxpool, attention = _make_stateless(float(dt))
     return {
         SpikingTransformer: _make_transformer(output), PatchEmbed: _patch_embed, DenseEmbed: _dense_embed,
-        EmbedStage: _embed_stage, FoldedConv: _folded_conv, nn.Conv2d: _conv2d, MaxPool: maxpool, nn.Identity: identity_node,
+        EmbedStage: _embed_stage, FoldedConv: folded_conv_nodes, nn.Conv2d: _conv2d, MaxPool: maxpool, nn.Identity: identity_node,
         nn.Sequential: sequential_node, LIF: lif, SLIF: lif, Block: _block, SpikeDrivenAttention: attention,
         SpikformerAttention: Refusal(SPIKFORMER_REFUSAL), MLP: _mlp, nn.Linear: _linear, LowRankLinear: _lowrank, Head: _head,
-        LowRankConv2d: _lowrank_conv,
+        LowRankConv2d: lowrank_conv_nodes,
     }
 
 

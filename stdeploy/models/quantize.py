@@ -116,7 +116,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError, UnsupportedPrimitive
 from ..neurons import LIF, neurons_of, to_lif
 from .fold import FoldedConv, fold_batchnorm
-from .structure import LowRankConv2d, LowRankLinear
+from .structure import LowRankConv2d, LowRankLinear, set_submodule
 
 __all__ = ["MODES", "WEIGHT_BITS", "INPUT_FRAC_BITS", "THRESHOLD_FRAC_BITS", "QuantLinear", "QuantConv", "power_of_two_scale",
            "quantize_input", "merge_low_rank", "to_exact", "is_exact", "deployable", "check_mode",
@@ -374,12 +374,10 @@ def power_of_two_token_mean(model: nn.Module) -> None:
     sum times ``2**-k`` (``k = ceil(log2 N)``), and ``fc``'s weight is multiplied by ``2**k / N``
     (float64) before it is quantised, so the function is unchanged and every value stays dyadic
     (``1/N`` is not: ``sdt-1d-tiny``'s 20 tokens put the logits on a 2^-37 grid). A low-rank (DSP)
-    classifier is merged first (:func:`merge_low_rank`, as :func:`to_exact` merges it anyway)."""
+    classifier is left as it is (:func:`to_exact` merges low-rank layers before it)."""
     from .layers import Head
 
     head, n = getattr(model, "head", None), int(getattr(model.cfg, "tokens", 1))
-    if isinstance(head, Head) and isinstance(head.fc, LowRankLinear) and n > 1 and n & (n - 1):
-        head.fc = merge_low_rank(head.fc)
     if not isinstance(head, Head) or n <= 1 or n & (n - 1) == 0 or type(head.fc) is not nn.Linear:
         return
     k = math.ceil(math.log2(n))
@@ -433,6 +431,11 @@ def to_exact(model: nn.Module, input_contract: InputContract | None = None, mode
     contract = input_contract or default_input_contract(mode)
     check_input_contract(contract, mode)
     new = to_lif(fold_batchnorm(model))  # a folded copy; to_lif swaps sLIF in place on it
+    for fqn, m in list(new.named_modules()):   # low-rank (DSP) layers merged: one dense weight each
+        if isinstance(m, LowRankLinear):
+            set_submodule(new, fqn, merge_low_rank(m))
+        elif isinstance(m, FoldedConv) and isinstance(m.conv, LowRankConv2d):
+            m.conv = merge_low_rank(m.conv)
     power_of_two_token_mean(new)
 
     def walk(parent: nn.Module, prefix: str) -> None:
@@ -442,11 +445,7 @@ def to_exact(model: nn.Module, input_contract: InputContract | None = None, mode
                 setattr(parent, name, QuantLinear(child))
                 if fqn in INPUT_LAYERS:
                     getattr(parent, name).input_contract = contract
-            elif isinstance(child, LowRankLinear):
-                setattr(parent, name, QuantLinear(merge_low_rank(child)))
             elif isinstance(child, FoldedConv):
-                if isinstance(child.conv, LowRankConv2d):
-                    child = FoldedConv(merge_low_rank(child.conv))
                 setattr(parent, name, QuantConv(child, quantize_input=fqn in INPUT_LAYERS, input_contract=contract))
             elif isinstance(child, nn.Conv2d):
                 raise UnsupportedPrimitive(f"exact mode: {fqn} is a bare Conv2d; only folded convolutions are quantised")

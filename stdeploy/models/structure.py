@@ -21,7 +21,48 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 
 
-class LowRankLinear(nn.Module):
+class LowRank(nn.Module):
+    """What the factored layers share: ``v`` maps the input to ``rank`` channels, ``u`` maps them
+    to the output (with the bias); ``fan_in`` inputs and ``fan_out`` outputs per output value of the
+    dense weight (its matrix is ``fan_out x fan_in``). A subclass builds ``u``, ``v`` and sets
+    ``rank``, and makes an empty copy of itself at another rank (:meth:`with_rank`)."""
+
+    u: nn.Module
+    v: nn.Module
+    rank: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))
+
+    def with_rank(self, rank: int) -> "LowRank":
+        raise NotImplementedError
+
+    def keep(self, dims: torch.Tensor) -> "LowRank":
+        """A new layer with only the inner dimensions ``dims`` (indices)."""
+        new = self.with_rank(int(dims.numel()))
+        with torch.no_grad():
+            new.u.weight.copy_(self.u.weight[:, dims])
+            new.v.weight.copy_(self.v.weight[dims])
+            if self.u.bias is not None:
+                new.u.bias.copy_(self.u.bias)
+        return new.to(self.u.weight.device)
+
+    @property
+    def params(self) -> int:
+        return self.rank * self.rank_params
+
+    @property
+    def rank_params(self) -> int:
+        """Parameters one inner dimension holds: a row of ``V`` and a column of ``U``."""
+        return self.fan_in + self.fan_out
+
+    @property
+    def dense_params(self) -> int:
+        """Entries of the dense weight, ``fan_out * fan_in``."""
+        return self.fan_in * self.fan_out
+
+
+class LowRankLinear(LowRank):
     """``y = U (V x) + b``: ``v`` maps ``in -> rank``, ``u`` maps ``rank -> out``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
@@ -49,9 +90,6 @@ class LowRankLinear(nn.Module):
                 new.u.bias.copy_(linear.bias.detach())
         return new.to(w.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))
-
     @property
     def weight(self) -> torch.Tensor:
         """The dense product ``U @ V`` (for inspection and dense fallbacks)."""
@@ -61,39 +99,22 @@ class LowRankLinear(nn.Module):
         """Norm of each inner dimension: column ``i`` of U with row ``i`` of V, shape ``(rank,)``."""
         return torch.sqrt(self.u.weight.pow(2).sum(0) + self.v.weight.pow(2).sum(1))
 
-    def keep(self, dims: torch.Tensor) -> "LowRankLinear":
-        """A new layer with only the inner dimensions ``dims`` (indices)."""
-        new = LowRankLinear(self.in_features, self.out_features, int(dims.numel()), bias=self.u.bias is not None)
-        with torch.no_grad():
-            new.u.weight.copy_(self.u.weight[:, dims])
-            new.v.weight.copy_(self.v.weight[dims])
-            if self.u.bias is not None:
-                new.u.bias.copy_(self.u.bias)
-        return new.to(self.u.weight.device)
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
 
     @property
-    def params(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
+    def fan_out(self) -> int:
+        return self.out_features
 
-    @property
-    def rank_params(self) -> int:
-        """Parameters one inner dimension holds: a column of U and a row of V."""
-        return self.in_features + self.out_features
-
-    @property
-    def dense_params(self) -> int:
-        """Entries of the dense weight, ``out * in``."""
-        return self.in_features * self.out_features
-
-    @property
-    def max_rank(self) -> int:
-        return min(self.in_features, self.out_features)
+    def with_rank(self, rank: int) -> "LowRankLinear":
+        return LowRankLinear(self.in_features, self.out_features, rank, bias=self.u.bias is not None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class LowRankConv2d(nn.Module):
+class LowRankConv2d(LowRank):
     """``y = u(v(x))`` on ``(N, C, H, W)``: ``v`` a ``Conv2d`` ``in -> rank`` with the dense layer's
     kernel, stride, padding and dilation (no bias), ``u`` a 1x1 ``Conv2d`` ``rank -> out`` (the
     bias). The weight as a matrix ``(out, in * kh * kw)`` is ``U @ V`` with ``U = u.weight[:, :, 0, 0]``
@@ -146,9 +167,6 @@ class LowRankConv2d(nn.Module):
                 new.u.bias.copy_(conv.bias.detach())
         return new.to(w.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, Cin, H, W) -> (N, Cout, H', W')
-        return self.u(self.v(x))
-
     def product(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``(out, in, kh, kw)``, ``U @ V`` computed in ``dtype`` (default the factors')."""
         dtype = dtype or self.u.weight.dtype
@@ -165,35 +183,14 @@ class LowRankConv2d(nn.Module):
         ``u``, shape ``(rank,)``."""
         return torch.sqrt(self.u.weight.pow(2).sum((0, 2, 3)) + self.v.weight.pow(2).sum((1, 2, 3)))
 
-    def keep(self, dims: torch.Tensor) -> "LowRankConv2d":
-        """A new layer with only the inner dimensions ``dims`` (indices)."""
+    @property
+    def fan_out(self) -> int:
+        return self.out_channels
+
+    def with_rank(self, rank: int) -> "LowRankConv2d":
         v = self.v
-        new = LowRankConv2d(self.in_channels, self.out_channels, self.kernel_size, int(dims.numel()), v.stride, v.padding,
-                            v.dilation, bias=self.u.bias is not None)
-        with torch.no_grad():
-            new.u.weight.copy_(self.u.weight[:, dims])
-            new.v.weight.copy_(self.v.weight[dims])
-            if self.u.bias is not None:
-                new.u.bias.copy_(self.u.bias)
-        return new.to(self.u.weight.device)
-
-    @property
-    def params(self) -> int:
-        return self.rank * (self.fan_in + self.out_channels)
-
-    @property
-    def rank_params(self) -> int:
-        """Parameters one inner dimension holds: a ``v`` filter and a ``u`` column."""
-        return self.fan_in + self.out_channels
-
-    @property
-    def dense_params(self) -> int:
-        """Entries of the dense weight, ``out * in * kh * kw``."""
-        return self.fan_in * self.out_channels
-
-    @property
-    def max_rank(self) -> int:
-        return min(self.fan_in, self.out_channels)
+        return LowRankConv2d(self.in_channels, self.out_channels, self.kernel_size, rank, v.stride, v.padding, v.dilation,
+                             bias=self.u.bias is not None)
 
     def extra_repr(self) -> str:
         v = self.v
@@ -202,6 +199,12 @@ class LowRankConv2d(nn.Module):
 
 
 LOW_RANK = (LowRankLinear, LowRankConv2d)  # the factored layers: each one unit of weights
+
+
+def inside_low_rank(model: nn.Module, name: str) -> bool:
+    """True where the module ``name`` is a factor (``u`` or ``v``) of a factored layer."""
+    parent = name.rpartition(".")[0]
+    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK)
 
 
 class WeightMask(nn.Module):

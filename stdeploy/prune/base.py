@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.structure import LOW_RANK
+from ..models.structure import LOW_RANK, inside_low_rank
 
 METHODS = ("l1p", "dsp")
 # The weight matrices of the transformer blocks: Q/K/V/output projections and the MLP layers.
@@ -86,7 +86,7 @@ def select_layers(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> di
     """The ``nn.Linear`` / ``nn.Conv2d`` / ``LowRankLinear`` / ``LowRankConv2d`` modules whose names
     match ``patterns``, in model order. A pattern that matches nothing is an error naming it."""
     kinds = (nn.Linear, nn.Conv2d, *LOW_RANK)
-    candidates = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not _inside_lowrank(model, n)}
+    candidates = {n: m for n, m in model.named_modules() if isinstance(m, kinds) and not inside_low_rank(model, n)}
     chosen: dict[str, nn.Module] = {}
     unmatched = []
     for pat in patterns:
@@ -99,11 +99,6 @@ def select_layers(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> di
         known = ", ".join(list(candidates)[:8])
         raise ConfigError(f"layer pattern(s) {unmatched} match no linear layer of the model (layers are named like: {known}, ...)")
     return {n: chosen[n] for n in candidates if n in chosen}
-
-
-def _inside_lowrank(model: nn.Module, name: str) -> bool:
-    parent = name.rpartition(".")[0]
-    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK)
 
 
 def dense_params(layers: dict[str, nn.Module]) -> int:

@@ -24,14 +24,9 @@ import torch
 from torch import nn
 
 from ..models import direct_encode
-from ..models.structure import LOW_RANK, LowRankConv2d
+from ..models.structure import LOW_RANK, LowRankConv2d, inside_low_rank
 
 __all__ = ["weight_counts"]
-
-
-def _inside_lowrank(model: nn.Module, name: str) -> bool:
-    parent = name.rpartition(".")[0]
-    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK)
 
 
 def _layer_counts(m: nn.Module) -> tuple[int, int]:
@@ -47,7 +42,7 @@ def _layer_counts(m: nn.Module) -> tuple[int, int]:
 def weight_counts(model: nn.Module) -> dict:
     """Parameters and multiply-adds (per sample per timestep) of every weight layer, and totals."""
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d, *LOW_RANK)) and not _inside_lowrank(model, n)}
+              if isinstance(m, (nn.Linear, nn.Conv2d, *LOW_RANK)) and not inside_low_rank(model, n)}
     positions: dict[str, int] = {}
     hooks = []
     for name, m in layers.items():

@@ -44,9 +44,7 @@ GROUPED_REASON = "a grouped convolution is not factored into low-rank convolutio
 def dense_reason(m: LowRankLinear | LowRankConv2d, rank: int | None = None) -> str:
     """Why ``m`` at ``rank`` (default its own) stays dense: its factors would not be smaller."""
     k = m.rank if rank is None else rank
-    fan_in = m.in_features if isinstance(m, LowRankLinear) else m.fan_in
-    out = m.out_features if isinstance(m, LowRankLinear) else m.out_channels
-    return (f"kept dense: its factors at rank {k} would hold {k} x ({fan_in} + {out}) = {k * m.rank_params} parameters, "
+    return (f"kept dense: its factors at rank {k} would hold {k} x ({m.fan_in} + {m.fan_out}) = {k * m.rank_params} parameters, "
             f"at least the dense weight's {m.dense_params}")
 
 
@@ -92,7 +90,7 @@ class DSPPruner(Pruner):
                 self.skipped[n] = GROUPED_REASON
                 continue
             factored = _factor(m, n)
-            if _cost(factored, 1) >= factored.dense_params:  # not smaller even at rank 1
+            if factored.rank_params >= factored.dense_params:  # not smaller even at rank 1
                 self.skipped[n] = dense_reason(factored, 1)
             elif factored is not m:
                 set_submodule(model, n, factored)

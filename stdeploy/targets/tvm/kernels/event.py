@@ -45,18 +45,18 @@ import numpy as np
 
 from ....errors import ShapeError
 from . import skipzero, spike
-from .lif import LANES
 
 __all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "vector_width", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
            "route_event_kernels"]
 
 BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
 PARTS = spike.PARTS     # parallel tasks per call (rows or images are split between them)
+LANES = spike.LANES     # float32 per vector step
 
 
 def vector_width(n: int) -> int:
     """The width of the vector operations over a row of ``n`` outputs: the whole row where ``n``
-    is a power of two up to 256, else :data:`.lif.LANES` where it divides ``n`` (the row is then
+    is a power of two up to 256, else :data:`LANES` where it divides ``n`` (the row is then
     ``n / LANES`` register-sized vectors), else the whole row. A whole-row vector is what LLVM
     legalises poorly where ``n`` is not a power of two: on the sdt-tiny shapes (K = 64, an input
     density of 0.08) an event matmul with N = 96 took 0.54 ms as one vector and 0.028 ms in

@@ -50,11 +50,11 @@ import numpy as np
 
 from ....errors import ShapeError
 from ...base import TargetError
+from .spike import LANES   # neurons per vector step
 
 __all__ = ["FusedLIF", "LANES", "PARTS", "compact_hidden", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
            "reference_lif"]
 
-LANES = 16   # neurons per vector step (one AVX-512 or two AVX2 registers of float32)
 PARTS = 8    # parallel tasks per call
 _EXACT: set = set()   # (kernel key, target) pairs checked free of FMA contraction in this process
 

@@ -58,6 +58,7 @@ from .blas import blas_conv2d, blas_matmul, conv2d_nchw
 
 CHANNEL_TILE = 64       # output channels kept in registers at once (8 AVX2 vectors)
 PARTS = 8               # parallel tasks per call (images are split between them)
+LANES = 16              # float32 per vector step (one AVX-512 or two AVX2 registers)
 SAMPLE_IMAGES = 16      # images whose nonzeros estimate a convolution call's density
 SAMPLE_ROWS = 256       # rows whose nonzeros estimate a matmul call's density
 CALIBRATION_DENSITY = 0.25
