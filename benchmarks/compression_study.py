@@ -578,7 +578,8 @@ def to_markdown(summary: dict) -> str:
             lines.append(f"| {g['setting']} | {g['remaining'] * 100:.1f}% | {left} | {g['budget']} | {len(g['seeds'])} | {_pct(g['dense'])} | "
                          f"{_pct(g['pruned'])} | {_pct(g['recal'])} | " + " | ".join(cells) + " |")
         lines += ["", "*pruned params left*: of the layers the setting prunes (the block linears; with `-all` also the embedding "
-                  "convolutions, which DSP leaves dense, and the classifier); *model params / MACs left*: nonzero weights and "
+                  "convolutions and the classifier; DSP factors a layer only where its factors are smaller); *model params / MACs "
+                  "left*: nonzero weights (DSP: factor entries) and "
                   "multiply-adds per sample per step of every weight layer of the model (records that hold them).", "",
                   f"Paired differences vs `{BASELINE}` (same seed, same pruned model), in points; *net of control*: minus the same "
                   "seed's difference with nothing cut (`l1p0`, or `l1p0-all` for whole-model settings), where the control ran:", "",
