@@ -143,5 +143,12 @@ class Pruner:
     def report(self, model: nn.Module) -> dict:
         raise NotImplementedError
 
+    def one_shot(self, model: nn.Module) -> nn.Module:
+        """``prepare``, one ``step`` to the final target and ``finalize``, no training between: the
+        pruned model (changed in place)."""
+        self.prepare(model)
+        self.step(model, 1.0)
+        return self.finalize(model)
+
     def state_dict(self) -> dict:
         return {"config": self.config.to_dict(), "layers": list(self.names)}

@@ -235,9 +235,7 @@ def test_layer_remaining_of_dsp_whole_model_reports_counts_convolutions(study):
     torch.manual_seed(0)
     model = build_model("sdt-tiny")
     pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.2, layers=ALL_LAYERS))
-    pruner.prepare(model)
-    pruner.step(model)
-    pruner.finalize(model)
+    pruner.one_shot(model)
     layers = pruner.report(model)["layers"]
     rpe = model.embed.rpe.conv
     assert layers["embed.rpe.conv"]["shape"] == [64, 64, 3, 3]

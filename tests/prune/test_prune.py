@@ -329,9 +329,7 @@ def test_dsp_factors_the_stem_where_its_rank_shrinks_it_and_refuses_what_cannot_
     torch.manual_seed(0)
     model = build_model("sdt-tiny")
     pruner = make_pruner(PruneConfig(method="dsp", rank=4, layers=ALL_LAYERS))
-    pruner.prepare(model)
-    pruner.step(model)
-    pruner.finalize(model)
+    pruner.one_shot(model)
     assert isinstance(model.embed.stages[0].conv.conv, LowRankConv2d) and model.embed.stages[0].conv.conv.params == 164
     assert pruner.report(model)["skipped"] == {}
     tiny = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Conv2d(4, 4, 3, groups=2))
@@ -346,9 +344,7 @@ def test_dsp_whole_model_checkpoint_reloads_low_rank_convolutions(tmp_path):
     torch.manual_seed(0)
     model = build_model("sdt-1d-tiny")
     pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.3, layers=ALL_LAYERS))
-    pruner.prepare(model)
-    pruner.step(model)
-    pruner.finalize(model)
+    pruner.one_shot(model)
     save_checkpoint(tmp_path / "dsp", model)
     doc = json.loads((tmp_path / "dsp" / "config.json").read_text())
     assert doc["structure"]["embed.rpe.conv"] == {"type": "lowrank", "rank": model.embed.rpe.conv.rank}
