@@ -334,12 +334,8 @@ def to_netx(model: nn.Module, part: str = "model", quantize: dict | None = None)
             modules["conv_rpe"] = ["embed.rpe", "embed (residual x + rpe(x))", "head.lif"]
     readout = None
     if part == "model":
-        fc = model.head.fc
-        if isinstance(fc, LowRankLinear):  # DSP's whole-model scope factors the classifier: multiplied out
-            w, b = _linear(fc, "head.fc")
-            readout = {"weight": w.astype(np.float32), "bias": b.astype(np.float32)}
-        else:
-            readout = {"weight": fc.weight.detach().float().numpy(), "bias": fc.bias.detach().float().numpy()}
+        w, b = _linear(model.head.fc, "head.fc")   # a DSP-factored classifier multiplied out
+        readout = {"weight": w.astype(np.float32), "bias": b.astype(np.float32)}
     if loihi2:  # the input contract the integer currents assume (the manifest's, a loihi2 model's own)
         from .exact import manifest_input_contract
 

@@ -348,23 +348,22 @@ def _grid_threshold(theta: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(theta.double() * n), min=1).div(n).to(theta.dtype)
 
 
-def merge_low_rank(m: LowRankLinear | LowRankConv2d) -> nn.Linear | nn.Conv2d:
-    """The dense ``nn.Linear`` with weight ``U V`` (product in float64) and ``u``'s bias: the same
+def merge_low_rank(m: LowRankLinear | LowRankConv2d, dtype: torch.dtype = torch.float64) -> nn.Linear | nn.Conv2d:
+    """The dense ``nn.Linear`` with weight ``U V`` (product in ``dtype``) and ``u``'s bias: the same
     function as ``m`` up to float32 rounding of the product, ``in * out`` parameters. A
     ``LowRankConv2d`` gives the dense ``nn.Conv2d`` of its kernel, stride, padding and dilation with
-    weight ``U V`` reshaped to ``(out, in, kh, kw)`` (product in float64) and ``u``'s bias."""
+    weight ``U V`` reshaped to ``(out, in, kh, kw)`` and ``u``'s bias."""
+    bias = m.u.bias is not None
     if isinstance(m, LowRankConv2d):
         v = m.v
-        conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, v.stride, v.padding, v.dilation, bias=m.u.bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(m.product(torch.float64).to(conv.weight.dtype))
-            if m.u.bias is not None:
-                conv.bias.copy_(m.u.bias)
-        return conv.to(m.u.weight.device)
-    dense = nn.Linear(m.in_features, m.out_features, bias=m.u.bias is not None)
+        dense = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, v.stride, v.padding, v.dilation, bias=bias)
+        product = m.product(dtype)
+    else:
+        dense = nn.Linear(m.in_features, m.out_features, bias=bias)
+        product = m.u.weight.to(dtype) @ m.v.weight.to(dtype)
     with torch.no_grad():
-        dense.weight.copy_((m.u.weight.double() @ m.v.weight.double()).to(dense.weight.dtype))
-        if m.u.bias is not None:
+        dense.weight.copy_(product.to(dense.weight.dtype))
+        if bias:
             dense.bias.copy_(m.u.bias)
     return dense.to(m.u.weight.device)
 

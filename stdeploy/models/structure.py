@@ -21,6 +21,14 @@ from torch.nn.utils import parametrize
 from ..errors import ConfigError
 
 
+def svd_factors(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_k sqrt(S_k), sqrt(S_k) V_k^T)`` of a 2-D ``mat`` by a truncated SVD in float64, in
+    ``mat``'s dtype: factors whose product is ``mat`` at full rank (up to that dtype's rounding)."""
+    u, s, vh = torch.linalg.svd(mat.detach().double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(mat.dtype), (root[:, None] * vh[:rank]).to(mat.dtype)
+
+
 class LowRank(nn.Module):
     """What the factored layers share: ``v`` maps the input to ``rank`` channels, ``u`` maps them
     to the output (with the bias); ``fan_in`` inputs and ``fan_out`` outputs per output value of the
@@ -81,11 +89,10 @@ class LowRankLinear(LowRank):
         out_f, in_f = w.shape
         rank = min(out_f, in_f) if rank is None else rank
         new = cls(in_f, out_f, rank, bias=linear.bias is not None)
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        root = s[:rank].sqrt()
+        u, v = svd_factors(w, rank)
         with torch.no_grad():
-            new.u.weight.copy_((u[:, :rank] * root).to(w.dtype))
-            new.v.weight.copy_((root[:, None] * vh[:rank]).to(w.dtype))
+            new.u.weight.copy_(u)
+            new.v.weight.copy_(v)
             if linear.bias is not None:
                 new.u.bias.copy_(linear.bias.detach())
         return new.to(w.device)
@@ -158,11 +165,10 @@ class LowRankConv2d(LowRank):
         mat = w.reshape(out_c, -1)
         rank = min(mat.shape) if rank is None else rank
         new = cls(conv.in_channels, out_c, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None)
-        u, s, vh = torch.linalg.svd(mat.double(), full_matrices=False)
-        root = s[:rank].sqrt()
+        u, v = svd_factors(mat, rank)
         with torch.no_grad():
-            new.u.weight.copy_((u[:, :rank] * root).to(w.dtype)[:, :, None, None])
-            new.v.weight.copy_((root[:, None] * vh[:rank]).to(w.dtype).view_as(new.v.weight))
+            new.u.weight.copy_(u[:, :, None, None])
+            new.v.weight.copy_(v.view_as(new.v.weight))
             if conv.bias is not None:
                 new.u.bias.copy_(conv.bias.detach())
         return new.to(w.device)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.quantize import merge_low_rank
 from ..models.structure import LOW_RANK, LowRankConv2d, LowRankLinear, set_submodule
 from .base import Pruner, dense_params, select_layers
 
@@ -63,22 +64,6 @@ def _cost(m: nn.Module, rank: int | None = None) -> int:
         return m.weight.numel()
     k = m.rank if rank is None else rank
     return min(k * m.rank_params, m.dense_params)
-
-
-def _dense(m: LowRankLinear | LowRankConv2d) -> nn.Module:
-    """The dense layer with the product of ``m``'s factors (and ``u``'s bias)."""
-    bias = m.u.bias is not None
-    if isinstance(m, LowRankLinear):
-        dense = nn.Linear(m.in_features, m.out_features, bias=bias)
-    else:
-        v = m.v
-        dense = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, v.stride, v.padding, v.dilation, bias=bias)
-    dense = dense.to(m.u.weight.device)
-    with torch.no_grad():
-        dense.weight.copy_(m.weight)
-        if bias:
-            dense.bias.copy_(m.u.bias)
-    return dense
 
 
 class DSPPruner(Pruner):
@@ -148,7 +133,7 @@ class DSPPruner(Pruner):
         for n, m in self._layers(model).items():
             if isinstance(m, LOW_RANK) and m.params >= m.dense_params:
                 self.skipped[n] = dense_reason(m)
-                set_submodule(model, n, _dense(m))
+                set_submodule(model, n, merge_low_rank(m, torch.float32))   # the product as the factors compute it
         return model
 
     def report(self, model: nn.Module) -> dict:

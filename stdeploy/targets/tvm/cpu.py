@@ -230,6 +230,9 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     return ex, {"path": path, **prepared.info}
 
 
+_DLPACK_CPU = 1     # DLPack's kDLCPU
+
+
 def outputs_to_numpy(out, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A Relax VM result (one tensor or a tuple) as numpy arrays keyed by the graph's output names:
     a tensor in host memory is taken as it is (a view through DLPack, no copy: the VM allocates a
@@ -237,9 +240,6 @@ def outputs_to_numpy(out, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     outs = [out] if hasattr(out, "numpy") else list(out)
     return {name: np.from_dlpack(o) if o.device.dlpack_device_type() == _DLPACK_CPU else o.numpy()
             for name, o in zip(names, outs)}
-
-
-_DLPACK_CPU = 1     # DLPack's kDLCPU
 
 
 class TVMRunnable:
