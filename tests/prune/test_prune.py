@@ -357,8 +357,7 @@ def test_dsp_whole_model_checkpoint_reloads_low_rank_convolutions(tmp_path, trai
     spikes equal the pruned model's bit for bit on 16 test digits, every LIF firing."""
     from stdeploy.activity import measure_activity, require_active
     from stdeploy.export.validate import record_neurons
-    from stdeploy.models import clone_model
-    from stdeploy.models import structure
+    from stdeploy.models import clone_model, structure
     from stdeploy.prune import ALL_LAYERS
 
     base, data = trained_sdt
