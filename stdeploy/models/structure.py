@@ -9,7 +9,8 @@ rebuild them before loading weights:
   trainable, pruned entries stay exactly zero and get zero gradient), on a linear or a convolution.
 
 ``structure_of(model)`` lists them by fully qualified name; ``apply_structure(model, s)`` recreates
-them on a freshly built model (with placeholder values that ``load_state_dict`` then overwrites).
+them on a freshly built model from shapes alone (placeholder values, no SVD, that ``load_state_dict``
+then overwrites).
 """
 
 from __future__ import annotations
@@ -129,13 +130,13 @@ class LowRankConv2d(LowRank):
     per output position. Grouped convolutions are not factored."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, rank: int, stride=1, padding=0, dilation=1,
-                 bias: bool = False):
+                 bias: bool = False, name: str = ""):
         super().__init__()
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(int(k) for k in kernel_size)
         fan_in = in_channels * kh * kw
         if not 1 <= rank <= min(fan_in, out_channels):
-            raise ConfigError(f"rank must be in [1, {min(fan_in, out_channels)}] for a {out_channels}x{in_channels}x{kh}x{kw} "
-                              f"convolution, got {rank}")
+            raise ConfigError(f"{name + ': ' if name else ''}rank must be in [1, {min(fan_in, out_channels)}] for a "
+                              f"{out_channels}x{in_channels}x{kh}x{kw} convolution, got {rank}")
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.v = nn.Conv2d(in_channels, rank, (kh, kw), stride, padding, dilation, bias=False)
         self.u = nn.Conv2d(rank, out_channels, 1, bias=bias)
@@ -151,20 +152,31 @@ class LowRankConv2d(LowRank):
         return self.in_channels * kh * kw
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, rank: int | None = None, name: str = "") -> "LowRankConv2d":
-        """Factor ``conv.weight`` reshaped to ``(out, in * kh * kw)`` by truncated SVD, ``U_k sqrt(S_k)``
-        and ``sqrt(S_k) V_k^T`` (exact at full rank); the bias goes to ``u``. ``name`` names the
-        layer in the :class:`ConfigError` for a grouped or non-zero-padded convolution."""
+    def shaped_like(cls, conv: nn.Conv2d, rank: int, name: str = "") -> "LowRankConv2d":
+        """A factored layer of ``rank`` with ``conv``'s hyper-parameters (channels, kernel, stride,
+        padding, dilation, bias) built from those alone: no SVD, the factors hold ``Conv2d``'s
+        initial values (placeholders for ``load_state_dict``, as a checkpoint load needs), on
+        ``conv``'s device. ``name`` names the layer in the :class:`ConfigError` for a grouped or
+        non-zero-padded convolution or a rank outside ``[1, min(in * kh * kw, out)]``."""
         label = name or "convolution"
         if conv.groups != 1:
             raise ConfigError(f"{label}: a grouped convolution (groups={conv.groups}) is not factored into low-rank convolutions")
         if conv.padding_mode != "zeros":
             raise ConfigError(f"{label}: padding_mode {conv.padding_mode!r} is not factored (zero padding only)")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation,
+                  bias=conv.bias is not None, name=name)
+        return new.to(conv.weight.device)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int | None = None, name: str = "") -> "LowRankConv2d":
+        """Factor ``conv.weight`` reshaped to ``(out, in * kh * kw)`` by truncated SVD, ``U_k sqrt(S_k)``
+        and ``sqrt(S_k) V_k^T`` (exact at full rank); the bias goes to ``u``. The layer is
+        :meth:`shaped_like` ``conv`` (its checks, ``name`` in their errors) with the factors filled in."""
         w = conv.weight.detach()
         out_c = w.shape[0]
         mat = w.reshape(out_c, -1)
         rank = min(mat.shape) if rank is None else rank
-        new = cls(conv.in_channels, out_c, conv.kernel_size, rank, conv.stride, conv.padding, conv.dilation, bias=conv.bias is not None)
+        new = cls.shaped_like(conv, rank, name)
         u, v = svd_factors(mat, rank)
         with torch.no_grad():
             new.u.weight.copy_(u[:, :, None, None])
@@ -258,13 +270,15 @@ def structure_of(model: nn.Module) -> dict[str, dict]:
 
 def apply_structure(model: nn.Module, structure: dict[str, dict]) -> nn.Module:
     """Recreate the modules named in ``structure`` on ``model`` (in place): ``lowrank`` on an
-    ``nn.Linear`` gives a ``LowRankLinear``, on an ``nn.Conv2d`` a ``LowRankConv2d``."""
+    ``nn.Linear`` gives a ``LowRankLinear``, on an ``nn.Conv2d`` a ``LowRankConv2d``, both built
+    from the dense layer's shapes alone (no SVD of its placeholder weight); ``load_state_dict``
+    then fills them."""
     for fqn, spec in structure.items():
         kind = spec.get("type") if isinstance(spec, dict) else None
         m = get_submodule(model, fqn)
         if kind == "lowrank":
             if isinstance(m, nn.Conv2d):
-                set_submodule(model, fqn, LowRankConv2d.from_dense(m, int(spec["rank"]), name=fqn))
+                set_submodule(model, fqn, LowRankConv2d.shaped_like(m, int(spec["rank"]), name=fqn))
             elif isinstance(m, nn.Linear):
                 set_submodule(model, fqn, LowRankLinear(m.in_features, m.out_features, int(spec["rank"]), bias=m.bias is not None))
             else:

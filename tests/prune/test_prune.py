@@ -275,6 +275,14 @@ def test_low_rank_conv_from_dense_is_exact_at_full_rank():
     assert kept(x).shape == conv(x).shape
     with pytest.raises(ConfigError, match="embed.x: a grouped convolution"):
         LowRankConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2), name="embed.x")
+    # shaped_like: the same parameters by name and shape from the hyper-parameters alone (what a checkpoint loads into)
+    empty = LowRankConv2d.shaped_like(conv, lr.rank, name="embed.x")
+    assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in lr.state_dict().items()}
+    assert empty.v.stride == conv.stride and empty.v.padding == conv.padding
+    empty.load_state_dict(lr.state_dict())   # strict: raises on a missing, unexpected or misshapen entry
+    torch.testing.assert_close(empty(x), conv(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"embed.x: rank must be in \[1, 4\] for a 4x6x3x3 convolution, got 5"):
+        LowRankConv2d.shaped_like(conv, 5, name="embed.x")
 
 
 # (preset, conv output positions HO*WO of the stem / stage 1 and of the position embedding)
@@ -338,22 +346,49 @@ def test_dsp_factors_the_stem_where_its_rank_shrinks_it_and_refuses_what_cannot_
     assert GROUPED_REASON.startswith("a grouped convolution")
 
 
-def test_dsp_whole_model_checkpoint_reloads_low_rank_convolutions(tmp_path):
+def _no_svd(*args, **kwargs):
+    raise AssertionError("an SVD ran while rebuilding a checkpoint's structure")
+
+
+def test_dsp_whole_model_checkpoint_reloads_low_rank_convolutions(tmp_path, trained_sdt, monkeypatch):
+    """DSP ``--layers all`` one-shot on the shared trained sdt-tiny, saved and loaded: the factored
+    convolutions (stem, stage 1, position embedding) come back from their shapes alone (no SVD of the placeholder weights: the load
+    runs with both SVD entry points made to raise) and the loaded model's logits and every LIF's
+    spikes equal the pruned model's bit for bit on 16 test digits, every LIF firing."""
+    from stdeploy.activity import measure_activity, require_active
+    from stdeploy.export.validate import record_neurons
+    from stdeploy.models import clone_model, structure
     from stdeploy.prune import ALL_LAYERS
 
-    torch.manual_seed(0)
-    model = build_model("sdt-1d-tiny")
+    base, data = trained_sdt
+    model = clone_model(base)
     pruner = make_pruner(PruneConfig(method="dsp", param_ratio=0.3, layers=ALL_LAYERS))
     pruner.one_shot(model)
     save_checkpoint(tmp_path / "dsp", model)
     doc = json.loads((tmp_path / "dsp" / "config.json").read_text())
+    factored = [n for n, spec in doc["structure"].items() if isinstance(model.get_submodule(n), LowRankConv2d)]
+    # at 30% of the trained weights the global budget cuts the stem below 9 dimensions too: all three factored
+    assert sorted(factored) == ["embed.rpe.conv", "embed.stages.0.conv.conv", "embed.stages.1.conv.conv"] and pruner.skipped == {}
     assert doc["structure"]["embed.rpe.conv"] == {"type": "lowrank", "rank": model.embed.rpe.conv.rank}
-    assert "embed.stages.0.conv.conv" not in doc["structure"]   # dense by the rule
-    loaded = load_checkpoint(tmp_path / "dsp").model
-    assert isinstance(loaded.embed.rpe.conv, LowRankConv2d) and loaded.embed.rpe.conv.rank == model.embed.rpe.conv.rank
-    x = torch.rand(4, 2, *model.cfg.input_shape)
+    with monkeypatch.context() as patched:
+        patched.setattr(structure, "svd_factors", _no_svd)
+        patched.setattr(torch.linalg, "svd", _no_svd)
+        with pytest.raises(AssertionError, match="an SVD ran"):   # the patch does catch a factoring
+            LowRankConv2d.from_dense(nn.Conv2d(2, 4, 3), rank=2)
+        loaded = load_checkpoint(tmp_path / "dsp").model
+    for name in factored:
+        new, old = loaded.get_submodule(name), model.get_submodule(name)
+        assert isinstance(new, LowRankConv2d) and new.rank == old.rank and new.v.weight.shape == old.v.weight.shape
+        assert new.u.kernel_size == (1, 1) and new.v.stride == old.v.stride and new.v.padding == old.v.padding
+    images = torch.stack([data.test[i][0] for i in range(16)])
+    x = direct_encode(images, model.cfg.timesteps)
+    model.eval(), loaded.eval()
+    require_active(measure_activity(loaded, x).firing_rates, 1e-3, 0.9, what="DSP-all sdt-tiny from its checkpoint")
     with torch.no_grad():
-        assert torch.equal(loaded.eval()(x), model.eval()(x))
+        ref_logits, ref = record_neurons(model, x)
+        logits, rec = record_neurons(loaded, x)
+    assert torch.equal(logits, ref_logits) and set(rec) == set(ref)
+    assert all(torch.equal(rec[n]["spikes"], ref[n]["spikes"]) for n in ref)
 
 
 def test_cli_prune_whole_model_json_reports_counts(tmp_path):
