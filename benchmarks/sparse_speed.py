@@ -25,10 +25,12 @@ Reported, for the benchmark batch:
   (:mod:`stdeploy.targets.tvm.kernels.lif`), max pooling as a TIR kernel
   (:mod:`stdeploy.targets.tvm.kernels.pool`), the elementwise chains inlined and vectorised, an event
   kernel feeding a LIF through a bias add fused with it (:mod:`stdeploy.targets.tvm.kernels.eventlif`);
-  a max pool fed by a LIF population alone pooled in that kernel; dense and pruned models alike), the
+  a max pool fed by a LIF population alone pooled in that kernel, the bias and residual adds after
+  an event matmul or fused MLP in its store (:mod:`stdeploy.targets.tvm.kernels.residual`); dense
+  and pruned models alike), the
   dense model's other options (its linears, or every layer, on the event kernels: ``event_every``;
-  its time is the fastest option's, measured), both models with the weight+LIF and LIF+pool
-  fusions off (``fusions off``), the same path with the LIF recurrences left to Relax's per-operator
+  its time is the fastest option's, measured), both models with the weight+LIF, LIF+pool and
+  residual fusions off (``fusions off``), the same path with the LIF recurrences left to Relax's per-operator
   TIR (``unfused LIF``), the pruned model with the event kernels off (``event kernels off``: its
   pruned layers on the adaptive skip-zero / gather / BLAS kernels and the CSR pass, the path
   before them, with the same non-weight kernels), and that module with every pruned layer
@@ -92,8 +94,8 @@ WEIGHT_LIF_KERNELS = ("stdeploy_event_lif", "stdeploy_event_mlp")   # weight lay
 DENSE_OPTIONS = {"dense: tvm default": {}, "dense: tvm, linears on event kernels": {"event_every": ("matmul",)},
                  "dense: tvm, every layer on event kernels": {"event_every": ("matmul", "conv2d")},
                  "dense: tvm, linears on event kernels, fusions off": {"event_every": ("matmul",), "event_lif": False,
-                                                                       "lif_pool": False}}
-UNFUSED = "sparse: tvm, fusions off"   # the pruned model without the weight+LIF and LIF+pool fusions
+                                                                       "lif_pool": False, "residual": False}}
+UNFUSED = "sparse: tvm, fusions off"   # the pruned model without the weight+LIF, LIF+pool and residual fusions
 
 
 def machine() -> str:
@@ -292,7 +294,7 @@ def run(args) -> int:
     options = {name: TVMRunnable(graphs["dense"], profile, cpu_target(profile), dirs["dense"], cpu)
                for name, cpu in DENSE_OPTIONS.items() if cpu}
     options[UNFUSED] = TVMRunnable(graphs["sparse"], profile, cpu_target(profile), dirs["sparse"],
-                                   {"event_lif": False, "lif_pool": False})
+                                   {"event_lif": False, "lif_pool": False, "residual": False})
     for name, tv in options.items():
         tv.prepare(args.batch)
         runners[name] = lambda a, tv=tv: tv.run(a).spikes

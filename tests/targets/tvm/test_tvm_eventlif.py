@@ -164,6 +164,36 @@ def test_event_mlp_equals_the_three_kernels_bit_for_bit(target):
     assert np.count_nonzero(ref.numpy()) > 0
 
 
+def test_residual_forms_store_the_bias_and_residual_sums_bit_for_bit(target):
+    """kernels.residual: the event matmul's and the fused MLP's ``residual`` forms store
+    ``(acc + c) + r``, bit-identical to their plain forms followed by numpy's ``r + (c + y)``
+    (the graph's order); real inputs, a nonzero bias and residual."""
+    import tvm
+
+    rng = np.random.default_rng(9)
+    t = tvm.runtime.tensor
+    x_shape, n, n2 = (STEPS, 3, 5, 64), 80, 24
+    w = (rng.normal(size=(64, n)) * (rng.random((64, n)) < 0.3)).astype(np.float32)
+    w2 = (rng.normal(size=(n, n2)) * (rng.random((n, n2)) < 0.2)).astype(np.float32)
+    x = (rng.normal(size=x_shape) * (rng.random(x_shape) < 0.4)).astype(np.float32)
+    consts = [np.ascontiguousarray(np.broadcast_to(c, (3, 5, n))).reshape(-1)[:n].copy() for c in _constants(rng, (3, 5, n), True)]
+    keep = np.full(lif.LANES, -1, np.int32)
+    cases = [(lambda residual: event.event_matmul_kernel(x_shape, 64, n, residual=residual), [w, event.live_masks(w)], n),
+             (lambda residual: eventlif.event_mlp_kernel(x_shape, 64, n, STEPS, n, lif.LANES, n2, (*x_shape[:-1], n2),
+                                                         residual=residual),
+              [w, event.live_masks(w), *consts, keep, w2, event.live_masks(w2)], n2)]
+    for build, arrays, width in cases:
+        shape = (*x_shape[:-1], width)
+        c = rng.normal(size=width).astype(np.float32)
+        r = rng.normal(size=shape).astype(np.float32)
+        plain, folded = t(np.full(shape, 7, np.float32)), t(np.full(shape, 7, np.float32))
+        _compile(build(False), target)(t(x), *(t(a) for a in arrays), plain)
+        _compile(build(True), target)(t(x), *(t(a) for a in arrays), t(c), t(r), folded)
+        y = plain.numpy()
+        assert np.count_nonzero(y) > 0
+        np.testing.assert_array_equal(folded.numpy(), r + (c + y))
+
+
 def test_event_mlp_on_the_hidden_neurons_fc2_reads_is_bit_identical(target):
     """lif.compact_hidden: with 45 of fc1's 80 neurons never read by fc2 (their rows of w2 zero),
     the kernel computes the 35 others (padded to 48) and fc2's output is the full kernel's bit for bit."""

@@ -79,14 +79,17 @@ def live_masks(weight: np.ndarray) -> np.ndarray:
     return bits.sum(axis=1).astype(np.uint32)
 
 
-def event_matmul_kernel(x_shape: tuple, k: int, n: int):
+def event_matmul_kernel(x_shape: tuple, k: int, n: int, residual: bool = False):
     """The TIR PrimFunc ``(x (..., K), w (K, N), live (ceil(K / BLOCK),) uint32, y (..., N))``
     (``live``: :func:`live_masks` of ``w``). Per row of ``x``: the accumulator of the ``N``
     outputs is zeroed; per block of :data:`BLOCK` inputs the mask of its nonzero inputs is formed
     in vector registers (compare, shift, OR-reduce) and ANDed with the block's live mask; its set
     bits, ascending, are the events, each adding ``value x`` its weight row to the accumulator
     (vectorised over ``N``); the accumulator is stored. The last ``K mod BLOCK`` inputs are
-    tested one by one."""
+    tested one by one.
+
+    ``residual``: the PrimFunc ``(x, w, live, c (N,), r (..., N), y)`` storing ``(acc + c) + r``
+    instead (a bias and a residual add folded into the store: :mod:`.residual`)."""
     from tvm.script import tirx as T
 
     x_shape = tuple(int(v) for v in x_shape)
@@ -98,14 +101,8 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int):
     words = math.ceil(k / BLOCK)
     L, vn = BLOCK, vector_width(n)
 
-    @T.prim_func
-    def event_matmul(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"), yh: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        xn = T.match_buffer(xh, x_shape, "float32")
-        yn = T.match_buffer(yh, y_shape, "float32")
-        x = T.decl_buffer((m * k,), "float32", data=xn.data)
-        xi = T.decl_buffer((m * k,), "int32", data=xn.data)
-        y = T.decl_buffer((m, n), "float32", data=yn.data)
+    @T.macro
+    def rows(x, xi, w, live, y, c, res):
         for part in T.parallel(parts):
             acc = T.alloc_buffer((n,), "float32")
             mask = T.alloc_buffer((1,), "uint32")
@@ -132,7 +129,31 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int):
                                 acc[vo * vn + vv] = acc[vo * vn + vv] + x[row * k + blocks * L + l] * w[blocks * L + l, vo * vn + vv]
                 for vo in range(n // vn):
                     for vv in T.vectorized(vn):
-                        y[row, vo * vn + vv] = acc[vo * vn + vv]
+                        if residual:
+                            y[row, vo * vn + vv] = (acc[vo * vn + vv] + c[vo * vn + vv]) + res[row, vo * vn + vv]
+                        else:
+                            y[row, vo * vn + vv] = acc[vo * vn + vv]
+
+    if residual:
+        @T.prim_func
+        def event_matmul_residual(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
+                                  c: T.Buffer((n,), "float32"), rh: T.handle, yh: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            xn = T.match_buffer(xh, x_shape, "float32")
+            rn = T.match_buffer(rh, y_shape, "float32")
+            yn = T.match_buffer(yh, y_shape, "float32")
+            rows(T.decl_buffer((m * k,), "float32", data=xn.data), T.decl_buffer((m * k,), "int32", data=xn.data), w, live,
+                 T.decl_buffer((m, n), "float32", data=yn.data), c, T.decl_buffer((m, n), "float32", data=rn.data))
+
+        return event_matmul_residual
+
+    @T.prim_func
+    def event_matmul(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"), yh: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xn = T.match_buffer(xh, x_shape, "float32")
+        yn = T.match_buffer(yh, y_shape, "float32")
+        rows(T.decl_buffer((m * k,), "float32", data=xn.data), T.decl_buffer((m * k,), "int32", data=xn.data), w, live,
+             T.decl_buffer((m, n), "float32", data=yn.data), None, None)
 
     return event_matmul
 

@@ -237,14 +237,19 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     return stationary_conv_lif
 
 
-def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, lanes: int, n2: int, y_shape: tuple):
+def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, lanes: int, n2: int, y_shape: tuple,
+                     residual: bool = False):
     """The TIR PrimFunc ``(x, w, live, c, a, b, theta, v0, keep, w2 (N, N2), live2, y (T*R..., N2))``:
     :func:`event_matmul_lif_kernel` whose spikes feed a second event matmul ``s @ w2`` (read by
     nothing else), per row group: the ``T`` spike rows stay in a local buffer and each is run
     through the second layer's event loop (its events found by comparing the spikes with 0, the
     same set the :mod:`.event` kernel finds in 0.0 / 1.0 spikes; its weight rows added in
     ascending input order, ``acc + value * w`` as there). ``y`` is the second layer's output,
-    bit-identical to the two :mod:`.event` kernels and the :mod:`.lif` kernel one after another."""
+    bit-identical to the two :mod:`.event` kernels and the :mod:`.lif` kernel one after another.
+
+    ``residual``: the PrimFunc ``(..., live2, c2 (N2,), r (T*R..., N2), y)`` storing
+    ``(acc + c2) + r`` instead (the second layer's bias and a residual add folded into the store:
+    :mod:`.residual`)."""
     from tvm.script import tirx as T
 
     x_shape = tuple(int(v) for v in x_shape)
@@ -262,17 +267,8 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
     L, m, groups = BLOCK, int(period), n // lanes
     vn, vn2 = vector_width(n), vector_width(n2)
 
-    @T.prim_func
-    def event_mlp(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
-                  c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
-                  th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
-                  w2: T.Buffer((n, n2), "float32"), live2: T.Buffer((words2,), "uint32"), yh: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        xn = T.match_buffer(xh, x_shape, "float32")
-        yn = T.match_buffer(yh, y_shape, "float32")
-        x = T.decl_buffer((rows * k,), "float32", data=xn.data)
-        xi = T.decl_buffer((rows * k,), "int32", data=xn.data)
-        y = T.decl_buffer((rows, n2), "float32", data=yn.data)
+    @T.macro
+    def row_groups(x, xi, w, live, c, a, b, th, v0, keep, w2, live2, y, c2, res):
         for part in T.parallel(parts):
             acc = T.alloc_buffer((steps, n), "float32")
             spk = T.alloc_buffer((steps * n,), "float32")
@@ -335,6 +331,38 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
                                     acc2[qo * vn2 + qv] = acc2[qo * vn2 + qv] + spk[t * n + blocks2 * L + l] * w2[blocks2 * L + l, qo * vn2 + qv]
                     for qo in range(n2 // vn2):
                         for qv in T.vectorized(vn2):
-                            y[t * r_rows + r, qo * vn2 + qv] = acc2[qo * vn2 + qv]
+                            if residual:
+                                y[t * r_rows + r, qo * vn2 + qv] = (acc2[qo * vn2 + qv] + c2[qo * vn2 + qv]) + \
+                                    res[t * r_rows + r, qo * vn2 + qv]
+                            else:
+                                y[t * r_rows + r, qo * vn2 + qv] = acc2[qo * vn2 + qv]
+
+    if residual:
+        @T.prim_func
+        def event_mlp_residual(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
+                               c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+                               th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
+                               w2: T.Buffer((n, n2), "float32"), live2: T.Buffer((words2,), "uint32"),
+                               c2: T.Buffer((n2,), "float32"), rh: T.handle, yh: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            xn = T.match_buffer(xh, x_shape, "float32")
+            rn = T.match_buffer(rh, y_shape, "float32")
+            yn = T.match_buffer(yh, y_shape, "float32")
+            row_groups(T.decl_buffer((rows * k,), "float32", data=xn.data), T.decl_buffer((rows * k,), "int32", data=xn.data),
+                       w, live, c, a, b, th, v0, keep, w2, live2, T.decl_buffer((rows, n2), "float32", data=yn.data), c2,
+                       T.decl_buffer((rows, n2), "float32", data=rn.data))
+
+        return event_mlp_residual
+
+    @T.prim_func
+    def event_mlp(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
+                  c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+                  th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
+                  w2: T.Buffer((n, n2), "float32"), live2: T.Buffer((words2,), "uint32"), yh: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xn = T.match_buffer(xh, x_shape, "float32")
+        yn = T.match_buffer(yh, y_shape, "float32")
+        row_groups(T.decl_buffer((rows * k,), "float32", data=xn.data), T.decl_buffer((rows * k,), "int32", data=xn.data),
+                   w, live, c, a, b, th, v0, keep, w2, live2, T.decl_buffer((rows, n2), "float32", data=yn.data), None, None)
 
     return event_mlp
