@@ -152,12 +152,13 @@ def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_
     mlp = next(f for f in producers.values() if "consumer" in f)
     assert 0 < mlp["units"] < 256 and mlp["units"] % 16 == 0, mlp
     assert [by_name[p]["weight"] for p, f in producers.items() if f.get("pool") == [2, 2, 2, 2]] == [[64, 32, 3, 3]]
-    # proj's and the MLP's bias and residual adds are in their kernels' stores (kernels.residual)
+    # proj's, the MLP's and the position embedding's bias and residual adds are in their kernels'
+    # stores, the embedding's transpose to tokens too (kernels.residual)
     folded = {r["layer"]: r for r in info["residual"]}
-    assert len(folded) == 2 and mlp["name"] in folded and all(r["shape"] == [4, 8, 16, 64] for r in folded.values())
-    proj = next(name for name in folded if name != mlp["name"])
-    assert by_name[proj]["weight"] == [64, 64] and f"R.call_tir(cls.{proj}," not in script
-    assert all(f"R.call_tir(cls.{r['kernel']}," in script for r in folded.values())
+    assert len(folded) == 3 and mlp["name"] in folded and all(r["shape"] == [4, 8, 16, 64] for r in folded.values())
+    assert sorted(by_name[name]["weight"] for name in folded if name != mlp["name"]) == [[64, 64], [64, 64, 3, 3]]
+    assert all(f"R.call_tir(cls.{name}," not in script and f"R.call_tir(cls.{r['kernel']}," in script for name, r in folded.items())
+    assert "transpose" not in script
     assert script.count("stdeploy_event_matmul_") >= 2 * (len(linears) - 6)    # the unfused ones defined and called
     assert "stdeploy_stationary_conv_" in script and "cls.stdeploy_max_pool_" not in script
     assert "stdeploy.skipzeroconv." not in script and "stdeploy.spikeconv." not in script

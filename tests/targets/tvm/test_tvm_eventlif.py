@@ -167,7 +167,8 @@ def test_event_mlp_equals_the_three_kernels_bit_for_bit(target):
 def test_residual_forms_store_the_bias_and_residual_sums_bit_for_bit(target):
     """kernels.residual: the event matmul's and the fused MLP's ``residual`` forms store
     ``(acc + c) + r``, bit-identical to their plain forms followed by numpy's ``r + (c + y)``
-    (the graph's order); real inputs, a nonzero bias and residual."""
+    (the graph's order); the weight-stationary convolution's ``residual_tokens`` form the same sum
+    transposed to one token per position; real inputs, a nonzero bias and residual."""
     import tvm
 
     rng = np.random.default_rng(9)
@@ -192,6 +193,24 @@ def test_residual_forms_store_the_bias_and_residual_sums_bit_for_bit(target):
         y = plain.numpy()
         assert np.count_nonzero(y) > 0
         np.testing.assert_array_equal(folded.numpy(), r + (c + y))
+    # the weight-stationary convolution's form: bias per channel, residual in NCHW, stored as tokens
+    x_shape, w_shape = (6, 16, 4, 4), (24, 16, 3, 3)
+    w = (rng.normal(size=w_shape) * (rng.random(w_shape) < 0.05)).astype(np.float32)
+    x = (rng.random(x_shape) < 0.3).astype(np.float32)
+    c = rng.normal(size=24).astype(np.float32)
+    r = rng.normal(size=(6, 24, 4, 4)).astype(np.float32)
+    ptr, taps, vals, chans = event.conv_columns(w)
+    arrays = [t(ptr), t(taps), t(vals), t(chans)]
+    plain, folded = t(np.full((6, 24, 4, 4), 7, np.float32)), t(np.full((2, 3, 16, 24), 7, np.float32))
+    _compile(event.stationary_conv_kernel(x_shape, w_shape, (1, 1, 1, 1), vals.size, chans.size), target)(t(x), *arrays, plain)
+    _compile(event.stationary_conv_kernel(x_shape, w_shape, (1, 1, 1, 1), vals.size, chans.size, True, (2, 3, 24, 4, 4),
+                                          (2, 3, 16, 24)), target)(t(x), *arrays, t(c), t(r.reshape(2, 3, 24, 4, 4)), folded)
+    y = plain.numpy()
+    assert np.count_nonzero(y) > 0
+    expected = (r + (c[:, None, None] + y)).reshape(2, 3, 24, 16).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(folded.numpy(), expected)
+    with pytest.raises(ShapeError):
+        event.stationary_conv_kernel(x_shape, w_shape, (1, 1, 1, 1), vals.size, chans.size, True, (6, 24, 16), (6, 16, 25))
 
 
 def test_event_mlp_on_the_hidden_neurons_fc2_reads_is_bit_identical(target):

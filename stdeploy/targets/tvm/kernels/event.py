@@ -176,13 +176,20 @@ def conv_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ptr, taps.astype(np.int32), flat[rows, taps].astype(np.float32), chans
 
 
-def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int):
+def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int,
+                           residual_tokens: bool = False, r_shape: tuple | None = None, y_shape: tuple | None = None):
     """The TIR PrimFunc ``(x (N, C, H, W), ptr (O + 1), taps (nnz), vals (nnz), chans (channels),
     y (N, O, HO, WO))`` (arrays of :func:`conv_columns`). Per image: each used input channel is
     copied into a plane with a zero border (input ``(r, q)`` at ``(r + top, q + left)``); then for
     each output channel an accumulator of the whole output plane is zeroed, each of the channel's
     nonzero weights, in (tap, channel) order, adds ``weight x`` the plane of its channel shifted by
-    its tap, a vector along each output row, and the accumulator is stored."""
+    its tap, a vector along each output row, and the accumulator is stored.
+
+    ``residual_tokens``: the PrimFunc ``(x, ptr, taps, vals, chans, c (O,), r, y)`` storing
+    ``(acc + c[o]) + r[n, o, p]`` at ``y[n, p, o]`` (``p`` the output position ``i * WO + j``):
+    a bias, a residual add and the transpose to one token per position folded into the store
+    (:mod:`.residual`); ``r`` and ``y`` hold ``N * O * HO * WO`` values in any shapes
+    ``r_shape``, ``y_shape`` (read as ``(N, O, HO * WO)`` and ``(N, HO * WO, O)``)."""
     from tvm.script import tirx as T
 
     n, c, h, w = (int(v) for v in x_shape)
@@ -193,12 +200,10 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
     p, lc = max(1, nnz), max(1, channels)
+    plane = ho * wo
 
-    @T.prim_func
-    def stationary_conv(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
-                        taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
-                        chans: T.Buffer((lc,), "int32"), y: T.Buffer((n, o, ho, wo), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    @T.macro
+    def images(x, ptr, taps, vals, chans, y, cb, res):
         for part in T.parallel(parts):
             pad = T.alloc_buffer((c, ph, pw), "float32")
             acc = T.alloc_buffer((ho, wo), "float32")
@@ -221,7 +226,35 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
                                 acc[r, q] = acc[r, q] + pad[taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
                     for r in T.unroll(ho):
                         for q in T.vectorized(wo):
-                            y[b, v, r, q] = acc[r, q]
+                            if residual_tokens:
+                                y[b, r * wo + q, v] = (acc[r, q] + cb[v]) + res[b, v, r * wo + q]
+                            else:
+                                y[b, v, r, q] = acc[r, q]
+
+    if residual_tokens:
+        rs = tuple(int(d) for d in (r_shape or (n, o, ho, wo)))
+        ys = tuple(int(d) for d in (y_shape or (n, plane, o)))
+        if math.prod(rs) != n * o * plane or math.prod(ys) != n * o * plane:
+            raise ShapeError(f"stationary conv: residual {rs} or output {ys} does not hold {n}x{o}x{ho}x{wo} values")
+
+        @T.prim_func
+        def stationary_conv_tokens(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
+                                   taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
+                                   chans: T.Buffer((lc,), "int32"), cb: T.Buffer((o,), "float32"), rh: T.handle, yh: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            rn = T.match_buffer(rh, rs, "float32")
+            yn = T.match_buffer(yh, ys, "float32")
+            images(x, ptr, taps, vals, chans, T.decl_buffer((n, plane, o), "float32", data=yn.data), cb,
+                   T.decl_buffer((n, o, plane), "float32", data=rn.data))
+
+        return stationary_conv_tokens
+
+    @T.prim_func
+    def stationary_conv(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
+                        taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
+                        chans: T.Buffer((lc,), "int32"), y: T.Buffer((n, o, ho, wo), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        images(x, ptr, taps, vals, chans, y, None, None)
 
     return stationary_conv
 
