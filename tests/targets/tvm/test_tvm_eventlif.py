@@ -123,6 +123,36 @@ def test_stationary_conv_lif_equals_the_two_kernels_bit_for_bit(target, x_shape,
     assert 0 < pooled_ref.mean() < 1
 
 
+@pytest.mark.parametrize("pool", [None, (2, 2, 2, 2)])
+def test_stationary_conv_lif_on_repeated_steps_is_bit_identical(target, pool):
+    """``repeats``: a one-channel stem fed the same images at every step (a direct encoding),
+    except one image that differs in one pixel at the last step: spikes (and pooled spikes)
+    equal the convolution kernel followed by the LIF (and max-pool) kernels, bit for bit."""
+    import tvm
+
+    rng = np.random.default_rng(11)
+    t = tvm.runtime.tensor
+    batch, x_shape, w_shape, padding = 3, (STEPS * 3, 1, 8, 8), (8, 1, 3, 3), (1, 1, 1, 1)
+    w = rng.normal(size=w_shape).astype(np.float32) * (rng.random(w_shape) < 0.7)
+    x = np.tile(rng.random((batch, 1, 8, 8)).astype(np.float32), (STEPS, 1, 1, 1))
+    x[(STEPS - 1) * batch + 2, 0, 3, 4] += 0.5                    # image 2 is not the same at every step
+    ptr, taps, vals, chans = event.conv_columns(w)
+    y = t(np.zeros((x_shape[0], 8, 8, 8), np.float32))
+    arrays = [t(a) for a in (ptr, taps, vals, chans)]
+    _compile(event.stationary_conv_kernel(x_shape, w_shape, padding, vals.size, chans.size), target)(t(x), *arrays, y)
+    shape = (batch, 8, 8, 8)
+    consts = [np.broadcast_to(c, shape) for c in _constants(rng, (8, 1, 1), False)]
+    ref, flat, period, lanes = _lif_after(target, y.numpy(), consts, STEPS, shape)
+    assert 0 < ref.mean() < 1
+    if pool is not None:
+        ref = _max_pool(target, ref, (x_shape[0], 8, 8, 8), pool[:2])
+    out = t(np.full(ref.shape, 7, np.float32))
+    _compile(eventlif.stationary_conv_lif_kernel(x_shape, w_shape, padding, vals.size, chans.size, STEPS, period, lanes,
+                                                 ref.shape, pool, repeats=True), target)(
+        t(x), *arrays, *(t(f) for f in flat), t(np.full(lanes, -1, np.int32)), out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
 def test_lif_pool_equals_lif_then_max_pool_bit_for_bit(target):
     import tvm
 

@@ -133,7 +133,8 @@ def event_matmul_lif_kernel(x_shape: tuple, k: int, n: int, steps: int, period: 
 
 
 def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int, steps: int,
-                               period: int, lanes: int, out_shape: tuple | None = None, pool: tuple | None = None):
+                               period: int, lanes: int, out_shape: tuple | None = None, pool: tuple | None = None,
+                               repeats: bool = False):
     """The TIR PrimFunc ``(x (T*B, C, H, W), ptr, taps, vals, chans, c (M,), a (M,), b (M,),
     theta (M,), v0 (M,), keep (lanes,), out (T, B*O*HO*WO))``: the spikes of the LIF recurrence fed
     the convolution plus ``c`` (:func:`.event.stationary_conv_kernel` and :func:`.lif.lif_kernel`
@@ -144,7 +145,11 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     ``pool`` ``(kh, kw, sh, sw)``: the spikes are max-pooled in the kernel (a ``max_pool2d`` that
     reads nothing else, no padding, windows inside the plane; :func:`.pool.max_pool_kernel`'s
     running maximum from -FLT_MAX over rows then columns) and ``out`` is the pooled
-    ``(T*B, O, HP, WP)`` (or ``out_shape``, the same values): the spikes are never written."""
+    ``(T*B, O, HP, WP)`` (or ``out_shape``, the same values): the spikes are never written.
+
+    ``repeats``: per image, the kernel first checks whether its ``T`` input images are bit for bit
+    the same (an image fed at every step, as a direct encoding does) and then accumulates step 0
+    alone and copies its planes to the other steps: the same float32 sums, so the same spikes."""
     from tvm.script import tirx as T
 
     nb, c, h, w = (int(v) for v in x_shape)
@@ -187,27 +192,41 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
             mx = T.alloc_buffer((1,), "float32")
             v = T.alloc_buffer((lanes,), "float32")
             s = T.alloc_buffer((lanes,), "float32")
+            run = T.alloc_buffer((1,), "int32")    # the steps accumulated: 1 where the T inputs are the same
             for t in range(steps):
                 for ch in range(c):
                     for r in range(ph):
                         for q in range(pw):
                             pad[t, ch, r, q] = T.float32(0)
             for img in range(part * per, T.min(batch, part * per + per)):
-                for t in range(steps):
+                run[0] = steps
+                if repeats:
+                    run[0] = 1
+                    for t in range(1, steps):
+                        for li in range(channels):
+                            for r in range(h):
+                                for q in range(w):
+                                    run[0] = T.max(run[0], T.if_then_else(
+                                        T.reinterpret("int32", x[t * batch + img, chans[li], r, q])
+                                        != T.reinterpret("int32", x[img, chans[li], r, q]), steps, 1))
+                for t in range(run[0]):
                     for li in range(channels):
                         for r in range(h):
                             for q in T.vectorized(w):
                                 pad[t, chans[li], r + top, q + left] = x[t * batch + img, chans[li], r, q]
                 for u in range(o):
-                    for t in range(steps):
+                    for t in range(run[0]):
                         for r in T.unroll(ho):
                             for q in T.vectorized(wo):
                                 acc[t * plane + r * wo + q] = T.float32(0)
                     for e in range(ptr[u], ptr[u + 1]):
-                        for t in range(steps):
+                        for t in range(run[0]):
                             for r in T.unroll(ho):
                                 for q in T.vectorized(wo):
                                     acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+                    for t in range(run[0], steps):
+                        for i in range(plane):
+                            acc[t * plane + i] = acc[i]
                     for g in range(groups):
                         base = ((img * o + u) * plane + g * lanes) % m   # the constants' offset of this vector (once, not per step)
                         for l in T.vectorized(lanes):

@@ -51,6 +51,7 @@ import numpy as np
 from ....errors import ShapeError
 from ...base import TargetError
 from .routing import static_shape, use_counts, var_key
+from .skipzero import STEM_CHANNELS
 from .spike import LANES   # neurons per vector step
 
 __all__ = ["FusedLIF", "LANES", "PARTS", "compact_hidden", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
@@ -456,6 +457,13 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(np.broadcast_to(a, shape).view(np.uint32), np.broadcast_to(b, shape).view(np.uint32))
 
 
+def _image_stem(layer) -> bool:
+    """True for a convolution with at most :data:`.skipzero.STEM_CHANNELS` input channels: an image
+    stem, whose input a direct encoding repeats at every step (its fused kernel checks for that:
+    ``repeats`` of :func:`.eventlif.stationary_conv_lif_kernel`)."""
+    return layer.op == "conv2d" and int(layer.weight[1]) <= STEM_CHANNELS
+
+
 def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, list[FusedLIF]]:
     """``(new_mod, [FusedLIF, ...])``: ``mod`` with every LIF recurrence of the module docstring's
     form computed by :func:`lif_kernel` (``call_tir``), the operators it replaces removed.
@@ -539,7 +547,8 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
                         func = eventlif.event_matmul_lif_kernel(layer.x_shape, *layer.weight, steps, period, lanes, out_shape)
                     else:
                         func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz,
-                                                                   layer.channels, steps, period, lanes, out_shape)
+                                                                   layer.channels, steps, period, lanes, out_shape,
+                                                                   repeats=_image_stem(layer))
                     name = f"stdeploy_event_lif_{len(event_kernels)}"
                     event_kernels[pkey] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
                 kernel = event_kernels[pkey]
@@ -720,7 +729,7 @@ def _pool_in(mod, pools: dict, poolable: dict, done: list):
                 if how[0] == "conv":
                     layer, _, period, lanes = how[1:]
                     func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels,
-                                                               steps, period, lanes, out_shape, pool)
+                                                               steps, period, lanes, out_shape, pool, repeats=_image_stem(layer))
                 else:
                     func = lif_pool_kernel(steps, shape, how[3], how[4], pool, out_shape)
                 made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
