@@ -176,6 +176,18 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     per = math.ceil(batch / parts)
     p, lc, m, groups = max(1, nnz), max(1, channels), int(period), plane // lanes
 
+    @T.macro
+    def accumulate(acc, pad, ptr, taps, vals, u, nsteps):   # output channel u's planes of the first nsteps steps
+        for t in range(nsteps):
+            for r in T.unroll(ho):
+                for q in T.vectorized(wo):
+                    acc[t * plane + r * wo + q] = T.float32(0)
+        for e in range(ptr[u], ptr[u + 1]):
+            for t in range(nsteps):
+                for r in T.unroll(ho):
+                    for q in T.vectorized(wo):
+                        acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+
     @T.prim_func
     def stationary_conv_lif(x: T.Buffer((nb, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
                             taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
@@ -215,18 +227,16 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                             for q in T.vectorized(w):
                                 pad[t, chans[li], r + top, q + left] = x[t * batch + img, chans[li], r, q]
                 for u in range(o):
-                    for t in range(run[0]):
-                        for r in T.unroll(ho):
-                            for q in T.vectorized(wo):
-                                acc[t * plane + r * wo + q] = T.float32(0)
-                    for e in range(ptr[u], ptr[u + 1]):
-                        for t in range(run[0]):
-                            for r in T.unroll(ho):
-                                for q in T.vectorized(wo):
-                                    acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
-                    for t in range(run[0], steps):
-                        for i in range(plane):
-                            acc[t * plane + i] = acc[i]
+                    if repeats:
+                        if run[0] == 1:
+                            accumulate(acc, pad, ptr, taps, vals, u, 1)
+                            for t in range(1, steps):
+                                for i in range(plane):
+                                    acc[t * plane + i] = acc[i]
+                        else:
+                            accumulate(acc, pad, ptr, taps, vals, u, steps)
+                    else:
+                        accumulate(acc, pad, ptr, taps, vals, u, steps)
                     for g in range(groups):
                         base = ((img * o + u) * plane + g * lanes) % m   # the constants' offset of this vector (once, not per step)
                         for l in T.vectorized(lanes):
