@@ -159,6 +159,9 @@ def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_
     assert sorted(by_name[name]["weight"] for name in folded if name != mlp["name"]) == [[64, 64], [64, 64, 3, 3]]
     assert all(f"R.call_tir(cls.{name}," not in script and f"R.call_tir(cls.{r['kernel']}," in script for name, r in folded.items())
     assert "transpose" not in script
+    # the attention's q * k summed over the tokens: one kernel (kernels.attention)
+    assert info["product_sum"] == [{"shape": [4, 8, 16, 64], "axis": 2, "name": "stdeploy_product_sum_0"}]
+    assert "R.call_tir(cls.stdeploy_product_sum_0," in script and "multiply_sum" not in script
     assert script.count("stdeploy_event_matmul_") >= 2 * (len(linears) - 6)    # the unfused ones defined and called
     assert "stdeploy_stationary_conv_" in script and "cls.stdeploy_max_pool_" not in script
     assert "stdeploy.skipzeroconv." not in script and "stdeploy.spikeconv." not in script
