@@ -391,12 +391,11 @@ def markdown(r: dict) -> str:
               "Layers on the kernels compiled into the module (`kernels.event`; call_tir, no choice at run time):", "",
               "| model | op | weight | weight density | nonzero weights | kernel | fused with its LIF into |", "|---|---|---|---:|---:|---|---|"]
     for k, layers in r["event_layers"].items():
-        into = {f["producer"]: f["name"] + (f" ({f['units']} of its {f['shape'][-1]} neurons: those the next layer reads)"
-                                            if "units" in f else "") for f in r["fused_lif"][k] if "producer" in f}
-        into.update({f["consumer"]: f"{f['name']} (after the LIF)" for f in r["fused_lif"][k] if "consumer" in f})
         folded = {f["layer"]: f["kernel"] for f in r.get("residual", {}).get(k, [])}
-        into = {name: v + "".join(f", in {folded[f]} with the bias and residual adds" for f in folded if v.startswith(f + " ") or v == f)
-                for name, v in into.items()}
+        then = lambda name: f", in {folded[name]} with the bias and residual adds" if name in folded else ""  # noqa: E731
+        into = {f["producer"]: f["name"] + (f" ({f['units']} of its {f['shape'][-1]} neurons: those the next layer reads)"
+                                            if "units" in f else "") + then(f["name"]) for f in r["fused_lif"][k] if "producer" in f}
+        into.update({f["consumer"]: f"{f['name']} (after the LIF){then(f['name'])}" for f in r["fused_lif"][k] if "consumer" in f})
         into.update({e["name"]: f"- (bias and residual adds in {folded[e['name']]}'s store)" for e in layers if e["name"] in folded})
         for e in layers:
             lines.append(f"| {k} | {e['op']} | {'x'.join(map(str, e['weight']))} | {e['weight_density']:.4f} | {e['nnz']} | {e['name']} | "

@@ -70,3 +70,4 @@ def test_routing_takes_the_pattern_only(target):
     last = lambda bb, x, y: relax.op.sum(bb.emit(x * y), axis=[2])                                       # noqa: E731
     for build in (twice, last):
         assert attention.route_product_sums(module(build), target)[1] == []
+

@@ -9,7 +9,7 @@ sums only.
 
 Arithmetic: per output, ``acc = 0``, then ``acc + a * b`` for the summed index ascending, as the
 lowered ``sum`` does; each product passes through an ``and`` with an all-ones word ``keep`` so the
-compiler cannot contract it with the add into a fused multiply-add (:func:`.lif.contracts_to_fma`
+compiler cannot contract it with the add into a fused multiply-add (:func:`.lif.require_exact`
 checks the compiled kernel): bit-identical to the two operators.
 """
 
@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ....errors import ShapeError
-from ...base import TargetError
-from .lif import contracts_to_fma
+from .lif import require_exact
 from .routing import rewrite_functions, static_shape, use_counts, var_key
 from .spike import LANES, PARTS
 
@@ -88,7 +87,7 @@ def route_product_sums(mod, target) -> tuple[object, list[ProductSum]]:
     docstring's form computed by :func:`product_sum_kernel` (``call_tir``), where :data:`.spike.LANES`
     divides the values after the axis. ``target``: the CPU target the kernels are checked for
     contraction on; a kernel that would compile to fused multiply-adds raises
-    :class:`~stdeploy.targets.base.TargetError`."""
+    :class:`~stdeploy.targets.base.TargetError` (:func:`.lif.require_exact`)."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -119,9 +118,7 @@ def route_product_sums(mod, target) -> tuple[object, list[ProductSum]]:
             key = (shape, axis, static_shape(call))
             if key not in made:
                 func = product_sum_kernel(shape, axis, LANES, static_shape(call))
-                if contracts_to_fma(func, target):
-                    raise TargetError(f"the product-sum kernel for {shape} compiles to fused multiply-adds on {target}: "
-                                      "it would not match the graph's arithmetic")
+                require_exact(func, ("product_sum", *key), target, f"the product-sum kernel for {shape}")
                 name = f"stdeploy_product_sum_{len(made)}"
                 made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
             done.append(ProductSum(shape, axis, made[key].name_hint))

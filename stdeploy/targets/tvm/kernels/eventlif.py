@@ -231,8 +231,9 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                         if run[0] == 1:
                             accumulate(acc, pad, ptr, taps, vals, u, 1)
                             for t in range(1, steps):
-                                for i in range(plane):
-                                    acc[t * plane + i] = acc[i]
+                                for g in range(groups):
+                                    for l in T.vectorized(lanes):
+                                        acc[t * plane + g * lanes + l] = acc[g * lanes + l]
                         else:
                             accumulate(acc, pad, ptr, taps, vals, u, steps)
                     else:

@@ -54,7 +54,7 @@ from .routing import static_shape, use_counts, var_key
 from .skipzero import STEM_CHANNELS
 from .spike import LANES   # neurons per vector step
 
-__all__ = ["FusedLIF", "LANES", "PARTS", "compact_hidden", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
+__all__ = ["FusedLIF", "LANES", "PARTS", "compact_hidden", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "require_exact", "lif_kernel",
            "reference_lif"]
 
 PARTS = 8    # parallel tasks per call
@@ -262,6 +262,18 @@ def contracts_to_fma(func, target) -> bool:
     lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target))
     asm = lib.mod.inspect_source("s")
     return any(op in asm for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"))
+
+
+def require_exact(func, key: tuple, target, what: str) -> None:
+    """Raise :class:`~stdeploy.targets.base.TargetError` where ``func`` compiled for ``target``
+    holds a fused multiply-add (:func:`contracts_to_fma`: it would not keep the graph's arithmetic);
+    checked once per ``key`` (the kernel's build parameters) and target in this process."""
+    checked = (key, repr(target))
+    if checked in _EXACT:
+        return
+    if contracts_to_fma(func, target):
+        raise TargetError(f"{what} compiles to fused multiply-adds on {target}: it would not match the graph's arithmetic")
+    _EXACT.add(checked)
 
 
 class _Matcher:
@@ -562,11 +574,7 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
             key = (steps, shape, period, fused is not None, None if fused is None else static_shape(fused[0]))
             if key not in kernels:
                 func = lif_kernel(*key)
-                checked = (key, repr(target))
-                if checked not in _EXACT and contracts_to_fma(func, target):
-                    raise TargetError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
-                                       "it would not match the graph's arithmetic")
-                _EXACT.add(checked)
+                require_exact(func, ("lif", *key), target, f"the fused LIF kernel for {shape}")
                 name = f"stdeploy_lif_{len(kernels)}"
                 kernels[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
             if fused is not None and len(shape) == 4 and (shape[2] * shape[3]) % lanes == 0:

@@ -59,6 +59,7 @@ def fold_residual_adds(mod, layers=(), fused=()) -> tuple[object, list[FoldedRes
     matmuls = {e.name: e for e in layers if e.op == "matmul"}
     convs = {e.name: e for e in layers if e.op == "conv2d"}
     mlps = {f.name: f for f in fused if f.consumer}
+    rows = {**matmuls, **mlps}     # the kernels whose output rows take a bias along the last axis
     if not matmuls and not mlps and not convs:
         return mod, []
     uses = use_counts(mod)
@@ -94,7 +95,7 @@ def fold_residual_adds(mod, layers=(), fused=()) -> tuple[object, list[FoldedRes
             if value is None:
                 return None
             for c, y in (value.args, value.args[::-1]):
-                made_by = self.producer(y, {**matmuls, **mlps})
+                made_by = self.producer(y, rows)
                 shape = static_shape(y)
                 if made_by is not None and shape is not None and shape == static_shape(value):
                     vector = bias_vector(c, shape[-1])
@@ -119,7 +120,7 @@ def fold_residual_adds(mod, layers=(), fused=()) -> tuple[object, list[FoldedRes
             """The call replacing ``call`` (a ``permute_dims``) where it ends the position-embedding
             pattern of the module docstring, or None."""
             out = static_shape(call)
-            if out is None or len(out) != 4 or [int(a) for a in call.attrs.axes] != [0, 1, 3, 2]:
+            if out is None or len(out) != 4 or call.attrs.axes is None or [int(a) for a in call.attrs.axes] != [0, 1, 3, 2]:
                 return None
             total = self.once(self.unshaped(call.args[0]), add)
             if total is None or len(total.args) != 2 or static_shape(total.args[0]) != static_shape(total.args[1]):
@@ -168,7 +169,7 @@ def fold_residual_adds(mod, layers=(), fused=()) -> tuple[object, list[FoldedRes
             shape = static_shape(call)
             for inner, r in (call.args, call.args[::-1]):
                 found = self.bias_add(inner)
-                if found is None or static_shape(r) != shape:
+                if found is None or static_shape(r) != shape or static_shape(inner) != shape:   # no broadcasting
                     continue
                 c, name, ycall = found
                 return self.fold(name, ycall, c, r, call)
