@@ -41,9 +41,11 @@ from ..base import RunResult, TargetError
 from ..profiles import DeviceProfile
 from .database import CrossoverCache, TuningDatabaseError, apply_database, crossover_cache_path, find_database, read_meta
 from .frontend import OnnxGraph, relax_module
+from .kernels.attention import route_product_sums
 from .kernels.event import route_event_kernels
 from .kernels.lif import fuse_lif_recurrences
 from .kernels.pool import route_max_pools
+from .kernels.residual import fold_residual_adds
 from .kernels.routing import route_to_external_kernels
 from .kernels.skipzero import MIN_WEIGHT_ZEROS
 from .kernels.sparse import measured_choice, rewrite_sparse_matmuls
@@ -74,6 +76,8 @@ class CpuOptions:
     event_min_zeros: float = MIN_WEIGHT_ZEROS   # the share of zero weights that sends a layer to the event kernels
     event_every: tuple[str, ...] = ()   # ops ("matmul", "conv2d") sent to the event kernels whatever their zeros
     lif_pool: bool = True   # a max pool fed by a fused LIF population alone: pooled in that kernel
+    residual: bool = True   # an event matmul's / fused MLP's bias and residual adds folded into its store (kernels.residual)
+    product_sum: bool = True   # sum(a * b, axis) as one kernel (kernels.attention)
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -130,12 +134,19 @@ def prepare_cpu_module(graph, batch: int, target: dict, options: CpuOptions = Cp
     if options.kernels == "blas":
         mod, pools = route_max_pools(mod)
         info["max_pool"] = [{"x": list(p.x_shape), "pool": list(p.pool), "stride": list(p.stride)} for p in pools]
+    fused = []
     if options.lif:
         mod, fused = fuse_lif_recurrences(mod, target, events if options.event_lif else (), pools if options.lif_pool else ())
         info["fused_lif"] = [{"steps": f.steps, "shape": list(f.shape), "period": f.period, "bias": f.bias,
                               **({"producer": f.producer, "name": f.name} if f.producer else {}),
                               **({"consumer": f.consumer} if f.consumer else {}), **({"units": f.units} if f.units else {}),
                               **({"pool": list(f.pool), "name": f.name} if f.pool else {})} for f in fused]
+    if options.residual and (events or fused):
+        mod, folded = fold_residual_adds(mod, events, fused)
+        info["residual"] = [{"kernel": r.kernel, "layer": r.layer, "shape": list(r.shape)} for r in folded]
+    if options.product_sum and options.kernels == "blas":
+        mod, sums = route_product_sums(mod, target)
+        info["product_sum"] = [{"shape": list(p.shape), "axis": p.axis, "name": p.name} for p in sums]
     with tvm.target.Target(target):
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(), relax.transform.CanonicalizeBindings(),
                                         relax.get_pipeline("zero")])(mod)
@@ -152,7 +163,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
                 crossover_cache: str | os.PathLike | None = None, lif: bool = True,
                 event: bool = True, event_lif: bool = True,
                 event_min_zeros: float = MIN_WEIGHT_ZEROS, event_every: tuple = (),
-                lif_pool: bool = True) -> tuple[object, dict]:
+                lif_pool: bool = True, residual: bool = True, product_sum: bool = True) -> tuple[object, dict]:
     """Compile the CPU executable and say how: ``(executable, info)``, ``info["path"]`` names the
     kernels used (e.g. ``BLAS matmul/conv2d + MetaSchedule-tuned TIR``, ``untuned TIR``).
 
@@ -172,7 +183,11 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     convolution goes to the event kernels; ``event_every``: the ops (``matmul``, ``conv2d``) sent
     to them whatever their zeros (the dense model's options). ``lif_pool``: a max pool fed by a
     fused LIF population alone is done in that kernel (``info["fused_lif"]`` entries name the
-    ``pool``)."""
+    ``pool``). ``residual``: an event matmul's or fused MLP's output that only goes through its
+    bias add into a residual add is stored as that sum by its kernel (:mod:`.kernels.residual`;
+    ``info["residual"]`` lists them). ``product_sum``: with ``kernels`` ``blas``, a sum over one
+    axis of an elementwise product read by nothing else is one kernel (:mod:`.kernels.attention`;
+    ``info["product_sum"]``)."""
     tvm = load_tvm()
     if schedule not in ("auto", "tuned", "untuned"):
         raise ValueError(f"schedule must be auto, tuned or untuned, got {schedule!r}")
@@ -193,7 +208,7 @@ def compile_cpu(graph, export_dir, profile: DeviceProfile, target: dict, batch: 
     else:
         sparse_layers = None if sparse == "auto" else ()
     options = CpuOptions(kernels, sparse_layers, lif=lif, event=event, event_lif=event_lif, event_min_zeros=event_min_zeros,
-                         event_every=tuple(event_every), lif_pool=lif_pool)
+                         event_every=tuple(event_every), lif_pool=lif_pool, residual=residual, product_sum=product_sum)
     prepared = prepare_cpu_module(graph, batch, target, options,
                                   CrossoverCache(crossover_cache_path(export_dir, crossover_cache)) if kernels == "blas" else None)
     mod, tuned = prepared.mod, False

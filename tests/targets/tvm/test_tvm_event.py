@@ -143,15 +143,26 @@ def test_whole_model_pruned_sdt_runs_on_them_bit_identical_to_onnxruntime(whole_
     by_name = {e["name"]: e for e in info["event"]}
     assert sorted(by_name[p]["weight"] for p in producers) == sorted(
         [[32, 1, 3, 3], [64, 32, 3, 3], [64, 64], [64, 64], [64, 64], [64, 256]])
+    called = {r["layer"]: r["kernel"] for r in info["residual"]}   # kernels replaced by their residual form
     for p, f in producers.items():
-        assert f"cls.{f['name']}," in script and f"cls.{p}," not in script
+        assert f"cls.{called.get(f['name'], f['name'])}," in script and f"cls.{p}," not in script
     # fc2 after fc1's LIF, and the max pool after stage 1's, inside those kernels
     assert [by_name[f["consumer"]]["weight"] for f in producers.values() if "consumer" in f] == [[256, 64]]
     # ... computing only the hidden neurons fc2 reads (lif.compact_hidden), fewer than fc1's 256
     mlp = next(f for f in producers.values() if "consumer" in f)
     assert 0 < mlp["units"] < 256 and mlp["units"] % 16 == 0, mlp
     assert [by_name[p]["weight"] for p, f in producers.items() if f.get("pool") == [2, 2, 2, 2]] == [[64, 32, 3, 3]]
-    assert script.count("stdeploy_event_matmul_") >= 2 * (len(linears) - 5)    # the unfused ones defined and called
+    # proj's, the MLP's and the position embedding's bias and residual adds are in their kernels'
+    # stores, the embedding's transpose to tokens too (kernels.residual)
+    folded = {r["layer"]: r for r in info["residual"]}
+    assert len(folded) == 3 and mlp["name"] in folded and all(r["shape"] == [4, 8, 16, 64] for r in folded.values())
+    assert sorted(by_name[name]["weight"] for name in folded if name != mlp["name"]) == [[64, 64], [64, 64, 3, 3]]
+    assert all(f"R.call_tir(cls.{name}," not in script and f"R.call_tir(cls.{r['kernel']}," in script for name, r in folded.items())
+    assert "transpose" not in script
+    # the attention's q * k summed over the tokens: one kernel (kernels.attention)
+    assert info["product_sum"] == [{"shape": [4, 8, 16, 64], "axis": 2, "name": "stdeploy_product_sum_0"}]
+    assert "R.call_tir(cls.stdeploy_product_sum_0," in script and "multiply_sum" not in script
+    assert script.count("stdeploy_event_matmul_") >= 2 * (len(linears) - 6)    # the unfused ones defined and called
     assert "stdeploy_stationary_conv_" in script and "cls.stdeploy_max_pool_" not in script
     assert "stdeploy.skipzeroconv." not in script and "stdeploy.spikeconv." not in script
     equals_onnxruntime(mod, graph, x)

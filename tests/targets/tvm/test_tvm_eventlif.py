@@ -123,6 +123,36 @@ def test_stationary_conv_lif_equals_the_two_kernels_bit_for_bit(target, x_shape,
     assert 0 < pooled_ref.mean() < 1
 
 
+@pytest.mark.parametrize("pool", [None, (2, 2, 2, 2)])
+def test_stationary_conv_lif_on_repeated_steps_is_bit_identical(target, pool):
+    """``repeats``: a one-channel stem fed the same images at every step (a direct encoding),
+    except one image that differs in one pixel at the last step: spikes (and pooled spikes)
+    equal the convolution kernel followed by the LIF (and max-pool) kernels, bit for bit."""
+    import tvm
+
+    rng = np.random.default_rng(11)
+    t = tvm.runtime.tensor
+    batch, x_shape, w_shape, padding = 3, (STEPS * 3, 1, 8, 8), (8, 1, 3, 3), (1, 1, 1, 1)
+    w = rng.normal(size=w_shape).astype(np.float32) * (rng.random(w_shape) < 0.7)
+    x = np.tile(rng.random((batch, 1, 8, 8)).astype(np.float32), (STEPS, 1, 1, 1))
+    x[(STEPS - 1) * batch + 2, 0, 3, 4] += 0.5                    # image 2 is not the same at every step
+    ptr, taps, vals, chans = event.conv_columns(w)
+    y = t(np.zeros((x_shape[0], 8, 8, 8), np.float32))
+    arrays = [t(a) for a in (ptr, taps, vals, chans)]
+    _compile(event.stationary_conv_kernel(x_shape, w_shape, padding, vals.size, chans.size), target)(t(x), *arrays, y)
+    shape = (batch, 8, 8, 8)
+    consts = [np.broadcast_to(c, shape) for c in _constants(rng, (8, 1, 1), False)]
+    ref, flat, period, lanes = _lif_after(target, y.numpy(), consts, STEPS, shape)
+    assert 0 < ref.mean() < 1
+    if pool is not None:
+        ref = _max_pool(target, ref, (x_shape[0], 8, 8, 8), pool[:2])
+    out = t(np.full(ref.shape, 7, np.float32))
+    _compile(eventlif.stationary_conv_lif_kernel(x_shape, w_shape, padding, vals.size, chans.size, STEPS, period, lanes,
+                                                 ref.shape, pool, repeats=True), target)(
+        t(x), *arrays, *(t(f) for f in flat), t(np.full(lanes, -1, np.int32)), out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
 def test_lif_pool_equals_lif_then_max_pool_bit_for_bit(target):
     import tvm
 
@@ -162,6 +192,55 @@ def test_event_mlp_equals_the_three_kernels_bit_for_bit(target):
     fn(t(x), t(w), t(event.live_masks(w)), *(t(f) for f in flat), t(np.full(lanes, -1, np.int32)), t(w2), t(event.live_masks(w2)), out)
     np.testing.assert_array_equal(out.numpy(), ref.numpy())
     assert np.count_nonzero(ref.numpy()) > 0
+
+
+def test_residual_forms_store_the_bias_and_residual_sums_bit_for_bit(target):
+    """kernels.residual: the event matmul's and the fused MLP's ``residual`` forms store
+    ``(acc + c) + r``, bit-identical to their plain forms followed by numpy's ``r + (c + y)``
+    (the graph's order); the weight-stationary convolution's ``residual_tokens`` form the same sum
+    transposed to one token per position; real inputs, a nonzero bias and residual."""
+    import tvm
+
+    rng = np.random.default_rng(9)
+    t = tvm.runtime.tensor
+    x_shape, n, n2 = (STEPS, 3, 5, 64), 80, 24
+    w = (rng.normal(size=(64, n)) * (rng.random((64, n)) < 0.3)).astype(np.float32)
+    w2 = (rng.normal(size=(n, n2)) * (rng.random((n, n2)) < 0.2)).astype(np.float32)
+    x = (rng.normal(size=x_shape) * (rng.random(x_shape) < 0.4)).astype(np.float32)
+    consts = [np.ascontiguousarray(np.broadcast_to(c, (3, 5, n))).reshape(-1)[:n].copy() for c in _constants(rng, (3, 5, n), True)]
+    keep = np.full(lif.LANES, -1, np.int32)
+    cases = [(lambda residual: event.event_matmul_kernel(x_shape, 64, n, residual=residual), [w, event.live_masks(w)], n),
+             (lambda residual: eventlif.event_mlp_kernel(x_shape, 64, n, STEPS, n, lif.LANES, n2, (*x_shape[:-1], n2),
+                                                         residual=residual),
+              [w, event.live_masks(w), *consts, keep, w2, event.live_masks(w2)], n2)]
+    for build, arrays, width in cases:
+        shape = (*x_shape[:-1], width)
+        c = rng.normal(size=width).astype(np.float32)
+        r = rng.normal(size=shape).astype(np.float32)
+        plain, folded = t(np.full(shape, 7, np.float32)), t(np.full(shape, 7, np.float32))
+        _compile(build(False), target)(t(x), *(t(a) for a in arrays), plain)
+        _compile(build(True), target)(t(x), *(t(a) for a in arrays), t(c), t(r), folded)
+        y = plain.numpy()
+        assert np.count_nonzero(y) > 0
+        np.testing.assert_array_equal(folded.numpy(), r + (c + y))
+    # the weight-stationary convolution's form: bias per channel, residual in NCHW, stored as tokens
+    x_shape, w_shape = (6, 16, 4, 4), (24, 16, 3, 3)
+    w = (rng.normal(size=w_shape) * (rng.random(w_shape) < 0.05)).astype(np.float32)
+    x = (rng.random(x_shape) < 0.3).astype(np.float32)
+    c = rng.normal(size=24).astype(np.float32)
+    r = rng.normal(size=(6, 24, 4, 4)).astype(np.float32)
+    ptr, taps, vals, chans = event.conv_columns(w)
+    arrays = [t(ptr), t(taps), t(vals), t(chans)]
+    plain, folded = t(np.full((6, 24, 4, 4), 7, np.float32)), t(np.full((2, 3, 16, 24), 7, np.float32))
+    _compile(event.stationary_conv_kernel(x_shape, w_shape, (1, 1, 1, 1), vals.size, chans.size), target)(t(x), *arrays, plain)
+    _compile(event.stationary_conv_kernel(x_shape, w_shape, (1, 1, 1, 1), vals.size, chans.size, True, (2, 3, 24, 4, 4),
+                                          (2, 3, 16, 24)), target)(t(x), *arrays, t(c), t(r.reshape(2, 3, 24, 4, 4)), folded)
+    y = plain.numpy()
+    assert np.count_nonzero(y) > 0
+    expected = (r + (c[:, None, None] + y)).reshape(2, 3, 24, 16).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(folded.numpy(), expected)
+    with pytest.raises(ShapeError):
+        event.stationary_conv_kernel(x_shape, w_shape, (1, 1, 1, 1), vals.size, chans.size, True, (6, 24, 16), (6, 16, 25))
 
 
 def test_event_mlp_on_the_hidden_neurons_fc2_reads_is_bit_identical(target):

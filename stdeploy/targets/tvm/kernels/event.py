@@ -79,14 +79,17 @@ def live_masks(weight: np.ndarray) -> np.ndarray:
     return bits.sum(axis=1).astype(np.uint32)
 
 
-def event_matmul_kernel(x_shape: tuple, k: int, n: int):
+def event_matmul_kernel(x_shape: tuple, k: int, n: int, residual: bool = False):
     """The TIR PrimFunc ``(x (..., K), w (K, N), live (ceil(K / BLOCK),) uint32, y (..., N))``
     (``live``: :func:`live_masks` of ``w``). Per row of ``x``: the accumulator of the ``N``
     outputs is zeroed; per block of :data:`BLOCK` inputs the mask of its nonzero inputs is formed
     in vector registers (compare, shift, OR-reduce) and ANDed with the block's live mask; its set
     bits, ascending, are the events, each adding ``value x`` its weight row to the accumulator
     (vectorised over ``N``); the accumulator is stored. The last ``K mod BLOCK`` inputs are
-    tested one by one."""
+    tested one by one.
+
+    ``residual``: the PrimFunc ``(x, w, live, c (N,), r (..., N), y)`` storing ``(acc + c) + r``
+    instead (a bias and a residual add folded into the store: :mod:`.residual`)."""
     from tvm.script import tirx as T
 
     x_shape = tuple(int(v) for v in x_shape)
@@ -98,14 +101,8 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int):
     words = math.ceil(k / BLOCK)
     L, vn = BLOCK, vector_width(n)
 
-    @T.prim_func
-    def event_matmul(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"), yh: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        xn = T.match_buffer(xh, x_shape, "float32")
-        yn = T.match_buffer(yh, y_shape, "float32")
-        x = T.decl_buffer((m * k,), "float32", data=xn.data)
-        xi = T.decl_buffer((m * k,), "int32", data=xn.data)
-        y = T.decl_buffer((m, n), "float32", data=yn.data)
+    @T.macro
+    def rows(x, xi, w, live, y, c, res):
         for part in T.parallel(parts):
             acc = T.alloc_buffer((n,), "float32")
             mask = T.alloc_buffer((1,), "uint32")
@@ -132,7 +129,31 @@ def event_matmul_kernel(x_shape: tuple, k: int, n: int):
                                 acc[vo * vn + vv] = acc[vo * vn + vv] + x[row * k + blocks * L + l] * w[blocks * L + l, vo * vn + vv]
                 for vo in range(n // vn):
                     for vv in T.vectorized(vn):
-                        y[row, vo * vn + vv] = acc[vo * vn + vv]
+                        if residual:
+                            y[row, vo * vn + vv] = (acc[vo * vn + vv] + c[vo * vn + vv]) + res[row, vo * vn + vv]
+                        else:
+                            y[row, vo * vn + vv] = acc[vo * vn + vv]
+
+    if residual:
+        @T.prim_func
+        def event_matmul_residual(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
+                                  c: T.Buffer((n,), "float32"), rh: T.handle, yh: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            xn = T.match_buffer(xh, x_shape, "float32")
+            rn = T.match_buffer(rh, y_shape, "float32")
+            yn = T.match_buffer(yh, y_shape, "float32")
+            rows(T.decl_buffer((m * k,), "float32", data=xn.data), T.decl_buffer((m * k,), "int32", data=xn.data), w, live,
+                 T.decl_buffer((m, n), "float32", data=yn.data), c, T.decl_buffer((m, n), "float32", data=rn.data))
+
+        return event_matmul_residual
+
+    @T.prim_func
+    def event_matmul(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"), yh: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xn = T.match_buffer(xh, x_shape, "float32")
+        yn = T.match_buffer(yh, y_shape, "float32")
+        rows(T.decl_buffer((m * k,), "float32", data=xn.data), T.decl_buffer((m * k,), "int32", data=xn.data), w, live,
+             T.decl_buffer((m, n), "float32", data=yn.data), None, None)
 
     return event_matmul
 
@@ -155,13 +176,20 @@ def conv_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ptr, taps.astype(np.int32), flat[rows, taps].astype(np.float32), chans
 
 
-def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int):
+def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int,
+                           residual_tokens: bool = False, r_shape: tuple | None = None, y_shape: tuple | None = None):
     """The TIR PrimFunc ``(x (N, C, H, W), ptr (O + 1), taps (nnz), vals (nnz), chans (channels),
     y (N, O, HO, WO))`` (arrays of :func:`conv_columns`). Per image: each used input channel is
     copied into a plane with a zero border (input ``(r, q)`` at ``(r + top, q + left)``); then for
     each output channel an accumulator of the whole output plane is zeroed, each of the channel's
     nonzero weights, in (tap, channel) order, adds ``weight x`` the plane of its channel shifted by
-    its tap, a vector along each output row, and the accumulator is stored."""
+    its tap, a vector along each output row, and the accumulator is stored.
+
+    ``residual_tokens``: the PrimFunc ``(x, ptr, taps, vals, chans, c (O,), r, y)`` storing
+    ``(acc + c[o]) + r[n, o, p]`` at ``y[n, p, o]`` (``p`` the output position ``i * WO + j``):
+    a bias, a residual add and the transpose to one token per position folded into the store
+    (:mod:`.residual`); ``r`` and ``y`` hold ``N * O * HO * WO`` values in any shapes
+    ``r_shape``, ``y_shape`` (read as ``(N, O, HO * WO)`` and ``(N, HO * WO, O)``)."""
     from tvm.script import tirx as T
 
     n, c, h, w = (int(v) for v in x_shape)
@@ -172,12 +200,10 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
     p, lc = max(1, nnz), max(1, channels)
+    plane = ho * wo
 
-    @T.prim_func
-    def stationary_conv(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
-                        taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
-                        chans: T.Buffer((lc,), "int32"), y: T.Buffer((n, o, ho, wo), "float32")):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    @T.macro
+    def images(x, ptr, taps, vals, chans, y, cb, res):
         for part in T.parallel(parts):
             pad = T.alloc_buffer((c, ph, pw), "float32")
             acc = T.alloc_buffer((ho, wo), "float32")
@@ -200,7 +226,35 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
                                 acc[r, q] = acc[r, q] + pad[taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
                     for r in T.unroll(ho):
                         for q in T.vectorized(wo):
-                            y[b, v, r, q] = acc[r, q]
+                            if residual_tokens:
+                                y[b, r * wo + q, v] = (acc[r, q] + cb[v]) + res[b, v, r * wo + q]
+                            else:
+                                y[b, v, r, q] = acc[r, q]
+
+    if residual_tokens:
+        rs = tuple(int(d) for d in (r_shape or (n, o, ho, wo)))
+        ys = tuple(int(d) for d in (y_shape or (n, plane, o)))
+        if math.prod(rs) != n * o * plane or math.prod(ys) != n * o * plane:
+            raise ShapeError(f"stationary conv: residual {rs} or output {ys} does not hold {n}x{o}x{ho}x{wo} values")
+
+        @T.prim_func
+        def stationary_conv_tokens(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
+                                   taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
+                                   chans: T.Buffer((lc,), "int32"), cb: T.Buffer((o,), "float32"), rh: T.handle, yh: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            rn = T.match_buffer(rh, rs, "float32")
+            yn = T.match_buffer(yh, ys, "float32")
+            images(x, ptr, taps, vals, chans, T.decl_buffer((n, plane, o), "float32", data=yn.data), cb,
+                   T.decl_buffer((n, o, plane), "float32", data=rn.data))
+
+        return stationary_conv_tokens
+
+    @T.prim_func
+    def stationary_conv(x: T.Buffer((n, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
+                        taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
+                        chans: T.Buffer((lc,), "int32"), y: T.Buffer((n, o, ho, wo), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        images(x, ptr, taps, vals, chans, y, None, None)
 
     return stationary_conv
 

@@ -133,7 +133,8 @@ def event_matmul_lif_kernel(x_shape: tuple, k: int, n: int, steps: int, period: 
 
 
 def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int, steps: int,
-                               period: int, lanes: int, out_shape: tuple | None = None, pool: tuple | None = None):
+                               period: int, lanes: int, out_shape: tuple | None = None, pool: tuple | None = None,
+                               repeats: bool = False):
     """The TIR PrimFunc ``(x (T*B, C, H, W), ptr, taps, vals, chans, c (M,), a (M,), b (M,),
     theta (M,), v0 (M,), keep (lanes,), out (T, B*O*HO*WO))``: the spikes of the LIF recurrence fed
     the convolution plus ``c`` (:func:`.event.stationary_conv_kernel` and :func:`.lif.lif_kernel`
@@ -144,7 +145,11 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     ``pool`` ``(kh, kw, sh, sw)``: the spikes are max-pooled in the kernel (a ``max_pool2d`` that
     reads nothing else, no padding, windows inside the plane; :func:`.pool.max_pool_kernel`'s
     running maximum from -FLT_MAX over rows then columns) and ``out`` is the pooled
-    ``(T*B, O, HP, WP)`` (or ``out_shape``, the same values): the spikes are never written."""
+    ``(T*B, O, HP, WP)`` (or ``out_shape``, the same values): the spikes are never written.
+
+    ``repeats``: per image, the kernel first checks whether its ``T`` input images are bit for bit
+    the same (an image fed at every step, as a direct encoding does) and then accumulates step 0
+    alone and copies its planes to the other steps: the same float32 sums, so the same spikes."""
     from tvm.script import tirx as T
 
     nb, c, h, w = (int(v) for v in x_shape)
@@ -171,6 +176,18 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     per = math.ceil(batch / parts)
     p, lc, m, groups = max(1, nnz), max(1, channels), int(period), plane // lanes
 
+    @T.macro
+    def accumulate(acc, pad, ptr, taps, vals, u, nsteps):   # output channel u's planes of the first nsteps steps
+        for t in range(nsteps):
+            for r in T.unroll(ho):
+                for q in T.vectorized(wo):
+                    acc[t * plane + r * wo + q] = T.float32(0)
+        for e in range(ptr[u], ptr[u + 1]):
+            for t in range(nsteps):
+                for r in T.unroll(ho):
+                    for q in T.vectorized(wo):
+                        acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+
     @T.prim_func
     def stationary_conv_lif(x: T.Buffer((nb, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
                             taps: T.Buffer((p,), "int32"), vals: T.Buffer((p,), "float32"),
@@ -187,27 +204,40 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
             mx = T.alloc_buffer((1,), "float32")
             v = T.alloc_buffer((lanes,), "float32")
             s = T.alloc_buffer((lanes,), "float32")
+            run = T.alloc_buffer((1,), "int32")    # the steps accumulated: 1 where the T inputs are the same
             for t in range(steps):
                 for ch in range(c):
                     for r in range(ph):
                         for q in range(pw):
                             pad[t, ch, r, q] = T.float32(0)
             for img in range(part * per, T.min(batch, part * per + per)):
-                for t in range(steps):
+                run[0] = steps
+                if repeats:
+                    run[0] = 1
+                    for t in range(1, steps):
+                        for li in range(channels):
+                            for r in range(h):
+                                for q in range(w):
+                                    run[0] = T.max(run[0], T.if_then_else(
+                                        T.reinterpret("int32", x[t * batch + img, chans[li], r, q])
+                                        != T.reinterpret("int32", x[img, chans[li], r, q]), steps, 1))
+                for t in range(run[0]):
                     for li in range(channels):
                         for r in range(h):
                             for q in T.vectorized(w):
                                 pad[t, chans[li], r + top, q + left] = x[t * batch + img, chans[li], r, q]
                 for u in range(o):
-                    for t in range(steps):
-                        for r in T.unroll(ho):
-                            for q in T.vectorized(wo):
-                                acc[t * plane + r * wo + q] = T.float32(0)
-                    for e in range(ptr[u], ptr[u + 1]):
-                        for t in range(steps):
-                            for r in T.unroll(ho):
-                                for q in T.vectorized(wo):
-                                    acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+                    if repeats:
+                        if run[0] == 1:
+                            accumulate(acc, pad, ptr, taps, vals, u, 1)
+                            for t in range(1, steps):
+                                for g in range(groups):
+                                    for l in T.vectorized(lanes):
+                                        acc[t * plane + g * lanes + l] = acc[g * lanes + l]
+                        else:
+                            accumulate(acc, pad, ptr, taps, vals, u, steps)
+                    else:
+                        accumulate(acc, pad, ptr, taps, vals, u, steps)
                     for g in range(groups):
                         base = ((img * o + u) * plane + g * lanes) % m   # the constants' offset of this vector (once, not per step)
                         for l in T.vectorized(lanes):
@@ -237,14 +267,19 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     return stationary_conv_lif
 
 
-def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, lanes: int, n2: int, y_shape: tuple):
+def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, lanes: int, n2: int, y_shape: tuple,
+                     residual: bool = False):
     """The TIR PrimFunc ``(x, w, live, c, a, b, theta, v0, keep, w2 (N, N2), live2, y (T*R..., N2))``:
     :func:`event_matmul_lif_kernel` whose spikes feed a second event matmul ``s @ w2`` (read by
     nothing else), per row group: the ``T`` spike rows stay in a local buffer and each is run
     through the second layer's event loop (its events found by comparing the spikes with 0, the
     same set the :mod:`.event` kernel finds in 0.0 / 1.0 spikes; its weight rows added in
     ascending input order, ``acc + value * w`` as there). ``y`` is the second layer's output,
-    bit-identical to the two :mod:`.event` kernels and the :mod:`.lif` kernel one after another."""
+    bit-identical to the two :mod:`.event` kernels and the :mod:`.lif` kernel one after another.
+
+    ``residual``: the PrimFunc ``(..., live2, c2 (N2,), r (T*R..., N2), y)`` storing
+    ``(acc + c2) + r`` instead (the second layer's bias and a residual add folded into the store:
+    :mod:`.residual`)."""
     from tvm.script import tirx as T
 
     x_shape = tuple(int(v) for v in x_shape)
@@ -262,17 +297,8 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
     L, m, groups = BLOCK, int(period), n // lanes
     vn, vn2 = vector_width(n), vector_width(n2)
 
-    @T.prim_func
-    def event_mlp(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
-                  c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
-                  th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
-                  w2: T.Buffer((n, n2), "float32"), live2: T.Buffer((words2,), "uint32"), yh: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        xn = T.match_buffer(xh, x_shape, "float32")
-        yn = T.match_buffer(yh, y_shape, "float32")
-        x = T.decl_buffer((rows * k,), "float32", data=xn.data)
-        xi = T.decl_buffer((rows * k,), "int32", data=xn.data)
-        y = T.decl_buffer((rows, n2), "float32", data=yn.data)
+    @T.macro
+    def row_groups(x, xi, w, live, c, a, b, th, v0, keep, w2, live2, y, c2, res):
         for part in T.parallel(parts):
             acc = T.alloc_buffer((steps, n), "float32")
             spk = T.alloc_buffer((steps * n,), "float32")
@@ -335,6 +361,38 @@ def event_mlp_kernel(x_shape: tuple, k: int, n: int, steps: int, period: int, la
                                     acc2[qo * vn2 + qv] = acc2[qo * vn2 + qv] + spk[t * n + blocks2 * L + l] * w2[blocks2 * L + l, qo * vn2 + qv]
                     for qo in range(n2 // vn2):
                         for qv in T.vectorized(vn2):
-                            y[t * r_rows + r, qo * vn2 + qv] = acc2[qo * vn2 + qv]
+                            if residual:
+                                y[t * r_rows + r, qo * vn2 + qv] = (acc2[qo * vn2 + qv] + c2[qo * vn2 + qv]) + \
+                                    res[t * r_rows + r, qo * vn2 + qv]
+                            else:
+                                y[t * r_rows + r, qo * vn2 + qv] = acc2[qo * vn2 + qv]
+
+    if residual:
+        @T.prim_func
+        def event_mlp_residual(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
+                               c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+                               th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
+                               w2: T.Buffer((n, n2), "float32"), live2: T.Buffer((words2,), "uint32"),
+                               c2: T.Buffer((n2,), "float32"), rh: T.handle, yh: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            xn = T.match_buffer(xh, x_shape, "float32")
+            rn = T.match_buffer(rh, y_shape, "float32")
+            yn = T.match_buffer(yh, y_shape, "float32")
+            row_groups(T.decl_buffer((rows * k,), "float32", data=xn.data), T.decl_buffer((rows * k,), "int32", data=xn.data),
+                       w, live, c, a, b, th, v0, keep, w2, live2, T.decl_buffer((rows, n2), "float32", data=yn.data), c2,
+                       T.decl_buffer((rows, n2), "float32", data=rn.data))
+
+        return event_mlp_residual
+
+    @T.prim_func
+    def event_mlp(xh: T.handle, w: T.Buffer((k, n), "float32"), live: T.Buffer((words,), "uint32"),
+                  c: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
+                  th: T.Buffer((m,), "float32"), v0: T.Buffer((m,), "float32"), keep: T.Buffer((lanes,), "int32"),
+                  w2: T.Buffer((n, n2), "float32"), live2: T.Buffer((words2,), "uint32"), yh: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        xn = T.match_buffer(xh, x_shape, "float32")
+        yn = T.match_buffer(yh, y_shape, "float32")
+        row_groups(T.decl_buffer((rows * k,), "float32", data=xn.data), T.decl_buffer((rows * k,), "int32", data=xn.data),
+                   w, live, c, a, b, th, v0, keep, w2, live2, T.decl_buffer((rows, n2), "float32", data=yn.data), None, None)
 
     return event_mlp

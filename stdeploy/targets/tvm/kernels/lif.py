@@ -50,9 +50,11 @@ import numpy as np
 
 from ....errors import ShapeError
 from ...base import TargetError
+from .routing import static_shape, use_counts, var_key
+from .skipzero import STEM_CHANNELS
 from .spike import LANES   # neurons per vector step
 
-__all__ = ["FusedLIF", "LANES", "PARTS", "compact_hidden", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "lif_kernel",
+__all__ = ["FusedLIF", "LANES", "PARTS", "compact_hidden", "constant_period", "contracts_to_fma", "fuse_lif_recurrences", "require_exact", "lif_kernel",
            "reference_lif"]
 
 PARTS = 8    # parallel tasks per call
@@ -262,15 +264,16 @@ def contracts_to_fma(func, target) -> bool:
     return any(op in asm for op in ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub"))
 
 
-def _static_shape(expr) -> tuple | None:
-    sinfo = getattr(expr, "ty", None)
-    shape = getattr(sinfo, "shape", None)
-    if shape is None or getattr(sinfo, "dtype", None) != "float32":
-        return None
-    try:
-        return tuple(int(d) for d in shape)
-    except (TypeError, ValueError):
-        return None
+def require_exact(func, key: tuple, target, what: str) -> None:
+    """Raise :class:`~stdeploy.targets.base.TargetError` where ``func`` compiled for ``target``
+    holds a fused multiply-add (:func:`contracts_to_fma`: it would not keep the graph's arithmetic);
+    checked once per ``key`` (the kernel's build parameters) and target in this process."""
+    checked = (key, repr(target))
+    if checked in _EXACT:
+        return
+    if contracts_to_fma(func, target):
+        raise TargetError(f"{what} compiles to fused multiply-adds on {target}: it would not match the graph's arithmetic")
+    _EXACT.add(checked)
 
 
 class _Matcher:
@@ -306,7 +309,7 @@ class _Matcher:
         if isinstance(expr, self.const_type) and str(expr.value.dtype) == "float32":
             return expr.value.numpy()
         reshape = self.call(expr, "reshape")
-        shape = _static_shape(expr)
+        shape = static_shape(expr)
         if reshape is not None and shape is not None:  # a reshaped constant (the frontend's bias layout)
             inner = self.const(reshape.args[0])
             return None if inner is None or inner.size != math.prod(shape) else inner.reshape(shape)
@@ -392,7 +395,7 @@ class _Matcher:
         fields = self.value(concat.args[0])
         if not isinstance(fields, self.relax.Tuple) or len(fields.fields) < 1:
             return None
-        out = _static_shape(concat)
+        out = static_shape(concat)
         if out is None or out[0] != len(fields.fields):
             return None
         steps, shape = out[0], out[1:]
@@ -406,7 +409,7 @@ class _Matcher:
             if found is None:
                 return None
             v_var, theta = found
-            if _static_shape(v_var) != shape:
+            if static_shape(v_var) != shape:
                 return None
             upd = self.update(v_var, t == 0, prev)
             if upd is None:
@@ -421,7 +424,7 @@ class _Matcher:
             elif not all(_same_bits(c, d) for c, d in zip(consts[:3], step_consts)):
                 return None
             prev = (v_var, s_var)
-        if _static_shape(source) != out:
+        if static_shape(source) != out:
             return None
         try:
             for c in consts:
@@ -433,20 +436,20 @@ class _Matcher:
     def bias(self, source, steps: int, shape: tuple):
         """``(Y, c)`` where ``source`` is ``add(Y, c)`` or ``reshape(add(Y, c))`` with a constant ``c``
         the same in every step, used only by this recurrence's steps; else None."""
-        if self.uses.get(_key(source), 0) != steps:
+        if self.uses.get(var_key(source), 0) != steps:
             return None
         node = source
         reshape = self.call(source, "reshape")
         if reshape is not None:
             node = reshape.args[0]
-            if not isinstance(node, self.relax.Var) or self.uses.get(_key(node), 0) != 1:
+            if not isinstance(node, self.relax.Var) or self.uses.get(var_key(node), 0) != 1:
                 return None
         add = self.call(node, "add")
         if add is None:
             return None
         for y, c_expr in ((add.args[0], add.args[1]), (add.args[1], add.args[0])):
-            c, y_shape = self.const(c_expr), _static_shape(y)
-            if c is None or y_shape is None or _static_shape(add) != y_shape or math.prod(y_shape) != steps * math.prod(shape):
+            c, y_shape = self.const(c_expr), static_shape(y)
+            if c is None or y_shape is None or static_shape(add) != y_shape or math.prod(y_shape) != steps * math.prod(shape):
                 continue
             try:
                 full = np.broadcast_to(c.astype(np.float32), y_shape).reshape(steps, *shape)
@@ -466,38 +469,11 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return np.array_equal(np.broadcast_to(a, shape).view(np.uint32), np.broadcast_to(b, shape).view(np.uint32))
 
 
-def _key(var) -> int:
-    """A dict key for a Relax var: its object's handle (``==`` on vars builds an expression)."""
-    return var.__chandle__()
-
-
-def _use_counts(mod) -> dict:
-    """How often each Relax var is read in ``mod``'s Relax functions (``shape_of`` reads not
-    counted: they only feed the step indices)."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprVisitor, visitor
-
-    shape_of = tvm.ir.Op.get("relax.shape_of")
-    counts: dict = {}
-
-    @visitor
-    class _Uses(PyExprVisitor):
-        def visit_call_(self, call):
-            if call.op == shape_of:
-                return
-            super().visit_call_(call)
-
-        def visit_var_(self, var):
-            counts[_key(var)] = counts.get(_key(var), 0) + 1
-
-        def visit_dataflow_var_(self, var):
-            counts[_key(var)] = counts.get(_key(var), 0) + 1
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            _Uses().visit_expr(func)
-    return counts
+def _image_stem(layer) -> bool:
+    """True for a convolution with at most :data:`.skipzero.STEM_CHANNELS` input channels: an image
+    stem, whose input a direct encoding repeats at every step (its fused kernel checks for that:
+    ``repeats`` of :func:`.eventlif.stationary_conv_lif_kernel`)."""
+    return layer.op == "conv2d" and int(layer.weight[1]) <= STEM_CHANNELS
 
 
 def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, list[FusedLIF]]:
@@ -530,7 +506,7 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
 
     from . import eventlif
 
-    uses = _use_counts(mod)
+    uses = use_counts(mod)
     concat = tvm.ir.Op.get("relax.concat")
     call_tir = tvm.ir.Op.get("relax.call_tir")
     layers = {e.name: e for e in producers}
@@ -543,7 +519,7 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
     def producer_of(m, y, steps: int, period: int, lanes: int):
         """``(EventLayer, its call's arguments)`` where ``y`` is read only here and is the output
         of a ``call_tir`` of a kernel in ``layers`` that :func:`.eventlif.fusable` accepts."""
-        if not layers or uses.get(_key(y), 0) != 1:
+        if not layers or uses.get(var_key(y), 0) != 1:
             return None
         pcall = m.value(y)
         if not isinstance(pcall, relax.Call) or pcall.op != call_tir or not isinstance(pcall.args[0], relax.GlobalVar):
@@ -575,7 +551,7 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
             made = None if fused is None else producer_of(m, fused[0], steps, period, lanes)
             if made is not None:
                 layer, pargs = made
-                out_shape = tuple(int(d) for d in _static_shape(call))
+                out_shape = tuple(int(d) for d in static_shape(call))
                 pkey = (layer.op, layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels, steps, period, lanes,
                         out_shape)
                 if pkey not in event_kernels:
@@ -583,7 +559,8 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
                         func = eventlif.event_matmul_lif_kernel(layer.x_shape, *layer.weight, steps, period, lanes, out_shape)
                     else:
                         func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz,
-                                                                   layer.channels, steps, period, lanes, out_shape)
+                                                                   layer.channels, steps, period, lanes, out_shape,
+                                                                   repeats=_image_stem(layer))
                     name = f"stdeploy_event_lif_{len(event_kernels)}"
                     event_kernels[pkey] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
                 kernel = event_kernels[pkey]
@@ -592,20 +569,16 @@ def fuse_lif_recurrences(mod, target, producers=(), pools=()) -> tuple[object, l
                     poolable[kernel.name_hint] = ("conv", layer, steps, period, lanes)
                 if layer.op == "matmul":
                     chainable[kernel.name_hint] = (layer, steps, period, lanes)
-                    chainable[_key(pargs[1])] = layer.name      # the weight constant -> the layer it belongs to
+                    chainable[var_key(pargs[1])] = layer.name      # the weight constant -> the layer it belongs to
                 return relax.call_tir(kernel, [*pargs, *lif_args], out_ty=call.ty)
-            key = (steps, shape, period, fused is not None, None if fused is None else _static_shape(fused[0]))
+            key = (steps, shape, period, fused is not None, None if fused is None else static_shape(fused[0]))
             if key not in kernels:
                 func = lif_kernel(*key)
-                checked = (key, repr(target))
-                if checked not in _EXACT and contracts_to_fma(func, target):
-                    raise TargetError(f"the fused LIF kernel for {shape} compiles to fused multiply-adds on {target}: "
-                                       "it would not match the graph's arithmetic")
-                _EXACT.add(checked)
+                require_exact(func, ("lif", *key), target, f"the fused LIF kernel for {shape}")
                 name = f"stdeploy_lif_{len(kernels)}"
                 kernels[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
             if fused is not None and len(shape) == 4 and (shape[2] * shape[3]) % lanes == 0:
-                poolable[kernels[key].name_hint] = ("lif", steps, shape, period, _static_shape(fused[0]))
+                poolable[kernels[key].name_hint] = ("lif", steps, shape, period, static_shape(fused[0]))
             done.append(FusedLIF(steps, shape, period, fused is not None, kernels[key].name_hint))
             return relax.call_tir(kernels[key], [source if fused is None else fused[0], *lif_args], out_ty=call.ty)
 
@@ -632,7 +605,7 @@ def _chain_consumers(mod, layers: dict, chainable: dict, done: list):
     from . import eventlif
     from .routing import rewrite_functions
 
-    uses = _use_counts(mod)
+    uses = use_counts(mod)
     call_tir = tvm.ir.Op.get("relax.call_tir")
     made: dict[tuple, object] = {}
 
@@ -645,7 +618,7 @@ def _chain_consumers(mod, layers: dict, chainable: dict, done: list):
             second = layers.get(call.args[0].name_hint)
             args2 = list(call.args[1].fields)
             spikes = args2[0] if args2 else None
-            if second is None or second.op != "matmul" or not isinstance(spikes, relax.Var) or uses.get(_key(spikes), 0) != 1:
+            if second is None or second.op != "matmul" or not isinstance(spikes, relax.Var) or uses.get(var_key(spikes), 0) != 1:
                 return call
             first = self.lookup_binding(spikes)
             if (not isinstance(first, relax.Call) or first.op != call_tir or not isinstance(first.args[0], relax.GlobalVar)
@@ -653,7 +626,7 @@ def _chain_consumers(mod, layers: dict, chainable: dict, done: list):
                 return call
             layer, steps, period, lanes = chainable[first.args[0].name_hint]
             n, n2 = int(layer.weight[1]), int(second.weight[1])
-            y_shape = _static_shape(call)
+            y_shape = static_shape(call)
             if int(second.weight[0]) != n or y_shape is None or math.prod(second.x_shape) != math.prod(layer.x_shape[:-1]) * n:
                 return call
             args = [*first.args[1].fields, *args2[1:]]
@@ -667,7 +640,7 @@ def _chain_consumers(mod, layers: dict, chainable: dict, done: list):
                 name = f"stdeploy_event_mlp_{len(made)}"
                 func = eventlif.event_mlp_kernel(layer.x_shape, int(layer.weight[0]), n, steps, period, lanes, n2, y_shape)
                 made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)
-            producer = chainable.get(_key(first.args[1].fields[1]))
+            producer = chainable.get(var_key(first.args[1].fields[1]))
             for i, f in enumerate(done):
                 if f.name == first.args[0].name_hint and f.producer == producer and not f.consumer:
                     done[i] = dataclasses.replace(f, name=made[key].name_hint, consumer=second.name,
@@ -724,7 +697,7 @@ def _pool_in(mod, pools: dict, poolable: dict, done: list):
     from .spike import conv_out_hw
     from .routing import rewrite_functions
 
-    uses = _use_counts(mod)
+    uses = use_counts(mod)
     call_tir = tvm.ir.Op.get("relax.call_tir")
     reshape = tvm.ir.Op.get("relax.reshape")
     made: dict[tuple, object] = {}
@@ -737,12 +710,12 @@ def _pool_in(mod, pools: dict, poolable: dict, done: list):
                 return call
             mp = pools[call.args[0].name_hint]
             src = call.args[1].fields[0]
-            if not isinstance(src, relax.Var) or uses.get(_key(src), 0) != 1:
+            if not isinstance(src, relax.Var) or uses.get(var_key(src), 0) != 1:
                 return call
             value = self.lookup_binding(src)
             if isinstance(value, relax.Call) and value.op == reshape and isinstance(value.args[0], relax.Var):
                 src = value.args[0]
-                if uses.get(_key(src), 0) != 1:
+                if uses.get(var_key(src), 0) != 1:
                     return call
                 value = self.lookup_binding(src)
             if (not isinstance(value, relax.Call) or value.op != call_tir or not isinstance(value.args[0], relax.GlobalVar)
@@ -757,14 +730,14 @@ def _pool_in(mod, pools: dict, poolable: dict, done: list):
             if tuple(mp.x_shape) != (steps * shape[0], *shape[1:]):
                 return call
             pool = (*mp.pool, *mp.stride)
-            out_shape = _static_shape(call)
+            out_shape = static_shape(call)
             key = (how, pool, out_shape)
             if key not in made:
                 name = f"stdeploy_{'event_lif' if how[0] == 'conv' else 'lif'}_pool_{len(made)}"
                 if how[0] == "conv":
                     layer, _, period, lanes = how[1:]
                     func = eventlif.stationary_conv_lif_kernel(layer.x_shape, layer.weight, layer.padding, layer.nnz, layer.channels,
-                                                               steps, period, lanes, out_shape, pool)
+                                                               steps, period, lanes, out_shape, pool, repeats=_image_stem(layer))
                 else:
                     func = lif_pool_kernel(steps, shape, how[3], how[4], pool, out_shape)
                 made[key] = self.builder_.add_func(func.with_attr("global_symbol", name), name)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from . import skipzero, spike
 from .blas import MATMUL, blas_conv2d, blas_matmul, conv_packed_name, register_packed
 
-__all__ = ["Offloaded", "rewrite_functions", "route_to_external_kernels"]
+__all__ = ["Offloaded", "rewrite_functions", "route_to_external_kernels", "static_shape", "use_counts", "var_key"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,49 @@ def rewrite_functions(mod, rewriter):
         if isinstance(func, relax.Function):
             rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
     return rewriter.builder_.get()
+
+
+def static_shape(expr) -> tuple | None:
+    """A float32 Relax expression's static shape, or None (another dtype, a symbolic or unknown shape)."""
+    sinfo = getattr(expr, "ty", None)
+    shape = getattr(sinfo, "shape", None)
+    if shape is None or getattr(sinfo, "dtype", None) != "float32":
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def var_key(var) -> int:
+    """A dict key for a Relax var: its object's handle (``==`` on vars builds an expression)."""
+    return var.__chandle__()
+
+
+def use_counts(mod) -> dict:
+    """How often each Relax var is read in ``mod``'s Relax functions (``shape_of`` reads not
+    counted: they only feed the step indices)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprVisitor, visitor
+
+    shape_of = tvm.ir.Op.get("relax.shape_of")
+    counts: dict = {}
+
+    @visitor
+    class _Uses(PyExprVisitor):
+        def visit_call_(self, call):
+            if call.op == shape_of:
+                return
+            super().visit_call_(call)
+
+        def visit_var_(self, var):
+            counts[var_key(var)] = counts.get(var_key(var), 0) + 1
+
+        def visit_dataflow_var_(self, var):
+            counts[var_key(var)] = counts.get(var_key(var), 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            _Uses().visit_expr(func)
+    return counts
