@@ -86,9 +86,12 @@ def test_event_matmul_lif_equals_the_two_kernels_bit_for_bit(target, x_shape, n,
 
 
 @pytest.mark.parametrize("x_shape,w_shape,padding,size", [((STEPS * 3, 4, 8, 8), (6, 4, 3, 3), (1, 1, 1, 1), (2, 2)),
-                                                          ((STEPS * 2, 1, 6, 8), (8, 1, 3, 3), (1, 1, 1, 1), (3, 2))])
+                                                          ((STEPS * 2, 1, 6, 8), (8, 1, 3, 3), (1, 1, 1, 1), (3, 2)),
+                                                          ((STEPS * 19, 2, 4, 4), (5, 2, 3, 3), (1, 1, 1, 1), (2, 2))])
 def test_stationary_conv_lif_equals_the_two_kernels_bit_for_bit(target, x_shape, w_shape, padding, size):
-    """Without and with the max pool fused in (against the max-pool kernel after the two)."""
+    """Without and with the max pool fused in (against the max-pool kernel after the two); with 19
+    images, 3 per parallel part, the output channel without weights is computed for a part's first
+    image and copied to the others."""
     import tvm
 
     rng = np.random.default_rng(5)
@@ -100,12 +103,14 @@ def test_stationary_conv_lif_equals_the_two_kernels_bit_for_bit(target, x_shape,
     y_shape = (x_shape[0], w_shape[0], ho, wo)
     shape = (x_shape[0] // STEPS, w_shape[0], ho, wo)
     per_channel = _constants(rng, (w_shape[0], 1, 1), False)      # per output channel, as BatchNorm
+    c, a, b, theta, _ = per_channel                               # the channel without weights fires on its bias every
+    c[0] = theta[0] / (b[0] * (1 + a[0])) * np.float32(1.01)      # second step (its membrane crosses at the second)
     consts = [np.broadcast_to(c, shape) for c in per_channel]
     y = tvm.runtime.tensor(np.zeros(y_shape, np.float32))
     arrays = [tvm.runtime.tensor(a) for a in (ptr, taps, vals, chans)]
     _compile(event.stationary_conv_kernel(x_shape, w_shape, padding, vals.size, chans.size), target)(tvm.runtime.tensor(x), *arrays, y)
     ref, flat, period, lanes = _lif_after(target, y.numpy(), consts, STEPS, shape)
-    assert period == w_shape[0] * ho * wo and 0 < ref.mean() < 1
+    assert period == w_shape[0] * ho * wo and 0 < ref.mean() < 1 and 0 < ref[:, :, 0].mean() < 1, ref[:, :, 0].mean()
     layer = event.EventLayer("conv2d", w_shape, x_shape, 0.5, int(vals.size), "k", padding, int(chans.size))
     assert eventlif.fusable(layer, STEPS, period, lanes) and not eventlif.fusable(layer, 5, period, lanes)
     out = tvm.runtime.tensor(np.full((STEPS, *shape), 7, np.float32))

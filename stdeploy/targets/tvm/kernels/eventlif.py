@@ -175,6 +175,9 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     parts = min(PARTS, batch)
     per = math.ceil(batch / parts)
     p, lc, m, groups = max(1, nnz), max(1, channels), int(period), plane // lanes
+    # a channel without weights gets the same input (its bias) in every image, and so the same spikes
+    # where the LIF constants repeat from image to image: computed for a part's first image, then copied
+    reuse = (o * plane) % m == 0 and batch > 1
 
     @T.macro
     def accumulate(acc, pad, ptr, taps, vals, u, nsteps):   # output channel u's planes of the first nsteps steps
@@ -187,6 +190,46 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                 for r in T.unroll(ho):
                     for q in T.vectorized(wo):
                         acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+
+    @T.macro
+    def channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u):
+        # output channel u of image img: its T planes accumulated, the recurrence, the pool
+        if repeats:
+            if run[0] == 1:
+                accumulate(acc, pad, ptr, taps, vals, u, 1)
+                for t in range(1, steps):
+                    for g in range(groups):
+                        for l in T.vectorized(lanes):
+                            acc[t * plane + g * lanes + l] = acc[g * lanes + l]
+            else:
+                accumulate(acc, pad, ptr, taps, vals, u, steps)
+        else:
+            accumulate(acc, pad, ptr, taps, vals, u, steps)
+        for g in range(groups):
+            base = ((img * o + u) * plane + g * lanes) % m   # the constants' offset of this vector (once, not per step)
+            for l in T.vectorized(lanes):
+                v[l] = v0[base + l]
+            for t in T.unroll(steps):
+                for l in T.vectorized(lanes):
+                    v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l])
+                                         & keep[l]) + \
+                        T.reinterpret("float32", T.reinterpret("int32", b[base + l] * (
+                            acc[t * plane + g * lanes + l] + cb[base + l])) & keep[l])
+                    s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
+                    if pool is None:
+                        out[t, (img * o + u) * plane + g * lanes + l] = s[l]
+                    else:
+                        spl[t * plane + g * lanes + l] = s[l]
+                    v[l] = v[l] * (T.float32(1) - s[l])
+        if pool is not None:
+            for t in range(steps):
+                for r in range(hp):
+                    for q in range(wp):
+                        mx[0] = T.float32(low)
+                        for i in T.unroll(pkh):
+                            for j in T.unroll(pkw):
+                                mx[0] = T.max(mx[0], spl[t * plane + (r * psh + i) * wo + q * psw + j])
+                        out[t, (img * o + u) * pooled + r * wp + q] = mx[0]
 
     @T.prim_func
     def stationary_conv_lif(x: T.Buffer((nb, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
@@ -205,6 +248,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
             v = T.alloc_buffer((lanes,), "float32")
             s = T.alloc_buffer((lanes,), "float32")
             run = T.alloc_buffer((1,), "int32")    # the steps accumulated: 1 where the T inputs are the same
+            fixed = T.alloc_buffer((o * steps * pooled if reuse else 1,), "float32")   # the spikes of channels without weights
             for t in range(steps):
                 for ch in range(c):
                     for r in range(ph):
@@ -227,42 +271,19 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                             for q in T.vectorized(w):
                                 pad[t, chans[li], r + top, q + left] = x[t * batch + img, chans[li], r, q]
                 for u in range(o):
-                    if repeats:
-                        if run[0] == 1:
-                            accumulate(acc, pad, ptr, taps, vals, u, 1)
-                            for t in range(1, steps):
-                                for g in range(groups):
-                                    for l in T.vectorized(lanes):
-                                        acc[t * plane + g * lanes + l] = acc[g * lanes + l]
+                    if reuse:
+                        if T.And(ptr[u] == ptr[u + 1], img > part * per):    # no weights: as the part's first image
+                            for t in range(steps):
+                                for i in range(pooled):
+                                    out[t, (img * o + u) * pooled + i] = fixed[(u * steps + t) * pooled + i]
                         else:
-                            accumulate(acc, pad, ptr, taps, vals, u, steps)
+                            channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u)
+                            if ptr[u] == ptr[u + 1]:
+                                for t in range(steps):
+                                    for i in range(pooled):
+                                        fixed[(u * steps + t) * pooled + i] = out[t, (img * o + u) * pooled + i]
                     else:
-                        accumulate(acc, pad, ptr, taps, vals, u, steps)
-                    for g in range(groups):
-                        base = ((img * o + u) * plane + g * lanes) % m   # the constants' offset of this vector (once, not per step)
-                        for l in T.vectorized(lanes):
-                            v[l] = v0[base + l]
-                        for t in T.unroll(steps):
-                            for l in T.vectorized(lanes):
-                                v[l] = T.reinterpret("float32", T.reinterpret("int32", a[base + l] * v[l])
-                                                     & keep[l]) + \
-                                    T.reinterpret("float32", T.reinterpret("int32", b[base + l] * (
-                                        acc[t * plane + g * lanes + l] + cb[base + l])) & keep[l])
-                                s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
-                                if pool is None:
-                                    out[t, (img * o + u) * plane + g * lanes + l] = s[l]
-                                else:
-                                    spl[t * plane + g * lanes + l] = s[l]
-                                v[l] = v[l] * (T.float32(1) - s[l])
-                    if pool is not None:
-                        for t in range(steps):
-                            for r in range(hp):
-                                for q in range(wp):
-                                    mx[0] = T.float32(low)
-                                    for i in T.unroll(pkh):
-                                        for j in T.unroll(pkw):
-                                            mx[0] = T.max(mx[0], spl[t * plane + (r * psh + i) * wo + q * psw + j])
-                                    out[t, (img * o + u) * pooled + r * wp + q] = mx[0]
+                        channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u)
 
     return stationary_conv_lif
 
