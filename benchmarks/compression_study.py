@@ -9,8 +9,9 @@ does the work?
 
 ``--data mnist1d`` runs the same protocol on MNIST-1D (4,000 / 1,000 sequences, generated offline
 by the mnist1d package; default family ``sdt-1d-tiny``). The grid also knows ``l1p90`` and
-``dsp30`` (the milder ratios of a first slice) and the control ``l1p0``: the L1-penalised model
-with nothing cut, BN recalibrated and fine-tuned like every other setting, so a variant's gain
+``dsp30`` (the milder ratios of a first slice) and the controls ``l1p0`` and ``dsp100``: the
+L1-penalised (or DSP's group-penalised) model with nothing cut (DSP at 100% of the parameters
+factors no layer), BN recalibrated and fine-tuned like every other setting, so a variant's gain
 there is not compensation of pruning (an undertrained dense model can gain from the extra epochs
 and, with sLIF, from the extra intrinsic parameters). The default settings stay the six below.
 
@@ -21,8 +22,9 @@ convolutions and the classifier under one global budget (DSP factors the convolu
 penalty phase penalises the same layers, so it is cached apart (``l1p-all-penalty-...``). Every
 record carries its ``scope`` and ``model_counts``: nonzero weights and multiply-adds per sample per
 timestep of every weight layer after finalizing (:func:`stdeploy.prune.weight_counts`). The report
-subtracts, seed by seed, the control's paired difference (``l1p0-all``, else the block-scope
-``l1p0``, labelled) from each setting's.
+subtracts, seed by seed, the paired difference of the control of the setting's method and scope
+(``l1p0``, ``l1p0-all``, ``dsp100``, ``dsp100-all``; where that did not run, the L1P control of
+the scope, else the block-scope ``l1p0``, labelled) from each setting's.
 
 The grid: model families x seeds x settings (L1P at 95/98/99 % sparsity, DSP at 20/10/5 % of the
 block parameters) x fine-tune variants (``lif``: weights only; ``slif-thr``, ``slif-leak``,
@@ -92,6 +94,7 @@ SETTINGS: dict[str, PruneConfig] = {
     "dsp20": PruneConfig(method="dsp", param_ratio=0.20),
     "dsp10": PruneConfig(method="dsp", param_ratio=0.10),
     "dsp5": PruneConfig(method="dsp", param_ratio=0.05),
+    "dsp100": PruneConfig(method="dsp", param_ratio=1.0),   # DSP's control: its group penalty, nothing factored
 }
 # The whole-model scope (issue 21 item 3): every setting again with the suffix ``-all``, pruning the
 # block linears, the embedding convolutions and the classifier (``PruneConfig(layers=ALL_LAYERS)``;
@@ -184,8 +187,11 @@ def setting_scope(setting: str) -> str:
 
 
 def control_of(setting: str) -> str:
-    """The nothing-cut control of a setting's scope: ``l1p0`` or ``l1p0-all``."""
-    return "l1p0" + (SCOPE_SUFFIX if setting_scope(setting) == "all" else "")
+    """The nothing-cut control of a setting's method and scope: ``l1p0`` / ``l1p0-all`` (L1P: its
+    L1 penalty phase, nothing pruned) or ``dsp100`` / ``dsp100-all`` (DSP: its group penalty phase,
+    every layer left dense)."""
+    suffix = SCOPE_SUFFIX if setting_scope(setting) == "all" else ""
+    return ("dsp100" if SETTINGS[setting].method == "dsp" else "l1p0") + suffix
 
 
 def cell_key(rec: dict) -> tuple:
@@ -537,9 +543,10 @@ def summarize(records: list[dict]) -> dict:
                                       "positive": sum(x > 0 for x in xs), "per_seed": {str(s): d for s, d in diffs.items()}}
                 groups.append(g)
     for g in groups:  # net of the control: (variant - lif) minus the same seed's (variant - lif) with nothing cut
-        # the control of the setting's scope; a whole-model setting without its own control falls back to
-        # the block-scope one (same dense models, its penalty on the block linears only), labelled as such
-        control = next((c for name in dict.fromkeys((control_of(g["setting"]), "l1p0")) for c in groups
+        # the control of the setting's method and scope; without it the L1P control of the scope, then the
+        # block-scope one (same dense models, its penalty on the block linears only), labelled as such
+        suffix = SCOPE_SUFFIX if setting_scope(g["setting"]) == "all" else ""
+        control = next((c for name in dict.fromkeys((control_of(g["setting"]), "l1p0" + suffix, "l1p0")) for c in groups
                         if (c["family"], c["setting"], c["budget"]) == (g["family"], name, g["budget"])), None)
         g["control"] = control["setting"] if control is not None and control is not g else None
         g["paired_net"] = {}
@@ -582,7 +589,8 @@ def to_markdown(summary: dict) -> str:
                   "left*: nonzero weights (DSP: factor entries) and "
                   "multiply-adds per sample per step of every weight layer of the model (records that hold them).", "",
                   f"Paired differences vs `{BASELINE}` (same seed, same pruned model), in points; *net of control*: minus the same "
-                  "seed's difference with nothing cut (`l1p0`, or `l1p0-all` for whole-model settings), where the control ran:", "",
+                  "seed's difference with nothing cut (the control of the method and scope: `l1p0`, `l1p0-all`, `dsp100`, "
+                  "`dsp100-all`, named in the column), where the control ran:", "",
                   "| setting | budget | variant | mean | std | min .. max | positive | net of control |", "|---|---|---|---|---|---|---|---|"]
         for g in fam:
             for v, p in g["paired"].items():

@@ -102,7 +102,8 @@ def test_run_records_resume_and_cache(study, tiny_digits, tmp_path, monkeypatch)
     seed_dir = tmp_path / "models" / "sdt-tiny" / "seed0"
     penalised = {n: read_checkpoint_config(seed_dir / n)["meta"]["layers"] for n in ("l1p-penalty-e1-1", "l1p-all-penalty-e1-1")}
     assert "embed.rpe.conv" in penalised["l1p-all-penalty-e1-1"] and "embed.rpe.conv" not in penalised["l1p-penalty-e1-1"]
-    assert (study.control_of("l1p95-all"), study.control_of("dsp5"), study.setting_scope("dsp5-all")) == ("l1p0-all", "l1p0", "all")
+    assert (study.control_of("l1p95-all"), study.control_of("dsp5"), study.control_of("dsp5-all"),
+            study.setting_scope("dsp5-all")) == ("l1p0-all", "dsp100", "dsp100-all", "all")
 
     with pytest.raises(ConfigError, match="another protocol"):
         study.run_study(tiny_config(study, dense_epochs=2), tmp_path, data=tiny_digits, log=quiet)
@@ -170,6 +171,22 @@ def test_paired_differences_and_report_only(study, tmp_path):
                     "firing_rates_sdt-tiny_b5.png", "intrinsic_sdt-tiny_b20.png", "intrinsic_sdt-tiny_b5.png"]
     assert all((tmp_path / n).read_bytes()[:8] == PNG for n in pngs)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes left no temporary files
+
+
+def test_net_of_control_takes_the_control_of_the_setting_s_method(study):
+    """DSP rows are netted against ``dsp100`` (DSP's penalty, nothing factored), L1P rows against
+    ``l1p0``; without ``dsp100`` a DSP row falls back to ``l1p0``, named as its control."""
+    def cells(setting, gains):
+        return [r for seed, gain in enumerate(gains)
+                for r in (record("lif", seed, 0.9, setting), record("slif-both", seed, 0.9 + gain, setting))]
+
+    records = cells("l1p0", [0.01, 0.02]) + cells("dsp100", [0.03, 0.01]) + cells("dsp5", [0.05, 0.04]) + cells("l1p99", [0.02, 0.02])
+    groups = {g["setting"]: g for g in study.summarize(records)["groups"]}
+    assert (groups["dsp5"]["control"], groups["l1p99"]["control"], groups["dsp100"]["control"]) == ("dsp100", "l1p0", None)
+    assert groups["dsp5"]["paired_net"]["slif-both"]["mean"] == pytest.approx(((0.05 - 0.03) + (0.04 - 0.01)) / 2)
+    fallback = {g["setting"]: g for g in study.summarize([r for r in records if r["setting"] != "dsp100"])["groups"]}
+    assert fallback["dsp5"]["control"] == "l1p0"
+    assert fallback["dsp5"]["paired_net"]["slif-both"]["mean"] == pytest.approx(((0.05 - 0.01) + (0.04 - 0.02)) / 2)
 
 
 def test_cli_selection(study):
