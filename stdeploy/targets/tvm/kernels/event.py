@@ -16,8 +16,9 @@ density estimate or choice at run time).
   the weight as lists per output channel (:func:`conv_columns`): per image, the input channels
   the weight uses are copied into zero-bordered planes; for each output channel an accumulator of
   its output plane is zeroed, each nonzero weight adds ``weight x`` its channel's plane shifted by
-  its tap (vectors along the output rows), and the plane is stored once. Work: the nonzero weights
-  times the output plane, in vectors; zero inputs are not skipped (an event-driven convolution,
+  its tap (vectors across output rows where the rows are narrow: :func:`conv_planes`), and the
+  plane is stored once. Work: the nonzero weights times the output plane, in vectors; zero inputs
+  are not skipped (an event-driven convolution,
   per-channel event lists and a scalar scatter per event and tap, was tried first and was slower).
 
 :func:`route_event_kernels` puts them in place of every matmul with a constant weight of at least
