@@ -66,6 +66,8 @@ def test_event_matmul_equals_the_skipzero_kernel_bit_for_bit(target, x_shape, n,
     ((3, 4, 9, 7), (5, 4, 3, 3), (1, 1, 1, 1), 0.9),
     ((2, 3, 6, 5), (8, 3, 3, 2), (0, 1, 2, 0), 0.7),     # asymmetric kernel and padding
     ((9, 1, 8, 8), (32, 1, 3, 3), (1, 1, 1, 1), 0.34),    # a stem: one input channel, mostly nonzero weights
+    ((3, 2, 4, 8), (4, 2, 3, 3), (1, 0, 1, 2), 0.3),      # flat planes (conv_planes), all shifts to one side
+    ((2, 3, 4, 4), (6, 3, 5, 5), (2, 2, 2, 2), 0.5),      # flat planes, shifts of two across rows
 ])
 @pytest.mark.parametrize("kind", ["spikes", "real"])
 def test_stationary_conv_equals_the_skipzero_kernel_bit_for_bit(target, x_shape, w_shape, padding, sparsity, kind):

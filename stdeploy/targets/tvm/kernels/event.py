@@ -16,8 +16,9 @@ density estimate or choice at run time).
   the weight as lists per output channel (:func:`conv_columns`): per image, the input channels
   the weight uses are copied into zero-bordered planes; for each output channel an accumulator of
   its output plane is zeroed, each nonzero weight adds ``weight x`` its channel's plane shifted by
-  its tap (vectors along the output rows), and the plane is stored once. Work: the nonzero weights
-  times the output plane, in vectors; zero inputs are not skipped (an event-driven convolution,
+  its tap (vectors across output rows where the rows are narrow: :func:`conv_planes`), and the
+  plane is stored once. Work: the nonzero weights times the output plane, in vectors; zero inputs
+  are not skipped (an event-driven convolution,
   per-channel event lists and a scalar scatter per event and tap, was tried first and was slower).
 
 :func:`route_event_kernels` puts them in place of every matmul with a constant weight of at least
@@ -46,7 +47,7 @@ import numpy as np
 from ....errors import ShapeError
 from . import skipzero, spike
 
-__all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "vector_width", "event_matmul_kernel", "conv_columns", "stationary_conv_kernel",
+__all__ = ["BLOCK", "PARTS", "EventLayer", "live_masks", "vector_width", "event_matmul_kernel", "conv_columns", "conv_planes", "stationary_conv_kernel",
            "route_event_kernels"]
 
 BLOCK = 32              # inputs of a matmul row whose events are found at once (one uint32 mask)
@@ -176,14 +177,95 @@ def conv_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return ptr, taps.astype(np.int32), flat[rows, taps].astype(np.float32), chans
 
 
+def conv_planes(x_shape: tuple, w_shape: tuple, padding: tuple, steps: int = 1):
+    """The zero-bordered input planes of a weight-stationary convolution and the loops over them
+    (TIR macros shared by :func:`stationary_conv_kernel` and
+    :func:`.eventlif.stationary_conv_lif_kernel`): ``(pad_shape, zero, fill, accumulate)``.
+
+    ``zero(pad)`` clears the planes of ``pad`` (``pad_shape``: ``steps`` slots of ``C`` planes);
+    ``fill(pad, x, chans, channels, t, n)`` copies image ``n`` of ``x``'s used channels into slot
+    ``t``; ``accumulate(acc, pad, ptr, taps, vals, u, nsteps)`` zeroes ``acc`` (``steps * HO * WO``)
+    for the first ``nsteps`` slots and adds, for each of output channel ``u``'s nonzero weights in
+    order, ``plane x weight`` with the plane shifted by its tap (``acc + value * w``).
+
+    Where the output rows are as wide as the input's (stride 1, ``same`` width), :data:`LANES` is a
+    multiple of that width and divides the output plane, each plane is stored flat, its rows one
+    after another between guard values, and a shifted plane is read in :data:`LANES`-wide vectors
+    across rows, the values a shift brings in from a neighbouring row (or a guard) replaced by 0:
+    ``LANES / WO`` rows per vector operation instead of one. Elsewhere the planes keep a zero
+    border on every side and a vector covers one output row. Both read the same values (0 outside
+    the image) in the same order: the same sums, bit for bit."""
+    from tvm.script import tirx as T
+
+    _, c, h, w = (int(v) for v in x_shape)
+    _, _, kh, kw = (int(v) for v in w_shape)
+    top, left, _, _ = (int(v) for v in padding)
+    ho, wo = spike.conv_out_hw(x_shape, w_shape, padding)
+    ph, pw = ho + kh - 1, wo + kw - 1
+    plane, L = ho * wo, LANES
+    flat = wo == w and L % wo == 0 and plane % L == 0
+    guard = max(left, kw - 1 - left)
+    span = 2 * guard + ph * w
+    pad_shape = (steps, c, span) if flat else (steps, c, ph, pw)
+
+    @T.macro
+    def zero(pad):
+        for t in range(steps):
+            for ch in range(c):
+                if flat:
+                    for i in range(span):
+                        pad[t, ch, i] = T.float32(0)
+                else:
+                    for r in range(ph):
+                        for q in range(pw):
+                            pad[t, ch, r, q] = T.float32(0)
+
+    @T.macro
+    def fill(pad, x, chans, channels, t, n):
+        for li in range(channels):
+            for r in range(h):
+                for q in T.vectorized(w):
+                    if flat:
+                        pad[t, chans[li], guard + (r + top) * w + q] = x[n, chans[li], r, q]
+                    else:
+                        pad[t, chans[li], r + top, q + left] = x[n, chans[li], r, q]
+
+    @T.macro
+    def accumulate(acc, pad, ptr, taps, vals, u, nsteps):
+        for t in range(nsteps):
+            if plane % L == 0:
+                for vo in range(plane // L):
+                    for l in T.vectorized(L):
+                        acc[t * plane + vo * L + l] = T.float32(0)
+            else:
+                for r in T.unroll(ho):
+                    for q in T.vectorized(wo):
+                        acc[t * plane + r * wo + q] = T.float32(0)
+        for e in range(ptr[u], ptr[u + 1]):
+            for t in range(nsteps):
+                if flat:
+                    for vo in range(plane // L):
+                        for l in T.vectorized(L):
+                            acc[t * plane + vo * L + l] = acc[t * plane + vo * L + l] + T.Select(
+                                T.And(l % wo + taps[e] // c % kw >= left, l % wo + taps[e] // c % kw < w + left),
+                                pad[t, taps[e] % c, guard + taps[e] // c // kw * w + taps[e] // c % kw - left + vo * L + l],
+                                T.float32(0)) * vals[e]
+                else:
+                    for r in T.unroll(ho):
+                        for q in T.vectorized(wo):
+                            acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+
+    return pad_shape, zero, fill, accumulate
+
+
 def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: int, channels: int,
                            residual_tokens: bool = False, r_shape: tuple | None = None, y_shape: tuple | None = None):
     """The TIR PrimFunc ``(x (N, C, H, W), ptr (O + 1), taps (nnz), vals (nnz), chans (channels),
     y (N, O, HO, WO))`` (arrays of :func:`conv_columns`). Per image: each used input channel is
-    copied into a plane with a zero border (input ``(r, q)`` at ``(r + top, q + left)``); then for
-    each output channel an accumulator of the whole output plane is zeroed, each of the channel's
-    nonzero weights, in (tap, channel) order, adds ``weight x`` the plane of its channel shifted by
-    its tap, a vector along each output row, and the accumulator is stored.
+    copied into a plane with a zero border (:func:`conv_planes`); then for each output channel an
+    accumulator of the whole output plane is zeroed, each of the channel's nonzero weights, in
+    (tap, channel) order, adds ``weight x`` the plane of its channel shifted by its tap, in vectors,
+    and the accumulator is stored.
 
     ``residual_tokens``: the PrimFunc ``(x, ptr, taps, vals, chans, c (O,), r, y)`` storing
     ``(acc + c[o]) + r[n, o, p]`` at ``y[n, p, o]`` (``p`` the output position ``i * WO + j``):
@@ -193,43 +275,31 @@ def stationary_conv_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, nnz: 
     from tvm.script import tirx as T
 
     n, c, h, w = (int(v) for v in x_shape)
-    o, _, kh, kw = (int(v) for v in w_shape)
-    top, left, _, _ = (int(v) for v in padding)
+    o = int(w_shape[0])
     ho, wo = spike.conv_out_hw(x_shape, w_shape, padding)
-    ph, pw = ho + kh - 1, wo + kw - 1
     parts = min(PARTS, n)
     per = math.ceil(n / parts)
     p, lc = max(1, nnz), max(1, channels)
     plane = ho * wo
 
+    pad_shape, zero, fill, accumulate = conv_planes(x_shape, w_shape, padding)
+
     @T.macro
     def images(x, ptr, taps, vals, chans, y, cb, res):
         for part in T.parallel(parts):
-            pad = T.alloc_buffer((c, ph, pw), "float32")
-            acc = T.alloc_buffer((ho, wo), "float32")
-            for ch in range(c):
-                for r in range(ph):
-                    for q in range(pw):
-                        pad[ch, r, q] = T.float32(0)
+            pad = T.alloc_buffer(pad_shape, "float32")
+            acc = T.alloc_buffer((plane,), "float32")
+            zero(pad)
             for b in range(part * per, T.min(n, part * per + per)):
-                for li in range(channels):
-                    for r in range(h):
-                        for q in T.vectorized(w):
-                            pad[chans[li], r + top, q + left] = x[b, chans[li], r, q]
+                fill(pad, x, chans, channels, 0, b)
                 for v in range(o):
-                    for r in T.unroll(ho):
-                        for q in T.vectorized(wo):
-                            acc[r, q] = T.float32(0)
-                    for e in range(ptr[v], ptr[v + 1]):
-                        for r in T.unroll(ho):
-                            for q in T.vectorized(wo):
-                                acc[r, q] = acc[r, q] + pad[taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+                    accumulate(acc, pad, ptr, taps, vals, v, 1)
                     for r in T.unroll(ho):
                         for q in T.vectorized(wo):
                             if residual_tokens:
-                                y[b, r * wo + q, v] = (acc[r, q] + cb[v]) + res[b, v, r * wo + q]
+                                y[b, r * wo + q, v] = (acc[r * wo + q] + cb[v]) + res[b, v, r * wo + q]
                             else:
-                                y[b, v, r, q] = acc[r, q]
+                                y[b, v, r, q] = acc[r * wo + q]
 
     if residual_tokens:
         rs = tuple(int(d) for d in (r_shape or (n, o, ho, wo)))

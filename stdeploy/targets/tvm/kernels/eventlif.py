@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from ....errors import ShapeError
-from .event import BLOCK, PARTS, EventLayer, vector_width
+from .event import BLOCK, PARTS, EventLayer, conv_planes, vector_width
 from .spike import conv_out_hw
 
 __all__ = ["fusable", "inner_block", "event_matmul_lif_kernel", "stationary_conv_lif_kernel", "event_mlp_kernel"]
@@ -153,8 +153,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     from tvm.script import tirx as T
 
     nb, c, h, w = (int(v) for v in x_shape)
-    o, _, kh, kw = (int(v) for v in w_shape)
-    top, left, _, _ = (int(v) for v in padding)
+    o = int(w_shape[0])
     ho, wo = conv_out_hw(x_shape, w_shape, padding)
     plane = ho * wo
     if nb % steps or plane % lanes or period % lanes:
@@ -171,7 +170,6 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     if math.prod(full) != steps * size:
         raise ShapeError(f"conv + LIF: output shape {full} does not hold {steps} steps of {size}")
     low = float(-np.finfo(np.float32).max)
-    ph, pw = ho + kh - 1, wo + kw - 1
     parts = min(PARTS, batch)
     per = math.ceil(batch / parts)
     p, lc, m, groups = max(1, nnz), max(1, channels), int(period), plane // lanes
@@ -179,17 +177,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     # where the LIF constants repeat from image to image: computed for a part's first image, then copied
     reuse = (o * plane) % m == 0 and batch > 1
 
-    @T.macro
-    def accumulate(acc, pad, ptr, taps, vals, u, nsteps):   # output channel u's planes of the first nsteps steps
-        for t in range(nsteps):
-            for r in T.unroll(ho):
-                for q in T.vectorized(wo):
-                    acc[t * plane + r * wo + q] = T.float32(0)
-        for e in range(ptr[u], ptr[u + 1]):
-            for t in range(nsteps):
-                for r in T.unroll(ho):
-                    for q in T.vectorized(wo):
-                        acc[t * plane + r * wo + q] = acc[t * plane + r * wo + q] + pad[t, taps[e] % c, r + taps[e] // c // kw, q + taps[e] // c % kw] * vals[e]
+    pad_shape, zero, fill, accumulate = conv_planes(x_shape, w_shape, padding, steps)
 
     @T.macro
     def channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u):
@@ -241,7 +229,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
         on = T.match_buffer(oh, full, "float32")
         out = T.decl_buffer((steps, size), "float32", data=on.data)
         for part in T.parallel(parts):
-            pad = T.alloc_buffer((steps, c, ph, pw), "float32")
+            pad = T.alloc_buffer(pad_shape, "float32")
             acc = T.alloc_buffer((steps * plane,), "float32")
             spl = T.alloc_buffer((steps * plane,), "float32")
             mx = T.alloc_buffer((1,), "float32")
@@ -249,11 +237,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
             s = T.alloc_buffer((lanes,), "float32")
             run = T.alloc_buffer((1,), "int32")    # the steps accumulated: 1 where the T inputs are the same
             fixed = T.alloc_buffer((o * steps * pooled if reuse else 1,), "float32")   # the spikes of channels without weights
-            for t in range(steps):
-                for ch in range(c):
-                    for r in range(ph):
-                        for q in range(pw):
-                            pad[t, ch, r, q] = T.float32(0)
+            zero(pad)
             for img in range(part * per, T.min(batch, part * per + per)):
                 run[0] = steps
                 if repeats:
@@ -266,10 +250,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                                         T.reinterpret("int32", x[t * batch + img, chans[li], r, q])
                                         != T.reinterpret("int32", x[img, chans[li], r, q]), steps, 1))
                 for t in range(run[0]):
-                    for li in range(channels):
-                        for r in range(h):
-                            for q in T.vectorized(w):
-                                pad[t, chans[li], r + top, q + left] = x[t * batch + img, chans[li], r, q]
+                    fill(pad, x, chans, channels, t, t * batch + img)
                 for u in range(o):
                     if reuse:
                         if T.And(ptr[u] == ptr[u + 1], img > part * per):    # no weights: as the part's first image
