@@ -68,6 +68,7 @@ def test_event_matmul_equals_the_skipzero_kernel_bit_for_bit(target, x_shape, n,
     ((9, 1, 8, 8), (32, 1, 3, 3), (1, 1, 1, 1), 0.34),    # a stem: one input channel, mostly nonzero weights
     ((3, 2, 4, 8), (4, 2, 3, 3), (1, 0, 1, 2), 0.3),      # flat planes (conv_planes), all shifts to one side
     ((2, 3, 4, 4), (6, 3, 5, 5), (2, 2, 2, 2), 0.5),      # flat planes, shifts of two across rows
+    ((2, 3, 8, 2), (4, 3, 2, 3), (0, 2, 1, 0), 0.5),      # flat planes, 8 rows per vector, top != bottom, kh != kw
 ])
 @pytest.mark.parametrize("kind", ["spikes", "real"])
 def test_stationary_conv_equals_the_skipzero_kernel_bit_for_bit(target, x_shape, w_shape, padding, sparsity, kind):

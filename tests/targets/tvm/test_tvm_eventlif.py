@@ -87,11 +87,12 @@ def test_event_matmul_lif_equals_the_two_kernels_bit_for_bit(target, x_shape, n,
 
 @pytest.mark.parametrize("x_shape,w_shape,padding,size", [((STEPS * 3, 4, 8, 8), (6, 4, 3, 3), (1, 1, 1, 1), (2, 2)),
                                                           ((STEPS * 2, 1, 6, 8), (8, 1, 3, 3), (1, 1, 1, 1), (3, 2)),
-                                                          ((STEPS * 19, 2, 4, 4), (5, 2, 3, 3), (1, 1, 1, 1), (2, 2))])
+                                                          ((STEPS * 19, 2, 4, 4), (5, 2, 3, 3), (1, 1, 1, 1), (2, 2)),
+                                                          ((STEPS * 2, 2, 4, 32), (4, 2, 3, 3), (1, 1, 1, 1), (2, 2))])
 def test_stationary_conv_lif_equals_the_two_kernels_bit_for_bit(target, x_shape, w_shape, padding, size):
     """Without and with the max pool fused in (against the max-pool kernel after the two); with 19
     images, 3 per parallel part, the output channel without weights is computed for a part's first
-    image and copied to the others."""
+    image and copied to the others; 32-wide rows keep the planes with a border (event.conv_planes)."""
     import tvm
 
     rng = np.random.default_rng(5)

@@ -189,7 +189,7 @@ def conv_planes(x_shape: tuple, w_shape: tuple, padding: tuple, steps: int = 1):
     order, ``plane x weight`` with the plane shifted by its tap (``acc + value * w``).
 
     Where the output rows are as wide as the input's (stride 1, ``same`` width), :data:`LANES` is a
-    multiple of that width and divides the output plane, each plane is stored flat, its rows one
+    multiple of that width (at least twice it) and divides the output plane, each plane is stored flat, its rows one
     after another between guard values, and a shifted plane is read in :data:`LANES`-wide vectors
     across rows, the values a shift brings in from a neighbouring row (or a guard) replaced by 0:
     ``LANES / WO`` rows per vector operation instead of one. Elsewhere the planes keep a zero
@@ -203,7 +203,7 @@ def conv_planes(x_shape: tuple, w_shape: tuple, padding: tuple, steps: int = 1):
     ho, wo = spike.conv_out_hw(x_shape, w_shape, padding)
     ph, pw = ho + kh - 1, wo + kw - 1
     plane, L = ho * wo, LANES
-    flat = wo == w and L % wo == 0 and plane % L == 0
+    flat = wo == w and wo < L and L % wo == 0 and plane % L == 0   # at least two rows per vector
     guard = max(left, kw - 1 - left)
     span = 2 * guard + ph * w
     pad_shape = (steps, c, span) if flat else (steps, c, ph, pw)

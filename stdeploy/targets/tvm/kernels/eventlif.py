@@ -175,7 +175,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     p, lc, m, groups = max(1, nnz), max(1, channels), int(period), plane // lanes
     # a channel without weights gets the same input (its bias) in every image, and so the same spikes
     # where the LIF constants repeat from image to image: computed for a part's first image, then copied
-    reuse = (o * plane) % m == 0 and batch > 1
+    reuse = (o * plane) % m == 0 and per > 1
 
     pad_shape, zero, fill, accumulate = conv_planes(x_shape, w_shape, padding, steps)
 
@@ -236,7 +236,6 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
             v = T.alloc_buffer((lanes,), "float32")
             s = T.alloc_buffer((lanes,), "float32")
             run = T.alloc_buffer((1,), "int32")    # the steps accumulated: 1 where the T inputs are the same
-            fixed = T.alloc_buffer((o * steps * pooled if reuse else 1,), "float32")   # the spikes of channels without weights
             zero(pad)
             for img in range(part * per, T.min(batch, part * per + per)):
                 run[0] = steps
@@ -253,16 +252,12 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                     fill(pad, x, chans, channels, t, t * batch + img)
                 for u in range(o):
                     if reuse:
-                        if T.And(ptr[u] == ptr[u + 1], img > part * per):    # no weights: as the part's first image
+                        if T.And(ptr[u] == ptr[u + 1], img > part * per):    # no weights: the part's first image's spikes
                             for t in range(steps):
                                 for i in range(pooled):
-                                    out[t, (img * o + u) * pooled + i] = fixed[(u * steps + t) * pooled + i]
+                                    out[t, (img * o + u) * pooled + i] = out[t, (part * per * o + u) * pooled + i]
                         else:
                             channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u)
-                            if ptr[u] == ptr[u + 1]:
-                                for t in range(steps):
-                                    for i in range(pooled):
-                                        fixed[(u * steps + t) * pooled + i] = out[t, (img * o + u) * pooled + i]
                     else:
                         channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u)
 
