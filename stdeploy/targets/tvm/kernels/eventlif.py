@@ -32,6 +32,7 @@ import numpy as np
 
 from ....errors import ShapeError
 from .event import BLOCK, PARTS, EventLayer, conv_planes, vector_width
+from .pool import pool_steps
 from .spike import conv_out_hw
 
 __all__ = ["fusable", "inner_block", "event_matmul_lif_kernel", "stationary_conv_lif_kernel", "event_mlp_kernel"]
@@ -169,7 +170,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     full = (steps, size) if out_shape is None else tuple(int(d) for d in out_shape)
     if math.prod(full) != steps * size:
         raise ShapeError(f"conv + LIF: output shape {full} does not hold {steps} steps of {size}")
-    low = float(-np.finfo(np.float32).max)
+    pool_planes = None if pool is None else pool_steps(steps, (ho, wo), pool)
     parts = min(PARTS, batch)
     per = math.ceil(batch / parts)
     p, lc, m, groups = max(1, nnz), max(1, channels), int(period), plane // lanes
@@ -180,7 +181,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
     pad_shape, zero, fill, accumulate = conv_planes(x_shape, w_shape, padding, steps)
 
     @T.macro
-    def channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u):
+    def channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, flat_out, img, u):
         # output channel u of image img: its T planes accumulated, the recurrence, the pool
         if repeats:
             if run[0] == 1:
@@ -210,14 +211,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                         spl[t * plane + g * lanes + l] = s[l]
                     v[l] = v[l] * (T.float32(1) - s[l])
         if pool is not None:
-            for t in range(steps):
-                for r in range(hp):
-                    for q in range(wp):
-                        mx[0] = T.float32(low)
-                        for i in T.unroll(pkh):
-                            for j in T.unroll(pkw):
-                                mx[0] = T.max(mx[0], spl[t * plane + (r * psh + i) * wo + q * psw + j])
-                        out[t, (img * o + u) * pooled + r * wp + q] = mx[0]
+            pool_planes(spl, mx, flat_out, (img * o + u) * pooled, size)
 
     @T.prim_func
     def stationary_conv_lif(x: T.Buffer((nb, c, h, w), "float32"), ptr: T.Buffer((o + 1,), "int32"),
@@ -228,6 +222,7 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         on = T.match_buffer(oh, full, "float32")
         out = T.decl_buffer((steps, size), "float32", data=on.data)
+        flat_out = T.decl_buffer((steps * size,), "float32", data=on.data)
         for part in T.parallel(parts):
             pad = T.alloc_buffer(pad_shape, "float32")
             acc = T.alloc_buffer((steps * plane,), "float32")
@@ -257,9 +252,9 @@ def stationary_conv_lif_kernel(x_shape: tuple, w_shape: tuple, padding: tuple, n
                                 for i in range(pooled):
                                     out[t, (img * o + u) * pooled + i] = out[t, (part * per * o + u) * pooled + i]
                         else:
-                            channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u)
+                            channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, flat_out, img, u)
                     else:
-                        channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, img, u)
+                        channel(acc, pad, ptr, taps, vals, run, v, s, spl, mx, cb, a, b, th, v0, keep, out, flat_out, img, u)
 
     return stationary_conv_lif
 

@@ -50,6 +50,7 @@ import numpy as np
 
 from ....errors import ShapeError
 from ...base import TargetError
+from .pool import pool_steps
 from .routing import static_shape, use_counts, var_key
 from .skipzero import STEM_CHANNELS
 from .spike import LANES   # neurons per vector step
@@ -213,7 +214,7 @@ def lif_pool_kernel(steps: int, shape: tuple, period: int, x_shape: tuple, pool:
     planes, groups, pooled = bsz * c, plane // lanes, hp * wp
     parts = min(PARTS, planes)
     per = math.ceil(planes / parts)
-    low = float(-np.finfo(np.float32).max)
+    pool_planes = pool_steps(steps, (h, w), pool)
 
     @T.prim_func
     def lif_pool(xh: T.handle, cb: T.Buffer((m,), "float32"), a: T.Buffer((m,), "float32"), b: T.Buffer((m,), "float32"),
@@ -241,14 +242,7 @@ def lif_pool_kernel(steps: int, shape: tuple, period: int, x_shape: tuple, pool:
                             s[l] = T.Cast("float32", v[l] - th[base + l] >= T.float32(0))
                             spl[t * plane + g * lanes + l] = s[l]
                             v[l] = v[l] * (T.float32(1) - s[l])
-                for t in range(steps):
-                    for r in range(hp):
-                        for q in range(wp):
-                            mx[0] = T.float32(low)
-                            for i in T.unroll(kh):
-                                for j in T.unroll(kw):
-                                    mx[0] = T.max(mx[0], spl[t * plane + (r * sh + i) * w + q * sw + j])
-                            out[(t * planes + p) * pooled + r * wp + q] = mx[0]
+                pool_planes(spl, mx, out, p * pooled, planes * pooled)
 
     return lif_pool
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import spike
 
-__all__ = ["MaxPool", "max_pool_kernel", "route_max_pools"]
+__all__ = ["MaxPool", "max_pool_kernel", "pool_steps", "route_max_pools"]
 
 PARTS = spike.PARTS     # parallel tasks per call (planes are split between them)
 
@@ -60,6 +60,34 @@ def max_pool_kernel(x_shape: tuple, pool: tuple, stride: tuple):
                         y[p, r, q] = acc[q]
 
     return max_pool
+
+
+def pool_steps(steps: int, plane_shape: tuple, pool: tuple):
+    """The max pooling of a LIF kernel's spikes inside that kernel (:mod:`.lif`, :mod:`.eventlif`),
+    a TIR macro ``(spl, mx, out, first, stride)``: ``spl`` holds ``steps`` planes of
+    ``plane_shape`` ``(H, W)``, one after another; the ``(HP, WP)`` maxima of step ``t`` go to the
+    flat ``out`` from ``first + t * stride``, each the running maximum from -FLT_MAX over its
+    ``pool`` ``(kh, kw, sh, sw)`` window, rows then columns, in ``mx`` (1,) (:func:`max_pool_kernel`'s
+    order)."""
+    from tvm.script import tirx as T
+
+    h, w = (int(v) for v in plane_shape)
+    kh, kw, sh, sw = (int(v) for v in pool)
+    hp, wp = (h - kh) // sh + 1, (w - kw) // sw + 1
+    plane, low = h * w, float(-np.finfo(np.float32).max)
+
+    @T.macro
+    def pool_planes(spl, mx, out, first, stride):
+        for t in range(steps):
+            for r in range(hp):
+                for q in range(wp):
+                    mx[0] = T.float32(low)
+                    for i in T.unroll(kh):
+                        for j in T.unroll(kw):
+                            mx[0] = T.max(mx[0], spl[t * plane + (r * sh + i) * w + q * sw + j])
+                    out[first + t * stride + r * wp + q] = mx[0]
+
+    return pool_planes
 
 
 @dataclass(frozen=True)
