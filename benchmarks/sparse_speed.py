@@ -420,7 +420,8 @@ def markdown(r: dict) -> str:
     free = s["sparse"]["total_ms"] - s["sparse, fusions off"]["weight_kernels_ms"]
     lines += ["", f"Bound from what pruning cannot remove (the fused kernels hide the split, so it is taken from the pruned "
               f"module with the fusions off): dense total / pruned time outside the weight kernels there = "
-              f"**{s['dense']['total_ms'] / max(s['sparse, fusions off']['rest_ms'], 1e-9):.2f}x**; with the fusions, the "
+              f"**{s['dense']['total_ms'] / max(s['sparse, fusions off']['rest_ms'], 1e-9):.2f}x**, the bound of that module "
+              f"(the fusions remove work outside the weight kernels as well); with the fusions, the "
               f"default pruned total less those weight kernels' time ({free:.2f} ms) gives "
               f"{s['dense']['total_ms'] / max(free, 1e-9):.2f}x (both even with free weight layers).", ""]
     for k in ("dense", "sparse", "sparse, fusions off"):
