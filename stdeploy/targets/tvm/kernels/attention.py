@@ -22,7 +22,7 @@ import numpy as np
 
 from ....errors import ShapeError
 from .lif import require_exact
-from .routing import rewrite_functions, static_shape, use_counts, var_key
+from .routing import bound_once, rewrite_functions, static_shape, use_counts
 from .spike import LANES, PARTS
 
 __all__ = ["ProductSum", "product_sum_kernel", "route_product_sums"]
@@ -103,11 +103,8 @@ def route_product_sums(mod, target) -> tuple[object, list[ProductSum]]:
             call = super().visit_call_(call)
             if call.op != total or call.attrs.axis is None or len(call.attrs.axis) != 1:
                 return call
-            product = call.args[0]
-            if not isinstance(product, relax.Var) or uses.get(var_key(product), 0) != 1:
-                return call
-            value = self.lookup_binding(product)
-            if not isinstance(value, relax.Call) or value.op != multiply:
+            value = bound_once(self.lookup_binding, uses, call.args[0], multiply)
+            if value is None:
                 return call
             shape = static_shape(value.args[0])
             if shape is None or shape != static_shape(value.args[1]) or shape != static_shape(value) or static_shape(call) is None:

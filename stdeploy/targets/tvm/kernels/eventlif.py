@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ....errors import ShapeError
 from .event import BLOCK, PARTS, EventLayer, conv_planes, vector_width
 from .pool import pool_steps

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import event, eventlif
-from .routing import rewrite_functions, static_shape, use_counts, var_key
+from .routing import bound_once, rewrite_functions, static_shape, use_counts
 
 __all__ = ["FoldedResidual", "fold_residual_adds"]
 
@@ -105,10 +105,7 @@ def fold_residual_adds(mod, layers=(), fused=()) -> tuple[object, list[FoldedRes
 
         def once(self, var, op):
             """The call of ``op`` that ``var`` is bound to, read only here, or None."""
-            if not isinstance(var, relax.Var) or uses.get(var_key(var), 0) != 1:
-                return None
-            value = self.lookup_binding(var)
-            return value if isinstance(value, relax.Call) and value.op == op else None
+            return bound_once(self.lookup_binding, uses, var, op)
 
         def unshaped(self, expr):
             """``expr`` with the reshapes it is bound through (each read only there) stripped."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from . import skipzero, spike
 from .blas import MATMUL, blas_conv2d, blas_matmul, conv_packed_name, register_packed
 
-__all__ = ["Offloaded", "rewrite_functions", "route_to_external_kernels", "static_shape", "use_counts", "var_key"]
+__all__ = ["Offloaded", "rewrite_functions", "route_to_external_kernels", "bound_once", "static_shape", "use_counts", "var_key"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,14 @@ def use_counts(mod) -> dict:
         if isinstance(func, relax.Function):
             _Uses().visit_expr(func)
     return counts
+
+
+def bound_once(lookup, uses: dict, var, op):
+    """The call of ``op`` that ``var`` is bound to (``lookup``: a mutator's ``lookup_binding``),
+    where ``var`` is read exactly once (``uses``: :func:`use_counts`), else None."""
+    from tvm import relax
+
+    if not isinstance(var, relax.Var) or uses.get(var_key(var), 0) != 1:
+        return None
+    value = lookup(var)
+    return value if isinstance(value, relax.Call) and value.op == op else None
