@@ -608,8 +608,62 @@ def to_markdown(summary: dict) -> str:
             rates = [g["variants"][v].get("firing_rate") if v in g["variants"] else None for v in variants]
             lines.append(f"| {g['setting']} | {g['budget']} | " + " | ".join(
                 f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-" for f in rates) + " |")
+        lines += scope_tables(fam)
         lines.append("")
     return "\n".join(lines)
+
+
+def _diff(p: dict | None) -> str:
+    """A paired difference in points: mean ± std (seeds where the variant was better / seeds)."""
+    return f"{p['mean'] * 100:+.2f} ± {p['std'] * 100:.2f} ({p['positive']}/{p['n']})" if p and p.get("n") else "-"
+
+
+def _rates(g: dict, variants: Iterable[str]) -> str:
+    """Firing rates of ``variants``, mean over layers and seeds with the lowest layer in brackets, split by ' / '."""
+    rates = [g["variants"].get(v, {}).get("firing_rate") for v in variants]
+    return " / ".join(f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-" for f in rates)
+
+
+def scope_tables(groups: list[dict]) -> list[str]:
+    """LIF against sLIF (both) per scope, and the threshold-only / leak-only variants: the tables of
+    the README's MNIST-1D study section, one family's groups in, markdown lines out."""
+    def name(g):
+        return g["setting"] + (" (control)" if g["setting"] == control_of(g["setting"]) else "")
+
+    def count(mc, key):
+        return f"{mc[key]:,.0f} ({mc[key + '_ratio'] * 100:.1f}%)" if mc else "-"
+
+    both = "slif-both"
+    head = ["after prune | after BN recal | LIF | sLIF both |", "both − LIF | net of control | firing rate LIF / sLIF (lowest layer) |"]
+    lines = ["### LIF against sLIF, by scope", "", "Block scope:", "",
+             "| setting | budget | block params left | model weights left | seeds | " + head[0] + " " + head[1],
+             "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|"]
+    for g in (g for g in groups if g.get("scope", "blocks") == "blocks" and BASELINE in g["variants"]):
+        mc = g.get("model_counts")
+        weights = f"{mc['params_ratio'] * 100:.1f}%" if mc else "-"
+        lines.append(f"| {name(g)} | {g['budget']} | {g['remaining'] * 100:.1f}% | {weights} | "
+                     f"{len(g['seeds'])} | {_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(g['variants'][BASELINE])} | "
+                     f"{_pct(g['variants'].get(both, mean_std([])))} | {_diff(g['paired'].get(both))} | "
+                     f"{_diff(g['paired_net'].get(both))} | {_rates(g, (BASELINE, both))} |")
+    lines += ["", "Whole model:", "",
+              "| setting | budget | weights left | MACs left | seeds | " + head[0] + " cost of the cut (dense − LIF, points) | " + head[1],
+              "|---|---:|---:|---:|---:|---|---|---|---|---:|---|---|---|"]
+    for g in (g for g in groups if g.get("scope") == "all" and BASELINE in g["variants"]):
+        mc = g.get("model_counts")
+        lif = g["variants"][BASELINE]
+        lines.append(f"| {name(g)} | {g['budget']} | {count(mc, 'params')} | {count(mc, 'macs')} | {len(g['seeds'])} | "
+                     f"{_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(lif)} | {_pct(g['variants'].get(both, mean_std([])))} | "
+                     f"{(g['dense']['mean'] - lif['mean']) * 100:.1f} | {_diff(g['paired'].get(both))} | "
+                     f"{_diff(g['paired_net'].get(both))} | {_rates(g, (BASELINE, both))} |")
+    lines += ["", "sLIF learning the threshold only, or the leak only (same seeds and pruned models):", "",
+              "| setting | budget | seeds | LIF | sLIF θ | sLIF leak | sLIF both | θ − LIF | leak − LIF | both − LIF |",
+              "|---|---:|---:|---|---|---|---|---|---|---|"]
+    one = ("slif-thr", "slif-leak", both)
+    for g in (g for g in groups if BASELINE in g["variants"] and any(v in g["variants"] for v in one[:2])):
+        lines.append(f"| {g['setting']} | {g['budget']} | {len(g['seeds'])} | {_pct(g['variants'][BASELINE])} | "
+                     + " | ".join(_pct(g["variants"].get(v, mean_std([]))) for v in one) + " | "
+                     + " | ".join(_diff(g["paired"].get(v)) for v in one) + " |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- plots

@@ -189,6 +189,31 @@ def test_net_of_control_takes_the_control_of_the_setting_s_method(study):
     assert fallback["dsp5"]["paired_net"]["slif-both"]["mean"] == pytest.approx(((0.05 - 0.01) + (0.04 - 0.02)) / 2)
 
 
+def test_scope_tables_split_scopes_and_state_the_cost_of_the_cut(study):
+    """The README's study tables come from the report: block and whole-model rows apart, the control
+    labelled, the cost of the cut from the dense and LIF means, the threshold/leak table only for
+    settings where those variants ran."""
+    def cells(setting, lif, gains, variants=("slif-both",)):
+        return [r for seed, gain in enumerate(gains) for r in
+                [record("lif", seed, lif, setting)] + [record(v, seed, lif + gain, setting) for v in variants]]
+
+    records = (cells("l1p0", 0.97, [0.01, 0.00]) + cells("l1p99", 0.90, [0.03, -0.01])
+               + cells("l1p99-all", 0.50, [0.10, 0.06], ("slif-thr", "slif-both")) + cells("l1p0-all", 0.98, [0.00, 0.01]))
+    for r in records:
+        if r["setting"].endswith("-all"):
+            r["model_counts"] = {"params": 747, "params_dense": 74688, "params_ratio": 0.01, "macs": 9250, "macs_dense": 1733760,
+                                 "macs_ratio": 0.0053}
+    text = "\n".join(study.scope_tables(study.summarize(records)["groups"]))
+    block, whole, one = text.split("Whole model:")[0], text.split("Whole model:")[1].split("threshold only")[0], text.split("threshold only")[1]
+    assert "| l1p0 (control) | 5 | 4.9% | - | 2 |" in block and "-all" not in block
+    assert ("| l1p99 | 5 | 1.0% | - | 2 | 80.50 ± 0.71 | 85.50 ± 0.71 | 90.00 ± 0.00 | 91.00 ± 2.83 | +1.00 ± 2.83 (1/2) | "
+            "+0.50 ± 2.12 (1/2) | 0.050 (0.050) / 0.060 (0.060) |") in block
+    assert ("| l1p99-all | 5 | 747 (1.0%) | 9,250 (0.5%) | 2 | 80.50 ± 0.71 | 85.50 ± 0.71 | 50.00 ± 0.00 | 58.00 ± 2.83 | 49.0 | "
+            "+8.00 ± 2.83 (2/2) | +7.50 ± 3.54 (2/2) |") in whole
+    assert "| l1p99-all | 5 | 2 | 50.00 ± 0.00 | 58.00 ± 2.83 | - | 58.00 ± 2.83 | +8.00 ± 2.83 (2/2) | - | +8.00 ± 2.83 (2/2) |" in one
+    assert "| l1p99 |" not in one  # no threshold-only or leak-only cells there
+
+
 def test_cli_selection(study):
     parse = lambda *argv: study.config_from_args(study.build_parser().parse_args(list(argv)))  # noqa: E731
     quick = parse("--quick")
