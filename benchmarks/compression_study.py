@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -78,6 +79,7 @@ from stdeploy.prune import ALL_LAYERS, CompensationConfig, PruneConfig, make_pru
 from stdeploy.prune.compensate import convert_neurons  # noqa: E402
 from stdeploy.prune.dsp import DEFAULT_GROUP  # noqa: E402
 from stdeploy.prune.l1p import DEFAULT_L1  # noqa: E402
+from stdeploy.timing import cpu_model  # noqa: E402
 from stdeploy.train import TrainConfig, param_groups, train  # noqa: E402
 
 # ----------------------------------------------------------------------------- the grid
@@ -244,6 +246,37 @@ def check_protocol(records: list[dict], cfg: StudyConfig, path: Path) -> None:
                               "use another --out, or the same protocol options")
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state (every tensor's name, dtype, shape and bytes, in name order): the
+    same digest means the same model, bit for bit."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_same_dense(records: list[dict], family: str, seed: int, dense: "Stage", path: Path) -> None:
+    """Refuse to add cells to a seed whose dense model is not the one its records were made with.
+
+    Every difference the study reports is paired on the same seed and pruned model; a dense model
+    trained again on another CPU (its math libraries take other code paths) or by other code is a
+    different model, and pairing its cells with the old ones would compare different networks.
+    Records carry the dense model's digest; older ones only its test accuracy, compared instead."""
+    for rec in records:
+        if (rec.get("family"), rec.get("seed")) != (family, seed):
+            continue
+        theirs = rec.get("dense_digest")
+        same = theirs == dense.extra["digest"] if theirs else rec.get("acc_dense") == dense.accuracy
+        if not same:
+            what = (f"digest {dense.extra['digest'][:12]} here, {theirs[:12]} in the records" if theirs else
+                    f"test accuracy {dense.accuracy:.4f} here, {rec.get('acc_dense')} in the records")
+            raise ConfigError(f"{path}: the dense model of {family} seed {seed} is not the one its records were made with ({what}; "
+                              f"CPU {cpu_model()!r} here, {rec.get('cpu', 'not recorded')!r} there): paired differences would "
+                              "compare different models; resume with the records' OUT/models/, or use another --out")
+
+
 # ----------------------------------------------------------------------------- measurements
 @torch.no_grad()
 def measure(model: torch.nn.Module, dataset, batch_size: int = 256) -> tuple[float, dict[str, float]]:
@@ -344,7 +377,8 @@ def dense_stage(cfg: StudyConfig, family: str, seed: int, data: DataSplit, folde
     model = load_checkpoint(folder).model
     history = read_checkpoint_config(folder)["meta"]["history"]
     acc, rates = measure(model, data.test)
-    return Stage(model, acc, sum(h["seconds"] for h in history), {"firing_rate": rates, "curve": [h["test_accuracy"] for h in history]})
+    return Stage(model, acc, sum(h["seconds"] for h in history),
+                 {"firing_rate": rates, "curve": [h["test_accuracy"] for h in history], "digest": model_digest(model)})
 
 
 def _finished_epochs(folder: Path) -> int:
@@ -460,6 +494,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
             base = out / "models" / family / f"seed{seed}"
             dense = dense_stage(cfg, family, seed, data, base / f"dense-e{cfg.dense_epochs}", lambda m: log(f"{tag}{m}"))
             log(f"{tag} dense accuracy {dense.accuracy:.4f} (training {dense.seconds:.1f} s)")
+            check_same_dense(existing, family, seed, dense, results)
             for method, scope in dict.fromkeys((SETTINGS[s].method, setting_scope(s)) for s, _, _ in todo):
                 suffix = SCOPE_SUFFIX if scope == "all" else ""  # block scope keeps the folder names of earlier runs
                 layers = next(SETTINGS[s].layers for s, _, _ in todo if SETTINGS[s].method == method and setting_scope(s) == scope)
@@ -480,12 +515,12 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
                                "ratio": pcfg.sparsity if pcfg.method == "l1p" else pcfg.param_ratio,
                                "variant": vname, "neuron": variant.neuron, "learn_threshold": variant.learn_threshold,
                                "learn_leak": variant.learn_leak, "budget": budget,
-                               "acc_dense": dense.accuracy, "acc_penalty": pen.accuracy,
+                               "acc_dense": dense.accuracy, "dense_digest": dense.extra["digest"], "acc_penalty": pen.accuracy,
                                "acc_pruned": prune_info["acc_pruned"], "acc_recal": prune_info["acc_recal"],
                                "firing_rate_dense": dense.extra["firing_rate"], "firing_rate_recal": prune_info["firing_rate_recal"],
                                "penalty": METHOD_PENALTY[pcfg.method], "prune_config": pcfg.to_dict(),
                                "stage_seconds": {"dense": dense.seconds, "penalty": pen.seconds, "prune_recal": prune_info["seconds"]},
-                               "protocol": cfg.protocol(), "threads": torch.get_num_threads(), "device": _device_name(cfg.device),
+                               "protocol": cfg.protocol(), "threads": torch.get_num_threads(), "device": _device_name(cfg.device), "cpu": cpu_model(),
                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **cell}
                         append_record(results, rec)
                         new.append(rec)
