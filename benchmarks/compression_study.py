@@ -45,10 +45,15 @@ Protocol, per (family, seed):
    and leak sit in their own optimizer group (lr x ``intrinsic_lr_scale``, no weight decay).
 5. Every finished cell is appended at once as one JSON line to ``OUT/results.jsonl``; a rerun skips
    the cells already there, so the study resumes after an interruption. Two processes may share
-   an ``OUT`` folder if they run disjoint families or seeds.
+   an ``OUT`` folder if they run disjoint families or seeds. A record names its dense model (a
+   SHA-256 of its state) and the CPU; a resume whose dense model differs from its seed's records
+   (trained again elsewhere: another CPU's math libraries take other code paths, and the same
+   seed then gives another model) is refused, as pairing its cells with theirs would compare
+   different models. Records from before the digest are compared by dense test accuracy.
 
 Then ``OUT/report.md``, ``OUT/summary.json`` and PNG plots are (re)built from ``results.jsonl``
-(alone with ``--report-only``).
+(alone with ``--report-only``); the report's last section, LIF against sLIF by scope, holds the
+README's study tables.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -107,6 +108,36 @@ def test_run_records_resume_and_cache(study, tiny_digits, tmp_path, monkeypatch)
 
     with pytest.raises(ConfigError, match="another protocol"):
         study.run_study(tiny_config(study, dense_epochs=2), tmp_path, data=tiny_digits, log=quiet)
+
+    # every record names its dense model (digest) and CPU; the dense model trained again from
+    # scratch on the same machine is the same model, so cells may be added to its seed
+    assert len({r["dense_digest"] for r in records}) == 1 and all(r["cpu"] for r in records)
+    monkeypatch.setattr(study, "train", real_train)
+    shutil.rmtree(seed_dir / "dense-e1")
+    new = study.run_study(tiny_config(study, variants=("slif-leak",)), tmp_path, data=tiny_digits, log=quiet)
+    assert len(new) == 1 and new[0]["dense_digest"] == records[0]["dense_digest"]
+    # a dense model that is not the records' (trained on another CPU, say) is refused before any cell
+    monkeypatch.setattr(study, "model_digest", lambda model: "0" * 64)
+    with pytest.raises(ConfigError, match="seed 0 is not the one its records were made with"):
+        study.run_study(tiny_config(study, settings=("l1p98",), variants=("lif",)), tmp_path, data=tiny_digits, log=quiet)
+    assert len(study.load_records(tmp_path / study.RESULTS)) == 5
+
+
+def test_same_dense_falls_back_to_accuracy_for_records_without_a_digest(study, tmp_path):
+    model = build_model("sdt-tiny")
+    digest = study.model_digest(model)
+    with torch.no_grad():
+        p = next(model.parameters())
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))
+    assert study.model_digest(model) != digest  # one ulp of one weight is another model
+    dense = study.Stage(model, 0.9760, 1.0, {"digest": digest})
+    study.check_same_dense([{**record("lif", 0, 0.9), "acc_dense": 0.9760}], "sdt-tiny", 0, dense, tmp_path)
+    study.check_same_dense([{**record("lif", 1, 0.9), "acc_dense": 0.9740}], "sdt-tiny", 0, dense, tmp_path)  # another seed
+    with pytest.raises(ConfigError, match="test accuracy 0.9760 here, 0.974 in the records"):
+        study.check_same_dense([{**record("lif", 0, 0.9), "acc_dense": 0.9740}], "sdt-tiny", 0, dense, tmp_path)
+    with pytest.raises(ConfigError, match="digest"):
+        study.check_same_dense([{**record("lif", 0, 0.9), "acc_dense": 0.9760, "dense_digest": "f" * 64}], "sdt-tiny", 0, dense,
+                               tmp_path)
 
 
 def test_measure_matches_evaluate(study, tiny_digits):
