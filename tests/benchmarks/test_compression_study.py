@@ -280,11 +280,19 @@ def test_committed_results_hold_each_cell_once(study):
         * len({k[3] for k in keys}) * len({k[4] for k in keys})
 
 
-def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(study):
-    """The committed MNIST-1D slice (``--data mnist1d``): one record per cell, all of one MNIST-1D
-    protocol, and every sLIF cell paired with the LIF cell of the same seed, setting and budget."""
-    path = SCRIPT.parent / "results" / "compression-study-mnist1d" / study.RESULTS
+@pytest.mark.parametrize("folder", ["compression-study-mnist1d", "compression-study-mnist1d-epyc"])
+def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(study, folder):
+    """The committed MNIST-1D slices (``--data mnist1d``; the second made on another CPU, with its
+    own dense models): one record per cell, all of one MNIST-1D protocol, every sLIF cell paired
+    with the LIF cell of the same seed, setting and budget, and every record of a seed made from
+    the same dense model (by digest where the records carry one)."""
+    path = SCRIPT.parent / "results" / folder / study.RESULTS
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    dense = {}
+    for r in lines:
+        dense.setdefault(r["seed"], set()).add(r.get("dense_digest") or r["acc_dense"])
+    assert all(len(v) == 1 for v in dense.values()), f"a seed whose records come from several dense models: {dense}"
+    assert len({r.get("cpu") for r in lines}) == 1, "records of several CPUs in one folder"
     keys = [study.cell_key(r) for r in lines]
     assert lines and len(keys) == len(set(keys)), "a cell recorded more than once"
     assert {json.dumps(r["protocol"], sort_keys=True) for r in lines} == {json.dumps(lines[0]["protocol"], sort_keys=True)}
