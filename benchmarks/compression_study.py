@@ -597,7 +597,10 @@ def summarize(records: list[dict]) -> dict:
             xs = [d - cp[s] for s, d in p["per_seed"].items() if s in cp]
             g["paired_net"][v] = {**mean_std(xs), "positive": sum(x > 0 for x in xs)}
     protocols = [dict(p) for p in {json.dumps(r.get("protocol"), sort_keys=True): r.get("protocol") for r in records}.values()]
-    return {"groups": groups, "records": len(records), "protocol": protocols[0] if len(protocols) == 1 else protocols,
+    cpus: dict[str, int] = {}
+    for r in records:
+        cpus[r.get("cpu", "not recorded")] = cpus.get(r.get("cpu", "not recorded"), 0) + 1
+    return {"groups": groups, "records": len(records), "protocol": protocols[0] if len(protocols) == 1 else protocols, "cpus": cpus,
             "seconds": {"finetune": sum(r.get("wall_seconds", 0.0) for r in records)}}
 
 
@@ -611,7 +614,8 @@ def to_markdown(summary: dict) -> str:
     protocol = summary["protocol"] if isinstance(summary["protocol"], dict) else {}
     data = {"digits": "digits", "mnist1d": "MNIST-1D"}.get(protocol.get("data"), "several data sets")
     lines = [f"# Compression study: sLIF compensation vs LIF on {data}", "",
-             f"{summary['records']} cells; protocol: `{json.dumps(summary['protocol'], sort_keys=True)}`.",
+             f"{summary['records']} cells; protocol: `{json.dumps(summary['protocol'], sort_keys=True)}`; CPU: "
+             + ", ".join(f"{name} ({n} cells)" for name, n in summary.get("cpus", {}).items()) + ".",
              "Accuracies in %, mean ± std over seeds. *after recal*: pruned, BatchNorm statistics recalibrated, "
              "before any fine-tuning (the start of every variant).", ""]
     for family in _order((g["family"] for g in groups), KNOWN_FAMILIES):

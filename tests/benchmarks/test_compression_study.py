@@ -197,6 +197,7 @@ def test_paired_differences_and_report_only(study, tmp_path):
     assert g["recal"]["mean"] == pytest.approx(0.86) and g["dense"]["mean"] == pytest.approx(0.99) and g["seeds"] == [0, 1, 2]
     report = (tmp_path / "report.md").read_text()
     assert "| l1p99 | 5 | slif-both | +1.67 | 2.31 | -1.00 .. +3.00 | 2 of 3 |" in report
+    assert summary["cpus"] == {"not recorded": 24} and "CPU: not recorded (24 cells)." in report
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["accuracy_vs_params_b20.png", "accuracy_vs_params_b5.png", "curves_b20.png", "firing_rates_sdt-tiny_b20.png",
                     "firing_rates_sdt-tiny_b5.png", "intrinsic_sdt-tiny_b20.png", "intrinsic_sdt-tiny_b5.png"]
