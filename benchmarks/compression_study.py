@@ -262,24 +262,36 @@ def model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_same_dense(records: list[dict], family: str, seed: int, dense: "Stage", path: Path) -> None:
-    """Refuse to add cells to a seed whose dense model is not the one its records were made with.
+def check_same_model(records: list[dict], path: Path, what: str, belongs: Callable[[dict], bool], digest: str,
+                     digest_field: str, measured: dict) -> None:
+    """Refuse to add cells made from a model that is not the one the records it ``belongs`` with
+    were made from.
 
-    Every difference the study reports is paired on the same seed and pruned model; a dense model
-    trained again on another CPU (its math libraries take other code paths) or by other code is a
-    different model, and pairing its cells with the old ones would compare different networks.
-    Records carry the dense model's digest; older ones only its test accuracy, compared instead."""
-    for rec in records:
-        if (rec.get("family"), rec.get("seed")) != (family, seed):
-            continue
-        theirs = rec.get("dense_digest")
-        same = theirs == dense.extra["digest"] if theirs else rec.get("acc_dense") == dense.accuracy
-        if not same:
-            what = (f"digest {dense.extra['digest'][:12]} here, {theirs[:12]} in the records" if theirs else
-                    f"test accuracy {dense.accuracy:.4f} here, {rec.get('acc_dense')} in the records")
-            raise ConfigError(f"{path}: the dense model of {family} seed {seed} is not the one its records were made with ({what}; "
-                              f"CPU {cpu_model()!r} here, {rec.get('cpu', 'not recorded')!r} there): paired differences would "
-                              "compare different models; resume with the records' OUT/models/, or use another --out")
+    Every difference the study reports is paired on the same seed and pruned model. A stage
+    computed again on another CPU (its math libraries take other code paths), on a GPU or by other
+    code is another model, and pairing its cells with the old ones would compare different
+    networks: the dense model per seed, the penalised model per seed, method and scope, the pruned
+    and recalibrated model per seed and setting. Records carry each model's digest
+    (``digest_field``); older ones are compared on what they measured of it (``measured``: record
+    field -> this run's value, accuracies and per-layer firing rates, exactly), which can miss a
+    model that happens to measure alike, and refuse the same model measured where its spikes come
+    out otherwise."""
+    for rec in filter(belongs, records):
+        theirs = rec.get(digest_field)
+        if theirs:
+            if theirs == digest:
+                continue
+            detail = f"digest {digest[:12]} here, {theirs[:12]} in the records"
+        else:
+            differs = [k for k, v in measured.items() if rec.get(k) != v]
+            if not differs:
+                continue
+            k = differs[0]
+            detail = (f"{k} {measured[k]} here, {rec.get(k)} in the records" if not isinstance(measured[k], dict) else
+                      f"{k} differs")
+        raise ConfigError(f"{path}: the {what} is not the one its records were made with ({detail}; CPU {cpu_model()!r} here, "
+                          f"{rec.get('cpu', 'not recorded')!r} there): paired differences would compare different models; "
+                          "resume with the records' OUT/models/ on the machine that made them, or use another --out")
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -499,17 +511,27 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
             base = out / "models" / family / f"seed{seed}"
             dense = dense_stage(cfg, family, seed, data, base / f"dense-e{cfg.dense_epochs}", lambda m: log(f"{tag}{m}"))
             log(f"{tag} dense accuracy {dense.accuracy:.4f} (training {dense.seconds:.1f} s)")
-            check_same_dense(existing, family, seed, dense, results)
+            check_same_model(existing, results, f"dense model of {family} seed {seed}",
+                             lambda r: (r.get("family"), r.get("seed")) == (family, seed), dense.extra["digest"], "dense_digest",
+                             {"acc_dense": dense.accuracy, "firing_rate_dense": dense.extra["firing_rate"]})
             for method, scope in dict.fromkeys((SETTINGS[s].method, setting_scope(s)) for s, _, _ in todo):
                 suffix = SCOPE_SUFFIX if scope == "all" else ""  # block scope keeps the folder names of earlier runs
                 layers = next(SETTINGS[s].layers for s, _, _ in todo if SETTINGS[s].method == method and setting_scope(s) == scope)
                 pen = penalty_stage(cfg, method, seed, dense.model, data,
                                     base / f"{method}{suffix}-penalty-e{cfg.dense_epochs}-{cfg.penalty_epochs}",
                                     lambda m: log(f"{tag}{m}"), layers=layers)
+                pen_digest = model_digest(pen.model)
+                check_same_model(existing, results, f"{method} penalised model ({scope}) of {family} seed {seed}",
+                                 lambda r: (r.get("family"), r.get("seed"), r.get("method"), setting_scope(r.get("setting", "")))
+                                 == (family, seed, method, scope), pen_digest, "penalty_digest", {"acc_penalty": pen.accuracy})
                 for setting in dict.fromkeys(s for s, _, _ in todo if SETTINGS[s].method == method and setting_scope(s) == scope):
                     pruned, pruner, prune_info = prune_stage(pen.model, setting, data)
                     log(f"{tag} {setting}: after prune {prune_info['acc_pruned']:.4f}, after BN recalibration "
                         f"{prune_info['acc_recal']:.4f} ({prune_info['seconds']:.1f} s)")
+                    pruned_digest = model_digest(pruned)
+                    check_same_model(existing, results, f"pruned model {setting} of {family} seed {seed}",
+                                     lambda r: (r.get("family"), r.get("seed"), r.get("setting")) == (family, seed, setting),
+                                     pruned_digest, "pruned_digest", {k: prune_info[k] for k in ("acc_pruned", "acc_recal", "firing_rate_recal")})
                     pcfg = SETTINGS[setting]
                     for s, vname, budget in todo:
                         if s != setting:
@@ -521,6 +543,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike, data: DataSplit | None =
                                "variant": vname, "neuron": variant.neuron, "learn_threshold": variant.learn_threshold,
                                "learn_leak": variant.learn_leak, "budget": budget,
                                "acc_dense": dense.accuracy, "dense_digest": dense.extra["digest"], "acc_penalty": pen.accuracy,
+                               "penalty_digest": pen_digest, "pruned_digest": pruned_digest,
                                "acc_pruned": prune_info["acc_pruned"], "acc_recal": prune_info["acc_recal"],
                                "firing_rate_dense": dense.extra["firing_rate"], "firing_rate_recal": prune_info["firing_rate_recal"],
                                "penalty": METHOD_PENALTY[pcfg.method], "prune_config": pcfg.to_dict(),
@@ -574,6 +597,8 @@ def summarize(records: list[dict]) -> dict:
                     g["variants"][v]["firing_rate"] = {"mean": statistics.mean(rates) if rates else None,
                                                        "min": min(rates) if rates else None}
                 base = by_variant.get(BASELINE, {})
+                # what the cut costs after the LIF fine-tune: dense - LIF, paired on the seed
+                g["cut_cost"] = mean_std([r["acc_dense"] - r["acc_final"] for r in base.values()])
                 for v, recs in by_variant.items():
                     if v == BASELINE:
                         continue
@@ -598,8 +623,10 @@ def summarize(records: list[dict]) -> dict:
             g["paired_net"][v] = {**mean_std(xs), "positive": sum(x > 0 for x in xs)}
     protocols = [dict(p) for p in {json.dumps(r.get("protocol"), sort_keys=True): r.get("protocol") for r in records}.values()]
     cpus: dict[str, int] = {}
-    for r in records:
-        cpus[r.get("cpu", "not recorded")] = cpus.get(r.get("cpu", "not recorded"), 0) + 1
+    for r in records:  # where the cells ran: the CPU, or the GPU with its host's CPU
+        cpu = r.get("cpu", "not recorded")
+        where = cpu if r.get("device", "cpu") == "cpu" else f"{r['device']}, host CPU {cpu}"
+        cpus[where] = cpus.get(where, 0) + 1
     return {"groups": groups, "records": len(records), "protocol": protocols[0] if len(protocols) == 1 else protocols, "cpus": cpus,
             "seconds": {"finetune": sum(r.get("wall_seconds", 0.0) for r in records)}}
 
@@ -614,7 +641,7 @@ def to_markdown(summary: dict) -> str:
     protocol = summary["protocol"] if isinstance(summary["protocol"], dict) else {}
     data = {"digits": "digits", "mnist1d": "MNIST-1D"}.get(protocol.get("data"), "several data sets")
     lines = [f"# Compression study: sLIF compensation vs LIF on {data}", "",
-             f"{summary['records']} cells; protocol: `{json.dumps(summary['protocol'], sort_keys=True)}`; CPU: "
+             f"{summary['records']} cells; protocol: `{json.dumps(summary['protocol'], sort_keys=True)}`; made on: "
              + ", ".join(f"{name} ({n} cells)" for name, n in summary.get("cpus", {}).items()) + ".",
              "Accuracies in %, mean ± std over seeds. *after recal*: pruned, BatchNorm statistics recalibrated, "
              "before any fine-tuning (the start of every variant).", ""]
@@ -652,7 +679,7 @@ def to_markdown(summary: dict) -> str:
             rates = [g["variants"][v].get("firing_rate") if v in g["variants"] else None for v in variants]
             lines.append(f"| {g['setting']} | {g['budget']} | " + " | ".join(
                 f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-" for f in rates) + " |")
-        lines += scope_tables(fam)
+        lines += [""] + scope_tables(fam)
         lines.append("")
     return "\n".join(lines)
 
@@ -674,6 +701,10 @@ def scope_tables(groups: list[dict]) -> list[str]:
     def name(g):
         return g["setting"] + (" (control)" if g["setting"] == control_of(g["setting"]) else "")
 
+    def net(g):  # names the control where it is not the setting's own (a fallback, see summarize)
+        text = _diff(g["paired_net"].get(both))
+        return text + (f" vs {g['control']}" if text != "-" and g["control"] != control_of(g["setting"]) else "")
+
     def count(mc, key):
         return f"{mc[key]:,.0f} ({mc[key + '_ratio'] * 100:.1f}%)" if mc else "-"
 
@@ -688,23 +719,24 @@ def scope_tables(groups: list[dict]) -> list[str]:
         lines.append(f"| {name(g)} | {g['budget']} | {g['remaining'] * 100:.1f}% | {weights} | "
                      f"{len(g['seeds'])} | {_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(g['variants'][BASELINE])} | "
                      f"{_pct(g['variants'].get(both, mean_std([])))} | {_diff(g['paired'].get(both))} | "
-                     f"{_diff(g['paired_net'].get(both))} | {_rates(g, (BASELINE, both))} |")
+                     f"{net(g)} | {_rates(g, (BASELINE, both))} |")
     lines += ["", "Whole model:", "",
               "| setting | budget | weights left | MACs left | seeds | " + head[0] + " cost of the cut (dense − LIF, points) | " + head[1],
               "|---|---:|---:|---:|---:|---|---|---|---|---:|---|---|---|"]
     for g in (g for g in groups if g.get("scope") == "all" and BASELINE in g["variants"]):
         mc = g.get("model_counts")
-        lif = g["variants"][BASELINE]
         lines.append(f"| {name(g)} | {g['budget']} | {count(mc, 'params')} | {count(mc, 'macs')} | {len(g['seeds'])} | "
-                     f"{_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(lif)} | {_pct(g['variants'].get(both, mean_std([])))} | "
-                     f"{(g['dense']['mean'] - lif['mean']) * 100:.1f} | {_diff(g['paired'].get(both))} | "
-                     f"{_diff(g['paired_net'].get(both))} | {_rates(g, (BASELINE, both))} |")
+                     f"{_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(g['variants'][BASELINE])} | {_pct(g['variants'].get(both, mean_std([])))} | "
+                     f"{g['cut_cost']['mean'] * 100:.2f} | {_diff(g['paired'].get(both))} | {net(g)} | {_rates(g, (BASELINE, both))} |")
+    one = ("slif-thr", "slif-leak", both)
+    apart = [g for g in groups if BASELINE in g["variants"] and any(v in g["variants"] for v in one[:2])]
+    if not apart:
+        return lines
     lines += ["", "sLIF learning the threshold only, or the leak only (same seeds and pruned models):", "",
               "| setting | budget | seeds | LIF | sLIF θ | sLIF leak | sLIF both | θ − LIF | leak − LIF | both − LIF |",
               "|---|---:|---:|---|---|---|---|---|---|---|"]
-    one = ("slif-thr", "slif-leak", both)
-    for g in (g for g in groups if BASELINE in g["variants"] and any(v in g["variants"] for v in one[:2])):
-        lines.append(f"| {g['setting']} | {g['budget']} | {len(g['seeds'])} | {_pct(g['variants'][BASELINE])} | "
+    for g in apart:
+        lines.append(f"| {name(g)} | {g['budget']} | {len(g['seeds'])} | {_pct(g['variants'][BASELINE])} | "
                      + " | ".join(_pct(g["variants"].get(v, mean_std([]))) for v in one) + " | "
                      + " | ".join(_diff(g["paired"].get(v)) for v in one) + " |")
     return lines
