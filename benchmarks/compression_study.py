@@ -710,24 +710,28 @@ def scope_tables(groups: list[dict]) -> list[str]:
 
     both = "slif-both"
     head = ["after prune | after BN recal | LIF | sLIF both |", "both − LIF | net of control | firing rate LIF / sLIF (lowest layer) |"]
-    lines = ["### LIF against sLIF, by scope", "", "Block scope:", "",
-             "| setting | budget | block params left | model weights left | seeds | " + head[0] + " " + head[1],
-             "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|"]
+    block = []
     for g in (g for g in groups if g.get("scope", "blocks") == "blocks" and BASELINE in g["variants"]):
         mc = g.get("model_counts")
         weights = f"{mc['params_ratio'] * 100:.1f}%" if mc else "-"
-        lines.append(f"| {name(g)} | {g['budget']} | {g['remaining'] * 100:.1f}% | {weights} | "
+        block.append(f"| {name(g)} | {g['budget']} | {g['remaining'] * 100:.1f}% | {weights} | "
                      f"{len(g['seeds'])} | {_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(g['variants'][BASELINE])} | "
                      f"{_pct(g['variants'].get(both, mean_std([])))} | {_diff(g['paired'].get(both))} | "
                      f"{net(g)} | {_rates(g, (BASELINE, both))} |")
-    lines += ["", "Whole model:", "",
-              "| setting | budget | weights left | MACs left | seeds | " + head[0] + " cost of the cut (dense − LIF, points) | " + head[1],
-              "|---|---:|---:|---:|---:|---|---|---|---|---:|---|---|---|"]
+    whole = []
     for g in (g for g in groups if g.get("scope") == "all" and BASELINE in g["variants"]):
         mc = g.get("model_counts")
-        lines.append(f"| {name(g)} | {g['budget']} | {count(mc, 'params')} | {count(mc, 'macs')} | {len(g['seeds'])} | "
+        whole.append(f"| {name(g)} | {g['budget']} | {count(mc, 'params')} | {count(mc, 'macs')} | {len(g['seeds'])} | "
                      f"{_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(g['variants'][BASELINE])} | {_pct(g['variants'].get(both, mean_std([])))} | "
                      f"{g['cut_cost']['mean'] * 100:.2f} | {_diff(g['paired'].get(both))} | {net(g)} | {_rates(g, (BASELINE, both))} |")
+    lines = ["### LIF against sLIF, by scope"]
+    if block:
+        lines += ["", "Block scope:", "", "| setting | budget | block params left | model weights left | seeds | " + head[0] + " " + head[1],
+                  "|---|---:|---:|---:|---:|---|---|---|---|---|---|---|"] + block
+    if whole:
+        lines += ["", "Whole model:", "",
+                  "| setting | budget | weights left | MACs left | seeds | " + head[0] + " cost of the cut (dense − LIF, points) | " + head[1],
+                  "|---|---:|---:|---:|---:|---|---|---|---|---:|---|---|---|"] + whole
     one = ("slif-thr", "slif-leak", both)
     apart = [g for g in groups if BASELINE in g["variants"] and any(v in g["variants"] for v in one[:2])]
     if not apart:
