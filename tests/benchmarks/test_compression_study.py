@@ -358,7 +358,8 @@ def test_committed_mnist1d_slice_holds_each_cell_once_and_pairs_every_variant(st
         silent = [n for n, rate in r["firing_rate"].items() if rate == 0]
         assert not silent or (r["setting"] in ("l1p98-all", "l1p99-all") and min(r["layer_remaining"].values()) < 0.007), \
             (study.cell_key(r), silent)
-    assert sum(all(0 < rate for rate in r["firing_rate"].values()) for r in lines) >= 30   # the block-scope slice fires everywhere
+    # every layer fires in at least 30 cells (all of them where a folder holds fewer)
+    assert sum(all(0 < rate for rate in r["firing_rate"].values()) for r in lines) >= min(30, len(lines))
 
 
 def test_layer_remaining_of_dsp_whole_model_reports_counts_convolutions(study):
