@@ -377,3 +377,12 @@ def test_layer_remaining_of_dsp_whole_model_reports_counts_convolutions(study):
     assert study._layer_remaining(layers["embed.rpe.conv"]) == rpe.rank * (576 + 64) / (64 * 576)
     assert study._layer_remaining(layers["embed.stages.0.conv.conv"]) == 1.0   # dense by the rule
     assert study._layer_remaining(layers["head.fc"]) == layers["head.fc"]["params"] / 640
+
+
+@pytest.mark.parametrize("folder", ["compression-study-mnist1d", "compression-study-mnist1d-epyc"])
+def test_readme_study_tables_are_the_committed_reports(folder):
+    """The README's MNIST-1D tables are the "LIF against sLIF, by scope" section of the committed
+    report, verbatim: a figure changed in one and not the other fails here."""
+    report = (SCRIPT.parent / "results" / folder / "report.md").read_text()
+    section = report.split("### LIF against sLIF, by scope\n", 1)[1].strip()
+    assert section.count("\n| ") >= 4 and section in (SCRIPT.parents[1] / "README.md").read_text()
