@@ -45,11 +45,11 @@ Protocol, per (family, seed):
    and leak sit in their own optimizer group (lr x ``intrinsic_lr_scale``, no weight decay).
 5. Every finished cell is appended at once as one JSON line to ``OUT/results.jsonl``; a rerun skips
    the cells already there, so the study resumes after an interruption. Two processes may share
-   an ``OUT`` folder if they run disjoint families or seeds. A record names its dense model (a
-   SHA-256 of its state) and the CPU; a resume whose dense model differs from its seed's records
-   (trained again elsewhere: another CPU's math libraries take other code paths, and the same
-   seed then gives another model) is refused, as pairing its cells with theirs would compare
-   different models. Records from before the digest are compared by dense test accuracy.
+   an ``OUT`` folder if they run disjoint families or seeds. A record names its dense, penalised
+   and pruned models (SHA-256 of their state) and the CPU; a resume whose model differs from the
+   one its records were made with (computed again elsewhere: another CPU's math libraries take
+   other code paths, and the same seed then gives another model) is refused, as pairing its cells
+   with theirs would compare different models (:func:`check_same_model`).
 
 Then ``OUT/report.md``, ``OUT/summary.json`` and PNG plots are (re)built from ``results.jsonl``
 (alone with ``--report-only``); the report's last section, LIF against sLIF by scope, holds the
@@ -59,6 +59,7 @@ README's study tables.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import hashlib
 import json
@@ -622,11 +623,11 @@ def summarize(records: list[dict]) -> dict:
             xs = [d - cp[s] for s, d in p["per_seed"].items() if s in cp]
             g["paired_net"][v] = {**mean_std(xs), "positive": sum(x > 0 for x in xs)}
     protocols = [dict(p) for p in {json.dumps(r.get("protocol"), sort_keys=True): r.get("protocol") for r in records}.values()]
-    cpus: dict[str, int] = {}
-    for r in records:  # where the cells ran: the CPU, or the GPU with its host's CPU
+    def made_on(r):  # where a cell ran: the CPU, or the GPU with its host's CPU
         cpu = r.get("cpu", "not recorded")
-        where = cpu if r.get("device", "cpu") == "cpu" else f"{r['device']}, host CPU {cpu}"
-        cpus[where] = cpus.get(where, 0) + 1
+        return cpu if r.get("device", "cpu") == "cpu" else f"{r['device']}, host CPU {cpu}"
+
+    cpus = dict(collections.Counter(made_on(r) for r in records))
     return {"groups": groups, "records": len(records), "protocol": protocols[0] if len(protocols) == 1 else protocols, "cpus": cpus,
             "seconds": {"finetune": sum(r.get("wall_seconds", 0.0) for r in records)}}
 
@@ -677,8 +678,7 @@ def to_markdown(summary: dict) -> str:
                   "| setting | budget | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
         for g in fam:
             rates = [g["variants"][v].get("firing_rate") if v in g["variants"] else None for v in variants]
-            lines.append(f"| {g['setting']} | {g['budget']} | " + " | ".join(
-                f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-" for f in rates) + " |")
+            lines.append(f"| {g['setting']} | {g['budget']} | " + " | ".join(_rate(f) for f in rates) + " |")
         lines += [""] + scope_tables(fam)
         lines.append("")
     return "\n".join(lines)
@@ -689,10 +689,14 @@ def _diff(p: dict | None) -> str:
     return f"{p['mean'] * 100:+.2f} ± {p['std'] * 100:.2f} ({p['positive']}/{p['n']})" if p and p.get("n") else "-"
 
 
+def _rate(f: dict | None) -> str:
+    """A variant's firing rate: mean over layers and seeds, the lowest layer in brackets."""
+    return f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-"
+
+
 def _rates(g: dict, variants: Iterable[str]) -> str:
-    """Firing rates of ``variants``, mean over layers and seeds with the lowest layer in brackets, split by ' / '."""
-    rates = [g["variants"].get(v, {}).get("firing_rate") for v in variants]
-    return " / ".join(f"{f['mean']:.3f} ({f['min']:.3f})" if f and f["mean"] is not None else "-" for f in rates)
+    """Firing rates of ``variants`` in group ``g``, split by ' / '."""
+    return " / ".join(_rate(g["variants"].get(v, {}).get("firing_rate")) for v in variants)
 
 
 def scope_tables(groups: list[dict]) -> list[str]:
@@ -705,6 +709,9 @@ def scope_tables(groups: list[dict]) -> list[str]:
         text = _diff(g["paired_net"].get(both))
         return text + (f" vs {g['control']}" if text != "-" and g["control"] != control_of(g["setting"]) else "")
 
+    def acc(g, v):  # a variant's accuracy, "-" where it did not run
+        return _pct(g["variants"].get(v, mean_std([])))
+
     def count(mc, key):
         return f"{mc[key]:,.0f} ({mc[key + '_ratio'] * 100:.1f}%)" if mc else "-"
 
@@ -715,14 +722,14 @@ def scope_tables(groups: list[dict]) -> list[str]:
         mc = g.get("model_counts")
         weights = f"{mc['params_ratio'] * 100:.1f}%" if mc else "-"
         block.append(f"| {name(g)} | {g['budget']} | {g['remaining'] * 100:.1f}% | {weights} | "
-                     f"{len(g['seeds'])} | {_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(g['variants'][BASELINE])} | "
-                     f"{_pct(g['variants'].get(both, mean_std([])))} | {_diff(g['paired'].get(both))} | "
+                     f"{len(g['seeds'])} | {_pct(g['pruned'])} | {_pct(g['recal'])} | {acc(g, BASELINE)} | "
+                     f"{acc(g, both)} | {_diff(g['paired'].get(both))} | "
                      f"{net(g)} | {_rates(g, (BASELINE, both))} |")
     whole = []
     for g in (g for g in groups if g.get("scope") == "all" and BASELINE in g["variants"]):
         mc = g.get("model_counts")
         whole.append(f"| {name(g)} | {g['budget']} | {count(mc, 'params')} | {count(mc, 'macs')} | {len(g['seeds'])} | "
-                     f"{_pct(g['pruned'])} | {_pct(g['recal'])} | {_pct(g['variants'][BASELINE])} | {_pct(g['variants'].get(both, mean_std([])))} | "
+                     f"{_pct(g['pruned'])} | {_pct(g['recal'])} | {acc(g, BASELINE)} | {acc(g, both)} | "
                      f"{g['cut_cost']['mean'] * 100:.2f} | {_diff(g['paired'].get(both))} | {net(g)} | {_rates(g, (BASELINE, both))} |")
     lines = ["### LIF against sLIF, by scope"]
     if block:
@@ -740,8 +747,8 @@ def scope_tables(groups: list[dict]) -> list[str]:
               "| setting | budget | seeds | LIF | sLIF θ | sLIF leak | sLIF both | θ − LIF | leak − LIF | both − LIF |",
               "|---|---:|---:|---|---|---|---|---|---|---|"]
     for g in apart:
-        lines.append(f"| {name(g)} | {g['budget']} | {len(g['seeds'])} | {_pct(g['variants'][BASELINE])} | "
-                     + " | ".join(_pct(g["variants"].get(v, mean_std([]))) for v in one) + " | "
+        lines.append(f"| {name(g)} | {g['budget']} | {len(g['seeds'])} | {acc(g, BASELINE)} | "
+                     + " | ".join(acc(g, v) for v in one) + " | "
                      + " | ".join(_diff(g["paired"].get(v)) for v in one) + " |")
     return lines
 
