@@ -1,4 +1,4 @@
-"""Compression study on digits (issue #8, parts 1-2) or MNIST-1D (issue #21, item 4): does sLIF
+"""Compression study on digits or MNIST-1D (``--data mnist1d``): does sLIF
 compensation beat plain LIF after heavy pruning, and which intrinsic parameter (threshold, leak)
 does the work?
 
@@ -15,7 +15,7 @@ factors no layer), BN recalibrated and fine-tuned like every other setting, so a
 there is not compensation of pruning (an undertrained dense model can gain from the extra epochs
 and, with sLIF, from the extra intrinsic parameters). The default settings stay the six below.
 
-Every setting also exists in the whole-model scope (issue #21 item 3), named with ``-all``
+Every setting also exists in the whole-model scope, named with ``-all``
 (``l1p99-all``, ``dsp5-all``, the control ``l1p0-all``): the block linears, the embedding
 convolutions and the classifier under one global budget (DSP factors the convolutions too, as
 ``LowRankConv2d``, where that makes them smaller). Its
@@ -104,7 +104,7 @@ SETTINGS: dict[str, PruneConfig] = {
     "dsp5": PruneConfig(method="dsp", param_ratio=0.05),
     "dsp100": PruneConfig(method="dsp", param_ratio=1.0),   # DSP's control: its group penalty, nothing factored
 }
-# The whole-model scope (issue 21 item 3): every setting again with the suffix ``-all``, pruning the
+# The whole-model scope: every setting again with the suffix ``-all``, pruning the
 # block linears, the embedding convolutions and the classifier (``PruneConfig(layers=ALL_LAYERS)``;
 # DSP factors the convolutions too where their factors are smaller; records made before that left them dense).
 # Its penalty phase penalises those same layers, so it has its own cached penalised model.

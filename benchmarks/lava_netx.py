@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/lava_netx.py [--steps 200 1000] [--seed 0] [--timeout 300]
     .venv/bin/python benchmarks/lava_netx.py --trained [--samples 100] [--repeats 3]
 
-``--trained`` (the second part of issue #18's item 6): mlp-tiny trained on digits (2 epochs,
+``--trained``: mlp-tiny trained on digits (2 epochs,
 seed 0, or ``--mlp-checkpoint``) exported with ``--format nir,netx``; the same stream of
 ``--samples`` test digits (direct encoding, the samples back to back at batch 1, no reset between
 them: ``samples x T`` steps) runs through (a) our lowering of ``model.nir`` on the ``loihi2``

@@ -12,7 +12,7 @@ attention arithmetic (the spike-driven mask ``ReLU(sum_tokens(q * k))``, Spikfor
 gives the same output at every step, so the twin runs at T = 1 (the same function as at T = 4, a
 quarter of the cost). Both train with AdamW, a cosine schedule and the same batches (same seed);
 ``--train-limit`` cuts the training split for a quick look. The gap between them is what spiking
-costs at this size; issue 21 lists the published baselines (logistic regression, MLP, GRU, CNN).
+costs at this size; the README lists the published baselines (logistic regression, MLP, GRU, CNN).
 
 ``--model`` takes any 1-D preset: ``sdt-1d-tiny`` (the default), ``spikformer-1d-tiny``, and the
 conv- and MLP-only ``conv-1d-tiny`` and ``mlp-1d-tiny`` (their twins: the same stem and head with

@@ -1,4 +1,4 @@
-"""The sparse CUDA kernel against dense products on a GPU (issue #7, part 2, CUDA side).
+"""The sparse CUDA kernel against dense products on a GPU.
 
 Two steps, because the machine with the GPU may carry only TVM's runtime:
 

@@ -242,7 +242,7 @@ def test_l1p_whole_model_masks_convs_and_head_and_counts_what_is_left(preset, tm
 
 
 def test_block_scope_leaves_the_embedding_dense_and_caps_the_speedup():
-    """Issue 21's figure: 90% zeros in the blocks only leave a multiply-add limit of 1.38x on sdt-tiny."""
+    """90% zeros in the blocks only leave a multiply-add limit of 1.38x on sdt-tiny."""
     from stdeploy.prune import weight_counts
 
     model = build_model("sdt-tiny")
