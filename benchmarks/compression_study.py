@@ -1,6 +1,5 @@
-"""Compression study on digits or MNIST-1D (``--data mnist1d``): does sLIF
-compensation beat plain LIF after heavy pruning, and which intrinsic parameter (threshold, leak)
-does the work?
+"""Compression study on digits or MNIST-1D (``--data mnist1d``): does sLIF compensation beat plain
+LIF after heavy pruning, and which intrinsic parameter (threshold, leak) does the work?
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compression_study.py [--out runs/compression-study]
         [--families sdt-tiny,spikformer-tiny] [--seeds 5 | --seed-list 0,3] [--settings l1p95,dsp5]
@@ -15,16 +14,16 @@ factors no layer), BN recalibrated and fine-tuned like every other setting, so a
 there is not compensation of pruning (an undertrained dense model can gain from the extra epochs
 and, with sLIF, from the extra intrinsic parameters). The default settings stay the six below.
 
-Every setting also exists in the whole-model scope, named with ``-all``
-(``l1p99-all``, ``dsp5-all``, the control ``l1p0-all``): the block linears, the embedding
-convolutions and the classifier under one global budget (DSP factors the convolutions too, as
-``LowRankConv2d``, where that makes them smaller). Its
-penalty phase penalises the same layers, so it is cached apart (``l1p-all-penalty-...``). Every
-record carries its ``scope`` and ``model_counts``: nonzero weights and multiply-adds per sample per
-timestep of every weight layer after finalizing (:func:`stdeploy.prune.weight_counts`). The report
-subtracts, seed by seed, the paired difference of the control of the setting's method and scope
-(``l1p0``, ``l1p0-all``, ``dsp100``, ``dsp100-all``; where that did not run, the L1P control of
-the scope, else the block-scope ``l1p0``, labelled) from each setting's.
+Every setting also exists in the whole-model scope, named with ``-all`` (``l1p99-all``,
+``dsp5-all``, the control ``l1p0-all``): the block linears, the embedding convolutions and the
+classifier under one global budget (DSP factors the convolutions too, as ``LowRankConv2d``, where
+that makes them smaller). Its penalty phase penalises the same layers, so it is cached apart
+(``l1p-all-penalty-...``). Every record carries its ``scope`` and ``model_counts``: nonzero weights
+and multiply-adds per sample per timestep of every weight layer after finalizing
+(:func:`stdeploy.prune.weight_counts`). The report subtracts, seed by seed, the paired difference of
+the control of the setting's method and scope (``l1p0``, ``l1p0-all``, ``dsp100``, ``dsp100-all``;
+where that did not run, the L1P control of the scope, else the block-scope ``l1p0``, labelled) from
+each setting's.
 
 The grid: model families x seeds x settings (L1P at 95/98/99 % sparsity, DSP at 20/10/5 % of the
 block parameters) x fine-tune variants (``lif``: weights only; ``slif-thr``, ``slif-leak``,
@@ -104,10 +103,10 @@ SETTINGS: dict[str, PruneConfig] = {
     "dsp5": PruneConfig(method="dsp", param_ratio=0.05),
     "dsp100": PruneConfig(method="dsp", param_ratio=1.0),   # DSP's control: its group penalty, nothing factored
 }
-# The whole-model scope: every setting again with the suffix ``-all``, pruning the
-# block linears, the embedding convolutions and the classifier (``PruneConfig(layers=ALL_LAYERS)``;
-# DSP factors the convolutions too where their factors are smaller; records made before that left them dense).
-# Its penalty phase penalises those same layers, so it has its own cached penalised model.
+# The whole-model scope: every setting again with the suffix ``-all``, pruning the block linears,
+# the embedding convolutions and the classifier (``PruneConfig(layers=ALL_LAYERS)``; DSP factors the
+# convolutions too where their factors are smaller; records made before that left them dense). Its
+# penalty phase penalises those same layers, so it has its own cached penalised model.
 SCOPE_SUFFIX = "-all"
 SETTINGS.update({name + SCOPE_SUFFIX: dataclasses.replace(pcfg, layers=ALL_LAYERS) for name, pcfg in list(SETTINGS.items())})
 DEFAULT_SETTINGS = ("l1p95", "l1p98", "l1p99", "dsp20", "dsp10", "dsp5")  # the digits grid

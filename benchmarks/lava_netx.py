@@ -3,16 +3,16 @@
     .venv/bin/python benchmarks/lava_netx.py [--steps 200 1000] [--seed 0] [--timeout 300]
     .venv/bin/python benchmarks/lava_netx.py --trained [--samples 100] [--repeats 3]
 
-``--trained``: mlp-tiny trained on digits (2 epochs,
-seed 0, or ``--mlp-checkpoint``) exported with ``--format nir,netx``; the same stream of
-``--samples`` test digits (direct encoding, the samples back to back at batch 1, no reset between
-them: ``samples x T`` steps) runs through (a) our lowering of ``model.nir`` on the ``loihi2``
-(float) and ``loihi2-fixed`` profiles and (b) lava-dl netx loading ``netx.h5`` (host encoder
-currents into the input block's neuron), and netx's spikes are checked against the numpy Loihi
-reference (``stdeploy.export.netx_export.loihi_reference``, exact expected). Then the whole
-sdt-tiny (trained the same way, or ``--sdt-checkpoint``) on our lowering at batch 1 (float; netx
-cannot hold attention). Reported: steps/s (median of ``--repeats`` runs of ``lava_steps_s``, the
-``RunSteps`` wall time), spike agreement of the head's spikes over the stream, firing rates.
+``--trained``: mlp-tiny trained on digits (2 epochs, seed 0, or ``--mlp-checkpoint``) exported with
+``--format nir,netx``; the same stream of ``--samples`` test digits (direct encoding, the samples
+back to back at batch 1, no reset between them: ``samples x T`` steps) runs through (a) our lowering
+of ``model.nir`` on the ``loihi2`` (float) and ``loihi2-fixed`` profiles and (b) lava-dl netx
+loading ``netx.h5`` (host encoder currents into the input block's neuron), and netx's spikes are
+checked against the numpy Loihi reference (``stdeploy.export.netx_export.loihi_reference``, exact
+expected). Then the whole sdt-tiny (trained the same way, or ``--sdt-checkpoint``) on our lowering
+at batch 1 (float; netx cannot hold attention). Reported: steps/s (median of ``--repeats`` runs of
+``lava_steps_s``, the ``RunSteps`` wall time), spike agreement of the head's spikes over the stream,
+firing rates.
 
 ``--trained --loihi2``: the same mlp-tiny quantised with ``--quantize loihi2`` (no fine-tune), so
 that netx holds the model's own integers in Loihi's units (:mod:`stdeploy.export.netx_export`);

@@ -23,8 +23,8 @@ METHODS = ("l1p", "dsp")
 DEFAULT_LAYERS = ("blocks.*.attn.q.linear", "blocks.*.attn.k.linear", "blocks.*.attn.v.linear",
                   "blocks.*.attn.proj.linear", "blocks.*.mlp.fc1.linear", "blocks.*.mlp.fc2.linear")
 # The whole model: the block linears, the embedding convolutions (stages and position embedding) and
-# the classifier. What pruning leaves untouched caps the speed-up of a pruned model (with
-# the embedding dense, a 90%-sparse sdt-tiny has a multiply-add limit of 1.38x over dense).
+# the classifier. What pruning leaves untouched caps the speed-up of a pruned model (with the
+# embedding dense, a 90%-sparse sdt-tiny has a multiply-add limit of 1.38x over dense).
 ALL_LAYERS = DEFAULT_LAYERS + ("embed.stages.*.conv.conv", "embed.rpe.conv", "head.fc")
 # Names for the --layers flag: a scope name or comma-separated fnmatch patterns.
 LAYER_SCOPES = {"blocks": DEFAULT_LAYERS, "all": ALL_LAYERS}
